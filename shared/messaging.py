@@ -1,0 +1,230 @@
+"""RabbitMQ adapter (aio-pika): one robust connection per process, a publishing channel with publisher
+confirms, consuming channels of their own, manual ack after the handler's work is committed, and a
+dead-letter exchange for messages that can never be processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelInvalidStateError
+
+from shared.events import Envelope, EventData, InvalidEvent, decode, encode
+from shared.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A decoded message handed to a consumer's handler."""
+
+    envelope: Envelope
+    data: EventData
+    redelivered: bool
+
+
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+
+
+async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -> AbstractExchange:
+    """Declare the event exchange and the dead-letter path; idempotent."""
+    exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(settings.dead_letter_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead = await channel.declare_queue(settings.dead_letter_queue, durable=True)
+    await dead.bind(dlx, routing_key="#")
+    return exchange
+
+
+async def declare_consumer_queue(
+    channel: AbstractChannel, settings: CommonSettings, name: str, routing_keys: Iterable[str]
+) -> AbstractQueue:
+    exchange = await declare_topology(channel, settings)
+    queue = await channel.declare_queue(
+        settings.queue(name),
+        durable=True,
+        arguments={"x-dead-letter-exchange": settings.dead_letter_exchange},
+    )
+    for key in routing_keys:
+        await queue.bind(exchange, routing_key=key)
+    return queue
+
+
+class Broker:
+    """The process's connection to RabbitMQ."""
+
+    def __init__(self, settings: CommonSettings, source: str) -> None:
+        self.settings = settings
+        self.source = source
+        self._connection: AbstractRobustConnection | None = None
+        self._exchange: AbstractExchange | None = None
+
+    async def connect(self, attempts: int = 30, delay_s: float = 1.0) -> None:
+        """Connect, retrying at start-up; later reconnects are the robust connection's job."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._connection = await aio_pika.connect_robust(
+                    self.settings.amqp_url, client_properties={"connection_name": self.source}
+                )
+                break
+            except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("rabbitmq not reachable (%s), retrying", exc)
+                await asyncio.sleep(delay_s)
+        channel = await self.connection.channel(publisher_confirms=True)
+        self._exchange = await declare_topology(channel, self.settings)
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise RuntimeError("Broker.connect() was not called")
+        return self._connection
+
+    async def publish(self, env: Envelope) -> None:
+        """Publish one event and wait for the broker's confirm (bounded by publish_timeout_s)."""
+        if self._exchange is None:
+            raise RuntimeError("Broker.connect() was not called")
+        message = aio_pika.Message(
+            body=encode(env),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(env.event_id),
+            type=env.type,
+            timestamp=env.occurred_at,
+            app_id=self.source,
+        )
+        # mandatory=False: an event nobody subscribes to is not an error for the publisher.
+        await self._exchange.publish(
+            message, routing_key=env.type, mandatory=False, timeout=self.settings.publish_timeout_s
+        )
+
+    async def publish_many(self, envs: Sequence[Envelope]) -> None:
+        """Publish with all confirms in flight at once; raises if any was not confirmed."""
+        await asyncio.gather(*(self.publish(env) for env in envs))
+
+    async def consumer(
+        self,
+        queue: str,
+        routing_keys: Iterable[str],
+        handler: BatchHandler,
+        *,
+        prefetch: int = 500,
+        max_batch: int = 500,
+    ) -> BatchConsumer:
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
+        consumer = BatchConsumer(amqp_queue, handler, max_batch=max_batch)
+        await consumer.start()
+        return consumer
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+
+class BatchConsumer:
+    """Hands deliveries to the handler in arrival order, in batches of what has already arrived.
+
+    Messages are acknowledged only after the handler returned (its work is committed). A message that cannot
+    be decoded, or that the handler refuses with InvalidEvent, is rejected to the dead-letter exchange and the
+    consumer goes on. Any other handler error is retried with back-off, the messages held unacknowledged.
+    """
+
+    def __init__(self, queue: AbstractQueue, handler: BatchHandler, *, max_batch: int) -> None:
+        self._queue = queue
+        self._handler = handler
+        self._max_batch = max_batch
+        # aio-pika runs one callback task per message; putting without awaiting keeps arrival order.
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.dead_lettered = 0
+
+    async def start(self) -> None:
+        await self._queue.consume(self._on_message)
+        self._task = asyncio.create_task(self._run(), name=f"consume {self._queue.name}")
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._inbox.get()]
+            while len(batch) < self._max_batch and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            await self._process(batch)
+
+    async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
+        good: list[tuple[AbstractIncomingMessage, Delivery]] = []
+        for message in messages:
+            try:
+                env, data = decode(message.body)
+            except InvalidEvent as exc:
+                await self._dead_letter(message, str(exc))
+                continue
+            good.append((message, Delivery(env, data, bool(message.redelivered))))
+        if not good:
+            return
+        try:
+            await self._handle_with_retry([d for _, d in good])
+        except InvalidEvent:
+            # Isolate the poison message: handle one by one.
+            for message, delivery in good:
+                try:
+                    await self._handle_with_retry([delivery])
+                except InvalidEvent as exc:
+                    await self._dead_letter(message, str(exc))
+                else:
+                    await self._settle(message.ack())
+            return
+        # Every earlier message of this channel is settled, so one multiple-ack covers the batch.
+        await self._settle(good[-1][0].ack(multiple=True))
+
+    async def _handle_with_retry(self, deliveries: list[Delivery]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._handler(deliveries)
+                return
+            except InvalidEvent:
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("handler failed; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        log.error("dead-lettering message %s: %s", message.message_id, reason)
+        self.dead_lettered += 1
+        await self._settle(message.reject(requeue=False))
+
+    @staticmethod
+    async def _settle(action: Awaitable[None]) -> None:
+        # After a reconnect the old channel is gone: the broker redelivers those messages, and the handlers
+        # are idempotent, so a lost ack only costs a repeat.
+        try:
+            await action
+        except ChannelInvalidStateError as exc:
+            log.warning("could not settle message on a closed channel: %s", exc)

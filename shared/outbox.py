@@ -1,0 +1,101 @@
+"""Transactional outbox: events are written in the same transaction as the change they describe, then a
+relay publishes them with confirms and deletes them. A crash between commit and publish loses nothing; a
+crash between publish and delete repeats an event (consumers are idempotent).
+
+Each service's schema has a table created by its migrations:
+
+    CREATE TABLE outbox (
+        id bigserial PRIMARY KEY,
+        routing_key text NOT NULL,
+        body text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now());
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from shared.events import Envelope, encode
+from shared.messaging import Broker
+
+log = logging.getLogger(__name__)
+
+OUTBOX_PENDING = Gauge("havip_outbox_pending_events", "Events committed but not yet published", ["service"])
+OUTBOX_PUBLISHED = Counter("havip_outbox_published_total", "Events published from the outbox", ["service"])
+OUTBOX_FAILURES = Counter("havip_outbox_publish_failures_total", "Failed outbox publish attempts", ["service"])
+
+
+async def add_to_outbox(conn: Any, schema: str, envs: Sequence[Envelope]) -> None:
+    """Write events inside the caller's transaction."""
+    if envs:
+        await conn.executemany(
+            f"INSERT INTO {schema}.outbox (routing_key, body) VALUES ($1, $2)",
+            [(env.type, encode(env).decode()) for env in envs],
+        )
+
+
+class OutboxRelay:
+    def __init__(self, pool: Any, broker: Broker, schema: str, *, batch: int = 1000, poll_s: float = 1.0) -> None:
+        self._pool = pool
+        self._broker = broker
+        self._schema = schema
+        self._batch = batch
+        self._poll_s = poll_s
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Called after a commit that wrote events, so they leave at once rather than at the next poll."""
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"outbox relay {self._schema}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                while await self.relay_once() == self._batch:
+                    pass
+                delay = 0.1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self._poll_s)
+                self._wakeup.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                OUTBOX_FAILURES.labels(self._schema).inc()
+                log.exception("outbox relay failed; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def relay_once(self) -> int:
+        """Publish one batch in commit order; returns how many events were published."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            # SKIP LOCKED: a second replica's relay takes other rows instead of waiting.
+            rows = await conn.fetch(
+                f"""SELECT id, body FROM {self._schema}.outbox ORDER BY id
+                    LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                self._batch,
+            )
+            if rows:
+                await self._broker.publish_many([Envelope.model_validate_json(r["body"]) for r in rows])
+                await conn.execute(
+                    f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+                )
+            pending = await conn.fetchval(f"SELECT count(*) FROM {self._schema}.outbox")
+        OUTBOX_PENDING.labels(self._schema).set(pending - len(rows))
+        OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
+        return len(rows)
