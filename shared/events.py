@@ -40,7 +40,7 @@ class ClaimObserved(EventData):
     eth_src: MacAddress
     sender_ip: IPv4Address
     target_ip: IPv4Address
-    captured_at: int = Field(ge=0, description="kernel receive time, nanoseconds since the Unix epoch")
+    captured_at: int = Field(gt=0, description="kernel receive time, nanoseconds since the Unix epoch")
 
 
 # ---- allocator ---------------------------------------------------------------------------------------------

@@ -1,0 +1,5 @@
+import sys
+
+from services.binding.main import main
+
+sys.exit(main())

@@ -1,0 +1,242 @@
+"""The binding decision (SPEC §5), pure: no I/O, no clock of its own.
+
+`BindingBook` holds the inventory (instances and HAVIPs, projected from the allocator's events) and the
+current binding of every HAVIP. Each input returns the outcome the adapters must persist and publish; the book
+is updated as if that outcome were committed (the service reloads the book if the commit fails).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from ipaddress import IPv4Address
+from typing import Literal
+
+RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch"]
+
+# A holder's refresh is written at most this often per HAVIP (SPEC §5.3).
+REFRESH_WRITE_INTERVAL_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    address: IPv4Address
+    sender_mac: str
+    eth_src: str
+    captured_ns: int
+    watcher_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    id: uuid.UUID
+    vpc_id: uuid.UUID
+    subnet_id: uuid.UUID
+    mac: str
+    private_ip: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class Havip:
+    id: uuid.UUID
+    vpc_id: uuid.UUID
+    subnet_id: uuid.UUID
+    address: IPv4Address
+    candidates: frozenset[uuid.UUID] = frozenset()
+
+
+@dataclass(slots=True)
+class Binding:
+    havip_id: uuid.UUID
+    address: IPv4Address
+    instance_id: uuid.UUID | None = None
+    mac: str | None = None
+    sequence: int = 0
+    last_claim_ns: int = 0
+    last_seen_written_ns: int = 0
+    last_transition_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    instance_id: uuid.UUID
+    mac: str
+
+
+# ---- outcomes --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NotAHavip:
+    """The address is no HAVIP: counted, not stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    havip_id: uuid.UUID | None
+    reason: RejectReason
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """Older than (or as old as) the last claim applied to this HAVIP: changes nothing."""
+
+    havip_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    havip_id: uuid.UUID
+    write: bool  # False while the last write of last_seen_at is under a second old
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    havip_id: uuid.UUID
+    address: IPv4Address
+    previous: Holder | None
+    current: Holder | None
+    sequence: int
+    reason: Literal["claim", "release"]
+    captured_ns: int | None
+    watcher_id: str | None
+
+
+ClaimOutcome = NotAHavip | Rejected | Stale | Refreshed | Transition
+
+
+@dataclass
+class BindingBook:
+    instances_by_id: dict[uuid.UUID, Instance] = field(default_factory=dict)
+    instances_by_mac: dict[str, Instance] = field(default_factory=dict)
+    havips_by_id: dict[uuid.UUID, Havip] = field(default_factory=dict)
+    # Addresses are unique within a VPC only: VPCs may overlap.
+    havips_by_address: dict[IPv4Address, list[Havip]] = field(default_factory=dict)
+    bindings: dict[uuid.UUID, Binding] = field(default_factory=dict)
+
+    # ---- inventory -----------------------------------------------------------------------------------------
+
+    def put_instance(self, instance: Instance) -> None:
+        old = self.instances_by_id.get(instance.id)
+        if old is not None:
+            self.instances_by_mac.pop(old.mac, None)
+        self.instances_by_id[instance.id] = instance
+        self.instances_by_mac[instance.mac] = instance
+
+    def remove_instance(self, instance_id: uuid.UUID) -> list[Transition]:
+        """Deregistration: every HAVIP the instance holds becomes UNBOUND (SPEC §5.7)."""
+        instance = self.instances_by_id.pop(instance_id, None)
+        if instance is None:
+            return []
+        self.instances_by_mac.pop(instance.mac, None)
+        return [
+            self._move(binding, None, "release", None, None)
+            for binding in self.bindings.values()
+            if binding.instance_id == instance_id
+        ]
+
+    def put_havip(self, havip: Havip) -> bool:
+        """Add or update a HAVIP; True if it is new (its binding row must be created)."""
+        old = self.havips_by_id.get(havip.id)
+        if old is not None:
+            self._unindex(old)
+        self.havips_by_id[havip.id] = havip
+        self.havips_by_address.setdefault(havip.address, []).append(havip)
+        if havip.id in self.bindings:
+            return False
+        self.bindings[havip.id] = Binding(havip.id, havip.address)
+        return True
+
+    def remove_havip(self, havip_id: uuid.UUID) -> Transition | None:
+        """Release: the binding ends with a final history row; None if the HAVIP was unknown."""
+        havip = self.havips_by_id.pop(havip_id, None)
+        if havip is not None:
+            self._unindex(havip)
+        binding = self.bindings.pop(havip_id, None)
+        if binding is None:
+            return None
+        return self._move(binding, None, "release", None, None)
+
+    def _unindex(self, havip: Havip) -> None:
+        same = [h for h in self.havips_by_address.get(havip.address, []) if h.id != havip.id]
+        if same:
+            self.havips_by_address[havip.address] = same
+        else:
+            self.havips_by_address.pop(havip.address, None)
+
+    def load(self, instances: Iterable[Instance], havips: Iterable[Havip], bindings: Iterable[Binding]) -> None:
+        for instance in instances:
+            self.put_instance(instance)
+        for binding in bindings:
+            self.bindings[binding.havip_id] = binding
+        for havip in havips:
+            self.put_havip(havip)
+
+    # ---- claims --------------------------------------------------------------------------------------------
+
+    def authorise(self, claim: Claim) -> tuple[Havip, Instance] | Rejected | NotAHavip:
+        """SPEC §5.1: which HAVIP the claim is for, and whether the claimant may hold it."""
+        havips = self.havips_by_address.get(claim.address)
+        if not havips:
+            return NotAHavip()
+        instance = self.instances_by_mac.get(claim.sender_mac)
+        # The HAVIP meant: the one in the claimant's VPC, else the only one with this address.
+        havip = next((h for h in havips if instance is not None and h.vpc_id == instance.vpc_id), None)
+        if havip is None and len(havips) == 1:
+            havip = havips[0]
+        havip_id = havip.id if havip is not None else None
+        if claim.eth_src != claim.sender_mac:
+            return Rejected(havip_id, "eth_mismatch")
+        if instance is None:
+            return Rejected(havip_id, "unknown_mac")
+        if havip is None or havip.subnet_id != instance.subnet_id:
+            return Rejected(havip_id, "other_subnet")
+        if havip.candidates and instance.id not in havip.candidates:
+            return Rejected(havip_id, "not_candidate")
+        return havip, instance
+
+    def apply_claim(self, claim: Claim) -> ClaimOutcome:
+        verdict = self.authorise(claim)
+        if isinstance(verdict, Rejected | NotAHavip):
+            return verdict
+        havip, instance = verdict
+        binding = self.bindings[havip.id]
+        if claim.captured_ns <= binding.last_claim_ns:
+            return Stale(havip.id)
+        binding.last_claim_ns = claim.captured_ns
+        if binding.instance_id == instance.id:
+            write = claim.captured_ns - binding.last_seen_written_ns >= REFRESH_WRITE_INTERVAL_NS
+            if write:
+                binding.last_seen_written_ns = claim.captured_ns
+            return Refreshed(havip.id, write)
+        binding.last_seen_written_ns = claim.captured_ns
+        return self._move(binding, Holder(instance.id, instance.mac), "claim", claim.captured_ns, claim.watcher_id)
+
+    @staticmethod
+    def _move(
+        binding: Binding,
+        to: Holder | None,
+        reason: Literal["claim", "release"],
+        captured_ns: int | None,
+        watcher_id: str | None,
+    ) -> Transition:
+        previous = (
+            Holder(binding.instance_id, binding.mac)
+            if binding.instance_id is not None and binding.mac is not None
+            else None
+        )
+        binding.sequence += 1
+        binding.instance_id = to.instance_id if to else None
+        binding.mac = to.mac if to else None
+        return Transition(
+            havip_id=binding.havip_id,
+            address=binding.address,
+            previous=previous,
+            current=to,
+            sequence=binding.sequence,
+            reason=reason,
+            captured_ns=captured_ns,
+            watcher_id=watcher_id,
+        )

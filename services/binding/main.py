@@ -1,0 +1,90 @@
+"""Composition root of the binding service: wires Postgres, RabbitMQ and the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
+from services.binding.settings import BindingSettings
+from shared.db import create_pool, ensure_database
+from shared.logging import configure_logging
+from shared.messaging import Broker, declare_consumer_queue
+from shared.metrics import serve_metrics
+from shared.migrations import apply_migrations
+from shared.outbox import OutboxRelay
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+QUEUE = "binding.events"
+
+
+async def migrate(settings: BindingSettings) -> None:
+    """Database schema, and the service's queue, so that no event published before its first start is lost."""
+    await ensure_database(settings.database_url)
+    applied = await apply_migrations(settings.database_url, "binding", MIGRATIONS)
+    log.info("migrations applied", extra={"applied": applied})
+    broker = Broker(settings, f"{SOURCE}-migrate")
+    await broker.connect()
+    try:
+        channel = await broker.connection.channel()
+        await declare_consumer_queue(channel, settings, QUEUE, SUBSCRIPTIONS)
+    finally:
+        await broker.close()
+
+
+async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    pool = await create_pool(settings.database_url)
+    broker = Broker(settings, SOURCE)
+    await broker.connect()
+    relay = OutboxRelay(pool, broker, "binding")
+    service = BindingService(pool, on_commit=relay.wake)
+    await service.load()
+    relay.start()
+    consumer = await broker.consumer(
+        QUEUE, SUBSCRIPTIONS, service.handle, prefetch=settings.prefetch, max_batch=settings.max_batch
+    )
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, settings.metrics_host)
+    log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await consumer.stop()
+        await relay.stop()
+        await broker.close()
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        settings = BindingSettings()
+    except ValidationError as exc:
+        print(f"binding: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(SOURCE, settings.log_level)
+    if args == ["migrate"]:
+        asyncio.run(migrate(settings))
+        return 0
+    if args:
+        print("usage: python -m services.binding [migrate]", file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(serve())
+    return 0

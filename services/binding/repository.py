@@ -1,0 +1,179 @@
+"""Postgres adapter of the binding service: loads the book, writes one batch's changes in one transaction."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
+
+from services.binding.domain import Binding, BindingBook, Havip, Instance, RejectReason, Transition
+from shared.events import Envelope
+from shared.outbox import add_to_outbox
+
+SCHEMA = "binding"
+
+
+def ns_to_datetime(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+def _host(value: IPv4Address | IPv4Interface) -> IPv4Address:
+    return value.ip if isinstance(value, IPv4Interface) else value
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedClaim:
+    havip_id: uuid.UUID | None
+    address: IPv4Address
+    mac: str
+    reason: RejectReason
+    captured_at: datetime
+    watcher_id: str
+
+
+@dataclass
+class BatchWrite:
+    """Everything one batch of messages changes, written in one transaction."""
+
+    # Inventory changes in arrival order: (sql, args) pairs; consecutive runs of one statement are batched.
+    inventory: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    bindings: dict[uuid.UUID, Binding] = field(default_factory=dict)
+    removed_bindings: set[uuid.UUID] = field(default_factory=set)
+    transitions: list[tuple[Transition, datetime]] = field(default_factory=list)
+    rejected: list[RejectedClaim] = field(default_factory=list)
+    events: list[Envelope] = field(default_factory=list)
+
+    def put_instance(self, i: Instance) -> None:
+        self.inventory.append((_PUT_INSTANCE, (i.id, i.vpc_id, i.subnet_id, i.mac, i.private_ip)))
+
+    def remove_instance(self, instance_id: uuid.UUID) -> None:
+        self.inventory.append((_DELETE_INSTANCE, (instance_id,)))
+
+    def put_havip(self, h: Havip) -> None:
+        self.inventory.append((_PUT_HAVIP, (h.id, h.vpc_id, h.subnet_id, h.address, sorted(h.candidates))))
+
+    def remove_havip(self, havip_id: uuid.UUID) -> None:
+        self.inventory.append((_DELETE_HAVIP, (havip_id,)))
+        self.bindings.pop(havip_id, None)
+        self.removed_bindings.add(havip_id)
+
+    def touch(self, binding: Binding) -> None:
+        self.bindings[binding.havip_id] = binding
+
+    def __bool__(self) -> bool:
+        return bool(self.inventory or self.bindings or self.removed_bindings or self.transitions or self.rejected)
+
+
+_PUT_INSTANCE = """
+    INSERT INTO binding.instances (id, vpc_id, subnet_id, mac, private_ip) VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, mac = $4, private_ip = $5"""
+_DELETE_INSTANCE = "DELETE FROM binding.instances WHERE id = $1"
+_PUT_HAVIP = """
+    INSERT INTO binding.havips (id, vpc_id, subnet_id, address, candidates) VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, address = $4, candidates = $5"""
+_DELETE_HAVIP = "DELETE FROM binding.havips WHERE id = $1"
+_PUT_BINDING = """
+    INSERT INTO binding.bindings AS b
+        (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (havip_id) DO UPDATE SET instance_id = $3, mac = $4, sequence = $5, last_claim_ns = $6,
+        last_transition_at = $7, last_seen_at = $8"""
+_INSERT_TRANSITION = """
+    INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
+        captured_at, captured_ns, committed_at, watcher_id, reason)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
+_INSERT_REJECTED = """
+    INSERT INTO binding.rejected_claims (havip_id, address, mac, reason, captured_at, watcher_id)
+    VALUES ($1, $2, $3, $4, $5, $6)"""
+
+
+async def load_book(conn: Any) -> BindingBook:
+    book = BindingBook()
+    instances = [
+        Instance(r["id"], r["vpc_id"], r["subnet_id"], str(r["mac"]), _host(r["private_ip"]))
+        for r in await conn.fetch("SELECT id, vpc_id, subnet_id, mac, private_ip FROM binding.instances")
+    ]
+    havips = [
+        Havip(r["id"], r["vpc_id"], r["subnet_id"], _host(r["address"]), frozenset(r["candidates"]))
+        for r in await conn.fetch("SELECT id, vpc_id, subnet_id, address, candidates FROM binding.havips")
+    ]
+    bindings = [
+        Binding(
+            havip_id=r["havip_id"],
+            address=_host(r["address"]),
+            instance_id=r["instance_id"],
+            mac=str(r["mac"]) if r["mac"] is not None else None,
+            sequence=r["sequence"],
+            last_claim_ns=r["last_claim_ns"],
+            last_seen_written_ns=int(r["last_seen_at"].timestamp() * 1e9) if r["last_seen_at"] else 0,
+            last_transition_at=r["last_transition_at"],
+        )
+        for r in await conn.fetch(
+            """SELECT havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at,
+                      last_seen_at FROM binding.bindings"""
+        )
+    ]
+    book.load(instances, havips, bindings)
+    return book
+
+
+async def write_batch(conn: Any, batch: BatchWrite) -> None:
+    """Write a batch; the caller holds the transaction."""
+    run: list[tuple[Any, ...]] = []
+    run_sql = ""
+    for sql, args in batch.inventory:
+        if sql != run_sql and run:
+            await conn.executemany(run_sql, run)
+            run = []
+        run_sql = sql
+        run.append(args)
+    if run:
+        await conn.executemany(run_sql, run)
+    if batch.removed_bindings:
+        await conn.execute(
+            "DELETE FROM binding.bindings WHERE havip_id = ANY($1::uuid[])", list(batch.removed_bindings)
+        )
+    if batch.bindings:
+        await conn.executemany(
+            _PUT_BINDING,
+            [
+                (
+                    b.havip_id,
+                    b.address,
+                    b.instance_id,
+                    b.mac,
+                    b.sequence,
+                    b.last_claim_ns,
+                    b.last_transition_at,
+                    ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None,
+                )
+                for b in batch.bindings.values()
+            ],
+        )
+    if batch.transitions:
+        await conn.executemany(
+            _INSERT_TRANSITION,
+            [
+                (
+                    t.havip_id,
+                    t.sequence,
+                    t.previous.instance_id if t.previous else None,
+                    t.current.instance_id if t.current else None,
+                    t.current.mac if t.current else None,
+                    ns_to_datetime(t.captured_ns) if t.captured_ns is not None else None,
+                    t.captured_ns,
+                    committed_at,
+                    t.watcher_id,
+                    t.reason,
+                )
+                for t, committed_at in batch.transitions
+            ],
+        )
+    if batch.rejected:
+        await conn.executemany(
+            _INSERT_REJECTED,
+            [(r.havip_id, r.address, r.mac, r.reason, r.captured_at, r.watcher_id) for r in batch.rejected],
+        )
+    await add_to_outbox(conn, SCHEMA, batch.events)

@@ -1,0 +1,208 @@
+"""The binding service's use case: turn a batch of consumed events into one committed transaction.
+
+Entry point for every message of the service's queue (claims from the watchers, inventory from the
+allocator). Decisions come from the pure BindingBook; this module only translates events into calls, collects
+the writes, commits them with their outgoing events, and reports metrics after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from services.binding import metrics
+from services.binding.domain import (
+    BindingBook,
+    Claim,
+    Havip,
+    Instance,
+    NotAHavip,
+    Refreshed,
+    Rejected,
+    Stale,
+    Transition,
+)
+from services.binding.repository import BatchWrite, RejectedClaim, load_book, ns_to_datetime, write_batch
+from shared import events
+from shared.messaging import Delivery
+
+log = logging.getLogger(__name__)
+
+SOURCE = "binding"
+
+# Routing keys the service's queue is bound to.
+SUBSCRIPTIONS = (
+    "arp.claim.observed",
+    "instance.registered",
+    "instance.deregistered",
+    "havip.allocated",
+    "havip.updated",
+    "havip.released",
+)
+
+
+class BindingService:
+    def __init__(self, pool: Any, on_commit: Callable[[], None] = lambda: None) -> None:
+        self._pool = pool
+        self._on_commit = on_commit
+        self.book = BindingBook()
+        self._book_stale = True
+
+    async def load(self) -> None:
+        async with self._pool.acquire() as conn:
+            self.book = await load_book(conn)
+        self._book_stale = False
+        log.info(
+            "binding state loaded",
+            extra={"havips": len(self.book.havips_by_id), "instances": len(self.book.instances_by_id)},
+        )
+        metrics.OWNER.clear()
+        for b in self.book.bindings.values():
+            if b.instance_id is not None:
+                metrics.OWNER.labels(str(b.havip_id), str(b.address), str(b.instance_id)).set(1)
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        if self._book_stale:
+            await self.load()
+        batch = BatchWrite()
+        latencies_from: list[int] = []
+        outcomes: list[str] = []
+        for delivery in deliveries:
+            self._apply(delivery, batch, latencies_from, outcomes)
+        try:
+            if batch:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await write_batch(conn, batch)
+        except BaseException:
+            # The book already holds the batch's effects: rebuild it from what is really committed.
+            self._book_stale = True
+            raise
+        committed_ns = time.time_ns()
+        for captured_ns in latencies_from:
+            metrics.BINDING_LATENCY.observe(max(0, committed_ns - captured_ns) / 1e9)
+        for outcome in outcomes:
+            metrics.CLAIMS.labels(outcome).inc()
+        for transition, _ in batch.transitions:
+            metrics.TRANSITIONS.labels(transition.reason).inc()
+            self._export_owner(transition)
+        for rejected in batch.rejected:
+            metrics.CLAIMS_REJECTED.labels(rejected.reason).inc()
+        metrics.BATCH_SIZE.observe(len(deliveries))
+        if batch.events:
+            self._on_commit()
+
+    def _apply(
+        self, delivery: Delivery, batch: BatchWrite, latencies_from: list[int], outcomes: list[str]
+    ) -> None:
+        data = delivery.data
+        event_type = delivery.envelope.type
+        if isinstance(data, events.ClaimObserved):
+            self._apply_claim(data, batch, latencies_from, outcomes)
+        elif isinstance(data, events.InstanceData):
+            if event_type == "instance.registered":
+                instance = Instance(data.id, data.vpc_id, data.subnet_id, data.mac, data.private_ip)
+                self.book.put_instance(instance)
+                batch.put_instance(instance)
+            else:
+                for transition in self.book.remove_instance(data.id):
+                    self._record_transition(transition, batch)
+                batch.remove_instance(data.id)
+        elif isinstance(data, events.HavipData):
+            if event_type == "havip.released":
+                final = self.book.remove_havip(data.id)
+                batch.remove_havip(data.id)
+                if final is not None:
+                    self._record_transition(final, batch)
+            else:
+                havip = Havip(data.id, data.vpc_id, data.subnet_id, data.address, frozenset(data.candidates))
+                if self.book.put_havip(havip):
+                    batch.touch(self.book.bindings[havip.id])
+                batch.put_havip(havip)
+        else:
+            raise events.InvalidEvent(f"binding does not handle {event_type!r}")
+
+    def _apply_claim(
+        self, data: events.ClaimObserved, batch: BatchWrite, latencies_from: list[int], outcomes: list[str]
+    ) -> None:
+        claim = Claim(data.sender_ip, data.sender_mac, data.eth_src, data.captured_at, data.watcher_id)
+        outcome = self.book.apply_claim(claim)
+        if isinstance(outcome, Transition):
+            self._record_transition(outcome, batch)
+            latencies_from.append(claim.captured_ns)
+            outcomes.append("transition")
+        elif isinstance(outcome, Refreshed):
+            if outcome.write:
+                batch.touch(self.book.bindings[outcome.havip_id])
+            outcomes.append("refresh")
+        elif isinstance(outcome, Stale):
+            outcomes.append("stale")
+        elif isinstance(outcome, Rejected):
+            rejected = RejectedClaim(
+                outcome.havip_id,
+                claim.address,
+                claim.sender_mac,
+                outcome.reason,
+                ns_to_datetime(claim.captured_ns),
+                claim.watcher_id,
+            )
+            batch.rejected.append(rejected)
+            batch.events.append(
+                events.envelope(
+                    "havip.claim.rejected",
+                    events.ClaimRejected(
+                        address=rejected.address,
+                        havip_id=rejected.havip_id,
+                        mac=rejected.mac,
+                        reason=rejected.reason,
+                        captured_at=rejected.captured_at,
+                        watcher_id=rejected.watcher_id,
+                    ),
+                    SOURCE,
+                )
+            )
+            outcomes.append("rejected")
+        else:
+            assert isinstance(outcome, NotAHavip)
+            outcomes.append("not_havip")
+
+    def _record_transition(self, transition: Transition, batch: BatchWrite) -> None:
+        committed_at = datetime.now(UTC)
+        binding = self.book.bindings.get(transition.havip_id)
+        if binding is not None:
+            binding.last_transition_at = committed_at
+            batch.touch(binding)
+        batch.transitions.append((transition, committed_at))
+        batch.events.append(
+            events.envelope(
+                "havip.binding.changed",
+                events.BindingChanged(
+                    havip_id=transition.havip_id,
+                    address=transition.address,
+                    previous=_holder(transition.previous),
+                    current=_holder(transition.current),
+                    captured_at=ns_to_datetime(transition.captured_ns) if transition.captured_ns else None,
+                    committed_at=committed_at,
+                    watcher_id=transition.watcher_id,
+                    sequence=transition.sequence,
+                    reason=transition.reason,
+                ),
+                SOURCE,
+            )
+        )
+
+    @staticmethod
+    def _export_owner(transition: Transition) -> None:
+        havip_id, address = str(transition.havip_id), str(transition.address)
+        if transition.previous is not None:
+            with contextlib.suppress(KeyError):
+                metrics.OWNER.remove(havip_id, address, str(transition.previous.instance_id))
+        if transition.current is not None:
+            metrics.OWNER.labels(havip_id, address, str(transition.current.instance_id)).set(1)
+
+
+def _holder(holder: Any) -> events.Holder | None:
+    return None if holder is None else events.Holder(instance_id=holder.instance_id, mac=holder.mac)

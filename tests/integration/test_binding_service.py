@@ -1,0 +1,274 @@
+"""The binding service wired to the real Postgres and RabbitMQ of the test run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+
+from services.binding.main import QUEUE, run
+from services.binding.settings import BindingSettings
+from shared import events
+from shared.messaging import Broker, declare_topology
+from tests.waiting import eventually
+
+
+@pytest.fixture(scope="module")
+async def binding(database_url: str, amqp_url: str) -> AsyncIterator[BindingSettings]:
+    settings = BindingSettings(database_url=database_url, amqp_url=amqp_url, metrics_port=0)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop, ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    try:
+        yield settings
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(scope="module")
+async def publisher(binding: BindingSettings) -> AsyncIterator[Broker]:
+    broker = Broker(binding, "test")
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+class Listener:
+    """A test queue bound to the binding service's outgoing events."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    def of(self, event_type: str, havip_id: uuid.UUID | None = None, mac: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e["data"]
+            for e in self.received
+            if e["type"] == event_type
+            and (havip_id is None or e["data"].get("havip_id") == str(havip_id))
+            and (mac is None or e["data"].get("mac") == mac)
+        ]
+
+
+@pytest.fixture
+async def listener(binding: BindingSettings) -> AsyncIterator[Listener]:
+    connection = await aio_pika.connect(binding.amqp_url)
+    channel = await connection.channel()
+    exchange = await declare_topology(channel, binding)
+    queue = await channel.declare_queue(exclusive=True)
+    for key in ("havip.binding.changed", "havip.claim.rejected"):
+        await queue.bind(exchange, key)
+    result = Listener()
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        result.received.append(json.loads(message.body))
+        await message.ack()
+
+    await queue.consume(on_message)
+    yield result
+    await connection.close()
+
+
+class World:
+    """A VPC with one subnet, two instances and one HAVIP, announced as the allocator would."""
+
+    def __init__(self) -> None:
+        self.vpc, self.subnet, self.other_subnet = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        n = uuid.uuid4().int % 200 + 20
+        self.vip = IPv4Address(f"192.0.2.{n}")
+        suffix = uuid.uuid4().hex[:8]
+        mac = lambda i: f"02:{i:02x}:{suffix[0:2]}:{suffix[2:4]}:{suffix[4:6]}:{suffix[6:8]}"  # noqa: E731
+        self.cvm1 = events.InstanceData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.subnet, name="cvm1",
+            private_ip=IPv4Address("192.0.2.11"), mac=mac(1),
+        )  # fmt: skip
+        self.cvm2 = events.InstanceData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.subnet, name="cvm2",
+            private_ip=IPv4Address("192.0.2.12"), mac=mac(2),
+        )  # fmt: skip
+        self.outsider = events.InstanceData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.other_subnet, name="other",
+            private_ip=IPv4Address("198.51.100.7"), mac=mac(3),
+        )  # fmt: skip
+        self.havip = events.HavipData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.subnet, name="vip", address=self.vip, candidates=[]
+        )
+
+    def inventory(self) -> list[events.Envelope]:
+        return [
+            events.envelope("instance.registered", self.cvm1, "allocator"),
+            events.envelope("instance.registered", self.cvm2, "allocator"),
+            events.envelope("instance.registered", self.outsider, "allocator"),
+            events.envelope("havip.allocated", self.havip, "allocator"),
+        ]
+
+    def claim(self, mac: str, *, eth_src: str | None = None, t: int | None = None) -> events.Envelope:
+        return events.envelope(
+            "arp.claim.observed",
+            events.ClaimObserved(
+                watcher_id="test-watcher", interface="lab0", kind="garp_request", sender_mac=mac,
+                eth_src=eth_src or mac, sender_ip=self.vip, target_ip=self.vip, captured_at=t or time.time_ns(),
+            ),
+            "arp_watcher",
+        )  # fmt: skip
+
+
+async def binding_row(dsn: str, havip_id: uuid.UUID) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow("SELECT * FROM binding.bindings WHERE havip_id = $1", havip_id)
+    finally:
+        await conn.close()
+
+
+async def transitions(dsn: str, havip_id: uuid.UUID) -> list[Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(
+            await conn.fetch(
+                "SELECT * FROM binding.transitions WHERE havip_id = $1 ORDER BY sequence", havip_id
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_failover_moves_the_binding_persists_history_and_publishes(
+    binding: BindingSettings, publisher: Broker, listener: Listener
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac))
+
+    async def bound_to(instance: events.InstanceData) -> bool:
+        row = await binding_row(binding.database_url, w.havip.id)
+        return row is not None and row["instance_id"] == instance.id
+
+    await eventually(lambda: bound_to(w.cvm1), what="HAVIP bound to cvm1")
+    await publisher.publish(w.claim(w.cvm2.mac))
+    await eventually(lambda: bound_to(w.cvm2), what="HAVIP bound to cvm2")
+
+    history = await transitions(binding.database_url, w.havip.id)
+    assert [(r["sequence"], r["from_instance_id"], r["to_instance_id"]) for r in history] == [
+        (1, None, w.cvm1.id),
+        (2, w.cvm1.id, w.cvm2.id),
+    ]
+    assert all(r["committed_at"] >= r["captured_at"] for r in history)
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="two events")
+    changed = listener.of("havip.binding.changed", w.havip.id)
+    assert [e["sequence"] for e in changed] == [1, 2]
+    assert changed[1]["previous"] == {"instance_id": str(w.cvm1.id), "mac": w.cvm1.mac}
+    assert changed[1]["current"] == {"instance_id": str(w.cvm2.id), "mac": w.cvm2.mac}
+    assert changed[1]["watcher_id"] == "test-watcher"
+
+
+async def test_refused_claims_are_audited_published_and_move_nothing(
+    binding: BindingSettings, publisher: Broker, listener: Listener
+) -> None:
+    w = World()
+    w.havip = w.havip.model_copy(update={"candidates": [w.cvm1.id]})
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="bound")
+    spoofers = {
+        "unknown_mac": w.claim("02:ee:ee:ee:ee:ee"),
+        "other_subnet": w.claim(w.outsider.mac),
+        "not_candidate": w.claim(w.cvm2.mac),
+        "eth_mismatch": w.claim(w.cvm2.mac, eth_src=w.cvm1.mac),
+    }
+    await publisher.publish_many(list(spoofers.values()))
+    await eventually(
+        lambda: len(listener.of("havip.claim.rejected", w.havip.id)) == len(spoofers), what="four refusals"
+    )
+    assert sorted(e["reason"] for e in listener.of("havip.claim.rejected", w.havip.id)) == sorted(spoofers)
+    row = await binding_row(binding.database_url, w.havip.id)
+    assert row["instance_id"] == w.cvm1.id
+    assert row["sequence"] == 1
+    conn = await asyncpg.connect(binding.database_url)
+    try:
+        audited = await conn.fetch("SELECT reason FROM binding.rejected_claims WHERE havip_id = $1", w.havip.id)
+    finally:
+        await conn.close()
+    assert sorted(r["reason"] for r in audited) == sorted(spoofers)
+
+
+async def test_stale_and_redelivered_claims_change_nothing(
+    binding: BindingSettings, publisher: Broker, listener: Listener
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    t = time.time_ns()
+    first = w.claim(w.cvm1.mac, t=t)
+    await publisher.publish(first)
+    await publisher.publish(w.claim(w.cvm2.mac, t=t - 1_000_000))  # captured earlier, arrived later
+    await publisher.publish(first)  # the same message again, as after a redelivery
+    marker = w.claim(w.cvm1.mac, eth_src="02:ee:ee:ee:ee:ee", t=t + 1)
+    await publisher.publish(marker)
+    await eventually(lambda: len(listener.of("havip.claim.rejected", w.havip.id)) == 1, what="marker processed")
+    history = await transitions(binding.database_url, w.havip.id)
+    assert [(r["sequence"], r["to_instance_id"]) for r in history] == [(1, w.cvm1.id)]
+
+
+async def test_deregistered_holder_and_released_havip_end_with_release_rows(
+    binding: BindingSettings, publisher: Broker, listener: Listener
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac))
+    await publisher.publish(events.envelope("instance.deregistered", w.cvm1, "allocator"))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="release event")
+    row = await binding_row(binding.database_url, w.havip.id)
+    assert row["instance_id"] is None
+    await publisher.publish(events.envelope("havip.released", w.havip, "allocator"))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 3, what="final row")
+    history = await transitions(binding.database_url, w.havip.id)
+    assert [(r["sequence"], r["reason"], r["to_instance_id"]) for r in history] == [
+        (1, "claim", w.cvm1.id),
+        (2, "release", None),
+        (3, "release", None),
+    ]
+    assert await binding_row(binding.database_url, w.havip.id) is None
+
+
+async def test_unprocessable_messages_are_dead_lettered_and_consuming_goes_on(
+    binding: BindingSettings, publisher: Broker, listener: Listener
+) -> None:
+    connection = await aio_pika.connect(binding.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await declare_topology(channel, binding)
+        dead = await channel.declare_queue(binding.dead_letter_queue, durable=True)
+        for body in (b"not json", b'{"type": "arp.claim.observed"}', json.dumps({"x": 1}).encode()):
+            await exchange.publish(aio_pika.Message(body), routing_key="arp.claim.observed")
+        bad_type = events.envelope("havip.allocated", World().havip, "allocator").model_copy(
+            update={"type": "havip.unheard_of"}
+        )
+        await exchange.publish(aio_pika.Message(events.encode(bad_type)), routing_key="havip.allocated")
+        got: list[bytes] = []
+
+        async def four_dead_letters() -> bool:
+            with contextlib.suppress(aio_pika.exceptions.QueueEmpty):
+                message = await dead.get()
+                got.append(message.body)
+                await message.ack()
+            return len(got) >= 4
+
+        await eventually(four_dead_letters, what="four messages in the dead-letter queue")
+        assert b"not json" in got
+    finally:
+        await connection.close()
+    # The consumer is still alive and working.
+    w = World()
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="still consuming")
+    assert QUEUE == "binding.events"

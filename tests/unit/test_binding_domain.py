@@ -1,0 +1,164 @@
+"""The binding decision (SPEC §5), on the pure BindingBook."""
+
+from __future__ import annotations
+
+import uuid
+from ipaddress import IPv4Address
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.binding.domain import (
+    BindingBook,
+    Claim,
+    Havip,
+    Holder,
+    Instance,
+    NotAHavip,
+    Refreshed,
+    Rejected,
+    Stale,
+    Transition,
+)
+
+VPC, OTHER_VPC = uuid.uuid4(), uuid.uuid4()
+SUBNET, OTHER_SUBNET = uuid.uuid4(), uuid.uuid4()
+VIP = IPv4Address("192.0.2.100")
+CVM1 = Instance(uuid.uuid4(), VPC, SUBNET, "02:00:00:00:00:01", IPv4Address("192.0.2.11"))
+CVM2 = Instance(uuid.uuid4(), VPC, SUBNET, "02:00:00:00:00:02", IPv4Address("192.0.2.12"))
+ELSEWHERE = Instance(uuid.uuid4(), VPC, OTHER_SUBNET, "02:00:00:00:00:03", IPv4Address("198.51.100.5"))
+HAVIP = Havip(uuid.uuid4(), VPC, SUBNET, VIP)
+
+
+def book(*, candidates: frozenset[uuid.UUID] = frozenset()) -> BindingBook:
+    b = BindingBook()
+    for instance in (CVM1, CVM2, ELSEWHERE):
+        b.put_instance(instance)
+    assert b.put_havip(Havip(HAVIP.id, VPC, SUBNET, VIP, candidates))
+    return b
+
+
+def claim(mac: str, t: int, *, address: IPv4Address = VIP, eth_src: str | None = None) -> Claim:
+    return Claim(address, mac, eth_src or mac, t, "w1")
+
+
+def test_first_authorised_claim_binds() -> None:
+    b = book()
+    outcome = b.apply_claim(claim(CVM1.mac, 10))
+    assert outcome == Transition(HAVIP.id, VIP, None, Holder(CVM1.id, CVM1.mac), 1, "claim", 10, "w1")
+    assert b.bindings[HAVIP.id].instance_id == CVM1.id
+
+
+def test_claim_by_another_instance_moves_the_binding_with_next_sequence() -> None:
+    b = book()
+    b.apply_claim(claim(CVM1.mac, 10))
+    outcome = b.apply_claim(claim(CVM2.mac, 20))
+    assert isinstance(outcome, Transition)
+    assert outcome.previous == Holder(CVM1.id, CVM1.mac)
+    assert outcome.current == Holder(CVM2.id, CVM2.mac)
+    assert outcome.sequence == 2
+
+
+def test_claim_by_holder_is_a_refresh_written_at_most_once_a_second() -> None:
+    b = book()
+    b.apply_claim(claim(CVM1.mac, 1_000_000_000))
+    assert b.apply_claim(claim(CVM1.mac, 1_500_000_000)) == Refreshed(HAVIP.id, write=False)
+    assert b.apply_claim(claim(CVM1.mac, 2_000_000_000)) == Refreshed(HAVIP.id, write=True)
+    assert b.bindings[HAVIP.id].sequence == 1
+
+
+def test_older_or_equal_claim_is_stale_and_changes_nothing() -> None:
+    b = book()
+    b.apply_claim(claim(CVM1.mac, 20))
+    assert b.apply_claim(claim(CVM2.mac, 19)) == Stale(HAVIP.id)
+    assert b.apply_claim(claim(CVM2.mac, 20)) == Stale(HAVIP.id)
+    assert b.bindings[HAVIP.id].instance_id == CVM1.id
+
+
+def test_address_that_is_no_havip_is_not_a_claim_on_anything() -> None:
+    assert book().apply_claim(claim(CVM1.mac, 1, address=IPv4Address("192.0.2.200"))) == NotAHavip()
+
+
+def test_refusals_name_their_reason_and_move_nothing() -> None:
+    b = book(candidates=frozenset({CVM1.id}))
+    cases = [
+        (claim("02:aa:aa:aa:aa:aa", 1), "unknown_mac"),
+        (claim(ELSEWHERE.mac, 2), "other_subnet"),
+        (claim(CVM2.mac, 3), "not_candidate"),
+        (claim(CVM1.mac, 4, eth_src="02:bb:bb:bb:bb:bb"), "eth_mismatch"),
+    ]
+    for c, reason in cases:
+        assert b.apply_claim(c) == Rejected(HAVIP.id, reason)  # type: ignore[arg-type]
+    assert b.bindings[HAVIP.id].instance_id is None
+    assert b.bindings[HAVIP.id].sequence == 0
+    # A refused claim does not advance the order either: the candidate's older claim still applies.
+    assert isinstance(b.apply_claim(claim(CVM1.mac, 1)), Transition)
+
+
+def test_overlapping_vpcs_resolve_the_havip_of_the_claimants_vpc() -> None:
+    b = book()
+    other_subnet = uuid.uuid4()
+    twin = Havip(uuid.uuid4(), OTHER_VPC, other_subnet, VIP)
+    stranger = Instance(uuid.uuid4(), OTHER_VPC, other_subnet, "02:00:00:00:00:09", IPv4Address("192.0.2.9"))
+    b.put_havip(twin)
+    b.put_instance(stranger)
+    outcome = b.apply_claim(claim(stranger.mac, 5))
+    assert isinstance(outcome, Transition)
+    assert outcome.havip_id == twin.id
+    assert b.bindings[HAVIP.id].instance_id is None
+    # An unknown MAC cannot tell which of the two is meant.
+    assert b.apply_claim(claim("02:aa:aa:aa:aa:aa", 6)) == Rejected(None, "unknown_mac")
+
+
+def test_deregistering_the_holder_unbinds_with_a_release_transition() -> None:
+    b = book()
+    b.apply_claim(claim(CVM1.mac, 10))
+    [release] = b.remove_instance(CVM1.id)
+    assert release.reason == "release"
+    assert release.previous == Holder(CVM1.id, CVM1.mac)
+    assert release.current is None
+    assert release.sequence == 2
+    assert b.bindings[HAVIP.id].instance_id is None
+    assert b.apply_claim(claim(CVM1.mac, 20)) == Rejected(HAVIP.id, "unknown_mac")
+    assert isinstance(b.apply_claim(claim(CVM2.mac, 30)), Transition)
+
+
+def test_releasing_a_havip_ends_its_history_and_forgets_it() -> None:
+    b = book()
+    b.apply_claim(claim(CVM1.mac, 10))
+    final = b.remove_havip(HAVIP.id)
+    assert final is not None
+    assert (final.reason, final.current, final.sequence) == ("release", None, 2)
+    assert b.apply_claim(claim(CVM1.mac, 20)) == NotAHavip()
+    assert b.remove_havip(HAVIP.id) is None
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([CVM1.mac, CVM2.mac, ELSEWHERE.mac]), st.integers(1, 10**12)), max_size=60
+    )
+)
+def test_binding_follows_the_newest_authorised_claim_whatever_the_arrival_order(
+    claims: list[tuple[str, int]],
+) -> None:
+    b = book()
+    sequences: list[int] = []
+    for mac, t in claims:
+        outcome = b.apply_claim(claim(mac, t))
+        if isinstance(outcome, Transition):
+            sequences.append(outcome.sequence)
+    # Sequences are 1, 2, 3, … with no gap and no repeat.
+    assert sequences == list(range(1, len(sequences) + 1))
+    # The holder is whoever made the newest claim seen so far, unless it was refused or stale.
+    authorised = [(t, mac) for mac, t in claims if mac != ELSEWHERE.mac]
+    holder = b.bindings[HAVIP.id].mac
+    if not authorised:
+        assert holder is None
+    else:
+        applied: list[tuple[int, str]] = []
+        newest = 0
+        for mac, t in claims:
+            if mac != ELSEWHERE.mac and t > newest:
+                newest = t
+                applied.append((t, mac))
+        assert holder == applied[-1][1]
