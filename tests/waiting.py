@@ -9,7 +9,11 @@ from collections.abc import Awaitable, Callable
 
 
 async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.02, what: str
+    predicate: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline polled between checks, not a cancellation
+    interval: float = 0.02,
+    what: str,
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -49,7 +49,9 @@ class Listener:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
 
-    def of(self, event_type: str, havip_id: uuid.UUID | None = None, mac: str | None = None) -> list[dict[str, Any]]:
+    def of(
+        self, event_type: str, havip_id: uuid.UUID | None = None, mac: str | None = None
+    ) -> list[dict[str, Any]]:
         return [
             e["data"]
             for e in self.received
@@ -134,9 +136,7 @@ async def transitions(dsn: str, havip_id: uuid.UUID) -> list[Any]:
     conn = await asyncpg.connect(dsn)
     try:
         return list(
-            await conn.fetch(
-                "SELECT * FROM binding.transitions WHERE havip_id = $1 ORDER BY sequence", havip_id
-            )
+            await conn.fetch("SELECT * FROM binding.transitions WHERE havip_id = $1 ORDER BY sequence", havip_id)
         )
     finally:
         await conn.close()
