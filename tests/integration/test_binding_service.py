@@ -88,7 +88,10 @@ class World:
         n = uuid.uuid4().int % 200 + 20
         self.vip = IPv4Address(f"192.0.2.{n}")
         suffix = uuid.uuid4().hex[:8]
-        mac = lambda i: f"02:{i:02x}:{suffix[0:2]}:{suffix[2:4]}:{suffix[4:6]}:{suffix[6:8]}"  # noqa: E731
+
+        def mac(i: int) -> str:
+            return f"02:{i:02x}:{suffix[0:2]}:{suffix[2:4]}:{suffix[4:6]}:{suffix[6:8]}"
+
         self.cvm1 = events.InstanceData(
             id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.subnet, name="cvm1",
             private_ip=IPv4Address("192.0.2.11"), mac=mac(1),
