@@ -15,7 +15,7 @@ ALLOWED_NETWORKS: tuple[ipaddress.IPv4Network, ...] = (
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 PREFIX_MAX = 10  # leaves room for a one-letter role and a three-digit index
-_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,%d}$" % (PREFIX_MAX - 1))
+_PREFIX_RE = re.compile(rf"^[a-z][a-z0-9]{{1,{PREFIX_MAX - 1}}}$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
