@@ -19,6 +19,7 @@ from services.binding.main import QUEUE, run
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.messaging import Broker, declare_topology
+from tests.listener import EventLog, listening
 from tests.waiting import eventually
 
 
@@ -43,41 +44,10 @@ async def publisher(binding: BindingSettings) -> AsyncIterator[Broker]:
     await broker.close()
 
 
-class Listener:
-    """A test queue bound to the binding service's outgoing events."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-
-    def of(
-        self, event_type: str, havip_id: uuid.UUID | None = None, mac: str | None = None
-    ) -> list[dict[str, Any]]:
-        return [
-            e["data"]
-            for e in self.received
-            if e["type"] == event_type
-            and (havip_id is None or e["data"].get("havip_id") == str(havip_id))
-            and (mac is None or e["data"].get("mac") == mac)
-        ]
-
-
 @pytest.fixture
-async def listener(binding: BindingSettings) -> AsyncIterator[Listener]:
-    connection = await aio_pika.connect(binding.amqp_url)
-    channel = await connection.channel()
-    exchange = await declare_topology(channel, binding)
-    queue = await channel.declare_queue(exclusive=True)
-    for key in ("havip.binding.changed", "havip.claim.rejected"):
-        await queue.bind(exchange, key)
-    result = Listener()
-
-    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        result.received.append(json.loads(message.body))
-        await message.ack()
-
-    await queue.consume(on_message)
-    yield result
-    await connection.close()
+async def listener(binding: BindingSettings) -> AsyncIterator[EventLog]:
+    async with listening(binding, ["havip.binding.changed", "havip.claim.rejected"]) as log:
+        yield log
 
 
 class World:
@@ -146,7 +116,7 @@ async def transitions(dsn: str, havip_id: uuid.UUID) -> list[Any]:
 
 
 async def test_failover_moves_the_binding_persists_history_and_publishes(
-    binding: BindingSettings, publisher: Broker, listener: Listener
+    binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
     w = World()
     await publisher.publish_many(w.inventory())
@@ -175,7 +145,7 @@ async def test_failover_moves_the_binding_persists_history_and_publishes(
 
 
 async def test_refused_claims_are_audited_published_and_move_nothing(
-    binding: BindingSettings, publisher: Broker, listener: Listener
+    binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
     w = World()
     w.havip = w.havip.model_copy(update={"candidates": [w.cvm1.id]})
@@ -205,7 +175,7 @@ async def test_refused_claims_are_audited_published_and_move_nothing(
 
 
 async def test_stale_and_redelivered_claims_change_nothing(
-    binding: BindingSettings, publisher: Broker, listener: Listener
+    binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
     w = World()
     await publisher.publish_many(w.inventory())
@@ -222,7 +192,7 @@ async def test_stale_and_redelivered_claims_change_nothing(
 
 
 async def test_deregistered_holder_and_released_havip_end_with_release_rows(
-    binding: BindingSettings, publisher: Broker, listener: Listener
+    binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
     w = World()
     await publisher.publish_many(w.inventory())
@@ -243,7 +213,7 @@ async def test_deregistered_holder_and_released_havip_end_with_release_rows(
 
 
 async def test_unprocessable_messages_are_dead_lettered_and_consuming_goes_on(
-    binding: BindingSettings, publisher: Broker, listener: Listener
+    binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
     connection = await aio_pika.connect(binding.amqp_url)
     try:
