@@ -1,0 +1,178 @@
+"""The three services as real processes, as an operator would run them (used by the e2e tests and the demo)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    def log(self, tail: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-tail:])
+
+
+@dataclass
+class System:
+    """allocator + arp_watcher + binding, wired to one database and one RabbitMQ virtual host."""
+
+    database_url: str
+    amqp_url: str
+    interface: str
+    workdir: Path
+    token: str = "e2e-token"
+    netns: str | None = None
+    api_port: int = field(default_factory=free_port)
+    binding_metrics_port: int = field(default_factory=free_port)
+    watcher_metrics_port: int = field(default_factory=free_port)
+    services: dict[str, Service] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+        env.update(
+            HAVIP_DATABASE_URL=self.database_url,
+            HAVIP_AMQP_URL=self.amqp_url,
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, module: str, *args: str, **env: str) -> Service:
+        log_path = self.workdir / f"{name}.log"
+        log_file = log_path.open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env=self._env(**env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped by group, never by name
+        )
+        service = Service(name, process, log_path, log_file)
+        self.services[name] = service
+        return service
+
+    def migrate(self) -> None:
+        for module in ("services.allocator", "services.binding"):
+            subprocess.run(
+                [sys.executable, "-m", module, "migrate"], cwd=ROOT, env=self._env(), check=True, timeout=120
+            )
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+        self._spawn("binding", "services.binding", HAVIP_METRICS_PORT=str(self.binding_metrics_port))
+        watcher_env = {"HAVIP_INTERFACE": self.interface, "HAVIP_METRICS_PORT": str(self.watcher_metrics_port)}
+        if self.netns:
+            watcher_env["HAVIP_NETNS"] = self.netns
+        self._spawn("arp_watcher", "services.arp_watcher", **watcher_env)
+        self._spawn(
+            "allocator",
+            "services.allocator",
+            HAVIP_API_TOKEN=self.token,
+            HAVIP_HOST="127.0.0.1",
+            HAVIP_PORT=str(self.api_port),
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        checks = {
+            "allocator": f"{self.api_url}/readyz",
+            "binding": f"http://127.0.0.1:{self.binding_metrics_port}/metrics",
+            "arp_watcher": f"http://127.0.0.1:{self.watcher_metrics_port}/metrics",
+        }
+        pending = dict(checks)
+        while pending:
+            for name, url in list(pending.items()):
+                service = self.services[name]
+                if service.process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {service.process.returncode}:\n{service.log()}")
+                try:
+                    if httpx.get(url, timeout=1.0).status_code == 200:
+                        del pending[name]
+                except httpx.HTTPError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not ready within {timeout} s: {sorted(pending)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            if service.process.poll() is None:
+                os.killpg(service.process.pid, signal.SIGTERM)
+        for service in self.services.values():
+            try:
+                service.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(service.process.pid, signal.SIGKILL)
+                service.process.wait(timeout=10)
+            service.log_file.close()
+
+    def __enter__(self) -> System:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ---- talking to it -----------------------------------------------------------------------------------
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"{self.api_url}/v1", headers={"Authorization": f"Bearer {self.token}"}, timeout=10.0
+        )
+
+    def metric(self, name: str, labels: dict[str, str] | None = None, *, service: str = "binding") -> float:
+        """Current value of one sample scraped from a service's /metrics (0 when absent)."""
+        port = self.binding_metrics_port if service == "binding" else self.watcher_metrics_port
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0).text
+        return scrape(text, name, labels or {})
+
+
+def scrape(text: str, name: str, labels: dict[str, str]) -> float:
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
+        if match is None or match.group(1) != name:
+            continue
+        found: dict[str, Any] = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(4))
+    return 0.0

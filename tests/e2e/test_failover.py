@@ -1,0 +1,216 @@
+"""The whole chain for real: keepalived fails over on a lab wire, the three services (real processes) turn the
+new master's gratuitous ARP into a committed, published transition visible in the API and the metrics."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from shared.settings import CommonSettings
+from tests.e2e.system import System
+from tests.lab import Keepalived, Lab, LabHost
+from tests.listener import EventLog, listening
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+
+SUBNET = "192.0.2.0/24"
+LATENCIES_MS: list[tuple[str, float]] = []
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab(SUBNET) as lab:
+        lab.add_host("cvm1", "192.0.2.11")
+        lab.add_host("cvm2", "192.0.2.12")
+        lab.add_host("intruder", "192.0.2.66")
+        lab.add_capture_port("cap")
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def system(
+    lab: Lab, database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    interface = lab.capture_ports["cap"].iface
+    with System(database_url, amqp_url, interface, tmp_path_factory.mktemp("services")) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+def inventory(system: System, lab: Lab) -> dict[str, Any]:
+    """A VPC, a subnet and the two CVMs, registered through the API."""
+    with system.api() as api:
+        vpc = ok(api.post("/vpcs", json={"name": "e2e", "cidr": "192.0.2.0/24"}))
+        subnet = ok(api.post("/subnets", json={"vpc_id": vpc["id"], "name": "lab", "cidr": SUBNET}))
+        instances = {
+            name: ok(
+                api.post(
+                    "/instances",
+                    json={
+                        "subnet_id": subnet["id"],
+                        "name": name,
+                        "private_ip": lab.hosts[name].ip,
+                        "mac": lab.hosts[name].mac,
+                    },
+                )
+            )
+            for name in ("cvm1", "cvm2")
+        }
+    return {"vpc": vpc, "subnet": subnet, "instances": instances}
+
+
+@pytest.fixture
+async def events(system: System) -> AsyncIterator[EventLog]:
+    settings = CommonSettings(amqp_url=system.amqp_url)
+    async with listening(settings, ["havip.binding.changed", "havip.claim.rejected"]) as log:
+        yield log
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_latencies(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if LATENCIES_MS:
+        with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():  # type: ignore[union-attr]
+            print("\ncapture → commit latency observed by the e2e tests (from the transition's own times):")
+            for what, ms in LATENCIES_MS:
+                print(f"  {what:<28} {ms:7.2f} ms")
+
+
+def ok(response: httpx.Response) -> Any:
+    assert response.status_code in (200, 201), f"{response.status_code}: {response.text}"
+    return response.json()
+
+
+def allocate(system: System, inventory: dict[str, Any], name: str) -> dict[str, Any]:
+    with system.api() as api:
+        havip: dict[str, Any] = ok(
+            api.post("/havips", json={"subnet_id": inventory["subnet"]["id"], "name": name})
+        )
+    return havip
+
+
+def show(system: System, havip_id: str) -> dict[str, Any]:
+    with system.api() as api:
+        havip: dict[str, Any] = ok(api.get(f"/havips/{havip_id}"))
+    return havip
+
+
+async def bound_to(system: System, havip_id: str, instance_id: str) -> bool:
+    havip = show(system, havip_id)
+    return bool(havip["state"] == "BOUND" and havip["bound_instance_id"] == instance_id)
+
+
+def keepalived_pair(lab: Lab, vip: str, vrid: int) -> tuple[Keepalived, Keepalived]:
+    cvm1, cvm2 = lab.hosts["cvm1"], lab.hosts["cvm2"]
+    common: dict[str, Any] = {"vip": vip, "vrid": vrid, "garp_master_delay": 1, "garp_master_refresh": 5}
+    ka1 = Keepalived(cvm1, peers=[cvm2.ip], priority=100, state="MASTER", workdir=lab.workdir, **common)
+    ka2 = Keepalived(cvm2, peers=[cvm1.ip], priority=80, state="BACKUP", workdir=lab.workdir, **common)
+    return ka1, ka2
+
+
+def fail(host: LabHost, keepalived: Keepalived, how: str) -> None:
+    if how == "stop":
+        keepalived.stop()
+    elif how == "kill":
+        keepalived.kill()
+    else:
+        host.link_down()
+
+
+@pytest.mark.parametrize(("how", "vrid"), [("stop", 61), ("kill", 62), ("link_down", 63)])
+async def test_keepalived_failover_moves_the_havip(
+    system: System, lab: Lab, inventory: dict[str, Any], events: EventLog, database_url: str, how: str, vrid: int
+) -> None:
+    cvm1_id = inventory["instances"]["cvm1"]["id"]
+    cvm2_id = inventory["instances"]["cvm2"]["id"]
+    havip = allocate(system, inventory, f"vip-{how}")
+    assert havip["state"] == "UNBOUND"
+    vip = havip["address"]
+    ka1, ka2 = keepalived_pair(lab, vip, vrid)
+    try:
+        ka1.start()
+        ka2.start()
+        await eventually(lambda: bound_to(system, havip["id"], cvm1_id), timeout=20, what="bound to cvm1")
+        transitions_before = system.metric("havip_transitions_total", {"reason": "claim"})
+        latency_count_before = system.metric("havip_binding_latency_seconds_count")
+
+        fail(lab.hosts["cvm1"], ka1, how)
+        await eventually(lambda: bound_to(system, havip["id"], cvm2_id), timeout=20, what="bound to cvm2")
+
+        # The published event.
+        await eventually(lambda: len(events.of("havip.binding.changed", havip["id"])) >= 1, what="event")
+        [changed] = [e for e in events.of("havip.binding.changed", havip["id"]) if e["sequence"] == 2]
+        assert changed["previous"] == {"instance_id": cvm1_id, "mac": lab.hosts["cvm1"].mac}
+        assert changed["current"] == {"instance_id": cvm2_id, "mac": lab.hosts["cvm2"].mac}
+        assert changed["address"] == vip
+
+        # The history, newest first.
+        with system.api() as api:
+            history = ok(api.get(f"/havips/{havip['id']}/transitions"))["items"]
+        assert [(t["sequence"], t["from_instance_id"], t["to_instance_id"]) for t in history[:2]] == [
+            (2, cvm1_id, cvm2_id),
+            (1, None, cvm1_id),
+        ]
+        assert history[0]["mac"] == lab.hosts["cvm2"].mac
+        assert history[0]["reason"] == "claim"
+        captured = datetime.fromisoformat(history[0]["captured_at"])
+        committed = datetime.fromisoformat(history[0]["committed_at"])
+        latency_ms = (committed - captured).total_seconds() * 1000
+        assert 0 <= latency_ms < 1000, latency_ms
+        LATENCIES_MS.append((f"failover by {how}", latency_ms))
+
+        # The metrics.
+        assert system.metric("havip_transitions_total", {"reason": "claim"}) >= transitions_before + 1
+        assert system.metric("havip_binding_latency_seconds_count") >= latency_count_before + 1
+        assert show(system, havip["id"])["last_transition_at"] is not None
+    finally:
+        ka1.stop()
+        ka2.stop()
+        lab.hosts["cvm1"].link_up()
+        for host in (lab.hosts["cvm1"], lab.hosts["cvm2"]):
+            if host.has_address(vip):
+                host.del_address(vip)
+
+
+async def test_garp_from_an_unregistered_host_is_refused_and_moves_nothing(
+    system: System, lab: Lab, inventory: dict[str, Any], events: EventLog, database_url: str
+) -> None:
+    cvm1_id = inventory["instances"]["cvm1"]["id"]
+    havip = allocate(system, inventory, "vip-spoofed")
+    lab.hosts["cvm1"].arping(havip["address"], count=1)
+    await eventually(lambda: bound_to(system, havip["id"], cvm1_id), what="bound to cvm1")
+    refused_before = system.metric("havip_claims_rejected_total", {"reason": "unknown_mac"})
+
+    lab.hosts["intruder"].arping(havip["address"], count=3)
+
+    await eventually(lambda: len(events.of("havip.claim.rejected", havip["id"])) >= 1, what="refusal published")
+    refusal = events.of("havip.claim.rejected", havip["id"])[0]
+    assert refusal["reason"] == "unknown_mac"
+    assert refusal["mac"] == lab.hosts["intruder"].mac
+    assert system.metric("havip_claims_rejected_total", {"reason": "unknown_mac"}) >= refused_before + 1
+    conn = await asyncpg.connect(database_url)
+    try:
+        audited = await conn.fetch(
+            "SELECT mac::text, reason FROM binding.rejected_claims WHERE havip_id = $1", uuid.UUID(havip["id"])
+        )
+    finally:
+        await conn.close()
+    assert {(r["mac"], r["reason"]) for r in audited} == {(lab.hosts["intruder"].mac, "unknown_mac")}
+    shown = show(system, havip["id"])
+    assert (shown["state"], shown["bound_instance_id"]) == ("BOUND", cvm1_id)
+    with system.api() as api:
+        assert len(ok(api.get(f"/havips/{havip['id']}/transitions"))["items"]) == 1
+
+
+def test_the_lab_is_closed(lab: Lab) -> None:
+    for host in lab.hosts.values():
+        assert host.default_routes() == []
+    assert Path("/var/run/netns").exists()
