@@ -134,9 +134,7 @@ def test_releasing_a_havip_ends_its_history_and_forgets_it() -> None:
 
 
 @given(
-    st.lists(
-        st.tuples(st.sampled_from([CVM1.mac, CVM2.mac, ELSEWHERE.mac]), st.integers(1, 10**12)), max_size=60
-    )
+    st.lists(st.tuples(st.sampled_from([CVM1.mac, CVM2.mac, ELSEWHERE.mac]), st.integers(1, 10**12)), max_size=60)
 )
 def test_binding_follows_the_newest_authorised_claim_whatever_the_arrival_order(
     claims: list[tuple[str, int]],

@@ -1,0 +1,178 @@
+"""Composition root of the ARP watcher: `python -m services.arp_watcher`.
+
+Capture starts first (claims are buffered), then RabbitMQ is connected — retried for as long as it takes — and
+the publishing loop runs until SIGTERM/SIGINT. On stop: the capture thread ends, what is buffered is published
+within `drain_timeout_s`, the connection is closed.
+
+Exit codes: 0 clean stop; 1 runtime failure (capture thread died, socket could not be set up for a reason of
+the environment); 2 invalid configuration (settings, unknown interface or namespace, metrics port taken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from pydantic import ValidationError
+
+from shared.logging import configure_logging
+from shared.messaging import Broker
+from shared.metrics import serve_metrics
+
+from .capture import ArpCapture, CaptureOpenError, open_capture_socket
+from .metrics import WatcherMetrics
+from .publisher import ClaimBuffer, ClaimPublisher
+from .settings import WatcherSettings, describe_errors
+
+log = logging.getLogger("services.arp_watcher")
+
+SOURCE = "arp_watcher"
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+async def connect_until_connected(broker: Broker, stop: asyncio.Event, max_delay_s: float = 10.0) -> bool:
+    """Connect, retrying with back-off until connected (True) or asked to stop (False)."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await broker.connect(attempts=1)
+            return True
+        except Exception as exc:
+            log.warning("rabbitmq not reachable (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+            with contextlib.suppress(Exception):
+                await broker.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, max_delay_s)
+    return False
+
+
+async def run(
+    settings: WatcherSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    registry: CollectorRegistry = REGISTRY,
+    install_signal_handlers: bool = True,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = stop if stop is not None else asyncio.Event()
+    metrics = WatcherMetrics(registry)
+    buffer = ClaimBuffer(settings.buffer_size, loop)
+
+    try:
+        sock = open_capture_socket(
+            settings.interface,
+            netns=settings.netns,
+            rcvbuf_bytes=settings.rcvbuf_bytes,
+            promiscuous=settings.promiscuous,
+            ignore_outgoing=settings.ignore_outgoing,
+        )
+    except CaptureOpenError as exc:
+        raise StartupError(str(exc), 2 if exc.config_error else 1) from exc
+
+    capture = ArpCapture(sock, buffer.put_many, on_error=lambda _exc: loop.call_soon_threadsafe(stop.set))
+    metrics.watch_capture(capture.stats, buffered=lambda: len(buffer), dropped=lambda: buffer.dropped)
+    if settings.metrics_port:
+        try:
+            serve_metrics(settings.metrics_port, settings.metrics_host, registry)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}", 2
+            ) from exc
+
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    broker = Broker(settings, source=SOURCE)
+    publisher = ClaimPublisher(
+        broker,
+        buffer,
+        metrics,
+        watcher_id=settings.watcher_id,
+        interface=settings.interface,
+        source=SOURCE,
+        batch_size=settings.batch_size,
+    )
+
+    async def connect_and_publish() -> None:
+        if await connect_until_connected(broker, stop):
+            log.info("connected to rabbitmq", extra={"exchange": settings.exchange})
+            await publisher.run()
+
+    capture.start()
+    log.info(
+        "capture started",
+        extra={"interface": settings.interface, "netns": settings.netns, "watcher_id": settings.watcher_id},
+    )
+    publishing = asyncio.create_task(connect_and_publish(), name="publish claims")
+    publishing.add_done_callback(lambda _task: stop.set())  # it only ends early on an unexpected error
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        await asyncio.to_thread(capture.stop)
+        publisher.close()
+        failed = await _finish_publishing(publishing, settings.drain_timeout_s)
+        if failed or len(buffer) or publisher.in_flight:
+            log.error(
+                "stopped before every claim was published",
+                extra={"unpublished": len(buffer) + publisher.in_flight},
+            )
+        await broker.close()
+        stats = capture.stats
+        log.info(
+            "stopped",
+            extra={
+                "frames": stats.frames,
+                "claims": stats.claims,
+                "published": publisher.published,
+                "kernel_drops": stats.kernel_drops,
+                "claims_dropped": buffer.dropped,
+            },
+        )
+    return 1 if capture.error is not None or failed else 0
+
+
+async def _finish_publishing(publishing: asyncio.Task[None], timeout_s: float) -> bool:
+    """Let the publisher drain within `timeout_s`; True if it failed (an error, not a timeout)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(publishing), timeout_s)
+    except TimeoutError:
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        return False
+    except Exception:
+        log.exception("publishing failed")
+        return True
+    return False
+
+
+def main() -> int:
+    try:
+        settings = WatcherSettings()  # `interface` comes from the environment (HAVIP_INTERFACE)
+    except ValidationError as exc:
+        print(describe_errors(exc), file=sys.stderr)
+        return 2
+    configure_logging(SOURCE, settings.log_level)
+    try:
+        return asyncio.run(run(settings))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130

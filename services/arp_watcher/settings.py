@@ -1,0 +1,63 @@
+"""Configuration of the watcher, from `HAVIP_`-prefixed environment variables."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from shared.settings import CommonSettings
+
+_MIB = 1024 * 1024
+
+
+class WatcherSettings(CommonSettings):
+    # HAVIP_INTERFACE: the subnet's layer-2 interface (IFNAMSIZ: at most 15 characters).
+    interface: str = Field(min_length=1, max_length=15, pattern=r"^[^\s/]+$")
+    # HAVIP_NETNS: open the capture inside this network namespace (name from `ip netns add`, or a path).
+    netns: str | None = None
+    # HAVIP_WATCHER_ID: reported with every claim; default "<hostname>/<interface>".
+    watcher_id: str = Field(default="", max_length=200)  # filled in below when empty
+    # HAVIP_METRICS_PORT: Prometheus endpoint; 0 turns it off.
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    # Claims per publish_many (all their confirms in flight at once).
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    # Claims kept while RabbitMQ is slow or away; beyond, the oldest are dropped (and counted).
+    buffer_size: int = Field(default=100_000, ge=1, le=10_000_000)
+    # Socket receive buffer (SO_RCVBUFFORCE with CAP_NET_ADMIN, else SO_RCVBUF capped by net.core.rmem_max).
+    rcvbuf_bytes: int = Field(default=32 * _MIB, ge=64 * 1024, le=1024 * _MIB)
+    # See ARP not addressed to this host (replies between others) where the segment delivers it.
+    promiscuous: bool = True
+    # Ignore frames this host sends itself (PACKET_IGNORE_OUTGOING).
+    ignore_outgoing: bool = False
+    # On SIGTERM: how long to keep publishing what is buffered before giving up.
+    drain_timeout_s: float = Field(default=5.0, ge=0, le=300)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_watcher_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("watcher_id") and isinstance(data.get("interface"), str):
+            data = {**data, "watcher_id": f"{socket.gethostname()}/{data['interface']}"}
+        return data
+
+    @field_validator("netns")
+    @classmethod
+    def _check_netns(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if value.startswith("/"):
+            return value
+        if "/" in value or value in (".", "..") or any(c.isspace() for c in value):
+            raise ValueError("must be a network namespace name (as in `ip netns list`) or an absolute path")
+        return value
+
+
+def describe_errors(exc: ValidationError, env_prefix: str = "HAVIP_") -> str:
+    """One line per problem, naming the environment variable to fix."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = "_".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"  {env_prefix}{loc.upper()}: {error['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)

@@ -1,0 +1,721 @@
+"""The ARP watcher for real: a private two-namespace lab, a raw capture socket, arping, RabbitMQ.
+
+Lab (prefix "aw" + 5 hex digits, torn down even when a test fails)::
+
+    netns <prefix>-w: eth0 192.0.2.1/24   ── veth ──   netns <prefix>-p: eth0 192.0.2.2/24
+      (the capture socket is opened here          (the "server": arping and raw frames
+       via setns, as HAVIP_NETNS does)              are sent from here)
+
+No routes out, IPv6 off, addresses only from the documentation ranges; nothing is sent outside these two
+namespaces. Needs root (network namespaces, raw sockets) and arping; the last tests need RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import queue
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from services.arp_watcher.capture import ArpCapture, network_namespace, open_capture_socket
+from services.arp_watcher.claims import Claim, to_event
+from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from shared.events import ClaimObserved, decode
+
+ROOT = Path(__file__).resolve().parents[2]
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+LAB_NETWORKS = [ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("arping") is None,
+    reason="needs root, iproute2 and arping",
+)
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def ip4(address: str) -> int:
+    addr = ipaddress.IPv4Address(address)
+    assert any(addr in net for net in LAB_NETWORKS), f"{addr} is outside the lab's documentation ranges"
+    return int(addr)
+
+
+@dataclass
+class Lab:
+    prefix: str
+    watch_ns: str
+    peer_ns: str
+    peer_mac: str
+
+    def in_peer(self, *args: str, timeout: float = 10, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh(
+            "ip", "netns", "exec", self.peer_ns, "timeout", str(timeout), *args, check=check, timeout=timeout + 5
+        )
+
+    def arping(
+        self, address: str, *, count: int = 1, reply: bool = False, vlan: int | None = None, iface: str = "eth0"
+    ) -> None:
+        """Gratuitous ARP from the peer, as keepalived sends it (request; with `reply`, an ARP reply)."""
+        ip4(address)
+        args = ["arping", "-q", "-U", "-c", str(count), "-W", "0.02", "-i", iface, "-S", address]
+        if reply:
+            args.append("-P")
+        if vlan is not None:
+            args += ["-V", str(vlan)]
+        result = self.in_peer(*args, address, check=False)
+        # arping exits 1 when nobody answered, which is what unsolicited ARP expects.
+        assert result.returncode in (0, 1), result.stderr
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Send raw Ethernet frames out of the peer's eth0."""
+        with network_namespace(self.peer_ns):
+            sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        with sender:
+            sender.bind(("eth0", 0))
+            for frame in frames:
+                sender.send(frame)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    prefix = "aw" + secrets.token_hex(3)[:5]
+    watch_ns, peer_ns = f"{prefix}-w", f"{prefix}-p"
+    try:
+        sh("ip", "netns", "add", watch_ns)
+        sh("ip", "netns", "add", peer_ns)
+        sh("ip", "link", "add", f"{prefix}w", "type", "veth", "peer", "name", f"{prefix}p")
+        sh("ip", "link", "set", f"{prefix}w", "netns", watch_ns)
+        sh("ip", "link", "set", f"{prefix}p", "netns", peer_ns)
+        sh("ip", "-n", watch_ns, "link", "set", f"{prefix}w", "name", "eth0")
+        sh("ip", "-n", peer_ns, "link", "set", f"{prefix}p", "name", "eth0")
+        for ns, address in ((watch_ns, "192.0.2.1/24"), (peer_ns, "192.0.2.2/24")):
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+            sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        links = json.loads(sh("ip", "-j", "-n", peer_ns, "link", "show", "eth0").stdout)
+        yield Lab(prefix, watch_ns, peer_ns, links[0]["address"])
+    finally:
+        sh("ip", "netns", "del", watch_ns, check=False)
+        sh("ip", "netns", "del", peer_ns, check=False)
+        sh("ip", "link", "del", f"{prefix}w", check=False)  # only left if set-up failed half-way
+    assert prefix not in sh("ip", "netns", "list").stdout
+    assert prefix not in sh("ip", "link").stdout
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Claim] = queue.Queue()
+
+    def sink(self, batch: list[Claim]) -> None:
+        for claim in batch:
+            self.queue.put(claim)
+
+    def take(self, count: int, timeout_s: float = 10.0) -> list[Claim]:
+        deadline = time.monotonic() + timeout_s
+        claims: list[Claim] = []
+        while len(claims) < count:
+            remaining = deadline - time.monotonic()
+            try:
+                claims.append(self.queue.get(timeout=max(0.0, remaining)))
+            except queue.Empty:
+                raise AssertionError(f"got {len(claims)} of {count} claims in {timeout_s} s") from None
+        return claims
+
+    def take_until(self, done: Callable[[Claim], bool], timeout_s: float = 20.0) -> list[Claim]:
+        deadline = time.monotonic() + timeout_s
+        claims: list[Claim] = []
+        while not claims or not done(claims[-1]):
+            try:
+                claims.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"marker not seen after {len(claims)} claims") from None
+        return claims
+
+
+@contextlib.contextmanager
+def capturing(lab: Lab) -> Iterator[tuple[ArpCapture, Collected]]:
+    collected = Collected()
+    capture = ArpCapture(open_capture_socket("eth0", netns=lab.watch_ns), collected.sink)
+    capture.start()
+    try:
+        yield capture, collected
+    finally:
+        capture.stop()
+    assert capture.error is None
+
+
+def marker_frame(mac: bytes = bytes.fromhex("02aaaaaaaaaa"), address: str = "203.0.113.254") -> bytes:
+    return build_arp_frame(oper=ARP_REQUEST, sender_mac=mac, sender_ip=ip4(address), target_ip=ip4(address))
+
+
+def event(claim: Claim) -> ClaimObserved:
+    return to_event(claim, watcher_id="test", interface="eth0")
+
+
+# ---- capture --------------------------------------------------------------------------------------------------
+
+
+def test_keepalived_style_garp_requests_are_claims(lab: Lab) -> None:
+    with capturing(lab) as (_capture, collected):
+        before = time.time_ns()
+        lab.arping("192.0.2.10", count=3)
+        after = time.time_ns()
+        claims = collected.take(3)
+    for claim in claims:
+        ev = event(claim)
+        assert ev.kind == "garp_request"
+        assert ev.sender_mac == ev.eth_src == lab.peer_mac
+        assert ev.sender_ip == ev.target_ip == ipaddress.IPv4Address("192.0.2.10")
+        assert ev.vlan is None
+        assert before <= ev.captured_at <= after  # kernel receive time, same clock as time.time_ns()
+    assert claims[0].captured_at < claims[1].captured_at < claims[2].captured_at
+
+
+def test_gratuitous_arp_reply_is_a_claim(lab: Lab) -> None:
+    with capturing(lab) as (_capture, collected):
+        lab.arping("192.0.2.11", reply=True)
+        (claim,) = collected.take(1)
+    ev = event(claim)
+    assert (ev.kind, ev.sender_ip, ev.sender_mac) == (
+        "arp_reply",
+        ipaddress.IPv4Address("192.0.2.11"),
+        lab.peer_mac,
+    )
+    assert abs(time.time_ns() - ev.captured_at) < 5_000_000_000
+
+
+def test_probes_requests_mismatches_and_malformed_frames(lab: Lab) -> None:
+    peer = bytes.fromhex(lab.peer_mac.replace(":", ""))
+    spoofed_src = bytes.fromhex("02000000beef")
+    vip = ip4("192.0.2.12")
+    good = build_arp_frame(oper=ARP_REQUEST, sender_mac=peer, sender_ip=vip, target_ip=vip)
+    frames = [
+        build_arp_frame(oper=ARP_REQUEST, sender_mac=peer, sender_ip=0, target_ip=vip),  # RFC 5227 probe
+        build_arp_frame(
+            oper=ARP_REQUEST, sender_mac=peer, sender_ip=ip4("192.0.2.2"), target_ip=ip4("192.0.2.99")
+        ),
+        build_arp_frame(oper=ARP_REQUEST, sender_mac=peer, sender_ip=vip, target_ip=vip, eth_src=spoofed_src),
+        good[:18] + b"\x07" + good[19:],  # hlen 7
+        good[:30],  # truncated ARP
+        b"\xff" * 6 + peer + b"\x08\x00" + b"\x45" + b"\x00" * 45,  # IPv4: never leaves the kernel filter
+        marker_frame(),
+    ]
+    with capturing(lab) as (capture, collected):
+        lab.send_frames(frames)
+        mismatch, marker = collected.take(2)
+        capture.poll_kernel_stats()
+        stats = capture.stats
+        assert collected.queue.empty()
+        assert (stats.claims, stats.not_claims, stats.not_arp) == (2, 2, 0)
+        assert stats.malformed["bad_hlen"] == 1
+        assert stats.malformed["truncated_arp"] == 1
+        assert stats.kernel_packets == 6  # the IPv4 frame was filtered out in the kernel
+        assert stats.kernel_drops == 0
+    ev = event(mismatch)
+    assert (ev.sender_mac, ev.eth_src) == (lab.peer_mac, "02:00:00:00:be:ef")
+    assert event(marker).sender_ip == ipaddress.IPv4Address("203.0.113.254")
+
+
+def test_vlan_tag_is_reported(lab: Lab) -> None:
+    """A tagged GARP (the tag is put in the frame by the sender; the kernel strips it on receipt and hands it
+    over in PACKET_AUXDATA)."""
+    with capturing(lab) as (_capture, collected):
+        lab.arping("198.51.100.10", vlan=100)
+        (claim,) = collected.take(1)
+    ev = event(claim)
+    assert (ev.vlan, ev.kind, ev.sender_ip) == (100, "garp_request", ipaddress.IPv4Address("198.51.100.10"))
+
+
+def test_8021q_subinterface(lab: Lab) -> None:
+    result = sh(
+        "ip", "-n", lab.peer_ns, "link", "add", "link", "eth0", "name", "eth0.100", "type", "vlan", "id", "100",
+        check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        pytest.skip(f"no 802.1Q sub-interfaces on this kernel (CONFIG_VLAN_8021Q): {result.stderr.strip()}")
+    try:
+        sh("ip", "-n", lab.peer_ns, "addr", "add", "198.51.100.2/24", "dev", "eth0.100")
+        sh("ip", "-n", lab.peer_ns, "link", "set", "eth0.100", "up")
+        with capturing(lab) as (_capture, collected):
+            lab.arping("198.51.100.11", iface="eth0.100")
+            (claim,) = collected.take(1)
+    finally:
+        sh("ip", "-n", lab.peer_ns, "link", "del", "eth0.100", check=False)
+    ev = event(claim)
+    assert (ev.vlan, ev.sender_ip) == (100, ipaddress.IPv4Address("198.51.100.11"))
+
+
+def lab_addresses() -> list[int]:
+    return [int(a) for net in LAB_NETWORKS for a in net.hosts()]
+
+
+def test_burst_is_captured_without_kernel_drops(lab: Lab) -> None:
+    addresses = lab_addresses()
+    count = 20_000
+    frames = [
+        build_arp_frame(
+            oper=ARP_REQUEST,
+            sender_mac=bytes([2, 0, 0, 1, i >> 8 & 0xFF, i & 0xFF]),
+            sender_ip=addresses[i % len(addresses)],
+            target_ip=addresses[i % len(addresses)],
+        )
+        for i in range(count)
+    ]
+    with capturing(lab) as (capture, collected):
+        started = time.perf_counter()
+        lab.send_frames(frames)
+        claims = collected.take(count, timeout_s=30)
+        elapsed = time.perf_counter() - started
+        capture.poll_kernel_stats()
+        assert (capture.stats.kernel_packets, capture.stats.kernel_drops) == (count, 0)
+    assert [c.sender_mac for c in claims] == [f[6:12] for f in frames]  # all of them, in order
+    print(f"{count} GARPs captured in {elapsed:.3f} s ({count / elapsed:,.0f}/s)")
+
+
+def test_fuzzed_frames_on_the_wire_never_stop_the_capture(lab: Lab) -> None:
+    rng = random.Random(5227)
+    base = bytearray(marker_frame(bytes.fromhex("020000000001"), "192.0.2.50"))
+    frames = []
+    for i in range(30_000):
+        frame = bytearray(base) if i % 2 else bytearray(rng.randbytes(rng.randrange(14, 80)))
+        for _ in range(rng.randrange(1, 6)):
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+        frame[12:14] = b"\x08\x06"  # keep them ARP so the kernel filter lets them through
+        frames.append(bytes(frame[: rng.randrange(14, len(frame) + 1)]))
+    marker_mac = bytes.fromhex("02aaaaaaaa01")
+    frames.append(marker_frame(marker_mac))
+    with capturing(lab) as (capture, collected):
+        lab.send_frames(frames)
+        collected.take_until(lambda c: c.sender_mac == marker_mac)
+        capture.poll_kernel_stats()
+        assert capture.running
+        stats = capture.stats
+        assert stats.frames == stats.kernel_packets == len(frames)
+        assert stats.kernel_drops == 0
+        assert sum(stats.malformed.values()) > 10_000
+
+
+# ---- the whole watcher: capture + RabbitMQ -------------------------------------------------------------------
+
+
+def rabbitmq_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class WatcherProcess:
+    """`python -m services.arp_watcher` as a child process, its JSON log lines collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.entries: list[dict[str, object]] = []
+        self.text: list[str] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, env: dict[str, str]) -> WatcherProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.arp_watcher",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.text.append(line)
+            with contextlib.suppress(ValueError):
+                self.entries.append(json.loads(line))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_for_log(self, message: str, timeout_s: float = 20) -> dict[str, object]:
+        """The first log entry whose message starts with `message`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._changed.clear()
+            for entry in self.entries:
+                if str(entry.get("msg", "")).startswith(message):
+                    return entry
+            if self._reader.done():
+                raise AssertionError(f"watcher ended without logging {message!r}: {''.join(self.text)}")
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._changed.wait()
+            except TimeoutError:
+                raise AssertionError(f"no {message!r} logged in {timeout_s} s: {''.join(self.text)}") from None
+
+    async def stop(self, timeout_s: float = 15) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(timeout_s):
+            code = await self.proc.wait()
+            await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@pytest.mark.skipif(not rabbitmq_up(), reason="RabbitMQ is not running on 127.0.0.1:5672")
+async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    exchange_name = f"{prefix}havip.events"
+    metrics_port = free_port()
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    queue_name = f"{prefix}test.arp_watcher"
+    watcher: WatcherProcess | None = None
+    try:
+        exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+        amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
+        await amqp_queue.bind(exchange, routing_key="arp.claim.observed")
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+        env.update(
+            HAVIP_INTERFACE="eth0",
+            HAVIP_NETNS=lab.watch_ns,
+            HAVIP_AMQP_URL=AMQP_URL,
+            HAVIP_AMQP_PREFIX=prefix,
+            HAVIP_WATCHER_ID=f"test/{lab.prefix}",
+            HAVIP_METRICS_PORT=str(metrics_port),
+            HAVIP_METRICS_HOST="127.0.0.1",
+        )
+        watcher = await WatcherProcess.start(env)
+        await watcher.wait_for_log("capture started")
+
+        before = time.time_ns()
+        await asyncio.to_thread(lab.arping, "192.0.2.20", count=3)
+        await asyncio.to_thread(lab.arping, "192.0.2.21", reply=True)
+        peer = bytes.fromhex(lab.peer_mac.replace(":", ""))
+        vip = ip4("192.0.2.22")
+        spoofed = build_arp_frame(
+            oper=ARP_REQUEST, sender_mac=peer, sender_ip=vip, target_ip=vip, eth_src=bytes.fromhex("02000000beef")
+        )
+        await asyncio.to_thread(lab.send_frames, [spoofed])
+        after = time.time_ns()
+
+        received: list[ClaimObserved] = []
+        async with asyncio.timeout(20), amqp_queue.iterator() as messages:
+            async for message in messages:
+                async with message.process():
+                    envelope, data = decode(message.body)
+                    assert envelope.type == "arp.claim.observed"
+                    assert envelope.source == "arp_watcher"
+                    assert message.routing_key == "arp.claim.observed"
+                    assert isinstance(data, ClaimObserved)
+                    received.append(data)
+                if len(received) == 5:
+                    break
+
+        for data in received:
+            assert data.watcher_id == f"test/{lab.prefix}"
+            assert data.interface == "eth0"
+            assert data.vlan is None
+            assert data.sender_mac == lab.peer_mac
+            assert before <= data.captured_at <= after
+        seen = [(d.kind, str(d.sender_ip), str(d.target_ip), d.eth_src) for d in received]
+        assert seen == [
+            ("garp_request", "192.0.2.20", "192.0.2.20", lab.peer_mac),
+            ("garp_request", "192.0.2.20", "192.0.2.20", lab.peer_mac),
+            ("garp_request", "192.0.2.20", "192.0.2.20", lab.peer_mac),
+            ("arp_reply", "192.0.2.21", "192.0.2.21", lab.peer_mac),
+            ("garp_request", "192.0.2.22", "192.0.2.22", "02:00:00:00:be:ef"),  # refused later: eth_mismatch
+        ]
+
+        deadline = time.monotonic() + 10
+        while True:
+            samples = await asyncio.to_thread(scrape, metrics_port)
+            if samples.get("havip_watcher_claims_published_total") == 5:
+                break
+            assert time.monotonic() < deadline, samples
+            await asyncio.sleep(0.05)
+        assert samples['havip_watcher_frames_total{result="claim"}'] == 5
+        assert samples["havip_watcher_kernel_drops_total"] == 0
+        assert samples["havip_watcher_publish_latency_seconds_count"] == 5
+        assert samples["havip_watcher_publish_failures_total"] == 0
+
+        rss = await asyncio.to_thread(rss_kb, watcher.proc.pid)
+        assert rss < 80 * 1024, f"watcher RSS {rss} kB (SPEC P5: ≤ 80 MB)"
+
+        assert await watcher.stop() == 0
+        stopped = await watcher.wait_for_log("stopped")
+        assert (stopped["published"], stopped["kernel_drops"], stopped["claims_dropped"]) == (5, 0, 0)
+        assert "Traceback" not in "".join(watcher.text)
+    finally:
+        if watcher is not None:
+            await watcher.kill()
+        # Our queue, and what the watcher's Broker declared under our prefix. A failed delete closes its
+        # channel, so each one gets a channel of its own.
+        for kind, name in (
+            ("queue", queue_name),
+            ("queue", f"{prefix}havip.dead"),
+            ("exchange", exchange_name),
+            ("exchange", f"{prefix}havip.dlx"),
+        ):
+            with contextlib.suppress(Exception):
+                async with connection.channel() as cleanup:
+                    if kind == "queue":
+                        await cleanup.queue_delete(name)
+                    else:
+                        await cleanup.exchange_delete(name)
+        await connection.close()
+
+
+class CuttableProxy:
+    """A TCP proxy to RabbitMQ that the test can cut (connections dropped, new ones refused) and restore —
+    a broker outage for the watcher only, without touching the RabbitMQ other tests use."""
+
+    def __init__(self, upstream_port: int = 5672) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def close(self) -> None:
+        await self.cut()
+
+
+@pytest.mark.skipif(not rabbitmq_up(), reason="RabbitMQ is not running on 127.0.0.1:5672")
+async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    exchange_name = f"{prefix}havip.events"
+    queue_name = f"{prefix}test.arp_watcher_outage"
+    metrics_port = free_port()
+    proxy = CuttableProxy()
+    await proxy.start()
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    watcher: WatcherProcess | None = None
+    try:
+        exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+        amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
+        await amqp_queue.bind(exchange, routing_key="arp.claim.observed")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+        env.update(
+            HAVIP_INTERFACE="eth0",
+            HAVIP_NETNS=lab.watch_ns,
+            HAVIP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            HAVIP_AMQP_PREFIX=prefix,
+            HAVIP_PUBLISH_TIMEOUT_S="1",
+            HAVIP_METRICS_PORT=str(metrics_port),
+            HAVIP_METRICS_HOST="127.0.0.1",
+        )
+        watcher = await WatcherProcess.start(env)
+        await watcher.wait_for_log("connected to rabbitmq")
+
+        async def next_claims(count: int, timeout_s: float) -> list[ClaimObserved]:
+            got: list[ClaimObserved] = []
+            async with asyncio.timeout(timeout_s):
+                while len(got) < count:
+                    message = await amqp_queue.get(fail=False)
+                    if message is None:
+                        await asyncio.sleep(0.05)
+                        continue
+                    await message.ack()
+                    _env, data = decode(message.body)
+                    assert isinstance(data, ClaimObserved)
+                    got.append(data)
+            return got
+
+        await asyncio.to_thread(lab.arping, "192.0.2.30")
+        (first,) = await next_claims(1, 10)
+        assert str(first.sender_ip) == "192.0.2.30"
+
+        await proxy.cut()
+        await asyncio.to_thread(lab.arping, "192.0.2.31", count=2)
+        await watcher.wait_for_log("publishing 1 claims failed", timeout_s=20)  # the first GARP of two
+        await proxy.start()  # the broker is back: the robust connection reconnects by itself
+
+        during = await next_claims(2, 30)
+        assert [str(d.sender_ip) for d in during] == ["192.0.2.31", "192.0.2.31"]
+        assert during[0].captured_at < during[1].captured_at
+        samples = await asyncio.to_thread(scrape, metrics_port)
+        assert samples["havip_watcher_publish_failures_total"] >= 1
+        assert samples["havip_watcher_claims_dropped_total"] == 0
+        assert await watcher.stop() == 0
+    finally:
+        if watcher is not None:
+            await watcher.kill()
+        await proxy.close()
+        for kind, name in (
+            ("queue", queue_name),
+            ("queue", f"{prefix}havip.dead"),
+            ("exchange", exchange_name),
+            ("exchange", f"{prefix}havip.dlx"),
+        ):
+            with contextlib.suppress(Exception):
+                async with connection.channel() as cleanup:
+                    if kind == "queue":
+                        await cleanup.queue_delete(name)
+                    else:
+                        await cleanup.exchange_delete(name)
+        await connection.close()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
+    """SPEC R6: an unprivileged user with CAP_NET_RAW alone captures on a root-namespace port of the lab (a
+    veth end with no address, ARP off and IPv6 off, so the host answers nothing). Entering a network namespace
+    (HAVIP_NETNS) would need CAP_SYS_ADMIN as well: deployments with only NET_RAW use the host network."""
+    port_name, peer_name = f"{lab.prefix}r", f"{lab.prefix}q"
+    metrics_port = free_port()
+    watcher: WatcherProcess | None = None
+    try:
+        sh("ip", "link", "add", port_name, "type", "veth", "peer", "name", peer_name)
+        sh("ip", "link", "set", peer_name, "netns", lab.peer_ns)
+        sh("sysctl", "-qw", f"net.ipv6.conf.{port_name}.disable_ipv6=1")
+        sh("ip", "link", "set", port_name, "arp", "off")
+        sh("ip", "link", "set", port_name, "up")
+        sh("ip", "-n", lab.peer_ns, "addr", "add", "198.51.100.2/24", "dev", peer_name)
+        sh("ip", "-n", lab.peer_ns, "link", "set", peer_name, "up")
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+        env.update(
+            HAVIP_INTERFACE=port_name,
+            HAVIP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nobody listens: claims stay buffered
+            HAVIP_METRICS_PORT=str(metrics_port),
+            HAVIP_METRICS_HOST="127.0.0.1",
+            HAVIP_DRAIN_TIMEOUT_S="0",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        caps = ["--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw"]
+        proc = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *caps,
+            sys.executable, "-m", "services.arp_watcher",
+            cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        watcher = WatcherProcess(proc)
+        await watcher.wait_for_log("capture started")
+        status = await asyncio.to_thread(Path(f"/proc/{proc.pid}/status").read_text)
+        assert "Uid:\t65534" in status
+        assert "CapEff:\t0000000000002000" in status  # CAP_NET_RAW (bit 13) and nothing else
+
+        await asyncio.to_thread(lab.arping, "198.51.100.20", count=2, iface=peer_name)
+        deadline = time.monotonic() + 10
+        while True:
+            samples = await asyncio.to_thread(scrape, metrics_port)
+            if samples.get('havip_watcher_frames_total{result="claim"}') == 2:
+                break
+            assert time.monotonic() < deadline, samples
+            await asyncio.sleep(0.05)
+        assert samples["havip_watcher_claims_buffered"] == 2
+        assert samples["havip_watcher_kernel_drops_total"] == 0
+        assert await watcher.stop() == 0
+    finally:
+        if watcher is not None:
+            await watcher.kill()
+        sh("ip", "link", "del", port_name, check=False)
+
+
+def test_unknown_interface_exits_2(lab: Lab) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+    env.update(HAVIP_INTERFACE="nosuch0", HAVIP_NETNS=lab.watch_ns, HAVIP_METRICS_PORT="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "services.arp_watcher"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no interface 'nosuch0'" in result.stderr
+    assert "Traceback" not in result.stderr
