@@ -145,6 +145,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
     "havip.split_brain.stopped": HavipCondition,
 }
 
+
 class Envelope(BaseModel):
     """What travels on `havip.events`: the routing key equals `type`."""
 

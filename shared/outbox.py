@@ -70,8 +70,10 @@ class OutboxRelay:
                 while await self.relay_once() == self._batch:
                     pass
                 delay = 0.1
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (CPython gh-86296).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._poll_s)
+                    async with asyncio.timeout(self._poll_s):
+                        await self._wakeup.wait()
                 self._wakeup.clear()
             except asyncio.CancelledError:
                 raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -46,7 +47,7 @@ class System:
     amqp_url: str
     interface: str
     workdir: Path
-    token: str = "e2e-token"
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     netns: str | None = None
     api_port: int = field(default_factory=free_port)
     binding_metrics_port: int = field(default_factory=free_port)

@@ -146,8 +146,11 @@ async def test_keepalived_failover_moves_the_havip(
         await eventually(lambda: bound_to(system, havip["id"], cvm2_id), timeout=20, what="bound to cvm2")
 
         # The published event.
-        await eventually(lambda: len(events.of("havip.binding.changed", havip["id"])) >= 1, what="event")
-        [changed] = [e for e in events.of("havip.binding.changed", havip["id"]) if e["sequence"] == 2]
+        def second_transition() -> list[dict[str, Any]]:
+            return [e for e in events.of("havip.binding.changed", havip["id"]) if e["sequence"] == 2]
+
+        await eventually(lambda: bool(second_transition()), what="event of the second transition")
+        [changed] = second_transition()
         assert changed["previous"] == {"instance_id": cvm1_id, "mac": lab.hosts["cvm1"].mac}
         assert changed["current"] == {"instance_id": cvm2_id, "mac": lab.hosts["cvm2"].mac}
         assert changed["address"] == vip

@@ -1,0 +1,57 @@
+"""Access to Postgres for the services: a pool, transactions that carry their events, advisory locks.
+
+A `Transaction` collects the events of a change; they are written to the outbox inside the same
+transaction, just before it commits, and the relay is woken once it has committed (shared/outbox.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Literal
+
+from shared.events import Envelope, EventData, envelope
+from shared.outbox import OutboxRelay, add_to_outbox
+
+SCHEMA = "allocator"
+SOURCE = "allocator"
+
+LockScope = Literal["vpc", "subnet"]
+
+
+class Transaction:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.events: list[Envelope] = []
+
+    def publish(self, event_type: str, data: EventData) -> None:
+        """Queue an event; it is written to the outbox when the transaction commits."""
+        self.events.append(envelope(event_type, data, SOURCE))
+
+    async def lock(self, scope: LockScope, key: uuid.UUID) -> None:
+        """Serialise with every other transaction that locks the same VPC or subnet, until commit.
+
+        Lock order, to rule out deadlocks: a VPC before any of its subnets, never the other way round.
+        """
+        await self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{SCHEMA}.{scope}.{key}")
+
+
+class Database:
+    def __init__(self, pool: Any, relay: OutboxRelay | None = None) -> None:
+        self.pool = pool
+        self.relay = relay
+
+    def connection(self) -> AbstractAsyncContextManager[Any]:
+        """A connection for reads (each statement its own snapshot)."""
+        acquired: AbstractAsyncContextManager[Any] = self.pool.acquire()
+        return acquired
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            tx = Transaction(conn)
+            yield tx
+            await add_to_outbox(conn, SCHEMA, tx.events)
+        if tx.events and self.relay is not None:
+            self.relay.wake()

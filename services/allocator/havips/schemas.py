@@ -1,0 +1,118 @@
+"""Request and response models of /v1/havips."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from ipaddress import IPv4Address
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from services.allocator.schemas import Name, RequestModel, ResponseModel, Timestamp
+from shared.events import HavipData
+
+MAX_CANDIDATES = 10
+
+HavipState = Literal["UNBOUND", "BOUND"]
+
+
+class HavipCreate(RequestModel):
+    subnet_id: uuid.UUID
+    name: Name | None = None
+    address: IPv4Address | None = Field(
+        default=None, description="the address to take; omitted = the lowest free address of the subnet"
+    )
+    candidates: list[uuid.UUID] = Field(
+        default_factory=list,
+        max_length=MAX_CANDIDATES,
+        description="instances of the subnet allowed to hold the HAVIP; empty = any instance of the subnet",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, value: list[uuid.UUID]) -> list[uuid.UUID]:
+        if len(set(value)) != len(value):
+            raise ValueError("candidates must not repeat an instance")
+        return value
+
+    def fingerprint(self) -> str:
+        """Identifies the request body for Idempotency-Key: same key + same body = same HAVIP."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Havip(ResponseModel):
+    id: uuid.UUID
+    name: str | None
+    vpc_id: uuid.UUID
+    subnet_id: uuid.UUID
+    address: IPv4Address
+    state: HavipState
+    bound_instance_id: uuid.UUID | None
+    bound_mac: str | None
+    last_transition_at: Timestamp | None
+    last_seen_at: Timestamp | None
+    candidates: list[uuid.UUID]
+    eip: IPv4Address | None
+    flapping: bool
+    split_brain: bool
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, row: Any) -> Havip:
+        """A row of allocator.havips LEFT JOIN binding.bindings (no binding row = UNBOUND)."""
+        bound = row["bound_instance_id"] is not None
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            vpc_id=row["vpc_id"],
+            subnet_id=row["subnet_id"],
+            address=row["address"],
+            state="BOUND" if bound else "UNBOUND",
+            bound_instance_id=row["bound_instance_id"],
+            bound_mac=row["bound_mac"] if bound else None,
+            last_transition_at=row["last_transition_at"],
+            last_seen_at=row["last_seen_at"],
+            candidates=list(row["candidates"]),
+            eip=row["eip"],
+            flapping=row["flapping"],
+            split_brain=row["split_brain"],
+            created_at=row["created_at"],
+        )
+
+    def event_data(self) -> HavipData:
+        return HavipData(
+            id=self.id,
+            vpc_id=self.vpc_id,
+            subnet_id=self.subnet_id,
+            name=self.name,
+            address=self.address,
+            candidates=self.candidates,
+            eip=self.eip,
+        )
+
+
+class Transition(ResponseModel):
+    sequence: int = Field(description="per HAVIP, strictly increasing")
+    from_instance_id: uuid.UUID | None
+    to_instance_id: uuid.UUID | None
+    mac: str | None
+    captured_at: Timestamp | None
+    committed_at: Timestamp
+    watcher_id: str | None
+    reason: Literal["claim", "release"]
+
+    @classmethod
+    def from_row(cls, row: Any) -> Transition:
+        return cls(
+            sequence=row["sequence"],
+            from_instance_id=row["from_instance_id"],
+            to_instance_id=row["to_instance_id"],
+            mac=row["mac"],
+            captured_at=row["captured_at"],
+            committed_at=row["committed_at"],
+            watcher_id=row["watcher_id"],
+            reason=row["reason"],
+        )

@@ -1,0 +1,72 @@
+"""Open routes: liveness, readiness and the Prometheus exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from shared.metrics import exposition
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["operations"])
+
+CHECK_TIMEOUT_S = 2.0
+
+
+@router.get("/healthz", summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _database_ready(request: Request) -> str | None:
+    db = getattr(request.app.state, "db", None)
+    if db is None:
+        return "not started"
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S), db.connection() as conn:
+            # The allocator's own schema, and the binding table it reads, must both be there.
+            missing = await conn.fetchval(
+                """SELECT to_regclass('allocator.havips') IS NULL OR to_regclass('binding.bindings') IS NULL"""
+            )
+    except Exception as exc:
+        log.warning("readiness: database check failed: %r", exc)
+        return "unreachable"
+    return "migrations not applied" if missing else None
+
+
+def _broker_ready(request: Request) -> str | None:
+    broker = getattr(request.app.state, "broker", None)
+    if broker is None:
+        return "not started"
+    try:
+        closed = broker.connection.is_closed
+    except RuntimeError:
+        return "not connected"
+    return "disconnected" if closed else None
+
+
+@router.get(
+    "/readyz",
+    summary="Database and broker reachable",
+    responses={503: {"description": "a dependency is not ready"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    checks: dict[str, Any] = {
+        "database": await _database_ready(request) or "ok",
+        "broker": _broker_ready(request) or "ok",
+    }
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    body, content_type = exposition()
+    return Response(content=body, media_type=content_type)

@@ -1,0 +1,53 @@
+"""The allocator's Prometheus metrics and the ASGI middleware that records every request.
+
+Labels stay bounded: `route` is the matched path template (or "unmatched"), `method` one of the standard
+verbs (or "OTHER"), `status` the numeric status.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ALLOCATIONS = Counter("havip_allocations_total", "HAVIPs allocated")
+API_REQUESTS = Counter(
+    "havip_api_requests_total", "HTTP requests answered by the allocator API", ["route", "method", "status"]
+)
+API_DURATION = Histogram(
+    "havip_api_request_duration_seconds",
+    "Time to answer an allocator API request",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        finally:
+            # The router stores the matched route in the scope; its path is the template.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "")
+            method = method if method in _METHODS else "OTHER"
+            API_REQUESTS.labels(route, method, str(status)).inc()
+            API_DURATION.labels(route, method).observe(time.perf_counter() - started)

@@ -1,0 +1,162 @@
+"""Types and models shared by the resources' request and response schemas."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from ipaddress import IPv4Network
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+)
+
+from services.allocator.domain import addressing
+
+T = TypeVar("T")
+
+PAGE_LIMIT_DEFAULT = 100
+PAGE_LIMIT_MAX = 1000
+
+
+def rfc3339(value: datetime) -> str:
+    """UTC, always with microseconds: 2025-01-31T12:00:00.000000Z."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(rfc3339, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time", "example": "2025-01-31T12:00:00.000000Z"}),
+]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(value: str) -> str:
+    # Postgres refuses NUL, and a lone surrogate cannot be encoded as UTF-8: refuse both here (422), never 500.
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        raise ValueError("must be valid Unicode text")
+    return value
+
+
+# For the OpenAPI document: at least one non-space character, no control characters.
+_NAME_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+    AfterValidator(_printable),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 64, "pattern": _NAME_PATTERN}),
+]
+
+_MAC_FORMS = (
+    re.compile(
+        r"^([0-9a-f]{2})[:-]([0-9a-f]{2})[:-]([0-9a-f]{2})[:-]([0-9a-f]{2})[:-]([0-9a-f]{2})[:-]([0-9a-f]{2})$"
+    ),
+    re.compile(r"^([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})$"),
+    re.compile(r"^([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})$"),
+)
+# The accepted spellings, unicast only (low bit of the first octet clear), for the OpenAPI document.
+_UNICAST = r"[0-9A-Fa-f][02468AaCcEe]"
+MAC_PATTERN = (
+    rf"^{_UNICAST}([:-][0-9A-Fa-f]{{2}}){{5}}$"
+    rf"|^{_UNICAST}[0-9A-Fa-f]{{2}}(\.[0-9A-Fa-f]{{4}}){{2}}$"
+    rf"|^{_UNICAST}[0-9A-Fa-f]{{10}}$"
+)
+
+
+def normalise_mac(value: object) -> str:
+    """aa:bb:cc:dd:ee:ff from the usual spellings (colons, dashes, Cisco dots, bare hex); unicast only."""
+    if not isinstance(value, str):
+        raise ValueError("a MAC address must be a string")
+    text = value.strip().lower()
+    for form in _MAC_FORMS:
+        match = form.match(text)
+        if match:
+            mac = ":".join(match.groups())
+            break
+    else:
+        raise ValueError("not a MAC address (expected e.g. 02:00:c0:00:02:0a)")
+    if int(mac[:2], 16) & 1:
+        raise ValueError("a multicast MAC address cannot belong to an interface")
+    if mac == "00:00:00:00:00:00":
+        raise ValueError("the all-zero MAC address cannot belong to an interface")
+    return mac
+
+
+MacAddress = Annotated[
+    str,
+    BeforeValidator(normalise_mac),
+    WithJsonSchema({"type": "string", "pattern": MAC_PATTERN, "example": "02:00:c0:00:02:0a"}),
+]
+
+
+def _cidr(value: object) -> object:
+    # Only "a.b.c.d/len" strings: no bare addresses, no integers, and host bits must be zero.
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError("a CIDR block must be a string like 10.0.0.0/16")
+    try:
+        return IPv4Network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not an IPv4 CIDR block with its host bits zero: {exc}") from None
+
+
+Cidr = Annotated[
+    IPv4Network,
+    BeforeValidator(_cidr),
+    AfterValidator(addressing.check_block),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "format": "ipv4-cidr", "example": "10.0.0.0/16"}),
+]
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Page(ResponseModel, Generic[T]):
+    items: list[T]
+    next_page_token: str | None = Field(
+        default=None, description="pass as page_token to get the next page; null on the last page"
+    )
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["NOT_FOUND"])
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("bad input"),
+    401: _error("missing or wrong bearer token"),
+    403: _error("quota exceeded"),
+    404: _error("unknown id"),
+    409: _error("conflict with the current state"),
+    413: _error("request body too large"),
+    422: _error("request does not match the schema"),
+}

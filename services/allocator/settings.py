@@ -1,0 +1,57 @@
+"""The allocator's configuration: the common `HAVIP_` settings plus the API's own.
+
+| variable | default | meaning |
+|---|---|---|
+| `HAVIP_API_TOKEN` | — | bearer token every `/v1` call must present (printable ASCII, no spaces) |
+| `HAVIP_INSECURE_NO_AUTH` | false | development only: start without a token and accept every call |
+| `HAVIP_HOST` / `HAVIP_PORT` | 127.0.0.1 / 8080 | where the HTTP server listens (0.0.0.0 in a container) |
+| `HAVIP_QUOTA_PER_VPC` | 10 | most HAVIPs one VPC may hold |
+| `HAVIP_MAX_BODY_BYTES` | 65536 | largest request body accepted |
+
+Use a long random token (`openssl rand -hex 32`); one shorter than 16 characters is accepted with a warning.
+
+And `HAVIP_DATABASE_URL`, `HAVIP_AMQP_URL`, `HAVIP_AMQP_PREFIX`, `HAVIP_LOG_LEVEL`, `HAVIP_PUBLISH_TIMEOUT_S`
+from `shared.settings.CommonSettings`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from shared.settings import CommonSettings
+
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,512}$")
+RECOMMENDED_TOKEN_LENGTH = 16
+
+
+class AllocatorSettings(CommonSettings):
+    api_token: SecretStr | None = None
+    insecure_no_auth: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    # The alias keeps the variable readable: HAVIP_QUOTA_PER_VPC rather than HAVIP_HAVIP_QUOTA_PER_VPC.
+    havip_quota_per_vpc: int = Field(default=10, ge=0, le=100_000, validation_alias="havip_quota_per_vpc")
+    max_body_bytes: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the value: it is a secret.
+        if value is not None and not _TOKEN.match(value.get_secret_value()):
+            raise ValueError("the API token must be 1 to 512 printable ASCII characters without spaces")
+        return value
+
+    @property
+    def weak_token(self) -> bool:
+        return self.api_token is not None and len(self.api_token.get_secret_value()) < RECOMMENDED_TOKEN_LENGTH
+
+    @model_validator(mode="after")
+    def _token_required(self) -> AllocatorSettings:
+        if self.api_token is None and not self.insecure_no_auth:
+            raise ValueError(
+                "no API token configured: set HAVIP_API_TOKEN "
+                "(or HAVIP_INSECURE_NO_AUTH=true for local development only)"
+            )
+        return self

@@ -1,0 +1,58 @@
+"""Request and response models of /v1/subnets."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from pydantic import Field
+
+from services.allocator.domain import addressing
+from services.allocator.schemas import Cidr, Name, RequestModel, ResponseModel, Timestamp
+from shared.events import SubnetData
+
+
+class SubnetCreate(RequestModel):
+    vpc_id: uuid.UUID
+    name: Name
+    cidr: Cidr
+
+
+class Subnet(ResponseModel):
+    id: uuid.UUID
+    vpc_id: uuid.UUID
+    name: str
+    cidr: IPv4Network
+    gateway: IPv4Address = Field(description="first host address; reserved, like the network and broadcast")
+    usable_addresses: int = Field(description="addresses that can be handed out at all (block size minus 3)")
+    free_addresses: int = Field(description="usable addresses not taken by an instance or a HAVIP")
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, row: Any, used: int) -> Subnet:
+        cidr: IPv4Network = row["cidr"]
+        usable = addressing.usable_count(cidr)
+        return cls(
+            id=row["id"],
+            vpc_id=row["vpc_id"],
+            name=row["name"],
+            cidr=cidr,
+            gateway=addressing.gateway(cidr),
+            usable_addresses=usable,
+            free_addresses=max(usable - used, 0),
+            created_at=row["created_at"],
+        )
+
+    def event_data(self) -> SubnetData:
+        return SubnetData(id=self.id, vpc_id=self.vpc_id, name=self.name, cidr=str(self.cidr))
+
+
+@dataclass(frozen=True, slots=True)
+class SubnetRef:
+    """What allocation needs to know of a subnet."""
+
+    id: uuid.UUID
+    vpc_id: uuid.UUID
+    cidr: IPv4Network

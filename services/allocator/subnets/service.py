@@ -1,0 +1,112 @@
+"""Subnets: create (inside the VPC, no overlap), list, show with free-address count, delete (not in use).
+
+Also the subnet helpers that instance registration and HAVIP allocation share: the subnet's identity and
+the addresses taken in it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from ipaddress import IPv4Address
+from typing import Any
+
+from services.allocator.database import Database
+from services.allocator.domain import addressing
+from services.allocator.errors import Conflict, NotFound
+from services.allocator.pagination import Where, next_token
+from services.allocator.schemas import Page
+from services.allocator.subnets.schemas import Subnet, SubnetCreate, SubnetRef
+from services.allocator.vpcs.service import fetch_vpc
+
+_SELECT = """
+    SELECT s.id, s.vpc_id, s.name, s.cidr, s.created_at,
+           (SELECT count(*) FROM allocator.instances i WHERE i.subnet_id = s.id)
+           + (SELECT count(*) FROM allocator.havips h WHERE h.subnet_id = s.id) AS used
+    FROM allocator.subnets s"""
+
+
+async def fetch_subnet_ref(conn: Any, subnet_id: uuid.UUID) -> SubnetRef:
+    row = await conn.fetchrow("SELECT id, vpc_id, cidr FROM allocator.subnets WHERE id = $1", subnet_id)
+    if row is None:
+        raise NotFound.of("subnet", subnet_id)
+    return SubnetRef(id=row["id"], vpc_id=row["vpc_id"], cidr=row["cidr"])
+
+
+async def taken_addresses(conn: Any, subnet_id: uuid.UUID) -> set[IPv4Address]:
+    """Every address of the subnet held by an instance or a HAVIP (call with the subnet locked)."""
+    rows = await conn.fetch(
+        """SELECT address AS a FROM allocator.havips WHERE subnet_id = $1
+           UNION ALL
+           SELECT private_ip FROM allocator.instances WHERE subnet_id = $1""",
+        subnet_id,
+    )
+    return {row["a"] for row in rows}
+
+
+async def _fetch_subnet(conn: Any, subnet_id: uuid.UUID) -> Subnet:
+    row = await conn.fetchrow(f"{_SELECT} WHERE s.id = $1", subnet_id)
+    if row is None:
+        raise NotFound.of("subnet", subnet_id)
+    return Subnet.from_row(row, row["used"])
+
+
+async def create_subnet(db: Database, request: SubnetCreate) -> Subnet:
+    async with db.transaction() as tx:
+        # The VPC lock serialises subnet creation (overlap check) with itself and with VPC deletion.
+        await tx.lock("vpc", request.vpc_id)
+        vpc = await fetch_vpc(tx.conn, request.vpc_id)
+        addressing.check_subnet_in_vpc(vpc.cidr, request.cidr)
+        siblings = await tx.conn.fetch(
+            "SELECT id, cidr FROM allocator.subnets WHERE vpc_id = $1 ORDER BY cidr", vpc.id
+        )
+        addressing.check_no_overlap(request.cidr, [(r["id"], r["cidr"]) for r in siblings])
+        row = await tx.conn.fetchrow(
+            """INSERT INTO allocator.subnets (id, vpc_id, name, cidr) VALUES ($1, $2, $3, $4)
+               RETURNING id, vpc_id, name, cidr, created_at""",
+            uuid.uuid4(),
+            vpc.id,
+            request.name,
+            request.cidr,
+        )
+        subnet = Subnet.from_row(row, used=0)
+        tx.publish("subnet.created", subnet.event_data())
+    return subnet
+
+
+async def get_subnet(db: Database, subnet_id: uuid.UUID) -> Subnet:
+    async with db.connection() as conn:
+        return await _fetch_subnet(conn, subnet_id)
+
+
+async def list_subnets(
+    db: Database, *, vpc_id: uuid.UUID | None, limit: int, page_token: str | None
+) -> Page[Subnet]:
+    where = Where()
+    if vpc_id is not None:
+        where.add("s.vpc_id = {}", vpc_id)
+    where.after("s.created_at", "s.id", page_token)
+    sql = f"{_SELECT} {where.sql} ORDER BY s.created_at, s.id LIMIT {where.param(limit + 1)}"
+    async with db.connection() as conn:
+        rows = await conn.fetch(sql, *where.params)
+    rows, token = next_token(rows, limit)
+    return Page[Subnet](items=[Subnet.from_row(r, r["used"]) for r in rows], next_page_token=token)
+
+
+async def delete_subnet(db: Database, subnet_id: uuid.UUID) -> None:
+    async with db.transaction() as tx:
+        # Registration and allocation hold the same lock: nothing can move in between check and delete.
+        await tx.lock("subnet", subnet_id)
+        subnet = await _fetch_subnet(tx.conn, subnet_id)
+        counts = await tx.conn.fetchrow(
+            """SELECT (SELECT count(*) FROM allocator.instances WHERE subnet_id = $1) AS instances,
+                      (SELECT count(*) FROM allocator.havips WHERE subnet_id = $1) AS havips""",
+            subnet_id,
+        )
+        if counts["instances"] or counts["havips"]:
+            raise Conflict(
+                f"subnet {subnet_id} still has {counts['instances']} instance(s) and {counts['havips']} "
+                "HAVIP(s); remove them first",
+                code="SUBNET_IN_USE",
+            )
+        await tx.conn.execute("DELETE FROM allocator.subnets WHERE id = $1", subnet_id)
+        tx.publish("subnet.deleted", subnet.event_data())

@@ -1,0 +1,793 @@
+"""The allocator's HTTP API against the real Postgres and RabbitMQ of the test run.
+
+The app runs in-process (httpx over ASGI, lifespan entered), with settings passed explicitly. Every test makes
+its own VPC, so tests do not depend on each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import secrets
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from fastapi import FastAPI
+
+from services.allocator.app import create_app
+from services.allocator.settings import AllocatorSettings
+from shared.db import drop_database
+from shared.events import EVENT_TYPES, Envelope, decode
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-" + secrets.token_hex(16)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+EVENT_TIMEOUT_S = 5.0
+RFC3339_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+Json = dict[str, Any]
+Headers = Mapping[str, str] | Mapping[bytes, bytes]
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------------
+
+
+def http_client(app: FastAPI, headers: Headers = AUTH) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://allocator", headers=headers)
+
+
+@asynccontextmanager
+async def running_app(database_url: str, amqp_url: str, quota: int) -> AsyncIterator[FastAPI]:
+    settings = AllocatorSettings(
+        database_url=database_url, amqp_url=amqp_url, api_token=TOKEN, havip_quota_per_vpc=quota
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture(scope="module")
+async def app(database_url: str, amqp_url: str) -> AsyncIterator[FastAPI]:
+    async with running_app(database_url, amqp_url, quota=100) as application:
+        yield application
+
+
+@pytest.fixture(scope="module")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with http_client(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def db(database_url: str) -> AsyncIterator[Any]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+class EventLog:
+    """Every event published on the test vhost's exchange, through a queue bound with '#'."""
+
+    def __init__(self) -> None:
+        self.received: list[Envelope] = []
+        self._arrived = asyncio.Event()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        async with message.process():
+            env, _data = decode(message.body)  # validates the data against its model
+            self.received.append(env)
+            self._arrived.set()
+
+    async def wait_for(self, event_type: str, resource_id: uuid.UUID | str) -> Envelope:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EVENT_TIMEOUT_S
+        while True:
+            for env in self.received:
+                if env.type == event_type and env.data.get("id", env.data.get("havip_id")) == str(resource_id):
+                    return env
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no {event_type} event for {resource_id}; got {[e.type for e in self.received]}"
+                )
+            self._arrived.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+
+@pytest.fixture
+async def events(amqp_url: str) -> AsyncIterator[EventLog]:
+    log = EventLog()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("havip.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+        await queue.consume(log.on_message)
+        yield log
+    finally:
+        await connection.close()
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+
+def random_mac() -> str:
+    octets = [0x02, *secrets.token_bytes(5)]  # locally administered, unicast
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def ok(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    return response.json() if response.content else None
+
+
+def error(response: httpx.Response, status: int, code: str) -> Json:
+    assert response.status_code == status, response.text
+    body: Json = response.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+    return body
+
+
+async def make_vpc(client: httpx.AsyncClient, cidr: str = "10.0.0.0/16", name: str = "vpc") -> Json:
+    body: Json = ok(await client.post("/v1/vpcs", json={"name": name, "cidr": cidr}), 201)
+    return body
+
+
+async def make_subnet(client: httpx.AsyncClient, vpc_id: str, cidr: str = "10.0.1.0/24") -> Json:
+    body: Json = ok(await client.post("/v1/subnets", json={"vpc_id": vpc_id, "name": "sn", "cidr": cidr}), 201)
+    return body
+
+
+async def make_instance(client: httpx.AsyncClient, subnet_id: str, ip: str, mac: str | None = None) -> Json:
+    payload = {"subnet_id": subnet_id, "name": f"cvm-{ip}", "private_ip": ip, "mac": mac or random_mac()}
+    body: Json = ok(await client.post("/v1/instances", json=payload), 201)
+    return body
+
+
+async def make_havip(client: httpx.AsyncClient, subnet_id: str, **fields: Any) -> Json:
+    body: Json = ok(await client.post("/v1/havips", json={"subnet_id": subnet_id, **fields}), 201)
+    return body
+
+
+async def all_pages(client: httpx.AsyncClient, path: str, **params: Any) -> list[Json]:
+    items: list[Json] = []
+    token = None
+    while True:
+        query = {**params, **({"page_token": token} if token else {})}
+        page = ok(await client.get(path, params=query))
+        items.extend(page["items"])
+        token = page["next_page_token"]
+        if token is None:
+            return items
+
+
+# ---- open routes, auth -------------------------------------------------------------------------------------
+
+
+async def test_open_routes(client: httpx.AsyncClient) -> None:
+    anonymous = {"Authorization": ""}
+    assert ok(await client.get("/healthz", headers=anonymous)) == {"status": "ok"}
+    ready = ok(await client.get("/readyz", headers=anonymous))
+    assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+    metrics = await client.get("/metrics", headers=anonymous)
+    assert metrics.status_code == 200
+    assert "havip_api_requests_total" in metrics.text
+    spec = ok(await client.get("/openapi.json", headers=anonymous))
+    assert {"/v1/vpcs", "/v1/subnets/{subnet_id}", "/v1/havips/{havip_id}/transitions"} <= set(spec["paths"])
+    assert "bearerAuth" in spec["components"]["securitySchemes"]
+    assert spec["paths"]["/v1/vpcs"]["post"]["security"] == [{"bearerAuth": []}]
+    # documented errors have the error shape, 422 included
+    post = spec["paths"]["/v1/vpcs"]["post"]["responses"]
+    assert post["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {b"Authorization": "Bearer t\u00e9st-0123456789abcdef".encode("latin-1")},
+    ],
+)
+async def test_v1_routes_require_the_token(app: FastAPI, headers: Headers) -> None:
+    async with http_client(app, headers) as anonymous:
+        for method, path, body in [
+            ("GET", "/v1/vpcs", None),
+            ("POST", "/v1/vpcs", {"name": "x", "cidr": "10.0.0.0/16"}),
+            ("GET", f"/v1/havips/{uuid.uuid4()}", None),
+            ("DELETE", f"/v1/subnets/{uuid.uuid4()}", None),
+        ]:
+            response = await anonymous.request(method, path, json=body)
+            error(response, 401, "UNAUTHENTICATED")
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        # the token is checked before the body is even parsed
+        response = await anonymous.post("/v1/vpcs", content=b"{nope", headers={"content-type": "application/json"})
+        error(response, 401, "UNAUTHENTICATED")
+
+
+# ---- validation and error shape ----------------------------------------------------------------------------
+
+
+async def test_validation_errors_have_the_error_shape(client: httpx.AsyncClient) -> None:
+    body = error(await client.post("/v1/vpcs", json={"name": "x", "cidr": "10.0.0.1/16"}), 422, "VALIDATION_ERROR")
+    assert body["error"]["details"][0]["loc"] == ["body", "cidr"]
+    error(await client.post("/v1/vpcs", json={"name": "x", "cidr": "10.0.0.0/30"}), 422, "VALIDATION_ERROR")
+    error(await client.post("/v1/vpcs", json={"name": "x", "cidr": "2001:db8::/32"}), 422, "VALIDATION_ERROR")
+    error(await client.post("/v1/vpcs", json={"name": "", "cidr": "10.0.0.0/16"}), 422, "VALIDATION_ERROR")
+    error(await client.post("/v1/vpcs", json={"name": "a\u0000b", "cidr": "10.0.0.0/16"}), 422, "VALIDATION_ERROR")
+    error(
+        await client.post("/v1/vpcs", json={"name": "x", "cidr": "10.0.0.0/16", "extra": 1}),
+        422,
+        "VALIDATION_ERROR",
+    )
+    error(await client.post("/v1/vpcs", json=[1, 2]), 422, "VALIDATION_ERROR")
+    error(await client.post("/v1/vpcs"), 422, "VALIDATION_ERROR")
+    error(
+        await client.post("/v1/vpcs", content=b'{"name": "x",', headers={"content-type": "application/json"}),
+        400,
+        "MALFORMED_JSON",
+    )
+    error(
+        await client.post("/v1/vpcs", content=b"name=x", headers={"content-type": "text/plain"}),
+        422,
+        "VALIDATION_ERROR",
+    )
+    # a lone surrogate cannot be stored: refused, not a 500
+    error(
+        await client.post(
+            "/v1/vpcs",
+            content=b'{"name": "\\ud800", "cidr": "10.0.0.0/16"}',
+            headers={"content-type": "application/json"},
+        ),
+        422,
+        "VALIDATION_ERROR",
+    )
+    error(await client.get("/v1/vpcs/not-a-uuid"), 422, "VALIDATION_ERROR")
+    error(await client.get("/v1/vpcs", params={"limit": 0}), 422, "VALIDATION_ERROR")
+    error(await client.get("/v1/vpcs", params={"limit": 1001}), 422, "VALIDATION_ERROR")
+    error(await client.get("/v1/havips", params={"state": "MAYBE"}), 422, "VALIDATION_ERROR")
+    error(await client.get("/v1/havips", params={"address": "10.0.0.256"}), 422, "VALIDATION_ERROR")
+    error(await client.get("/v1/vpcs", params={"page_token": "garbage!"}), 400, "INVALID_PAGE_TOKEN")
+    error(await client.get("/v1/havips", params={"page_token": "eyJ4IjoxfQ"}), 400, "INVALID_PAGE_TOKEN")
+    error(await client.get(f"/v1/vpcs/{uuid.uuid4()}"), 404, "NOT_FOUND")
+    error(await client.get("/v1/nothing-here"), 404, "NOT_FOUND")
+    response = await client.put("/v1/vpcs")
+    error(response, 405, "METHOD_NOT_ALLOWED")
+    assert "GET" in response.headers["Allow"]
+    big = {"name": "x", "cidr": "10.0.0.0/16", "pad": "x" * 100_000}
+    error(await client.post("/v1/vpcs", json=big), 413, "PAYLOAD_TOO_LARGE")
+
+
+# ---- VPCs --------------------------------------------------------------------------------------------------
+
+
+async def test_vpc_create_show_list_delete(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "192.0.2.0/24", name="  lab ")
+    assert set(vpc) == {"id", "name", "cidr", "created_at"}
+    assert uuid.UUID(vpc["id"])
+    assert vpc["name"] == "lab"
+    assert vpc["cidr"] == "192.0.2.0/24"
+    assert RFC3339_MICRO.match(vpc["created_at"])
+    assert ok(await client.get(f"/v1/vpcs/{vpc['id']}")) == vpc
+
+    more = [await make_vpc(client) for _ in range(3)]
+    listed = await all_pages(client, "/v1/vpcs", limit=2)
+    ids = [v["id"] for v in listed]
+    assert len(ids) == len(set(ids))
+    assert {vpc["id"], *(v["id"] for v in more)} <= set(ids)
+    first = ok(await client.get("/v1/vpcs", params={"limit": 1}))
+    assert len(first["items"]) == 1
+    assert first["next_page_token"]
+
+    assert (await client.delete(f"/v1/vpcs/{vpc['id']}")).status_code == 204
+    error(await client.get(f"/v1/vpcs/{vpc['id']}"), 404, "NOT_FOUND")
+    error(await client.delete(f"/v1/vpcs/{vpc['id']}"), 404, "NOT_FOUND")
+
+
+# ---- subnets -----------------------------------------------------------------------------------------------
+
+
+async def test_subnet_containment_overlap_and_in_use(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.20.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.20.1.0/24")
+    assert subnet["vpc_id"] == vpc["id"]
+    assert subnet["gateway"] == "10.20.1.1"
+    assert subnet["usable_addresses"] == subnet["free_addresses"] == 253
+    assert RFC3339_MICRO.match(subnet["created_at"])
+
+    def create(cidr: str, vpc_id: str = vpc["id"]) -> Any:
+        return client.post("/v1/subnets", json={"vpc_id": vpc_id, "name": "s", "cidr": cidr})
+
+    error(await create("10.21.0.0/24"), 400, "SUBNET_NOT_IN_VPC")
+    error(await create("10.20.0.0/15"), 400, "SUBNET_NOT_IN_VPC")
+    error(await create("10.20.1.0/24"), 409, "SUBNET_OVERLAP")
+    error(await create("10.20.1.128/25"), 409, "SUBNET_OVERLAP")
+    error(await create("10.20.0.0/23"), 409, "SUBNET_OVERLAP")
+    error(await create("10.20.2.0/24", vpc_id=str(uuid.uuid4())), 404, "NOT_FOUND")
+    error(await create("10.20.2.0/30"), 422, "VALIDATION_ERROR")
+    small = ok(await create("10.20.2.0/29"), 201)
+    assert small["usable_addresses"] == 5
+
+    listed = await all_pages(client, "/v1/subnets", vpc_id=vpc["id"])
+    assert {s["id"] for s in listed} == {subnet["id"], small["id"]}
+    other_vpc = await make_vpc(client, "10.20.0.0/16")  # VPC blocks may overlap each other
+    assert ok(await client.get("/v1/subnets", params={"vpc_id": other_vpc["id"]}))["items"] == []
+
+    await make_instance(client, subnet["id"], "10.20.1.10")
+    shown = ok(await client.get(f"/v1/subnets/{subnet['id']}"))
+    assert shown["free_addresses"] == 252
+
+    error(await client.delete(f"/v1/vpcs/{vpc['id']}"), 409, "VPC_IN_USE")
+    error(await client.delete(f"/v1/subnets/{subnet['id']}"), 409, "SUBNET_IN_USE")
+    assert (await client.delete(f"/v1/subnets/{small['id']}")).status_code == 204
+    error(await client.get(f"/v1/subnets/{small['id']}"), 404, "NOT_FOUND")
+
+
+# ---- instances ---------------------------------------------------------------------------------------------
+
+
+async def test_instance_register_show_list_deregister(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.30.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.30.1.0/24")
+    other = await make_subnet(client, vpc["id"], "10.30.2.0/24")
+    mac = random_mac()
+    instance = await make_instance(client, subnet["id"], "10.30.1.10", mac.upper().replace(":", "-"))
+    assert instance["mac"] == mac
+    assert instance["vpc_id"] == vpc["id"]
+    assert instance["private_ip"] == "10.30.1.10"
+    assert RFC3339_MICRO.match(instance["created_at"])
+    assert ok(await client.get(f"/v1/instances/{instance['id']}")) == instance
+
+    def register(ip: str, mac: str | None = None, subnet_id: str = subnet["id"]) -> Any:
+        payload = {"subnet_id": subnet_id, "name": "n", "private_ip": ip, "mac": mac or random_mac()}
+        return client.post("/v1/instances", json=payload)
+
+    for reserved in ("10.30.1.0", "10.30.1.1", "10.30.1.255"):
+        error(await register(reserved), 400, "ADDRESS_RESERVED")
+    error(await register("10.30.3.5"), 400, "ADDRESS_NOT_IN_SUBNET")
+    error(await register("10.30.1.10"), 409, "ADDRESS_IN_USE")
+    error(await register("10.30.1.11", mac=mac.upper()), 409, "MAC_IN_USE")
+    error(await register("10.30.2.11", mac=mac, subnet_id=other["id"]), 409, "MAC_IN_USE")
+    error(await register("10.30.1.11", mac="01:00:5e:00:00:01"), 422, "VALIDATION_ERROR")
+    error(await register("10.30.1.11", subnet_id=str(uuid.uuid4())), 404, "NOT_FOUND")
+    second = ok(await register("10.30.2.10", subnet_id=other["id"]), 201)
+
+    assert [i["id"] for i in await all_pages(client, "/v1/instances", subnet_id=subnet["id"])] == [instance["id"]]
+    by_vpc = await all_pages(client, "/v1/instances", vpc_id=vpc["id"], limit=1)
+    assert [i["id"] for i in by_vpc] == [instance["id"], second["id"]]
+
+    assert (await client.delete(f"/v1/instances/{instance['id']}")).status_code == 204
+    error(await client.get(f"/v1/instances/{instance['id']}"), 404, "NOT_FOUND")
+    error(await client.delete(f"/v1/instances/{instance['id']}"), 404, "NOT_FOUND")
+    # the address and the MAC are free again
+    await make_instance(client, subnet["id"], "10.30.1.10", mac)
+
+
+# ---- HAVIPs ------------------------------------------------------------------------------------------------
+
+
+async def test_havip_allocation_rules(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.40.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.40.1.0/24")
+    sid = subnet["id"]
+
+    first = await make_havip(client, sid, name="web")
+    assert first["address"] == "10.40.1.2"  # .0 network, .1 gateway
+    assert first["state"] == "UNBOUND"
+    assert first["vpc_id"] == vpc["id"]
+    assert first["candidates"] == []
+    assert first["eip"] is None
+    assert first["bound_instance_id"] is first["bound_mac"] is first["last_transition_at"] is None
+    assert first["flapping"] is first["split_brain"] is False
+    assert RFC3339_MICRO.match(first["created_at"])
+
+    await make_instance(client, sid, "10.40.1.3")
+    assert (await make_havip(client, sid))["address"] == "10.40.1.4"  # lowest free skips the instance
+    given = await make_havip(client, sid, address="10.40.1.200")
+    assert given["address"] == "10.40.1.200"
+    assert (await make_havip(client, sid))["address"] == "10.40.1.5"
+
+    def allocate(**fields: Any) -> Any:
+        return client.post("/v1/havips", json={"subnet_id": sid, **fields})
+
+    error(await allocate(address="10.40.1.200"), 409, "ADDRESS_IN_USE")
+    error(await allocate(address="10.40.1.3"), 409, "ADDRESS_IN_USE")  # an instance's IP
+    for reserved in ("10.40.1.0", "10.40.1.1", "10.40.1.255"):
+        error(await allocate(address=reserved), 400, "ADDRESS_RESERVED")
+    error(await allocate(address="10.40.2.9"), 400, "ADDRESS_NOT_IN_SUBNET")
+    error(await allocate(address="not-an-ip"), 422, "VALIDATION_ERROR")
+    error(await client.post("/v1/havips", json={"subnet_id": str(uuid.uuid4())}), 404, "NOT_FOUND")
+    # and an instance may not take a HAVIP's address
+    response = await client.post(
+        "/v1/instances", json={"subnet_id": sid, "name": "n", "private_ip": "10.40.1.2", "mac": random_mac()}
+    )
+    error(response, 409, "ADDRESS_IN_USE")
+
+    assert ok(await client.get(f"/v1/havips/{first['id']}")) == first
+    assert (await client.delete(f"/v1/havips/{first['id']}")).status_code == 204
+    error(await client.get(f"/v1/havips/{first['id']}"), 404, "NOT_FOUND")
+    error(await client.delete(f"/v1/havips/{first['id']}"), 404, "NOT_FOUND")
+    assert (await make_havip(client, sid))["address"] == "10.40.1.2"  # released addresses are reused
+
+
+async def test_smallest_subnet_fills_up(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.41.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.41.0.8/29")
+    addresses = [(await make_havip(client, subnet["id"]))["address"] for _ in range(5)]
+    assert addresses == [f"10.41.0.{i}" for i in range(10, 15)]
+    error(await client.post("/v1/havips", json={"subnet_id": subnet["id"]}), 409, "SUBNET_FULL")
+    assert ok(await client.get(f"/v1/subnets/{subnet['id']}"))["free_addresses"] == 0
+
+
+async def test_candidates(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.42.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.42.1.0/24")
+    elsewhere = await make_subnet(client, vpc["id"], "10.42.2.0/24")
+    a = await make_instance(client, subnet["id"], "10.42.1.10")
+    b = await make_instance(client, subnet["id"], "10.42.1.11")
+    stranger = await make_instance(client, elsewhere["id"], "10.42.2.10")
+
+    havip = await make_havip(client, subnet["id"], candidates=[a["id"], b["id"]])
+    assert havip["candidates"] == [a["id"], b["id"]]
+
+    def allocate(candidates: list[str]) -> Any:
+        return client.post("/v1/havips", json={"subnet_id": subnet["id"], "candidates": candidates})
+
+    error(await allocate([a["id"], stranger["id"]]), 400, "INVALID_CANDIDATES")
+    error(await allocate([str(uuid.uuid4())]), 400, "INVALID_CANDIDATES")
+    error(await allocate([a["id"], a["id"]]), 422, "VALIDATION_ERROR")
+    error(await allocate([str(uuid.uuid4()) for _ in range(11)]), 422, "VALIDATION_ERROR")
+    error(await allocate(["nope"]), 422, "VALIDATION_ERROR")
+
+    # a candidate cannot vanish from under its HAVIP (an emptied list would admit any instance)
+    error(await client.delete(f"/v1/instances/{a['id']}"), 409, "INSTANCE_IN_USE")
+    assert (await client.delete(f"/v1/havips/{havip['id']}")).status_code == 204
+    assert (await client.delete(f"/v1/instances/{a['id']}")).status_code == 204
+
+
+async def test_havip_list_filters_and_pages(client: httpx.AsyncClient, db: Any) -> None:
+    vpc = await make_vpc(client, "10.43.0.0/16")
+    one = await make_subnet(client, vpc["id"], "10.43.1.0/24")
+    two = await make_subnet(client, vpc["id"], "10.43.2.0/24")
+    in_one = [await make_havip(client, one["id"]) for _ in range(3)]
+    in_two = [await make_havip(client, two["id"]) for _ in range(2)]
+
+    everything = await all_pages(client, "/v1/havips", vpc_id=vpc["id"], limit=2)
+    assert [h["id"] for h in everything] == [h["id"] for h in in_one + in_two]
+    assert [h["id"] for h in await all_pages(client, "/v1/havips", subnet_id=two["id"])] == [
+        h["id"] for h in in_two
+    ]
+    found = await all_pages(client, "/v1/havips", vpc_id=vpc["id"], address="10.43.1.3")
+    assert [h["id"] for h in found] == [in_one[1]["id"]]
+
+    instance = await make_instance(client, one["id"], "10.43.1.50")
+    await bind(db, in_one[0], instance)
+    bound = await all_pages(client, "/v1/havips", vpc_id=vpc["id"], state="BOUND")
+    unbound = await all_pages(client, "/v1/havips", vpc_id=vpc["id"], state="UNBOUND")
+    assert [h["id"] for h in bound] == [in_one[0]["id"]]
+    assert len(unbound) == 4
+
+
+async def test_quota_holds_under_concurrency(database_url: str, amqp_url: str) -> None:
+    async with running_app(database_url, amqp_url, quota=3) as small_app, http_client(small_app) as small:
+        vpc = await make_vpc(small, "10.44.0.0/16")
+        one = await make_subnet(small, vpc["id"], "10.44.1.0/24")
+        two = await make_subnet(small, vpc["id"], "10.44.2.0/24")
+        responses = await asyncio.gather(
+            *(small.post("/v1/havips", json={"subnet_id": (one, two)[i % 2]["id"]}) for i in range(12))
+        )
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [201] * 3 + [403] * 9
+        for response in responses:
+            if response.status_code == 403:
+                error(response, 403, "QUOTA_EXCEEDED")
+        assert len(await all_pages(small, "/v1/havips", vpc_id=vpc["id"])) == 3
+        # the quota is per VPC
+        other = await make_vpc(small, "10.44.0.0/16")
+        await make_havip(small, (await make_subnet(small, other["id"], "10.44.1.0/24"))["id"])
+
+
+async def test_concurrent_allocations_never_share_an_address(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.45.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.45.0.0/24")
+    net = ipaddress.IPv4Network(subnet["cidr"])
+    instance_ips = ["10.45.0.5", "10.45.0.20", "10.45.0.33"]
+
+    havip_calls = [client.post("/v1/havips", json={"subnet_id": subnet["id"]}) for _ in range(50)]
+    instance_calls = [
+        client.post(
+            "/v1/instances",
+            json={"subnet_id": subnet["id"], "name": "n", "private_ip": ip, "mac": random_mac()},
+        )
+        for ip in instance_ips
+    ]
+    responses = await asyncio.gather(*havip_calls, *instance_calls)
+    havip_responses, instance_responses = responses[:50], responses[50:]
+    addresses = [ok(r, 201)["address"] for r in havip_responses]
+    taken_by_instances = {r.json()["private_ip"] for r in instance_responses if r.status_code == 201}
+    for r in instance_responses:
+        assert r.status_code in (201, 409), r.text  # an instance may lose its IP to a HAVIP, never share it
+
+    assert len(set(addresses)) == 50
+    reserved = {str(net.network_address), str(net.network_address + 1), str(net.broadcast_address)}
+    assert not set(addresses) & reserved
+    assert not set(addresses) & taken_by_instances
+    assert all(ipaddress.IPv4Address(a) in net for a in addresses)
+    # the lowest ones, wherever the instances landed
+    expected = sorted(
+        (a for a in net.hosts() if str(a) not in reserved and str(a) not in taken_by_instances), key=int
+    )[:50]
+    assert sorted(addresses, key=lambda a: int(ipaddress.IPv4Address(a))) == [str(a) for a in expected]
+
+
+async def test_idempotency_key(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.46.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.46.1.0/24")
+    key = {"Idempotency-Key": f"order {uuid.uuid4()}"}
+    body = {"subnet_id": subnet["id"], "name": "db"}
+
+    first = await client.post("/v1/havips", json=body, headers=key)
+    again = await client.post("/v1/havips", json=body, headers=key)
+    assert ok(first, 201) == ok(again, 201)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    error(
+        await client.post("/v1/havips", json={**body, "name": "other"}, headers=key), 409, "IDEMPOTENCY_KEY_REUSED"
+    )
+
+    racing = {"Idempotency-Key": secrets.token_hex(8)}
+    results = await asyncio.gather(*(client.post("/v1/havips", json=body, headers=racing) for _ in range(8)))
+    assert len({ok(r, 201)["id"] for r in results}) == 1
+    assert len(await all_pages(client, "/v1/havips", subnet_id=subnet["id"])) == 2
+
+    assert (await client.delete(f"/v1/havips/{first.json()['id']}")).status_code == 204
+    error(await client.post("/v1/havips", json=body, headers=key), 409, "IDEMPOTENCY_KEY_REUSED")
+    for bad in ("x" * 65, "tab\there"):
+        response = await client.post("/v1/havips", json=body, headers={"Idempotency-Key": bad})
+        error(response, 422, "VALIDATION_ERROR")
+
+
+# ---- binding view (binding.* written here to stand in for the binding service) ------------------------------
+
+
+async def bind(db: Any, havip: Json, instance: Json, **extra: Any) -> None:
+    now = datetime.now(UTC)
+    await db.execute(
+        """INSERT INTO binding.bindings (havip_id, address, instance_id, mac, sequence, last_claim_ns,
+                                         last_transition_at, last_seen_at, flapping, split_brain)
+           VALUES ($1, $2::inet, $3, $4::macaddr, 1, 1, $5, $6, $7, $8)
+           ON CONFLICT (havip_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, mac = EXCLUDED.mac""",
+        uuid.UUID(havip["id"]),
+        havip["address"],
+        uuid.UUID(instance["id"]),
+        instance["mac"],
+        extra.get("last_transition_at", now),
+        extra.get("last_seen_at", now),
+        extra.get("flapping", False),
+        extra.get("split_brain", False),
+    )
+
+
+async def test_havip_shows_its_binding(client: httpx.AsyncClient, db: Any) -> None:
+    vpc = await make_vpc(client, "10.47.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.47.1.0/24")
+    instance = await make_instance(client, subnet["id"], "10.47.1.10")
+    havip = await make_havip(client, subnet["id"])
+    assert ok(await client.get(f"/v1/havips/{havip['id']}"))["state"] == "UNBOUND"
+
+    transition_at = datetime(2025, 1, 31, 12, 0, 0, tzinfo=UTC)
+    seen_at = transition_at + timedelta(seconds=3, microseconds=250)
+    await bind(db, havip, instance, last_transition_at=transition_at, last_seen_at=seen_at, split_brain=True)
+    shown = ok(await client.get(f"/v1/havips/{havip['id']}"))
+    assert shown["state"] == "BOUND"
+    assert shown["bound_instance_id"] == instance["id"]
+    assert shown["bound_mac"] == instance["mac"]
+    assert shown["last_transition_at"] == "2025-01-31T12:00:00.000000Z"
+    assert shown["last_seen_at"] == "2025-01-31T12:00:03.000250Z"
+    assert shown["split_brain"] is True
+    assert shown["flapping"] is False
+
+    error(await client.delete(f"/v1/havips/{havip['id']}"), 409, "HAVIP_BOUND")
+    # a binding row without a holder (after a release) is UNBOUND again
+    await db.execute(
+        "UPDATE binding.bindings SET instance_id = NULL, mac = NULL WHERE havip_id = $1", uuid.UUID(havip["id"])
+    )
+    unbound = ok(await client.get(f"/v1/havips/{havip['id']}"))
+    assert unbound["state"] == "UNBOUND"
+    assert unbound["bound_mac"] is None
+    assert unbound["last_transition_at"] == "2025-01-31T12:00:00.000000Z"
+    await bind(db, havip, instance)
+    assert (await client.delete(f"/v1/havips/{havip['id']}", params={"force": "true"})).status_code == 204
+
+
+async def test_eip_blocks_release(client: httpx.AsyncClient, db: Any) -> None:
+    vpc = await make_vpc(client, "10.48.0.0/16")
+    havip = await make_havip(client, (await make_subnet(client, vpc["id"], "10.48.1.0/24"))["id"])
+    eip = f"203.0.113.{secrets.randbelow(250) + 1}"
+    await db.execute("UPDATE allocator.havips SET eip = $1::inet WHERE id = $2", eip, uuid.UUID(havip["id"]))
+    assert ok(await client.get(f"/v1/havips/{havip['id']}"))["eip"] == eip
+    error(await client.delete(f"/v1/havips/{havip['id']}", params={"force": "true"}), 409, "EIP_ASSOCIATED")
+    await db.execute("UPDATE allocator.havips SET eip = NULL WHERE id = $1", uuid.UUID(havip["id"]))
+    assert (await client.delete(f"/v1/havips/{havip['id']}")).status_code == 204
+
+
+async def test_transitions_newest_first(client: httpx.AsyncClient, db: Any) -> None:
+    vpc = await make_vpc(client, "10.49.0.0/16")
+    subnet = await make_subnet(client, vpc["id"], "10.49.1.0/24")
+    a = await make_instance(client, subnet["id"], "10.49.1.10")
+    b = await make_instance(client, subnet["id"], "10.49.1.11")
+    havip = await make_havip(client, subnet["id"])
+    hid = uuid.UUID(havip["id"])
+    assert ok(await client.get(f"/v1/havips/{hid}/transitions")) == {"items": [], "next_page_token": None}
+
+    base = datetime(2025, 2, 1, 8, 0, 0, tzinfo=UTC)
+    holders = [a, b, a, None]
+    previous: Json | None = None
+    for seq, holder in enumerate(holders, start=1):
+        await db.execute(
+            """INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
+                   captured_at, captured_ns, committed_at, watcher_id, reason)
+               VALUES ($1, $2, $3, $4, $5::macaddr, $6, $7, $8, $9, $10)""",
+            hid,
+            seq,
+            uuid.UUID(previous["id"]) if previous else None,
+            uuid.UUID(holder["id"]) if holder else None,
+            holder["mac"] if holder else None,
+            base + timedelta(seconds=seq) if holder else None,
+            seq,
+            base + timedelta(seconds=seq, microseconds=1500),
+            "watcher-1" if holder else None,
+            "claim" if holder else "release",
+        )
+        previous = holder
+
+    page = ok(await client.get(f"/v1/havips/{hid}/transitions", params={"limit": 3}))
+    assert [t["sequence"] for t in page["items"]] == [4, 3, 2]
+    newest = page["items"][0]
+    assert newest == {
+        "sequence": 4,
+        "from_instance_id": a["id"],
+        "to_instance_id": None,
+        "mac": None,
+        "captured_at": None,
+        "committed_at": "2025-02-01T08:00:04.001500Z",
+        "watcher_id": None,
+        "reason": "release",
+    }
+    assert page["items"][1]["mac"] == a["mac"]
+    assert page["items"][1]["captured_at"] == "2025-02-01T08:00:03.000000Z"
+    rest = ok(
+        await client.get(
+            f"/v1/havips/{hid}/transitions", params={"limit": 3, "page_token": page["next_page_token"]}
+        )
+    )
+    assert [t["sequence"] for t in rest["items"]] == [1]
+    assert rest["next_page_token"] is None
+
+    # history outlives the HAVIP
+    assert (await client.delete(f"/v1/havips/{hid}")).status_code == 204
+    assert len(ok(await client.get(f"/v1/havips/{hid}/transitions"))["items"]) == 4
+    error(await client.get(f"/v1/havips/{uuid.uuid4()}/transitions"), 404, "NOT_FOUND")
+    error(
+        await client.get(f"/v1/havips/{hid}/transitions", params={"page_token": "AAAA"}), 400, "INVALID_PAGE_TOKEN"
+    )
+
+
+# ---- events ------------------------------------------------------------------------------------------------
+
+
+async def test_every_change_is_published(client: httpx.AsyncClient, events: EventLog) -> None:
+    vpc = await make_vpc(client, "198.51.100.0/24")
+    subnet = await make_subnet(client, vpc["id"], "198.51.100.64/26")
+    instance = await make_instance(client, subnet["id"], "198.51.100.70")
+    havip = await make_havip(client, subnet["id"], name="vip", candidates=[instance["id"]])
+    assert (await client.delete(f"/v1/havips/{havip['id']}")).status_code == 204
+    assert (await client.delete(f"/v1/instances/{instance['id']}")).status_code == 204
+    assert (await client.delete(f"/v1/subnets/{subnet['id']}")).status_code == 204
+    assert (await client.delete(f"/v1/vpcs/{vpc['id']}")).status_code == 204
+
+    expected = [
+        ("vpc.created", vpc),
+        ("subnet.created", subnet),
+        ("instance.registered", instance),
+        ("havip.allocated", havip),
+        ("havip.released", havip),
+        ("instance.deregistered", instance),
+        ("subnet.deleted", subnet),
+        ("vpc.deleted", vpc),
+    ]
+    for event_type, resource in expected:
+        env = await events.wait_for(event_type, resource["id"])
+        assert env.source == "allocator"
+        assert EVENT_TYPES[event_type].model_validate(env.data)
+    allocated = await events.wait_for("havip.allocated", havip["id"])
+    assert allocated.data == {
+        "id": havip["id"],
+        "vpc_id": vpc["id"],
+        "subnet_id": subnet["id"],
+        "name": "vip",
+        "address": havip["address"],
+        "candidates": [instance["id"]],
+        "eip": None,
+    }
+    registered = await events.wait_for("instance.registered", instance["id"])
+    assert registered.data["mac"] == instance["mac"]
+    assert registered.data["private_ip"] == "198.51.100.70"
+    # failed requests publish nothing
+    error(
+        await client.post("/v1/subnets", json={"vpc_id": vpc["id"], "name": "x", "cidr": "10.0.0.0/24"}),
+        404,
+        "NOT_FOUND",
+    )
+    ours = {vpc["id"], subnet["id"], instance["id"], havip["id"]}
+    assert len([e for e in events.received if e.data.get("id") in ours]) == len(expected)
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------
+
+
+async def test_metrics_use_route_templates(client: httpx.AsyncClient) -> None:
+    vpc = await make_vpc(client, "10.50.0.0/16")
+    ok(await client.get(f"/v1/vpcs/{vpc['id']}"))
+    await make_havip(client, (await make_subnet(client, vpc["id"], "10.50.1.0/24"))["id"])
+    await client.request("BREW", "/v1/vpcs")
+    text = (await client.get("/metrics")).text
+    assert 'havip_api_requests_total{method="GET",route="/v1/vpcs/{vpc_id}",status="200"}' in text
+    assert 'havip_api_request_duration_seconds_count{method="POST",route="/v1/havips"}' in text
+    assert 'route="/v1/vpcs",status="405"' in text
+    assert 'method="OTHER"' in text
+    assert vpc["id"] not in text
+    assert re.search(r"^havip_allocations_total [1-9]", text, re.M)
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+
+async def test_migrate_command_creates_and_migrates_a_database(database_url: str) -> None:
+    dsn = database_url.rsplit("/", 1)[0] + f"/havip_test_migrate_{secrets.token_hex(4)}"
+    env = {"PATH": "/usr/bin:/bin", "HAVIP_DATABASE_URL": dsn}
+    try:
+        for _ in range(2):  # a second run applies nothing and succeeds
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "services.allocator", "migrate"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, result.stderr
+        conn = await asyncpg.connect(dsn)
+        try:
+            tables = {
+                r["tablename"]
+                for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'allocator'")
+            }
+        finally:
+            await conn.close()
+        assert {"vpcs", "subnets", "instances", "havips", "outbox", "idempotency_keys"} <= tables
+    finally:
+        await drop_database(dsn)
