@@ -1,7 +1,8 @@
-"""Session fixtures: a database and a RabbitMQ virtual host created for this test run, dropped after it.
+"""Fixtures: a database and a RabbitMQ virtual host for each test module, dropped after it.
 
 Tests never touch what they did not create: everything lives in `havip_test_<hex>` (Postgres) and the
-vhost `havip-test-<hex>` (RabbitMQ), both removed at the end even when tests fail.
+vhost `havip-test-<hex>` (RabbitMQ), both removed at the end even when tests fail. One pair per module keeps
+modules independent: a service under test in one module never consumes what another module left behind.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ AMQP_BASE = os.environ.get("HAVIP_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672
 RUN_ID = uuid.uuid4().hex[:10]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def database_url() -> AsyncIterator[str]:
-    async with temporary_database(PG_BASE, f"havip_test_{RUN_ID}") as dsn:
+    async with temporary_database(PG_BASE, f"havip_test_{RUN_ID}_{uuid.uuid4().hex[:6]}") as dsn:
         yield dsn
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def amqp_url() -> Iterator[str]:
-    with temporary_vhost(AMQP_BASE, f"havip-test-{RUN_ID}") as url:
+    with temporary_vhost(AMQP_BASE, f"havip-test-{RUN_ID}-{uuid.uuid4().hex[:6]}") as url:
         yield url

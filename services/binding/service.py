@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 from services.binding import metrics
 from services.binding.domain import (
     BindingBook,
@@ -77,6 +79,11 @@ class BindingService:
             if batch:
                 async with self._pool.acquire() as conn, conn.transaction():
                     await write_batch(conn, batch)
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
+            # message at fault instead of blocking the queue behind it.
+            self._book_stale = True
+            raise events.InvalidEvent(f"conflicts with stored state: {exc}") from exc
         except BaseException:
             # The book already holds the batch's effects: rebuild it from what is really committed.
             self._book_stale = True
