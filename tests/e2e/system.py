@@ -85,10 +85,17 @@ class System:
         return service
 
     def migrate(self) -> None:
-        for module in ("services.allocator", "services.binding"):
-            subprocess.run(
-                [sys.executable, "-m", module, "migrate"], cwd=ROOT, env=self._env(), check=True, timeout=120
-            )
+        with (self.workdir / "migrate.log").open("ab") as log:
+            for module in ("services.allocator", "services.binding"):
+                subprocess.run(
+                    [sys.executable, "-m", module, "migrate"],
+                    cwd=ROOT,
+                    env=self._env(),
+                    check=True,
+                    timeout=120,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
