@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -11,8 +13,10 @@ from fastapi import FastAPI
 from services.allocator import health
 from services.allocator.auth import TokenAuth
 from services.allocator.body_limit import BodyLimitMiddleware
+from services.allocator.claims.router import router as claims_router
 from services.allocator.database import SCHEMA, SOURCE, Database
 from services.allocator.exception_handlers import install_exception_handlers
+from services.allocator.havips import service as havips_service
 from services.allocator.havips.router import router as havips_router
 from services.allocator.instances.router import router as instances_router
 from services.allocator.metrics import MetricsMiddleware
@@ -29,12 +33,34 @@ API_VERSION = "1.0.0"
 DESCRIPTION = """Control plane of high-availability virtual IPs: VPCs, subnets, instances and HAVIPs.
 
 Every `/v1` route requires `Authorization: Bearer <token>`. Errors are
-`{"error": {"code": "UPPER_SNAKE", "message": "..."}}`. Times are RFC 3339 in UTC with microseconds.
+`{"error": {"code": "UPPER_SNAKE", "message": "..."}}` with a 4xx status (503 `SERVICE_UNAVAILABLE` while the
+database is unreachable). Times are RFC 3339 in UTC with microseconds. Lists are paginated: pass the
+`next_page_token` of a page as `page_token` to get the next one.
 """
 
 
 class ConfigurationError(RuntimeError):
     pass
+
+
+async def purge_idempotency_keys(db: Database, ttl_hours: int, interval_s: float) -> None:
+    """Forget expired Idempotency-Keys now and then (expired keys are ignored even before they are deleted)."""
+    while True:
+        try:
+            deleted = await havips_service.purge_idempotency_keys(db, ttl_hours)
+            if deleted:
+                log.info("expired idempotency keys deleted", extra={"deleted": deleted})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("purging expired idempotency keys failed: %r", exc)
+        await asyncio.sleep(interval_s)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: AllocatorSettings) -> FastAPI:
@@ -57,7 +83,13 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             relay = OutboxRelay(pool, broker, SCHEMA)
             relay.start()
             stack.push_async_callback(relay.stop)
-            app.state.db = Database(pool, relay)
+            db = Database(pool, relay)
+            purge = asyncio.create_task(
+                purge_idempotency_keys(db, settings.idempotency_ttl_hours, settings.idempotency_purge_interval_s),
+                name="idempotency key purge",
+            )
+            stack.push_async_callback(_cancel, purge)
+            app.state.db = db
             app.state.broker = broker
             log.info("allocator ready")
             yield
@@ -71,11 +103,12 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.eip_pool = settings.eips
     app.state.auth = TokenAuth(token)
     install_exception_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees every answer
     app.include_router(health.router)
-    for router in (vpcs_router, subnets_router, instances_router, havips_router):
+    for router in (vpcs_router, subnets_router, instances_router, havips_router, claims_router):
         app.include_router(router)
     return app

@@ -1,7 +1,9 @@
-"""Bearer-token authentication of every /v1 route.
+"""Bearer-token authentication of every /v1 route, and its refusal of unknown query parameters.
 
-The check runs first in each route's handler, before the body is parsed or validated, so an
-unauthenticated caller learns nothing but 401 (not even whether its JSON was valid).
+The token check runs first in each route's handler, before the body is parsed or validated, so an
+unauthenticated caller learns nothing but 401 (not even whether its JSON was valid). Then a query parameter
+the route does not declare is refused (422), as unknown body fields are: a misspelled filter such as
+`?subnetid=` must not silently list everything.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, Security
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 
@@ -47,13 +51,30 @@ class TokenAuth:
             raise Unauthenticated("invalid token")
 
 
+def _query_parameters(dependant: Dependant) -> frozenset[str]:
+    """Names of the query parameters a route declares, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_parameters(sub)
+    return frozenset(names)
+
+
 class AuthenticatedRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        declared = _query_parameters(self.dependant)
 
         async def authenticated(request: Request) -> Response:
             auth: TokenAuth = request.app.state.auth
             auth.check(request.headers.get("authorization"))
+            unknown = sorted(set(request.query_params) - declared)
+            if unknown:
+                raise RequestValidationError(
+                    [
+                        {"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown query parameter"}
+                        for name in unknown
+                    ]
+                )
             return await handler(request)
 
         return authenticated

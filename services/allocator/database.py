@@ -17,7 +17,8 @@ from shared.outbox import OutboxRelay, add_to_outbox
 SCHEMA = "allocator"
 SOURCE = "allocator"
 
-LockScope = Literal["vpc", "subnet"]
+LockScope = Literal["vpc", "subnet", "eip_pool"]
+EIP_POOL = "pool"  # the key of the one EIP pool lock
 
 
 class Transaction:
@@ -29,10 +30,10 @@ class Transaction:
         """Queue an event; it is written to the outbox when the transaction commits."""
         self.events.append(envelope(event_type, data, SOURCE))
 
-    async def lock(self, scope: LockScope, key: uuid.UUID) -> None:
-        """Serialise with every other transaction that locks the same VPC or subnet, until commit.
+    async def lock(self, scope: LockScope, key: uuid.UUID | str) -> None:
+        """Serialise with every other transaction that locks the same VPC, subnet or the EIP pool, until commit.
 
-        Lock order, to rule out deadlocks: a VPC before any of its subnets, never the other way round.
+        Lock order, to rule out deadlocks: a VPC, then its subnets, then the EIP pool; never the other way round.
         """
         await self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{SCHEMA}.{scope}.{key}")
 

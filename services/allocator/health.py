@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from services.allocator.metrics import forget_subnet_usage, record_subnet_usage
+from services.allocator.subnets.service import subnet_usage
 from shared.metrics import exposition
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,22 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
+async def _refresh_subnet_gauges(request: Request) -> None:
+    db = getattr(request.app.state, "db", None)
+    if db is None:
+        return
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            usage = await subnet_usage(db)
+    except Exception as exc:
+        log.warning("metrics: subnet usage not readable: %r", exc)
+        forget_subnet_usage()
+        return
+    record_subnet_usage(usage)
+
+
 @router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    await _refresh_subnet_gauges(request)
     body, content_type = exposition()
     return Response(content=body, media_type=content_type)

@@ -1,14 +1,19 @@
 """The allocator's Prometheus metrics and the ASGI middleware that records every request.
 
 Labels stay bounded: `route` is the matched path template (or "unmatched"), `method` one of the standard
-verbs (or "OTHER"), `status` the numeric status.
+verbs (or "OTHER"), `status` the numeric status, `subnet_id` one of the subnets (created by operators, few).
+
+The subnet gauges are read from the database at scrape time (`/metrics` runs one grouped query before the
+exposition), so they are exact whichever replica served the change, and a deleted subnet's series goes away.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterable
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ALLOCATIONS = Counter("havip_allocations_total", "HAVIPs allocated")
@@ -21,6 +26,34 @@ API_DURATION = Histogram(
     ["route", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+
+SUBNET_FREE = Gauge(
+    "havip_subnet_free_addresses",
+    "Usable addresses of the subnet not taken by an instance or a HAVIP (read at scrape time)",
+    ["subnet_id"],
+)
+SUBNET_USABLE = Gauge(
+    "havip_subnet_usable_addresses",
+    "Addresses of the subnet that can be handed out at all: block size minus 3 reserved",
+    ["subnet_id"],
+)
+
+
+def record_subnet_usage(usage: Iterable[tuple[uuid.UUID, int, int]]) -> None:
+    """Replace the subnet gauges with (subnet_id, usable, free) of every subnet; no await in between, so a
+    concurrent scrape never sees half of it."""
+    SUBNET_FREE.clear()
+    SUBNET_USABLE.clear()
+    for subnet_id, usable, free in usage:
+        SUBNET_USABLE.labels(str(subnet_id)).set(usable)
+        SUBNET_FREE.labels(str(subnet_id)).set(free)
+
+
+def forget_subnet_usage() -> None:
+    """The database could not be read: better no series than stale ones."""
+    SUBNET_FREE.clear()
+    SUBNET_USABLE.clear()
+
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

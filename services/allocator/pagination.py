@@ -1,7 +1,8 @@
 """Keyset pagination: opaque page tokens that carry the sort key of the last item returned.
 
 Lists are ordered by (created_at, id); a page is "the next `limit` rows after this key", so pages stay
-consistent while rows are added or removed and cost the same however deep the client goes.
+consistent while rows are added or removed and cost the same however deep the client goes. The two histories
+(transitions, refused claims) go newest first by a strictly increasing number instead.
 """
 
 from __future__ import annotations
@@ -54,19 +55,37 @@ def decode_cursor(token: str) -> Cursor:
         raise InvalidPageToken("page_token is not one this API issued") from None
 
 
+def _encode_position(key: str, position: int) -> str:
+    return _encode({key: position})
+
+
+def _decode_position(key: str, token: str) -> int:
+    payload = _decode(token)
+    try:
+        position = payload[key]
+    except (KeyError, TypeError, IndexError):
+        raise InvalidPageToken("page_token is not one this API issued") from None
+    if not isinstance(position, int) or isinstance(position, bool) or not 0 < position < 2**63:
+        raise InvalidPageToken("page_token is not one this API issued")
+    return position
+
+
 def encode_sequence(sequence: int) -> str:
-    return _encode({"s": sequence})
+    """Transitions, newest first: the next page holds the sequences below this one."""
+    return _encode_position("s", sequence)
 
 
 def decode_sequence(token: str) -> int:
-    payload = _decode(token)
-    try:
-        sequence = payload["s"]
-    except (KeyError, TypeError):
-        raise InvalidPageToken("page_token is not one this API issued") from None
-    if not isinstance(sequence, int) or isinstance(sequence, bool) or not 0 < sequence < 2**63:
-        raise InvalidPageToken("page_token is not one this API issued")
-    return sequence
+    return _decode_position("s", token)
+
+
+def encode_record(record_id: int) -> str:
+    """Refused claims, newest first: the next page holds the records below this one."""
+    return _encode_position("r", record_id)
+
+
+def decode_record(token: str) -> int:
+    return _decode_position("r", token)
 
 
 class Where:

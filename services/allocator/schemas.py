@@ -103,12 +103,19 @@ MacAddress = Annotated[
 ]
 
 
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+# The shape of a CIDR block, in the OpenAPI document and enforced as written; the rest (host bits zero,
+# /8 to /29, a unicast range) is checked after it.
+CIDR_PATTERN = rf"^{_OCTET}(\.{_OCTET}){{3}}/(3[0-2]|[12]?[0-9])$"
+_CIDR_SHAPE = re.compile(CIDR_PATTERN)
+
+
 def _cidr(value: object) -> object:
     # Only "a.b.c.d/len" strings: no bare addresses, no integers, and host bits must be zero.
-    if not isinstance(value, str) or "/" not in value:
+    if not isinstance(value, str) or not _CIDR_SHAPE.fullmatch(value):
         raise ValueError("a CIDR block must be a string like 10.0.0.0/16")
     try:
-        return IPv4Network(value.strip(), strict=True)
+        return IPv4Network(value, strict=True)
     except ValueError as exc:
         raise ValueError(f"not an IPv4 CIDR block with its host bits zero: {exc}") from None
 
@@ -118,7 +125,15 @@ Cidr = Annotated[
     BeforeValidator(_cidr),
     AfterValidator(addressing.check_block),
     PlainSerializer(str, return_type=str),
-    WithJsonSchema({"type": "string", "format": "ipv4-cidr", "example": "10.0.0.0/16"}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "ipv4-cidr",
+            "pattern": CIDR_PATTERN,
+            "example": "10.0.0.0/16",
+            "description": "IPv4 block, host bits zero, /8 to /29, not in 0/8, 127/8, 169.254/16, 224/4, 240/4",
+        }
+    ),
 ]
 
 
@@ -159,4 +174,5 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: _error("conflict with the current state"),
     413: _error("request body too large"),
     422: _error("request does not match the schema"),
+    503: _error("the database is unreachable; retry later"),
 }

@@ -7,8 +7,16 @@
 | `HAVIP_HOST` / `HAVIP_PORT` | 127.0.0.1 / 8080 | where the HTTP server listens (0.0.0.0 in a container) |
 | `HAVIP_QUOTA_PER_VPC` | 10 | most HAVIPs one VPC may hold |
 | `HAVIP_MAX_BODY_BYTES` | 65536 | largest request body accepted |
+| `HAVIP_EIP_POOL` | empty | the public pool EIPs are taken from (below) |
+| `HAVIP_IDEMPOTENCY_TTL_HOURS` | 24 | how long an `Idempotency-Key` is remembered (at least 24) |
+| `HAVIP_IDEMPOTENCY_PURGE_INTERVAL_S` | 600 | how often expired keys are deleted |
 
 Use a long random token (`openssl rand -hex 32`); one shorter than 16 characters is accepted with a warning.
+
+`HAVIP_EIP_POOL` is comma-separated IPv4 addresses and CIDR blocks, e.g. `203.0.113.0/28, 198.51.100.7`; a
+block gives its host addresses (as `ipaddress.hosts()`: without the network and broadcast addresses from /30
+up). Empty, the default: EIPs are not available, association answers 409 `EIP_POOL_NOT_CONFIGURED`. A public
+pool belongs to the deployment, so no addresses are assumed.
 
 And `HAVIP_DATABASE_URL`, `HAVIP_AMQP_URL`, `HAVIP_AMQP_PREFIX`, `HAVIP_LOG_LEVEL`, `HAVIP_PUBLISH_TIMEOUT_S`
 from `shared.settings.CommonSettings`.
@@ -20,6 +28,7 @@ import re
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from services.allocator.domain.eips import EipPool
 from shared.settings import CommonSettings
 
 _TOKEN = re.compile(r"^[\x21-\x7e]{1,512}$")
@@ -34,6 +43,20 @@ class AllocatorSettings(CommonSettings):
     # The alias keeps the variable readable: HAVIP_QUOTA_PER_VPC rather than HAVIP_HAVIP_QUOTA_PER_VPC.
     havip_quota_per_vpc: int = Field(default=10, ge=0, le=100_000, validation_alias="havip_quota_per_vpc")
     max_body_bytes: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
+    eip_pool: str = ""
+    # SPEC: keys are kept at least 24 hours; the floor holds whatever the configuration says.
+    idempotency_ttl_hours: int = Field(default=24, ge=24, le=24 * 366)
+    idempotency_purge_interval_s: float = Field(default=600.0, gt=0, le=86_400)
+
+    @field_validator("eip_pool")
+    @classmethod
+    def _eip_pool_shape(cls, value: str) -> str:
+        EipPool.parse(value)  # raises ValueError with the offending entry
+        return value
+
+    @property
+    def eips(self) -> EipPool:
+        return EipPool.parse(self.eip_pool)
 
     @field_validator("api_token")
     @classmethod

@@ -49,9 +49,10 @@ def http_client(app: FastAPI, headers: Headers = AUTH) -> httpx.AsyncClient:
 
 
 @asynccontextmanager
-async def running_app(database_url: str, amqp_url: str, quota: int) -> AsyncIterator[FastAPI]:
+async def running_app(database_url: str, amqp_url: str, quota: int, **options: Any) -> AsyncIterator[FastAPI]:
+    """The app with its lifespan entered; `options` are further AllocatorSettings fields."""
     settings = AllocatorSettings(
-        database_url=database_url, amqp_url=amqp_url, api_token=TOKEN, havip_quota_per_vpc=quota
+        database_url=database_url, amqp_url=amqp_url, api_token=TOKEN, havip_quota_per_vpc=quota, **options
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

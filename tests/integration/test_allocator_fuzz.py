@@ -40,11 +40,15 @@ ROUTES: list[tuple[str, str]] = [
     ("POST", "/v1/havips"),
     ("GET", "/v1/havips"),
     ("GET", "/v1/havips/{id}"),
+    ("PATCH", "/v1/havips/{id}"),
     ("DELETE", "/v1/havips/{id}"),
+    ("POST", "/v1/havips/{id}/eip"),
+    ("DELETE", "/v1/havips/{id}/eip"),
     ("GET", "/v1/havips/{id}/transitions"),
+    ("GET", "/v1/claims/rejected"),
 ]
 FIELDS = ["name", "cidr", "vpc_id", "subnet_id", "private_ip", "mac", "address", "candidates"]
-PARAMS = ["vpc_id", "subnet_id", "state", "address", "limit", "page_token", "force"]
+PARAMS = ["vpc_id", "subnet_id", "havip_id", "state", "address", "limit", "page_token", "force"]
 
 # Values of the right shape (so requests get past validation into the services) mixed with junk.
 known_ids: list[str] = []
@@ -57,6 +61,8 @@ plausible = st.one_of(
             "10.0.0.2",
             "10.0.1.7",
             "10.0.1.255",
+            "203.0.113.9",
+            "203.0.113.200",
             "02:00:00:00:00:01",
             "0200.0000.0002",
             "UNBOUND",
@@ -65,6 +71,8 @@ plausible = st.one_of(
             "1",
             "1000",
             "eyJ0IjoiMDAwMS0wMS0wMVQwMDowMDowMCswMDowMCIsImkiOiIwIn0",
+            "eyJyIjo5MjIzMzcyMDM2ODU0Nzc1ODA3fQ",  # {"r": 2**63 - 1}
+            "eyJzIjoxfQ",  # {"s": 1}
         ]
     ),
     st.uuids().map(str),
@@ -90,7 +98,13 @@ path_ids = st.one_of(
 @pytest.fixture(scope="module")
 async def app(database_url: str, amqp_url: str) -> AsyncIterator[FastAPI]:
     application = create_app(
-        AllocatorSettings(database_url=database_url, amqp_url=amqp_url, api_token=TOKEN, havip_quota_per_vpc=50)
+        AllocatorSettings(
+            database_url=database_url,
+            amqp_url=amqp_url,
+            api_token=TOKEN,
+            havip_quota_per_vpc=50,
+            eip_pool="203.0.113.8/29",
+        )
     )
     async with application.router.lifespan_context(application):
         yield application
@@ -152,9 +166,15 @@ async def test_no_input_yields_a_server_error(
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=st.binary(max_size=200), route=st.sampled_from([r for r in ROUTES if r[0] == "POST"]))
-async def test_raw_bodies(client: httpx.AsyncClient, raw: bytes, route: tuple[str, str]) -> None:
-    check(await client.post(route[1], content=raw, headers={"content-type": "application/json"}))
+@given(
+    raw=st.binary(max_size=200),
+    route=st.sampled_from([r for r in ROUTES if r[0] in ("POST", "PATCH")]),
+    ident=path_ids,
+)
+async def test_raw_bodies(client: httpx.AsyncClient, raw: bytes, route: tuple[str, str], ident: str) -> None:
+    method, template = route
+    path = template.replace("{id}", quote(ident, safe="") or "x")
+    check(await client.request(method, path, content=raw, headers={"content-type": "application/json"}))
 
 
 async def test_unknown_ids_are_404(client: httpx.AsyncClient) -> None:

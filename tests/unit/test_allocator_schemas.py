@@ -59,6 +59,11 @@ def test_bad_macs_are_refused(bad: str) -> None:
         ("224.0.0.0/8", False),
         ("10.0.0.0/33", False),
         ("banana", False),
+        (" 10.0.0.0/16", False),  # the documented shape exactly: no padding,
+        ("10.0.0.0/16\n", False),
+        ("10.0.0.0/016", False),  # no leading zeros
+        ("010.0.0.0/16", False),
+        ("10.0.0.0/255.255.0.0", False),  # no netmask spelling
     ],
 )
 def test_vpc_cidr(cidr: str, ok: bool) -> None:

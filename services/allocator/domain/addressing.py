@@ -30,7 +30,7 @@ MIN_PREFIX = 8
 MAX_PREFIX = 29  # smallest block: 8 addresses, 5 usable
 RESERVED_PER_SUBNET = 3
 
-_UNUSABLE_RANGES: tuple[IPv4Network, ...] = (
+UNUSABLE_RANGES: tuple[IPv4Network, ...] = (
     IPv4Network("0.0.0.0/8"),
     IPv4Network("127.0.0.0/8"),
     IPv4Network("169.254.0.0/16"),
@@ -51,7 +51,7 @@ def check_block(net: IPv4Network) -> IPv4Network:
             f"prefix length must be between /{MIN_PREFIX} and /{MAX_PREFIX} "
             f"(a /{MAX_PREFIX} holds {usable_count_for_prefix(MAX_PREFIX)} usable addresses), got /{net.prefixlen}"
         )
-    for bad in _UNUSABLE_RANGES:
+    for bad in UNUSABLE_RANGES:
         if net.overlaps(bad):
             raise ValueError(f"{net} overlaps {bad}, which cannot carry unicast host addresses")
     return net

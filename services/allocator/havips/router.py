@@ -6,12 +6,12 @@ import uuid
 from ipaddress import IPv4Address
 from typing import Annotated
 
-from fastapi import Header, Query, Response, status
+from fastapi import Body, Header, Query, Response, status
 
 from services.allocator.auth import api_router
-from services.allocator.dependencies import LIMIT_DEFAULT, DbDep, Limit, PageToken, SettingsDep
+from services.allocator.dependencies import LIMIT_DEFAULT, DbDep, EipPoolDep, Limit, PageToken, SettingsDep
 from services.allocator.havips import service
-from services.allocator.havips.schemas import Havip, HavipCreate, HavipState, Transition
+from services.allocator.havips.schemas import EipAssociate, Havip, HavipCreate, HavipState, HavipUpdate, Transition
 from services.allocator.schemas import Page
 
 router = api_router("/v1/havips", "havips")
@@ -33,6 +33,17 @@ IdempotencyKey = Annotated[
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Allocate a HAVIP: the given address, or the lowest free one of the subnet",
+    responses={
+        201: {
+            "description": "the HAVIP allocated (or, for a retried Idempotency-Key, the one allocated before)",
+            "headers": {
+                "Idempotent-Replayed": {
+                    "description": "`true` when this answer repeats an earlier request with the same key",
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            },
+        }
+    },
 )
 async def allocate_havip(
     body: HavipCreate,
@@ -42,7 +53,11 @@ async def allocate_havip(
     idempotency_key: IdempotencyKey = None,
 ) -> Havip:
     havip, replayed = await service.allocate_havip(
-        db, body, quota=settings.havip_quota_per_vpc, idempotency_key=idempotency_key
+        db,
+        body,
+        quota=settings.havip_quota_per_vpc,
+        idempotency_key=idempotency_key,
+        idempotency_ttl_hours=settings.idempotency_ttl_hours,
     )
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -73,6 +88,40 @@ async def list_havips(
 @router.get("/{havip_id}", summary="Show a HAVIP with its binding")
 async def get_havip(havip_id: uuid.UUID, db: DbDep) -> Havip:
     return await service.get_havip(db, havip_id)
+
+
+@router.patch(
+    "/{havip_id}",
+    summary="Rename a HAVIP and/or replace its candidate list",
+    description=(
+        "A merge patch: fields left out are kept; `name: null` removes the name; `candidates: []` clears the "
+        "list. Publishes `havip.updated` when something changed."
+    ),
+)
+async def update_havip(havip_id: uuid.UUID, body: HavipUpdate, db: DbDep) -> Havip:
+    return await service.update_havip(db, havip_id, body)
+
+
+@router.post(
+    "/{havip_id}/eip",
+    summary="Associate an EIP from the configured public pool: the given one, or the lowest free one",
+    description="One EIP per HAVIP (409 `EIP_ASSOCIATED`), one HAVIP per EIP (409 `EIP_IN_USE`).",
+)
+async def associate_eip(
+    havip_id: uuid.UUID,
+    db: DbDep,
+    pool: EipPoolDep,
+    body: Annotated[EipAssociate | None, Body()] = None,
+) -> Havip:
+    return await service.associate_eip(db, havip_id, body or EipAssociate(), pool)
+
+
+@router.delete(
+    "/{havip_id}/eip",
+    summary="Dissociate the HAVIP's EIP (409 `EIP_NOT_ASSOCIATED` when it has none)",
+)
+async def dissociate_eip(havip_id: uuid.UUID, db: DbDep) -> Havip:
+    return await service.dissociate_eip(db, havip_id)
 
 
 @router.delete(

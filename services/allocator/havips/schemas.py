@@ -6,9 +6,9 @@ import hashlib
 import json
 import uuid
 from ipaddress import IPv4Address
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from services.allocator.schemas import Name, RequestModel, ResponseModel, Timestamp
 from shared.events import HavipData
@@ -18,29 +18,60 @@ MAX_CANDIDATES = 10
 HavipState = Literal["UNBOUND", "BOUND"]
 
 
+def _distinct(value: list[uuid.UUID]) -> list[uuid.UUID]:
+    if len(set(value)) != len(value):
+        raise ValueError("candidates must not repeat an instance")
+    return value
+
+
+Candidates = Annotated[
+    list[uuid.UUID],
+    Field(
+        max_length=MAX_CANDIDATES,
+        json_schema_extra={"uniqueItems": True},
+        description=(
+            f"at most {MAX_CANDIDATES} distinct instances of the HAVIP's subnet allowed to hold it; "
+            "empty = any instance of the subnet"
+        ),
+    ),
+    AfterValidator(_distinct),
+]
+
+
 class HavipCreate(RequestModel):
     subnet_id: uuid.UUID
     name: Name | None = None
     address: IPv4Address | None = Field(
         default=None, description="the address to take; omitted = the lowest free address of the subnet"
     )
-    candidates: list[uuid.UUID] = Field(
-        default_factory=list,
-        max_length=MAX_CANDIDATES,
-        description="instances of the subnet allowed to hold the HAVIP; empty = any instance of the subnet",
-    )
-
-    @field_validator("candidates")
-    @classmethod
-    def _distinct(cls, value: list[uuid.UUID]) -> list[uuid.UUID]:
-        if len(set(value)) != len(value):
-            raise ValueError("candidates must not repeat an instance")
-        return value
+    candidates: Candidates = Field(default_factory=list)
 
     def fingerprint(self) -> str:
         """Identifies the request body for Idempotency-Key: same key + same body = same HAVIP."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class HavipUpdate(RequestModel):
+    """A merge patch: a field left out is kept; `"name": null` removes the name, `"candidates": []` clears
+    the allow-list (any instance of the subnet may then hold the HAVIP)."""
+
+    name: Name | None = Field(default=None, description="new name; null removes it")
+    candidates: Candidates = Field(default_factory=list)
+
+    @property
+    def changes_name(self) -> bool:
+        return "name" in self.model_fields_set
+
+    @property
+    def changes_candidates(self) -> bool:
+        return "candidates" in self.model_fields_set
+
+
+class EipAssociate(RequestModel):
+    address: IPv4Address | None = Field(
+        default=None, description="an address of the configured EIP pool; omitted = the lowest free one"
+    )
 
 
 class Havip(ResponseModel):

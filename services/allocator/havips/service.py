@@ -1,8 +1,14 @@
-"""HAVIPs: allocate (the given address or the lowest free one), list, show with binding, release, history.
+"""HAVIPs: allocate (the given address or the lowest free one), list, show with binding, update, EIPs,
+release, history; and the expiry of idempotency keys.
 
 Allocation runs in one transaction that takes the VPC's lock (quota) and then the subnet's lock (addresses,
 shared with instance registration), reads what is taken, chooses, inserts and writes the `havip.allocated`
 event to the outbox. The unique (vpc_id, address) constraint is the safety net.
+
+Every later change of a HAVIP (update, EIP association, release) takes its subnet's lock first, so it is
+serialised with the others and with the registration and deregistration of its subnet's instances (candidates
+are checked against them). EIP association then takes the one EIP pool lock; the unique index on havips.eip is
+the safety net.
 
 The binding columns come from the binding service's table `binding.bindings`, read only.
 """
@@ -13,15 +19,19 @@ import uuid
 from ipaddress import IPv4Address
 from typing import Any
 
-from services.allocator.database import Database, Transaction
+from services.allocator.database import EIP_POOL, Database, Transaction
 from services.allocator.domain import addressing
+from services.allocator.domain.eips import EipPool
 from services.allocator.errors import Conflict, Invalid, NotFound, QuotaExceeded
-from services.allocator.havips.schemas import Havip, HavipCreate, HavipState, Transition
+from services.allocator.havips.schemas import EipAssociate, Havip, HavipCreate, HavipState, HavipUpdate, Transition
 from services.allocator.metrics import ALLOCATIONS
 from services.allocator.pagination import Where, decode_sequence, encode_sequence, next_token
 from services.allocator.schemas import Page
-from services.allocator.subnets.schemas import SubnetRef
 from services.allocator.subnets.service import fetch_subnet_ref, taken_addresses
+from shared.events import EipData
+
+DEFAULT_IDEMPOTENCY_TTL_HOURS = 24
+PURGE_BATCH = 10_000
 
 _SELECT = """
     SELECT h.id, h.name, h.vpc_id, h.subnet_id, h.address, h.candidates, h.eip, h.created_at,
@@ -47,18 +57,23 @@ async def _fetch_havip(conn: Any, havip_id: uuid.UUID) -> Havip:
 # ---- allocate ----------------------------------------------------------------------------------------------
 
 
-async def _replay(tx: Transaction, key: str, fingerprint: str, new_id: uuid.UUID) -> Havip | None:
+async def _replay(tx: Transaction, key: str, fingerprint: str, new_id: uuid.UUID, ttl_hours: int) -> Havip | None:
     """Claim the Idempotency-Key for `new_id`; or, when an earlier request holds it, that request's HAVIP.
 
-    A concurrent request with the same key waits on the key's unique index until the first one commits
-    (then it replays) or rolls back (then it proceeds).
+    A key older than `ttl_hours` is forgotten: it is taken over as if it were new (whether or not the purge
+    has deleted it yet). A concurrent request with the same key waits on the key's unique index until the
+    first one commits (then it replays) or rolls back (then it proceeds).
     """
     claimed = await tx.conn.fetchval(
-        """INSERT INTO allocator.idempotency_keys (key, request_hash, havip_id) VALUES ($1, $2, $3)
-           ON CONFLICT (key) DO NOTHING RETURNING havip_id""",
+        """INSERT INTO allocator.idempotency_keys AS k (key, request_hash, havip_id) VALUES ($1, $2, $3)
+           ON CONFLICT (key) DO UPDATE
+               SET request_hash = EXCLUDED.request_hash, havip_id = EXCLUDED.havip_id, created_at = now()
+               WHERE k.created_at < now() - make_interval(hours => $4)
+           RETURNING havip_id""",
         key,
         fingerprint,
         new_id,
+        ttl_hours,
     )
     if claimed is not None:
         return None
@@ -79,7 +94,8 @@ async def _replay(tx: Transaction, key: str, fingerprint: str, new_id: uuid.UUID
     return havip
 
 
-async def _check_candidates(conn: Any, subnet: SubnetRef, candidates: list[uuid.UUID]) -> None:
+async def _check_candidates(conn: Any, subnet_id: uuid.UUID, candidates: list[uuid.UUID]) -> None:
+    """Every candidate must be a registered instance of the subnet (call with the subnet locked)."""
     if not candidates:
         return
     found = {
@@ -87,25 +103,30 @@ async def _check_candidates(conn: Any, subnet: SubnetRef, candidates: list[uuid.
         for row in await conn.fetch(
             "SELECT id FROM allocator.instances WHERE id = ANY($1::uuid[]) AND subnet_id = $2",
             candidates,
-            subnet.id,
+            subnet_id,
         )
     }
     missing = [str(c) for c in candidates if c not in found]
     if missing:
         raise Invalid(
-            f"candidates must be registered instances of subnet {subnet.id}: {', '.join(missing)}",
+            f"candidates must be registered instances of subnet {subnet_id}: {', '.join(missing)}",
             code="INVALID_CANDIDATES",
         )
 
 
 async def allocate_havip(
-    db: Database, request: HavipCreate, *, quota: int, idempotency_key: str | None = None
+    db: Database,
+    request: HavipCreate,
+    *,
+    quota: int,
+    idempotency_key: str | None = None,
+    idempotency_ttl_hours: int = DEFAULT_IDEMPOTENCY_TTL_HOURS,
 ) -> tuple[Havip, bool]:
     """The new HAVIP and False; or, for a retried Idempotency-Key, the earlier one and True."""
     new_id = uuid.uuid4()
     async with db.transaction() as tx:
         if idempotency_key is not None:
-            earlier = await _replay(tx, idempotency_key, request.fingerprint(), new_id)
+            earlier = await _replay(tx, idempotency_key, request.fingerprint(), new_id, idempotency_ttl_hours)
             if earlier is not None:
                 return earlier, True
         subnet = await fetch_subnet_ref(tx.conn, request.subnet_id)
@@ -116,7 +137,7 @@ async def allocate_havip(
         in_vpc = await tx.conn.fetchval("SELECT count(*) FROM allocator.havips WHERE vpc_id = $1", subnet.vpc_id)
         if in_vpc >= quota:
             raise QuotaExceeded(f"vpc {subnet.vpc_id} already has {in_vpc} HAVIP(s); the quota is {quota}")
-        await _check_candidates(tx.conn, subnet, request.candidates)
+        await _check_candidates(tx.conn, subnet.id, request.candidates)
         address = addressing.choose_address(
             subnet.cidr, await taken_addresses(tx.conn, subnet.id), request.address
         )
@@ -202,6 +223,109 @@ async def list_transitions(
     return Page[Transition](items=[Transition.from_row(r) for r in rows[:limit]], next_page_token=token)
 
 
+# ---- change --------------------------------------------------------------------------------------------------
+
+
+async def _lock_havip(tx: Transaction, havip_id: uuid.UUID) -> Havip:
+    """Take the lock of the HAVIP's subnet and read it again: every change of one HAVIP (update, EIP,
+    release) and every change of its subnet's instances is then serialised."""
+    found = await _fetch_havip(tx.conn, havip_id)
+    await tx.lock("subnet", found.subnet_id)
+    return await _fetch_havip(tx.conn, havip_id)  # 404 if it was released meanwhile
+
+
+async def update_havip(db: Database, havip_id: uuid.UUID, request: HavipUpdate) -> Havip:
+    """Rename and/or replace the candidate list. Publishes `havip.updated` when something changed."""
+    async with db.transaction() as tx:
+        havip = await _lock_havip(tx, havip_id)
+        name = request.name if request.changes_name else havip.name
+        candidates = request.candidates if request.changes_candidates else havip.candidates
+        if name == havip.name and candidates == havip.candidates:
+            return havip
+        if request.changes_candidates:
+            await _check_candidates(tx.conn, havip.subnet_id, candidates)
+        await tx.conn.execute(
+            "UPDATE allocator.havips SET name = $2, candidates = $3 WHERE id = $1", havip_id, name, candidates
+        )
+        updated = await _fetch_havip(tx.conn, havip_id)
+        tx.publish("havip.updated", updated.event_data())
+    return updated
+
+
+async def associate_eip(db: Database, havip_id: uuid.UUID, request: EipAssociate, pool: EipPool) -> Havip:
+    """Give the HAVIP the requested EIP of the pool, or the lowest free one. One EIP per HAVIP, one HAVIP per
+    EIP: the pool's lock serialises associations (the unique index on havips.eip is the safety net)."""
+    async with db.transaction() as tx:
+        havip = await _lock_havip(tx, havip_id)
+        if havip.eip is not None:
+            raise Conflict(
+                f"havip {havip_id} already has EIP {havip.eip}; dissociate it first", code="EIP_ASSOCIATED"
+            )
+        if not pool.ranges:
+            raise Conflict(
+                "no EIP pool is configured (HAVIP_EIP_POOL); EIPs cannot be associated",
+                code="EIP_POOL_NOT_CONFIGURED",
+            )
+        if request.address is not None and request.address not in pool:
+            raise Invalid(f"{request.address} is not in the EIP pool ({pool.describe()})", code="EIP_NOT_IN_POOL")
+        await tx.lock("eip_pool", EIP_POOL)  # lock order: subnet, then the pool
+        if request.address is not None:
+            holder = await tx.conn.fetchval(
+                "SELECT id FROM allocator.havips WHERE eip = $1::inet", request.address
+            )
+            if holder is not None:
+                raise Conflict(f"EIP {request.address} is associated with havip {holder}", code="EIP_IN_USE")
+            eip = request.address
+        else:
+            taken = [
+                r["eip"] for r in await tx.conn.fetch("SELECT eip FROM allocator.havips WHERE eip IS NOT NULL")
+            ]
+            free = pool.lowest_free(taken)
+            if free is None:
+                raise Conflict(
+                    f"every EIP of the pool ({pool.size} addresses) is associated", code="EIP_POOL_EXHAUSTED"
+                )
+            eip = free
+        await tx.conn.execute("UPDATE allocator.havips SET eip = $2::inet WHERE id = $1", havip_id, eip)
+        tx.publish("havip.eip.associated", EipData(havip_id=havip_id, eip=eip))
+        associated = await _fetch_havip(tx.conn, havip_id)
+    return associated
+
+
+async def dissociate_eip(db: Database, havip_id: uuid.UUID) -> Havip:
+    """Take the EIP off the HAVIP (whether or not the address is still in the configured pool)."""
+    async with db.transaction() as tx:
+        havip = await _lock_havip(tx, havip_id)
+        if havip.eip is None:
+            raise Conflict(f"havip {havip_id} has no EIP associated", code="EIP_NOT_ASSOCIATED")
+        await tx.conn.execute("UPDATE allocator.havips SET eip = NULL WHERE id = $1", havip_id)
+        tx.publish("havip.eip.dissociated", EipData(havip_id=havip_id, eip=havip.eip))
+        dissociated = await _fetch_havip(tx.conn, havip_id)
+    return dissociated
+
+
+# ---- idempotency keys --------------------------------------------------------------------------------------
+
+
+async def purge_idempotency_keys(db: Database, ttl_hours: int) -> int:
+    """Delete the keys older than `ttl_hours`, in batches; returns how many were deleted."""
+    deleted = 0
+    while True:
+        async with db.connection() as conn:
+            status = await conn.execute(
+                """DELETE FROM allocator.idempotency_keys WHERE key IN (
+                       SELECT key FROM allocator.idempotency_keys
+                       WHERE created_at < now() - make_interval(hours => $1)
+                       LIMIT $2)""",
+                ttl_hours,
+                PURGE_BATCH,
+            )
+        count = int(status.split()[-1])
+        deleted += count
+        if count < PURGE_BATCH:
+            return deleted
+
+
 # ---- release -----------------------------------------------------------------------------------------------
 
 
@@ -209,9 +333,7 @@ async def release_havip(db: Database, havip_id: uuid.UUID, *, force: bool = Fals
     """409 while an EIP is associated; 409 while bound, unless forced (the binding service then ends the
     binding with a final history row when it sees `havip.released`)."""
     async with db.transaction() as tx:
-        found = await _fetch_havip(tx.conn, havip_id)
-        await tx.lock("subnet", found.subnet_id)
-        havip = await _fetch_havip(tx.conn, havip_id)
+        havip = await _lock_havip(tx, havip_id)
         if havip.eip is not None:
             raise Conflict(
                 f"havip {havip_id} has EIP {havip.eip} associated; dissociate it first", code="EIP_ASSOCIATED"

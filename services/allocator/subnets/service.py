@@ -92,6 +92,24 @@ async def list_subnets(
     return Page[Subnet](items=[Subnet.from_row(r, r["used"]) for r in rows], next_page_token=token)
 
 
+async def subnet_usage(db: Database) -> list[tuple[uuid.UUID, int, int]]:
+    """(subnet_id, usable, free) of every subnet, for the metrics."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            """SELECT s.id, s.cidr, coalesce(i.n, 0) + coalesce(h.n, 0) AS used
+               FROM allocator.subnets s
+               LEFT JOIN (SELECT subnet_id, count(*) AS n FROM allocator.instances GROUP BY subnet_id) i
+                      ON i.subnet_id = s.id
+               LEFT JOIN (SELECT subnet_id, count(*) AS n FROM allocator.havips GROUP BY subnet_id) h
+                      ON h.subnet_id = s.id"""
+        )
+    usage = []
+    for row in rows:
+        usable = addressing.usable_count(row["cidr"])
+        usage.append((row["id"], usable, max(usable - row["used"], 0)))
+    return usage
+
+
 async def delete_subnet(db: Database, subnet_id: uuid.UUID) -> None:
     async with db.transaction() as tx:
         # Registration and allocation hold the same lock: nothing can move in between check and delete.

@@ -1,0 +1,38 @@
+"""Response model of /v1/claims/rejected."""
+
+from __future__ import annotations
+
+import uuid
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+
+from pydantic import Field
+
+from services.allocator.schemas import ResponseModel, Timestamp
+from shared.events import RejectReason
+
+
+class RejectedClaim(ResponseModel):
+    havip_id: uuid.UUID | None = Field(description="the HAVIP whose address was claimed; null if none was known")
+    address: IPv4Address | IPv6Address = Field(description="the address claimed")
+    mac: str = Field(description="the MAC that claimed it")
+    reason: RejectReason = Field(
+        description=(
+            "unknown_mac: not a registered instance; other_subnet: an instance of another subnet; "
+            "not_candidate: not in the HAVIP's candidate list; eth_mismatch: Ethernet source differs from the "
+            "ARP sender MAC"
+        )
+    )
+    captured_at: Timestamp = Field(description="kernel capture time of the frame")
+    watcher_id: str = Field(description="the watcher that saw it")
+
+    @classmethod
+    def from_row(cls, row: Any) -> RejectedClaim:
+        return cls(
+            havip_id=row["havip_id"],
+            address=ip_address(row["address"]),
+            mac=row["mac"],
+            reason=row["reason"],
+            captured_at=row["captured_at"],
+            watcher_id=row["watcher_id"],
+        )
