@@ -1,0 +1,371 @@
+"""HTTP client of the allocator API (SPEC §3): one method per route, typed errors (see errors.py).
+
+It speaks only HTTP: it does not import the allocator's server modules. Every method returns the decoded JSON
+together with the text exactly as received (`--json` prints that untouched), or None for 204 No Content.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+from services.allocator.cli.errors import (
+    ApiError,
+    AuthenticationFailed,
+    UnexpectedResponse,
+    Unreachable,
+    UsageError,
+)
+
+Json = dict[str, Any]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+USER_AGENT = "havipctl/0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful answer: the JSON object, and the body as received."""
+
+    body: Json
+    raw: str
+    replayed: bool = False  # Idempotent-Replayed: true (POST /v1/havips with a reused Idempotency-Key)
+
+    @property
+    def items(self) -> list[Json]:
+        items = self.body.get("items")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise UnexpectedResponse("unexpected answer from the allocator: a page without a list of items")
+        return items
+
+    @property
+    def next_page_token(self) -> str | None:
+        token = self.body.get("next_page_token")
+        return token if isinstance(token, str) and token else None
+
+
+class _Unset:
+    """Marks an argument that was not given (as opposed to an explicit None/null)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+def display_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _segment(value: str) -> str:
+    """One path segment, percent-encoded (an id is never allowed to change the path)."""
+    return quote(value, safe="")
+
+
+def _params(**values: object) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        params[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return params
+
+
+def _oserror_reason(exc: BaseException) -> str | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(current, socket.gaierror):
+            return f"unknown host ({current.strerror or current})"
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror[0].lower() + current.strerror[1:]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class AllocatorClient:
+    """Synchronous client of one allocator. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            self._http = httpx.Client(
+                base_url=self.url,
+                headers=headers,
+                timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
+                transport=transport,
+                follow_redirects=False,
+            )
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
+            raise UsageError(f"invalid allocator URL {display_url(url)!r}: {exc}") from None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AllocatorClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- transport ---------------------------------------------------------------------------------------
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Json | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply | None:
+        try:
+            response = self._http.request(method, path, params=params, json=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                reason = f"connection timed out after {self.connect_timeout:g} s"
+            else:
+                reason = f"no answer within {self.request_timeout:g} s"
+            raise Unreachable(f"cannot reach the allocator at {display_url(self.url)}: {reason}") from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise UsageError(f"invalid allocator URL {display_url(self.url)!r}: {exc}") from None
+        except httpx.RemoteProtocolError as exc:
+            reason = _oserror_reason(exc) or f"the connection broke without an answer ({exc})"
+            raise Unreachable(f"cannot reach the allocator at {display_url(self.url)}: {reason}") from None
+        except httpx.TransportError as exc:
+            reason = _oserror_reason(exc) or str(exc) or type(exc).__name__
+            raise Unreachable(f"cannot reach the allocator at {display_url(self.url)}: {reason}") from None
+        return self._reply(response)
+
+    def _reply(self, response: httpx.Response) -> Reply | None:
+        status = response.status_code
+        if status == 204:
+            return None
+        text = response.text
+        try:
+            decoded: Any = json.loads(text) if text else None
+        except ValueError:
+            decoded = None
+        error = _error_of(decoded)
+        if status == 401:
+            said = f" (the allocator said: {error[1]})" if error is not None and error[1] else ""
+            raise AuthenticationFailed(f"authentication failed: check HAVIP_API_TOKEN / --token{said}")
+        if status >= 400:
+            if error is not None:
+                raise ApiError(status, *error)
+            snippet = " ".join(text.split())[:200] or response.reason_phrase or "no body"
+            raise ApiError(status, f"HTTP_{status}", snippet)
+        if not isinstance(decoded, dict):
+            kind = "not a JSON object" if text else "an empty body"
+            raise UnexpectedResponse(
+                f"unexpected answer from {display_url(self.url)} (HTTP {status}, {kind}): is this the allocator?"
+            )
+        return Reply(decoded, text, replayed=response.headers.get("Idempotent-Replayed", "").lower() == "true")
+
+    def _get(self, path: str, params: Mapping[str, str] | None = None) -> Reply:
+        return _required(self._send("GET", path, params=params))
+
+    # ---- VPCs -------------------------------------------------------------------------------------------
+
+    def create_vpc(self, name: str, cidr: str) -> Reply:
+        return _required(self._send("POST", "/v1/vpcs", body={"name": name, "cidr": cidr}))
+
+    def list_vpcs(self, *, limit: int | None = None, page_token: str | None = None) -> Reply:
+        return self._get("/v1/vpcs", _params(limit=limit, page_token=page_token))
+
+    def get_vpc(self, vpc_id: str) -> Reply:
+        return self._get(f"/v1/vpcs/{_segment(vpc_id)}")
+
+    def delete_vpc(self, vpc_id: str) -> None:
+        self._send("DELETE", f"/v1/vpcs/{_segment(vpc_id)}")
+
+    # ---- subnets ----------------------------------------------------------------------------------------
+
+    def create_subnet(self, vpc_id: str, name: str, cidr: str) -> Reply:
+        return _required(self._send("POST", "/v1/subnets", body={"vpc_id": vpc_id, "name": name, "cidr": cidr}))
+
+    def list_subnets(
+        self, *, vpc_id: str | None = None, limit: int | None = None, page_token: str | None = None
+    ) -> Reply:
+        return self._get("/v1/subnets", _params(vpc_id=vpc_id, limit=limit, page_token=page_token))
+
+    def get_subnet(self, subnet_id: str) -> Reply:
+        return self._get(f"/v1/subnets/{_segment(subnet_id)}")
+
+    def delete_subnet(self, subnet_id: str) -> None:
+        self._send("DELETE", f"/v1/subnets/{_segment(subnet_id)}")
+
+    # ---- instances --------------------------------------------------------------------------------------
+
+    def register_instance(self, subnet_id: str, name: str, private_ip: str, mac: str) -> Reply:
+        body = {"subnet_id": subnet_id, "name": name, "private_ip": private_ip, "mac": mac}
+        return _required(self._send("POST", "/v1/instances", body=body))
+
+    def list_instances(
+        self,
+        *,
+        vpc_id: str | None = None,
+        subnet_id: str | None = None,
+        limit: int | None = None,
+        page_token: str | None = None,
+    ) -> Reply:
+        params = _params(vpc_id=vpc_id, subnet_id=subnet_id, limit=limit, page_token=page_token)
+        return self._get("/v1/instances", params)
+
+    def get_instance(self, instance_id: str) -> Reply:
+        return self._get(f"/v1/instances/{_segment(instance_id)}")
+
+    def deregister_instance(self, instance_id: str) -> None:
+        self._send("DELETE", f"/v1/instances/{_segment(instance_id)}")
+
+    # ---- HAVIPs -----------------------------------------------------------------------------------------
+
+    def allocate_havip(
+        self,
+        subnet_id: str,
+        *,
+        name: str | None = None,
+        address: str | None = None,
+        candidates: Sequence[str] = (),
+        idempotency_key: str | None = None,
+    ) -> Reply:
+        body: Json = {"subnet_id": subnet_id}
+        if name is not None:
+            body["name"] = name
+        if address is not None:
+            body["address"] = address
+        if candidates:
+            body["candidates"] = list(candidates)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+        return _required(self._send("POST", "/v1/havips", body=body, headers=headers))
+
+    def list_havips(
+        self,
+        *,
+        vpc_id: str | None = None,
+        subnet_id: str | None = None,
+        state: str | None = None,
+        address: str | None = None,
+        limit: int | None = None,
+        page_token: str | None = None,
+    ) -> Reply:
+        params = _params(
+            vpc_id=vpc_id, subnet_id=subnet_id, state=state, address=address, limit=limit, page_token=page_token
+        )
+        return self._get("/v1/havips", params)
+
+    def get_havip(self, havip_id: str) -> Reply:
+        return self._get(f"/v1/havips/{_segment(havip_id)}")
+
+    def update_havip(self, havip_id: str, *, name: str | None = UNSET, candidates: Sequence[str] = UNSET) -> Reply:
+        """PATCH: only the fields given are sent (name=None sends null: the name is removed)."""
+        body: Json = {}
+        if name is not UNSET:
+            body["name"] = name
+        if candidates is not UNSET:
+            body["candidates"] = list(candidates)
+        return _required(self._send("PATCH", f"/v1/havips/{_segment(havip_id)}", body=body))
+
+    def release_havip(self, havip_id: str, *, force: bool = False) -> None:
+        params = _params(force=True) if force else None
+        self._send("DELETE", f"/v1/havips/{_segment(havip_id)}", params=params)
+
+    def associate_eip(self, havip_id: str, *, address: str | None = None) -> Reply | None:
+        body: Json = {} if address is None else {"address": address}
+        return self._send("POST", f"/v1/havips/{_segment(havip_id)}/eip", body=body)
+
+    def dissociate_eip(self, havip_id: str) -> Reply | None:
+        return self._send("DELETE", f"/v1/havips/{_segment(havip_id)}/eip")
+
+    def list_transitions(self, havip_id: str, *, limit: int | None = None, page_token: str | None = None) -> Reply:
+        params = _params(limit=limit, page_token=page_token)
+        return self._get(f"/v1/havips/{_segment(havip_id)}/transitions", params)
+
+    # ---- audit ------------------------------------------------------------------------------------------
+
+    def list_rejected_claims(
+        self, *, havip_id: str | None = None, limit: int | None = None, page_token: str | None = None
+    ) -> Reply:
+        return self._get("/v1/claims/rejected", _params(havip_id=havip_id, limit=limit, page_token=page_token))
+
+
+# ---- pages --------------------------------------------------------------------------------------------------
+
+PageFetch = Callable[[str | None], Reply]
+
+
+def pages(fetch: PageFetch, page_token: str | None = None) -> Iterator[Reply]:
+    """Every page from `page_token` on, following next_page_token (a token seen twice stops the walk)."""
+    seen: set[str] = set()
+    while True:
+        page = fetch(page_token)
+        yield page
+        page_token = page.next_page_token
+        if page_token is None or page_token in seen:
+            return
+        seen.add(page_token)
+
+
+def all_pages(fetch: PageFetch, page_token: str | None = None) -> Reply:
+    """The items of every page as one page, in the API's shape, with next_page_token null."""
+    items: list[Json] = []
+    for page in pages(fetch, page_token):
+        items.extend(page.items)
+    body: Json = {"items": items, "next_page_token": None}
+    return Reply(body, json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+
+
+def _error_of(decoded: Any) -> tuple[str, str] | None:
+    """(code, message) of an `{"error": {"code", "message"}}` body; None for anything else."""
+    if not isinstance(decoded, dict):
+        return None
+    error = decoded.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+        return None
+    message = error.get("message")
+    return error["code"], " ".join(str(message).split()) if message is not None else ""
+
+
+def _required(reply: Reply | None) -> Reply:
+    if reply is None:
+        raise UnexpectedResponse("unexpected answer from the allocator: no content where a resource was expected")
+    return reply

@@ -1,0 +1,112 @@
+"""havipctl's configuration: each setting from its flag, else its environment variable, else a default.
+
+| flag | variable | default |
+|---|---|---|
+| `--url` | `HAVIP_URL` | http://127.0.0.1:8080 |
+| `--token` | `HAVIP_API_TOKEN` | none (the allocator then answers 401) |
+| `--connect-timeout` | `HAVIP_CONNECT_TIMEOUT` | 5 s |
+| `--request-timeout` | `HAVIP_REQUEST_TIMEOUT` | 30 s |
+| `--amqp-url` | `HAVIP_AMQP_URL` | amqp://guest:guest@127.0.0.1:5672/ |
+| `--amqp-prefix` | `HAVIP_AMQP_PREFIX` | empty (as the services' own setting) |
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from services.allocator.cli.client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_URL
+from services.allocator.cli.errors import UsageError
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+ENV_URL = "HAVIP_URL"
+ENV_TOKEN = "HAVIP_API_TOKEN"
+ENV_CONNECT_TIMEOUT = "HAVIP_CONNECT_TIMEOUT"
+ENV_REQUEST_TIMEOUT = "HAVIP_REQUEST_TIMEOUT"
+ENV_AMQP_URL = "HAVIP_AMQP_URL"
+ENV_AMQP_PREFIX = "HAVIP_AMQP_PREFIX"
+
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    url: str = DEFAULT_URL
+    token: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
+    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_prefix: str = ""
+
+
+def parse_seconds(text: str) -> float:
+    """A positive, finite number of seconds (raises ValueError otherwise)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _pick(flag: str | None, env: Mapping[str, str], variable: str) -> tuple[str | None, str]:
+    """The flag's value, else the variable's (empty = unset); and where it came from, for messages."""
+    if flag is not None:
+        return flag, "--" + variable.removeprefix("HAVIP_").lower().replace("_", "-")
+    value = env.get(variable)
+    return (value if value else None), variable
+
+
+def _seconds(flag: str | None, env: Mapping[str, str], variable: str, default: float) -> float:
+    text, source = _pick(flag, env, variable)
+    if text is None:
+        return default
+    try:
+        return parse_seconds(text)
+    except ValueError:
+        raise UsageError(f"{source}: expected a positive number of seconds, got {text!r}") from None
+
+
+def resolve(
+    env: Mapping[str, str],
+    *,
+    url: str | None = None,
+    token: str | None = None,
+    connect_timeout: str | None = None,
+    request_timeout: str | None = None,
+    amqp_url: str | None = None,
+    amqp_prefix: str | None = None,
+) -> Config:
+    """Flags over environment over defaults; a value that cannot work is a UsageError (exit 2)."""
+    chosen_url, url_source = _pick(url, env, ENV_URL)
+    chosen_url = (chosen_url or DEFAULT_URL).strip()
+    try:
+        parts = urlsplit(chosen_url)
+        valid_url = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        valid_url = False
+    if not valid_url:
+        raise UsageError(f"{url_source}: expected an http:// or https:// URL, got {chosen_url!r}")
+
+    chosen_token, token_source = _pick(token, env, ENV_TOKEN)
+    if chosen_token is not None:
+        chosen_token = chosen_token.strip()
+        if not _TOKEN.match(chosen_token):
+            raise UsageError(f"{token_source}: the token must be printable ASCII without spaces")
+
+    chosen_amqp, amqp_source = _pick(amqp_url, env, ENV_AMQP_URL)
+    chosen_amqp = (chosen_amqp or DEFAULT_AMQP_URL).strip()
+    if urlsplit(chosen_amqp).scheme not in ("amqp", "amqps"):
+        raise UsageError(f"{amqp_source}: expected an amqp:// or amqps:// URL")
+
+    prefix, _ = _pick(amqp_prefix, env, ENV_AMQP_PREFIX)
+    return Config(
+        url=chosen_url,
+        token=chosen_token or None,
+        connect_timeout=_seconds(connect_timeout, env, ENV_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT_S),
+        request_timeout=_seconds(request_timeout, env, ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S),
+        amqp_url=chosen_amqp,
+        amqp_prefix=prefix or "",
+    )
