@@ -3,6 +3,11 @@ new master's gratuitous ARP into a committed, published transition visible in th
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -217,3 +222,77 @@ def test_the_lab_is_closed(lab: Lab) -> None:
     for host in lab.hosts.values():
         assert host.default_routes() == []
     assert Path("/var/run/netns").exists()
+
+
+def havipctl(system: System, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+    env.update(HAVIP_URL=system.api_url, HAVIP_API_TOKEN=system.token, HAVIP_AMQP_URL=system.amqp_url)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.allocator.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if check:
+        assert result.returncode == 0, f"havipctl {' '.join(args)}: {result.returncode} {result.stderr}"
+    return result
+
+
+async def test_havipctl_follows_the_whole_story_on_the_running_system(
+    system: System, lab: Lab, inventory: dict[str, Any]
+) -> None:
+    """Allocate, watch the claim move the binding, read history and audit, release: all through havipctl."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+    env.update(HAVIP_AMQP_URL=system.amqp_url)
+    watch = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "services.allocator.cli.main", "watch", "havip.binding.changed", "--json"),
+        *("--count", "1", "--timeout", "30"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert watch.stderr is not None
+        assert b"watching" in await asyncio.wait_for(watch.stderr.readline(), 15)
+
+        subnet_id = inventory["subnet"]["id"]
+        havip = json.loads(havipctl(system, "havip", "allocate", "--subnet", subnet_id, "--json").stdout)
+        cvm2, intruder = lab.hosts["cvm2"], lab.hosts["intruder"]
+        cvm2.arping(havip["address"])
+        intruder.arping(havip["address"])
+
+        stdout, _ = await asyncio.wait_for(watch.communicate(), 30)
+        assert watch.returncode == 0
+        [event] = [json.loads(line) for line in stdout.decode().splitlines()]
+        assert event["type"] == "havip.binding.changed"
+        assert event["data"]["havip_id"] == havip["id"]
+        assert event["data"]["current"]["mac"] == cvm2.mac
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()
+
+    cvm2_id = inventory["instances"]["cvm2"]["id"]
+    shown = json.loads(havipctl(system, "havip", "show", havip["id"], "--json").stdout)
+    assert (shown["state"], shown["bound_instance_id"]) == ("BOUND", cvm2_id)
+    table = havipctl(system, "havip", "transitions", havip["id"]).stdout
+    assert cvm2_id in table
+
+    async def refusal_audited() -> bool:
+        audit = json.loads(havipctl(system, "claims", "rejected", "--havip", havip["id"], "--json").stdout)
+        return [(c["mac"], c["reason"]) for c in audit["items"]] == [(intruder.mac, "unknown_mac")]
+
+    await eventually(refusal_audited, what="the intruder's refused claim in the audit")
+
+    refused = havipctl(system, "havip", "release", havip["id"], check=False)
+    assert refused.returncode == 1
+    assert "HAVIP_BOUND" in refused.stderr
+    havipctl(system, "havip", "release", havip["id"], "--force")
+    assert havipctl(system, "havip", "show", havip["id"], check=False).returncode == 1
+
+    async def released_in_history() -> bool:
+        history = json.loads(havipctl(system, "havip", "transitions", havip["id"], "--json").stdout)["items"]
+        return [(t["sequence"], t["reason"]) for t in history] == [(2, "release"), (1, "claim")]
+
+    await eventually(released_in_history, what="the binding service's final release row")
