@@ -2,8 +2,8 @@
 audit of refused claims, expiry of idempotency keys, filters and pages of every list, subnet metrics, and the
 events of every change.
 
-Helpers and the in-process app come from test_allocator_api. Every test makes its own VPC (and, where EIPs are
-concerned, its own app with its own EIP pool: the pool is shared by the whole database).
+Helpers come from allocator_support, the in-process app from conftest. Every test makes its own VPC (and,
+where EIPs are concerned, its own app with its own EIP pool: the pool is shared by the whole database).
 """
 
 from __future__ import annotations
@@ -11,18 +11,14 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
-import asyncpg
 import httpx
-import pytest
 from fastapi import FastAPI
 
 from shared.events import EipData, HavipData
-from tests.integration.test_allocator_api import (
+from tests.integration.allocator_support import (
     RFC3339_MICRO,
     EventLog,
     Json,
@@ -38,46 +34,6 @@ from tests.integration.test_allocator_api import (
     running_app,
 )
 from tests.waiting import eventually
-
-# ---- fixtures ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-async def app(database_url: str, amqp_url: str) -> AsyncIterator[FastAPI]:
-    """No EIP pool configured: the default."""
-    async with running_app(database_url, amqp_url, quota=100) as application:
-        yield application
-
-
-@pytest.fixture(scope="module")
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with http_client(app) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-async def db(database_url: str) -> AsyncIterator[Any]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def events(amqp_url: str) -> AsyncIterator[EventLog]:
-    """A queue of this test's own on the test vhost's exchange, bound to every routing key."""
-    log = EventLog()
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange("havip.events", aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="#")
-        await queue.consume(log.on_message)
-        yield log
-    finally:
-        await connection.close()
 
 
 async def setup(client: httpx.AsyncClient, cidr: str) -> tuple[Json, Json]:

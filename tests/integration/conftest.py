@@ -1,0 +1,51 @@
+"""Fixtures of the allocator's integration tests (each module gets its own app, database and vhost)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.integration.allocator_support import EventLog, http_client, running_app
+
+
+@pytest.fixture(scope="module")
+async def app(database_url: str, amqp_url: str) -> AsyncIterator[FastAPI]:
+    async with running_app(database_url, amqp_url, quota=100) as application:
+        yield application
+
+
+@pytest.fixture(scope="module")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with http_client(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def db(database_url: str) -> AsyncIterator[Any]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def events(amqp_url: str) -> AsyncIterator[EventLog]:
+    """A queue of this test's own on the test vhost's exchange, bound to every routing key."""
+    log = EventLog()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("havip.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+        await queue.consume(log.on_message)
+        yield log
+    finally:
+        await connection.close()
