@@ -25,15 +25,23 @@ class Transaction:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.events: list[Envelope] = []
+        self.written = 0
 
     def publish(self, event_type: str, data: EventData) -> None:
         """Queue an event; it is written to the outbox when the transaction commits."""
         self.events.append(envelope(event_type, data, SOURCE))
 
+    async def flush_events(self) -> None:
+        """Write the queued events to the outbox now (still inside the transaction), e.g. before a lock."""
+        await add_to_outbox(self.conn, SCHEMA, self.events)
+        self.written += len(self.events)
+        self.events = []
+
     async def lock(self, scope: LockScope, key: uuid.UUID | str) -> None:
         """Serialise with every other transaction that locks the same VPC, subnet or the EIP pool, until commit.
 
-        Lock order, to rule out deadlocks: a VPC, then its subnets, then the EIP pool; never the other way round.
+        Lock order, to rule out deadlocks: a subnet, then the EIP pool or the subnet's VPC. A VPC lock is always
+        the last lock a transaction takes, and only one subnet is locked at a time.
         """
         await self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{SCHEMA}.{scope}.{key}")
 
@@ -53,6 +61,6 @@ class Database:
         async with self.pool.acquire() as conn, conn.transaction():
             tx = Transaction(conn)
             yield tx
-            await add_to_outbox(conn, SCHEMA, tx.events)
-        if tx.events and self.relay is not None:
+            await tx.flush_events()
+        if tx.written and self.relay is not None:
             self.relay.wake()

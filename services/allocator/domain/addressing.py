@@ -107,7 +107,8 @@ def lowest_free(net: IPv4Network, taken: Iterable[IPv4Address]) -> IPv4Address |
     """
     candidate = int(first_usable(net))
     last = int(last_usable(net))
-    for used in sorted({int(a) for a in taken if is_usable(net, a)}):
+    # Integer comparisons only: this runs under the subnet lock, once per taken address.
+    for used in sorted({n for n in map(int, taken) if candidate <= n <= last}):
         if used > candidate:
             break
         if used == candidate:

@@ -1,9 +1,10 @@
 """HAVIPs: allocate (the given address or the lowest free one), list, show with binding, update, EIPs,
 release, history; and the expiry of idempotency keys.
 
-Allocation runs in one transaction that takes the VPC's lock (quota) and then the subnet's lock (addresses,
-shared with instance registration), reads what is taken, chooses, inserts and writes the `havip.allocated`
-event to the outbox. The unique (vpc_id, address) constraint is the safety net.
+Allocation runs in one transaction that takes the subnet's lock (addresses, shared with instance
+registration), reads what is taken, chooses, inserts and writes the `havip.allocated` event to the outbox, and
+only then takes the VPC's lock to count against the quota, so that the lock every allocation of a VPC passes
+through is held for the shortest time. The unique (vpc_id, address) constraint is the safety net.
 
 Every later change of a HAVIP (update, EIP association, release) takes its subnet's lock first, so it is
 serialised with the others and with the registration and deregistration of its subnet's instances (candidates
@@ -130,13 +131,8 @@ async def allocate_havip(
             if earlier is not None:
                 return earlier, True
         subnet = await fetch_subnet_ref(tx.conn, request.subnet_id)
-        # Lock order: VPC, then subnet (as everywhere else).
-        await tx.lock("vpc", subnet.vpc_id)
         await tx.lock("subnet", subnet.id)
         subnet = await fetch_subnet_ref(tx.conn, subnet.id)  # it may have been deleted meanwhile
-        in_vpc = await tx.conn.fetchval("SELECT count(*) FROM allocator.havips WHERE vpc_id = $1", subnet.vpc_id)
-        if in_vpc >= quota:
-            raise QuotaExceeded(f"vpc {subnet.vpc_id} already has {in_vpc} HAVIP(s); the quota is {quota}")
         await _check_candidates(tx.conn, subnet.id, request.candidates)
         address = addressing.choose_address(
             subnet.cidr, await taken_addresses(tx.conn, subnet.id), request.address
@@ -157,6 +153,14 @@ async def allocate_havip(
         )
         havip = Havip.from_row(row)
         tx.publish("havip.allocated", havip.event_data())
+        await tx.flush_events()
+        # The quota's VPC lock is taken last, so that it is held only for the count and the commit: every
+        # allocation in the VPC passes through it one at a time. Counted after the lock, the count sees every
+        # committed HAVIP of the VPC and our own new row.
+        await tx.lock("vpc", subnet.vpc_id)
+        in_vpc = await tx.conn.fetchval("SELECT count(*) FROM allocator.havips WHERE vpc_id = $1", subnet.vpc_id)
+        if in_vpc > quota:
+            raise QuotaExceeded(f"vpc {subnet.vpc_id} already has {in_vpc - 1} HAVIP(s); the quota is {quota}")
     ALLOCATIONS.inc()
     return havip, False
 
