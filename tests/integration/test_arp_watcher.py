@@ -40,7 +40,6 @@ from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
 from shared.events import ClaimObserved, decode
 
 ROOT = Path(__file__).resolve().parents[2]
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LAB_NETWORKS = [ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
 
 
@@ -388,11 +387,12 @@ class WatcherProcess:
             await self._reader
 
 
-async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab) -> None:
+async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> None:
+    # The module's own vhost (gone after the module); the prefix also exercises HAVIP_AMQP_PREFIX.
     prefix = f"t{uuid.uuid4().hex[:8]}."
     exchange_name = f"{prefix}havip.events"
     metrics_port = free_port()
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
     queue_name = f"{prefix}test.arp_watcher"
     watcher: WatcherProcess | None = None
@@ -405,7 +405,7 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab) -> None:
         env.update(
             HAVIP_INTERFACE="eth0",
             HAVIP_NETNS=lab.watch_ns,
-            HAVIP_AMQP_URL=AMQP_URL,
+            HAVIP_AMQP_URL=amqp_url,
             HAVIP_AMQP_PREFIX=prefix,
             HAVIP_WATCHER_ID=f"test/{lab.prefix}",
             HAVIP_METRICS_PORT=str(metrics_port),
@@ -475,20 +475,6 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab) -> None:
     finally:
         if watcher is not None:
             await watcher.kill()
-        # Our queue, and what the watcher's Broker declared under our prefix. A failed delete closes its
-        # channel, so each one gets a channel of its own.
-        for kind, name in (
-            ("queue", queue_name),
-            ("queue", f"{prefix}havip.dead"),
-            ("exchange", exchange_name),
-            ("exchange", f"{prefix}havip.dlx"),
-        ):
-            with contextlib.suppress(Exception):
-                async with connection.channel() as cleanup:
-                    if kind == "queue":
-                        await cleanup.queue_delete(name)
-                    else:
-                        await cleanup.exchange_delete(name)
         await connection.close()
 
 
@@ -539,14 +525,14 @@ class CuttableProxy:
         await self.cut()
 
 
-async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab) -> None:
+async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: str) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}."
     exchange_name = f"{prefix}havip.events"
     queue_name = f"{prefix}test.arp_watcher_outage"
     metrics_port = free_port()
     proxy = CuttableProxy()
     await proxy.start()
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
     watcher: WatcherProcess | None = None
     try:
@@ -557,7 +543,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab) -> None:
         env.update(
             HAVIP_INTERFACE="eth0",
             HAVIP_NETNS=lab.watch_ns,
-            HAVIP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            HAVIP_AMQP_URL=amqp_url.replace(":5672/", f":{proxy.port}/"),
             HAVIP_AMQP_PREFIX=prefix,
             HAVIP_PUBLISH_TIMEOUT_S="1",
             HAVIP_METRICS_PORT=str(metrics_port),
@@ -600,18 +586,6 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab) -> None:
         if watcher is not None:
             await watcher.kill()
         await proxy.close()
-        for kind, name in (
-            ("queue", queue_name),
-            ("queue", f"{prefix}havip.dead"),
-            ("exchange", exchange_name),
-            ("exchange", f"{prefix}havip.dlx"),
-        ):
-            with contextlib.suppress(Exception):
-                async with connection.channel() as cleanup:
-                    if kind == "queue":
-                        await cleanup.queue_delete(name)
-                    else:
-                        await cleanup.exchange_delete(name)
         await connection.close()
 
 
