@@ -19,6 +19,7 @@ wait_port() {
 # docker-compose: validates docker-compose.yml offline.
 packages=(keepalived arping tcpdump tcpreplay iproute2 procps prometheus docker-compose python3-venv)
 answers 5432 || command -v pg_ctlcluster >/dev/null || packages+=(postgresql)
+command -v psql >/dev/null || packages+=(postgresql-client)
 answers 5672 || command -v rabbitmq-server >/dev/null || packages+=(rabbitmq-server)
 missing=()
 for p in "${packages[@]}"; do
@@ -31,17 +32,31 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- PostgreSQL --------------------------------------------------------------------------------------------
-if ! answers 5432; then
-    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
-    [ -n "$version" ] || { log "PostgreSQL is installed but has no cluster"; exit 1; }
-    hba="/etc/postgresql/$version/main/pg_hba.conf"
-    # The services connect as postgres over loopback without a password (as on the service machines).
-    if ! grep -q "^host all postgres 127.0.0.1/32 trust" "$hba"; then
+# The services connect as postgres over loopback without a password (as on the service machines); a cluster
+# freshly installed from Debian asks for a password there, so the set-up adds a trust line for that one case.
+pg_cluster() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
+pg_trusts() { psql -w "postgresql://postgres@127.0.0.1:5432/postgres" -Atqc 'SELECT 1' >/dev/null 2>&1; }
+allow_loopback() {
+    local hba="/etc/postgresql/$1/main/pg_hba.conf"
+    grep -q "^host all postgres 127.0.0.1/32 trust" "$hba" ||
         sed -i '1i host all postgres 127.0.0.1/32 trust  # havip set-up: local development only' "$hba"
-    fi
+}
+if ! answers 5432; then
+    version=$(pg_cluster)
+    [ -n "$version" ] || { log "PostgreSQL is installed but has no cluster"; exit 1; }
+    allow_loopback "$version"
     log "starting PostgreSQL $version"
     pg_ctlcluster --skip-systemctl-redirect "$version" main start
     wait_port 5432 PostgreSQL
+fi
+if ! pg_trusts; then
+    version=$(pg_cluster)
+    [ -n "$version" ] || { log "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres"; exit 1; }
+    log "allowing postgres on loopback without a password (PostgreSQL $version)"
+    allow_loopback "$version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+    for _ in $(seq 1 20); do pg_trusts && break; sleep 0.5; done
+    pg_trusts || { log "still cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres"; exit 1; }
 fi
 
 # --- RabbitMQ ----------------------------------------------------------------------------------------------
