@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from shared import events
 from shared.db import create_pool
@@ -82,3 +83,19 @@ async def test_an_event_stays_in_the_outbox_until_the_broker_confirms_it(pool: A
         await conn.execute("DELETE FROM allocator.outbox")
     finally:
         await conn.close()
+
+
+async def test_the_backlog_gauge_counts_what_is_left_after_a_pass(pool: Any, amqp_url: str) -> None:
+    settings = CommonSettings(amqp_url=amqp_url)
+    async with pool.acquire() as conn, conn.transaction():
+        await add_to_outbox(conn, "allocator", [vpc_event(f"backlog-{i}") for i in range(3)])
+    broker = Broker(settings, "test-relay")
+    await broker.connect()
+    relay = OutboxRelay(pool, broker, "allocator", batch=2)
+    try:
+        assert await relay.relay_once() == 2
+        assert REGISTRY.get_sample_value("havip_outbox_pending_events", {"service": "allocator"}) == 1
+        assert await relay.relay_once() == 1
+        assert REGISTRY.get_sample_value("havip_outbox_pending_events", {"service": "allocator"}) == 0
+    finally:
+        await broker.close()
