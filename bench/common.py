@@ -19,7 +19,6 @@ import platform
 import resource
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import IO, Any
 
 import httpx
 
+from tests.ports import free_port
 from tests.sandbox import temporary_database, temporary_vhost
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,13 +120,6 @@ async def client_fleet(
 
 
 # ---- the allocator as a process -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _exited(process: subprocess.Popen[bytes], timeout_s: float) -> bool:

@@ -38,6 +38,7 @@ from services.arp_watcher.capture import ArpCapture, network_namespace, open_cap
 from services.arp_watcher.claims import Claim, to_event
 from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
 from shared.events import ClaimObserved, decode
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_NETWORKS = [ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
@@ -295,13 +296,6 @@ def test_fuzzed_frames_on_the_wire_never_stop_the_capture(lab: Lab) -> None:
 
 
 # ---- the whole watcher: capture + RabbitMQ -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scrape(port: int) -> dict[str, float]:

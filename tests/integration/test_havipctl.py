@@ -13,18 +13,19 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.lab import wait_for
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "cli-" + secrets.token_hex(16)
@@ -36,24 +37,9 @@ EIP_POOL = "203.0.113.8/29"
 Json = dict[str, Any]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def base_env() -> dict[str, str]:
     """The environment without any HAVIP_* variable of the caller's: each test says what it means."""
     return {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-
-
-def until(predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -113,7 +99,7 @@ def allocator(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPat
                 except httpx.TransportError:
                     return False
 
-            until(ready, timeout=START_DEADLINE_S, what=f"allocator ready at {url}")
+            wait_for(ready, START_DEADLINE_S, what=f"allocator ready at {url}")
             document = httpx.get(f"{url}/openapi.json", timeout=10.0).json()
             routes = frozenset(
                 (method.upper(), path) for path, item in document["paths"].items() for method in item
@@ -188,7 +174,7 @@ class Watch:
                 raise RuntimeError(f"watch exited with {self.proc.returncode}: {self.err_path.read_text()}")
             return "watching" in self.err_path.read_text()
 
-        until(bound, timeout=EVENT_DEADLINE_S, what="havipctl watch bound its queue")
+        wait_for(bound, EVENT_DEADLINE_S, what="havipctl watch bound its queue")
 
     def finish(self) -> tuple[int, str, str]:
         try:
