@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 
+from tests import service_logs
 from tests.sandbox import temporary_database, temporary_vhost
 
 PG_BASE = os.environ.get("HAVIP_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -30,3 +31,18 @@ async def database_url() -> AsyncIterator[str]:
 def amqp_url() -> Iterator[str]:
     with temporary_vhost(AMQP_BASE, f"havip-test-{RUN_ID}-{uuid.uuid4().hex[:6]}") as url:
         yield url
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test shows the tails of the logs of the processes it (or its fixtures) started."""
+    report = yield
+    if report.failed:
+        logs = service_logs.tails()
+        if logs:
+            report.sections.append(("service logs", logs))
+    if report.when == "teardown":
+        service_logs.end_of_test()
+    return report

@@ -16,6 +16,7 @@ from typing import IO, Any
 
 import httpx
 
+from tests import service_logs
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,10 +76,12 @@ class System:
             start_new_session=True,  # its own process group: stopped by group, never by name
         )
         service = Service(name, process, log_path, log_file)
+        service_logs.follow(name, log_path)
         self.services[name] = service
         return service
 
     def migrate(self) -> None:
+        service_logs.follow("migrate", self.workdir / "migrate.log")
         with (self.workdir / "migrate.log").open("ab") as log:
             for module in ("services.allocator", "services.binding"):
                 subprocess.run(
@@ -141,6 +144,7 @@ class System:
                 os.killpg(service.process.pid, signal.SIGKILL)
                 service.process.wait(timeout=10)
             service.log_file.close()
+            service_logs.forget(service.log_path)
 
     def __enter__(self) -> System:
         try:

@@ -141,9 +141,12 @@ async def test_keepalived_failover_moves_the_havip(
     vip = havip["address"]
     ka1, ka2 = keepalived_pair(lab, vip, vrid)
     try:
+        # The intended master first, and its claim committed, before the backup starts: a pair started at
+        # once may elect the lower node first (keepalived starts in BACKUP below priority 255), which would
+        # make the history begin with cvm2.
         ka1.start()
+        await eventually(lambda: bound_to(system, havip["id"], cvm1_id), timeout=30, what="bound to cvm1")
         ka2.start()
-        await eventually(lambda: bound_to(system, havip["id"], cvm1_id), timeout=20, what="bound to cvm1")
         transitions_before = system.metric("havip_transitions_total", {"reason": "claim"})
         latency_count_before = system.metric("havip_binding_latency_seconds_count")
 

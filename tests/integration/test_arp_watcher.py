@@ -38,6 +38,7 @@ from services.arp_watcher.capture import ArpCapture, network_namespace, open_cap
 from services.arp_watcher.claims import Claim, to_event
 from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
 from shared.events import ClaimObserved, decode
+from tests import service_logs
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -325,6 +326,7 @@ class WatcherProcess:
         self.text: list[str] = []
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
+        service_logs.follow("arp_watcher", lambda: "".join(self.text), per_test=True)
 
     @classmethod
     async def start(cls, env: dict[str, str]) -> WatcherProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import uuid
@@ -50,13 +51,17 @@ async def listener(binding: BindingSettings) -> AsyncIterator[EventLog]:
         yield log
 
 
+_VIP_HOSTS = itertools.count()
+
+
 class World:
     """A VPC with one subnet, two instances and one HAVIP, announced as the allocator would."""
 
     def __init__(self) -> None:
         self.vpc, self.subnet, self.other_subnet = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-        n = uuid.uuid4().int % 200 + 20
-        self.vip = IPv4Address(f"192.0.2.{n}")
+        # Each world's HAVIP address is its own: a random pick could repeat one of an earlier world (other
+        # VPC, same module), and an unknown MAC's claim for an address two VPCs use names no HAVIP.
+        self.vip = IPv4Address("192.0.2.20") + next(_VIP_HOSTS)
         suffix = uuid.uuid4().hex[:8]
 
         def mac(i: int) -> str:

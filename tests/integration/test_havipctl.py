@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import service_logs
 from tests.lab import wait_for
 from tests.ports import free_port
 
@@ -78,6 +79,7 @@ def allocator(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPat
     }
     log_path = tmp_path_factory.mktemp("allocator") / "allocator.log"
     url = f"http://127.0.0.1:{port}"
+    service_logs.follow("allocator", log_path)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.allocator"],
@@ -107,6 +109,7 @@ def allocator(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPat
             yield Allocator(url, amqp_url, routes)
         finally:
             _stop(proc)
+            service_logs.forget(log_path)
 
 
 @dataclass(frozen=True)

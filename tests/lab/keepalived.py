@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from tests import service_logs
 from tests.lab.names import check_lab_address
 from tests.lab.netns import LabHost
 from tests.lab.proc import group_members, pid_alive, signal_group, terminate_group, wait_for
@@ -177,6 +178,7 @@ class Keepalived:
             "keepalived", "-n", "-l", "-D",
             "-f", str(self.conf_path), "-p", str(self.pid_path), "-r", str(self.vrrp_pid_path),
         ]  # fmt: skip
+        service_logs.follow(f"keepalived on {self.host.name}", self.log_path, per_test=True)
         with open(self.log_path, "ab") as log:
             self.proc = self.host.popen(*argv, stdout=log, stderr=subprocess.STDOUT)
         proc = self.proc
