@@ -27,20 +27,42 @@ class EventData(BaseModel):
 # ---- arp_watcher -------------------------------------------------------------------------------------------
 
 ClaimKind = Literal["garp_request", "arp_reply"]
+CLAIMS_EVENT = "arp.claims.observed"
+MAX_CLAIMS_PER_EVENT = 10_000
 
 
-class ClaimObserved(EventData):
-    """One ARP frame that asserts "sender_mac has sender_ip" (SPEC §4)."""
+# Kernel capture times are nanoseconds since the Unix epoch, stored as a Postgres bigint.
+MAX_CAPTURED_NS = 2**63 - 1
 
-    watcher_id: str
-    interface: str
+
+class ObservedClaim(EventData):
+    """One claim (SPEC §4): an ARP frame that asserts "sender_mac has sender_ip", with the identical frames
+    the watcher folded into it."""
+
+    claim_id: uuid.UUID = Field(description="unique per claim: consumers drop a claim they have already seen")
     vlan: int | None = Field(default=None, ge=0, le=4095)
     kind: ClaimKind
     sender_mac: MacAddress
     eth_src: MacAddress
     sender_ip: IPv4Address
     target_ip: IPv4Address
-    captured_at: int = Field(gt=0, description="kernel receive time, nanoseconds since the Unix epoch")
+    captured_at: int = Field(
+        gt=0, le=MAX_CAPTURED_NS, description="kernel receive time, nanoseconds since the Unix epoch"
+    )
+    repeats: int = Field(
+        default=1,
+        ge=1,
+        description="frames this claim stands for: itself and the identical frames (same address, MAC, "
+        "Ethernet source, VLAN) folded in since the previous published one",
+    )
+
+
+class ClaimsObserved(EventData):
+    """Claims captured by one watcher, published as soon as captured (never held back to fill a batch)."""
+
+    watcher_id: str = Field(min_length=1, max_length=200)
+    interface: str = Field(min_length=1, max_length=15)
+    claims: list[ObservedClaim] = Field(min_length=1, max_length=MAX_CLAIMS_PER_EVENT)
 
 
 # ---- allocator ---------------------------------------------------------------------------------------------
@@ -125,7 +147,7 @@ class HavipCondition(EventData):
 
 
 EVENT_TYPES: dict[str, type[EventData]] = {
-    "arp.claim.observed": ClaimObserved,
+    CLAIMS_EVENT: ClaimsObserved,
     "vpc.created": VpcData,
     "vpc.deleted": VpcData,
     "subnet.created": SubnetData,

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import aio_pika
 from aio_pika.abc import (
@@ -95,20 +97,26 @@ class Broker:
 
     async def publish(self, env: Envelope) -> None:
         """Publish one event and wait for the broker's confirm (bounded by publish_timeout_s)."""
+        await self.publish_encoded(env.type, encode(env), env.event_id, env.occurred_at)
+
+    async def publish_encoded(
+        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+    ) -> None:
+        """Publish an envelope already encoded (hot paths encode without pydantic) and wait for its confirm."""
         if self._exchange is None:
             raise RuntimeError("Broker.connect() was not called")
         message = aio_pika.Message(
-            body=encode(env),
+            body=body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=str(env.event_id),
-            type=env.type,
-            timestamp=env.occurred_at,
+            message_id=str(event_id),
+            type=event_type,
+            timestamp=occurred_at,
             app_id=self.source,
         )
         # mandatory=False: an event nobody subscribes to is not an error for the publisher.
         await self._exchange.publish(
-            message, routing_key=env.type, mandatory=False, timeout=self.settings.publish_timeout_s
+            message, routing_key=event_type, mandatory=False, timeout=self.settings.publish_timeout_s
         )
 
     async def publish_many(self, envs: Sequence[Envelope]) -> None:

@@ -11,10 +11,9 @@ refuses such a claim as `eth_mismatch`, which it can only do if the watcher repo
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
 from typing import NamedTuple
 
-from shared.events import ClaimKind, ClaimObserved
+from shared.events import ClaimKind
 
 from .frames import ARP_REPLY, ARP_REQUEST, ArpFrame
 
@@ -29,6 +28,7 @@ class Claim(NamedTuple):
     sender_ip: int
     target_ip: int
     captured_at: int  # kernel receive time, ns since the epoch
+    repeats: int = 1  # this frame and the identical ones the coalescer folded in before it
 
 
 def classify(frame: ArpFrame) -> ClaimKind | None:
@@ -47,30 +47,3 @@ def claim_from_frame(frame: ArpFrame, captured_at: int) -> Claim | None:
     if kind is None:
         return None
     return Claim(kind, frame.vlan, frame.sender_mac, frame.eth_src, frame.sender_ip, frame.target_ip, captured_at)
-
-
-def format_mac(mac: bytes) -> str:
-    return mac.hex(":")
-
-
-def to_event(claim: Claim, *, watcher_id: str, interface: str) -> ClaimObserved:
-    """The `arp.claim.observed` event data for a claim."""
-    return ClaimObserved(
-        watcher_id=watcher_id,
-        interface=interface,
-        vlan=claim.vlan,
-        kind=claim.kind,
-        sender_mac=format_mac(claim.sender_mac),
-        eth_src=format_mac(claim.eth_src),
-        sender_ip=IPv4Address(claim.sender_ip),
-        target_ip=IPv4Address(claim.target_ip),
-        captured_at=claim.captured_at,
-    )
-
-
-def observe(frame: ArpFrame, *, captured_at: int, watcher_id: str, interface: str) -> ClaimObserved | None:
-    """Classify a parsed frame and, when it is a claim, describe it as a ClaimObserved event."""
-    claim = claim_from_frame(frame, captured_at)
-    if claim is None:
-        return None
-    return to_event(claim, watcher_id=watcher_id, interface=interface)

@@ -24,6 +24,8 @@ from shared.messaging import Broker
 from shared.metrics import serve_metrics
 
 from .capture import ArpCapture, CaptureOpenError, open_capture_socket
+from .claims import Claim
+from .coalesce import Coalescer
 from .metrics import WatcherMetrics
 from .publisher import ClaimBuffer, ClaimPublisher
 from .settings import WatcherSettings, describe_errors
@@ -79,8 +81,18 @@ async def run(
     except CaptureOpenError as exc:
         raise StartupError(str(exc), 2 if exc.config_error else 1) from exc
 
-    capture = ArpCapture(sock, buffer.put_many, on_error=lambda _exc: loop.call_soon_threadsafe(stop.set))
-    metrics.watch_capture(capture.stats, buffered=lambda: len(buffer), dropped=lambda: buffer.dropped)
+    coalescer = Coalescer(int(settings.coalesce_window_s * 1e9))
+
+    def sink(claims: list[Claim]) -> None:  # in the capture thread
+        buffer.put_many(coalescer.admit(claims))
+
+    capture = ArpCapture(sock, sink, on_error=lambda _exc: loop.call_soon_threadsafe(stop.set))
+    metrics.watch_capture(
+        capture.stats,
+        buffered=lambda: len(buffer),
+        dropped=lambda: buffer.dropped,
+        coalesced=lambda: coalescer.coalesced,
+    )
     if settings.metrics_port:
         try:
             serve_metrics(settings.metrics_port, settings.metrics_host, registry)
@@ -140,6 +152,7 @@ async def run(
                 "frames": stats.frames,
                 "claims": stats.claims,
                 "published": publisher.published,
+                "coalesced": coalescer.coalesced,
                 "kernel_drops": stats.kernel_drops,
                 "claims_dropped": buffer.dropped,
             },

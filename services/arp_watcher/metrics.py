@@ -40,10 +40,17 @@ LATENCY_BUCKETS: Final = (
 
 
 class _CaptureCollector(Collector):
-    def __init__(self, stats: CaptureStats, buffered: Callable[[], int], dropped: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        stats: CaptureStats,
+        buffered: Callable[[], int],
+        dropped: Callable[[], int],
+        coalesced: Callable[[], int],
+    ) -> None:
         self._stats = stats
         self._buffered = buffered
         self._dropped = dropped
+        self._coalesced = coalesced
 
     def collect(self) -> Iterable[Metric]:
         s = self._stats
@@ -79,8 +86,13 @@ class _CaptureCollector(Collector):
             value=s.receive_errors,
         )
         yield CounterMetricFamily(
+            "havip_watcher_claims_coalesced",
+            "Claims identical to the last published one of their address within the window: counted, not sent",
+            value=self._coalesced(),
+        )
+        yield CounterMetricFamily(
             "havip_watcher_claims_dropped",
-            "Claims dropped in user space because the publishing buffer was full (oldest first)",
+            "Claims dropped in user space: more distinct claimants buffered than the buffer holds (oldest first)",
             value=self._dropped(),
         )
         yield GaugeMetricFamily(
@@ -95,7 +107,12 @@ class WatcherMetrics:
         self.registry = registry
         self.claims_published = Counter(
             "havip_watcher_claims_published",
-            "arp.claim.observed events confirmed by RabbitMQ",
+            "Claims published in arp.claims.observed events confirmed by RabbitMQ",
+            registry=registry,
+        )
+        self.events_published = Counter(
+            "havip_watcher_events_published",
+            "arp.claims.observed events (batches of claims) confirmed by RabbitMQ",
             registry=registry,
         )
         self.publish_failures = Counter(
@@ -111,9 +128,15 @@ class WatcherMetrics:
         )
         self._collector: _CaptureCollector | None = None
 
-    def watch_capture(self, stats: CaptureStats, buffered: Callable[[], int], dropped: Callable[[], int]) -> None:
-        """Export the capture thread's counters and the buffer's state."""
+    def watch_capture(
+        self,
+        stats: CaptureStats,
+        buffered: Callable[[], int],
+        dropped: Callable[[], int],
+        coalesced: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """Export the capture thread's counters, the coalescer's and the buffer's state."""
         if self._collector is not None:
             self.registry.unregister(self._collector)
-        self._collector = _CaptureCollector(stats, buffered, dropped)
+        self._collector = _CaptureCollector(stats, buffered, dropped, coalesced)
         self.registry.register(self._collector)

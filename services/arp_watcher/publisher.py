@@ -1,12 +1,18 @@
 """From the capture thread to RabbitMQ: a bounded hand-off buffer and the publishing loop.
 
-The capture thread puts batches of claims into `ClaimBuffer` (thread-safe, bounded: when full, the *oldest*
-claims are dropped and counted — the binding service follows the newest claim anyway) and wakes the event loop
-only when the buffer goes from empty to non-empty. `ClaimPublisher` takes up to `batch_size` claims at a time,
-turns them into `arp.claim.observed` envelopes and publishes them with all confirms in flight. A batch that is
-not confirmed is retried — the same envelopes, so the same event ids — with back-off, while new claims keep
-collecting in the buffer; the robust connection reconnects on its own. Delivery is at least once: a batch
-that was partly confirmed before a failure is published again in full, and the binding service is idempotent.
+The capture thread puts claims into `ClaimBuffer` (thread-safe, never blocks) and wakes the event loop only
+when the buffer goes from empty to non-empty. The buffer keeps the newest claim per (VLAN, address, sender MAC,
+Ethernet source): while RabbitMQ is slow or away, a holder's refreshes collapse into one entry, and what is
+kept is exactly what the binding service needs to reach the right state afterwards — the newest claim of every
+claimant of every address, spoofers' included, each with its own capture time. Memory is bounded by
+`capacity` distinct claimants; beyond it the oldest entry is dropped and counted, so claims are lost only when
+more distinct claimants than that were seen during one outage.
+
+`ClaimPublisher` takes what the buffer holds (up to `batch_size` claims) and publishes it at once as one
+`arp.claims.observed` event — never waiting to fill a batch — with the broker's confirm. An event that is not
+confirmed is retried, the same bytes (so the same event and claim ids), with back-off, while new claims keep
+collecting in the buffer; the robust connection reconnects on its own. Delivery is at least once, and the
+binding service is idempotent on claim ids.
 """
 
 from __future__ import annotations
@@ -16,92 +22,120 @@ import logging
 import struct
 import threading
 import time
-from collections import deque
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Final, Protocol
 
-from shared.events import ClaimKind, Envelope, envelope
-
-from .claims import Claim, to_event
+from .claims import Claim
+from .encoding import EncodedEvent, encode_claims
 from .metrics import WatcherMetrics
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPE = "arp.claim.observed"
+
+class EncodedPublisher(Protocol):
+    async def publish_encoded(
+        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+    ) -> None: ...
 
 
-class EventPublisher(Protocol):
-    async def publish_many(self, envs: Sequence[Envelope]) -> None: ...
-
-
-# A buffered claim is packed into 31 bytes (a 64-byte bytes object) instead of a ~300-byte tuple of objects:
-# a backlog of 100,000 claims (a mass failover while RabbitMQ is slow) then costs ~7 MB, not ~30 MB (SPEC P5).
-_PACKED = struct.Struct("=BH6s6sIIQ")  # kind, vlan (0xFFFF = none), sender_mac, eth_src, sender_ip, target_ip, ns
-_KINDS: Final[tuple[ClaimKind, ...]] = ("garp_request", "arp_reply")
+# A buffered claim is kept as two short byte strings (the claimant, the rest) instead of a ~350-byte tuple of
+# objects: a backlog of 100,000 claimants during an outage then costs ~20 MB, not ~50 MB (SPEC P5).
+_CLAIMANT = struct.Struct("=HI6s6s")  # vlan (0xFFFF = none), sender_ip, sender_mac, eth_src
+_REST = struct.Struct("=BIQI")  # kind, target_ip, captured_at, repeats
+_KINDS: Final = ("garp_request", "arp_reply")
 _KIND_CODES: Final = {kind: code for code, kind in enumerate(_KINDS)}
 _NO_VLAN: Final = 0xFFFF
+_MAX_REPEATS: Final = 0xFFFFFFFF
 
 
-def pack_claim(claim: Claim) -> bytes:
-    kind, vlan, sender_mac, eth_src, sender_ip, target_ip, captured_at = claim
-    return _PACKED.pack(
-        _KIND_CODES[kind],
-        _NO_VLAN if vlan is None else vlan,
+def claimant(claim: Claim) -> bytes:
+    """What the buffer keeps one claim per: (VLAN, address, sender MAC, Ethernet source)."""
+    return _CLAIMANT.pack(
+        _NO_VLAN if claim.vlan is None else claim.vlan, claim.sender_ip, claim.sender_mac, claim.eth_src
+    )
+
+
+def pack_rest(claim: Claim, repeats: int) -> bytes:
+    return _REST.pack(_KIND_CODES[claim.kind], claim.target_ip, claim.captured_at, min(repeats, _MAX_REPEATS))
+
+
+def unpack_claim(key: bytes, rest: bytes) -> Claim:
+    vlan, sender_ip, sender_mac, eth_src = _CLAIMANT.unpack(key)
+    kind, target_ip, captured_at, repeats = _REST.unpack(rest)
+    return Claim(
+        _KINDS[kind],
+        None if vlan == _NO_VLAN else vlan,
         sender_mac,
         eth_src,
         sender_ip,
         target_ip,
         captured_at,
-    )
-
-
-def unpack_claim(packed: bytes) -> Claim:
-    kind, vlan, sender_mac, eth_src, sender_ip, target_ip, captured_at = _PACKED.unpack(packed)
-    return Claim(
-        _KINDS[kind], None if vlan == _NO_VLAN else vlan, sender_mac, eth_src, sender_ip, target_ip, captured_at
+        repeats,
     )
 
 
 class ClaimBuffer:
-    """Bounded, thread-safe FIFO of claims between the capture thread and the event loop."""
+    """Bounded, thread-safe buffer of the newest claim per claimant, oldest claimant first."""
 
     def __init__(self, capacity: int, loop: asyncio.AbstractEventLoop) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._loop = loop
-        self._items: deque[bytes] = deque()
+        self._items: dict[bytes, bytes] = {}  # claimant -> rest; insertion-ordered: the oldest claimant first
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
-        self.dropped = 0
+        self.dropped = 0  # claims lost to overflow (more distinct claimants than `capacity`)
+        self.merged = 0  # claims replaced by a newer one of the same claimant before they were published
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put_many(self, claims: Sequence[Claim]) -> None:
-        """Append claims (from any thread); never blocks. Drops the oldest claims when full."""
+        """Add claims (from any thread); never blocks."""
         if not claims:
             return
-        packed = list(map(pack_claim, claims))
+        overflow = 0
         with self._lock:
-            was_empty = not self._items
-            self._items.extend(packed)
-            overflow = len(self._items) - self.capacity
-            if overflow > 0:
-                for _ in range(overflow):
-                    self._items.popleft()
-                self.dropped += overflow
-        if overflow > 0:
-            log.warning("claim buffer full: dropped %d oldest claims", overflow, extra={"dropped": overflow})
+            items = self._items
+            was_empty = not items
+            for claim in claims:
+                key = claimant(claim)
+                older = items.get(key)
+                if older is None:
+                    items[key] = pack_rest(claim, claim.repeats)
+                    continue
+                self.merged += 1
+                kind, target_ip, older_at, older_repeats = _REST.unpack(older)
+                repeats = min(older_repeats + claim.repeats, _MAX_REPEATS)
+                if older_at <= claim.captured_at:  # keep the newest; frames from several queues may cross
+                    items[key] = pack_rest(claim, repeats)
+                else:
+                    items[key] = _REST.pack(kind, target_ip, older_at, repeats)
+            while len(items) > self.capacity:
+                del items[next(iter(items))]
+                overflow += 1
+            self.dropped += overflow
+        if overflow:
+            log.warning(
+                "claim buffer full: dropped the claims of %d claimants", overflow, extra={"dropped": overflow}
+            )
         if was_empty:
             self._loop.call_soon_threadsafe(self._ready.set)
 
     def take(self, limit: int) -> list[Claim]:
-        """Remove and return up to `limit` of the oldest claims (event-loop side)."""
+        """Remove and return up to `limit` claims, oldest claimant first (event-loop side)."""
         with self._lock:
-            count = min(limit, len(self._items))
-            packed = [self._items.popleft() for _ in range(count)]
-        return list(map(unpack_claim, packed))
+            items = self._items
+            if len(items) <= limit:
+                taken = list(items.items())
+                items.clear()
+            else:
+                keys = [key for key, _ in zip(items, range(limit), strict=False)]
+                taken = [(key, items.pop(key)) for key in keys]
+        return [unpack_claim(key, rest) for key, rest in taken]
 
     async def wait(self) -> None:
         """Return once the buffer holds a claim, or `wake` was called (event-loop side)."""
@@ -111,14 +145,14 @@ class ClaimBuffer:
         await self._ready.wait()
 
     def wake(self) -> None:
-        """Wake a waiting `take_batch` (e.g. to let the publisher notice it should stop)."""
+        """Wake a waiting `wait` (e.g. to let the publisher notice it should stop)."""
         self._ready.set()
 
 
 class ClaimPublisher:
     def __init__(
         self,
-        broker: EventPublisher,
+        broker: EncodedPublisher,
         buffer: ClaimBuffer,
         metrics: WatcherMetrics,
         *,
@@ -139,7 +173,8 @@ class ClaimPublisher:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._closing = False
-        self.published = 0
+        self.published = 0  # claims confirmed by the broker
+        self.events = 0  # events (batches) confirmed
         self.in_flight = 0
 
     def close(self) -> None:
@@ -156,31 +191,28 @@ class ClaimPublisher:
                     return
                 await self._buffer.wait()
                 continue
-            envs = [
-                envelope(
-                    EVENT_TYPE,
-                    to_event(claim, watcher_id=self._watcher_id, interface=self._interface),
-                    self._source,
-                )
-                for claim in claims
-            ]
-            await self._publish_with_retry(envs, claims)
+            event = encode_claims(
+                claims, watcher_id=self._watcher_id, interface=self._interface, source=self._source
+            )
+            await self._publish_with_retry(event, claims)
 
-    async def _publish_with_retry(self, envs: list[Envelope], claims: list[Claim]) -> None:
+    async def _publish_with_retry(self, event: EncodedEvent, claims: list[Claim]) -> None:
         delay = self._backoff_initial_s
-        self.in_flight = len(envs)
+        self.in_flight = len(claims)
         while True:
             try:
-                await self._broker.publish_many(envs)
+                await self._broker.publish_encoded(
+                    "arp.claims.observed", event.body, event.event_id, event.occurred_at
+                )
             except Exception as exc:
                 self._metrics.publish_failures.inc()
                 log.warning(
                     "publishing %d claims failed (%s: %s); retrying in %.1f s",
-                    len(envs),
+                    len(claims),
                     type(exc).__name__,
                     exc,
                     delay,
-                    extra={"claims": len(envs), "buffered": len(self._buffer)},
+                    extra={"claims": len(claims), "buffered": len(self._buffer)},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff_max_s)
@@ -189,7 +221,9 @@ class ClaimPublisher:
             observe = self._metrics.publish_latency.observe
             for claim in claims:
                 observe(max(0, now - claim.captured_at) / 1e9)
-            self._metrics.claims_published.inc(len(envs))
-            self.published += len(envs)
+            self._metrics.claims_published.inc(len(claims))
+            self._metrics.events_published.inc()
+            self.published += len(claims)
+            self.events += 1
             self.in_flight = 0
             return

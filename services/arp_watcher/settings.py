@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from shared.events import MAX_CLAIMS_PER_EVENT
 from shared.settings import CommonSettings
 
 _MIB = 1024 * 1024
@@ -22,10 +23,14 @@ class WatcherSettings(CommonSettings):
     # HAVIP_METRICS_PORT: Prometheus endpoint; 0 turns it off.
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
-    # Claims per publish_many (all their confirms in flight at once).
-    batch_size: int = Field(default=500, ge=1, le=10_000)
-    # Claims kept while RabbitMQ is slow or away; beyond, the oldest are dropped (and counted).
+    # At most this many claims per arp.claims.observed event (what is buffered goes at once, never waiting).
+    batch_size: int = Field(default=500, ge=1, le=MAX_CLAIMS_PER_EVENT)
+    # Distinct claimants (VLAN, address, MAC, Ethernet source) whose newest claim is kept while RabbitMQ is slow
+    # or away; beyond, the oldest claimant's claim is dropped (and counted).
     buffer_size: int = Field(default=100_000, ge=1, le=10_000_000)
+    # Identical claims (address, MAC, Ethernet source, VLAN) within this window after a published one are
+    # counted, not published; 0 publishes every frame.
+    coalesce_window_s: float = Field(default=1.0, ge=0, le=60)
     # Socket receive buffer (SO_RCVBUFFORCE with CAP_NET_ADMIN, else SO_RCVBUF capped by net.core.rmem_max).
     rcvbuf_bytes: int = Field(default=32 * _MIB, ge=64 * 1024, le=1024 * _MIB)
     # See ARP not addressed to this host (replies between others) where the segment delivers it.

@@ -25,6 +25,7 @@ def _host(value: IPv4Address | IPv4Interface) -> IPv4Address:
 
 @dataclass(frozen=True, slots=True)
 class RejectedClaim:
+    claim_id: uuid.UUID
     havip_id: uuid.UUID | None
     address: IPv4Address
     mac: str
@@ -43,7 +44,9 @@ class BatchWrite:
     removed_bindings: set[uuid.UUID] = field(default_factory=set)
     transitions: list[tuple[Transition, datetime]] = field(default_factory=list)
     rejected: list[RejectedClaim] = field(default_factory=list)
-    events: list[Envelope] = field(default_factory=list)
+    # Outgoing events in order; a refusal's event names its claim, and goes out only if the claim was new.
+    events: list[tuple[Envelope, uuid.UUID | None]] = field(default_factory=list)
+    claim_ids: set[uuid.UUID] = field(default_factory=set)  # claims decided in this batch
 
     def put_instance(self, i: Instance) -> None:
         self.inventory.append((_PUT_INSTANCE, (i.id, i.vpc_id, i.subnet_id, i.mac, i.private_ip)))
@@ -85,8 +88,11 @@ _INSERT_TRANSITION = """
         captured_at, captured_ns, committed_at, watcher_id, reason)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
 _INSERT_REJECTED = """
-    INSERT INTO binding.rejected_claims (havip_id, address, mac, reason, captured_at, watcher_id)
-    VALUES ($1, $2, $3, $4, $5, $6)"""
+    INSERT INTO binding.rejected_claims (claim_id, havip_id, address, mac, reason, captured_at, watcher_id)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::inet[], $4::macaddr[], $5::text[], $6::timestamptz[],
+                         $7::text[])
+    ON CONFLICT (claim_id) DO NOTHING
+    RETURNING claim_id"""
 
 
 async def load_book(conn: Any) -> BindingBook:
@@ -119,8 +125,9 @@ async def load_book(conn: Any) -> BindingBook:
     return book
 
 
-async def write_batch(conn: Any, batch: BatchWrite) -> None:
-    """Write a batch; the caller holds the transaction."""
+async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
+    """Write a batch; the caller holds the transaction. Returns the refusals that were new (a redelivered
+    claim's refusal is already stored: it is neither stored nor published again)."""
     run: list[tuple[Any, ...]] = []
     run_sql = ""
     for sql, args in batch.inventory:
@@ -171,9 +178,22 @@ async def write_batch(conn: Any, batch: BatchWrite) -> None:
                 for t, committed_at in batch.transitions
             ],
         )
+    new_rejections: list[RejectedClaim] = []
     if batch.rejected:
-        await conn.executemany(
+        rows = await conn.fetch(
             _INSERT_REJECTED,
-            [(r.havip_id, r.address, r.mac, r.reason, r.captured_at, r.watcher_id) for r in batch.rejected],
+            [r.claim_id for r in batch.rejected],
+            [r.havip_id for r in batch.rejected],
+            [r.address for r in batch.rejected],
+            [r.mac for r in batch.rejected],
+            [r.reason for r in batch.rejected],
+            [r.captured_at for r in batch.rejected],
+            [r.watcher_id for r in batch.rejected],
         )
-    await add_to_outbox(conn, SCHEMA, batch.events)
+        inserted = {row["claim_id"] for row in rows}
+        new_rejections = [r for r in batch.rejected if r.claim_id in inserted]
+        duplicates = {r.claim_id for r in batch.rejected} - inserted
+    else:
+        duplicates = set()
+    await add_to_outbox(conn, SCHEMA, [env for env, claim_id in batch.events if claim_id not in duplicates])
+    return new_rejections

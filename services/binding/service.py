@@ -38,7 +38,7 @@ SOURCE = "binding"
 
 # Routing keys the service's queue is bound to.
 SUBSCRIPTIONS = (
-    "arp.claim.observed",
+    events.CLAIMS_EVENT,
     "instance.registered",
     "instance.deregistered",
     "havip.allocated",
@@ -71,6 +71,7 @@ class BindingService:
         if self._book_stale:
             await self.load()
         batch = BatchWrite()
+        new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []
         outcomes: list[str] = []
         for delivery in deliveries:
@@ -78,7 +79,7 @@ class BindingService:
         try:
             if batch:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    await write_batch(conn, batch)
+                    new_rejections = await write_batch(conn, batch)
         except asyncpg.IntegrityConstraintViolationError as exc:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
             # message at fault instead of blocking the queue behind it.
@@ -96,7 +97,7 @@ class BindingService:
         for transition, _ in batch.transitions:
             metrics.TRANSITIONS.labels(transition.reason).inc()
             self._export_owner(transition)
-        for rejected in batch.rejected:
+        for rejected in new_rejections:
             metrics.CLAIMS_REJECTED.labels(rejected.reason).inc()
         metrics.BATCH_SIZE.observe(len(deliveries))
         if batch.events:
@@ -107,8 +108,9 @@ class BindingService:
     ) -> None:
         data = delivery.data
         event_type = delivery.envelope.type
-        if isinstance(data, events.ClaimObserved):
-            self._apply_claim(data, batch, latencies_from, outcomes)
+        if isinstance(data, events.ClaimsObserved):
+            for observed in data.claims:
+                self._apply_claim(observed, data.watcher_id, batch, latencies_from, outcomes)
         elif isinstance(data, events.InstanceData):
             if event_type == "instance.registered":
                 instance = Instance(data.id, data.vpc_id, data.subnet_id, data.mac, data.private_ip)
@@ -133,9 +135,18 @@ class BindingService:
             raise events.InvalidEvent(f"binding does not handle {event_type!r}")
 
     def _apply_claim(
-        self, data: events.ClaimObserved, batch: BatchWrite, latencies_from: list[int], outcomes: list[str]
+        self,
+        data: events.ObservedClaim,
+        watcher_id: str,
+        batch: BatchWrite,
+        latencies_from: list[int],
+        outcomes: list[str],
     ) -> None:
-        claim = Claim(data.sender_ip, data.sender_mac, data.eth_src, data.captured_at, data.watcher_id)
+        if data.claim_id in batch.claim_ids:  # the same claim twice in one batch (a redelivery): once is enough
+            outcomes.append("duplicate")
+            return
+        batch.claim_ids.add(data.claim_id)
+        claim = Claim(data.sender_ip, data.sender_mac, data.eth_src, data.captured_at, watcher_id)
         outcome = self.book.apply_claim(claim)
         if isinstance(outcome, Transition):
             self._record_transition(outcome, batch)
@@ -149,6 +160,7 @@ class BindingService:
             outcomes.append("stale")
         elif isinstance(outcome, Rejected):
             rejected = RejectedClaim(
+                data.claim_id,
                 outcome.havip_id,
                 claim.address,
                 claim.sender_mac,
@@ -158,17 +170,20 @@ class BindingService:
             )
             batch.rejected.append(rejected)
             batch.events.append(
-                events.envelope(
-                    "havip.claim.rejected",
-                    events.ClaimRejected(
-                        address=rejected.address,
-                        havip_id=rejected.havip_id,
-                        mac=rejected.mac,
-                        reason=rejected.reason,
-                        captured_at=rejected.captured_at,
-                        watcher_id=rejected.watcher_id,
+                (
+                    events.envelope(
+                        "havip.claim.rejected",
+                        events.ClaimRejected(
+                            address=rejected.address,
+                            havip_id=rejected.havip_id,
+                            mac=rejected.mac,
+                            reason=rejected.reason,
+                            captured_at=rejected.captured_at,
+                            watcher_id=rejected.watcher_id,
+                        ),
+                        SOURCE,
                     ),
-                    SOURCE,
+                    data.claim_id,
                 )
             )
             outcomes.append("rejected")
@@ -184,20 +199,23 @@ class BindingService:
             batch.touch(binding)
         batch.transitions.append((transition, committed_at))
         batch.events.append(
-            events.envelope(
-                "havip.binding.changed",
-                events.BindingChanged(
-                    havip_id=transition.havip_id,
-                    address=transition.address,
-                    previous=_holder(transition.previous),
-                    current=_holder(transition.current),
-                    captured_at=ns_to_datetime(transition.captured_ns) if transition.captured_ns else None,
-                    committed_at=committed_at,
-                    watcher_id=transition.watcher_id,
-                    sequence=transition.sequence,
-                    reason=transition.reason,
+            (
+                events.envelope(
+                    "havip.binding.changed",
+                    events.BindingChanged(
+                        havip_id=transition.havip_id,
+                        address=transition.address,
+                        previous=_holder(transition.previous),
+                        current=_holder(transition.current),
+                        captured_at=ns_to_datetime(transition.captured_ns) if transition.captured_ns else None,
+                        committed_at=committed_at,
+                        watcher_id=transition.watcher_id,
+                        sequence=transition.sequence,
+                        reason=transition.reason,
+                    ),
+                    SOURCE,
                 ),
-                SOURCE,
+                None,
             )
         )
 

@@ -35,9 +35,10 @@ import aio_pika
 import pytest
 
 from services.arp_watcher.capture import ArpCapture, network_namespace, open_capture_socket
-from services.arp_watcher.claims import Claim, to_event
+from services.arp_watcher.claims import Claim
+from services.arp_watcher.encoding import encode_claims
 from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
-from shared.events import ClaimObserved, decode
+from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
 from tests import service_logs
 from tests.ports import free_port
 
@@ -168,8 +169,11 @@ def marker_frame(mac: bytes = bytes.fromhex("02aaaaaaaaaa"), address: str = "203
     return build_arp_frame(oper=ARP_REQUEST, sender_mac=mac, sender_ip=ip4(address), target_ip=ip4(address))
 
 
-def event(claim: Claim) -> ClaimObserved:
-    return to_event(claim, watcher_id="test", interface="eth0")
+def event(claim: Claim) -> ObservedClaim:
+    """The claim as the binding service reads it (fast encoder, pydantic contract)."""
+    _env, data = decode(encode_claims([claim], watcher_id="test", interface="eth0", source="test").body)
+    assert isinstance(data, ClaimsObserved)
+    return data.claims[0]
 
 
 # ---- capture --------------------------------------------------------------------------------------------------
@@ -395,7 +399,7 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> 
     try:
         exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
         amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
-        await amqp_queue.bind(exchange, routing_key="arp.claim.observed")
+        await amqp_queue.bind(exchange, routing_key=CLAIMS_EVENT)
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
         env.update(
@@ -421,44 +425,43 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> 
         await asyncio.to_thread(lab.send_frames, [spoofed])
         after = time.time_ns()
 
-        received: list[ClaimObserved] = []
+        received: list[ObservedClaim] = []
         async with asyncio.timeout(20), amqp_queue.iterator() as messages:
             async for message in messages:
                 async with message.process():
                     envelope, data = decode(message.body)
-                    assert envelope.type == "arp.claim.observed"
+                    assert envelope.type == CLAIMS_EVENT
                     assert envelope.source == "arp_watcher"
-                    assert message.routing_key == "arp.claim.observed"
-                    assert isinstance(data, ClaimObserved)
-                    received.append(data)
-                if len(received) == 5:
+                    assert message.routing_key == CLAIMS_EVENT
+                    assert isinstance(data, ClaimsObserved)
+                    assert data.watcher_id == f"test/{lab.prefix}"
+                    assert data.interface == "eth0"
+                    received.extend(data.claims)
+                if len(received) >= 3:
                     break
 
-        for data in received:
-            assert data.watcher_id == f"test/{lab.prefix}"
-            assert data.interface == "eth0"
-            assert data.vlan is None
-            assert data.sender_mac == lab.peer_mac
-            assert before <= data.captured_at <= after
-        seen = [(d.kind, str(d.sender_ip), str(d.target_ip), d.eth_src) for d in received]
+        for claim in received:
+            assert claim.vlan is None
+            assert claim.sender_mac == lab.peer_mac
+            assert before <= claim.captured_at <= after
+        seen = [(c.kind, str(c.sender_ip), str(c.target_ip), c.eth_src, c.repeats) for c in received]
         assert seen == [
-            ("garp_request", "192.0.2.20", "192.0.2.20", lab.peer_mac),
-            ("garp_request", "192.0.2.20", "192.0.2.20", lab.peer_mac),
-            ("garp_request", "192.0.2.20", "192.0.2.20", lab.peer_mac),
-            ("arp_reply", "192.0.2.21", "192.0.2.21", lab.peer_mac),
-            ("garp_request", "192.0.2.22", "192.0.2.22", "02:00:00:00:be:ef"),  # refused later: eth_mismatch
+            ("garp_request", "192.0.2.20", "192.0.2.20", lab.peer_mac, 1),  # its two repeats are coalesced
+            ("arp_reply", "192.0.2.21", "192.0.2.21", lab.peer_mac, 1),
+            ("garp_request", "192.0.2.22", "192.0.2.22", "02:00:00:00:be:ef", 1),  # refused later: eth_mismatch
         ]
 
         deadline = time.monotonic() + 10
         while True:
             samples = await asyncio.to_thread(scrape, metrics_port)
-            if samples.get("havip_watcher_claims_published_total") == 5:
+            if samples.get("havip_watcher_claims_published_total") == 3:
                 break
             assert time.monotonic() < deadline, samples
             await asyncio.sleep(0.05)
         assert samples['havip_watcher_frames_total{result="claim"}'] == 5
+        assert samples["havip_watcher_claims_coalesced_total"] == 2
         assert samples["havip_watcher_kernel_drops_total"] == 0
-        assert samples["havip_watcher_publish_latency_seconds_count"] == 5
+        assert samples["havip_watcher_publish_latency_seconds_count"] == 3
         assert samples["havip_watcher_publish_failures_total"] == 0
 
         rss = await asyncio.to_thread(rss_kb, watcher.proc.pid)
@@ -466,7 +469,17 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> 
 
         assert await watcher.stop() == 0
         stopped = await watcher.wait_for_log("stopped")
-        assert (stopped["published"], stopped["kernel_drops"], stopped["claims_dropped"]) == (5, 0, 0)
+        assert (
+            stopped["published"],
+            stopped["coalesced"],
+            stopped["kernel_drops"],
+            stopped["claims_dropped"],
+        ) == (
+            3,
+            2,
+            0,
+            0,
+        )
         assert "Traceback" not in "".join(watcher.text)
     finally:
         if watcher is not None:
@@ -534,7 +547,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
     try:
         exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
         amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
-        await amqp_queue.bind(exchange, routing_key="arp.claim.observed")
+        await amqp_queue.bind(exchange, routing_key=CLAIMS_EVENT)
         env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
         env.update(
             HAVIP_INTERFACE="eth0",
@@ -542,14 +555,15 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
             HAVIP_AMQP_URL=amqp_url.replace(":5672/", f":{proxy.port}/"),
             HAVIP_AMQP_PREFIX=prefix,
             HAVIP_PUBLISH_TIMEOUT_S="1",
+            HAVIP_COALESCE_WINDOW_S="0",  # every frame reaches the buffer: its merging is what is tested here
             HAVIP_METRICS_PORT=str(metrics_port),
             HAVIP_METRICS_HOST="127.0.0.1",
         )
         watcher = await WatcherProcess.start(env)
         await watcher.wait_for_log("connected to rabbitmq")
 
-        async def next_claims(count: int, timeout_s: float) -> list[ClaimObserved]:
-            got: list[ClaimObserved] = []
+        async def next_claims(count: int, timeout_s: float) -> list[ObservedClaim]:
+            got: list[ObservedClaim] = []
             async with asyncio.timeout(timeout_s):
                 while len(got) < count:
                     message = await amqp_queue.get(fail=False)
@@ -558,8 +572,8 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
                         continue
                     await message.ack()
                     _env, data = decode(message.body)
-                    assert isinstance(data, ClaimObserved)
-                    got.append(data)
+                    assert isinstance(data, ClaimsObserved)
+                    got.extend(data.claims)
             return got
 
         await asyncio.to_thread(lab.arping, "192.0.2.30")
@@ -567,13 +581,21 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
         assert str(first.sender_ip) == "192.0.2.30"
 
         await proxy.cut()
-        await asyncio.to_thread(lab.arping, "192.0.2.31", count=2)
-        await watcher.wait_for_log("publishing 1 claims failed", timeout_s=20)  # the first GARP of two
+        await asyncio.to_thread(lab.arping, "192.0.2.31")
+        await watcher.wait_for_log("publishing 1 claims failed", timeout_s=20)  # in flight, retried
+        # While the broker is away the buffer keeps the newest claim of every claimant: a new claimant of .31
+        # (twice: kept once), and a burst of three GARPs for .32 (kept once).
+        other = "02:aa:aa:aa:aa:aa"
+        await asyncio.to_thread(lab.send_frames, [marker_frame(address="192.0.2.31")] * 2)
+        await asyncio.to_thread(lab.arping, "192.0.2.32", count=3)
         await proxy.start()  # the broker is back: the robust connection reconnects by itself
 
-        during = await next_claims(2, 30)
-        assert [str(d.sender_ip) for d in during] == ["192.0.2.31", "192.0.2.31"]
-        assert during[0].captured_at < during[1].captured_at
+        during = await next_claims(3, 30)
+        assert [(str(c.sender_ip), c.sender_mac, c.repeats) for c in during] == [
+            ("192.0.2.31", lab.peer_mac, 1),
+            ("192.0.2.31", other, 2),
+            ("192.0.2.32", lab.peer_mac, 3),
+        ]
         samples = await asyncio.to_thread(scrape, metrics_port)
         assert samples["havip_watcher_publish_failures_total"] >= 1
         assert samples["havip_watcher_claims_dropped_total"] == 0
@@ -630,7 +652,8 @@ async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
                 break
             assert time.monotonic() < deadline, samples
             await asyncio.sleep(0.05)
-        assert samples["havip_watcher_claims_buffered"] == 2
+        assert samples["havip_watcher_claims_buffered"] == 1  # the second GARP is coalesced into the first
+        assert samples["havip_watcher_claims_coalesced_total"] == 1
         assert samples["havip_watcher_kernel_drops_total"] == 0
         assert await watcher.stop() == 0
     finally:

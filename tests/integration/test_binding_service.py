@@ -92,14 +92,21 @@ class World:
         ]
 
     def claim(self, mac: str, *, eth_src: str | None = None, t: int | None = None) -> events.Envelope:
-        return events.envelope(
-            "arp.claim.observed",
-            events.ClaimObserved(
-                watcher_id="test-watcher", interface="lab0", kind="garp_request", sender_mac=mac,
-                eth_src=eth_src or mac, sender_ip=self.vip, target_ip=self.vip, captured_at=t or time.time_ns(),
-            ),
-            "arp_watcher",
+        return claims_event(self.observed(mac, eth_src=eth_src, t=t))
+
+    def observed(self, mac: str, *, eth_src: str | None = None, t: int | None = None) -> events.ObservedClaim:
+        return events.ObservedClaim(
+            claim_id=uuid.uuid4(), kind="garp_request", sender_mac=mac, eth_src=eth_src or mac,
+            sender_ip=self.vip, target_ip=self.vip, captured_at=t or time.time_ns(),
         )  # fmt: skip
+
+
+def claims_event(*claims: events.ObservedClaim) -> events.Envelope:
+    return events.envelope(
+        events.CLAIMS_EVENT,
+        events.ClaimsObserved(watcher_id="test-watcher", interface="lab0", claims=list(claims)),
+        "arp_watcher",
+    )
 
 
 async def binding_row(dsn: str, havip_id: uuid.UUID) -> Any:
@@ -225,8 +232,8 @@ async def test_unprocessable_messages_are_dead_lettered_and_consuming_goes_on(
         channel = await connection.channel()
         exchange = await declare_topology(channel, binding)
         dead = await channel.declare_queue(binding.dead_letter_queue, durable=True)
-        for body in (b"not json", b'{"type": "arp.claim.observed"}', json.dumps({"x": 1}).encode()):
-            await exchange.publish(aio_pika.Message(body), routing_key="arp.claim.observed")
+        for body in (b"not json", b'{"type": "arp.claims.observed"}', json.dumps({"x": 1}).encode()):
+            await exchange.publish(aio_pika.Message(body), routing_key="arp.claims.observed")
         bad_type = events.envelope("havip.allocated", World().havip, "allocator").model_copy(
             update={"type": "havip.unheard_of"}
         )
@@ -275,3 +282,49 @@ async def test_a_message_conflicting_with_stored_state_is_dead_lettered_not_bloc
     await publisher.publish(other.claim(other.cvm1.mac))
     await eventually(lambda: len(listener.of("havip.binding.changed", other.havip.id)) == 1, what="not blocked")
     assert listener.of("havip.binding.changed", w.havip.id) == []
+
+
+async def test_a_redelivered_refusal_is_audited_and_published_once(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    spoof = w.claim("02:ee:ee:ee:ee:01")
+    await publisher.publish(spoof)
+    await publisher.publish(spoof)  # the same message again, as after a lost acknowledgement
+    marker = w.claim("02:ee:ee:ee:ee:02")
+    await publisher.publish(marker)
+    await eventually(
+        lambda: any(e["mac"] == "02:ee:ee:ee:ee:02" for e in listener.of("havip.claim.rejected", w.havip.id)),
+        what="the marker's refusal",
+    )
+    assert [e["mac"] for e in listener.of("havip.claim.rejected", w.havip.id)] == [
+        "02:ee:ee:ee:ee:01",
+        "02:ee:ee:ee:ee:02",
+    ]
+    conn = await asyncpg.connect(binding.database_url)
+    try:
+        audited = await conn.fetch(
+            "SELECT mac::text FROM binding.rejected_claims WHERE havip_id = $1 ORDER BY id", w.havip.id
+        )
+    finally:
+        await conn.close()
+    assert [r["mac"] for r in audited] == ["02:ee:ee:ee:ee:01", "02:ee:ee:ee:ee:02"]
+
+
+async def test_one_event_carries_the_claims_of_many_havips_in_capture_order(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    worlds = [World() for _ in range(5)]
+    for w in worlds:
+        await publisher.publish_many(w.inventory())
+    t = time.time_ns()
+    # cvm1 takes every HAVIP, then cvm2 takes them; an older claim of cvm1 at the end is stale.
+    batch = [w.observed(w.cvm1.mac, t=t) for w in worlds] + [w.observed(w.cvm2.mac, t=t + 10) for w in worlds]
+    batch.append(worlds[0].observed(worlds[0].cvm1.mac, t=t + 5))
+    await publisher.publish(claims_event(*batch))
+    for w in worlds:
+        havip_id = w.havip.id
+        await eventually(lambda: len(listener.of("havip.binding.changed", havip_id)) == 2, what="two moves")  # noqa: B023
+        history = await transitions(binding.database_url, w.havip.id)
+        assert [(r["sequence"], r["to_instance_id"]) for r in history] == [(1, w.cvm1.id), (2, w.cvm2.id)]

@@ -1,4 +1,4 @@
-"""The claim rule of SPEC §4, and the ClaimObserved event it produces."""
+"""The claim rule of SPEC §4, and the claim of the arp.claims.observed event it produces."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.arp_watcher.claims import Claim, claim_from_frame, classify, observe, to_event
+from services.arp_watcher.claims import Claim, claim_from_frame, classify
+from services.arp_watcher.encoding import encode_claims
 from services.arp_watcher.frames import ARP_REPLY, ARP_REQUEST, ArpFrame, build_arp_frame, parse_frame
-from shared.events import ClaimObserved, decode, encode, envelope
+from shared.events import ClaimsObserved, ObservedClaim, decode
 
 MAC_A = bytes.fromhex("02000000000a")
 MAC_B = bytes.fromhex("02000000000b")
@@ -34,11 +35,25 @@ def frame(
     return parse_frame(data, aux_vlan)
 
 
+def observe(parsed: ArpFrame, *, captured_at: int) -> ObservedClaim | None:
+    """The claim as a consumer reads it: written by the fast encoder, read through the pydantic contract."""
+    claim = claim_from_frame(parsed, captured_at)
+    if claim is None:
+        return None
+    event = encode_claims([claim], watcher_id="h1/eth0", interface="eth0", source="arp_watcher")
+    env, data = decode(event.body)
+    assert env.event_id == event.event_id
+    assert isinstance(data, ClaimsObserved)
+    assert (data.watcher_id, data.interface) == ("h1/eth0", "eth0")
+    [observed] = data.claims
+    return observed
+
+
 def test_gratuitous_request_is_a_claim() -> None:
-    event = observe(frame(ARP_REQUEST, VIP, VIP), captured_at=T, watcher_id="h1/eth0", interface="eth0")
-    assert event == ClaimObserved(
-        watcher_id="h1/eth0",
-        interface="eth0",
+    event = observe(frame(ARP_REQUEST, VIP, VIP), captured_at=T)
+    assert event is not None
+    assert event == ObservedClaim(
+        claim_id=event.claim_id,
         vlan=None,
         kind="garp_request",
         sender_mac="02:00:00:00:00:0a",
@@ -46,11 +61,12 @@ def test_gratuitous_request_is_a_claim() -> None:
         sender_ip=IPv4Address("192.0.2.10"),
         target_ip=IPv4Address("192.0.2.10"),
         captured_at=T,
+        repeats=1,
     )
 
 
 def test_reply_is_a_claim() -> None:
-    event = observe(frame(ARP_REPLY, VIP, HOST), captured_at=T, watcher_id="w", interface="eth0")
+    event = observe(frame(ARP_REPLY, VIP, HOST), captured_at=T)
     assert event is not None
     assert event.kind == "arp_reply"
     assert (event.sender_ip, event.target_ip) == (IPv4Address("192.0.2.10"), IPv4Address("192.0.2.1"))
@@ -82,15 +98,13 @@ def test_other_opcodes_are_not_claims(oper: int) -> None:
 
 
 def test_eth_mismatch_is_still_emitted_with_both_macs() -> None:
-    event = observe(frame(ARP_REQUEST, VIP, VIP, eth_src=MAC_B), captured_at=T, watcher_id="w", interface="eth0")
+    event = observe(frame(ARP_REQUEST, VIP, VIP, eth_src=MAC_B), captured_at=T)
     assert event is not None
     assert (event.sender_mac, event.eth_src) == ("02:00:00:00:00:0a", "02:00:00:00:00:0b")
 
 
 def test_tagged_frame_reports_its_vlan() -> None:
-    event = observe(
-        frame(ARP_REQUEST, VIP, VIP, vlan_tags=((0x8100, 100),)), captured_at=T, watcher_id="w", interface="eth0"
-    )
+    event = observe(frame(ARP_REQUEST, VIP, VIP, vlan_tags=((0x8100, 100),)), captured_at=T)
     assert event is not None
     assert event.vlan == 100
 
@@ -103,13 +117,16 @@ def test_vlan_from_auxdata_is_reported() -> None:
 
 def test_claim_is_compact_and_event_round_trips_through_the_envelope() -> None:
     claim = claim_from_frame(frame(ARP_REQUEST, VIP, VIP), T)
-    assert claim == Claim("garp_request", None, MAC_A, MAC_A, VIP, VIP, T)
-    env = envelope("arp.claim.observed", to_event(claim, watcher_id="w", interface="eth0"), "arp_watcher")
-    decoded_env, data = decode(encode(env))
-    assert decoded_env.type == "arp.claim.observed"
-    assert isinstance(data, ClaimObserved)
-    assert data.captured_at == T
-    assert data.sender_ip == IPv4Address("192.0.2.10")
+    assert claim == Claim("garp_request", None, MAC_A, MAC_A, VIP, VIP, T, 1)
+    event = encode_claims([claim, claim._replace(repeats=5)], watcher_id="w", interface="eth0", source="w")
+    decoded_env, data = decode(event.body)
+    assert decoded_env.type == "arp.claims.observed"
+    assert isinstance(data, ClaimsObserved)
+    assert [(c.captured_at, c.sender_ip, c.repeats) for c in data.claims] == [
+        (T, IPv4Address("192.0.2.10"), 1),
+        (T, IPv4Address("192.0.2.10"), 5),
+    ]
+    assert data.claims[0].claim_id != data.claims[1].claim_id
 
 
 @given(
@@ -119,7 +136,7 @@ def test_claim_is_compact_and_event_round_trips_through_the_envelope() -> None:
     sender_mac=st.binary(min_size=6, max_size=6),
     eth_src=st.binary(min_size=6, max_size=6),
     aux_vlan=st.none() | st.integers(min_value=0, max_value=0xFFFF),
-    captured_at=st.integers(min_value=0, max_value=2**63 - 1),
+    captured_at=st.integers(min_value=1, max_value=2**63 - 1),
 )
 def test_rule_and_event_for_any_arp_frame(
     oper: int,
@@ -143,7 +160,7 @@ def test_rule_and_event_for_any_arp_frame(
         expected = "arp_reply"
     assert classify(parsed) == expected
     # Every claim makes a valid event (pydantic validates it), whatever the addresses.
-    event = observe(parsed, captured_at=captured_at, watcher_id="w", interface="eth0")
+    event = observe(parsed, captured_at=captured_at)
     assert (event is None) == (expected is None)
     if event is not None:
         assert event.sender_mac == sender_mac.hex(":")

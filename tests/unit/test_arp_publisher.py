@@ -1,11 +1,14 @@
-"""The hand-off buffer and the publishing loop, with a fake broker; and the watcher's metrics."""
+"""The hand-off buffer (newest claim per claimant, bounded) and the publishing loop, with a fake broker; and
+the watcher's metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable
+from datetime import datetime
 from ipaddress import IPv4Address
 
 import pytest
@@ -16,32 +19,47 @@ from prometheus_client import CollectorRegistry, generate_latest
 from services.arp_watcher.capture import CaptureStats
 from services.arp_watcher.claims import Claim
 from services.arp_watcher.metrics import WatcherMetrics
-from services.arp_watcher.publisher import ClaimBuffer, ClaimPublisher, pack_claim, unpack_claim
-from shared.events import ClaimKind, ClaimObserved, Envelope
+from services.arp_watcher.publisher import ClaimBuffer, ClaimPublisher, claimant, pack_rest, unpack_claim
+from shared.events import ClaimKind, ClaimsObserved, decode
 
 MAC = bytes.fromhex("02000000000a")
+OTHER = bytes.fromhex("02000000000b")
 VIP = int(IPv4Address("192.0.2.10"))
 
 
-def claim(i: int) -> Claim:
-    return Claim("garp_request", None, MAC, MAC, VIP + i, VIP + i, time.time_ns() - 1_000_000)
+def claim(i: int, mac: bytes = MAC, *, at: int | None = None) -> Claim:
+    return Claim("garp_request", None, mac, mac, VIP + i, VIP + i, at or time.time_ns() - 1_000_000)
 
 
 class FakeBroker:
+    """Records what would go to RabbitMQ; fails the first `failures` publishes."""
+
     def __init__(self, failures: int = 0) -> None:
         self.failures = failures
-        self.calls: list[list[Envelope]] = []
-        self.published: list[Envelope] = []
+        self.attempts: list[bytes] = []
+        self.events: list[ClaimsObserved] = []
+        self.event_ids: list[uuid.UUID] = []
 
-    async def publish_many(self, envs: Sequence[Envelope]) -> None:
-        self.calls.append(list(envs))
+    async def publish_encoded(
+        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+    ) -> None:
+        assert event_type == "arp.claims.observed"
+        self.attempts.append(body)
         if self.failures:
             self.failures -= 1
             raise ConnectionError("broker away")
-        self.published.extend(envs)
+        env, data = decode(body)  # the pydantic contract
+        assert env.event_id == event_id
+        assert isinstance(data, ClaimsObserved)
+        self.events.append(data)
+        self.event_ids.append(event_id)
+
+    @property
+    def claims(self) -> list[tuple[IPv4Address, str, int]]:
+        return [(c.sender_ip, c.sender_mac, c.captured_at) for e in self.events for c in e.claims]
 
 
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -56,6 +74,7 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
     sender_ip=st.integers(min_value=0, max_value=2**32 - 1),
     target_ip=st.integers(min_value=0, max_value=2**32 - 1),
     captured_at=st.integers(min_value=0, max_value=2**64 - 1),
+    repeats=st.integers(min_value=1, max_value=2**32 - 1),
 )
 def test_buffered_claims_are_packed_losslessly(
     kind: ClaimKind,
@@ -65,11 +84,12 @@ def test_buffered_claims_are_packed_losslessly(
     sender_ip: int,
     target_ip: int,
     captured_at: int,
+    repeats: int,
 ) -> None:
-    original = Claim(kind, vlan, sender_mac, eth_src, sender_ip, target_ip, captured_at)
-    packed = pack_claim(original)
-    assert len(packed) == 31
-    assert unpack_claim(packed) == original
+    original = Claim(kind, vlan, sender_mac, eth_src, sender_ip, target_ip, captured_at, repeats)
+    key, rest = claimant(original), pack_rest(original, repeats)
+    assert len(key) + len(rest) == 35
+    assert unpack_claim(key, rest) == original
 
 
 async def test_buffer_wakes_the_loop_from_another_thread() -> None:
@@ -87,7 +107,7 @@ async def test_buffer_wakes_the_loop_from_another_thread() -> None:
     assert len(buffer) == 0
 
 
-async def test_buffer_take_is_fifo_and_bounded_by_limit() -> None:
+async def test_buffer_take_is_oldest_claimant_first_and_bounded_by_limit() -> None:
     buffer = ClaimBuffer(10, asyncio.get_running_loop())
     claims = [claim(i) for i in range(5)]
     buffer.put_many(claims)
@@ -96,7 +116,26 @@ async def test_buffer_take_is_fifo_and_bounded_by_limit() -> None:
     assert buffer.take(3) == []
 
 
-async def test_buffer_overflow_drops_the_oldest_and_counts() -> None:
+async def test_buffer_keeps_the_newest_claim_of_each_claimant_and_every_claimant() -> None:
+    buffer = ClaimBuffer(10, asyncio.get_running_loop())
+    t = time.time_ns()
+    holder_refreshes = [claim(0, at=t + i) for i in range(4)]
+    new_master = claim(0, OTHER, at=t + 10)
+    spoofer = Claim("garp_request", None, OTHER, MAC, VIP, VIP, t + 20)  # same address, other Ethernet source
+    buffer.put_many([holder_refreshes[0], new_master, *holder_refreshes[1:3], spoofer])
+    buffer.put_many([holder_refreshes[3]])
+    assert buffer.merged == 3
+    assert buffer.take(10) == [holder_refreshes[3]._replace(repeats=4), new_master, spoofer]
+
+
+async def test_buffer_keeps_the_newer_claim_when_an_older_one_comes_late() -> None:
+    buffer = ClaimBuffer(10, asyncio.get_running_loop())
+    t = time.time_ns()
+    buffer.put_many([claim(0, at=t + 5), claim(0, at=t)])
+    assert buffer.take(10) == [claim(0, at=t + 5)._replace(repeats=2)]
+
+
+async def test_buffer_overflow_drops_the_oldest_claimants_and_counts() -> None:
     buffer = ClaimBuffer(3, asyncio.get_running_loop())
     claims = [claim(i) for i in range(5)]
     buffer.put_many(claims[:2])
@@ -110,38 +149,48 @@ def test_buffer_capacity_must_be_positive() -> None:
         ClaimBuffer(0, asyncio.new_event_loop())
 
 
-async def test_publisher_publishes_everything_in_batches_then_stops_when_closed() -> None:
+async def test_publisher_sends_what_is_buffered_as_batch_events_then_stops_when_closed() -> None:
     registry = CollectorRegistry()
     metrics = WatcherMetrics(registry)
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = FakeBroker()
     publisher = ClaimPublisher(broker, buffer, metrics, watcher_id="h/eth0", interface="eth0", batch_size=4)
-    task = asyncio.create_task(publisher.run())
     buffer.put_many([claim(i) for i in range(10)])
-    await wait_until(lambda: len(broker.published) == 10)
+    task = asyncio.create_task(publisher.run())
+    await wait_until(lambda: len(broker.claims) == 10)
     publisher.close()
     async with asyncio.timeout(5):
         await task
-    assert [len(c) for c in broker.calls] == [4, 4, 2]
-    env = broker.published[0]
-    assert (env.type, env.source) == ("arp.claim.observed", "arp_watcher")
-    data = ClaimObserved.model_validate(env.data)
-    assert (data.watcher_id, data.interface, data.kind, data.sender_ip) == (
-        "h/eth0",
-        "eth0",
-        "garp_request",
-        IPv4Address("192.0.2.10"),
-    )
-    assert [ClaimObserved.model_validate(e.data).sender_ip for e in broker.published] == [
-        IPv4Address(VIP + i) for i in range(10)
-    ]
+    assert [len(e.claims) for e in broker.events] == [4, 4, 2]
+    first = broker.events[0]
+    assert (first.watcher_id, first.interface, first.claims[0].kind) == ("h/eth0", "eth0", "garp_request")
+    assert [ip for ip, _, _ in broker.claims] == [IPv4Address(VIP + i) for i in range(10)]
+    assert len({c.claim_id for e in broker.events for c in e.claims}) == 10
     assert registry.get_sample_value("havip_watcher_claims_published_total") == 10
+    assert registry.get_sample_value("havip_watcher_events_published_total") == 3
     assert registry.get_sample_value("havip_watcher_publish_latency_seconds_count") == 10
     assert publisher.published == 10
     assert publisher.in_flight == 0
 
 
-async def test_publisher_retries_the_same_events_with_backoff() -> None:
+async def test_a_single_claim_is_published_at_once_without_waiting_for_a_batch() -> None:
+    buffer = ClaimBuffer(1000, asyncio.get_running_loop())
+    broker = FakeBroker()
+    publisher = ClaimPublisher(
+        broker, buffer, WatcherMetrics(CollectorRegistry()), watcher_id="w", interface="eth0", batch_size=500
+    )
+    task = asyncio.create_task(publisher.run())
+    try:
+        buffer.put_many([claim(1)])
+        await wait_until(lambda: len(broker.events) == 1)
+        assert len(broker.events[0].claims) == 1
+    finally:
+        publisher.close()
+        async with asyncio.timeout(5):
+            await task
+
+
+async def test_publisher_retries_the_same_event_with_backoff() -> None:
     registry = CollectorRegistry()
     metrics = WatcherMetrics(registry)
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
@@ -151,14 +200,14 @@ async def test_publisher_retries_the_same_events_with_backoff() -> None:
     )
     task = asyncio.create_task(publisher.run())
     buffer.put_many([claim(1), claim(2)])
-    await wait_until(lambda: len(broker.published) == 2)
+    await wait_until(lambda: len(broker.claims) == 2)
     buffer.put_many([claim(3)])
-    await wait_until(lambda: len(broker.published) == 3)
+    await wait_until(lambda: len(broker.claims) == 3)
     publisher.close()
     async with asyncio.timeout(5):
         await task
-    ids = [[e.event_id for e in call] for call in broker.calls]
-    assert ids[0] == ids[1] == ids[2] == ids[3]  # retried with the same event ids
+    assert broker.attempts[0] == broker.attempts[1] == broker.attempts[2] == broker.attempts[3]  # same bytes
+    assert len(broker.attempts) == 5
     assert registry.get_sample_value("havip_watcher_publish_failures_total") == 3
     assert registry.get_sample_value("havip_watcher_claims_published_total") == 3
 
@@ -173,7 +222,7 @@ async def test_close_drains_what_is_buffered() -> None:
     publisher.close()
     async with asyncio.timeout(5):
         await publisher.run()
-    assert len(broker.published) == 5
+    assert len(broker.claims) == 5
 
 
 def test_capture_metrics_are_exported_with_bounded_labels() -> None:
@@ -183,7 +232,7 @@ def test_capture_metrics_are_exported_with_bounded_labels() -> None:
     stats.claims, stats.not_claims, stats.not_arp = 5, 7, 1
     stats.malformed["bad_hlen"] = 2
     stats.kernel_packets, stats.kernel_drops = 15, 0
-    metrics.watch_capture(stats, buffered=lambda: 3, dropped=lambda: 4)
+    metrics.watch_capture(stats, buffered=lambda: 3, dropped=lambda: 4, coalesced=lambda: 9)
     value = registry.get_sample_value
     assert value("havip_watcher_frames_total", {"result": "claim"}) == 5
     assert value("havip_watcher_frames_total", {"result": "not_claim"}) == 7
@@ -193,6 +242,7 @@ def test_capture_metrics_are_exported_with_bounded_labels() -> None:
     assert value("havip_watcher_kernel_packets_total") == 15
     assert value("havip_watcher_kernel_drops_total") == 0
     assert value("havip_watcher_claims_dropped_total") == 4
+    assert value("havip_watcher_claims_coalesced_total") == 9
     assert value("havip_watcher_claims_buffered") == 3
     stats.claims += 1  # read at scrape time
     assert value("havip_watcher_frames_total", {"result": "claim"}) == 6

@@ -199,10 +199,9 @@ def test_event_line_claim_rejected() -> None:
     )
 
 
-def test_event_line_claim_observed_has_the_capture_time_in_nanoseconds() -> None:
-    data = {
-        "watcher_id": "w1",
-        "interface": "eth0",
+def test_event_line_claims_observed_has_the_capture_time_in_nanoseconds() -> None:
+    claim = {
+        "claim_id": "6f1c0e0a-4e0c-4a59-9a55-1b7f3c2d9e01",
         "vlan": None,
         "kind": "garp_request",
         "sender_mac": "02:00:00:00:00:01",
@@ -211,13 +210,21 @@ def test_event_line_claim_observed_has_the_capture_time_in_nanoseconds() -> None
         "target_ip": "10.0.0.4",
         "captured_at": 1_764_138_450_123_456_789,
     }
-    line = render.event_line(envelope("arp.claim.observed", data))
-    assert "10.0.0.4 is-at 02:00:00:00:00:01  kind=garp_request  interface=eth0  watcher_id=w1" in line
-    assert line.endswith("captured=2025-11-26 06:27:30.123456789Z")
-    spoofed = render.event_line(
-        envelope("arp.claim.observed", {**data, "eth_src": "02:00:00:00:00:66", "vlan": 7})
+    line = render.event_line(
+        envelope("arp.claims.observed", {"watcher_id": "w1", "interface": "eth0", "claims": [claim]})
     )
-    assert "vlan=7  eth_src=02:00:00:00:00:66" in spoofed
+    assert line.endswith(
+        "1 claim  watcher_id=w1  interface=eth0  "
+        "[10.0.0.4 is-at 02:00:00:00:00:01  kind=garp_request  captured=2025-11-26 06:27:30.123456789Z]"
+    )
+    spoofed = {**claim, "eth_src": "02:00:00:00:00:66", "vlan": 7, "repeats": 4}
+    many = render.event_line(
+        envelope("arp.claims.observed", {"watcher_id": "w1", "interface": "eth0", "claims": [spoofed] * 5})
+    )
+    assert "5 claims" in many
+    assert "kind=garp_request  vlan=7  eth_src=02:00:00:00:00:66  repeats=4" in many
+    assert many.count("is-at") == render.CLAIMS_SHOWN
+    assert many.endswith("(+2 more)")
 
 
 def test_event_line_conditions_and_eip() -> None:

@@ -261,17 +261,30 @@ def _v(data: Json, key: str) -> str:
     return format_value(data.get(key), key)
 
 
+CLAIMS_SHOWN = 3  # claims of an arp.claims.observed event shown on its line
+
+
+def _claim_facts(claim: Json) -> str:
+    parts = [f"{_v(claim, 'sender_ip')} is-at {_v(claim, 'sender_mac')}", *_facts(claim, "kind", "vlan")]
+    if claim.get("eth_src") is not None and claim.get("eth_src") != claim.get("sender_mac"):
+        parts += _facts(claim, "eth_src")
+    if isinstance(claim.get("repeats"), int) and claim["repeats"] > 1:
+        parts += _facts(claim, "repeats")
+    if "captured_at" in claim:
+        parts.append(f"captured={format_ns(claim['captured_at'])}")
+    return "[" + "  ".join(parts) + "]"
+
+
 def event_facts(event_type: str, data: Json) -> str:
     """The key facts of an event's data, by type (an unknown type: its data as compact JSON)."""
     parts: list[str]
-    if event_type == "arp.claim.observed":
-        parts = [f"{_v(data, 'sender_ip')} is-at {_v(data, 'sender_mac')}"]
-        parts += _facts(data, "kind", "interface", "vlan")
-        if data.get("eth_src") is not None and data.get("eth_src") != data.get("sender_mac"):
-            parts += _facts(data, "eth_src")
-        parts += _facts(data, "watcher_id")
-        if "captured_at" in data:
-            parts.append(f"captured={format_ns(data['captured_at'])}")
+    if event_type == "arp.claims.observed":
+        claims = data.get("claims")
+        claims = [c for c in claims if isinstance(c, dict)] if isinstance(claims, list) else []
+        parts = [f"{len(claims)} claim{'' if len(claims) == 1 else 's'}", *_facts(data, "watcher_id", "interface")]
+        parts += [_claim_facts(claim) for claim in claims[:CLAIMS_SHOWN]]
+        if len(claims) > CLAIMS_SHOWN:
+            parts.append(f"(+{len(claims) - CLAIMS_SHOWN} more)")
     elif event_type.startswith("vpc."):
         parts = [f"vpc {_v(data, 'id')}", *_facts(data, "name", "cidr")]
     elif event_type.startswith("subnet."):

@@ -1,0 +1,84 @@
+"""Coalescing of repeated claims (pure; runs in the capture thread).
+
+keepalived announces a takeover with a burst of identical gratuitous ARPs (5 at once, 5 more after
+`garp_master_delay`), and a holder refreshes its claim periodically: deciding each copy again costs the binding
+service work and changes nothing. For each address on a VLAN, the first claim is published at once; a claim
+identical to the last published one for that address (same sender MAC, Ethernet source and VLAN) captured
+within `window_ns` of it is only counted, and folded into the next published one (`repeats`). A claim that
+differs in any of those fields — a new holder, a spoofer, a mismatched frame — is never held back, and a
+holder's refreshes still go out once per window.
+
+Memory is bounded: entries older than the window are swept, and if more addresses than `max_addresses` are
+claimed within one window the table is emptied (which only means the next claims are published, never that
+one is held back).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .claims import Claim
+
+DEFAULT_WINDOW_NS: Final = 1_000_000_000
+
+
+class _Published:
+    """The last published claim for one address: who claimed it, when, and how many copies came since."""
+
+    __slots__ = ("captured_at", "eth_src", "folded", "sender_mac")
+
+    def __init__(self, claim: Claim) -> None:
+        self.sender_mac = claim.sender_mac
+        self.eth_src = claim.eth_src
+        self.captured_at = claim.captured_at
+        self.folded = 0
+
+
+class Coalescer:
+    __slots__ = ("_last", "_next_sweep_ns", "coalesced", "max_addresses", "window_ns")
+
+    def __init__(self, window_ns: int = DEFAULT_WINDOW_NS, *, max_addresses: int = 1_000_000) -> None:
+        if window_ns < 0:
+            raise ValueError("window_ns must not be negative")
+        self.window_ns = window_ns
+        self.max_addresses = max_addresses
+        self._last: dict[tuple[int | None, int], _Published] = {}  # by (vlan, address)
+        self._next_sweep_ns = 0
+        self.coalesced = 0  # frames counted, not published (read by the metrics collector)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def admit(self, claims: list[Claim]) -> list[Claim]:
+        """The claims to publish, in order; each carries the number of frames it stands for in `repeats`."""
+        if self.window_ns == 0:
+            return claims
+        last = self._last
+        window = self.window_ns
+        out: list[Claim] = []
+        for claim in claims:
+            key = (claim.vlan, claim.sender_ip)
+            entry = last.get(key)
+            if entry is not None and entry.sender_mac == claim.sender_mac and entry.eth_src == claim.eth_src:
+                # Identical to the last published claim for this address; a capture time earlier than it (frames
+                # from several queues) counts as within the window.
+                if claim.captured_at - entry.captured_at < window:
+                    entry.folded += 1
+                    self.coalesced += 1
+                    continue
+                out.append(claim._replace(repeats=claim.repeats + entry.folded))
+            else:
+                out.append(claim)
+            last[key] = _Published(claim)
+        if claims:
+            self._maybe_sweep(claims[-1].captured_at)
+        return out
+
+    def _maybe_sweep(self, now_ns: int) -> None:
+        if now_ns < self._next_sweep_ns and len(self._last) <= self.max_addresses:
+            return
+        self._next_sweep_ns = now_ns + self.window_ns
+        cutoff = now_ns - self.window_ns
+        self._last = {k: v for k, v in self._last.items() if v.captured_at > cutoff}
+        if len(self._last) > self.max_addresses:
+            self._last.clear()
