@@ -77,7 +77,7 @@ def unpack_claim(key: bytes, rest: bytes) -> Claim:
 
 
 class ClaimBuffer:
-    """Bounded, thread-safe buffer of the newest claim per claimant, oldest claimant first."""
+    """Bounded, thread-safe buffer of the newest claim per claimant, in the order of those claims' arrival."""
 
     def __init__(self, capacity: int, loop: asyncio.AbstractEventLoop) -> None:
         if capacity < 1:
@@ -111,6 +111,9 @@ class ClaimBuffer:
                 kind, target_ip, older_at, older_repeats = _REST.unpack(older)
                 repeats = min(older_repeats + claim.repeats, _MAX_REPEATS)
                 if older_at <= claim.captured_at:  # keep the newest; frames from several queues may cross
+                    # ... and move it behind the others, so that what is published after an outage goes out in
+                    # the order of the claims' capture times: the binding service then records every change.
+                    del items[key]
                     items[key] = pack_rest(claim, repeats)
                 else:
                     items[key] = _REST.pack(kind, target_ip, older_at, repeats)
@@ -126,7 +129,7 @@ class ClaimBuffer:
             self._loop.call_soon_threadsafe(self._ready.set)
 
     def take(self, limit: int) -> list[Claim]:
-        """Remove and return up to `limit` claims, oldest claimant first (event-loop side)."""
+        """Remove and return up to `limit` claims, the earliest first (event-loop side)."""
         with self._lock:
             items = self._items
             if len(items) <= limit:

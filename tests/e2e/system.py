@@ -44,6 +44,8 @@ class System:
     workdir: Path
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     netns: str | None = None
+    # The watcher's own way to RabbitMQ (e.g. through a proxy a test can cut); default amqp_url.
+    watcher_amqp_url: str | None = None
     api_port: int = field(default_factory=free_port)
     binding_metrics_port: int = field(default_factory=free_port)
     watcher_metrics_port: int = field(default_factory=free_port)
@@ -98,7 +100,11 @@ class System:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.migrate()
         self._spawn("binding", "services.binding", HAVIP_METRICS_PORT=str(self.binding_metrics_port))
-        watcher_env = {"HAVIP_INTERFACE": self.interface, "HAVIP_METRICS_PORT": str(self.watcher_metrics_port)}
+        watcher_env = {
+            "HAVIP_INTERFACE": self.interface,
+            "HAVIP_METRICS_PORT": str(self.watcher_metrics_port),
+            "HAVIP_AMQP_URL": self.watcher_amqp_url or self.amqp_url,
+        }
         if self.netns:
             watcher_env["HAVIP_NETNS"] = self.netns
         self._spawn("arp_watcher", "services.arp_watcher", **watcher_env)

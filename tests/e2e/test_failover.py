@@ -22,6 +22,7 @@ from shared.settings import CommonSettings
 from tests.e2e.system import System
 from tests.lab import Keepalived, Lab, LabHost
 from tests.listener import EventLog, listening
+from tests.tcp_proxy import CuttableProxy
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -41,11 +42,23 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
+def watcher_link() -> Iterator[CuttableProxy]:
+    """The watcher reaches RabbitMQ through this proxy: a test can take the broker away from it alone."""
+    with CuttableProxy() as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
 def system(
-    lab: Lab, database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+    lab: Lab,
+    database_url: str,
+    amqp_url: str,
+    watcher_link: CuttableProxy,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[System]:
     interface = lab.capture_ports["cap"].iface
-    with System(database_url, amqp_url, interface, tmp_path_factory.mktemp("services")) as system:
+    workdir = tmp_path_factory.mktemp("services")
+    with System(database_url, amqp_url, interface, workdir, watcher_amqp_url=watcher_link.url(amqp_url)) as system:
         yield system
 
 
@@ -219,6 +232,62 @@ async def test_garp_from_an_unregistered_host_is_refused_and_moves_nothing(
     assert (shown["state"], shown["bound_instance_id"]) == ("BOUND", cvm1_id)
     with system.api() as api:
         assert len(ok(api.get(f"/havips/{havip['id']}/transitions"))["items"]) == 1
+
+
+async def test_failovers_during_a_broker_outage_reach_the_binding_when_it_returns(
+    system: System, lab: Lab, inventory: dict[str, Any], watcher_link: CuttableProxy
+) -> None:
+    """SPEC R1 for the watcher: RabbitMQ is away from it while keepalived fails over twice (cvm1 → cvm2 → cvm1);
+    it keeps capturing, and when the broker returns the binding service records both changes, in order."""
+    cvm1_id = inventory["instances"]["cvm1"]["id"]
+    cvm2_id = inventory["instances"]["cvm2"]["id"]
+    havip = allocate(system, inventory, "vip-outage")
+    vip = havip["address"]
+    ka1, ka2 = keepalived_pair(lab, vip, 64)
+    ka1_again = keepalived_pair(lab, vip, 64)[0]
+
+    def claims_captured() -> float:
+        return system.metric("havip_watcher_frames_total", {"result": "claim"}, service="watcher")
+
+    try:
+        ka1.start()
+        await eventually(lambda: bound_to(system, havip["id"], cvm1_id), timeout=30, what="bound to cvm1")
+        ka2.start()
+        watcher_link.cut()
+        captured = claims_captured()
+        ka1.stop()  # cvm2 takes over while the watcher cannot publish
+        await eventually(lambda: ka2.is_master() and claims_captured() > captured, timeout=30, what="cvm2's GARP")
+        captured = claims_captured()
+        ka1_again.start()  # preempts: cvm1 takes the address back, still during the outage
+        await eventually(
+            lambda: ka1_again.is_master() and claims_captured() > captured, timeout=30, what="cvm1's GARP"
+        )
+        with system.api() as api:
+            assert len(ok(api.get(f"/havips/{havip['id']}/transitions"))["items"]) == 1  # nothing seen yet
+
+        watcher_link.start()  # the broker is back for the watcher
+
+        async def history() -> list[tuple[int, str | None, str | None]]:
+            with system.api() as api:
+                items = ok(api.get(f"/havips/{havip['id']}/transitions"))["items"]
+            return [(t["sequence"], t["from_instance_id"], t["to_instance_id"]) for t in items]
+
+        async def both_changes_recorded() -> bool:
+            return len(await history()) >= 3
+
+        await eventually(both_changes_recorded, timeout=60, what="the two failovers of the outage")
+        assert await history() == [(3, cvm2_id, cvm1_id), (2, cvm1_id, cvm2_id), (1, None, cvm1_id)]
+        assert await bound_to(system, havip["id"], cvm1_id)
+        assert system.metric("havip_watcher_publish_failures_total", service="watcher") >= 1
+        assert system.metric("havip_watcher_claims_dropped_total", service="watcher") == 0
+    finally:
+        if not watcher_link.listening:
+            watcher_link.start()
+        for keepalived in (ka1, ka2, ka1_again):
+            keepalived.stop()
+        for host in (lab.hosts["cvm1"], lab.hosts["cvm2"]):
+            if host.has_address(vip):
+                host.del_address(vip)
 
 
 def test_the_lab_is_closed(lab: Lab) -> None:

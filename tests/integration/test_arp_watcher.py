@@ -41,6 +41,7 @@ from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
 from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
 from tests import service_logs
 from tests.ports import free_port
+from tests.tcp_proxy import CuttableProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_NETWORKS = [ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
@@ -487,60 +488,13 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> 
         await connection.close()
 
 
-class CuttableProxy:
-    """A TCP proxy to RabbitMQ that the test can cut (connections dropped, new ones refused) and restore —
-    a broker outage for the watcher only, without touching the RabbitMQ other tests use."""
-
-    def __init__(self, upstream_port: int = 5672) -> None:
-        self.upstream_port = upstream_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        dst.close()
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def close(self) -> None:
-        await self.cut()
-
-
 async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: str) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}."
     exchange_name = f"{prefix}havip.events"
     queue_name = f"{prefix}test.arp_watcher_outage"
     metrics_port = free_port()
     proxy = CuttableProxy()
-    await proxy.start()
+    proxy.start()
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
     watcher: WatcherProcess | None = None
@@ -552,7 +506,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
         env.update(
             HAVIP_INTERFACE="eth0",
             HAVIP_NETNS=lab.watch_ns,
-            HAVIP_AMQP_URL=amqp_url.replace(":5672/", f":{proxy.port}/"),
+            HAVIP_AMQP_URL=proxy.url(amqp_url),
             HAVIP_AMQP_PREFIX=prefix,
             HAVIP_PUBLISH_TIMEOUT_S="1",
             HAVIP_COALESCE_WINDOW_S="0",  # every frame reaches the buffer: its merging is what is tested here
@@ -580,7 +534,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
         (first,) = await next_claims(1, 10)
         assert str(first.sender_ip) == "192.0.2.30"
 
-        await proxy.cut()
+        proxy.cut()
         await asyncio.to_thread(lab.arping, "192.0.2.31")
         await watcher.wait_for_log("publishing 1 claims failed", timeout_s=20)  # in flight, retried
         # While the broker is away the buffer keeps the newest claim of every claimant: a new claimant of .31
@@ -588,7 +542,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
         other = "02:aa:aa:aa:aa:aa"
         await asyncio.to_thread(lab.send_frames, [marker_frame(address="192.0.2.31")] * 2)
         await asyncio.to_thread(lab.arping, "192.0.2.32", count=3)
-        await proxy.start()  # the broker is back: the robust connection reconnects by itself
+        proxy.start()  # the broker is back: the robust connection reconnects by itself
 
         during = await next_claims(3, 30)
         assert [(str(c.sender_ip), c.sender_mac, c.repeats) for c in during] == [
@@ -603,7 +557,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
     finally:
         if watcher is not None:
             await watcher.kill()
-        await proxy.close()
+        proxy.cut()
         await connection.close()
 
 

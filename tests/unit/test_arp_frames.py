@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.arp_watcher.claims import claim_from_frame
+from services.arp_watcher.coalesce import Coalescer
 from services.arp_watcher.frames import (
     ARP_REPLY,
     ARP_REQUEST,
@@ -23,6 +25,7 @@ from services.arp_watcher.frames import (
     parse_frame,
 )
 
+T0 = 1_700_000_000_000_000_000
 MAC_A = bytes.fromhex("020000000001")
 MAC_B = bytes.fromhex("0200000000bb")
 VIP = int(IPv4Address("192.0.2.10"))
@@ -281,10 +284,13 @@ def test_round_trip(
 
 
 def test_a_million_mutated_frames_never_escape_frame_error() -> None:
-    """SPEC R4 asks for ≥ 1,000,000 fuzzed frames: seeded random mutations and random bytes, quickly."""
+    """SPEC R4 asks for ≥ 1,000,000 fuzzed frames: seeded random mutations (truncated, wrong lengths, odd hardware
+    and protocol types, nested tags) and random bytes, through the parser, the claim rule and the coalescer — the
+    whole per-frame path of the capture thread — quickly."""
     rng = random.Random(20240229)
     bases = [bytearray(f) for f in VALID_FRAMES]
-    outcomes = {"ok": 0, "malformed": 0, "not_arp": 0}
+    outcomes = {"claim": 0, "not_claim": 0, "malformed": 0, "not_arp": 0}
+    coalescer = Coalescer()
     for i in range(1_000_000):
         if i % 4 == 0:
             data = rng.randbytes(rng.randrange(0, 80))
@@ -294,16 +300,28 @@ def test_a_million_mutated_frames_never_escape_frame_error() -> None:
                 buf[rng.randrange(len(buf))] = rng.randrange(256)
             if i % 3 == 0:
                 del buf[rng.randrange(len(buf)) :]
+            elif i % 7 == 0:  # another tag in front, of any TPID
+                buf[12:12] = rng.choice((b"\x81\x00", b"\x88\xa8", b"\x91\x00", rng.randbytes(2))) + rng.randbytes(
+                    2
+                )
             data = bytes(buf)
         try:
-            parse_frame(data, None if i & 1 else i & 0xFFFF)
-            outcomes["ok"] += 1
+            frame = parse_frame(data, None if i & 1 else i & 0xFFFF)
         except MalformedFrame:
             outcomes["malformed"] += 1
+            continue
         except NotArp:
             outcomes["not_arp"] += 1
+            continue
+        claim = claim_from_frame(frame, T0 + i)
+        if claim is None:
+            outcomes["not_claim"] += 1
+        else:
+            outcomes["claim"] += 1
+            coalescer.admit([claim])
     assert sum(outcomes.values()) == 1_000_000
     assert all(outcomes.values())  # every outcome was exercised
+    assert coalescer.coalesced < outcomes["claim"]
 
 
 def test_frame_error_is_the_only_base() -> None:
