@@ -6,11 +6,13 @@ import ipaddress
 import re
 import secrets
 
-#: The only ranges lab traffic may use (RFC 5737 documentation ranges).
+#: The only ranges lab traffic may use: the RFC 5737 documentation ranges, and the RFC 2544 benchmarking range
+#: for the scale benchmarks that need more addresses.
 ALLOWED_NETWORKS: tuple[ipaddress.IPv4Network, ...] = (
     ipaddress.IPv4Network("192.0.2.0/24"),
     ipaddress.IPv4Network("198.51.100.0/24"),
     ipaddress.IPv4Network("203.0.113.0/24"),
+    ipaddress.IPv4Network("198.18.0.0/15"),
 )
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name

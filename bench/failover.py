@@ -1,0 +1,398 @@
+"""P2 — mass failover — and P1 under load, on the real watcher and binding service in a closed lab.
+
+    .venv/bin/python -m bench.failover [--n 1000] [--probes 100] [--background 0] [--json]
+
+What one run does, on a database and RabbitMQ virtual host of its own (bench/common.py `sandbox`):
+
+1. a lab on the benchmarking range 198.18.0.0/15: two servers `cvma` and `cvmb` on one bridge, and a capture port
+   in the root namespace; the three services start as processes (tests/e2e/system.py), the watcher capturing
+   the port;
+2. the inventory reaches the binding service as the allocator would send it (events on its exchange): one VPC,
+   one subnet, the two servers, and N HAVIPs (198.18.16.0 onwards) plus one probe HAVIP;
+3. cvma announces every HAVIP (one GARP each) and the run waits until the binding holds them all for cvma;
+4. **P2**: cvmb announces every HAVIP at once, 5 GARPs each (keepalived's burst: the 5 repeats of every address,
+   one round after another), through a raw socket in its namespace. tcpdump on the capture port, in the same
+   run, gives the kernel time of the last GARP on the wire (the reference); the figure is the time from it to
+   the moment the benchmark's poll of the database (every 10 ms) sees the N-th committed transition, and the
+   binding's own `committed_at` stamps beside it;
+5. **P1 under load**: cvma keeps refreshing the N HAVIPs at `--background` frames/s (0 = no load) while a probe
+   HAVIP is moved between the two servers `--probes` times, one GARP each, ~5 per second; each probe's
+   latency is its transition's `committed_at − captured_at` (kernel receive time → the binding's commit),
+   beside a bare Postgres commit (one-row upsert transaction) measured between the probes in the same run;
+6. **P5**: the watcher's and the binding's resident memory (VmRSS) after all that.
+
+Everything it started is stopped and removed at the end, also on failure or Ctrl-C: processes by their process
+group, the lab's namespaces, the database and the virtual host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say
+from services.arp_watcher.capture import network_namespace
+from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from shared import events
+from shared.messaging import Broker
+from shared.settings import CommonSettings
+from tests.e2e.system import System
+from tests.lab import Lab
+
+SUBNET = "198.18.0.0/15"
+HAVIP_BASE = IPv4Address("198.18.16.0")
+PROBE = IPv4Address("198.18.15.250")
+BURST = 5  # keepalived's garp_master_repeat
+
+
+# ---- the wire ---------------------------------------------------------------------------------------------
+
+
+class RawSender:
+    """An AF_PACKET socket opened inside a lab server's namespace: frames go out of its eth0 as they are."""
+
+    def __init__(self, netns: str, mac: str) -> None:
+        self.mac = bytes.fromhex(mac.replace(":", ""))
+        with network_namespace(netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            self.sock.bind(("eth0", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024 * 1024)
+
+    def garp(self, address: IPv4Address) -> bytes:
+        ip = int(address)
+        return build_arp_frame(oper=ARP_REQUEST, sender_mac=self.mac, sender_ip=ip, target_ip=ip)
+
+    def send(self, frames: list[bytes]) -> None:
+        send = self.sock.send
+        for frame in frames:
+            send(frame)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class PacedSender(threading.Thread):
+    """Sends `frames` round after round at `rate` frames/s until stopped (bounded by `max_s`)."""
+
+    def __init__(self, sender: RawSender, frames: list[bytes], rate: int, max_s: float) -> None:
+        super().__init__(name="background refreshes", daemon=True)
+        self.sender, self.frames, self.rate, self.max_s = sender, frames, rate, max_s
+        self.stopping = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        tick = 0.005
+        per_tick = max(1, round(self.rate * tick))
+        start = time.monotonic()
+        i = 0
+        while not self.stopping.is_set() and time.monotonic() - start < self.max_s:
+            chunk = [self.frames[(i + k) % len(self.frames)] for k in range(per_tick)]
+            self.sender.send(chunk)
+            i += per_tick
+            self.sent += per_tick
+            ahead = start + self.sent / self.rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+@contextmanager
+def tcpdump(interface: str, workdir: Path) -> Iterator[Path]:
+    """tcpdump writing the port's ARP frames with nanosecond kernel timestamps: the reference of the run."""
+    path = workdir / "wire.pcap"
+    err = (workdir / "tcpdump.err").open("wb")
+    proc = subprocess.Popen(
+        ["tcpdump", "-i", interface, "-n", "-B", "65536", "--time-stamp-precision=nano", "-w", str(path), "arp"],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while b"listening on" not in (workdir / "tcpdump.err").read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tcpdump did not start: {(workdir / 'tcpdump.err').read_text()}")
+            time.sleep(0.02)
+        yield path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        err.close()
+
+
+def read_pcap(path: Path) -> list[tuple[int, bytes]]:
+    """(kernel time in ns, sender MAC) of each ARP frame of a nanosecond pcap file."""
+    data = path.read_bytes()
+    magic = struct.unpack_from("<I", data)[0]
+    if magic != 0xA1B23C4D:
+        raise ValueError(f"{path}: not a little-endian nanosecond pcap (magic {magic:#x})")
+    frames = []
+    offset = 24
+    while offset + 16 <= len(data):
+        sec, nsec, incl, _orig = struct.unpack_from("<IIII", data, offset)
+        frame = data[offset + 16 : offset + 16 + incl]
+        frames.append((sec * 1_000_000_000 + nsec, frame[22:28]))
+        offset += 16 + incl
+    return frames
+
+
+# ---- the inventory, as the allocator would announce it ---------------------------------------------------
+
+
+async def announce_inventory(
+    box: Sandbox, lab: Lab, addresses: list[IPv4Address]
+) -> tuple[dict[str, uuid.UUID], dict[IPv4Address, uuid.UUID]]:
+    vpc, subnet = uuid.uuid4(), uuid.uuid4()
+    instances = {name: uuid.uuid4() for name in ("cvma", "cvmb")}
+    envs = [
+        events.envelope(
+            "instance.registered",
+            events.InstanceData(
+                id=instances[name], vpc_id=vpc, subnet_id=subnet, name=name,
+                private_ip=IPv4Address(lab.hosts[name].ip), mac=lab.hosts[name].mac,
+            ),
+            "allocator",
+        )
+        for name in instances
+    ]  # fmt: skip
+    havips = {address: uuid.uuid4() for address in addresses}
+    envs += [
+        events.envelope(
+            "havip.allocated",
+            events.HavipData(id=havip_id, vpc_id=vpc, subnet_id=subnet, name=None, address=address, candidates=[]),
+            "allocator",
+        )
+        for address, havip_id in havips.items()
+    ]
+    broker = Broker(CommonSettings(amqp_url=box.amqp_url, publish_timeout_s=60), "bench")
+    await broker.connect()
+    try:
+        for start in range(0, len(envs), 1000):
+            await broker.publish_many(envs[start : start + 1000])
+    finally:
+        await broker.close()
+    return instances, havips
+
+
+async def wait_until(
+    conn: Any, sql: str, args: tuple[Any, ...], want: int, *, timeout_s: float, what: str
+) -> tuple[int, Any]:
+    """Poll `sql` (first column: a count) every 10 ms until it reaches `want`; returns (ns when seen, row)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = await conn.fetchrow(sql, *args)
+        if row[0] >= want:
+            return time.time_ns(), row
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {row[0]} of {want} within {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def bare_commit_s(conn: Any) -> float:
+    start = time.perf_counter()
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO bench_commit (id, at) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET at = now()"
+        )
+    return time.perf_counter() - start
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+
+
+async def run(n: int, probes: int, background: int, workdir: Path) -> dict[str, Any]:
+    addresses = [HAVIP_BASE + i for i in range(n)]
+    result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine()}
+    async with sandbox("failover") as box:
+        with Lab(SUBNET, workdir=workdir / "lab") as lab:
+            a = lab.add_host("cvma", "198.18.0.11")
+            b = lab.add_host("cvmb", "198.18.0.12")
+            cap = lab.add_capture_port("cap")
+            with System(box.database_url, box.amqp_url, cap, workdir / "services") as system:
+                instances, havips = await announce_inventory(box, lab, [*addresses, PROBE])
+                conn = await asyncpg.connect(box.database_url)
+                send_a, send_b = RawSender(a.netns, a.mac), RawSender(b.netns, b.mac)
+                try:
+                    await wait_until(
+                        conn, "SELECT count(*) FROM binding.havips", (), n + 1, timeout_s=120, what="inventory"
+                    )
+                    say(f"inventory of {n + 1} HAVIPs loaded; cvma claims them")
+                    send_a.send([send_a.garp(address) for address in [*addresses, PROBE]])
+                    await wait_until(
+                        conn,
+                        "SELECT count(*) FROM binding.bindings WHERE instance_id = $1",
+                        (instances["cvma"],),
+                        n + 1,
+                        timeout_s=120,
+                        what="cvma holds every HAVIP",
+                    )
+                    result["p2"] = await mass_failover(conn, cap, workdir, send_b, addresses, instances["cvmb"])
+                    say(f"P2: {json.dumps(result['p2'])}")
+                    result["p1"] = await probes_under_load(
+                        conn, send_a, send_b, addresses, havips[PROBE], probes, background
+                    )
+                    say(f"P1: {json.dumps(result['p1'])}")
+                    result["p5"] = {
+                        "watcher_rss_mb": round(rss_mb(system.services["arp_watcher"].process.pid), 1),
+                        "binding_rss_mb": round(rss_mb(system.services["binding"].process.pid), 1),
+                    }
+                    result["watcher"] = {
+                        name: system.metric(name, service="watcher")
+                        for name in (
+                            "havip_watcher_kernel_drops_total",
+                            "havip_watcher_claims_published_total",
+                            "havip_watcher_claims_coalesced_total",
+                            "havip_watcher_events_published_total",
+                        )
+                    }
+                finally:
+                    send_a.close()
+                    send_b.close()
+                    await conn.close()
+    return result
+
+
+async def mass_failover(
+    conn: Any, cap: str, workdir: Path, sender: RawSender, addresses: list[IPv4Address], to: uuid.UUID
+) -> dict[str, Any]:
+    frames = [sender.garp(address) for address in addresses]
+    with tcpdump(cap, workdir) as pcap:
+        sent_at = time.time_ns()
+        for _ in range(BURST):
+            sender.send(frames)
+        sent_s = (time.time_ns() - sent_at) / 1e9
+        seen_ns, row = await wait_until(
+            conn,
+            "SELECT count(*), max(committed_at), max(captured_ns) FROM binding.transitions "
+            "WHERE to_instance_id = $1",
+            (to,),
+            len(addresses),
+            timeout_s=120,
+            what="every HAVIP moved",
+        )
+        await asyncio.sleep(0.5)  # let tcpdump write out what it captured
+    wire = [t for t, mac in read_pcap(pcap) if mac == sender.mac]
+    last_garp = max(wire)
+    return {
+        "garps_sent": len(frames) * BURST,
+        "send_s": round(sent_s, 3),
+        "garps_on_wire_tcpdump": len(wire),
+        "last_garp_to_last_commit_seen_s": round((seen_ns - last_garp) / 1e9, 3),
+        "last_garp_to_last_committed_at_s": round((row[1].timestamp() * 1e9 - last_garp) / 1e9, 3),
+        "first_garp_to_last_commit_seen_s": round((seen_ns - min(wire)) / 1e9, 3),
+        "transitions_per_s": round(len(addresses) / ((seen_ns - min(wire)) / 1e9)),
+    }
+
+
+async def probes_under_load(
+    conn: Any,
+    send_a: RawSender,
+    send_b: RawSender,
+    addresses: list[IPv4Address],
+    probe_id: uuid.UUID,
+    probes: int,
+    background: int,
+) -> dict[str, Any]:
+    await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
+    loader = None
+    if background:
+        # cvmb holds the N HAVIPs now: it refreshes them.
+        loader = PacedSender(send_b, [send_b.garp(a) for a in addresses], background, max_s=probes * 0.4 + 30)
+        loader.start()
+        await asyncio.sleep(2)  # the load in its stride before the first probe
+    latencies: list[float] = []
+    commits: list[float] = []
+    sequence = await conn.fetchval("SELECT sequence FROM binding.bindings WHERE havip_id = $1", probe_id)
+    try:
+        for i in range(probes):
+            commits.append(await bare_commit_s(conn))
+            sender = send_b if i % 2 == 0 else send_a
+            sender.send([sender.garp(PROBE)])
+            sequence += 1
+            _, row = await wait_until(
+                conn,
+                "SELECT count(*), max(committed_at), max(captured_ns) FROM binding.transitions "
+                "WHERE havip_id = $1 AND sequence = $2",
+                (probe_id, sequence),
+                1,
+                timeout_s=30,
+                what=f"probe {i}",
+            )
+            latencies.append((row[1].timestamp() * 1e9 - row[2]) / 1e9)
+            await asyncio.sleep(0.2)
+    finally:
+        if loader is not None:
+            loader.stopping.set()
+            loader.join(10)
+    summary = {k: round(v, 2) for k, v in latency_summary_ms(latencies).items()}
+    bare = {k: round(v, 2) for k, v in latency_summary_ms(commits).items()}
+    return {
+        "probes": probes,
+        "background_claims_per_s": background,
+        "background_sent": loader.sent if loader else 0,
+        "garp_to_commit_ms": summary,
+        "bare_postgres_commit_ms": bare,
+        "p50_over_bare_commit": round(percentile(latencies, 50) / percentile(commits, 50), 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1000, help="HAVIPs that move at once (P2)")
+    parser.add_argument("--probes", type=int, default=100, help="single-GARP probes for P1")
+    parser.add_argument("--background", type=int, default=0, help="refreshes/s of the N HAVIPs during P1")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args()
+    if not 1 <= args.n <= 60_000:
+        parser.error("--n must be between 1 and 60000")
+    with tempfile.TemporaryDirectory(prefix="havip-bench-failover-") as tmp:
+        result = asyncio.run(run(args.n, args.probes, args.background, Path(tmp)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        p2, p1 = result["p2"], result["p1"]
+        print(
+            f"P2  N={args.n}: last GARP on the wire (tcpdump) → last commit seen: "
+            f"{p2['last_garp_to_last_commit_seen_s']} s  (binding's committed_at: "
+            f"{p2['last_garp_to_last_committed_at_s']} s; {p2['transitions_per_s']} transitions/s; "
+            f"{p2['garps_on_wire_tcpdump']} GARPs on the wire)"
+        )
+        print(
+            f"P1  {p1['probes']} probes, {p1['background_claims_per_s']} refreshes/s in the background: "
+            f"GARP → commit {p1['garp_to_commit_ms']} ms; bare Postgres commit {p1['bare_postgres_commit_ms']} ms"
+        )
+        print(
+            f"P5  watcher RSS {result['p5']['watcher_rss_mb']} MB, binding RSS {result['p5']['binding_rss_mb']} MB"
+        )
+        print(f"    watcher: {result['watcher']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
