@@ -49,25 +49,40 @@ class OutboxRelay:
         self._poll_s = poll_s
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stop_requested = asyncio.Event()
 
     def wake(self) -> None:
         """Called after a commit that wrote events, so they leave at once rather than at the next poll."""
         self._wakeup.set()
 
     def start(self) -> None:
+        self._stopping = False
+        self._stop_requested.clear()
         self._task = asyncio.create_task(self._run(), name=f"outbox relay {self._schema}")
 
-    async def stop(self) -> None:
-        if self._task is not None:
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Let the pass under way finish — a pass cut between publishing and deleting would publish its events
+        again at the next start — then end; cancel only if it takes longer than `timeout_s`."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._stop_requested.set()
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            log.warning("outbox relay did not finish its pass within %.1f s; cancelling it", timeout_s)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
         delay = 0.1
-        while True:
+        while not self._stopping:
             try:
-                while await self.relay_once() == self._batch:
+                while await self.relay_once() == self._batch and not self._stopping:
                     pass
                 delay = 0.1
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (CPython gh-86296).
@@ -79,8 +94,12 @@ class OutboxRelay:
                 raise
             except Exception:
                 OUTBOX_FAILURES.labels(self._schema).inc()
+                if self._stopping:
+                    return
                 log.exception("outbox relay failed; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stop_requested.wait()  # a stop ends the back-off at once
                 delay = min(delay * 2, 5.0)
 
     async def relay_once(self) -> int:

@@ -3,8 +3,9 @@ order, even when the process that committed it died before publishing; what was 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -99,3 +100,38 @@ async def test_the_backlog_gauge_counts_what_is_left_after_a_pass(pool: Any, amq
         assert REGISTRY.get_sample_value("havip_outbox_pending_events", {"service": "allocator"}) == 0
     finally:
         await broker.close()
+
+
+class SlowBroker(Broker):
+    """The real broker, with a pause inside every publish: a stop request lands in the middle of a pass."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        super().__init__(settings, "test-relay")
+        self.publishing = asyncio.Event()
+
+    async def publish_many(self, envs: Sequence[events.Envelope]) -> None:
+        self.publishing.set()
+        await asyncio.sleep(0.3)
+        await super().publish_many(envs)
+
+
+async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str) -> None:
+    """A relay stopped between publishing and deleting would publish the same events again at the next start."""
+    settings = CommonSettings(amqp_url=amqp_url)
+    batch = [vpc_event(f"stop-{i}") for i in range(3)]
+    async with pool.acquire() as conn, conn.transaction():
+        await add_to_outbox(conn, "allocator", batch)
+    async with listening(settings, ["vpc.created"]) as log:
+        broker = SlowBroker(settings)
+        await broker.connect()
+        relay = OutboxRelay(pool, broker, "allocator")
+        relay.start()
+        try:
+            await asyncio.wait_for(broker.publishing.wait(), 10)
+            await relay.stop()  # while the pass is publishing
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0
+            await eventually(lambda: len(log.received) >= len(batch), what="the batch")
+        finally:
+            await broker.close()
+    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in batch]
