@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 async def eventually(
     predicate: Callable[[], bool | Awaitable[bool]],
     *,
-    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline polled between checks, not a cancellation
+    timeout: float = 20.0,  # noqa: ASYNC109 - a deadline polled between checks, not a cancellation
     interval: float = 0.02,
     what: str,
 ) -> None:

@@ -156,7 +156,7 @@ class ArpCapture:
     ) -> None:
         self.close()
 
-    def start(self, timeout: float = 5.0) -> None:
+    def start(self, timeout: float = 20.0) -> None:
         argv = ["tcpdump", "-i", self.iface, "-tt", "-n", "-l", "-xx", "-c", str(self.count), self.bpf]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]

@@ -166,7 +166,7 @@ class Keepalived:
         """The keepalived parent's PID (also its process-group id), once started."""
         return self.proc.pid if self.proc is not None else None
 
-    def start(self, *, timeout: float = 5.0) -> None:
+    def start(self, *, timeout: float = 20.0) -> None:
         """Write the config and start keepalived; wait (bounded) until its VRRP child has written its pid file."""
         if self.proc is not None:
             raise RuntimeError(f"keepalived on {self.host.name} was already started")

@@ -227,7 +227,7 @@ class LabHost(Namespace):
         *,
         vlan: int | None = None,
         interval: float = 0.05,
-        timeout: float = 5.0,
+        timeout: float = 20.0,
     ) -> None:
         """Send ``count`` gratuitous ARPs for ``ip`` from this host: sender IP == target IP == ``ip``, broadcast.
 

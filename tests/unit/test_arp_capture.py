@@ -165,7 +165,7 @@ class FakeSocket:
         self.closed = True
 
 
-def wait_until(condition: Any, timeout_s: float = 5.0) -> None:
+def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
