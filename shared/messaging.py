@@ -23,7 +23,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelInvalidStateError
 
-from shared.events import Envelope, EventData, InvalidEvent, decode, encode
+from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
 from shared.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class Delivery:
     """A decoded message handed to a consumer's handler."""
 
-    envelope: Envelope
+    envelope: EventHead
     data: EventData
     redelivered: bool
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
+import msgspec
 from prometheus_client import Counter, Gauge
 
 from shared.events import Envelope, encode
@@ -38,6 +41,19 @@ async def add_to_outbox(conn: Any, schema: str, envs: Sequence[Envelope]) -> Non
             f"INSERT INTO {schema}.outbox (routing_key, body) VALUES ($1, $2)",
             [(env.type, encode(env).decode()) for env in envs],
         )
+
+
+class _Head(msgspec.Struct):
+    event_id: uuid.UUID
+    occurred_at: datetime
+
+
+_HEAD = msgspec.json.Decoder(_Head)
+
+
+def _with_head(body: str) -> tuple[bytes, _Head]:
+    raw = body.encode()
+    return raw, _HEAD.decode(raw)
 
 
 class OutboxRelay:
@@ -107,12 +123,19 @@ class OutboxRelay:
         async with self._pool.acquire() as conn, conn.transaction():
             # SKIP LOCKED: a second replica's relay takes other rows instead of waiting.
             rows = await conn.fetch(
-                f"""SELECT id, body FROM {self._schema}.outbox ORDER BY id
+                f"""SELECT id, routing_key, body FROM {self._schema}.outbox ORDER BY id
                     LIMIT $1 FOR UPDATE SKIP LOCKED""",
                 self._batch,
             )
             if rows:
-                await self._broker.publish_many([Envelope.model_validate_json(r["body"]) for r in rows])
+                # The stored bytes go out as they are: they were encoded (and validated) when committed.
+                await asyncio.gather(
+                    *(
+                        self._broker.publish_encoded(r["routing_key"], body, head.event_id, head.occurred_at)
+                        for r in rows
+                        for body, head in [_with_head(r["body"])]
+                    )
+                )
                 await conn.execute(
                     f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
                 )

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Callable, Iterable
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.binding.domain import Binding
 
 TRANSITIONS = Counter("havip_transitions_total", "Ownership transitions committed", ["reason"])
 BINDING_LATENCY = Histogram(
@@ -13,14 +19,9 @@ BINDING_LATENCY = Histogram(
 CLAIMS = Counter(
     "havip_claims_total",
     "Claims consumed, by outcome",
-    ["outcome"],  # transition, refresh, stale, rejected, not_havip
+    ["outcome"],  # transition, refresh, stale, rejected, not_havip, duplicate
 )
 CLAIMS_REJECTED = Counter("havip_claims_rejected_total", "Refused claims", ["reason"])
-OWNER = Gauge(
-    "havip_owner_info",
-    "Current holder of each HAVIP (value 1)",
-    ["havip_id", "address", "instance_id"],
-)
 BATCH_SIZE = Histogram(
     "havip_binding_batch_messages",
     "Messages handled per transaction",
@@ -29,7 +30,39 @@ BATCH_SIZE = Histogram(
 
 for _reason in ("unknown_mac", "other_subnet", "not_candidate", "eth_mismatch"):
     CLAIMS_REJECTED.labels(_reason)
-for _outcome in ("transition", "refresh", "stale", "rejected", "not_havip"):
+for _outcome in ("transition", "refresh", "stale", "rejected", "not_havip", "duplicate"):
     CLAIMS.labels(_outcome)
 for _reason in ("claim", "release"):
     TRANSITIONS.labels(_reason)
+
+
+class OwnerCollector(Collector):
+    """`havip_owner_info{havip_id, address, instance_id} 1` for every bound HAVIP, read from the binding book at
+    scrape time: nothing to update per transition (a labelled gauge cost ~0.1 ms per transition at 10,000
+    HAVIPs moving at once)."""
+
+    def __init__(self, bindings: Callable[[], Iterable[Binding]]) -> None:
+        self._bindings = bindings
+
+    def collect(self) -> Iterable[Metric]:
+        owner = GaugeMetricFamily(
+            "havip_owner_info",
+            "Current holder of each HAVIP (value 1)",
+            labels=["havip_id", "address", "instance_id"],
+        )
+        for b in list(self._bindings()):
+            if b.instance_id is not None:
+                owner.add_metric([str(b.havip_id), str(b.address), str(b.instance_id)], 1)
+        yield owner
+
+
+_owner_collector: OwnerCollector | None = None
+
+
+def export_owners(bindings: Callable[[], Iterable[Binding]]) -> None:
+    """Serve havip_owner_info from `bindings` (replacing an earlier source: one per process)."""
+    global _owner_collector
+    if _owner_collector is not None:
+        REGISTRY.unregister(_owner_collector)
+    _owner_collector = OwnerCollector(bindings)
+    REGISTRY.register(_owner_collector)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -109,10 +110,12 @@ class SlowBroker(Broker):
         super().__init__(settings, "test-relay")
         self.publishing = asyncio.Event()
 
-    async def publish_many(self, envs: Sequence[events.Envelope]) -> None:
+    async def publish_encoded(
+        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+    ) -> None:
         self.publishing.set()
         await asyncio.sleep(0.3)
-        await super().publish_many(envs)
+        await super().publish_encoded(event_type, body, event_id, occurred_at)
 
 
 async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str) -> None:
