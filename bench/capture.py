@@ -3,7 +3,7 @@ reader, by a libpcap binding (pcapy-ng, whose libpcap also reads a TPACKET_V3 ri
 port and the same replay.
 
     python -m bench.capture [--rates 20000,50000,100000,200000,400000] [--seconds 1.5] [--max-arp 400000]
-        [--readers ring,pcapy,tcpdump] [--block-size 32768] [--block-count 512] [--retire-ms 2] [--json]
+        [--readers ring,pcapy,tcpdump] [--block-size 16384] [--block-count 1024] [--retire-ms 1] [--json]
 
 One run, in a closed lab (tests/lab: namespaces `hv<hex>-*` on a bridge of their own, no route out):
 
