@@ -188,6 +188,24 @@ def open_capture_socket(
     poll_interval_s: float = 0.2,
 ) -> socket.socket:
     """Open, configure and bind the ARP capture socket (see the module docstring)."""
+    return open_packet_socket(
+        interface,
+        lambda sock: _configure(sock, rcvbuf_bytes, ignore_outgoing, poll_interval_s),
+        netns=netns,
+        promiscuous=promiscuous,
+    )
+
+
+def open_packet_socket(
+    interface: str,
+    configure: Callable[[socket.socket], object],
+    *,
+    netns: str | None = None,
+    promiscuous: bool = True,
+) -> socket.socket:
+    """An AF_PACKET socket opened with protocol 0 (it receives nothing yet), set up by `configure` — which
+    must attach the BPF filter — and only then bound to `interface` with ETH_P_ALL (inside `netns`), and
+    joined to the interface's promiscuous membership. Errors become CaptureOpenError."""
     with network_namespace(netns):
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -196,7 +214,7 @@ def open_capture_socket(
                 "cannot open an AF_PACKET socket: CAP_NET_RAW is required", config_error=False
             ) from exc
         try:
-            _configure(sock, rcvbuf_bytes, ignore_outgoing, poll_interval_s)
+            configure(sock)
             try:
                 sock.bind((interface, ETH_P_ALL))
             except OSError as exc:
@@ -239,6 +257,11 @@ def _configure(sock: socket.socket, rcvbuf_bytes: int, ignore_outgoing: bool, po
     )
     if ignore_outgoing:
         sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+    attach_arp_filter(sock)
+
+
+def attach_arp_filter(sock: socket.socket) -> None:
+    """Attach ARP_BPF_FILTER in the kernel (before the socket is bound: no other frame is ever queued)."""
     fprog, code = bpf_program(ARP_BPF_FILTER)
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
     del code
