@@ -28,6 +28,7 @@ from .claims import Claim
 from .coalesce import Coalescer
 from .metrics import WatcherMetrics
 from .publisher import ClaimBuffer, ClaimPublisher
+from .ring import RingCapture, open_ring_capture
 from .settings import WatcherSettings, describe_errors
 
 log = logging.getLogger("services.arp_watcher")
@@ -70,23 +71,40 @@ async def run(
     metrics = WatcherMetrics(registry)
     buffer = ClaimBuffer(settings.buffer_size, loop)
 
-    try:
-        sock = open_capture_socket(
-            settings.interface,
-            netns=settings.netns,
-            rcvbuf_bytes=settings.rcvbuf_bytes,
-            promiscuous=settings.promiscuous,
-            ignore_outgoing=settings.ignore_outgoing,
-        )
-    except CaptureOpenError as exc:
-        raise StartupError(str(exc), 2 if exc.config_error else 1) from exc
-
     coalescer = Coalescer(int(settings.coalesce_window_s * 1e9))
 
     def sink(claims: list[Claim]) -> None:  # in the capture thread
         buffer.put_many(coalescer.admit(claims))
 
-    capture = ArpCapture(sock, sink, on_error=lambda _exc: loop.call_soon_threadsafe(stop.set))
+    def on_error(_exc: BaseException) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    capture: RingCapture | ArpCapture
+    try:
+        if settings.capture == "ring":
+            capture = open_ring_capture(
+                settings.interface,
+                sink,
+                netns=settings.netns,
+                promiscuous=settings.promiscuous,
+                ignore_outgoing=settings.ignore_outgoing,
+                block_size=settings.ring_block_kib * 1024,
+                block_count=settings.ring_blocks,
+                retire_timeout_ms=settings.ring_retire_timeout_ms,
+                on_error=on_error,
+            )
+        else:
+            sock = open_capture_socket(
+                settings.interface,
+                netns=settings.netns,
+                rcvbuf_bytes=settings.rcvbuf_bytes,
+                promiscuous=settings.promiscuous,
+                ignore_outgoing=settings.ignore_outgoing,
+            )
+            capture = ArpCapture(sock, sink, on_error=on_error)
+    except CaptureOpenError as exc:
+        raise StartupError(str(exc), 2 if exc.config_error else 1) from exc
+
     metrics.watch_capture(
         capture.stats,
         buffered=lambda: len(buffer),
@@ -97,7 +115,7 @@ async def run(
         try:
             serve_metrics(settings.metrics_port, settings.metrics_host, registry)
         except OSError as exc:
-            sock.close()
+            capture.stop()
             raise StartupError(
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}", 2
             ) from exc
@@ -125,7 +143,12 @@ async def run(
     capture.start()
     log.info(
         "capture started",
-        extra={"interface": settings.interface, "netns": settings.netns, "watcher_id": settings.watcher_id},
+        extra={
+            "interface": settings.interface,
+            "netns": settings.netns,
+            "watcher_id": settings.watcher_id,
+            "capture": settings.capture,
+        },
     )
     publishing = asyncio.create_task(connect_and_publish(), name="publish claims")
     publishing.add_done_callback(lambda _task: stop.set())  # it only ends early on an unexpected error

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -31,7 +31,15 @@ class WatcherSettings(CommonSettings):
     # Identical claims (address, MAC, Ethernet source, VLAN) within this window after a published one are
     # counted, not published; 0 publishes every frame.
     coalesce_window_s: float = Field(default=1.0, ge=0, le=60)
-    # Socket receive buffer (SO_RCVBUFFORCE with CAP_NET_ADMIN, else SO_RCVBUF capped by net.core.rmem_max).
+    # How frames come from the kernel: a memory-mapped TPACKET_V3 ring (default), or one recvmsg per frame.
+    capture: Literal["ring", "socket"] = "ring"
+    # The ring: blocks of this many KiB (a power of two, at least the page size), how many, and how long the
+    # kernel keeps a block open before handing a lone frame to the watcher (bounds a GARP's wait).
+    ring_block_kib: int = Field(default=16, ge=4, le=4096)
+    ring_blocks: int = Field(default=1024, ge=2, le=65_536)
+    ring_retire_timeout_ms: int = Field(default=1, ge=1, le=1000)
+    # Socket receive buffer of `capture=socket` (SO_RCVBUFFORCE with CAP_NET_ADMIN, else SO_RCVBUF up to
+    # net.core.rmem_max).
     rcvbuf_bytes: int = Field(default=32 * _MIB, ge=64 * 1024, le=1024 * _MIB)
     # See ARP not addressed to this host (replies between others) where the segment delivers it.
     promiscuous: bool = True
