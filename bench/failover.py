@@ -46,7 +46,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say
+from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say, wait_for_quiet
 from services.arp_watcher.capture import network_namespace
 from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
 from shared import events
@@ -226,7 +226,7 @@ async def bare_commit_s(conn: Any) -> float:
 # ---- the run ------------------------------------------------------------------------------------------------
 
 
-async def run(n: int, probes: int, background: int, workdir: Path) -> dict[str, Any]:
+async def run(n: int, probes: int, background: int, workdir: Path, quiet_wait_s: float) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
     result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine()}
     async with sandbox("failover") as box:
@@ -252,8 +252,19 @@ async def run(n: int, probes: int, background: int, workdir: Path) -> dict[str, 
                         timeout_s=120,
                         what="cvma holds every HAVIP",
                     )
+                    result["busy_before_p2"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
                     result["p2"] = await mass_failover(conn, cap, workdir, send_b, addresses, instances["cvmb"])
                     say(f"P2: {json.dumps(result['p2'])}")
+                    # The binding's events of the mass failover leave before the probes start.
+                    await wait_until(
+                        conn,
+                        "SELECT (count(*) = 0)::int FROM binding.outbox",
+                        (),
+                        1,
+                        timeout_s=120,
+                        what="outbox drained",
+                    )
+                    result["busy_before_p1"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
                     result["p1"] = await probes_under_load(
                         conn, send_a, send_b, addresses, havips[PROBE], probes, background
                     )
@@ -367,12 +378,13 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1000, help="HAVIPs that move at once (P2)")
     parser.add_argument("--probes", type=int, default=100, help="single-GARP probes for P1")
     parser.add_argument("--background", type=int, default=0, help="refreshes/s of the N HAVIPs during P1")
+    parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if not 1 <= args.n <= 60_000:
         parser.error("--n must be between 1 and 60000")
     with tempfile.TemporaryDirectory(prefix="havip-bench-failover-") as tmp:
-        result = asyncio.run(run(args.n, args.probes, args.background, Path(tmp)))
+        result = asyncio.run(run(args.n, args.probes, args.background, Path(tmp), args.quiet_wait))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
