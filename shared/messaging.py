@@ -41,6 +41,11 @@ class Delivery:
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Errors of the environment (a database or broker away, a timeout) rather than of the message."""
+    return isinstance(exc, OSError | TimeoutError | aio_pika.exceptions.AMQPConnectionError)
+
+
 async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -> AbstractExchange:
     """Declare the event exchange and the dead-letter path; idempotent."""
     exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -131,11 +136,15 @@ class Broker:
         *,
         prefetch: int = 500,
         max_batch: int = 500,
+        max_attempts: int = 5,
+        transient: Callable[[BaseException], bool] = is_transient,
     ) -> BatchConsumer:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
-        consumer = BatchConsumer(amqp_queue, handler, max_batch=max_batch)
+        consumer = BatchConsumer(
+            amqp_queue, handler, max_batch=max_batch, max_attempts=max_attempts, transient=transient
+        )
         await consumer.start()
         return consumer
 
@@ -150,13 +159,25 @@ class BatchConsumer:
 
     Messages are acknowledged only after the handler returned (its work is committed). A message that cannot
     be decoded, or that the handler refuses with InvalidEvent, is rejected to the dead-letter exchange and the
-    consumer goes on. Any other handler error is retried with back-off, the messages held unacknowledged.
+    consumer goes on. A transient handler error is retried with back-off for as long as it lasts, the messages
+    held unacknowledged; any other error a bounded number of times, then the batch is isolated message by
+    message and the one at fault dead-lettered.
     """
 
-    def __init__(self, queue: AbstractQueue, handler: BatchHandler, *, max_batch: int) -> None:
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        handler: BatchHandler,
+        *,
+        max_batch: int,
+        max_attempts: int = 5,
+        transient: Callable[[BaseException], bool] = is_transient,
+    ) -> None:
         self._queue = queue
         self._handler = handler
         self._max_batch = max_batch
+        self._max_attempts = max_attempts
+        self._transient = transient
         # aio-pika runs one callback task per message; putting without awaiting keeps arrival order.
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -209,7 +230,11 @@ class BatchConsumer:
         await self._settle(good[-1][0].ack(multiple=True))
 
     async def _handle_with_retry(self, deliveries: list[Delivery]) -> None:
+        """Retry a transient failure (the database or the network away) for as long as it lasts; any other
+        failure `max_attempts` times at most, then refuse the batch as InvalidEvent: its messages are tried one
+        by one and the one that keeps failing is dead-lettered instead of holding every message behind it."""
         delay = 0.1
+        attempts = 0
         while True:
             try:
                 await self._handler(deliveries)
@@ -218,7 +243,11 @@ class BatchConsumer:
                 raise
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                if not self._transient(exc):
+                    attempts += 1
+                    if attempts >= self._max_attempts:
+                        raise InvalidEvent(f"handler failed {attempts} times: {exc!r}") from exc
                 log.exception("handler failed; retrying in %.1f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

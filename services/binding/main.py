@@ -8,18 +8,33 @@ import signal
 import sys
 from pathlib import Path
 
+import asyncpg
 from pydantic import ValidationError
 
 from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
 from shared.db import create_pool, ensure_database
 from shared.logging import configure_logging
-from shared.messaging import Broker, declare_consumer_queue
+from shared.messaging import Broker, declare_consumer_queue, is_transient
 from shared.metrics import serve_metrics
 from shared.migrations import apply_migrations
 from shared.outbox import OutboxRelay
 
 log = logging.getLogger(__name__)
+
+
+def database_or_network_away(exc: BaseException) -> bool:
+    """Failures retried for as long as they last (SPEC R1/R2); anything else is the message's fault after a
+    few tries."""
+    return is_transient(exc) or isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.AdminShutdownError,
+    )
+
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 QUEUE = "binding.events"
@@ -48,7 +63,12 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
     await service.load()
     relay.start()
     consumer = await broker.consumer(
-        QUEUE, SUBSCRIPTIONS, service.handle, prefetch=settings.prefetch, max_batch=settings.max_batch
+        QUEUE,
+        SUBSCRIPTIONS,
+        service.handle,
+        prefetch=settings.prefetch,
+        max_batch=settings.max_batch,
+        transient=database_or_network_away,
     )
     if settings.metrics_port:
         serve_metrics(settings.metrics_port, settings.metrics_host)

@@ -72,19 +72,20 @@ class BindingService:
         new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []
         outcomes: list[str] = []
-        for delivery in deliveries:
-            self._apply(delivery, batch, latencies_from, outcomes)
         try:
+            # The book takes each decision as it is made; if anything fails before the commit — deciding a
+            # message or writing the batch — the book is rebuilt from what is really committed (one truth).
+            for delivery in deliveries:
+                self._apply(delivery, batch, latencies_from, outcomes)
             if batch:
                 async with self._pool.acquire() as conn, conn.transaction():
                     new_rejections = await write_batch(conn, batch)
-        except asyncpg.IntegrityConstraintViolationError as exc:
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
             # message at fault instead of blocking the queue behind it.
             self._book_stale = True
             raise events.InvalidEvent(f"conflicts with stored state: {exc}") from exc
         except BaseException:
-            # The book already holds the batch's effects: rebuild it from what is really committed.
             self._book_stale = True
             raise
         committed_ns = time.time_ns()
