@@ -156,7 +156,7 @@ class BindingChanged(EventData):
     reason: Literal["claim", "release"]
 
 
-RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch"]
+RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "clock_skew"]
 
 
 class ClaimRejected(EventData):

@@ -14,10 +14,13 @@ from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Literal
 
-RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch"]
+RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "clock_skew"]
 
 # A holder's refresh is written at most this often per HAVIP (SPEC §5.3).
 REFRESH_WRITE_INTERVAL_NS = 1_000_000_000
+# A claim captured further ahead of the binding service's clock than this is refused (SPEC §5.2): a watcher
+# whose clock runs ahead would otherwise make every other watcher's claims look stale.
+DEFAULT_MAX_CLOCK_SKEW_NS = 2_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,16 @@ class BindingBook:
         self.bindings[havip.id] = Binding(havip.id, havip.address)
         return True
 
+    def release_unless_candidate(self, havip_id: uuid.UUID) -> Transition | None:
+        """A candidate list that no longer includes the holder releases the binding (SPEC §5.7)."""
+        havip = self.havips_by_id.get(havip_id)
+        binding = self.bindings.get(havip_id)
+        if havip is None or binding is None or binding.instance_id is None or not havip.candidates:
+            return None
+        if binding.instance_id in havip.candidates:
+            return None
+        return self._move(binding, None, "release", None, None)
+
     def remove_havip(self, havip_id: uuid.UUID) -> Transition | None:
         """Release: the binding ends with a final history row; None if the HAVIP was unknown."""
         havip = self.havips_by_id.pop(havip_id, None)
@@ -197,11 +210,16 @@ class BindingBook:
             return Rejected(havip_id, "not_candidate")
         return havip, instance
 
-    def apply_claim(self, claim: Claim) -> ClaimOutcome:
+    def apply_claim(
+        self, claim: Claim, *, now_ns: int | None = None, max_skew_ns: int = DEFAULT_MAX_CLOCK_SKEW_NS
+    ) -> ClaimOutcome:
+        """Decide a claim; `now_ns` is the binding service's clock (the book has none of its own)."""
         verdict = self.authorise(claim)
         if isinstance(verdict, Rejected | NotAHavip):
             return verdict
         havip, instance = verdict
+        if now_ns is not None and claim.captured_ns > now_ns + max_skew_ns:
+            return Rejected(havip.id, "clock_skew")
         binding = self.bindings[havip.id]
         if claim.captured_ns <= binding.last_claim_ns:
             return Stale(havip.id)

@@ -59,7 +59,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
     broker = Broker(settings, SOURCE)
     await broker.connect()
     relay = OutboxRelay(pool, broker, "binding")
-    service = BindingService(pool, on_commit=relay.wake)
+    service = BindingService(pool, on_commit=relay.wake, max_clock_skew_s=settings.max_clock_skew_s)
     await service.load()
     relay.start()
     consumer = await broker.consumer(

@@ -28,7 +28,7 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 5, 10, 50, 100, 250, 500, 1000, 2000),
 )
 
-for _reason in ("unknown_mac", "other_subnet", "not_candidate", "eth_mismatch"):
+for _reason in ("unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "clock_skew"):
     CLAIMS_REJECTED.labels(_reason)
 for _outcome in ("transition", "refresh", "stale", "rejected", "not_havip", "duplicate"):
     CLAIMS.labels(_outcome)

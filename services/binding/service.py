@@ -18,6 +18,7 @@ import asyncpg
 
 from services.binding import metrics
 from services.binding.domain import (
+    DEFAULT_MAX_CLOCK_SKEW_NS,
     BindingBook,
     Claim,
     Havip,
@@ -49,9 +50,16 @@ SUBSCRIPTIONS = (
 
 
 class BindingService:
-    def __init__(self, pool: Any, on_commit: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        on_commit: Callable[[], None] = lambda: None,
+        *,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_NS / 1e9,
+    ) -> None:
         self._pool = pool
         self._on_commit = on_commit
+        self._max_skew_ns = int(max_clock_skew_s * 1e9)
         self.book = BindingBook()
         self._book_stale = True
         metrics.export_owners(lambda: self.book.bindings.values())
@@ -129,6 +137,9 @@ class BindingService:
                 if self.book.put_havip(havip):
                     batch.touch(self.book.bindings[havip.id])
                 batch.put_havip(havip)
+                released = self.book.release_unless_candidate(havip.id)
+                if released is not None:
+                    self._record_transition(released, batch)
         else:
             raise events.InvalidEvent(f"binding does not handle {event_type!r}")
 
@@ -145,7 +156,7 @@ class BindingService:
             return
         batch.claim_ids.add(data.claim_id)
         claim = Claim(data.sender_ip, data.sender_mac, data.eth_src, data.captured_at, watcher_id)
-        outcome = self.book.apply_claim(claim)
+        outcome = self.book.apply_claim(claim, now_ns=time.time_ns(), max_skew_ns=self._max_skew_ns)
         if isinstance(outcome, Transition):
             self._record_transition(outcome, batch)
             latencies_from.append(claim.captured_ns)

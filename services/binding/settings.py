@@ -12,3 +12,5 @@ class BindingSettings(CommonSettings):
     metrics_host: str = "0.0.0.0"
     prefetch: int = Field(default=2000, ge=1, le=65535)
     max_batch: int = Field(default=1000, ge=1)
+    # Claims captured further ahead of this service's clock are refused as clock_skew (SPEC §5.2).
+    max_clock_skew_s: float = Field(default=2.0, gt=0, le=3600)

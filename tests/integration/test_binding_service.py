@@ -328,3 +328,41 @@ async def test_one_event_carries_the_claims_of_many_havips_in_capture_order(
         await eventually(lambda: len(listener.of("havip.binding.changed", havip_id)) == 2, what="two moves")  # noqa: B023
         history = await transitions(binding.database_url, w.havip.id)
         assert [(r["sequence"], r["to_instance_id"]) for r in history] == [(1, w.cvm1.id), (2, w.cvm2.id)]
+
+
+async def test_a_claim_from_a_clock_far_ahead_is_refused_as_clock_skew(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac, t=time.time_ns() + 3_600 * 10**9))  # a watcher an hour ahead
+    await eventually(lambda: len(listener.of("havip.claim.rejected", w.havip.id)) == 1, what="the refusal")
+    [refusal] = listener.of("havip.claim.rejected", w.havip.id)
+    assert (refusal["reason"], refusal["mac"]) == ("clock_skew", w.cvm1.mac)
+    await publisher.publish(w.claim(w.cvm2.mac))  # the others' claims are not made stale by it
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="bound to cvm2")
+    row = await binding_row(binding.database_url, w.havip.id)
+    assert row["instance_id"] == w.cvm2.id
+
+
+async def test_a_candidate_list_without_the_holder_releases_the_binding(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="bound to cvm1")
+    narrowed = w.havip.model_copy(update={"candidates": [w.cvm2.id]})
+    await publisher.publish(events.envelope("havip.updated", narrowed, "allocator"))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="the release")
+    released = listener.of("havip.binding.changed", w.havip.id)[1]
+    assert (released["reason"], released["current"], released["sequence"]) == ("release", None, 2)
+    row = await binding_row(binding.database_url, w.havip.id)
+    assert row["instance_id"] is None
+    await publisher.publish(w.claim(w.cvm2.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 3, what="cvm2 takes it")
+    assert [r["to_instance_id"] for r in await transitions(binding.database_url, w.havip.id)] == [
+        w.cvm1.id,
+        None,
+        w.cvm2.id,
+    ]

@@ -160,3 +160,37 @@ def test_binding_follows_the_newest_authorised_claim_whatever_the_arrival_order(
                 newest = t
                 applied.append((t, mac))
         assert holder == applied[-1][1]
+
+
+def test_a_claim_from_too_far_ahead_of_the_clock_is_refused_and_moves_nothing() -> None:
+    b = book()
+    now = 10 * 1_000_000_000
+    b.apply_claim(claim(CVM1.mac, now), now_ns=now)
+    ahead = claim(CVM2.mac, now + 2_000_000_001)
+    assert b.apply_claim(ahead, now_ns=now, max_skew_ns=2_000_000_000) == Rejected(HAVIP.id, "clock_skew")
+    assert b.bindings[HAVIP.id].instance_id == CVM1.id
+    # Its time was not taken: the next real claim is not stale.
+    moved = b.apply_claim(claim(CVM2.mac, now + 1), now_ns=now)
+    assert isinstance(moved, Transition)
+    # Within the skew it counts.
+    assert isinstance(b.apply_claim(claim(CVM1.mac, now + 1_999_000_000), now_ns=now), Transition)
+
+
+def test_removing_the_holder_from_the_candidates_releases_the_binding() -> None:
+    b = book()
+    b.apply_claim(claim(CVM1.mac, 10))
+    b.put_havip(Havip(HAVIP.id, VPC, SUBNET, VIP, frozenset({CVM1.id, CVM2.id})))
+    assert b.release_unless_candidate(HAVIP.id) is None  # still a candidate
+    b.put_havip(Havip(HAVIP.id, VPC, SUBNET, VIP, frozenset({CVM2.id})))
+    released = b.release_unless_candidate(HAVIP.id)
+    assert released is not None
+    assert (released.reason, released.previous, released.current, released.sequence) == (
+        "release",
+        Holder(CVM1.id, CVM1.mac),
+        None,
+        2,
+    )
+    assert b.bindings[HAVIP.id].instance_id is None
+    assert b.release_unless_candidate(HAVIP.id) is None  # nothing left to release
+    assert isinstance(b.apply_claim(claim(CVM2.mac, 20)), Transition)
+    assert b.apply_claim(claim(CVM1.mac, 30)) == Rejected(HAVIP.id, "not_candidate")

@@ -20,7 +20,7 @@ class RejectedClaim(ResponseModel):
         description=(
             "unknown_mac: not a registered instance; other_subnet: an instance of another subnet; "
             "not_candidate: not in the HAVIP's candidate list; eth_mismatch: Ethernet source differs from the "
-            "ARP sender MAC"
+            "ARP sender MAC; clock_skew: captured further ahead of the binding service's clock than allowed"
         )
     )
     captured_at: Timestamp = Field(description="kernel capture time of the frame")
