@@ -8,6 +8,7 @@ is updated as if that outcome were committed (the service reloads the book if th
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -60,6 +61,8 @@ class Binding:
     last_claim_ns: int = 0
     last_seen_written_ns: int = 0
     last_transition_at: datetime | None = None
+    flapping: bool = False
+    split_brain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,50 @@ class Transition:
 
 ClaimOutcome = NotAHavip | Rejected | Stale | Refreshed | Transition
 
+Condition = Literal["flapping", "split_brain"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionPolicy:
+    """When a HAVIP is flapping or in split brain (SPEC §5.5, §5.6).
+
+    Flapping: more than `flap_transitions` transitions by claim within `flap_window_ns`. Split brain: the
+    authorised claimant changed at least `split_changes` times within `split_window_ns` (A, B, A, B: two
+    masters both announcing, or both answering ARP requests for the address); a single failover, even one
+    followed by a preemption (A, B, A), is not. Either ends when a whole window passed without what started
+    it ("quiet again").
+    """
+
+    flap_transitions: int = 5
+    flap_window_ns: int = 60_000_000_000
+    split_changes: int = 3
+    split_window_ns: int = 10_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionEdge:
+    havip_id: uuid.UUID
+    address: IPv4Address
+    condition: Condition
+    started: bool
+    transitions_in_window: int
+    claimants_in_window: int
+
+
+@dataclass(slots=True)
+class _Activity:
+    """Recent claims of one HAVIP, enough to tell flapping and split brain (bounded by the windows)."""
+
+    transitions: deque[int] = field(default_factory=deque)  # capture times of transitions by claim
+    changes: deque[int] = field(default_factory=deque)  # capture times at which the claimant changed
+    claimants: dict[str, int] = field(default_factory=dict)  # authorised MAC -> its last claim's time
+    last_claimant: str | None = None
+
+
+def _prune(times: deque[int], cutoff: int) -> None:
+    while times and times[0] <= cutoff:
+        times.popleft()
+
 
 @dataclass
 class BindingBook:
@@ -118,6 +165,10 @@ class BindingBook:
     # Addresses are unique within a VPC only: VPCs may overlap.
     havips_by_address: dict[IPv4Address, list[Havip]] = field(default_factory=dict)
     bindings: dict[uuid.UUID, Binding] = field(default_factory=dict)
+    policy: ConditionPolicy = field(default_factory=ConditionPolicy)
+    _activity: dict[uuid.UUID, _Activity] = field(default_factory=dict)
+    _flagged: set[uuid.UUID] = field(default_factory=set)  # HAVIPs flapping or in split brain
+    _edges: list[ConditionEdge] = field(default_factory=list)
 
     # ---- inventory -----------------------------------------------------------------------------------------
 
@@ -168,6 +219,8 @@ class BindingBook:
         if havip is not None:
             self._unindex(havip)
         binding = self.bindings.pop(havip_id, None)
+        self._activity.pop(havip_id, None)
+        self._flagged.discard(havip_id)
         if binding is None:
             return None
         return self._move(binding, None, "release", None, None)
@@ -224,13 +277,94 @@ class BindingBook:
         if claim.captured_ns <= binding.last_claim_ns:
             return Stale(havip.id)
         binding.last_claim_ns = claim.captured_ns
+        activity = self._activity.get(havip.id)
+        if activity is None:
+            activity = self._activity[havip.id] = _Activity()
+        if activity.last_claimant is not None and activity.last_claimant != instance.mac:
+            activity.changes.append(claim.captured_ns)
+        activity.last_claimant = instance.mac
+        activity.claimants[instance.mac] = claim.captured_ns
         if binding.instance_id == instance.id:
             write = claim.captured_ns - binding.last_seen_written_ns >= REFRESH_WRITE_INTERVAL_NS
             if write:
                 binding.last_seen_written_ns = claim.captured_ns
-            return Refreshed(havip.id, write)
+            flags_changed = self._evaluate(binding, activity, claim.captured_ns)
+            return Refreshed(havip.id, write or flags_changed)
         binding.last_seen_written_ns = claim.captured_ns
-        return self._move(binding, Holder(instance.id, instance.mac), "claim", claim.captured_ns, claim.watcher_id)
+        activity.transitions.append(claim.captured_ns)
+        moved = self._move(
+            binding, Holder(instance.id, instance.mac), "claim", claim.captured_ns, claim.watcher_id
+        )
+        self._evaluate(binding, activity, claim.captured_ns)
+        return moved
+
+    # ---- flapping and split brain --------------------------------------------------------------------------
+
+    def _evaluate(self, binding: Binding, activity: _Activity, now_ns: int) -> bool:
+        """Update the HAVIP's flags at `now_ns`; True if one of them changed (an edge was recorded)."""
+        policy = self.policy
+        _prune(activity.transitions, now_ns - policy.flap_window_ns)
+        _prune(activity.changes, now_ns - policy.split_window_ns)
+        cutoff = now_ns - policy.split_window_ns
+        if any(t <= cutoff for t in activity.claimants.values()):
+            activity.claimants = {mac: t for mac, t in activity.claimants.items() if t > cutoff}
+        flapping = len(activity.transitions) > policy.flap_transitions or (
+            binding.flapping and bool(activity.transitions)
+        )
+        split_brain = len(activity.changes) >= policy.split_changes or (
+            binding.split_brain and bool(activity.changes)
+        )
+        edges: list[tuple[Condition, bool]] = []
+        if flapping != binding.flapping:
+            binding.flapping = flapping
+            edges.append(("flapping", flapping))
+        if split_brain != binding.split_brain:
+            binding.split_brain = split_brain
+            edges.append(("split_brain", split_brain))
+        for condition, started in edges:
+            self._edges.append(
+                ConditionEdge(
+                    binding.havip_id,
+                    binding.address,
+                    condition,
+                    started,
+                    len(activity.transitions),
+                    len(activity.claimants),
+                )
+            )
+        if binding.flapping or binding.split_brain:
+            self._flagged.add(binding.havip_id)
+        else:
+            self._flagged.discard(binding.havip_id)
+        return bool(edges)
+
+    def tick(self, now_ns: int) -> None:
+        """Let time pass (the service's clock): flagged HAVIPs that have been quiet for a window end their
+        condition. Edges are collected for `take_edges`."""
+        for havip_id in list(self._flagged):
+            binding = self.bindings.get(havip_id)
+            activity = self._activity.get(havip_id)
+            if binding is None or activity is None:
+                self._flagged.discard(havip_id)
+                continue
+            self._evaluate(binding, activity, now_ns)
+
+    def hold_conditions(self, now_ns: int) -> None:
+        """After a restart: a HAVIP stored as flapping or in split brain stays so until a window from now
+        passed quietly (the history of claims that set the flag is not kept)."""
+        for binding in self.bindings.values():
+            if binding.flapping or binding.split_brain:
+                activity = self._activity.setdefault(binding.havip_id, _Activity())
+                if binding.flapping:
+                    activity.transitions.append(now_ns)
+                if binding.split_brain:
+                    activity.changes.append(now_ns)
+                self._flagged.add(binding.havip_id)
+
+    def take_edges(self) -> list[ConditionEdge]:
+        """The condition edges since the last call (the adapters persist the flags and publish them)."""
+        edges, self._edges = self._edges, []
+        return edges
 
     @staticmethod
     def _move(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -54,12 +55,27 @@ async def migrate(settings: BindingSettings) -> None:
         await broker.close()
 
 
+async def tick_every_second(service: BindingService) -> None:
+    """Time passing ends flapping and split brain; a failed tick (database away) is retried at the next."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await service.tick()
+        except Exception:
+            log.exception("tick failed; retrying in 1 s")
+
+
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     pool = await create_pool(settings.database_url)
     broker = Broker(settings, SOURCE)
     await broker.connect()
     relay = OutboxRelay(pool, broker, "binding")
-    service = BindingService(pool, on_commit=relay.wake, max_clock_skew_s=settings.max_clock_skew_s)
+    service = BindingService(
+        pool,
+        on_commit=relay.wake,
+        max_clock_skew_s=settings.max_clock_skew_s,
+        policy=settings.condition_policy(),
+    )
     await service.load()
     relay.start()
     consumer = await broker.consumer(
@@ -75,9 +91,13 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
     log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
     if ready is not None:
         ready.set()
+    ticker = asyncio.create_task(tick_every_second(service), name="binding tick")
     try:
         await stop.wait()
     finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
         await consumer.stop()
         await relay.stop()
         await broker.close()

@@ -22,6 +22,11 @@ CLAIMS = Counter(
     ["outcome"],  # transition, refresh, stale, rejected, not_havip, duplicate
 )
 CLAIMS_REJECTED = Counter("havip_claims_rejected_total", "Refused claims", ["reason"])
+CONDITION_EDGES = Counter(
+    "havip_condition_edges_total",
+    "Flapping and split-brain conditions started and stopped",
+    ["condition", "edge"],  # flapping | split_brain, started | stopped
+)
 BATCH_SIZE = Histogram(
     "havip_binding_batch_messages",
     "Messages handled per transaction",
@@ -34,12 +39,18 @@ for _outcome in ("transition", "refresh", "stale", "rejected", "not_havip", "dup
     CLAIMS.labels(_outcome)
 for _reason in ("claim", "release"):
     TRANSITIONS.labels(_reason)
+for _condition in ("flapping", "split_brain"):
+    for _edge in ("started", "stopped"):
+        CONDITION_EDGES.labels(_condition, _edge)
 
 
-class OwnerCollector(Collector):
-    """`havip_owner_info{havip_id, address, instance_id} 1` for every bound HAVIP, read from the binding book at
-    scrape time: nothing to update per transition (a labelled gauge cost ~0.1 ms per transition at 10,000
-    HAVIPs moving at once)."""
+class BookCollector(Collector):
+    """What the binding book holds, read at scrape time — nothing to update per transition (a labelled gauge
+    cost ~0.1 ms per transition at 10,000 HAVIPs moving at once):
+
+    * `havip_owner_info{havip_id, address, instance_id} 1` for every bound HAVIP;
+    * `havip_flapping` and `havip_split_brain`: how many HAVIPs are in that condition now.
+    """
 
     def __init__(self, bindings: Callable[[], Iterable[Binding]]) -> None:
         self._bindings = bindings
@@ -50,19 +61,24 @@ class OwnerCollector(Collector):
             "Current holder of each HAVIP (value 1)",
             labels=["havip_id", "address", "instance_id"],
         )
+        flapping = split_brain = 0
         for b in list(self._bindings()):
             if b.instance_id is not None:
                 owner.add_metric([str(b.havip_id), str(b.address), str(b.instance_id)], 1)
+            flapping += b.flapping
+            split_brain += b.split_brain
         yield owner
+        yield GaugeMetricFamily("havip_flapping", "HAVIPs flapping now (SPEC §5.5)", value=flapping)
+        yield GaugeMetricFamily("havip_split_brain", "HAVIPs in split brain now (SPEC §5.6)", value=split_brain)
 
 
-_owner_collector: OwnerCollector | None = None
+_book_collector: BookCollector | None = None
 
 
-def export_owners(bindings: Callable[[], Iterable[Binding]]) -> None:
-    """Serve havip_owner_info from `bindings` (replacing an earlier source: one per process)."""
-    global _owner_collector
-    if _owner_collector is not None:
-        REGISTRY.unregister(_owner_collector)
-    _owner_collector = OwnerCollector(bindings)
-    REGISTRY.register(_owner_collector)
+def export_book(bindings: Callable[[], Iterable[Binding]]) -> None:
+    """Serve the book's gauges from `bindings` (replacing an earlier source: one per process)."""
+    global _book_collector
+    if _book_collector is not None:
+        REGISTRY.unregister(_book_collector)
+    _book_collector = BookCollector(bindings)
+    REGISTRY.register(_book_collector)

@@ -8,7 +8,15 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
-from services.binding.domain import Binding, BindingBook, Havip, Instance, RejectReason, Transition
+from services.binding.domain import (
+    Binding,
+    BindingBook,
+    ConditionPolicy,
+    Havip,
+    Instance,
+    RejectReason,
+    Transition,
+)
 from shared.events import Envelope
 from shared.outbox import add_to_outbox
 
@@ -79,10 +87,11 @@ _PUT_HAVIP = """
 _DELETE_HAVIP = "DELETE FROM binding.havips WHERE id = $1"
 _PUT_BINDING = """
     INSERT INTO binding.bindings AS b
-        (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at,
+         flapping, split_brain)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
     ON CONFLICT (havip_id) DO UPDATE SET instance_id = $3, mac = $4, sequence = $5, last_claim_ns = $6,
-        last_transition_at = $7, last_seen_at = $8"""
+        last_transition_at = $7, last_seen_at = $8, flapping = $9, split_brain = $10"""
 _INSERT_TRANSITION = """
     INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
         captured_at, captured_ns, committed_at, watcher_id, reason)
@@ -95,8 +104,8 @@ _INSERT_REJECTED = """
     RETURNING claim_id"""
 
 
-async def load_book(conn: Any) -> BindingBook:
-    book = BindingBook()
+async def load_book(conn: Any, policy: ConditionPolicy | None = None) -> BindingBook:
+    book = BindingBook(policy=policy or ConditionPolicy())
     instances = [
         Instance(r["id"], r["vpc_id"], r["subnet_id"], str(r["mac"]), _host(r["private_ip"]))
         for r in await conn.fetch("SELECT id, vpc_id, subnet_id, mac, private_ip FROM binding.instances")
@@ -115,10 +124,12 @@ async def load_book(conn: Any) -> BindingBook:
             last_claim_ns=r["last_claim_ns"],
             last_seen_written_ns=int(r["last_seen_at"].timestamp() * 1e9) if r["last_seen_at"] else 0,
             last_transition_at=r["last_transition_at"],
+            flapping=r["flapping"],
+            split_brain=r["split_brain"],
         )
         for r in await conn.fetch(
             """SELECT havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at,
-                      last_seen_at FROM binding.bindings"""
+                      last_seen_at, flapping, split_brain FROM binding.bindings"""
         )
     ]
     book.load(instances, havips, bindings)
@@ -155,6 +166,8 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
                     b.last_claim_ns,
                     b.last_transition_at,
                     ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None,
+                    b.flapping,
+                    b.split_brain,
                 )
                 for b in batch.bindings.values()
             ],

@@ -7,6 +7,7 @@ the writes, commits them with their outgoing events, and reports metrics after t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -21,6 +22,8 @@ from services.binding.domain import (
     DEFAULT_MAX_CLOCK_SKEW_NS,
     BindingBook,
     Claim,
+    ConditionEdge,
+    ConditionPolicy,
     Havip,
     Holder,
     Instance,
@@ -56,17 +59,22 @@ class BindingService:
         on_commit: Callable[[], None] = lambda: None,
         *,
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_NS / 1e9,
+        policy: ConditionPolicy | None = None,
     ) -> None:
         self._pool = pool
         self._on_commit = on_commit
         self._max_skew_ns = int(max_clock_skew_s * 1e9)
-        self.book = BindingBook()
+        self._policy = policy or ConditionPolicy()
+        # handle() and tick() both change the book and write what changed: one at a time.
+        self._lock = asyncio.Lock()
+        self.book = BindingBook(policy=self._policy)
         self._book_stale = True
-        metrics.export_owners(lambda: self.book.bindings.values())
+        metrics.export_book(lambda: self.book.bindings.values())
 
     async def load(self) -> None:
         async with self._pool.acquire() as conn:
-            self.book = await load_book(conn)
+            self.book = await load_book(conn, self._policy)
+        self.book.hold_conditions(time.time_ns())
         self._book_stale = False
         log.info(
             "binding state loaded",
@@ -74,17 +82,33 @@ class BindingService:
         )
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        async with self._lock:
+            await self._decide_and_commit(deliveries, None)
+
+    async def tick(self) -> None:
+        """Let the book see time pass (flapping and split brain end after a quiet window) and commit the
+        edges; called about once a second."""
+        async with self._lock:
+            await self._decide_and_commit((), time.time_ns())
+
+    async def _decide_and_commit(self, deliveries: Sequence[Delivery], now_ns: int | None) -> None:
         if self._book_stale:
             await self.load()
         batch = BatchWrite()
         new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []
         outcomes: list[str] = []
+        edges: list[ConditionEdge] = []
         try:
             # The book takes each decision as it is made; if anything fails before the commit — deciding a
             # message or writing the batch — the book is rebuilt from what is really committed (one truth).
             for delivery in deliveries:
                 self._apply(delivery, batch, latencies_from, outcomes)
+            if now_ns is not None:
+                self.book.tick(now_ns)
+            edges = self.book.take_edges()
+            for edge in edges:
+                self._record_edge(edge, batch)
             if batch:
                 async with self._pool.acquire() as conn, conn.transaction():
                     new_rejections = await write_batch(conn, batch)
@@ -105,9 +129,33 @@ class BindingService:
             metrics.TRANSITIONS.labels(moved).inc(count)
         for refused, count in Counter(r.reason for r in new_rejections).items():
             metrics.CLAIMS_REJECTED.labels(refused).inc(count)
-        metrics.BATCH_SIZE.observe(len(deliveries))
+        for edge in edges:
+            metrics.CONDITION_EDGES.labels(edge.condition, "started" if edge.started else "stopped").inc()
+        if deliveries:
+            metrics.BATCH_SIZE.observe(len(deliveries))
         if batch.events:
             self._on_commit()
+
+    def _record_edge(self, edge: ConditionEdge, batch: BatchWrite) -> None:
+        binding = self.book.bindings.get(edge.havip_id)
+        if binding is not None:
+            batch.touch(binding)
+        event_type = f"havip.{edge.condition}.{'started' if edge.started else 'stopped'}"
+        batch.events.append(
+            (
+                events.envelope(
+                    event_type,
+                    events.HavipCondition(
+                        havip_id=edge.havip_id,
+                        address=edge.address,
+                        transitions_in_window=edge.transitions_in_window,
+                        claimants_in_window=edge.claimants_in_window,
+                    ),
+                    SOURCE,
+                ),
+                None,
+            )
+        )
 
     def _apply(
         self, delivery: Delivery, batch: BatchWrite, latencies_from: list[int], outcomes: list[str]

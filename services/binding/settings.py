@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from services.binding.domain import ConditionPolicy
 from shared.settings import CommonSettings
 
 
@@ -14,3 +15,17 @@ class BindingSettings(CommonSettings):
     max_batch: int = Field(default=1000, ge=1)
     # Claims captured further ahead of this service's clock are refused as clock_skew (SPEC §5.2).
     max_clock_skew_s: float = Field(default=2.0, gt=0, le=3600)
+    # Flapping: more than this many transitions within the window (SPEC §5.5).
+    flap_transitions: int = Field(default=5, ge=1, le=10_000)
+    flap_window_s: float = Field(default=60.0, gt=0, le=86_400)
+    # Split brain: the authorised claimant changed this many times within the window (SPEC §5.6).
+    split_brain_changes: int = Field(default=3, ge=2, le=10_000)
+    split_brain_window_s: float = Field(default=10.0, gt=0, le=86_400)
+
+    def condition_policy(self) -> ConditionPolicy:
+        return ConditionPolicy(
+            flap_transitions=self.flap_transitions,
+            flap_window_ns=int(self.flap_window_s * 1e9),
+            split_changes=self.split_brain_changes,
+            split_window_ns=int(self.split_brain_window_s * 1e9),
+        )

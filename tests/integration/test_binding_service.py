@@ -366,3 +366,52 @@ async def test_a_candidate_list_without_the_holder_releases_the_binding(
         None,
         w.cvm2.id,
     ]
+
+
+async def test_two_masters_raise_split_brain_and_flapping_and_both_end_when_quiet(
+    database_url: str, amqp_url: str
+) -> None:
+    """SPEC §5.5–5.6 with short windows: a service of its own (its own exchange and queue names)."""
+    settings = BindingSettings(
+        database_url=database_url,
+        amqp_url=amqp_url,
+        amqp_prefix=f"t{uuid.uuid4().hex[:8]}.",
+        metrics_port=0,
+        flap_window_s=4,
+        split_brain_window_s=2,
+    )
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop, ready))
+    conditions = [f"havip.{c}.{e}" for c in ("flapping", "split_brain") for e in ("started", "stopped")]
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        async with listening(settings, ["havip.binding.changed", *conditions]) as log:
+            broker = Broker(settings, "test")
+            await broker.connect()
+            try:
+                w = World()
+                await broker.publish_many(w.inventory())
+                t = time.time_ns()
+                for i in range(6):  # both masters announce, in turn
+                    await broker.publish(w.claim((w.cvm1 if i % 2 == 0 else w.cvm2).mac, t=t + i * 1_000_000))
+
+                def seen(event_type: str) -> bool:
+                    return len(log.of(event_type, w.havip.id)) == 1
+
+                await eventually(lambda: seen("havip.split_brain.started"), what="split brain started")
+                await eventually(lambda: seen("havip.flapping.started"), what="flapping started")
+                assert len(log.of("havip.binding.changed", w.havip.id)) == 6  # the binding follows the newest
+                started = log.of("havip.split_brain.started", w.havip.id)[0]
+                assert started["claimants_in_window"] == 2
+                row = await binding_row(settings.database_url, w.havip.id)
+                assert (row["flapping"], row["split_brain"], row["instance_id"]) == (True, True, w.cvm2.id)
+
+                await eventually(lambda: seen("havip.split_brain.stopped"), what="split brain ended")
+                await eventually(lambda: seen("havip.flapping.stopped"), what="flapping ended")
+                row = await binding_row(settings.database_url, w.havip.id)
+                assert (row["flapping"], row["split_brain"]) == (False, False)
+            finally:
+                await broker.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from ipaddress import IPv4Address
 
@@ -194,3 +195,91 @@ def test_removing_the_holder_from_the_candidates_releases_the_binding() -> None:
     assert b.release_unless_candidate(HAVIP.id) is None  # nothing left to release
     assert isinstance(b.apply_claim(claim(CVM2.mac, 20)), Transition)
     assert b.apply_claim(claim(CVM1.mac, 30)) == Rejected(HAVIP.id, "not_candidate")
+
+
+S = 1_000_000_000
+
+
+def test_more_than_five_transitions_in_a_minute_is_flapping_until_a_quiet_minute() -> None:
+    b = book()
+    for i in range(6):  # cvm1, cvm2, cvm1 … : six transitions, one every 5 s
+        b.apply_claim(claim((CVM1 if i % 2 == 0 else CVM2).mac, (i + 1) * 5 * S))
+        edges = b.take_edges()
+        if i < 5:
+            assert not b.bindings[HAVIP.id].flapping
+            assert [e.condition for e in edges if e.condition == "flapping"] == []
+    assert b.bindings[HAVIP.id].flapping
+    [started] = [e for e in edges if e.condition == "flapping"]
+    assert (started.started, started.transitions_in_window) == (True, 6)
+    b.tick(60 * S)  # the first transitions leave the window: still flapping while any is in it
+    assert b.take_edges() == []
+    b.apply_claim(claim(CVM2.mac, 61 * S))  # the holder refreshing is no transition
+    b.tick(30 * S + 60 * S + 1)  # a full minute after the last transition (at 30 s)
+    [stopped] = b.take_edges()
+    assert (stopped.condition, stopped.started, stopped.transitions_in_window) == ("flapping", False, 0)
+    assert not b.bindings[HAVIP.id].flapping
+
+
+def test_two_masters_claiming_in_turn_is_split_brain_and_the_binding_follows_the_newest() -> None:
+    b = book()
+    t = 100 * S
+    for i, mac in enumerate([CVM1.mac, CVM2.mac, CVM1.mac]):
+        b.apply_claim(claim(mac, t + i * S))
+    assert not b.bindings[HAVIP.id].split_brain  # a failover and a preemption: not yet
+    b.apply_claim(claim(CVM2.mac, t + 3 * S))
+    assert b.bindings[HAVIP.id].split_brain
+    assert b.bindings[HAVIP.id].instance_id == CVM2.id  # the newest claim, as the network does
+    [edge] = [e for e in b.take_edges() if e.condition == "split_brain"]
+    assert (edge.started, edge.claimants_in_window) == (True, 2)
+    b.apply_claim(claim(CVM2.mac, t + 5 * S))  # only cvm2 from now on
+    b.tick(t + 3 * S + 10 * S + 1)
+    assert [(e.condition, e.started) for e in b.take_edges()] == [("split_brain", False)]
+
+
+def test_an_ordinary_failover_with_refreshes_is_neither_flapping_nor_split_brain() -> None:
+    b = book()
+    for i in range(5):  # cvm1 refreshes every second
+        b.apply_claim(claim(CVM1.mac, (i + 1) * S))
+    for i in range(5):  # cvm1 dies; cvm2 takes over and refreshes
+        b.apply_claim(claim(CVM2.mac, (10 + i) * S))
+    b.tick(100 * S)
+    assert b.take_edges() == []
+    assert not b.bindings[HAVIP.id].flapping
+    assert not b.bindings[HAVIP.id].split_brain
+
+
+def test_a_flag_stored_before_a_restart_holds_for_a_window_from_the_restart() -> None:
+    b = book()
+    b.bindings[HAVIP.id].split_brain = True
+    b.hold_conditions(1_000 * S)
+    b.tick(1_005 * S)
+    assert b.take_edges() == []
+    b.tick(1_010 * S + 1)
+    assert [(e.condition, e.started) for e in b.take_edges()] == [("split_brain", False)]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["cvm1", "cvm2", "elsewhere"]), st.integers(1, 200)), max_size=80),
+    st.integers(0, 300),
+)
+def test_flags_always_agree_with_the_edges_published(steps: list[tuple[str, int]], end: int) -> None:
+    """Property: replaying the edges gives the flags, starts and stops alternate, and every flag ends after a
+    long enough quiet."""
+    macs = {"cvm1": CVM1.mac, "cvm2": CVM2.mac, "elsewhere": ELSEWHERE.mac}
+    b = book()
+    t = 0
+    edges = []
+    for who, gap in steps:
+        t += gap * S // 10
+        b.apply_claim(claim(macs[who], t))
+        edges += b.take_edges()
+    b.tick(t + end * S)
+    edges += b.take_edges()
+    for condition in ("flapping", "split_brain"):
+        states = [e.started for e in edges if e.condition == condition]
+        assert all(a != b_ for a, b_ in itertools.pairwise(states))
+        assert (states[-1] if states else False) == getattr(b.bindings[HAVIP.id], condition)
+    b.tick(t + end * S + 61 * S)
+    b.take_edges()
+    assert not b.bindings[HAVIP.id].flapping
+    assert not b.bindings[HAVIP.id].split_brain
