@@ -290,6 +290,41 @@ async def test_failovers_during_a_broker_outage_reach_the_binding_when_it_return
                 host.del_address(vip)
 
 
+async def test_two_keepalived_masters_are_split_brain_until_one_stops(
+    system: System, lab: Lab, inventory: dict[str, Any]
+) -> None:
+    """SPEC §5.6 on the wire: two keepalived whose adverts never reach each other (each names a peer that does
+    not exist) both become master and both announce the address every second."""
+    havip = allocate(system, inventory, "vip-split")
+    vip = havip["address"]
+    cvm1, cvm2 = lab.hosts["cvm1"], lab.hosts["cvm2"]
+    common: dict[str, Any] = {"vip": vip, "vrid": 65, "garp_master_delay": 1, "garp_master_refresh": 1}
+    ka1 = Keepalived(cvm1, peers=["192.0.2.250"], priority=100, state="MASTER", workdir=lab.workdir, **common)
+    ka2 = Keepalived(cvm2, peers=["192.0.2.251"], priority=80, state="MASTER", workdir=lab.workdir, **common)
+
+    def flags() -> tuple[bool, bool]:
+        shown = show(system, havip["id"])
+        return shown["split_brain"], shown["flapping"]
+
+    try:
+        ka1.start()
+        ka2.start()
+        await eventually(lambda: ka1.is_master() and ka2.is_master(), timeout=30, what="two masters")
+        await eventually(lambda: flags()[0], timeout=40, what="split brain shown")
+        assert system.metric("havip_split_brain") >= 1
+        assert system.metric("havip_condition_edges_total", {"condition": "split_brain", "edge": "started"}) >= 1
+        await eventually(lambda: flags()[1], timeout=60, what="flapping shown (it changes hands every second)")
+        ka2.stop()
+        await eventually(lambda: not flags()[0], timeout=60, what="split brain over once cvm2 stopped")
+        assert show(system, havip["id"])["bound_instance_id"] == inventory["instances"]["cvm1"]["id"]
+    finally:
+        for keepalived in (ka1, ka2):
+            keepalived.stop()
+        for host in (cvm1, cvm2):
+            if host.has_address(vip):
+                host.del_address(vip)
+
+
 def test_the_lab_is_closed(lab: Lab) -> None:
     for host in lab.hosts.values():
         assert host.default_routes() == []
