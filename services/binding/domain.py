@@ -165,6 +165,9 @@ class BindingBook:
     # Addresses are unique within a VPC only: VPCs may overlap.
     havips_by_address: dict[IPv4Address, list[Havip]] = field(default_factory=dict)
     bindings: dict[uuid.UUID, Binding] = field(default_factory=dict)
+    # Ids the allocator removed: never brought back by a redelivered creation (ids are never reused).
+    released: set[uuid.UUID] = field(default_factory=set)
+    deregistered: set[uuid.UUID] = field(default_factory=set)
     policy: ConditionPolicy = field(default_factory=ConditionPolicy)
     _activity: dict[uuid.UUID, _Activity] = field(default_factory=dict)
     _flagged: set[uuid.UUID] = field(default_factory=set)  # HAVIPs flapping or in split brain
@@ -172,15 +175,21 @@ class BindingBook:
 
     # ---- inventory -----------------------------------------------------------------------------------------
 
-    def put_instance(self, instance: Instance) -> None:
+    def put_instance(self, instance: Instance) -> bool:
+        """Add or update an instance; False (and nothing changes) if it was deregistered: a registration
+        redelivered after its deregistration must not bring it back."""
+        if instance.id in self.deregistered:
+            return False
         old = self.instances_by_id.get(instance.id)
         if old is not None:
             self.instances_by_mac.pop(old.mac, None)
         self.instances_by_id[instance.id] = instance
         self.instances_by_mac[instance.mac] = instance
+        return True
 
     def remove_instance(self, instance_id: uuid.UUID) -> list[Transition]:
         """Deregistration: every HAVIP the instance holds becomes UNBOUND (SPEC §5.7)."""
+        self.deregistered.add(instance_id)
         instance = self.instances_by_id.pop(instance_id, None)
         if instance is None:
             return []
@@ -191,17 +200,20 @@ class BindingBook:
             if binding.instance_id == instance_id
         ]
 
-    def put_havip(self, havip: Havip) -> bool:
-        """Add or update a HAVIP; True if it is new (its binding row must be created)."""
+    def put_havip(self, havip: Havip) -> Literal["new", "updated", "released"]:
+        """Add or update a HAVIP: "new" (its binding row must be created), "updated", or "released" — it was
+        released before (an allocation or update redelivered after the release): nothing changes."""
+        if havip.id in self.released:
+            return "released"
         old = self.havips_by_id.get(havip.id)
         if old is not None:
             self._unindex(old)
         self.havips_by_id[havip.id] = havip
         self.havips_by_address.setdefault(havip.address, []).append(havip)
         if havip.id in self.bindings:
-            return False
+            return "updated"
         self.bindings[havip.id] = Binding(havip.id, havip.address)
-        return True
+        return "new"
 
     def release_unless_candidate(self, havip_id: uuid.UUID) -> Transition | None:
         """A candidate list that no longer includes the holder releases the binding (SPEC §5.7)."""
@@ -215,6 +227,7 @@ class BindingBook:
 
     def remove_havip(self, havip_id: uuid.UUID) -> Transition | None:
         """Release: the binding ends with a final history row; None if the HAVIP was unknown."""
+        self.released.add(havip_id)
         havip = self.havips_by_id.pop(havip_id, None)
         if havip is not None:
             self._unindex(havip)
@@ -232,7 +245,16 @@ class BindingBook:
         else:
             self.havips_by_address.pop(havip.address, None)
 
-    def load(self, instances: Iterable[Instance], havips: Iterable[Havip], bindings: Iterable[Binding]) -> None:
+    def load(
+        self,
+        instances: Iterable[Instance],
+        havips: Iterable[Havip],
+        bindings: Iterable[Binding],
+        released: Iterable[uuid.UUID] = (),
+        deregistered: Iterable[uuid.UUID] = (),
+    ) -> None:
+        self.released.update(released)
+        self.deregistered.update(deregistered)
         for instance in instances:
             self.put_instance(instance)
         for binding in bindings:

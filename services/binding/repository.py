@@ -80,11 +80,15 @@ class BatchWrite:
 _PUT_INSTANCE = """
     INSERT INTO binding.instances (id, vpc_id, subnet_id, mac, private_ip) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, mac = $4, private_ip = $5"""
-_DELETE_INSTANCE = "DELETE FROM binding.instances WHERE id = $1"
+_DELETE_INSTANCE = """
+    WITH gone AS (INSERT INTO binding.deregistered_instances (id) VALUES ($1) ON CONFLICT DO NOTHING)
+    DELETE FROM binding.instances WHERE id = $1"""
 _PUT_HAVIP = """
     INSERT INTO binding.havips (id, vpc_id, subnet_id, address, candidates) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, address = $4, candidates = $5"""
-_DELETE_HAVIP = "DELETE FROM binding.havips WHERE id = $1"
+_DELETE_HAVIP = """
+    WITH gone AS (INSERT INTO binding.released_havips (id) VALUES ($1) ON CONFLICT DO NOTHING)
+    DELETE FROM binding.havips WHERE id = $1"""
 _PUT_BINDING = """
     INSERT INTO binding.bindings AS b
         (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at,
@@ -132,7 +136,9 @@ async def load_book(conn: Any, policy: ConditionPolicy | None = None) -> Binding
                       last_seen_at, flapping, split_brain FROM binding.bindings"""
         )
     ]
-    book.load(instances, havips, bindings)
+    released = [r["id"] for r in await conn.fetch("SELECT id FROM binding.released_havips")]
+    deregistered = [r["id"] for r in await conn.fetch("SELECT id FROM binding.deregistered_instances")]
+    book.load(instances, havips, bindings, released, deregistered)
     return book
 
 

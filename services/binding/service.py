@@ -168,8 +168,8 @@ class BindingService:
         elif isinstance(data, events.InstanceData):
             if event_type == "instance.registered":
                 instance = Instance(data.id, data.vpc_id, data.subnet_id, data.mac, data.private_ip)
-                self.book.put_instance(instance)
-                batch.put_instance(instance)
+                if self.book.put_instance(instance):
+                    batch.put_instance(instance)
             else:
                 for transition in self.book.remove_instance(data.id):
                     self._record_transition(transition, batch)
@@ -182,7 +182,10 @@ class BindingService:
                     self._record_transition(final, batch)
             else:
                 havip = Havip(data.id, data.vpc_id, data.subnet_id, data.address, frozenset(data.candidates))
-                if self.book.put_havip(havip):
+                put = self.book.put_havip(havip)
+                if put == "released":
+                    return
+                if put == "new":
                     batch.touch(self.book.bindings[havip.id])
                 batch.put_havip(havip)
                 released = self.book.release_unless_candidate(havip.id)

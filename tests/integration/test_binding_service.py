@@ -415,3 +415,30 @@ async def test_two_masters_raise_split_brain_and_flapping_and_both_end_when_quie
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_an_allocation_redelivered_after_the_release_changes_nothing(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    w = World()
+    allocated = events.envelope("havip.allocated", w.havip, "allocator")
+    registered = events.envelope("instance.registered", w.cvm2, "allocator")
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac))
+    await publisher.publish(events.envelope("havip.released", w.havip, "allocator"))
+    await publisher.publish(events.envelope("instance.deregistered", w.cvm2, "allocator"))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="bound, released")
+    await publisher.publish_many([allocated, registered])  # the same messages again, as after lost acks
+    await publisher.publish(w.claim(w.cvm1.mac))
+    marker = World()
+    await publisher.publish_many(marker.inventory())
+    await publisher.publish(marker.claim(marker.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", marker.havip.id)) == 1, what="marker")
+    assert len(listener.of("havip.binding.changed", w.havip.id)) == 2
+    assert await binding_row(binding.database_url, w.havip.id) is None
+    conn = await asyncpg.connect(binding.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM binding.havips WHERE id = $1", w.havip.id) == 0
+        assert await conn.fetchval("SELECT count(*) FROM binding.instances WHERE id = $1", w.cvm2.id) == 0
+    finally:
+        await conn.close()

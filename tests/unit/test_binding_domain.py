@@ -35,7 +35,7 @@ def book(*, candidates: frozenset[uuid.UUID] = frozenset()) -> BindingBook:
     b = BindingBook()
     for instance in (CVM1, CVM2, ELSEWHERE):
         b.put_instance(instance)
-    assert b.put_havip(Havip(HAVIP.id, VPC, SUBNET, VIP, candidates))
+    assert b.put_havip(Havip(HAVIP.id, VPC, SUBNET, VIP, candidates)) == "new"
     return b
 
 
@@ -283,3 +283,15 @@ def test_flags_always_agree_with_the_edges_published(steps: list[tuple[str, int]
     b.take_edges()
     assert not b.bindings[HAVIP.id].flapping
     assert not b.bindings[HAVIP.id].split_brain
+
+
+def test_creations_redelivered_after_a_removal_do_not_bring_anything_back() -> None:
+    b = book()
+    b.apply_claim(claim(CVM1.mac, 10))
+    assert b.remove_havip(HAVIP.id) is not None
+    assert b.put_havip(HAVIP) == "released"  # havip.allocated again, after a lost acknowledgement
+    assert HAVIP.id not in b.bindings
+    assert b.apply_claim(claim(CVM1.mac, 20)) == NotAHavip()
+    b.remove_instance(CVM2.id)
+    assert b.put_instance(CVM2) is False
+    assert CVM2.mac not in b.instances_by_mac
