@@ -166,6 +166,7 @@ class ClaimRejected(EventData):
     reason: RejectReason
     captured_at: datetime
     watcher_id: str
+    count: int = Field(default=1, ge=1, description="frames folded into this refusal (same address, MAC, reason)")
 
 
 class HavipCondition(EventData):

@@ -55,12 +55,19 @@ async def migrate(settings: BindingSettings) -> None:
         await broker.close()
 
 
-async def tick_every_second(service: BindingService) -> None:
-    """Time passing ends flapping and split brain; a failed tick (database away) is retried at the next."""
+async def tick_every_second(service: BindingService, audit_retention_days: float) -> None:
+    """Time passing ends flapping and split brain, and ages the audit out (once a minute); a failed tick
+    (database away) is retried at the next."""
+    ticks = 0
     while True:
         await asyncio.sleep(1.0)
+        ticks += 1
         try:
             await service.tick()
+            if ticks % 60 == 1:
+                expired = await service.expire_audit(audit_retention_days)
+                if expired:
+                    log.info("refused claims past retention deleted", extra={"deleted": expired})
         except Exception:
             log.exception("tick failed; retrying in 1 s")
 
@@ -91,7 +98,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
     log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
     if ready is not None:
         ready.set()
-    ticker = asyncio.create_task(tick_every_second(service), name="binding tick")
+    ticker = asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick")
     try:
         await stop.wait()
     finally:

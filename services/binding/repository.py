@@ -17,6 +17,7 @@ from services.binding.domain import (
     RejectReason,
     Transition,
 )
+from shared import events
 from shared.events import Envelope
 from shared.outbox import add_to_outbox
 
@@ -31,7 +32,7 @@ def _host(value: IPv4Address | IPv4Interface) -> IPv4Address:
     return value.ip if isinstance(value, IPv4Interface) else value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RejectedClaim:
     claim_id: uuid.UUID
     havip_id: uuid.UUID | None
@@ -40,6 +41,7 @@ class RejectedClaim:
     reason: RejectReason
     captured_at: datetime
     watcher_id: str
+    count: int = 1  # frames folded into this audit row
 
 
 @dataclass
@@ -52,6 +54,8 @@ class BatchWrite:
     removed_bindings: set[uuid.UUID] = field(default_factory=set)
     transitions: list[tuple[Transition, datetime]] = field(default_factory=list)
     rejected: list[RejectedClaim] = field(default_factory=list)
+    # Frames of later refusals folded into an audit row committed by an earlier batch: claim_id -> frames.
+    folded: dict[uuid.UUID, int] = field(default_factory=dict)
     # Outgoing events in order; a refusal's event names its claim, and goes out only if the claim was new.
     events: list[tuple[Envelope, uuid.UUID | None]] = field(default_factory=list)
     claim_ids: set[uuid.UUID] = field(default_factory=set)  # claims decided in this batch
@@ -74,7 +78,14 @@ class BatchWrite:
         self.bindings[binding.havip_id] = binding
 
     def __bool__(self) -> bool:
-        return bool(self.inventory or self.bindings or self.removed_bindings or self.transitions or self.rejected)
+        return bool(
+            self.inventory
+            or self.bindings
+            or self.removed_bindings
+            or self.transitions
+            or self.rejected
+            or self.folded
+        )
 
 
 _PUT_INSTANCE = """
@@ -101,9 +112,10 @@ _INSERT_TRANSITION = """
         captured_at, captured_ns, committed_at, watcher_id, reason)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
 _INSERT_REJECTED = """
-    INSERT INTO binding.rejected_claims (claim_id, havip_id, address, mac, reason, captured_at, watcher_id)
+    INSERT INTO binding.rejected_claims
+        (claim_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::inet[], $4::macaddr[], $5::text[], $6::timestamptz[],
-                         $7::text[])
+                         $7::text[], $8::bigint[])
     ON CONFLICT (claim_id) DO NOTHING
     RETURNING claim_id"""
 
@@ -208,11 +220,45 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             [r.reason for r in batch.rejected],
             [r.captured_at for r in batch.rejected],
             [r.watcher_id for r in batch.rejected],
+            [r.count for r in batch.rejected],
         )
         inserted = {row["claim_id"] for row in rows}
         new_rejections = [r for r in batch.rejected if r.claim_id in inserted]
         duplicates = {r.claim_id for r in batch.rejected} - inserted
     else:
         duplicates = set()
+    if batch.folded:
+        await conn.executemany(
+            "UPDATE binding.rejected_claims SET count = count + $2 WHERE claim_id = $1", list(batch.folded.items())
+        )
     await add_to_outbox(conn, SCHEMA, [env for env, claim_id in batch.events if claim_id not in duplicates])
+    await add_to_outbox(conn, SCHEMA, [refusal_event(r) for r in new_rejections])
     return new_rejections
+
+
+def refusal_event(r: RejectedClaim) -> Envelope:
+    return events.envelope(
+        "havip.claim.rejected",
+        events.ClaimRejected(
+            address=r.address,
+            havip_id=r.havip_id,
+            mac=r.mac,
+            reason=r.reason,
+            captured_at=r.captured_at,
+            watcher_id=r.watcher_id,
+            count=r.count,
+        ),
+        "binding",
+    )
+
+
+async def delete_old_refusals(conn: Any, older_than_days: float, limit: int = 10_000) -> int:
+    """Audit retention: remove refusals recorded more than `older_than_days` ago (at most `limit` a call)."""
+    result: str = await conn.execute(
+        """DELETE FROM binding.rejected_claims WHERE id IN (
+               SELECT id FROM binding.rejected_claims WHERE recorded_at < now() - make_interval(secs => $1)
+               ORDER BY id LIMIT $2)""",
+        older_than_days * 86_400,
+        limit,
+    )
+    return int(result.rsplit(" ", 1)[-1])

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +35,14 @@ from services.binding.domain import (
     Stale,
     Transition,
 )
-from services.binding.repository import BatchWrite, RejectedClaim, load_book, ns_to_datetime, write_batch
+from services.binding.repository import (
+    BatchWrite,
+    RejectedClaim,
+    delete_old_refusals,
+    load_book,
+    ns_to_datetime,
+    write_batch,
+)
 from shared import events
 from shared.messaging import Delivery
 
@@ -68,6 +77,11 @@ class BindingService:
         # handle() and tick() both change the book and write what changed: one at a time.
         self._lock = asyncio.Lock()
         self.book = BindingBook(policy=self._policy)
+        self._folds: dict[tuple[object, str, str], _Fold] = {}
+        # Claim ids committed lately (bounded): a message redelivered without a restart is recognised even
+        # where nothing stored would tell (a refusal folded into an earlier row). After a restart, the
+        # audit's unique claim_id and the capture-time order do it.
+        self._recent_claims: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._book_stale = True
         metrics.export_book(lambda: self.book.bindings.values())
 
@@ -90,6 +104,11 @@ class BindingService:
         edges; called about once a second."""
         async with self._lock:
             await self._decide_and_commit((), time.time_ns())
+
+    async def expire_audit(self, older_than_days: float) -> int:
+        """Audit retention: delete refusals older than that (a bounded number per call)."""
+        async with self._pool.acquire() as conn:
+            return await delete_old_refusals(conn, older_than_days)
 
     async def _decide_and_commit(self, deliveries: Sequence[Delivery], now_ns: int | None) -> None:
         if self._book_stale:
@@ -120,7 +139,18 @@ class BindingService:
         except BaseException:
             self._book_stale = True
             raise
+        finally:
+            if self._book_stale:
+                self._folds.clear()  # their rows may not exist: the next refusal starts a new one
         committed_ns = time.time_ns()
+        for fold in self._folds.values():
+            fold.committed = True
+        recent = self._recent_claims
+        recent.update(dict.fromkeys(batch.claim_ids))
+        while len(recent) > RECENT_CLAIMS:
+            recent.popitem(last=False)
+        if now_ns is not None:
+            self._folds = {k: f for k, f in self._folds.items() if now_ns - f.first_ns < 2 * REFUSAL_FOLD_NS}
         for captured_ns in latencies_from:
             metrics.BINDING_LATENCY.observe(max(0, committed_ns - captured_ns) / 1e9)
         for outcome, count in Counter(outcomes).items():
@@ -202,8 +232,8 @@ class BindingService:
         latencies_from: list[int],
         outcomes: list[str],
     ) -> None:
-        if data.claim_id in batch.claim_ids:  # the same claim twice in one batch (a redelivery): once is enough
-            outcomes.append("duplicate")
+        if data.claim_id in batch.claim_ids or data.claim_id in self._recent_claims:
+            outcomes.append("duplicate")  # a redelivery: decided once is enough
             return
         batch.claim_ids.add(data.claim_id)
         claim = Claim(data.sender_ip, data.sender_mac, data.eth_src, data.captured_at, watcher_id)
@@ -219,37 +249,36 @@ class BindingService:
         elif isinstance(outcome, Stale):
             outcomes.append("stale")
         elif isinstance(outcome, Rejected):
-            rejected = RejectedClaim(
-                data.claim_id,
-                outcome.havip_id,
-                claim.address,
-                claim.sender_mac,
-                outcome.reason,
-                ns_to_datetime(claim.captured_ns),
-                claim.watcher_id,
-            )
-            batch.rejected.append(rejected)
-            batch.events.append(
-                (
-                    events.envelope(
-                        "havip.claim.rejected",
-                        events.ClaimRejected(
-                            address=rejected.address,
-                            havip_id=rejected.havip_id,
-                            mac=rejected.mac,
-                            reason=rejected.reason,
-                            captured_at=rejected.captured_at,
-                            watcher_id=rejected.watcher_id,
-                        ),
-                        SOURCE,
-                    ),
-                    data.claim_id,
-                )
-            )
+            self._fold_or_audit(data, claim, outcome, batch)
             outcomes.append("rejected")
         else:
             assert isinstance(outcome, NotAHavip)
             outcomes.append("not_havip")
+
+    def _fold_or_audit(
+        self, data: events.ObservedClaim, claim: Claim, outcome: Rejected, batch: BatchWrite
+    ) -> None:
+        """SPEC §5.1: repeats of one refusal (address, MAC, reason) within a second become one audit row and one
+        event, counting the frames (`repeats`: the watcher's own folding included)."""
+        key = (claim.address, claim.sender_mac, outcome.reason)
+        fold = self._folds.get(key)
+        if fold is not None and 0 <= claim.captured_ns - fold.first_ns < REFUSAL_FOLD_NS:
+            fold.row.count += data.repeats
+            if fold.committed:
+                batch.folded[fold.row.claim_id] = batch.folded.get(fold.row.claim_id, 0) + data.repeats
+            return
+        row = RejectedClaim(
+            data.claim_id,
+            outcome.havip_id,
+            claim.address,
+            claim.sender_mac,
+            outcome.reason,
+            ns_to_datetime(claim.captured_ns),
+            claim.watcher_id,
+            data.repeats,
+        )
+        batch.rejected.append(row)
+        self._folds[key] = _Fold(row, claim.captured_ns)
 
     def _record_transition(self, transition: Transition, batch: BatchWrite) -> None:
         committed_at = datetime.now(UTC)
@@ -259,6 +288,19 @@ class BindingService:
             batch.touch(binding)
         batch.transitions.append((transition, committed_at))
         batch.events.append((binding_changed(transition, committed_at), None))
+
+
+RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most)
+
+# Refusals of one (address, MAC, reason) within this span of capture time share an audit row (SPEC §5.1).
+REFUSAL_FOLD_NS = 1_000_000_000
+
+
+@dataclass(slots=True)
+class _Fold:
+    row: RejectedClaim
+    first_ns: int
+    committed: bool = False
 
 
 def binding_changed(transition: Transition, committed_at: datetime) -> events.Envelope:

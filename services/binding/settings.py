@@ -15,6 +15,8 @@ class BindingSettings(CommonSettings):
     max_batch: int = Field(default=1000, ge=1)
     # Claims captured further ahead of this service's clock are refused as clock_skew (SPEC §5.2).
     max_clock_skew_s: float = Field(default=2.0, gt=0, le=3600)
+    # Refused claims are kept this long in the audit (binding.rejected_claims), then deleted.
+    audit_retention_days: float = Field(default=30.0, gt=0, le=3650)
     # Flapping: more than this many transitions within the window (SPEC §5.5).
     flap_transitions: int = Field(default=5, ge=1, le=10_000)
     flap_window_s: float = Field(default=60.0, gt=0, le=86_400)

@@ -323,6 +323,7 @@ async def test_rejected_claims_newest_first(client: httpx.AsyncClient, db: Any) 
         "reason": "unknown_mac",
         "captured_at": "2025-03-05T09:00:00.000250Z",
         "watcher_id": "watcher-7",
+        "count": 1,
     }
     ours = await all_pages(client, "/v1/claims/rejected", havip_id=havip["id"], limit=2)
     assert [c["reason"] for c in ours] == reasons[::-1]
@@ -592,4 +593,4 @@ async def test_openapi_describes_the_new_routes_and_their_errors(client: httpx.A
                 "/ErrorResponse"
             ), (path, method, status)
     claim = spec["components"]["schemas"]["RejectedClaim"]
-    assert set(claim["required"]) == {"havip_id", "address", "mac", "reason", "captured_at", "watcher_id"}
+    assert set(claim["required"]) == {"havip_id", "address", "mac", "reason", "captured_at", "watcher_id", "count"}

@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from services.binding.main import QUEUE, run
+from services.binding.repository import delete_old_refusals
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.messaging import Broker, declare_topology
@@ -440,5 +441,41 @@ async def test_an_allocation_redelivered_after_the_release_changes_nothing(
     try:
         assert await conn.fetchval("SELECT count(*) FROM binding.havips WHERE id = $1", w.havip.id) == 0
         assert await conn.fetchval("SELECT count(*) FROM binding.instances WHERE id = $1", w.cvm2.id) == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_flood_of_one_refusal_becomes_one_audit_row_per_second_with_a_count(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    spoofer = "02:ee:ee:ee:ee:77"
+    t = time.time_ns()
+
+    def frames(at: int, repeats: int) -> events.ObservedClaim:
+        return w.observed(spoofer, t=at).model_copy(update={"repeats": repeats})
+
+    await publisher.publish(claims_event(frames(t, 1), frames(t + 1_000, 2), frames(t + 2_000, 3)))
+    await eventually(lambda: len(listener.of("havip.claim.rejected", w.havip.id)) == 1, what="one refusal")
+    assert listener.of("havip.claim.rejected", w.havip.id)[0]["count"] == 6
+    await publisher.publish(claims_event(frames(t + 500_000_000, 4)))  # within the second: folded
+    await publisher.publish(claims_event(frames(t + 1_500_000_000, 1)))  # a second later: a new row
+    await eventually(lambda: len(listener.of("havip.claim.rejected", w.havip.id)) == 2, what="the next second")
+    conn = await asyncpg.connect(binding.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT count FROM binding.rejected_claims WHERE havip_id = $1 ORDER BY id", w.havip.id
+        )
+        assert [r["count"] for r in rows] == [10, 1]
+        # Retention: a refusal recorded long ago goes.
+        await conn.execute(
+            "UPDATE binding.rejected_claims SET recorded_at = now() - interval '40 days' WHERE havip_id = $1 "
+            "AND count = 10",
+            w.havip.id,
+        )
+        assert await delete_old_refusals(conn, 30) == 1
+        rows = await conn.fetch("SELECT count FROM binding.rejected_claims WHERE havip_id = $1", w.havip.id)
+        assert [r["count"] for r in rows] == [1]
     finally:
         await conn.close()

@@ -25,6 +25,10 @@ class RejectedClaim(ResponseModel):
     )
     captured_at: Timestamp = Field(description="kernel capture time of the frame")
     watcher_id: str = Field(description="the watcher that saw it")
+    count: int = Field(
+        ge=1,
+        description="frames folded into this refusal: repeats of it (same address, MAC, reason) within a second",
+    )
 
     @classmethod
     def from_row(cls, row: Any) -> RejectedClaim:
@@ -35,4 +39,5 @@ class RejectedClaim(ResponseModel):
             reason=row["reason"],
             captured_at=row["captured_at"],
             watcher_id=row["watcher_id"],
+            count=row["count"],
         )

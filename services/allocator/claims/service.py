@@ -20,7 +20,7 @@ async def list_rejected_claims(
     before = decode_record(page_token) if page_token is not None else None
     async with db.connection() as conn:
         rows = await conn.fetch(
-            """SELECT id, havip_id, host(address) AS address, mac, reason, captured_at, watcher_id
+            """SELECT id, havip_id, host(address) AS address, mac, reason, captured_at, watcher_id, count
                FROM binding.rejected_claims
                WHERE ($1::uuid IS NULL OR havip_id = $1) AND ($2::bigint IS NULL OR id < $2)
                ORDER BY id DESC LIMIT $3""",
