@@ -22,6 +22,8 @@ REFRESH_WRITE_INTERVAL_NS = 1_000_000_000
 # A claim captured further ahead of the binding service's clock than this is refused (SPEC §5.2): a watcher
 # whose clock runs ahead would otherwise make every other watcher's claims look stale.
 DEFAULT_MAX_CLOCK_SKEW_NS = 2_000_000_000
+# No claim can be older than the system (2020-01-01): a watcher whose clock is that far behind is refused too.
+EPOCH_NS = 1_577_836_800_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +295,7 @@ class BindingBook:
         if isinstance(verdict, Rejected | NotAHavip):
             return verdict
         havip, instance = verdict
-        if now_ns is not None and claim.captured_ns > now_ns + max_skew_ns:
+        if claim.captured_ns < EPOCH_NS or (now_ns is not None and claim.captured_ns > now_ns + max_skew_ns):
             return Rejected(havip.id, "clock_skew")
         binding = self.bindings[havip.id]
         if claim.captured_ns <= binding.last_claim_ns:

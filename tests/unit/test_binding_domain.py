@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.binding.domain import (
+    EPOCH_NS,
     BindingBook,
     Claim,
     Havip,
@@ -39,14 +40,17 @@ def book(*, candidates: frozenset[uuid.UUID] = frozenset()) -> BindingBook:
     return b
 
 
+T0 = EPOCH_NS + 10**18  # a capture time well inside the system's life; tests count from it
+
+
 def claim(mac: str, t: int, *, address: IPv4Address = VIP, eth_src: str | None = None) -> Claim:
-    return Claim(address, mac, eth_src or mac, t, "w1")
+    return Claim(address, mac, eth_src or mac, T0 + t, "w1")
 
 
 def test_first_authorised_claim_binds() -> None:
     b = book()
     outcome = b.apply_claim(claim(CVM1.mac, 10))
-    assert outcome == Transition(HAVIP.id, VIP, None, Holder(CVM1.id, CVM1.mac), 1, "claim", 10, "w1")
+    assert outcome == Transition(HAVIP.id, VIP, None, Holder(CVM1.id, CVM1.mac), 1, "claim", T0 + 10, "w1")
     assert b.bindings[HAVIP.id].instance_id == CVM1.id
 
 
@@ -166,15 +170,17 @@ def test_binding_follows_the_newest_authorised_claim_whatever_the_arrival_order(
 def test_a_claim_from_too_far_ahead_of_the_clock_is_refused_and_moves_nothing() -> None:
     b = book()
     now = 10 * 1_000_000_000
-    b.apply_claim(claim(CVM1.mac, now), now_ns=now)
+    b.apply_claim(claim(CVM1.mac, now), now_ns=T0 + now)
     ahead = claim(CVM2.mac, now + 2_000_000_001)
-    assert b.apply_claim(ahead, now_ns=now, max_skew_ns=2_000_000_000) == Rejected(HAVIP.id, "clock_skew")
+    assert b.apply_claim(ahead, now_ns=T0 + now, max_skew_ns=2_000_000_000) == Rejected(HAVIP.id, "clock_skew")
     assert b.bindings[HAVIP.id].instance_id == CVM1.id
     # Its time was not taken: the next real claim is not stale.
-    moved = b.apply_claim(claim(CVM2.mac, now + 1), now_ns=now)
+    moved = b.apply_claim(claim(CVM2.mac, now + 1), now_ns=T0 + now)
     assert isinstance(moved, Transition)
+    # A clock far behind — before the system existed — is refused the same way.
+    assert b.apply_claim(Claim(VIP, CVM1.mac, CVM1.mac, EPOCH_NS - 1, "w1")) == Rejected(HAVIP.id, "clock_skew")
     # Within the skew it counts.
-    assert isinstance(b.apply_claim(claim(CVM1.mac, now + 1_999_000_000), now_ns=now), Transition)
+    assert isinstance(b.apply_claim(claim(CVM1.mac, now + 1_999_000_000), now_ns=T0 + now), Transition)
 
 
 def test_removing_the_holder_from_the_candidates_releases_the_binding() -> None:
@@ -211,10 +217,10 @@ def test_more_than_five_transitions_in_a_minute_is_flapping_until_a_quiet_minute
     assert b.bindings[HAVIP.id].flapping
     [started] = [e for e in edges if e.condition == "flapping"]
     assert (started.started, started.transitions_in_window) == (True, 6)
-    b.tick(60 * S)  # the first transitions leave the window: still flapping while any is in it
+    b.tick(T0 + 60 * S)  # the first transitions leave the window: still flapping while any is in it
     assert b.take_edges() == []
     b.apply_claim(claim(CVM2.mac, 61 * S))  # the holder refreshing is no transition
-    b.tick(30 * S + 60 * S + 1)  # a full minute after the last transition (at 30 s)
+    b.tick(T0 + 30 * S + 60 * S + 1)  # a full minute after the last transition (at 30 s)
     [stopped] = b.take_edges()
     assert (stopped.condition, stopped.started, stopped.transitions_in_window) == ("flapping", False, 0)
     assert not b.bindings[HAVIP.id].flapping
@@ -232,7 +238,7 @@ def test_two_masters_claiming_in_turn_is_split_brain_and_the_binding_follows_the
     [edge] = [e for e in b.take_edges() if e.condition == "split_brain"]
     assert (edge.started, edge.claimants_in_window) == (True, 2)
     b.apply_claim(claim(CVM2.mac, t + 5 * S))  # only cvm2 from now on
-    b.tick(t + 3 * S + 10 * S + 1)
+    b.tick(T0 + t + 3 * S + 10 * S + 1)
     assert [(e.condition, e.started) for e in b.take_edges()] == [("split_brain", False)]
 
 
@@ -242,7 +248,7 @@ def test_an_ordinary_failover_with_refreshes_is_neither_flapping_nor_split_brain
         b.apply_claim(claim(CVM1.mac, (i + 1) * S))
     for i in range(5):  # cvm1 dies; cvm2 takes over and refreshes
         b.apply_claim(claim(CVM2.mac, (10 + i) * S))
-    b.tick(100 * S)
+    b.tick(T0 + 100 * S)
     assert b.take_edges() == []
     assert not b.bindings[HAVIP.id].flapping
     assert not b.bindings[HAVIP.id].split_brain
@@ -251,10 +257,10 @@ def test_an_ordinary_failover_with_refreshes_is_neither_flapping_nor_split_brain
 def test_a_flag_stored_before_a_restart_holds_for_a_window_from_the_restart() -> None:
     b = book()
     b.bindings[HAVIP.id].split_brain = True
-    b.hold_conditions(1_000 * S)
-    b.tick(1_005 * S)
+    b.hold_conditions(T0 + 1_000 * S)
+    b.tick(T0 + 1_005 * S)
     assert b.take_edges() == []
-    b.tick(1_010 * S + 1)
+    b.tick(T0 + 1_010 * S + 1)
     assert [(e.condition, e.started) for e in b.take_edges()] == [("split_brain", False)]
 
 
@@ -273,13 +279,13 @@ def test_flags_always_agree_with_the_edges_published(steps: list[tuple[str, int]
         t += gap * S // 10
         b.apply_claim(claim(macs[who], t))
         edges += b.take_edges()
-    b.tick(t + end * S)
+    b.tick(T0 + t + end * S)
     edges += b.take_edges()
     for condition in ("flapping", "split_brain"):
         states = [e.started for e in edges if e.condition == condition]
         assert all(a != b_ for a, b_ in itertools.pairwise(states))
         assert (states[-1] if states else False) == getattr(b.bindings[HAVIP.id], condition)
-    b.tick(t + end * S + 61 * S)
+    b.tick(T0 + t + end * S + 61 * S)
     b.take_edges()
     assert not b.bindings[HAVIP.id].flapping
     assert not b.bindings[HAVIP.id].split_brain
