@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import struct
 import subprocess
 import sys
@@ -47,13 +46,12 @@ from typing import Any
 import asyncpg
 
 from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say, wait_for_quiet
-from services.arp_watcher.capture import network_namespace
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
 from shared import events
 from shared.messaging import Broker
 from shared.settings import CommonSettings
 from tests.e2e.system import System
 from tests.lab import Lab
+from tests.lab.raw import RawSender
 
 SUBNET = "198.18.0.0/15"
 HAVIP_BASE = IPv4Address("198.18.16.0")
@@ -62,29 +60,6 @@ BURST = 5  # keepalived's garp_master_repeat
 
 
 # ---- the wire ---------------------------------------------------------------------------------------------
-
-
-class RawSender:
-    """An AF_PACKET socket opened inside a lab server's namespace: frames go out of its eth0 as they are."""
-
-    def __init__(self, netns: str, mac: str) -> None:
-        self.mac = bytes.fromhex(mac.replace(":", ""))
-        with network_namespace(netns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            self.sock.bind(("eth0", 0))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024 * 1024)
-
-    def garp(self, address: IPv4Address) -> bytes:
-        ip = int(address)
-        return build_arp_frame(oper=ARP_REQUEST, sender_mac=self.mac, sender_ip=ip, target_ip=ip)
-
-    def send(self, frames: list[bytes]) -> None:
-        send = self.sock.send
-        for frame in frames:
-            send(frame)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class PacedSender(threading.Thread):

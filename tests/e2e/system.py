@@ -20,6 +20,7 @@ from tests import service_logs
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("binding", "arp_watcher", "allocator")
 
 
 @dataclass
@@ -44,8 +45,10 @@ class System:
     workdir: Path
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     netns: str | None = None
-    # The watcher's own way to RabbitMQ (e.g. through a proxy a test can cut); default amqp_url.
+    # A service's own way to RabbitMQ or Postgres (e.g. through a proxy a test can cut); default the above.
     watcher_amqp_url: str | None = None
+    binding_amqp_url: str | None = None
+    binding_database_url: str | None = None
     api_port: int = field(default_factory=free_port)
     binding_metrics_port: int = field(default_factory=free_port)
     watcher_metrics_port: int = field(default_factory=free_port)
@@ -99,32 +102,55 @@ class System:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.migrate()
-        self._spawn("binding", "services.binding", HAVIP_METRICS_PORT=str(self.binding_metrics_port))
-        watcher_env = {
-            "HAVIP_INTERFACE": self.interface,
-            "HAVIP_METRICS_PORT": str(self.watcher_metrics_port),
-            "HAVIP_AMQP_URL": self.watcher_amqp_url or self.amqp_url,
-        }
-        if self.netns:
-            watcher_env["HAVIP_NETNS"] = self.netns
-        self._spawn("arp_watcher", "services.arp_watcher", **watcher_env)
-        self._spawn(
-            "allocator",
-            "services.allocator",
-            HAVIP_API_TOKEN=self.token,
-            HAVIP_HOST="127.0.0.1",
-            HAVIP_PORT=str(self.api_port),
-        )
+        for name in SERVICES:
+            self.start_service(name)
         self.wait_ready()
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def start_service(self, name: str) -> Service:
+        """Start one service (again, after `kill`), with the same configuration and ports."""
+        if name == "binding":
+            return self._spawn(
+                "binding",
+                "services.binding",
+                HAVIP_METRICS_PORT=str(self.binding_metrics_port),
+                HAVIP_AMQP_URL=self.binding_amqp_url or self.amqp_url,
+                HAVIP_DATABASE_URL=self.binding_database_url or self.database_url,
+            )
+        if name == "arp_watcher":
+            watcher_env = {
+                "HAVIP_INTERFACE": self.interface,
+                "HAVIP_METRICS_PORT": str(self.watcher_metrics_port),
+                "HAVIP_AMQP_URL": self.watcher_amqp_url or self.amqp_url,
+            }
+            if self.netns:
+                watcher_env["HAVIP_NETNS"] = self.netns
+            return self._spawn("arp_watcher", "services.arp_watcher", **watcher_env)
+        if name == "allocator":
+            return self._spawn(
+                "allocator",
+                "services.allocator",
+                HAVIP_API_TOKEN=self.token,
+                HAVIP_HOST="127.0.0.1",
+                HAVIP_PORT=str(self.api_port),
+            )
+        raise ValueError(f"no service {name!r}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service's whole process group, as a crash would (SPEC R3)."""
+        service = self.services[name]
+        if service.process.poll() is None:
+            os.killpg(service.process.pid, signal.SIGKILL)
+        service.process.wait(timeout=10)
+        service.log_file.close()
+
+    def wait_ready(self, timeout: float = 60.0, names: tuple[str, ...] = SERVICES) -> None:
         deadline = time.monotonic() + timeout
         checks = {
             "allocator": f"{self.api_url}/readyz",
             "binding": f"http://127.0.0.1:{self.binding_metrics_port}/metrics",
             "arp_watcher": f"http://127.0.0.1:{self.watcher_metrics_port}/metrics",
         }
-        pending = dict(checks)
+        pending = {name: url for name, url in checks.items() if name in names}
         while pending:
             for name, url in list(pending.items()):
                 service = self.services[name]
