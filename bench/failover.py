@@ -374,6 +374,7 @@ def main() -> int:
             f"P1  {p1['probes']} probes, {p1['background_claims_per_s']} refreshes/s in the background: "
             f"GARP → commit {p1['garp_to_commit_ms']} ms; bare Postgres commit {p1['bare_postgres_commit_ms']} ms"
         )
+        print(f"    busy before P2: {result['busy_before_p2']:.0%}, before P1: {result['busy_before_p1']:.0%}")
         print(
             f"P5  watcher RSS {result['p5']['watcher_rss_mb']} MB, binding RSS {result['p5']['binding_rss_mb']} MB"
         )
