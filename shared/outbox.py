@@ -37,9 +37,13 @@ OUTBOX_FAILURES = Counter("havip_outbox_publish_failures_total", "Failed outbox 
 async def add_to_outbox(conn: Any, schema: str, envs: Sequence[Envelope]) -> None:
     """Write events inside the caller's transaction."""
     if envs:
-        await conn.executemany(
-            f"INSERT INTO {schema}.outbox (routing_key, body) VALUES ($1, $2)",
-            [(env.type, encode(env).decode()) for env in envs],
+        # One set-based statement for the batch, ids in the order of `envs` (the order they are published in).
+        await conn.execute(
+            f"""INSERT INTO {schema}.outbox (routing_key, body)
+                SELECT routing_key, body
+                FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS e(routing_key, body, n) ORDER BY n""",
+            [env.type for env in envs],
+            [encode(env).decode() for env in envs],
         )
 
 

@@ -100,17 +100,23 @@ _PUT_HAVIP = """
 _DELETE_HAVIP = """
     WITH gone AS (INSERT INTO binding.released_havips (id) VALUES ($1) ON CONFLICT DO NOTHING)
     DELETE FROM binding.havips WHERE id = $1"""
-_PUT_BINDING = """
+# Batches are written set-based, one statement per table (unnest of one array per column): at thousands of
+# rows a batch this is several times faster than executemany, which runs the statement once per row.
+_PUT_BINDINGS = """
     INSERT INTO binding.bindings AS b
         (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at,
          flapping, split_brain)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-    ON CONFLICT (havip_id) DO UPDATE SET instance_id = $3, mac = $4, sequence = $5, last_claim_ns = $6,
-        last_transition_at = $7, last_seen_at = $8, flapping = $9, split_brain = $10"""
-_INSERT_TRANSITION = """
+    SELECT * FROM unnest($1::uuid[], $2::inet[], $3::uuid[], $4::macaddr[], $5::bigint[], $6::bigint[],
+                         $7::timestamptz[], $8::timestamptz[], $9::boolean[], $10::boolean[])
+    ON CONFLICT (havip_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, mac = EXCLUDED.mac,
+        sequence = EXCLUDED.sequence, last_claim_ns = EXCLUDED.last_claim_ns,
+        last_transition_at = EXCLUDED.last_transition_at, last_seen_at = EXCLUDED.last_seen_at,
+        flapping = EXCLUDED.flapping, split_brain = EXCLUDED.split_brain"""
+_INSERT_TRANSITIONS = """
     INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
         captured_at, captured_ns, committed_at, watcher_id, reason)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::macaddr[], $6::timestamptz[],
+                         $7::bigint[], $8::timestamptz[], $9::text[], $10::text[])"""
 _INSERT_REJECTED = """
     INSERT INTO binding.rejected_claims
         (claim_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
@@ -172,42 +178,34 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             "DELETE FROM binding.bindings WHERE havip_id = ANY($1::uuid[])", list(batch.removed_bindings)
         )
     if batch.bindings:
-        await conn.executemany(
-            _PUT_BINDING,
-            [
-                (
-                    b.havip_id,
-                    b.address,
-                    b.instance_id,
-                    b.mac,
-                    b.sequence,
-                    b.last_claim_ns,
-                    b.last_transition_at,
-                    ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None,
-                    b.flapping,
-                    b.split_brain,
-                )
-                for b in batch.bindings.values()
-            ],
+        bindings = list(batch.bindings.values())
+        await conn.execute(
+            _PUT_BINDINGS,
+            [b.havip_id for b in bindings],
+            [b.address for b in bindings],
+            [b.instance_id for b in bindings],
+            [b.mac for b in bindings],
+            [b.sequence for b in bindings],
+            [b.last_claim_ns for b in bindings],
+            [b.last_transition_at for b in bindings],
+            [ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None for b in bindings],
+            [b.flapping for b in bindings],
+            [b.split_brain for b in bindings],
         )
     if batch.transitions:
-        await conn.executemany(
-            _INSERT_TRANSITION,
-            [
-                (
-                    t.havip_id,
-                    t.sequence,
-                    t.previous.instance_id if t.previous else None,
-                    t.current.instance_id if t.current else None,
-                    t.current.mac if t.current else None,
-                    ns_to_datetime(t.captured_ns) if t.captured_ns is not None else None,
-                    t.captured_ns,
-                    committed_at,
-                    t.watcher_id,
-                    t.reason,
-                )
-                for t, committed_at in batch.transitions
-            ],
+        moves = batch.transitions
+        await conn.execute(
+            _INSERT_TRANSITIONS,
+            [t.havip_id for t, _ in moves],
+            [t.sequence for t, _ in moves],
+            [t.previous.instance_id if t.previous else None for t, _ in moves],
+            [t.current.instance_id if t.current else None for t, _ in moves],
+            [t.current.mac if t.current else None for t, _ in moves],
+            [ns_to_datetime(t.captured_ns) if t.captured_ns is not None else None for t, _ in moves],
+            [t.captured_ns for t, _ in moves],
+            [committed_at for _, committed_at in moves],
+            [t.watcher_id for t, _ in moves],
+            [t.reason for t, _ in moves],
         )
     new_rejections: list[RejectedClaim] = []
     if batch.rejected:
