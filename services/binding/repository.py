@@ -51,6 +51,7 @@ class BatchWrite:
     # Inventory changes in arrival order: (sql, args) pairs; consecutive runs of one statement are batched.
     inventory: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     bindings: dict[uuid.UUID, Binding] = field(default_factory=dict)
+    refreshed: dict[uuid.UUID, Binding] = field(default_factory=dict)
     removed_bindings: set[uuid.UUID] = field(default_factory=set)
     transitions: list[tuple[Transition, datetime]] = field(default_factory=list)
     rejected: list[RejectedClaim] = field(default_factory=list)
@@ -72,15 +73,23 @@ class BatchWrite:
     def remove_havip(self, havip_id: uuid.UUID) -> None:
         self.inventory.append((_DELETE_HAVIP, (havip_id,)))
         self.bindings.pop(havip_id, None)
+        self.refreshed.pop(havip_id, None)
         self.removed_bindings.add(havip_id)
 
+    def refresh(self, binding: Binding) -> None:
+        """Only the holder's last claim and last-seen time changed (a refresh): a narrow update."""
+        if binding.havip_id not in self.bindings:
+            self.refreshed[binding.havip_id] = binding
+
     def touch(self, binding: Binding) -> None:
+        self.refreshed.pop(binding.havip_id, None)
         self.bindings[binding.havip_id] = binding
 
     def __bool__(self) -> bool:
         return bool(
             self.inventory
             or self.bindings
+            or self.refreshed
             or self.removed_bindings
             or self.transitions
             or self.rejected
@@ -112,6 +121,10 @@ _PUT_BINDINGS = """
         sequence = EXCLUDED.sequence, last_claim_ns = EXCLUDED.last_claim_ns,
         last_transition_at = EXCLUDED.last_transition_at, last_seen_at = EXCLUDED.last_seen_at,
         flapping = EXCLUDED.flapping, split_brain = EXCLUDED.split_brain"""
+_REFRESH_BINDINGS = """
+    UPDATE binding.bindings AS b SET last_claim_ns = r.last_claim_ns, last_seen_at = r.last_seen_at
+    FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[]) AS r(havip_id, last_claim_ns, last_seen_at)
+    WHERE b.havip_id = r.havip_id"""
 _INSERT_TRANSITIONS = """
     INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
         captured_at, captured_ns, committed_at, watcher_id, reason)
@@ -191,6 +204,14 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             [ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None for b in bindings],
             [b.flapping for b in bindings],
             [b.split_brain for b in bindings],
+        )
+    if batch.refreshed:
+        refreshed = list(batch.refreshed.values())
+        await conn.execute(
+            _REFRESH_BINDINGS,
+            [b.havip_id for b in refreshed],
+            [b.last_claim_ns for b in refreshed],
+            [ns_to_datetime(b.last_seen_written_ns) for b in refreshed],
         )
     if batch.transitions:
         moves = batch.transitions

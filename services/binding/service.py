@@ -244,7 +244,7 @@ class BindingService:
             outcomes.append("transition")
         elif isinstance(outcome, Refreshed):
             if outcome.write:
-                batch.touch(self.book.bindings[outcome.havip_id])
+                batch.refresh(self.book.bindings[outcome.havip_id])
             outcomes.append("refresh")
         elif isinstance(outcome, Stale):
             outcomes.append("stale")

@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -479,3 +480,22 @@ async def test_a_flood_of_one_refusal_becomes_one_audit_row_per_second_with_a_co
         assert [r["count"] for r in rows] == [1]
     finally:
         await conn.close()
+
+
+async def test_the_holders_refresh_updates_last_seen_at_most_once_a_second(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    t = time.time_ns() - 3_000_000_000
+    await publisher.publish(claims_event(w.observed(w.cvm1.mac, t=t)))
+    await publisher.publish(claims_event(w.observed(w.cvm1.mac, t=t + 400_000_000)))  # too soon: not written
+    await publisher.publish(claims_event(w.observed(w.cvm1.mac, t=t + 1_500_000_000)))
+    marker = World()
+    await publisher.publish_many(marker.inventory())
+    await publisher.publish(marker.claim(marker.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", marker.havip.id)) == 1, what="marker")
+    row = await binding_row(binding.database_url, w.havip.id)
+    assert row["last_claim_ns"] == t + 1_500_000_000
+    assert row["last_seen_at"] == datetime.fromtimestamp((t + 1_500_000_000) / 1e9, UTC)
+    assert row["sequence"] == 1
