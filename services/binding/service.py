@@ -110,9 +110,13 @@ class BindingService:
         async with self._pool.acquire() as conn:
             return await delete_old_refusals(conn, older_than_days)
 
-    async def _decide_and_commit(self, deliveries: Sequence[Delivery], now_ns: int | None) -> None:
+    async def ensure_current(self) -> None:
+        """After a failure the book may hold decisions that were never committed: rebuild it from Postgres."""
         if self._book_stale:
             await self.load()
+
+    async def _decide_and_commit(self, deliveries: Sequence[Delivery], now_ns: int | None) -> None:
+        await self.ensure_current()
         batch = BatchWrite()
         new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []

@@ -1,0 +1,226 @@
+"""One truth (issue 8): whatever step of a batch fails — deciding it, or any statement of its transaction — the
+binding service's in-memory book ends up equal to what Postgres holds, and a retry of the batch (as the
+consumer retries it) commits exactly what a run without the failure would have committed.
+
+A property test on the real Postgres: hypothesis draws a story (inventory and claims from three instances
+over two HAVIPs, releases, deregistrations, narrowed candidate lists) cut into batches, and a failure injected
+at one database call; after every batch the book is compared with the database."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from services.binding.domain import BindingBook, Claim
+from services.binding.repository import load_book
+from services.binding.service import BindingService
+from shared import events
+from shared.db import create_pool
+from shared.messaging import Delivery
+
+
+class InjectedFailure(ConnectionError):
+    """What the database does to a call at the chosen step (a connection lost)."""
+
+
+class FaultyConnection:
+    def __init__(self, conn: Any, pool: FaultyPool) -> None:
+        self._conn = conn
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._conn, name)
+        if name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                self._pool.step()
+                return await attribute(*args, **kwargs)
+
+            return call
+        return attribute
+
+
+class FaultyPool:
+    """The real pool; the `fail_at`-th step (database call or decision, counted from `arm`) raises."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self.calls = 0
+        self.fail_at = 0
+
+    def arm(self, fail_at: int) -> None:
+        self.calls, self.fail_at = 0, fail_at
+
+    def step(self) -> None:
+        """One step of a batch (a database call, or a decision): the armed one fails."""
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise InjectedFailure(f"injected at step {self.calls}")
+
+    def acquire(self) -> Any:
+        pool = self
+
+        class _Acquire:
+            async def __aenter__(self) -> FaultyConnection:
+                self._cm = pool._pool.acquire()
+                return FaultyConnection(await self._cm.__aenter__(), pool)
+
+            async def __aexit__(self, *exc: Any) -> None:
+                await self._cm.__aexit__(*exc)
+
+        return _Acquire()
+
+
+@pytest.fixture(scope="module")
+async def pool(database_url: str) -> AsyncIterator[Any]:
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
+
+
+def delivery(env: events.Envelope) -> Delivery:
+    head, data = events.decode(events.encode(env))
+    return Delivery(head, data, False)
+
+
+# A step of the story: (what, who, havip) — who is an instance index 0..2, havip 0..1.
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["claim", "claim", "claim", "claim", "narrow", "deregister", "release"]),
+        st.integers(0, 2),
+        st.integers(0, 1),
+    ),
+    min_size=1,
+    max_size=24,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(story=steps, cuts=st.lists(st.integers(1, 8), min_size=1, max_size=6), fail_at=st.integers(1, 12))
+# The inventory and two claims in one batch; the second decision fails after the first moved the binding.
+@example(story=[("claim", 0, 0), ("claim", 1, 0)], cuts=[7], fail_at=2)
+async def test_the_book_always_equals_the_database(
+    pool: Any, story: list[tuple[str, int, int]], cuts: list[int], fail_at: int
+) -> None:
+    vpc, subnet = uuid.uuid4(), uuid.uuid4()
+    base = int(uuid.uuid4().int % 200)
+    instances = [
+        events.InstanceData(
+            id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=f"cvm{i}",
+            private_ip=IPv4Address("192.0.2.10") + i, mac=f"02:{base:02x}:{i:02x}:{uuid.uuid4().hex[:2]}:00:01",
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    havips = [
+        events.HavipData(
+            id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=None,
+            address=IPv4Address("198.18.0.0") + (uuid.uuid4().int % 60_000), candidates=[],
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    envs: list[events.Envelope] = [events.envelope("instance.registered", i, "allocator") for i in instances]
+    envs += [events.envelope("havip.allocated", h, "allocator") for h in havips]
+    t = time.time_ns() - 60_000_000_000
+    for what, who, which in story:
+        t += 700_000_000
+        if what == "claim":
+            claim = events.ObservedClaim(
+                claim_id=uuid.uuid4(), kind="garp_request", sender_mac=instances[who].mac,
+                eth_src=instances[who].mac, sender_ip=havips[which].address, target_ip=havips[which].address,
+                captured_at=t,
+            )  # fmt: skip
+            envs.append(
+                events.envelope(
+                    events.CLAIMS_EVENT,
+                    events.ClaimsObserved(watcher_id="w", interface="eth0", claims=[claim]),
+                    "w",
+                )
+            )
+        elif what == "narrow":
+            havips[which] = havips[which].model_copy(update={"candidates": [instances[who].id]})
+            envs.append(events.envelope("havip.updated", havips[which], "allocator"))
+        elif what == "deregister":
+            envs.append(events.envelope("instance.deregistered", instances[who], "allocator"))
+        else:
+            envs.append(events.envelope("havip.released", havips[which], "allocator"))
+
+    faulty = FaultyPool(pool)
+    service = BindingService(faulty)
+    await service.load()
+    decide = BindingBook.apply_claim
+
+    def deciding(book: BindingBook, claim: Claim, **kwargs: Any) -> Any:  # a step that can fail too
+        faulty.step()
+        return decide(book, claim, **kwargs)
+
+    batches: list[Sequence[events.Envelope]] = []
+    i = 0
+    for size in cuts * 50:
+        if i >= len(envs):
+            break
+        batches.append(envs[i : i + size])
+        i += size
+    setattr(BindingBook, "apply_claim", deciding)  # noqa: B010 - the decision is a step that can fail too
+    try:
+        await run_batches(service, faulty, batches, havips, pool, fail_at)
+    finally:
+        setattr(BindingBook, "apply_claim", decide)  # noqa: B010
+
+
+async def run_batches(
+    service: BindingService,
+    faulty: FaultyPool,
+    batches: list[Sequence[events.Envelope]],
+    havips: list[events.HavipData],
+    pool: Any,
+    fail_at: int,
+) -> None:
+    failed_once = False
+    for batch in batches:
+        deliveries = [delivery(e) for e in batch]
+        if not failed_once:
+            faulty.arm(fail_at)
+        try:
+            await service.handle(deliveries)
+        except InjectedFailure:
+            failed_once = True
+            event("a step failed mid-batch")
+            faulty.arm(0)
+            await assert_book_equals_database(service, pool, havips)  # after the failure, before the retry
+            await service.handle(deliveries)  # the consumer retries the batch
+        faulty.arm(0)
+        await assert_book_equals_database(service, pool, havips)
+
+
+async def assert_book_equals_database(service: BindingService, pool: Any, havips: list[events.HavipData]) -> None:
+    await service.ensure_current()  # what the service decides its next batch with
+    async with pool.acquire() as conn:
+        stored = await load_book(conn)
+        sequences = {
+            r["havip_id"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT havip_id, max(sequence) AS n FROM binding.transitions WHERE havip_id = ANY($1) "
+                "GROUP BY havip_id",
+                [h.id for h in havips],
+            )
+        }
+    for havip in havips:
+        in_memory = service.book.bindings.get(havip.id)
+        committed = stored.bindings.get(havip.id)
+        assert (in_memory is None) == (committed is None), f"{havip.id}: present in one only"
+        assert (havip.id in service.book.havips_by_id) == (havip.id in stored.havips_by_id)
+        if in_memory is not None and committed is not None:
+            assert (in_memory.instance_id, in_memory.mac, in_memory.sequence) == (
+                committed.instance_id,
+                committed.mac,
+                committed.sequence,
+            )
+            assert (in_memory.flapping, in_memory.split_brain) == (committed.flapping, committed.split_brain)
+            assert sequences.get(havip.id, 0) == in_memory.sequence  # the history has every transition
