@@ -110,11 +110,10 @@ async def test_the_book_always_equals_the_database(
     pool: Any, story: list[tuple[str, int, int]], cuts: list[int], fail_at: int
 ) -> None:
     vpc, subnet = uuid.uuid4(), uuid.uuid4()
-    base = int(uuid.uuid4().int % 200)
     instances = [
         events.InstanceData(
             id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=f"cvm{i}",
-            private_ip=IPv4Address("192.0.2.10") + i, mac=f"02:{base:02x}:{i:02x}:{uuid.uuid4().hex[:2]}:00:01",
+            private_ip=IPv4Address("192.0.2.10") + i, mac="02:" + uuid.uuid4().bytes[:5].hex(":"),
         )
         for i in range(3)
     ]  # fmt: skip
