@@ -205,6 +205,29 @@ class System:
         return scrape(text, name, labels or {})
 
 
+def ok(response: httpx.Response) -> Any:
+    """The JSON body of a successful API answer (anything else fails the test, showing the answer)."""
+    assert response.status_code in (200, 201), f"{response.status_code}: {response.text}"
+    return response.json()
+
+
+def register_inventory(system: System, name: str, cidr: str, hosts: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """A VPC and one subnet of `cidr` with `hosts` (name -> (ip, mac)) as instances, through the API."""
+    with system.api() as api:
+        vpc = ok(api.post("/vpcs", json={"name": name, "cidr": cidr}))
+        subnet = ok(api.post("/subnets", json={"vpc_id": vpc["id"], "name": "lab", "cidr": cidr}))
+        instances = {
+            host: ok(
+                api.post(
+                    "/instances",
+                    json={"subnet_id": subnet["id"], "name": host, "private_ip": ip, "mac": mac},
+                )
+            )
+            for host, (ip, mac) in hosts.items()
+        }
+    return {"vpc": vpc, "subnet": subnet, "instances": instances}
+
+
 def scrape(text: str, name: str, labels: dict[str, str]) -> float:
     for line in text.splitlines():
         match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)

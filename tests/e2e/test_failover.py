@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 
 from shared.settings import CommonSettings
-from tests.e2e.system import System
+from tests.e2e.system import System, ok, register_inventory
 from tests.lab import Keepalived, Lab, LabHost
 from tests.listener import EventLog, listening
 from tests.tcp_proxy import CuttableProxy
@@ -65,24 +64,8 @@ def system(
 @pytest.fixture(scope="module")
 def inventory(system: System, lab: Lab) -> dict[str, Any]:
     """A VPC, a subnet and the two CVMs, registered through the API."""
-    with system.api() as api:
-        vpc = ok(api.post("/vpcs", json={"name": "e2e", "cidr": "192.0.2.0/24"}))
-        subnet = ok(api.post("/subnets", json={"vpc_id": vpc["id"], "name": "lab", "cidr": SUBNET}))
-        instances = {
-            name: ok(
-                api.post(
-                    "/instances",
-                    json={
-                        "subnet_id": subnet["id"],
-                        "name": name,
-                        "private_ip": lab.hosts[name].ip,
-                        "mac": lab.hosts[name].mac,
-                    },
-                )
-            )
-            for name in ("cvm1", "cvm2")
-        }
-    return {"vpc": vpc, "subnet": subnet, "instances": instances}
+    hosts = {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvm1", "cvm2")}
+    return register_inventory(system, "e2e", SUBNET, hosts)
 
 
 @pytest.fixture
@@ -100,11 +83,6 @@ def report_latencies(request: pytest.FixtureRequest) -> Iterator[None]:
             print("\ncapture → commit latency observed by the e2e tests (from the transition's own times):")
             for what, ms in LATENCIES_MS:
                 print(f"  {what:<28} {ms:7.2f} ms")
-
-
-def ok(response: httpx.Response) -> Any:
-    assert response.status_code in (200, 201), f"{response.status_code}: {response.text}"
-    return response.json()
 
 
 def allocate(system: System, inventory: dict[str, Any], name: str) -> dict[str, Any]:

@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 
-from tests.e2e.system import System
+from tests.e2e.system import System, ok, register_inventory
 from tests.lab import Lab
 from tests.lab.raw import RawSender
 from tests.tcp_proxy import CuttableProxy
@@ -84,31 +83,11 @@ def system(
         yield system
 
 
-def ok(response: httpx.Response) -> Any:
-    assert response.status_code in (200, 201), f"{response.status_code}: {response.text}"
-    return response.json()
-
-
 @pytest.fixture(scope="module")
 def inventory(system: System, lab: Lab) -> dict[str, Any]:
-    with system.api() as api:
-        vpc = ok(api.post("/vpcs", json={"name": "faults", "cidr": SUBNET}))
-        subnet = ok(api.post("/subnets", json={"vpc_id": vpc["id"], "name": "lab", "cidr": SUBNET}))
-        instances = {
-            name: ok(
-                api.post(
-                    "/instances",
-                    json={
-                        "subnet_id": subnet["id"],
-                        "name": name,
-                        "private_ip": lab.hosts[name].ip,
-                        "mac": lab.hosts[name].mac,
-                    },
-                )
-            )
-            for name in ("cvma", "cvmb")
-        }
-    return {"vpc": vpc, "subnet": subnet, "instances": instances}
+    """A VPC, a subnet and the two CVMs, registered through the API."""
+    hosts = {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvma", "cvmb")}
+    return register_inventory(system, "faults", SUBNET, hosts)
 
 
 class Storm(threading.Thread):
