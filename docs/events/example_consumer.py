@@ -50,7 +50,8 @@ class WorkFailed(RuntimeError):
 
 
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    """RFC 3339 with microseconds, as the services write times."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class SeenIds:

@@ -76,6 +76,7 @@ class FailoverOutcome:
     traffic: TrafficLog
     arp_dropped: int  # ARP frames the guard kept from the client during the run
     client_neighbour: str  # `ip neigh show ADDRESS` in the client's namespace at the end
+    probes_died: list[str]  # hosts whose traffic probe ended before the run did (their log is incomplete)
 
     @property
     def takeover(self) -> dict[str, Any]:
@@ -91,6 +92,12 @@ class FailoverOutcome:
     def silence(self) -> Silence | None:
         return silence(self.traffic, "cvm1", "cvm2")
 
+    def queued_before_programmed(self) -> list[Arrival]:
+        """Arrivals of datagrams sent before the client had any neighbour entry for the address: its kernel held
+        them (unresolved, as ARP got no usable answer) and released them to the first programmed holder."""
+        sent = self.traffic.sent
+        return [a for a in self.traffic.arrivals if a.seq in sent and sent[a.seq].after < self.changes[0].started]
+
     def first_at_new_holder(self) -> Arrival | None:
         return first_arrival(self.traffic, "cvm2", self.failed_at)
 
@@ -101,14 +108,17 @@ class FailoverOutcome:
         received = epoch_ns(self.takeover_programmed["received_at"])
         programmed = epoch_ns(self.takeover_programmed["neighbour"]["programmed_at"])
         first = self.first_at_new_holder()
+        # The consumer notes the time once `ip` has exited and it has seen so, which on a busy machine can be
+        # after the kernel already sent a datagram the new way: that datagram proves the entry was set by then.
+        in_effect = programmed if first is None else min(programmed, first.at)
         parts = [
             ("keepalived's detection (failure -> cvm2's first GARP on the wire)", captured - self.failed_at),
             ("capture -> commit (our share: GARP captured -> transition committed)", committed - captured),
             ("commit -> event delivered to the consumer (outbox relay, RabbitMQ)", received - committed),
-            ("consumer's programming (event received -> neighbour entry set)", programmed - received),
+            ("consumer's programming (event received -> neighbour entry set)", in_effect - received),
         ]
         if first is not None:
-            parts.append(("neighbour set -> next datagram at cvm2 (the client's send interval)", first.at - programmed))
+            parts.append(("entry set -> next datagram at cvm2 (the client's send interval)", first.at - in_effect))
         return [(what, ns / 1e6) for what, ns in parts]
 
 
@@ -143,6 +153,7 @@ def run_failover(
     *,
     how: str,
     vrid: int,
+    advert_int: float = 1,
     say: Callable[[str], None] = lambda text: None,
     timeout: float = 30.0,
 ) -> FailoverOutcome:
@@ -162,7 +173,13 @@ def run_failover(
     def programmed(sequence: int) -> bool:
         return any(r["sequence"] == sequence for r in consumer.records("applied", havip["id"]))
 
-    common: dict[str, Any] = {"vip": vip, "vrid": vrid, "garp_master_delay": 1, "garp_master_refresh": 5}
+    common: dict[str, Any] = {
+        "vip": vip,
+        "vrid": vrid,
+        "advert_int": advert_int,
+        "garp_master_delay": 1,
+        "garp_master_refresh": 5,
+    }
     workdir = tlab.lab.workdir
     ka1 = Keepalived(cvm1, peers=[cvm2.ip], priority=100, state="MASTER", workdir=workdir, **common)
     ka2 = Keepalived(cvm2, peers=[cvm1.ip], priority=80, state="BACKUP", workdir=workdir, **common)
@@ -170,8 +187,9 @@ def run_failover(
     try:
         traffic.start()
         say(
-            f"client {client.ip} sends a UDP datagram to {vip}:{traffic.port} every {traffic.interval * 1000:g} ms; "
-            "cvm1 and cvm2 answer with their name and log every datagram addressed to them"
+            f"client {client.ip} sends a UDP datagram to {vip}:{traffic.port} every "
+            f"{traffic.interval * 1000:g} ms; cvm1 and cvm2 answer with their name and log every datagram "
+            "addressed to them"
         )
         # The intended master first, its claim committed, before the backup starts (a pair started at once may
         # elect the lower node first).
@@ -226,4 +244,5 @@ def run_failover(
         traffic=traffic.log(),
         arp_dropped=tlab.guard.dropped() - dropped_before,
         client_neighbour=client.iproute("neigh", "show", vip, "dev", client.iface).stdout.strip(),
+        probes_died=list(traffic.died),
     )

@@ -37,7 +37,8 @@ class Traffic:
         self.port = port
         self.interval = interval
         self.workdir = Path(workdir) / f"traffic-{self.address}-{port}"
-        self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._procs: list[tuple[LabHost, subprocess.Popen[bytes]]] = []
+        self.died: list[str] = []  # hosts whose probe had ended before stop(): its log is incomplete
 
     def _log_path(self, host: LabHost) -> Path:
         return self.workdir / f"{host.name}.jsonl"
@@ -46,7 +47,7 @@ class Traffic:
         path = self._log_path(host)
         with path.open("wb") as out:
             proc = host.popen(sys.executable, udp_probe.__file__, *args, stdout=out, stderr=subprocess.STDOUT)
-        self._procs.append((proc, path))
+        self._procs.append((host, proc))
 
         def ready() -> bool:
             if proc.poll() is not None:
@@ -64,8 +65,10 @@ class Traffic:
         self._start(self.client, "send", *target, "--interval", f"{self.interval:g}")
 
     def stop(self) -> None:
-        """End the client first (nothing more in flight), then the servers."""
-        for proc, _ in reversed(self._procs):
+        """End the client first (nothing more in flight), then the servers; note any probe that had ended."""
+        for host, proc in reversed(self._procs):
+            if proc.poll() is not None and host.name not in self.died:
+                self.died.append(host.name)
             terminate_group(proc)
 
     def log(self) -> TrafficLog:

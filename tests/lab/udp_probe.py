@@ -102,8 +102,11 @@ def serve(name: str, address: str, port: int, iface: str) -> None:
             payload, source = answering.recvfrom(2048)
             seq = parse_request(payload)
             if seq is not None:
-                answering.sendto(f"{name} {seq}".encode(), source)
-                emit({"event": "answered", "seq": seq})
+                try:
+                    answering.sendto(f"{name} {seq}".encode(), source)
+                    emit({"event": "answered", "seq": seq})
+                except OSError as exc:  # the address left this host between the datagram and the answer
+                    emit({"event": "answer_error", "seq": seq, "error": exc.strerror})
         if watching in ready:
             packet, ancillary, _, where = watching.recvmsg(2048, socket.CMSG_SPACE(16))
             if where[2] != PACKET_HOST:  # flooded to this port for another MAC, or our own outgoing frame
