@@ -181,7 +181,8 @@ async def consume(args: argparse.Namespace) -> int:
             nonlocal handled
             async with queue.iterator() as messages:
                 async for message in messages:
-                    await settle(consumer, message)
+                    if not await settle(consumer, message):
+                        continue  # returned to the queue: it comes again
                     handled += 1
                     if args.count is not None and handled >= args.count:
                         return
@@ -195,7 +196,8 @@ async def consume(args: argparse.Namespace) -> int:
     return 0
 
 
-async def settle(consumer: Consumer, message: AbstractIncomingMessage) -> None:
+async def settle(consumer: Consumer, message: AbstractIncomingMessage) -> bool:
+    """Handle one message; False when it went back to the queue."""
     received_at = now()
     try:
         record = await consumer.handle(message.body)
@@ -203,22 +205,25 @@ async def settle(consumer: Consumer, message: AbstractIncomingMessage) -> None:
         # Never processable: to the dead-letter exchange, and go on with the next message.
         await message.reject(requeue=False)
         emit({"outcome": "dead_lettered", "message_id": message.message_id, "error": str(exc)})
-        return
+        return True
     except WorkFailed as exc:
         # Maybe possible later: back to the queue (after a pause, not in a hot loop).
         emit({"outcome": "work_failed", "message_id": message.message_id, "error": str(exc)})
         await asyncio.sleep(RETRY_DELAY_S)
         await message.nack(requeue=True)
-        return
+        return False
     # Acknowledge only after the work is done: a crash before this line means a redelivery, not a loss.
     await message.ack()
     emit({**record, "received_at": received_at})
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Example consumer of havip.binding.changed events.")
     parser.add_argument("--queue", default="example-consumer.bindings", help="queue name (after the prefix)")
-    parser.add_argument("--count", type=int, default=None, help="stop after handling N messages")
+    parser.add_argument(
+        "--count", type=int, default=None, help="stop after N messages (acknowledged or dead-lettered)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--seen-capacity", type=int, default=100_000, help="event ids remembered")
     parser.add_argument(
