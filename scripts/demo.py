@@ -88,22 +88,26 @@ def print_outcome(outcome: FailoverOutcome, tlab: TrafficLab, inventory: dict[st
             f"  client programmed {record['neighbour']['programmed_at']}"
         )
 
-    print(f"\n  the interruption, measured ({outcome.how}):")
+    print(f"\n  from the failure ({outcome.how}) to the traffic at the new holder, measured:")
     segments = outcome.segments_ms()
     for what, ms in segments:
         print(f"    {what:<72} {ms:9.2f} ms")
-    print(f"    {'= failure -> traffic at the new holder':<72} {sum(ms for _, ms in segments):9.2f} ms")
+    print(f"    {'= failure -> first datagram at cvm2':<72} {sum(ms for _, ms in segments):9.2f} ms")
 
     traffic = outcome.traffic
     gap = outcome.silence()
     if gap is not None:
-        sent = traffic.sent
+        last_sent_ms = (traffic.sent[gap.last_old.seq].before - outcome.failed_at) / 1e6
         print(
             f"\n  as the client saw it: the last answer from cvm1 was to datagram #{gap.last_old.seq} "
-            f"(sent {(sent[gap.last_old.seq].before - outcome.failed_at) / 1e6:+.1f} ms from the failure), "
-            f"the first from cvm2 to #{gap.first_new.seq}: {gap.unanswered} datagrams unanswered, "
-            f"{gap.duration_ns / 1e6:.1f} ms without answers"
+            f"(sent {last_sent_ms:+.1f} ms from the failure), the first from cvm2 to #{gap.first_new.seq}: "
+            f"{gap.unanswered} datagrams unanswered, {gap.duration_ns / 1e6:.1f} ms without answers"
         )
+        if gap.unanswered == 0:
+            print(
+                "  (cvm1 answered until the client was pointed at cvm2: the failure took its keepalived, not the "
+                "address — the network kept sending to cvm1 while the binding named it)"
+            )
     for cvm in ("cvm1", "cvm2"):
         arrivals = traffic.arrivals_at(cvm)
         span = "none"
@@ -114,16 +118,16 @@ def print_outcome(outcome: FailoverOutcome, tlab: TrafficLab, inventory: dict[st
             f"  datagrams that reached {cvm}: {len(arrivals):4d} ({span}); answered by {cvm}: "
             f"{len(traffic.answers_from(cvm))}"
         )
-    queued = outcome.queued_before_programmed()
-    if queued:
-        print(
-            f"  ({len(queued)} of them sent before the consumer first pointed the client at cvm1: ARP could not "
-            "resolve the HAVIP for the client, its kernel held them until the entry was set)"
-        )
+        queued = [a for a in outcome.queued_before_programmed() if a.server == cvm]
+        if queued:
+            print(
+                f"    {len(queued)} of them sent before the consumer first pointed the client at {cvm}: ARP gave "
+                "the client no answer it could use, its kernel held them until the entry was set"
+            )
     wrong = outcome.misdirected()
     print(
         f"  datagrams that reached a CVM the client was not pointed at: {len(wrong)}"
-        f" (of {len(traffic.arrivals)}, sent {len(traffic.sent)})"
+        f" (of {len(traffic.arrivals)} arrived; {len(traffic.sent)} sent)"
     )
     print(f"  ARP frames the network kept from the client during the run: {outcome.arp_dropped}")
     print(f"  the client's neighbour entry: {outcome.client_neighbour}\n")
