@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
+from shared.events import DEFAULT_SEGMENT
+
 from .claims import Claim
 from .encoding import EncodedEvent, encode_claims
 from .metrics import WatcherMetrics
@@ -187,6 +189,7 @@ class ClaimPublisher:
         *,
         watcher_id: str,
         interface: str,
+        segment: str = DEFAULT_SEGMENT,
         source: str = "arp_watcher",
         batch_size: int = 500,
         backoff_initial_s: float = 0.1,
@@ -197,6 +200,7 @@ class ClaimPublisher:
         self._metrics = metrics
         self._watcher_id = watcher_id
         self._interface = interface
+        self._segment = segment
         self._source = source
         self._batch_size = batch_size
         self._backoff_initial_s = backoff_initial_s
@@ -225,7 +229,11 @@ class ClaimPublisher:
                 await self._buffer.wait(routine=routine)
                 continue
             event = encode_claims(
-                claims, watcher_id=self._watcher_id, interface=self._interface, source=self._source
+                claims,
+                watcher_id=self._watcher_id,
+                interface=self._interface,
+                segment=self._segment,
+                source=self._source,
             )
             await self._publish_with_retry(event, claims, routine=routine)
 

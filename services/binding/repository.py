@@ -10,6 +10,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from services.binding.domain import (
+    Attachment,
     Binding,
     BindingBook,
     ConditionPolicy,
@@ -68,6 +69,12 @@ class BatchWrite:
     def remove_instance(self, instance_id: uuid.UUID) -> None:
         self.inventory.append((_DELETE_INSTANCE, (instance_id,)))
 
+    def attach_subnet(self, subnet_id: uuid.UUID, a: Attachment) -> None:
+        self.inventory.append((_ATTACH_SUBNET, (subnet_id, a.segment, a.vlan)))
+
+    def detach_subnet(self, subnet_id: uuid.UUID) -> None:
+        self.inventory.append((_DETACH_SUBNET, (subnet_id,)))
+
     def put_havip(self, h: Havip) -> None:
         self.inventory.append((_PUT_HAVIP, (h.id, h.vpc_id, h.subnet_id, h.address, sorted(h.candidates))))
 
@@ -116,6 +123,10 @@ _PUT_INSTANCE = """
 _DELETE_INSTANCE = """
     WITH gone AS (INSERT INTO binding.deregistered_instances (id) VALUES ($1) ON CONFLICT DO NOTHING)
     DELETE FROM binding.instances WHERE id = $1"""
+_ATTACH_SUBNET = """
+    INSERT INTO binding.subnets (id, segment, vlan) VALUES ($1, $2, $3)
+    ON CONFLICT (id) DO UPDATE SET segment = $2, vlan = $3"""
+_DETACH_SUBNET = "DELETE FROM binding.subnets WHERE id = $1"
 _PUT_HAVIP = """
     INSERT INTO binding.havips (id, vpc_id, subnet_id, address, candidates) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, address = $4, candidates = $5"""
@@ -191,6 +202,8 @@ async def load_book(conn: Any, policy: ConditionPolicy | None = None) -> Binding
     released = [r["id"] for r in await conn.fetch("SELECT id FROM binding.released_havips")]
     deregistered = [r["id"] for r in await conn.fetch("SELECT id FROM binding.deregistered_instances")]
     book.load(instances, havips, bindings, released, deregistered)
+    for r in await conn.fetch("SELECT id, segment, vlan FROM binding.subnets"):
+        book.attach_subnet(r["id"], Attachment(r["segment"], r["vlan"]))
     return book
 
 

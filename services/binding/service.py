@@ -22,6 +22,7 @@ import asyncpg
 from services.binding import metrics
 from services.binding.domain import (
     DEFAULT_MAX_CLOCK_SKEW_NS,
+    Attachment,
     BindingBook,
     Claim,
     ConditionEdge,
@@ -56,6 +57,8 @@ SOURCE = "binding"
 # Routing keys the service's queue is bound to.
 SUBSCRIPTIONS = (
     events.CLAIMS_EVENT,
+    "subnet.created",
+    "subnet.deleted",
     "instance.registered",
     "instance.deregistered",
     "havip.allocated",
@@ -242,7 +245,16 @@ class BindingService:
         event_type = delivery.envelope.type
         if isinstance(data, events.ClaimsObserved):
             for observed in data.claims:
-                self._apply_claim(observed, data.watcher_id, batch, latencies_from, outcomes)
+                self._apply_claim(observed, data, batch, latencies_from, outcomes)
+        elif isinstance(data, events.SubnetData):
+            if event_type == "subnet.created":
+                attachment = Attachment(data.segment, data.vlan)
+                if self.book.attachments.get(data.id) != attachment:
+                    self.book.attach_subnet(data.id, attachment)
+                    batch.attach_subnet(data.id, attachment)
+            else:
+                self.book.detach_subnet(data.id)
+                batch.detach_subnet(data.id)
         elif isinstance(data, events.InstanceData):
             if event_type == "instance.registered":
                 instance = Instance(data.id, data.vpc_id, data.subnet_id, data.mac, data.private_ip)
@@ -275,7 +287,7 @@ class BindingService:
     def _apply_claim(
         self,
         data: events.ObservedClaim,
-        watcher_id: str,
+        seen_by: events.ClaimsObserved,
         batch: BatchWrite,
         latencies_from: list[int],
         outcomes: list[str],
@@ -284,7 +296,15 @@ class BindingService:
             outcomes.append("duplicate")  # a redelivery: decided once is enough
             return
         batch.claim_ids.add(data.claim_id)
-        claim = Claim(data.sender_ip, data.sender_mac, data.eth_src, data.captured_at, watcher_id)
+        claim = Claim(
+            data.sender_ip,
+            data.sender_mac,
+            data.eth_src,
+            data.captured_at,
+            seen_by.watcher_id,
+            seen_by.segment,
+            data.vlan,
+        )
         outcome = self.book.apply_claim(claim, now_ns=time.time_ns(), max_skew_ns=self._max_skew_ns)
         if isinstance(outcome, Transition):
             self._record_transition(outcome, batch)
