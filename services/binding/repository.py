@@ -93,16 +93,12 @@ class BatchWrite:
         self.refreshed.pop(binding.havip_id, None)
         self.bindings[binding.havip_id] = binding
 
-    def only_renews(self) -> bool:
-        """Nothing but holders' refreshes: no change of holder, flag, inventory, audit or event."""
-        return bool(self.refreshed) and not (
-            self.inventory
-            or self.bindings
-            or self.removed_bindings
-            or self.transitions
-            or self.rejected
-            or self.folded
-            or self.events
+    def commutes(self) -> bool:
+        """Only holders' refreshes and refusals: writes that commute with every other (a refresh only moves
+        times forward, an audit row is keyed by its claim, a folded count only adds), so they may be written
+        after the decision lock is released. No change of holder, flag or inventory, no event of a decision."""
+        return bool(self.refreshed or self.rejected or self.folded) and not (
+            self.inventory or self.bindings or self.removed_bindings or self.transitions or self.events
         )
 
     def __bool__(self) -> bool:
@@ -256,29 +252,34 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             [t.watcher_id for t, _ in moves],
             [t.reason for t, _ in moves],
         )
+    await add_to_outbox(conn, SCHEMA, [env for env, _ in batch.events])
+    return await write_refusals(conn, batch.rejected, batch.folded)
+
+
+async def write_refusals(
+    conn: Any, rejected: Sequence[RejectedClaim], folded: dict[uuid.UUID, int]
+) -> list[RejectedClaim]:
+    """Audit rows and their events, and frames folded into rows already committed; returns the refusals that
+    were new (a redelivered claim's refusal is already stored: neither stored nor published again)."""
     new_rejections: list[RejectedClaim] = []
-    if batch.rejected:
+    if rejected:
         rows = await conn.fetch(
             _INSERT_REJECTED,
-            [r.claim_id for r in batch.rejected],
-            [r.havip_id for r in batch.rejected],
-            [r.address for r in batch.rejected],
-            [r.mac for r in batch.rejected],
-            [r.reason for r in batch.rejected],
-            [r.captured_at for r in batch.rejected],
-            [r.watcher_id for r in batch.rejected],
-            [r.count for r in batch.rejected],
+            [r.claim_id for r in rejected],
+            [r.havip_id for r in rejected],
+            [r.address for r in rejected],
+            [r.mac for r in rejected],
+            [r.reason for r in rejected],
+            [r.captured_at for r in rejected],
+            [r.watcher_id for r in rejected],
+            [r.count for r in rejected],
         )
         inserted = {row["claim_id"] for row in rows}
-        new_rejections = [r for r in batch.rejected if r.claim_id in inserted]
-        duplicates = {r.claim_id for r in batch.rejected} - inserted
-    else:
-        duplicates = set()
-    if batch.folded:
+        new_rejections = [r for r in rejected if r.claim_id in inserted]
+    if folded:
         await conn.executemany(
-            "UPDATE binding.rejected_claims SET count = count + $2 WHERE claim_id = $1", list(batch.folded.items())
+            "UPDATE binding.rejected_claims SET count = count + $2 WHERE claim_id = $1", list(folded.items())
         )
-    await add_to_outbox(conn, SCHEMA, [env for env, claim_id in batch.events if claim_id not in duplicates])
     await add_to_outbox(conn, SCHEMA, [refusal_event(r) for r in new_rejections])
     return new_rejections
 

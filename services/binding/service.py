@@ -8,6 +8,7 @@ the writes, commits them with their outgoing events, and reports metrics after t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -45,6 +46,7 @@ from services.binding.repository import (
     ns_to_datetime,
     renewals_of,
     write_batch,
+    write_refusals,
     write_renewals,
 )
 from shared import events
@@ -84,6 +86,8 @@ class BindingService:
         self._lock = asyncio.Lock()
         self.book = BindingBook(policy=self._policy)
         self._folds: dict[tuple[object, str, str], _Fold] = {}
+        # Frames folded into audit rows while their INSERT was on its way (written with the next batch).
+        self._late_folds: dict[uuid.UUID, int] = {}
         # Claim ids committed lately (bounded): a message redelivered without a restart is recognised even
         # where nothing stored would tell (a refusal folded into an earlier row). After a restart, the
         # audit's unique claim_id and the capture-time order do it.
@@ -102,37 +106,59 @@ class BindingService:
         )
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
-        """Decide and commit a batch. A batch that only renews holders (their periodic refreshes) is written
-        after the decision lock is released: a change of holder decided meanwhile never waits for it."""
+        """Decide and commit a batch. A batch whose writes commute with every other — holders' refreshes and
+        refusals only — is written after the decision lock is released: a change of holder decided meanwhile
+        never waits for it (a spoofer's flood or a wave of refreshes costs a takeover nothing but CPU)."""
         async with self._lock:
-            renewals = await self._decide_and_commit(deliveries, None, defer_renewals=True)
-        if renewals is not None:
-            await self._write_renewals(renewals)
+            deferred = await self._decide_and_commit(deliveries, None, defer=True)
+        if deferred is not None:
+            await self._write_deferred(deferred)
 
     async def handle_routine(self, deliveries: Sequence[Delivery]) -> None:
         """The routine lane (messages a watcher marked as renewals): decided one message at a time, letting any
-        other batch in between, and the renewals written together at the end. A message of the lane that does
+        other batch in between, and what commutes written together at the end. A message of the lane that does
         change something (the watcher's view is not the binding's) is committed at once, as in `handle`."""
-        pending: list[_Renewals] = []
+        pending: list[_Deferred] = []
         for delivery in deliveries:
             async with self._lock:
-                renewals = await self._decide_and_commit((delivery,), None, defer_renewals=True)
-            if renewals is not None:
-                pending.append(renewals)
+                deferred = await self._decide_and_commit((delivery,), None, defer=True)
+            if deferred is not None:
+                pending.append(deferred)
             await asyncio.sleep(0)  # let a change of holder that arrived meanwhile take the lock
         if pending:
-            rows = {row.havip_id: row for p in pending for row in p.rows}  # the newest per HAVIP
-            claim_ids = set().union(*(p.claim_ids for p in pending))
-            await self._write_renewals(_Renewals(list(rows.values()), claim_ids))
+            await self._write_deferred(_Deferred.merged(pending))
 
-    async def _write_renewals(self, renewals: _Renewals) -> None:
+    async def _write_deferred(self, deferred: _Deferred) -> None:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                await write_renewals(conn, renewals.rows)
+                if deferred.renewals:
+                    await write_renewals(conn, deferred.renewals)
+                new_rejections = await write_refusals(conn, deferred.rejected, deferred.folded)
         except BaseException:
             self._book_stale = True  # the next decision reloads the book from what is committed
+            self._folds.clear()
             raise
-        self._remember(renewals.claim_ids)
+        for fold in deferred.folds:
+            self._fold_committed(fold)
+        self._remember(deferred.claim_ids)
+        for refused, count in Counter(r.reason for r in new_rejections).items():
+            metrics.CLAIMS_REJECTED.labels(refused).inc(count)
+        if new_rejections:
+            self._on_commit()
+
+    def _committed(self, rows: Sequence[RejectedClaim]) -> None:
+        """Audit rows now committed: later frames of their folds are added to them by UPDATE."""
+        for row in rows:
+            fold = self._folds.get((row.address, row.mac, row.reason))
+            if fold is not None and fold.row is row:
+                self._fold_committed(fold)
+
+    def _fold_committed(self, fold: _Fold) -> None:
+        fold.committed = True
+        if fold.late:  # frames folded while its row was being written
+            claim_id = fold.row.claim_id
+            self._late_folds[claim_id] = self._late_folds.get(claim_id, 0) + fold.late
+            fold.late = 0
 
     async def tick(self) -> None:
         """Let the book see time pass (flapping and split brain end after a quiet window) and commit the
@@ -151,13 +177,16 @@ class BindingService:
             await self.load()
 
     async def _decide_and_commit(
-        self, deliveries: Sequence[Delivery], now_ns: int | None, *, defer_renewals: bool = False
-    ) -> _Renewals | None:
-        """Decide, and commit what changed; if `defer_renewals` and the batch only renews holders, return
-        what to write instead of writing it."""
+        self, deliveries: Sequence[Delivery], now_ns: int | None, *, defer: bool = False
+    ) -> _Deferred | None:
+        """Decide, and commit what changed; if `defer` and the batch's writes commute (BatchWrite.commutes),
+        return what to write instead of writing it."""
         await self.ensure_current()
-        deferred: _Renewals | None = None
+        deferred: _Deferred | None = None
         batch = BatchWrite()
+        if self._late_folds:  # counts for rows committed since: any write may carry them
+            batch.folded.update(self._late_folds)
+            self._late_folds = {}
         new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []
         outcomes: list[str] = []
@@ -172,8 +201,8 @@ class BindingService:
             edges = self.book.take_edges()
             for edge in edges:
                 self._record_edge(edge, batch)
-            if defer_renewals and batch.only_renews():
-                deferred = _Renewals(renewals_of(batch), batch.claim_ids)
+            if defer and batch.commutes():
+                deferred = self._defer(batch)
             elif batch:
                 async with self._pool.acquire() as conn, conn.transaction():
                     new_rejections = await write_batch(conn, batch)
@@ -189,9 +218,8 @@ class BindingService:
             if self._book_stale:
                 self._folds.clear()  # their rows may not exist: the next refusal starts a new one
         committed_ns = time.time_ns()
-        for fold in self._folds.values():
-            fold.committed = True
         if deferred is None:
+            self._committed(batch.rejected)
             self._remember(batch.claim_ids)
         if now_ns is not None:
             self._folds = {k: f for k, f in self._folds.items() if now_ns - f.first_ns < 2 * REFUSAL_FOLD_NS}
@@ -210,6 +238,17 @@ class BindingService:
         if batch.events:
             self._on_commit()
         return deferred
+
+    def _defer(self, batch: BatchWrite) -> _Deferred:
+        """A snapshot of what the batch writes: the book and the folds move on while it is written."""
+        folds = []
+        for row in batch.rejected:
+            fold = self._folds.get((row.address, row.mac, row.reason))
+            if fold is not None and fold.row is row:
+                fold.frozen = True  # frames folded from now on wait in `late` until the row is committed
+                folds.append(fold)
+        rejected = [dataclasses.replace(row) for row in batch.rejected]
+        return _Deferred(renewals_of(batch), rejected, dict(batch.folded), set(batch.claim_ids), folds)
 
     def _remember(self, claim_ids: set[uuid.UUID]) -> None:
         recent = self._recent_claims
@@ -331,9 +370,12 @@ class BindingService:
         key = (claim.address, claim.sender_mac, outcome.reason)
         fold = self._folds.get(key)
         if fold is not None and 0 <= claim.captured_ns - fold.first_ns < REFUSAL_FOLD_NS:
-            fold.row.count += data.repeats
             if fold.committed:
                 batch.folded[fold.row.claim_id] = batch.folded.get(fold.row.claim_id, 0) + data.repeats
+            elif fold.frozen:
+                fold.late += data.repeats
+            else:
+                fold.row.count += data.repeats  # the row is still to be written by this batch or one before
             return
         row = RejectedClaim(
             data.claim_id,
@@ -365,16 +407,38 @@ REFUSAL_FOLD_NS = 1_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
-class _Renewals:
-    rows: list[Renewal]
+class _Deferred:
+    """What a batch that commutes leaves to write after the decision lock (BatchWrite.commutes)."""
+
+    renewals: list[Renewal]
+    rejected: list[RejectedClaim]
+    folded: dict[uuid.UUID, int]
     claim_ids: set[uuid.UUID]
+    folds: list[_Fold]  # of the rows in `rejected`: committed with them
+
+    @staticmethod
+    def merged(parts: Sequence[_Deferred]) -> _Deferred:
+        renewals = {r.havip_id: r for p in parts for r in p.renewals}  # the newest per HAVIP
+        folded: dict[uuid.UUID, int] = {}
+        for part in parts:
+            for claim_id, frames in part.folded.items():
+                folded[claim_id] = folded.get(claim_id, 0) + frames
+        return _Deferred(
+            list(renewals.values()),
+            [row for p in parts for row in p.rejected],
+            folded,
+            set().union(*(p.claim_ids for p in parts)),
+            [fold for p in parts for fold in p.folds],
+        )
 
 
 @dataclass(slots=True)
 class _Fold:
     row: RejectedClaim
     first_ns: int
-    committed: bool = False
+    committed: bool = False  # the row is in the database: later frames are added by UPDATE
+    frozen: bool = False  # the row is being written by a deferred batch: later frames wait in `late`
+    late: int = 0
 
 
 def binding_changed(transition: Transition, committed_at: datetime) -> events.Envelope:
