@@ -29,8 +29,8 @@ RUN set -eu; \
 
 FROM ${PYTHON_IMAGE}
 # A fixed uid, so that volumes and file permissions do not depend on the order users were created in.
-RUN groupadd --system --gid 10001 havip \
-    && useradd --system --uid 10001 --gid havip --no-create-home --home-dir /nonexistent \
+RUN groupadd --gid 10001 havip \
+    && useradd --uid 10001 --gid havip --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin havip
 COPY --from=builder /opt/havip /opt/havip
 ENV PATH=/opt/havip/bin:$PATH \
