@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -182,6 +183,12 @@ def ensure_standin(images: Images, base: str, standin: str) -> str:
     return name
 
 
+def runtime_requirements() -> list[str]:
+    """The project's runtime dependencies as pyproject.toml declares them."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return list(project["dependencies"])
+
+
 def ensure_wheelhouse(images: Images) -> Path:
     """Wheels of the project's runtime dependencies at the versions of requirements.lock, and setuptools (to
     build the project's own wheel in the image), made with the host's pip."""
@@ -195,10 +202,13 @@ def ensure_wheelhouse(images: Images) -> Path:
         partial = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix="partial-wheels-"))
         try:
             pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-            _run([*pip, "wheel", "--wheel-dir", str(partial), "--constraint", "requirements.lock", "."], 900, ROOT)
-            for own in partial.glob("havip-*.whl"):
-                own.unlink()
-            _run([*pip, "download", "--only-binary=:all:", "--dest", str(partial), "setuptools>=68"], 300, ROOT)
+            # The dependencies named, not the project (building it here would leave build/ in the checkout).
+            requirements = runtime_requirements()
+            lock = str(ROOT / "requirements.lock")
+            wheel = [*pip, "wheel", "--wheel-dir", str(partial), "--constraint", lock, *requirements]
+            _run(wheel, 900, CACHE_DIR)
+            download = [*pip, "download", "--only-binary=:all:", "--dest", str(partial), "setuptools>=68"]
+            _run(download, 300, CACHE_DIR)
             partial.rename(wheelhouse)
         finally:
             shutil.rmtree(partial, ignore_errors=True)

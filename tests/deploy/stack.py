@@ -129,7 +129,7 @@ class ComposeStack:
         # COMPOSE_PROFILES: Grafana stays off).
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HAVIP_", "COMPOSE_", "DOCKER_"))}
         env.update(DOCKER_HOST=self._service.docker_host, COMPOSE_HTTP_TIMEOUT="300")
-        argv = ["docker-compose", "--no-ansi", "-p", self.project, "-f", str(COMPOSE_FILE)]
+        argv = ["docker-compose", "--ansi", "never", "-p", self.project, "-f", str(COMPOSE_FILE)]
         argv += ["--env-file", str(self.workdir / "compose.env"), *args]
         result = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
