@@ -107,10 +107,10 @@ class PodmanService:
 
 
 class HealthChecks(threading.Thread):
-    """Runs `podman healthcheck run` for the project's containers whose health is still `starting`, once a
-    second, until stopped: without systemd nothing else runs them, and `depends_on: service_healthy` would
-    wait forever. A container whose check passes becomes healthy and is left alone; failures count against
-    its `retries` only after its `start_period`, as podman decides."""
+    """Runs `podman healthcheck run` for the project's containers that are not (yet) healthy, once a second,
+    until stopped: without systemd nothing else runs them, and `depends_on: service_healthy` would wait
+    forever. A container whose check passes becomes healthy and is left alone; failures count against its
+    `retries` only after its `start_period`, as podman decides."""
 
     def __init__(self, project: str, interval: float = 1.0) -> None:
         super().__init__(name=f"healthchecks-{project}", daemon=True)
@@ -119,11 +119,12 @@ class HealthChecks(threading.Thread):
         self.runs = 0
         self._stop_event = threading.Event()
 
-    def starting(self) -> list[str]:
+    def not_healthy(self) -> list[str]:
         result = podman(
             "ps",
             "--filter", f"label=com.docker.compose.project={self.project}",
             "--filter", "health=starting",
+            "--filter", "health=unhealthy",  # or'ed: an unhealthy one is checked on, as Docker would
             "--format", "{{.Names}}",
             timeout=60, check=False,
         )  # fmt: skip
@@ -140,7 +141,7 @@ class HealthChecks(threading.Thread):
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
-                    for name in self.starting()
+                    for name in self.not_healthy()
                 ]
                 for check in checks:  # in parallel: RabbitMQ's check alone takes over a second
                     try:
