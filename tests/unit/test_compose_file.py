@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.events import DEFAULT_SEGMENT
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECRETS = {
@@ -114,6 +116,7 @@ def test_the_watcher_is_on_the_host_network_with_net_raw_alone(config: dict[str,
     assert watcher["cap_drop"] == ["ALL"]
     assert watcher["cap_add"] == ["NET_RAW"]
     assert watcher["environment"]["HAVIP_INTERFACE"] == "eth0"
+    assert watcher["environment"]["HAVIP_SEGMENT"] == DEFAULT_SEGMENT
     assert "ports" not in watcher
 
 
