@@ -1,0 +1,241 @@
+"""docker-compose.yml, .env.example and the Dockerfile checked offline: docker-compose 1.29 accepts the file and
+refuses it without each secret; the resolved configuration has the start-up order, health checks, privileges,
+per-service database URLs, overridable images and the Grafana profile the deployment promises (SPEC §8 R6, §9).
+tests/deploy/test_compose.py brings the same file up for real."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shared.events import DEFAULT_SEGMENT
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+SECRETS = {
+    "HAVIP_POSTGRES_PASSWORD": "pg-secret",
+    "HAVIP_RABBITMQ_PASSWORD": "amqp-secret",
+    "HAVIP_API_TOKEN": "api-token-0123456789",
+    "HAVIP_GRAFANA_ADMIN_PASSWORD": "grafana-secret",
+    "HAVIP_GRAFANA_DATABASE_PASSWORD": "grafana-db-secret",
+}
+REQUIRED = {**SECRETS, "HAVIP_INTERFACE": "eth0"}
+HAVIP_SERVICES = ("migrate", "allocator", "binding", "arp_watcher")
+LONG_RUNNING = ("postgres", "rabbitmq", "allocator", "binding", "arp_watcher", "prometheus", "grafana")
+
+
+def compose_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` with exactly `env` as its variables (an env file of its own: never a .env lying
+    in the checkout, nor the caller's HAVIP_* variables)."""
+    executable = shutil.which("docker-compose")
+    assert executable is not None, "docker-compose not found: install the Debian package (scripts/setup.sh)"
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()), encoding="utf-8")
+    clean = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run(
+        [executable, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config"],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def resolved(tmp_path: Path, **extra: str) -> dict[str, Any]:
+    result = compose_config(tmp_path, {**REQUIRED, **extra})
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Target -> source of a service's volumes (docker-compose 1.29 prints them as "source:target:mode")."""
+    mounts = {}
+    for volume in service["volumes"]:
+        source, target, _mode = volume.split(":")
+        mounts[target] = source
+    return mounts
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return resolved(tmp_path_factory.mktemp("compose"))
+
+
+@pytest.mark.parametrize("variable", sorted(REQUIRED))
+def test_the_stack_refuses_to_start_without_each_secret(tmp_path: Path, variable: str) -> None:
+    result = compose_config(tmp_path, {k: v for k, v in REQUIRED.items() if k != variable})
+    assert result.returncode != 0
+    assert variable in result.stderr
+
+
+def test_an_empty_secret_is_no_secret(tmp_path: Path) -> None:
+    result = compose_config(tmp_path, {**REQUIRED, "HAVIP_API_TOKEN": ""})
+    assert result.returncode != 0
+    assert "HAVIP_API_TOKEN" in result.stderr
+
+
+def test_the_services_and_the_grafana_profile(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert set(services) == {*HAVIP_SERVICES, "postgres", "rabbitmq", "prometheus", "grafana"}
+    assert {name for name, s in services.items() if s.get("profiles")} == {"grafana"}
+    assert services["grafana"]["profiles"] == ["grafana"]
+
+
+def test_start_up_order(config: dict[str, Any]) -> None:
+    services = config["services"]
+    healthy = {"condition": "service_healthy"}
+    assert services["migrate"]["depends_on"] == {"postgres": healthy, "rabbitmq": healthy}
+    for name in ("allocator", "binding", "arp_watcher"):
+        assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+    assert services["grafana"]["depends_on"] == {"prometheus": healthy, "postgres": healthy}
+    assert services["migrate"]["restart"] == "no"
+
+
+def test_every_long_running_service_has_a_health_check_podman_can_run(config: dict[str, Any]) -> None:
+    for name in LONG_RUNNING:
+        test = config["services"][name]["healthcheck"]["test"]
+        assert test[0] in ("CMD", "CMD-SHELL"), name
+        if test[0] == "CMD":
+            # podman's Docker API splits CMD arguments at spaces (podman#26519): a shell command then.
+            assert not any(re.search(r"\s", arg) for arg in test[1:]), (name, test)
+        else:
+            assert len(test) == 2, (name, test)
+
+
+def test_the_watcher_is_on_the_host_network_with_net_raw_alone(config: dict[str, Any]) -> None:
+    watcher = config["services"]["arp_watcher"]
+    assert watcher["network_mode"] == "host"
+    assert watcher["cap_drop"] == ["ALL"]
+    assert watcher["cap_add"] == ["NET_RAW"]
+    assert watcher["environment"]["HAVIP_INTERFACE"] == "eth0"
+    assert watcher["environment"]["HAVIP_SEGMENT"] == DEFAULT_SEGMENT
+    assert "ports" not in watcher
+
+
+def test_the_services_run_from_one_image_without_privileges(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert len({services[name]["image"] for name in HAVIP_SERVICES}) == 1
+    for name in HAVIP_SERVICES:
+        service = services[name]
+        assert service["build"]["context"] == str(ROOT), name
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["read_only"] is True, name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service.get("privileged") is not True, name
+    commands = {name: services[name]["command"] for name in HAVIP_SERVICES}
+    assert commands["allocator"] == ["python", "-m", "services.allocator"]
+    assert commands["binding"] == ["python", "-m", "services.binding"]
+    assert commands["arp_watcher"] == ["python", "-m", "services.arp_watcher"]
+    assert "services.allocator migrate" in commands["migrate"][-1]
+    assert "services.binding migrate" in commands["migrate"][-1]
+
+
+def test_each_service_reads_its_own_database_url(tmp_path: Path) -> None:
+    urls = {
+        "migrate": "postgresql://owner:pw@postgres:5432/havip",
+        "allocator": "postgresql://allocator:pw@postgres:5432/havip",
+        "binding": "postgresql://binding:pw@postgres:5432/havip",
+    }
+    config = resolved(tmp_path, **{f"HAVIP_{name.upper()}_DATABASE_URL": url for name, url in urls.items()})
+    for name, url in urls.items():
+        assert config["services"][name]["environment"]["HAVIP_DATABASE_URL"] == url
+    assert "HAVIP_DATABASE_URL" not in config["services"]["arp_watcher"]["environment"]
+
+
+def test_secrets_reach_the_services_only_from_the_environment(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == SECRETS["HAVIP_POSTGRES_PASSWORD"]
+    assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"] == SECRETS["HAVIP_RABBITMQ_PASSWORD"]
+    assert services["allocator"]["environment"]["HAVIP_API_TOKEN"] == SECRETS["HAVIP_API_TOKEN"]
+    assert (
+        services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["HAVIP_GRAFANA_ADMIN_PASSWORD"]
+    )
+    for name in ("migrate", "allocator", "binding", "arp_watcher"):
+        assert SECRETS["HAVIP_RABBITMQ_PASSWORD"] in services[name]["environment"]["HAVIP_AMQP_URL"], name
+    # No default for a secret anywhere in the file: ${VAR:?…} for each, never ${VAR:-…}.
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    for variable in SECRETS:
+        assert f"${{{variable}:-" not in text, variable
+        assert f"${{{variable}}}" not in text, variable
+        assert f"${{{variable}:?" in text, variable
+
+
+def test_images_are_the_official_names_and_overridable(tmp_path: Path, config: dict[str, Any]) -> None:
+    defaults = {name: s["image"] for name, s in config["services"].items()}
+    assert defaults["postgres"].startswith("postgres:")
+    assert defaults["rabbitmq"].startswith("rabbitmq:")
+    assert defaults["prometheus"].startswith("prom/prometheus:")
+    assert defaults["grafana"].startswith("grafana/grafana:")
+    assert config["services"]["migrate"]["build"]["args"]["PYTHON_IMAGE"].startswith("python:3.11")
+    variables = {
+        "postgres": "HAVIP_POSTGRES_IMAGE",
+        "rabbitmq": "HAVIP_RABBITMQ_IMAGE",
+        "prometheus": "HAVIP_PROMETHEUS_IMAGE",
+        "grafana": "HAVIP_GRAFANA_IMAGE",
+        "allocator": "HAVIP_IMAGE",
+    }
+    overridden = resolved(tmp_path, **{v: f"registry.example/{k}:1" for k, v in variables.items()})
+    for service, _ in variables.items():
+        assert overridden["services"][service]["image"] == f"registry.example/{service}:1"
+
+
+def test_prometheus_reaches_every_target_of_its_configuration(config: dict[str, Any]) -> None:
+    prometheus = config["services"]["prometheus"]
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    targets = {
+        job["job_name"]: target
+        for job in scrape["scrape_configs"]
+        for c in job["static_configs"]
+        for target in c["targets"]
+    }
+    extra_hosts = {entry.split(":", 1)[0] for entry in prometheus["extra_hosts"]}
+    for job, target in targets.items():
+        host, port = target.rsplit(":", 1)
+        if host in extra_hosts:  # the watcher, on the host network
+            assert config["services"][job]["network_mode"] == "host"
+            assert config["services"][job]["environment"]["HAVIP_METRICS_PORT"] == port
+        else:
+            assert host == job, target
+            assert host in config["services"], target
+    assert prometheus["extra_hosts"] == ["host.docker.internal:host-gateway"]
+    mounts = bind_mounts(prometheus)
+    assert mounts["/etc/prometheus/prometheus.yml"] == str(ROOT / "deploy/prometheus/prometheus.yml")
+    assert mounts["/etc/prometheus/rules"] == str(ROOT / "deploy/prometheus/rules")
+
+
+def test_grafana_mounts_the_provisioning(config: dict[str, Any]) -> None:
+    mounts = bind_mounts(config["services"]["grafana"])
+    assert mounts["/etc/grafana/provisioning"] == str(ROOT / "deploy/grafana/provisioning")
+    assert mounts["/var/lib/grafana/dashboards"] == str(ROOT / "deploy/grafana/dashboards")
+
+
+def test_env_example_names_every_variable_and_no_secret() -> None:
+    # ${VAR…} is compose's; $${VAR} is left to the container's shell.
+    used = set(re.findall(r"(?<!\$)\$\{(\w+)", COMPOSE_FILE.read_text(encoding="utf-8")))
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    named = set(re.findall(r"^#?(\w+)=", example, re.M))
+    assert used - named == set(), "variables of docker-compose.yml that .env.example does not mention"
+    for variable in SECRETS:
+        assert re.search(rf"^{variable}=$", example, re.M), f"{variable} must be present and empty"
+
+
+def test_dockerfile_final_stage_is_unprivileged_and_offline() -> None:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    stages = re.split(r"^FROM ", text, flags=re.M)
+    assert len(stages) == 3, "a builder stage and a final stage"
+    builder, final = stages[1], stages[2]
+    assert builder.startswith("${PYTHON_IMAGE} AS builder")
+    assert final.startswith("${PYTHON_IMAGE}")
+    assert "--no-index --find-links /wheels" in builder
+    assert "--constraint requirements.lock" in builder
+    assert re.search(r"^USER havip$", final, re.M)
+    for tool in ("pip ", "apt-get", "gcc", "build-essential"):
+        assert tool not in final, tool
