@@ -58,6 +58,7 @@ SUBSCRIPTIONS = (
     "havip.allocated",
     "havip.updated",
     "havip.released",
+    "havip.binding.replay_requested",
 )
 
 
@@ -167,7 +168,7 @@ class BindingService:
             metrics.CONDITION_EDGES.labels(edge.condition, "started" if edge.started else "stopped").inc()
         if deliveries:
             metrics.BATCH_SIZE.observe(len(deliveries))
-        if batch.events:
+        if batch.events or batch.replays:
             self._on_commit()
 
     def _record_edge(self, edge: ConditionEdge, batch: BatchWrite) -> None:
@@ -225,6 +226,8 @@ class BindingService:
                 released = self.book.release_unless_candidate(havip.id)
                 if released is not None:
                     self._record_transition(released, batch)
+        elif isinstance(data, events.ReplayRequested):
+            batch.replays.append(data)  # answered from the history, in the batch's transaction
         else:
             raise events.InvalidEvent(f"binding does not handle {event_type!r}")
 

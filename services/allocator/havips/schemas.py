@@ -93,7 +93,7 @@ class Havip(ResponseModel):
 
     @classmethod
     def from_row(cls, row: Any) -> Havip:
-        """A row of allocator.havips LEFT JOIN binding.bindings (no binding row = UNBOUND)."""
+        """A row of allocator.havips LEFT JOIN allocator.view_bindings (no row, or no holder = UNBOUND)."""
         bound = row["bound_instance_id"] is not None
         return cls(
             id=row["id"],
