@@ -75,12 +75,17 @@ class EventLog:
             self.received.append(Envelope.model_validate_json(message.body))
             self._arrived.set()
 
-    async def wait_for(self, event_type: str, resource_id: uuid.UUID | str) -> Envelope:
+    async def wait_for_type(self, event_type: str) -> Envelope:
+        return await self.wait_for(event_type, None)
+
+    async def wait_for(self, event_type: str, resource_id: uuid.UUID | str | None) -> Envelope:
+        """The first event of the type about the resource (any resource: None)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + EVENT_TIMEOUT_S
         while True:
             for env in self.received:
-                if env.type == event_type and env.data.get("id", env.data.get("havip_id")) == str(resource_id):
+                about = env.data.get("id", env.data.get("havip_id"))
+                if env.type == event_type and (resource_id is None or about == str(resource_id)):
                     return env
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -157,8 +162,11 @@ class BindingStandIn:
         self.sequences: dict[str, int] = {}
         self.holders: dict[str, Json | None] = {}
 
-    async def publish(self, event_type: str, data: EventData) -> Envelope:
+    async def publish(self, event_type: str, data: EventData, *, at: datetime | None = None) -> Envelope:
+        """Publish as the binding service would; `at` stamps the event's occurred_at (default: now)."""
         env = envelope(event_type, data, "binding")
+        if at is not None:
+            env = env.model_copy(update={"occurred_at": at})
         await self.broker.publish(env)
         return env
 
@@ -197,14 +205,14 @@ class BindingStandIn:
         self.holders[havip["id"]] = instance
         return data
 
-    async def condition(self, havip: Json, condition: str, started: bool) -> None:
+    async def condition(self, havip: Json, condition: str, started: bool, *, at: datetime | None = None) -> None:
         data = HavipCondition(
             havip_id=uuid.UUID(havip["id"]),
             address=IPv4Address(havip["address"]),
             transitions_in_window=6,
             claimants_in_window=2,
         )
-        await self.publish(f"havip.{condition}.{'started' if started else 'stopped'}", data)
+        await self.publish(f"havip.{condition}.{'started' if started else 'stopped'}", data, at=at)
 
     async def refuse(
         self,
