@@ -19,6 +19,10 @@ What one run does, on a database and RabbitMQ virtual host of its own (bench/com
    HAVIP is moved between the two servers `--probes` times, one GARP each, ~5 per second; each probe's
    latency is its transition's `committed_at − captured_at` (kernel receive time → the binding's commit),
    beside a bare Postgres commit (one-row upsert transaction) measured between the probes in the same run;
+   and the **freshness of the allocator's view** of each probe: its transition's `committed_at` (the binding's
+   commit) → `recorded_at` in `allocator.view_transitions` (the allocator's transaction taking it in, then
+   committing; from then on its API shows it), beside what the allocator's own histogram
+   `havip_view_delay_seconds{event="transition"}` recorded over the probes (difference of two scrapes);
 6. **P5**: the watcher's and the binding's resident memory (VmRSS) after all that.
 
 Everything it started is stopped and removed at the end, also on failure or Ctrl-C: processes by their process
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 
 from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say, wait_for_quiet
 from shared import events
@@ -241,7 +247,7 @@ async def run(n: int, probes: int, background: int, workdir: Path, quiet_wait_s:
                     )
                     result["busy_before_p1"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
                     result["p1"] = await probes_under_load(
-                        conn, send_a, send_b, addresses, havips[PROBE], probes, background
+                        conn, send_a, send_b, addresses, havips[PROBE], probes, background, system.api_url
                     )
                     say(f"P1: {json.dumps(result['p1'])}")
                     result["p5"] = {
@@ -304,6 +310,7 @@ async def probes_under_load(
     probe_id: uuid.UUID,
     probes: int,
     background: int,
+    allocator_url: str,
 ) -> dict[str, Any]:
     await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
     loader = None
@@ -314,6 +321,8 @@ async def probes_under_load(
         await asyncio.sleep(2)  # the load in its stride before the first probe
     latencies: list[float] = []
     commits: list[float] = []
+    view_delays: list[float] = []
+    histogram_before = view_delay_buckets(allocator_url)
     sequence = await conn.fetchval("SELECT sequence FROM binding.bindings WHERE havip_id = $1", probe_id)
     try:
         for i in range(probes):
@@ -331,6 +340,16 @@ async def probes_under_load(
                 what=f"probe {i}",
             )
             latencies.append((row[1].timestamp() * 1e9 - row[2]) / 1e9)
+            _, viewed = await wait_until(
+                conn,
+                "SELECT count(*), max(recorded_at) FROM allocator.view_transitions "
+                "WHERE havip_id = $1 AND sequence = $2",
+                (probe_id, sequence),
+                1,
+                timeout_s=30,
+                what=f"probe {i} in the allocator's view",
+            )
+            view_delays.append((viewed[1] - row[1]).total_seconds())
             await asyncio.sleep(0.2)
     finally:
         if loader is not None:
@@ -338,7 +357,16 @@ async def probes_under_load(
             loader.join(10)
     summary = {k: round(v, 2) for k, v in latency_summary_ms(latencies).items()}
     bare = {k: round(v, 2) for k, v in latency_summary_ms(commits).items()}
+    histogram = [
+        (le, count - dict(histogram_before).get(le, 0)) for le, count in view_delay_buckets(allocator_url)
+    ]
     return {
+        "view_delay_ms": {k: round(v, 2) for k, v in latency_summary_ms(view_delays).items()},
+        "view_delay_histogram_ms": {
+            "count": histogram[-1][1] if histogram else 0,
+            "p50": round(histogram_quantile(0.5, histogram) * 1000, 2),
+            "p99": round(histogram_quantile(0.99, histogram) * 1000, 2),
+        },
         "probes": probes,
         "background_claims_per_s": background,
         "background_sent": loader.sent if loader else 0,
@@ -346,6 +374,32 @@ async def probes_under_load(
         "bare_postgres_commit_ms": bare,
         "p50_over_bare_commit": round(percentile(latencies, 50) / percentile(commits, 50), 1),
     }
+
+
+def view_delay_buckets(allocator_url: str) -> list[tuple[float, float]]:
+    """The allocator's havip_view_delay_seconds{event="transition"} buckets: (upper bound, cumulative count)."""
+    text = httpx.get(f"{allocator_url}/metrics", timeout=10).text
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith('havip_view_delay_seconds_bucket{event="transition"'):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return sorted(buckets)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus' histogram_quantile over cumulative buckets: linear within the bucket the rank falls in."""
+    if not buckets or buckets[-1][1] == 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return math.nan
 
 
 def main() -> int:
@@ -373,6 +427,10 @@ def main() -> int:
         print(
             f"P1  {p1['probes']} probes, {p1['background_claims_per_s']} refreshes/s in the background: "
             f"GARP → commit {p1['garp_to_commit_ms']} ms; bare Postgres commit {p1['bare_postgres_commit_ms']} ms"
+        )
+        print(
+            f"    allocator's view: binding's commit → in the view {p1['view_delay_ms']} ms "
+            f"(its histogram over the probes: {p1['view_delay_histogram_ms']})"
         )
         print(f"    busy before P2: {result['busy_before_p2']:.0%}, before P1: {result['busy_before_p1']:.0%}")
         print(
