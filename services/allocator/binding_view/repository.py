@@ -18,13 +18,13 @@ import asyncpg
 from services.allocator.binding_view.domain import Change, SequenceRange, ViewRecord
 from shared.events import ClaimRejected
 
-_ENSURE = """
-    INSERT INTO allocator.view_bindings (havip_id) SELECT id FROM unnest($1::uuid[]) AS u(id) ORDER BY id
-    ON CONFLICT (havip_id) DO NOTHING"""
+# One statement creates the missing records and locks them all (ON CONFLICT DO UPDATE locks the existing row),
+# in HAVIP-id order, and returns them.
 _LOCK = """
-    SELECT havip_id, sequence, instance_id, mac::text AS mac, last_transition_at, last_seen_at, flapping,
-           flapping_changed_at, split_brain, split_brain_changed_at, missing, gap_since
-    FROM allocator.view_bindings WHERE havip_id = ANY($1::uuid[]) ORDER BY havip_id FOR UPDATE"""
+    INSERT INTO allocator.view_bindings AS v (havip_id) SELECT id FROM unnest($1::uuid[]) AS u(id) ORDER BY id
+    ON CONFLICT (havip_id) DO UPDATE SET havip_id = v.havip_id
+    RETURNING havip_id, sequence, instance_id, mac::text AS mac, last_transition_at, last_seen_at, flapping,
+              flapping_changed_at, split_brain, split_brain_changed_at, missing, gap_since"""
 _SAVE = """
     UPDATE allocator.view_bindings AS v SET
         sequence = r.sequence, instance_id = r.instance_id, mac = r.mac,
@@ -69,7 +69,6 @@ async def lock_records(conn: Any, havip_ids: Iterable[uuid.UUID]) -> dict[uuid.U
     ids = sorted(set(havip_ids))
     if not ids:
         return {}
-    await conn.execute(_ENSURE, ids)
     return {
         r["havip_id"]: ViewRecord(
             havip_id=r["havip_id"],
@@ -186,11 +185,11 @@ async def count_open_gaps(conn: Any) -> int:
 async def holder_for_release(conn: Any, havip_id: uuid.UUID) -> uuid.UUID | None:
     """The holder the view shows, with the HAVIP's record locked until the caller's commit: a batch of binding
     events touching it waits (or was committed before), so the release decides on one state."""
-    await conn.execute(
-        "INSERT INTO allocator.view_bindings (havip_id) VALUES ($1) ON CONFLICT (havip_id) DO NOTHING", havip_id
-    )
     holder: uuid.UUID | None = await conn.fetchval(
-        "SELECT instance_id FROM allocator.view_bindings WHERE havip_id = $1 FOR UPDATE", havip_id
+        """INSERT INTO allocator.view_bindings AS v (havip_id) VALUES ($1)
+           ON CONFLICT (havip_id) DO UPDATE SET havip_id = v.havip_id
+           RETURNING instance_id""",
+        havip_id,
     )
     return holder
 
