@@ -141,6 +141,7 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
                 transient=database_or_network_away,
             )
             stack.push_async_callback(consumer.stop)
+            await view.seed()
             maintenance = asyncio.create_task(maintain_view(view, settings), name="binding view maintenance")
             stack.push_async_callback(_cancel, maintenance)
             app.state.db = db

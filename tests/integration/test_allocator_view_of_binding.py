@@ -151,3 +151,48 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
             return await api_history(client, havip["id"]) == expected
 
         await eventually(same_history, what="the history repaired by the binding's replay")
+
+
+async def test_a_view_that_starts_after_the_binding_starts_from_its_state(
+    binding: BindingSettings, watcher: Broker, database_url: str, amqp_url: str
+) -> None:
+    """An existing deployment getting the view: bindings the view never saw. At its first start the view asks for
+    the newest transition of every HAVIP, shows the holder, and fills the history before it as a gap."""
+    async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
+        vpc = await make_vpc(client, "10.91.0.0/16")
+        subnet = await make_subnet(client, vpc["id"], "10.91.1.0/24")
+        cvm1 = await make_instance(client, subnet["id"], "10.91.1.11")
+        cvm2 = await make_instance(client, subnet["id"], "10.91.1.12")
+        havip = await make_havip(client, subnet["id"])
+
+    async def bound_by_the_binding(count: int) -> bool:
+        return len(await binding_history(database_url, havip["id"])) >= count
+
+    while not await bound_by_the_binding(1):  # the binding learns the HAVIP from the allocator's events
+        await claim(watcher, havip, cvm1)
+        await asyncio.sleep(0.2)
+    await claim(watcher, havip, cvm2)
+    await eventually(lambda: bound_by_the_binding(2), what="the binding's second transition")
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await (await channel.declare_queue("allocator.events", passive=True)).purge()
+    finally:
+        await connection.close()
+    conn = await asyncpg.connect(database_url)
+    try:  # as if the view had never existed on this database
+        await conn.execute("DELETE FROM allocator.view_seed")
+        await conn.execute("DELETE FROM allocator.view_transitions WHERE havip_id = $1", uuid.UUID(havip["id"]))
+        await conn.execute("DELETE FROM allocator.view_bindings WHERE havip_id = $1", uuid.UUID(havip["id"]))
+    finally:
+        await conn.close()
+
+    async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
+        shown = await wait_shown(client, havip, "the binding's holder", bound_instance_id=cvm2["id"])
+        assert shown["state"] == "BOUND"
+        expected = await binding_history(database_url, havip["id"])
+
+        async def same_history() -> bool:
+            return await api_history(client, havip["id"]) == expected
+
+        await eventually(same_history, what="the history before the view's start, asked for as a gap")

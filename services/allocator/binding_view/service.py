@@ -134,6 +134,20 @@ class BindingView:
                 extra={"havip_id": str(havip_id), "first_missing": first, "last_missing": last},
             )
 
+    async def seed(self) -> bool:
+        """Once per database, at the first start: ask the binding service for the newest transition of every
+        HAVIP (a deployment that had bindings before this view existed starts from them; the sequences before
+        each show up as gaps and are asked for in turn). True if asked now."""
+        async with self._db.transaction() as tx:
+            first = await tx.conn.fetchval(
+                "INSERT INTO allocator.view_seed (seeded) VALUES (true) ON CONFLICT DO NOTHING RETURNING seeded"
+            )
+            if first:
+                tx.publish("havip.binding.replay_requested", events.ReplayRequested(newest_of_every_havip=True))
+        if first:
+            log.info("asked the binding service for the newest transition of every HAVIP (the view's start)")
+        return bool(first)
+
     async def request_repairs(self, *, grace_s: float, retry_s: float, max_attempts: int) -> int:
         """Ask the binding service to publish again the transitions missing from histories whose gap has lasted
         longer than `grace_s`; returns how many ranges were asked for."""

@@ -55,11 +55,9 @@ CREATE TABLE view_refusals (
 CREATE INDEX view_refusals_havip ON view_refusals (havip_id, id DESC);
 CREATE INDEX view_refusals_recorded_at ON view_refusals (recorded_at);
 
--- A starting point for a deployment that already has bindings: the binding service publishes the newest
--- transition of every HAVIP again (havip.binding.replayed); the sequences before it show up as gaps, which
--- the view asks for in turn. On a new deployment there is nothing to replay.
-INSERT INTO outbox (routing_key, body)
-SELECT 'havip.binding.replay_requested', json_build_object(
-    'event_id', gen_random_uuid(), 'type', 'havip.binding.replay_requested', 'schema_version', 1,
-    'occurred_at', now(), 'source', 'allocator',
-    'data', json_build_object('ranges', json_build_array(), 'newest_of_every_havip', true))::text;
+-- One row once the view has asked for its starting point (at the allocator's first start): the newest
+-- transition of every HAVIP the binding service knows, for a deployment that had bindings before the view.
+CREATE TABLE view_seed (
+    seeded boolean PRIMARY KEY CHECK (seeded),
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
