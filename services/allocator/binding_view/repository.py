@@ -25,7 +25,9 @@ _LOCK = """
     ON CONFLICT (havip_id) DO UPDATE SET havip_id = v.havip_id
     RETURNING havip_id, sequence, instance_id, mac::text AS mac, last_transition_at, last_seen_at, flapping,
               flapping_changed_at, split_brain, split_brain_changed_at, missing, gap_since"""
-_SAVE = """
+# The records and the new history rows in one statement: one round trip less on the way to the API.
+_SAVE_AND_RECORD = """
+    WITH saved AS (
     UPDATE allocator.view_bindings AS v SET
         sequence = r.sequence, instance_id = r.instance_id, mac = r.mac,
         last_transition_at = r.last_transition_at, last_seen_at = r.last_seen_at,
@@ -39,12 +41,12 @@ _SAVE = """
                 $12::timestamptz[])
         AS r(havip_id, sequence, instance_id, mac, last_transition_at, last_seen_at, flapping,
              flapping_changed_at, split_brain, split_brain_changed_at, missing, gap_since)
-    WHERE v.havip_id = r.havip_id"""
-_INSERT_TRANSITIONS = """
+    WHERE v.havip_id = r.havip_id
+    RETURNING 1)
     INSERT INTO allocator.view_transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
         captured_at, committed_at, watcher_id, reason)
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::macaddr[], $6::timestamptz[],
-                         $7::timestamptz[], $8::text[], $9::text[])
+    SELECT * FROM unnest($13::uuid[], $14::bigint[], $15::uuid[], $16::uuid[], $17::macaddr[],
+                         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::text[])
     ON CONFLICT (havip_id, sequence) DO NOTHING"""
 _INSERT_REFUSALS = """
     INSERT INTO allocator.view_refusals (event_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
@@ -88,11 +90,13 @@ async def lock_records(conn: Any, havip_ids: Iterable[uuid.UUID]) -> dict[uuid.U
     }
 
 
-async def save_records(conn: Any, records: Sequence[ViewRecord]) -> None:
-    if not records:
+async def save(conn: Any, records: Sequence[ViewRecord], history: Sequence[Change]) -> None:
+    """Write the records a batch changed and the transitions it added to the history (a transition already
+    recorded is left as it is)."""
+    if not records and not history:
         return
     await conn.execute(
-        _SAVE,
+        _SAVE_AND_RECORD,
         [r.havip_id for r in records],
         [r.sequence for r in records],
         [r.instance_id for r in records],
@@ -105,23 +109,15 @@ async def save_records(conn: Any, records: Sequence[ViewRecord]) -> None:
         [r.split_brain_changed_at for r in records],
         [_multirange_text(r.missing) for r in records],
         [r.gap_since for r in records],
-    )
-
-
-async def insert_transitions(conn: Any, changes: Sequence[Change]) -> None:
-    if not changes:
-        return
-    await conn.execute(
-        _INSERT_TRANSITIONS,
-        [c.havip_id for c in changes],
-        [c.sequence for c in changes],
-        [c.previous_instance_id for c in changes],
-        [c.instance_id for c in changes],
-        [c.mac for c in changes],
-        [c.captured_at for c in changes],
-        [c.committed_at for c in changes],
-        [c.watcher_id for c in changes],
-        [c.reason for c in changes],
+        [c.havip_id for c in history],
+        [c.sequence for c in history],
+        [c.previous_instance_id for c in history],
+        [c.instance_id for c in history],
+        [c.mac for c in history],
+        [c.captured_at for c in history],
+        [c.committed_at for c in history],
+        [c.watcher_id for c in history],
+        [c.reason for c in history],
     )
 
 

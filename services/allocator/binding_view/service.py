@@ -109,8 +109,7 @@ class BindingView:
                 elif isinstance(data, events.ClaimRejected):
                     refusals.append((delivery.envelope.event_id, data))
                     refusal_times[delivery.envelope.event_id] = delivery.envelope.occurred_at
-            await repository.save_records(tx.conn, list(touched.values()))
-            await repository.insert_transitions(tx.conn, history)
+            await repository.save(tx.conn, list(touched.values()), history)
             new_refusals = await repository.insert_refusals(tx.conn, refusals)
         committed = datetime.now(UTC)
         for event_id in refusal_times:
