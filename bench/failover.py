@@ -22,7 +22,9 @@ What one run does, on a database and RabbitMQ virtual host of its own (bench/com
    and the **freshness of the allocator's view** of each probe: its transition's `committed_at` (the binding's
    commit) → `recorded_at` in `allocator.view_transitions` (the allocator's transaction taking it in, then
    committing; from then on its API shows it), beside what the allocator's own histogram
-   `havip_view_delay_seconds{event="transition"}` recorded over the probes (difference of two scrapes);
+   `havip_view_delay_seconds{event="transition"}` recorded over the probes (difference of two scrapes; it
+   includes the allocator's commit, coarse by its buckets), and when a consumer of `havip.binding.changed` of
+   the benchmark's own receives each probe's event (the binding service's share of that delay);
 6. **P5**: the watcher's and the binding's resident memory (VmRSS) after all that.
 
 Everything it started is stopped and removed at the end, also on failure or Ctrl-C: processes by their process
@@ -42,18 +44,19 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import httpx
 
 from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say, wait_for_quiet
 from shared import events
-from shared.messaging import Broker
+from shared.messaging import Broker, declare_topology
 from shared.settings import CommonSettings
 from tests.e2e.system import System
 from tests.lab import Lab
@@ -246,9 +249,18 @@ async def run(n: int, probes: int, background: int, workdir: Path, quiet_wait_s:
                         what="outbox drained",
                     )
                     result["busy_before_p1"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
-                    result["p1"] = await probes_under_load(
-                        conn, send_a, send_b, addresses, havips[PROBE], probes, background, system.api_url
-                    )
+                    async with probe_events(box, havips[PROBE]) as published:
+                        result["p1"] = await probes_under_load(
+                            conn,
+                            send_a,
+                            send_b,
+                            addresses,
+                            havips[PROBE],
+                            probes,
+                            background,
+                            system.api_url,
+                            published,
+                        )
                     say(f"P1: {json.dumps(result['p1'])}")
                     result["p5"] = {
                         "watcher_rss_mb": round(rss_mb(system.services["arp_watcher"].process.pid), 1),
@@ -311,6 +323,7 @@ async def probes_under_load(
     probes: int,
     background: int,
     allocator_url: str,
+    published: dict[int, float],
 ) -> dict[str, Any]:
     await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
     loader = None
@@ -322,6 +335,7 @@ async def probes_under_load(
     latencies: list[float] = []
     commits: list[float] = []
     view_delays: list[float] = []
+    publish_delays: list[float] = []
     histogram_before = view_delay_buckets(allocator_url)
     sequence = await conn.fetchval("SELECT sequence FROM binding.bindings WHERE havip_id = $1", probe_id)
     try:
@@ -350,6 +364,8 @@ async def probes_under_load(
                 what=f"probe {i} in the allocator's view",
             )
             view_delays.append((viewed[1] - row[1]).total_seconds())
+            if sequence in published:
+                publish_delays.append(published[sequence] - row[1].timestamp())
             await asyncio.sleep(0.2)
     finally:
         if loader is not None:
@@ -362,6 +378,9 @@ async def probes_under_load(
     ]
     return {
         "view_delay_ms": {k: round(v, 2) for k, v in latency_summary_ms(view_delays).items()},
+        "binding_commit_to_event_received_ms": {
+            k: round(v, 2) for k, v in latency_summary_ms(publish_delays).items()
+        },
         "view_delay_histogram_ms": {
             "count": histogram[-1][1] if histogram else 0,
             "p50": round(histogram_quantile(0.5, histogram) * 1000, 2),
@@ -374,6 +393,31 @@ async def probes_under_load(
         "bare_postgres_commit_ms": bare,
         "p50_over_bare_commit": round(percentile(latencies, 50) / percentile(commits, 50), 1),
     }
+
+
+@asynccontextmanager
+async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[int, float]]:
+    """When a consumer of havip.binding.changed (a queue of the benchmark's own) receives each transition of the
+    probe: sequence → wall-clock time. Beside the view's figure it shows the binding service's own share."""
+    received: dict[int, float] = {}
+    connection = await aio_pika.connect(box.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await declare_topology(channel, CommonSettings(amqp_url=box.amqp_url))
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "havip.binding.changed")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            at = time.time()
+            data = json.loads(message.body)["data"]
+            if data["havip_id"] == str(probe_id):
+                received[data["sequence"]] = at
+            await message.ack()
+
+        await queue.consume(on_message)
+        yield received
+    finally:
+        await connection.close()
 
 
 def view_delay_buckets(allocator_url: str) -> list[tuple[float, float]]:
@@ -429,7 +473,8 @@ def main() -> int:
             f"GARP → commit {p1['garp_to_commit_ms']} ms; bare Postgres commit {p1['bare_postgres_commit_ms']} ms"
         )
         print(
-            f"    allocator's view: binding's commit → in the view {p1['view_delay_ms']} ms "
+            f"    allocator's view: binding's commit → in the view {p1['view_delay_ms']} ms; → its event received "
+            f"by a consumer {p1['binding_commit_to_event_received_ms']} ms "
             f"(its histogram over the probes: {p1['view_delay_histogram_ms']})"
         )
         print(f"    busy before P2: {result['busy_before_p2']:.0%}, before P1: {result['busy_before_p1']:.0%}")

@@ -93,7 +93,25 @@ VIEW_DELAY = Histogram(
     "Freshness of the allocator's view of bindings: time from the binding service's commit of a change (the "
     "time it stamps on the event) to the allocator's commit of it, from when on the API shows it",
     ["event"],  # transition, refusal, condition
-    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    buckets=(
+        0.001,
+        0.002,
+        0.003,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+    ),
 )
 VIEW_EVENTS = Counter(
     "havip_view_events_total",
