@@ -67,7 +67,7 @@ async def allocate_havip(
 VIEW_NOTE = (
     "The binding fields (`state`, `bound_instance_id`, `bound_mac`, `last_transition_at`, `last_seen_at`, "
     "`flapping`, `split_brain`) are the allocator's view of the binding service's events: eventually "
-    "consistent, a few milliseconds behind the binding's commit (see the API description and the metric "
+    "consistent, milliseconds behind the binding's commit (see the API description and the metric "
     "`havip_view_delay_seconds`)."
 )
 
@@ -138,7 +138,7 @@ async def dissociate_eip(havip_id: uuid.UUID, db: DbDep) -> Havip:
     summary="Release a HAVIP (409 while an EIP is associated, or while bound unless force=true)",
     description=(
         "Bound or not (409 `HAVIP_BOUND`) is decided on the allocator's view of the binding service's events, "
-        "which may be a few milliseconds behind it; a HAVIP released while an instance has just claimed it is "
+        "which may be milliseconds behind it; a HAVIP released while an instance has just claimed it is "
         "then unbound by the binding service, with a final `release` transition."
     ),
 )
@@ -156,7 +156,7 @@ async def release_havip(
     summary="Ownership history of a HAVIP, newest first",
     description=(
         "From the binding service's `havip.binding.changed` events, kept by the allocator: eventually "
-        "consistent, a few milliseconds behind the binding's commit. Kept after the HAVIP is released."
+        "consistent, milliseconds behind the binding's commit. Kept after the HAVIP is released."
     ),
 )
 async def list_transitions(
