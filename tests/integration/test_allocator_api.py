@@ -634,6 +634,9 @@ async def test_migrate_command_creates_and_migrates_a_database(database_url: str
             owners
         )
         assert set(owners.values()) == {"havip_allocator"}  # the allocator's role owns its schema, and only it
+        # Ready on its own schema: the binding service's migrations are not the allocator's concern.
+        async with running_app(dsn, amqp_url, quota=10) as alone, http_client(alone) as client:
+            assert ok(await client.get("/readyz"))["checks"] == {"database": "ok", "broker": "ok"}
         # The queue of binding events exists before the allocator first starts: nothing published is lost.
         connection = await aio_pika.connect(amqp_url)
         try:
