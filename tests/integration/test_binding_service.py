@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from services.binding.main import QUEUE, run
-from services.binding.repository import Renewal, delete_old_refusals, write_renewals
+from services.binding.repository import Renewal, delete_old_refusals, ns_to_datetime, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.messaging import Broker, declare_topology
@@ -174,11 +174,13 @@ async def test_the_routine_lane_renews_the_holder_and_still_decides_whatever_els
 
     await routine(w.claim(w.cvm1.mac, t=t + 2_000_000_000))  # a refresh, two seconds on
 
-    async def last_seen_ns() -> int:
+    async def last_seen() -> datetime:
         row = await binding_row(binding.database_url, w.havip.id)
-        return int(row["last_seen_at"].timestamp() * 1e9) // 1000 * 1000
+        seen: datetime = row["last_seen_at"]
+        return seen
 
-    await eventually(lambda: _equals(last_seen_ns(), (t + 2_000_000_000) // 1000 * 1000), what="renewed")
+    # As the service converts it (a float round trip through timestamp() * 1e9 can land a microsecond off).
+    await eventually(lambda: _equals(last_seen(), ns_to_datetime(t + 2_000_000_000)), what="renewed")
     await routine(w.claim(w.cvm2.mac, t=t + 3_000_000_000))  # the watcher's view was wrong: a takeover
     await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="moved")
     row = await binding_row(binding.database_url, w.havip.id)
