@@ -21,6 +21,12 @@ What one run does, on a database and RabbitMQ virtual host of its own (bench/com
    HAVIP is moved between the two servers `--probes` times, one GARP each, ~5 per second; each probe's
    latency is its transition's `committed_at − captured_at` (kernel receive time → the binding's commit),
    beside a bare Postgres commit (one-row upsert transaction) measured between the probes in the same run;
+   and the **freshness of the allocator's view** of each probe: its transition's `committed_at` (the binding's
+   commit) → `recorded_at` in `allocator.view_transitions` (the allocator's transaction taking it in, then
+   committing; from then on its API shows it), beside what the allocator's own histogram
+   `havip_view_delay_seconds{event="transition"}` recorded over the probes (difference of two scrapes; it
+   includes the allocator's commit, coarse by its buckets), and when a consumer of `havip.binding.changed` of
+   the benchmark's own receives each probe's event (the binding service's share of that delay);
 6. **P5**: the watcher's and the binding's resident memory (VmRSS) after all that.
 
 Everything it started is stopped and removed at the end, also on failure or Ctrl-C: processes by their process
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -39,17 +46,19 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
+import httpx
 
 from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say, wait_for_quiet
 from shared import events
-from shared.messaging import Broker
+from shared.messaging import Broker, declare_topology
 from shared.settings import CommonSettings
 from tests.e2e.system import System
 from tests.lab import Lab
@@ -246,9 +255,20 @@ async def run(
                         what="outbox drained",
                     )
                     result["busy_before_p1"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
-                    result["p1"] = await probes_under_load(
-                        conn, send_a, send_b, addresses, havips[PROBE], probes, background, send_spoof, flood
-                    )
+                    async with probe_events(box, havips[PROBE]) as published:
+                        result["p1"] = await probes_under_load(
+                            conn,
+                            send_a,
+                            send_b,
+                            addresses,
+                            havips[PROBE],
+                            probes,
+                            background,
+                            send_spoof,
+                            flood,
+                            system.api_url,
+                            published,
+                        )
                     say(f"P1: {json.dumps(result['p1'])}")
                     result["p5"] = {
                         "watcher_rss_mb": round(rss_mb(system.services["arp_watcher"].process.pid), 1),
@@ -313,6 +333,8 @@ async def probes_under_load(
     background: int,
     send_spoof: RawSender,
     flood: int,
+    allocator_url: str,
+    published: dict[int, float],
 ) -> dict[str, Any]:
     await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
     loaders: list[PacedSender] = []
@@ -331,6 +353,9 @@ async def probes_under_load(
         await asyncio.sleep(2)  # the load in its stride before the first probe
     latencies: list[float] = []
     commits: list[float] = []
+    view_delays: list[float] = []
+    publish_delays: list[float] = []
+    histogram_before = view_delay_buckets(allocator_url)
     sequence = await conn.fetchval("SELECT sequence FROM binding.bindings WHERE havip_id = $1", probe_id)
     try:
         for i in range(probes):
@@ -348,6 +373,18 @@ async def probes_under_load(
                 what=f"probe {i}",
             )
             latencies.append((row[1].timestamp() * 1e9 - row[2]) / 1e9)
+            _, viewed = await wait_until(
+                conn,
+                "SELECT count(*), max(recorded_at) FROM allocator.view_transitions "
+                "WHERE havip_id = $1 AND sequence = $2",
+                (probe_id, sequence),
+                1,
+                timeout_s=30,
+                what=f"probe {i} in the allocator's view",
+            )
+            view_delays.append((viewed[1] - row[1]).total_seconds())
+            if sequence in published:
+                publish_delays.append(published[sequence] - row[1].timestamp())
             await asyncio.sleep(0.2)
     finally:
         for loader in loaders:
@@ -355,10 +392,22 @@ async def probes_under_load(
             loader.join(10)
     summary = {k: round(v, 2) for k, v in latency_summary_ms(latencies).items()}
     bare = {k: round(v, 2) for k, v in latency_summary_ms(commits).items()}
+    histogram = [
+        (le, count - dict(histogram_before).get(le, 0)) for le, count in view_delay_buckets(allocator_url)
+    ]
     audit = await conn.fetchrow(
         "SELECT count(*) AS rows, coalesce(sum(count), 0) AS frames FROM binding.rejected_claims"
     )
     return {
+        "view_delay_ms": {k: round(v, 2) for k, v in latency_summary_ms(view_delays).items()},
+        "binding_commit_to_event_received_ms": {
+            k: round(v, 2) for k, v in latency_summary_ms(publish_delays).items()
+        },
+        "view_delay_histogram_ms": {
+            "count": histogram[-1][1] if histogram else 0,
+            "p50": round(histogram_quantile(0.5, histogram) * 1000, 2),
+            "p99": round(histogram_quantile(0.99, histogram) * 1000, 2),
+        },
         "probes": probes,
         "background_claims_per_s": background,
         "background_sent": loaders[0].sent if background else 0,
@@ -370,6 +419,57 @@ async def probes_under_load(
         "bare_postgres_commit_ms": bare,
         "p50_over_bare_commit": round(percentile(latencies, 50) / percentile(commits, 50), 1),
     }
+
+
+@asynccontextmanager
+async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[int, float]]:
+    """When a consumer of havip.binding.changed (a queue of the benchmark's own) receives each transition of the
+    probe: sequence → wall-clock time. Beside the view's figure it shows the binding service's own share."""
+    received: dict[int, float] = {}
+    connection = await aio_pika.connect(box.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await declare_topology(channel, CommonSettings(amqp_url=box.amqp_url))
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "havip.binding.changed")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            at = time.time()
+            data = json.loads(message.body)["data"]
+            if data["havip_id"] == str(probe_id):
+                received[data["sequence"]] = at
+            await message.ack()
+
+        await queue.consume(on_message)
+        yield received
+    finally:
+        await connection.close()
+
+
+def view_delay_buckets(allocator_url: str) -> list[tuple[float, float]]:
+    """The allocator's havip_view_delay_seconds{event="transition"} buckets: (upper bound, cumulative count)."""
+    text = httpx.get(f"{allocator_url}/metrics", timeout=10).text
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith('havip_view_delay_seconds_bucket{event="transition"'):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return sorted(buckets)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus' histogram_quantile over cumulative buckets: linear within the bucket the rank falls in."""
+    if not buckets or buckets[-1][1] == 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return math.nan
 
 
 def main() -> int:
@@ -399,6 +499,11 @@ def main() -> int:
             f"P1  {p1['probes']} probes, {p1['background_claims_per_s']} refreshes/s in the background, "
             f"{p1['flood_frames_per_s']} spoofed GARPs/s: "
             f"GARP → commit {p1['garp_to_commit_ms']} ms; bare Postgres commit {p1['bare_postgres_commit_ms']} ms"
+        )
+        print(
+            f"    allocator's view: binding's commit → in the view {p1['view_delay_ms']} ms; → its event received "
+            f"by a consumer {p1['binding_commit_to_event_received_ms']} ms "
+            f"(its histogram over the probes: {p1['view_delay_histogram_ms']})"
         )
         if p1["flood_frames_per_s"]:
             print(

@@ -83,7 +83,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-# --- database and queues -----------------------------------------------------------------------------------
+# --- database, roles and queues ----------------------------------------------------------------------------
+# Each service's migrate creates its database role (havip_allocator, havip_binding; NOLOGIN, no password) when
+# missing, gives it the service's schema and declares the service's queue. Both services then use this one URL
+# and act as their own role (SET ROLE): neither can read the other's tables.
 export HAVIP_DATABASE_URL=${HAVIP_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/havip}
 .venv/bin/python -m services.allocator migrate
 .venv/bin/python -m services.binding migrate

@@ -37,7 +37,13 @@ _PUBLISHERS: dict[str, str] = {"arp.": "arp_watcher", "havip.binding.": "binding
 _CONDITION_PREFIXES = ("havip.flapping.", "havip.split_brain.")
 
 
+# Exceptions to the prefixes: the allocator asks the binding service to publish transitions again.
+_PUBLISHED_BY = {"havip.binding.replay_requested": "allocator"}
+
+
 def publisher_of(event_type: str) -> str:
+    if event_type in _PUBLISHED_BY:
+        return _PUBLISHED_BY[event_type]
     if event_type.startswith(_CONDITION_PREFIXES):
         return "binding"
     for prefix, service in _PUBLISHERS.items():

@@ -22,6 +22,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     create_model,
+    model_validator,
 )
 
 SCHEMA_VERSION = 1
@@ -191,6 +192,35 @@ class HavipCondition(EventData):
     claimants_in_window: int = Field(ge=0)
 
 
+MAX_REPLAY_RANGES = 1000
+MAX_REPLAY_SPAN = 10_000
+
+
+class ReplayRange(EventData):
+    """Transitions `first_sequence` … `last_sequence` (both included) of one HAVIP."""
+
+    havip_id: uuid.UUID
+    first_sequence: int = Field(ge=1)
+    last_sequence: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplayRange:
+        if self.last_sequence < self.first_sequence:
+            raise ValueError("last_sequence must not be below first_sequence")
+        if self.last_sequence - self.first_sequence >= MAX_REPLAY_SPAN:
+            raise ValueError(f"at most {MAX_REPLAY_SPAN} transitions per range")
+        return self
+
+
+class ReplayRequested(EventData):
+    """A reader of `havip.binding.changed` asks the binding service to publish transitions again, as
+    `havip.binding.replayed`: the ranges it found missing (sequence gaps), and/or the newest transition of every
+    HAVIP (a starting point for a reader that begins after the binding service did)."""
+
+    ranges: list[ReplayRange] = Field(default_factory=list, max_length=MAX_REPLAY_RANGES)
+    newest_of_every_havip: bool = False
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     CLAIMS_EVENT: ClaimsObserved,
     "vpc.created": VpcData,
@@ -205,6 +235,9 @@ EVENT_TYPES: dict[str, type[EventData]] = {
     "havip.eip.associated": EipData,
     "havip.eip.dissociated": EipData,
     "havip.binding.changed": BindingChanged,
+    # Transitions published again on request (same data as havip.binding.changed, older sequences).
+    "havip.binding.replayed": BindingChanged,
+    "havip.binding.replay_requested": ReplayRequested,
     "havip.claim.rejected": ClaimRejected,
     "havip.flapping.started": HavipCondition,
     "havip.flapping.stopped": HavipCondition,

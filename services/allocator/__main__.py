@@ -1,6 +1,7 @@
 """`python -m services.allocator [serve]` runs the API; `python -m services.allocator migrate` creates the
-database if it is missing and applies the allocator's migrations. Bad configuration: a clear message on
-stderr and exit status 2.
+database if it is missing, applies the allocator's migrations (as its database role, created if missing) and
+declares the allocator's queue of binding events, so that none published before its first start is lost. Bad
+configuration: a clear message on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from services.allocator.database import SCHEMA
+from services.allocator.binding_view.service import QUEUE as VIEW_QUEUE
+from services.allocator.binding_view.service import SUBSCRIPTIONS as VIEW_SUBSCRIPTIONS
+from services.allocator.database import SCHEMA, SOURCE
 from services.allocator.settings import AllocatorSettings
 from shared.db import ensure_database
 from shared.logging import configure_logging
+from shared.messaging import Broker, declare_consumer_queue
 from shared.migrations import apply_migrations
 from shared.settings import CommonSettings
 
@@ -52,8 +56,15 @@ def describe(settings_type: type[CommonSettings], exc: ValidationError) -> str:
 async def migrate(settings: CommonSettings) -> None:
     if await ensure_database(settings.database_url):
         log.info("created the database")
-    applied = await apply_migrations(settings.database_url, SCHEMA, MIGRATIONS)
+    applied = await apply_migrations(settings.database_url, SCHEMA, MIGRATIONS, settings.database_role)
     log.info("migrations applied", extra={"applied": applied})
+    broker = Broker(settings, f"{SOURCE}-migrate")
+    await broker.connect()
+    try:
+        channel = await broker.connection.channel()
+        await declare_consumer_queue(channel, settings, VIEW_QUEUE, VIEW_SUBSCRIPTIONS)
+    finally:
+        await broker.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,9 +31,10 @@ async def _database_ready(request: Request) -> str | None:
         return "not started"
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), db.connection() as conn:
-            # The allocator's own schema, and the binding table it reads, must both be there.
+            # The allocator's own schema only, its view of bindings included (migration 0004).
             missing = await conn.fetchval(
-                """SELECT to_regclass('allocator.havips') IS NULL OR to_regclass('binding.bindings') IS NULL"""
+                """SELECT to_regclass('allocator.havips') IS NULL
+                          OR to_regclass('allocator.view_bindings') IS NULL"""
             )
     except Exception as exc:
         log.warning("readiness: database check failed: %r", exc)

@@ -84,3 +84,48 @@ class MetricsMiddleware:
             method = method if method in _METHODS else "OTHER"
             API_REQUESTS.labels(route, method, str(status)).inc()
             API_DURATION.labels(route, method).observe(time.perf_counter() - started)
+
+
+# ---- the read model of the binding service's state (binding_view/) ------------------------------------------
+
+VIEW_DELAY = Histogram(
+    "havip_view_delay_seconds",
+    "Freshness of the allocator's view of bindings: time from the binding service's commit of a change (the "
+    "time it stamps on the event) to the allocator's commit of it, from when on the API shows it",
+    ["event"],  # transition, refusal, condition
+    buckets=(
+        0.001,
+        0.002,
+        0.003,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+    ),
+)
+VIEW_EVENTS = Counter(
+    "havip_view_events_total",
+    "Binding events taken into the allocator's view, by outcome: applied; gap (applied, with transitions "
+    "found missing before it); filled (a missing transition arrived); duplicate; stale (an older condition edge)",
+    ["event", "outcome"],
+)
+VIEW_GAPS = Counter(
+    "havip_view_sequence_gaps_total", "Sequence gaps found in a HAVIP's transitions (each repaired by a replay)"
+)
+VIEW_OPEN_GAPS = Gauge(
+    "havip_view_open_gaps",
+    "HAVIPs whose history in the allocator's view has a gap now (updated every few seconds)",
+)
+VIEW_REPLAYS_REQUESTED = Counter(
+    "havip_view_replays_requested_total", "Ranges of missing transitions the allocator asked to be published again"
+)

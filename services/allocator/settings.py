@@ -10,6 +10,10 @@
 | `HAVIP_EIP_POOL` | empty | the public pool EIPs are taken from (below) |
 | `HAVIP_IDEMPOTENCY_TTL_HOURS` | 24 | how long an `Idempotency-Key` is remembered (at least 24) |
 | `HAVIP_IDEMPOTENCY_PURGE_INTERVAL_S` | 600 | how often expired keys are deleted |
+| `HAVIP_AUDIT_RETENTION_DAYS` | 30 | refused claims are kept that long in the view (as in the binding's audit) |
+| `HAVIP_VIEW_GAP_GRACE_S` | 5 | a gap in a HAVIP's transitions lasting longer is repaired: a replay is asked for |
+| `HAVIP_VIEW_REPAIR_RETRY_S` | 60 | a replay asked for and not answered is asked for again after that long… |
+| `HAVIP_VIEW_REPAIR_ATTEMPTS` | 10 | …that many times at most (the gap stays counted in `havip_view_open_gaps`) |
 
 Use a long random token (`openssl rand -hex 32`); one shorter than 16 characters is accepted with a warning.
 
@@ -47,6 +51,14 @@ class AllocatorSettings(CommonSettings):
     # SPEC: keys are kept at least 24 hours; the floor holds whatever the configuration says.
     idempotency_ttl_hours: int = Field(default=24, ge=24, le=24 * 366)
     idempotency_purge_interval_s: float = Field(default=600.0, gt=0, le=86_400)
+    # The read model of the binding service's state (binding_view/).
+    audit_retention_days: float = Field(default=30.0, gt=0, le=3650)
+    view_gap_grace_s: float = Field(default=5.0, ge=0, le=3600)
+    view_repair_retry_s: float = Field(default=60.0, gt=0, le=86_400)
+    view_repair_attempts: int = Field(default=10, ge=1, le=1000)
+    view_maintenance_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    view_prefetch: int = Field(default=1000, ge=1, le=65535)
+    view_max_batch: int = Field(default=500, ge=1)
 
     @field_validator("eip_pool")
     @classmethod

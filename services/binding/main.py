@@ -9,32 +9,19 @@ import signal
 import sys
 from pathlib import Path
 
-import asyncpg
 from pydantic import ValidationError
 
+from services.binding.repository import SCHEMA
 from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
-from shared.db import create_pool, ensure_database
+from shared.db import create_pool, database_or_network_away, ensure_database
 from shared.logging import configure_logging
-from shared.messaging import Broker, declare_consumer_queue, is_transient
+from shared.messaging import Broker, declare_consumer_queue
 from shared.metrics import serve_metrics
-from shared.migrations import apply_migrations
+from shared.migrations import apply_migrations, service_role
 from shared.outbox import OutboxRelay
 
 log = logging.getLogger(__name__)
-
-
-def database_or_network_away(exc: BaseException) -> bool:
-    """Failures retried for as long as they last (SPEC R1/R2); anything else is the message's fault after a
-    few tries."""
-    return is_transient(exc) or isinstance(
-        exc,
-        asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.TooManyConnectionsError
-        | asyncpg.AdminShutdownError,
-    )
 
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -44,7 +31,7 @@ QUEUE = "binding.events"
 async def migrate(settings: BindingSettings) -> None:
     """Database schema, and the service's queue, so that no event published before its first start is lost."""
     await ensure_database(settings.database_url)
-    applied = await apply_migrations(settings.database_url, "binding", MIGRATIONS)
+    applied = await apply_migrations(settings.database_url, SCHEMA, MIGRATIONS, settings.database_role)
     log.info("migrations applied", extra={"applied": applied})
     broker = Broker(settings, f"{SOURCE}-migrate")
     await broker.connect()
@@ -73,10 +60,10 @@ async def tick_every_second(service: BindingService, audit_retention_days: float
 
 
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    pool = await create_pool(settings.database_url)
+    pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
     broker = Broker(settings, SOURCE)
     await broker.connect()
-    relay = OutboxRelay(pool, broker, "binding")
+    relay = OutboxRelay(pool, broker, SCHEMA)
     service = BindingService(
         pool,
         on_commit=relay.wake,

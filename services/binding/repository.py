@@ -20,7 +20,7 @@ from services.binding.domain import (
     Transition,
 )
 from shared import events
-from shared.events import Envelope
+from shared.events import Envelope, ReplayRequested
 from shared.outbox import add_to_outbox
 
 SCHEMA = "binding"
@@ -62,6 +62,8 @@ class BatchWrite:
     # Outgoing events in order; a refusal's event names its claim, and goes out only if the claim was new.
     events: list[tuple[Envelope, uuid.UUID | None]] = field(default_factory=list)
     claim_ids: set[uuid.UUID] = field(default_factory=set)  # claims decided in this batch
+    # Readers' requests to publish transitions again (havip.binding.replay_requested).
+    replays: list[ReplayRequested] = field(default_factory=list)
 
     def put_instance(self, i: Instance) -> None:
         self.inventory.append((_PUT_INSTANCE, (i.id, i.vpc_id, i.subnet_id, i.mac, i.private_ip)))
@@ -96,9 +98,15 @@ class BatchWrite:
     def commutes(self) -> bool:
         """Only holders' refreshes and refusals: writes that commute with every other (a refresh only moves
         times forward, an audit row is keyed by its claim, a folded count only adds), so they may be written
-        after the decision lock is released. No change of holder, flag or inventory, no event of a decision."""
+        after the decision lock is released. No change of holder, flag or inventory, no event of a decision,
+        no replay (answered from the history in the decision's order)."""
         return bool(self.refreshed or self.rejected or self.folded) and not (
-            self.inventory or self.bindings or self.removed_bindings or self.transitions or self.events
+            self.inventory
+            or self.bindings
+            or self.removed_bindings
+            or self.transitions
+            or self.events
+            or self.replays
         )
 
     def __bool__(self) -> bool:
@@ -110,6 +118,7 @@ class BatchWrite:
             or self.transitions
             or self.rejected
             or self.folded
+            or self.replays
         )
 
 
@@ -155,9 +164,9 @@ _REFRESH_BINDINGS = """
                                    FOR UPDATE SKIP LOCKED))"""
 _INSERT_TRANSITIONS = """
     INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
-        captured_at, captured_ns, committed_at, watcher_id, reason)
+        captured_at, captured_ns, committed_at, watcher_id, reason, address)
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::macaddr[], $6::timestamptz[],
-                         $7::bigint[], $8::timestamptz[], $9::text[], $10::text[])"""
+                         $7::bigint[], $8::timestamptz[], $9::text[], $10::text[], $11::inet[])"""
 _INSERT_REJECTED = """
     INSERT INTO binding.rejected_claims
         (claim_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
@@ -251,9 +260,13 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             [committed_at for _, committed_at in moves],
             [t.watcher_id for t, _ in moves],
             [t.reason for t, _ in moves],
+            [t.address for t, _ in moves],
         )
     await add_to_outbox(conn, SCHEMA, [env for env, _ in batch.events])
-    return await write_refusals(conn, batch.rejected, batch.folded)
+    new_rejections = await write_refusals(conn, batch.rejected, batch.folded)
+    for request in batch.replays:
+        await add_to_outbox(conn, SCHEMA, await replayed_transitions(conn, request))
+    return new_rejections
 
 
 async def write_refusals(
@@ -310,6 +323,67 @@ async def write_renewals(conn: Any, renewals: Sequence[Renewal]) -> None:
         [r.last_claim_ns for r in renewals],
         [r.last_seen_at for r in renewals],
     )
+
+
+# At most this many transitions go out for one replay request: a reader asks again for what is still missing.
+MAX_REPLAYED = 20_000
+
+_REPLAY_COLUMNS = """
+    SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac::text AS mac,
+           p.mac::text AS from_mac, host(t.address) AS address, t.captured_at, t.committed_at, t.watcher_id,
+           t.reason"""
+_REPLAY_RANGES = f"""{_REPLAY_COLUMNS}
+    FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(havip_id, first_sequence, last_sequence)
+    JOIN binding.transitions t
+        ON t.havip_id = r.havip_id AND t.sequence BETWEEN r.first_sequence AND r.last_sequence
+    LEFT JOIN binding.transitions p ON p.havip_id = t.havip_id AND p.sequence = t.sequence - 1
+    WHERE t.address IS NOT NULL
+    ORDER BY t.havip_id, t.sequence LIMIT $4"""
+_REPLAY_NEWEST = f"""{_REPLAY_COLUMNS}
+    FROM (SELECT havip_id, max(sequence) AS sequence FROM binding.transitions GROUP BY havip_id) n
+    JOIN binding.transitions t ON t.havip_id = n.havip_id AND t.sequence = n.sequence
+    LEFT JOIN binding.transitions p ON p.havip_id = t.havip_id AND p.sequence = t.sequence - 1
+    WHERE t.address IS NOT NULL
+    ORDER BY t.havip_id LIMIT $1"""
+
+
+async def replayed_transitions(conn: Any, request: ReplayRequested) -> list[Envelope]:
+    """The `havip.binding.replayed` events a replay request asks for, from the history (read in the caller's
+    transaction): the same data as the `havip.binding.changed` each transition was first published with."""
+    rows: list[Any] = []
+    if request.ranges:
+        rows += await conn.fetch(
+            _REPLAY_RANGES,
+            [r.havip_id for r in request.ranges],
+            [r.first_sequence for r in request.ranges],
+            [r.last_sequence for r in request.ranges],
+            MAX_REPLAYED,
+        )
+    if request.newest_of_every_havip:
+        rows += await conn.fetch(_REPLAY_NEWEST, MAX_REPLAYED)
+    return [events.trusted_envelope("havip.binding.replayed", _replayed_data(row), "binding") for row in rows]
+
+
+def _replayed_data(row: Any) -> dict[str, Any]:
+    """JSON-ready BindingChanged data of a history row (tests/integration/test_binding_service.py validates
+    what comes out against the model)."""
+    previous = None
+    if row["from_instance_id"] is not None and row["from_mac"] is not None:
+        previous = {"instance_id": str(row["from_instance_id"]), "mac": row["from_mac"]}
+    current = None
+    if row["to_instance_id"] is not None:
+        current = {"instance_id": str(row["to_instance_id"]), "mac": row["mac"]}
+    return {
+        "havip_id": str(row["havip_id"]),
+        "address": row["address"],
+        "previous": previous,
+        "current": current,
+        "captured_at": row["captured_at"].isoformat() if row["captured_at"] is not None else None,
+        "committed_at": row["committed_at"].isoformat(),
+        "watcher_id": row["watcher_id"],
+        "sequence": row["sequence"],
+        "reason": row["reason"],
+    }
 
 
 def refusal_event(r: RejectedClaim) -> Envelope:

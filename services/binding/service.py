@@ -66,6 +66,7 @@ SUBSCRIPTIONS = (
     "havip.allocated",
     "havip.updated",
     "havip.released",
+    "havip.binding.replay_requested",
 )
 
 
@@ -235,7 +236,7 @@ class BindingService:
             metrics.CONDITION_EDGES.labels(edge.condition, "started" if edge.started else "stopped").inc()
         if deliveries:
             metrics.BATCH_SIZE.observe(len(deliveries))
-        if batch.events:
+        if batch.events or batch.replays:
             self._on_commit()
         return deferred
 
@@ -320,6 +321,8 @@ class BindingService:
                 released = self.book.release_unless_candidate(havip.id)
                 if released is not None:
                     self._record_transition(released, batch)
+        elif isinstance(data, events.ReplayRequested):
+            batch.replays.append(data)  # answered from the history, in the batch's transaction
         else:
             raise events.InvalidEvent(f"binding does not handle {event_type!r}")
 

@@ -180,6 +180,7 @@ async def test_a_failover_storm_survives_the_fault(
 
     await eventually(lambda: bound() == expected, timeout=90, what=f"every HAVIP on its last claimant ({fault})")
 
+    histories: dict[str, list[tuple[int, str]]] = {}
     conn = await asyncpg.connect(database_url)
     try:
         for havip in havips:
@@ -193,8 +194,22 @@ async def test_a_failover_storm_survives_the_fault(
             for before, after in itertools.pairwise(rows):
                 assert after["from_instance_id"] == before["to_instance_id"], f"{havip['address']}: broken chain"
             assert str(rows[-1]["to_instance_id"]) == expected[havip["address"]]
+            histories[havip["id"]] = [(r["sequence"], str(r["to_instance_id"])) for r in reversed(rows)]
     finally:
         await conn.close()
+
+    def shown_histories() -> dict[str, list[tuple[int, str]]]:
+        with system.api() as api:
+            return {
+                h["id"]: [
+                    (t["sequence"], str(t["to_instance_id"]))
+                    for t in ok(api.get(f"/havips/{h['id']}/transitions", params={"limit": 1000}))["items"]
+                ]
+                for h in havips
+            }
+
+    # The allocator's own view (from the binding's events) has the same history: none lost, none twice.
+    await eventually(lambda: shown_histories() == histories, timeout=60, what=f"the API's histories ({fault})")
     # Every service is running and answering (reconnected by itself where its link was cut).
     system.wait_ready(timeout=30)
     with system.api() as api:  # the VPC's quota is for the next fault

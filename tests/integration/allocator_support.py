@@ -1,5 +1,5 @@
 """Helpers of the allocator's integration tests: the in-process app, a client, makers of resources,
-an event log on the test vhost, and a stand-in for the binding service's writes."""
+an event log on the test vhost, and a stand-in for the binding service that publishes its events."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,19 @@ from fastapi import FastAPI
 
 from services.allocator.app import create_app
 from services.allocator.settings import AllocatorSettings
-from shared.events import Envelope, decode
+from shared.events import (
+    BindingChanged,
+    ClaimRejected,
+    Envelope,
+    EventData,
+    HavipCondition,
+    Holder,
+    RejectReason,
+    decode,
+    envelope,
+)
+from shared.messaging import Broker
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-" + secrets.token_hex(16)
@@ -62,12 +75,17 @@ class EventLog:
             self.received.append(Envelope.model_validate_json(message.body))
             self._arrived.set()
 
-    async def wait_for(self, event_type: str, resource_id: uuid.UUID | str) -> Envelope:
+    async def wait_for_type(self, event_type: str) -> Envelope:
+        return await self.wait_for(event_type, None)
+
+    async def wait_for(self, event_type: str, resource_id: uuid.UUID | str | None) -> Envelope:
+        """The first event of the type about the resource (any resource: None)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + EVENT_TIMEOUT_S
         while True:
             for env in self.received:
-                if env.type == event_type and env.data.get("id", env.data.get("havip_id")) == str(resource_id):
+                about = env.data.get("id", env.data.get("havip_id"))
+                if env.type == event_type and (resource_id is None or about == str(resource_id)):
                     return env
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -135,19 +153,118 @@ async def all_pages(client: httpx.AsyncClient, path: str, **params: Any) -> list
             return items
 
 
-async def bind(db: Any, havip: Json, instance: Json, **extra: Any) -> None:
-    now = datetime.now(UTC)
-    await db.execute(
-        """INSERT INTO binding.bindings (havip_id, address, instance_id, mac, sequence, last_claim_ns,
-                                         last_transition_at, last_seen_at, flapping, split_brain)
-           VALUES ($1, $2::inet, $3, $4::macaddr, 1, 1, $5, $6, $7, $8)
-           ON CONFLICT (havip_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, mac = EXCLUDED.mac""",
-        uuid.UUID(havip["id"]),
-        havip["address"],
-        uuid.UUID(instance["id"]),
-        instance["mac"],
-        extra.get("last_transition_at", now),
-        extra.get("last_seen_at", now),
-        extra.get("flapping", False),
-        extra.get("split_brain", False),
-    )
+class BindingStandIn:
+    """Stands in for the binding service: publishes its events on the test vhost's exchange, as it would (the
+    allocator learns bindings only from them), keeping each HAVIP's sequence and holder."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.sequences: dict[str, int] = {}
+        self.holders: dict[str, Json | None] = {}
+
+    async def publish(self, event_type: str, data: EventData, *, at: datetime | None = None) -> Envelope:
+        """Publish as the binding service would; `at` stamps the event's occurred_at (default: now)."""
+        env = envelope(event_type, data, "binding")
+        if at is not None:
+            env = env.model_copy(update={"occurred_at": at})
+        await self.broker.publish(env)
+        return env
+
+    def change(
+        self,
+        havip: Json,
+        instance: Json | None,
+        *,
+        sequence: int | None = None,
+        previous: Json | None = None,
+        captured_at: datetime | None = None,
+        committed_at: datetime | None = None,
+    ) -> BindingChanged:
+        """The next transition of `havip` to `instance` (None: a release), unless `sequence` is given."""
+        hid = havip["id"]
+        sequence = sequence if sequence is not None else self.sequences.get(hid, 0) + 1
+        previous = previous if previous is not None else self.holders.get(hid)
+        now = datetime.now(UTC)
+        return BindingChanged(
+            havip_id=uuid.UUID(hid),
+            address=IPv4Address(havip["address"]),
+            previous=Holder(instance_id=uuid.UUID(previous["id"]), mac=previous["mac"]) if previous else None,
+            current=Holder(instance_id=uuid.UUID(instance["id"]), mac=instance["mac"]) if instance else None,
+            captured_at=(captured_at or now) if instance else None,
+            committed_at=committed_at or now,
+            watcher_id="watcher-1" if instance else None,
+            sequence=sequence,
+            reason="claim" if instance else "release",
+        )
+
+    async def move(self, havip: Json, instance: Json | None, **fields: Any) -> BindingChanged:
+        """Publish the next transition of `havip` (to `instance`, None: released)."""
+        data = self.change(havip, instance, **fields)
+        await self.publish("havip.binding.changed", data)
+        self.sequences[havip["id"]] = max(self.sequences.get(havip["id"], 0), data.sequence)
+        self.holders[havip["id"]] = instance
+        return data
+
+    async def condition(self, havip: Json, condition: str, started: bool, *, at: datetime | None = None) -> None:
+        data = HavipCondition(
+            havip_id=uuid.UUID(havip["id"]),
+            address=IPv4Address(havip["address"]),
+            transitions_in_window=6,
+            claimants_in_window=2,
+        )
+        await self.publish(f"havip.{condition}.{'started' if started else 'stopped'}", data, at=at)
+
+    async def refuse(
+        self,
+        havip_id: str | None,
+        address: str,
+        mac: str,
+        reason: RejectReason,
+        captured_at: datetime,
+        count: int = 1,
+    ) -> Envelope:
+        data = ClaimRejected(
+            address=IPv4Address(address),
+            havip_id=uuid.UUID(havip_id) if havip_id else None,
+            mac=mac,
+            reason=reason,
+            captured_at=captured_at,
+            watcher_id="watcher-7",
+            count=count,
+        )
+        return await self.publish("havip.claim.rejected", data)
+
+
+async def shown(client: httpx.AsyncClient, havip: Json) -> Json:
+    body: Json = ok(await client.get(f"/v1/havips/{havip['id']}"))
+    return body
+
+
+async def wait_shown(client: httpx.AsyncClient, havip: Json, what: str, **expected: Any) -> Json:
+    """The HAVIP as the API shows it once every field of `expected` has the value given (the view of bindings is
+    eventually consistent)."""
+    latest: Json = {}
+
+    async def matches() -> bool:
+        nonlocal latest
+        latest = await shown(client, havip)
+        return all(latest[k] == v for k, v in expected.items())
+
+    try:
+        await eventually(matches, timeout=EVENT_TIMEOUT_S, what=what)
+    except TimeoutError as exc:
+        raise AssertionError(f"{what}: {latest}") from exc
+    return latest
+
+
+async def wait_history(client: httpx.AsyncClient, havip_id: str, count: int) -> list[Json]:
+    """The HAVIP's transitions, newest first, once there are `count` of them."""
+    items: list[Json] = []
+
+    async def complete() -> bool:
+        nonlocal items
+        items = await all_pages(client, f"/v1/havips/{havip_id}/transitions")
+        return len(items) >= count
+
+    await eventually(complete, timeout=EVENT_TIMEOUT_S, what=f"{count} transitions of {havip_id}")
+    return items

@@ -11,7 +11,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.integration.allocator_support import EventLog, http_client, running_app
+from shared.messaging import Broker
+from shared.settings import CommonSettings
+from tests.integration.allocator_support import BindingStandIn, EventLog, http_client, running_app
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +51,14 @@ async def events(amqp_url: str) -> AsyncIterator[EventLog]:
         yield log
     finally:
         await connection.close()
+
+
+@pytest.fixture(scope="module")
+async def binding_events(amqp_url: str) -> AsyncIterator[BindingStandIn]:
+    """Publishes what the binding service would, on the module's vhost (the allocator's view consumes it)."""
+    broker = Broker(CommonSettings(amqp_url=amqp_url), "binding")
+    await broker.connect()
+    try:
+        yield BindingStandIn(broker)
+    finally:
+        await broker.close()

@@ -16,6 +16,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -27,11 +28,10 @@ from tests.integration.allocator_support import (
     RFC3339_MICRO,
     ROOT,
     TOKEN,
+    BindingStandIn,
     EventLog,
     Headers,
-    Json,
     all_pages,
-    bind,
     error,
     http_client,
     make_havip,
@@ -41,6 +41,8 @@ from tests.integration.allocator_support import (
     ok,
     random_mac,
     running_app,
+    wait_history,
+    wait_shown,
 )
 
 # ---- open routes, auth -------------------------------------------------------------------------------------
@@ -351,7 +353,7 @@ async def test_candidates(client: httpx.AsyncClient) -> None:
     assert (await client.delete(f"/v1/instances/{a['id']}")).status_code == 204
 
 
-async def test_havip_list_filters_and_pages(client: httpx.AsyncClient, db: Any) -> None:
+async def test_havip_list_filters_and_pages(client: httpx.AsyncClient, binding_events: BindingStandIn) -> None:
     vpc = await make_vpc(client, "10.43.0.0/16")
     one = await make_subnet(client, vpc["id"], "10.43.1.0/24")
     two = await make_subnet(client, vpc["id"], "10.43.2.0/24")
@@ -367,7 +369,8 @@ async def test_havip_list_filters_and_pages(client: httpx.AsyncClient, db: Any) 
     assert [h["id"] for h in found] == [in_one[1]["id"]]
 
     instance = await make_instance(client, one["id"], "10.43.1.50")
-    await bind(db, in_one[0], instance)
+    await binding_events.move(in_one[0], instance)
+    await wait_shown(client, in_one[0], "bound", state="BOUND")
     bound = await all_pages(client, "/v1/havips", vpc_id=vpc["id"], state="BOUND")
     unbound = await all_pages(client, "/v1/havips", vpc_id=vpc["id"], state="UNBOUND")
     assert [h["id"] for h in bound] == [in_one[0]["id"]]
@@ -453,38 +456,39 @@ async def test_idempotency_key(client: httpx.AsyncClient) -> None:
         error(response, 422, "VALIDATION_ERROR")
 
 
-# ---- binding view (binding.* written here to stand in for the binding service) ------------------------------
+# ---- the view of bindings (the binding service's events, published here by a stand-in) ----------------------
 
 
-async def test_havip_shows_its_binding(client: httpx.AsyncClient, db: Any) -> None:
+async def test_havip_shows_its_binding(client: httpx.AsyncClient, binding_events: BindingStandIn) -> None:
     vpc = await make_vpc(client, "10.47.0.0/16")
     subnet = await make_subnet(client, vpc["id"], "10.47.1.0/24")
     instance = await make_instance(client, subnet["id"], "10.47.1.10")
     havip = await make_havip(client, subnet["id"])
     assert ok(await client.get(f"/v1/havips/{havip['id']}"))["state"] == "UNBOUND"
 
-    transition_at = datetime(2025, 1, 31, 12, 0, 0, tzinfo=UTC)
-    seen_at = transition_at + timedelta(seconds=3, microseconds=250)
-    await bind(db, havip, instance, last_transition_at=transition_at, last_seen_at=seen_at, split_brain=True)
-    shown = ok(await client.get(f"/v1/havips/{havip['id']}"))
-    assert shown["state"] == "BOUND"
+    captured_at = datetime(2025, 1, 31, 12, 0, 0, tzinfo=UTC)
+    committed_at = captured_at + timedelta(seconds=3, microseconds=250)
+    await binding_events.move(havip, instance, captured_at=captured_at, committed_at=committed_at)
+    await binding_events.condition(havip, "split_brain", True)
+    shown = await wait_shown(client, havip, "bound, split brain", state="BOUND", split_brain=True)
     assert shown["bound_instance_id"] == instance["id"]
     assert shown["bound_mac"] == instance["mac"]
-    assert shown["last_transition_at"] == "2025-01-31T12:00:00.000000Z"
-    assert shown["last_seen_at"] == "2025-01-31T12:00:03.000250Z"
-    assert shown["split_brain"] is True
+    assert shown["last_transition_at"] == "2025-01-31T12:00:03.000250Z"
+    assert shown["last_seen_at"] == "2025-01-31T12:00:00.000000Z"
     assert shown["flapping"] is False
 
     error(await client.delete(f"/v1/havips/{havip['id']}"), 409, "HAVIP_BOUND")
-    # a binding row without a holder (after a release) is UNBOUND again
-    await db.execute(
-        "UPDATE binding.bindings SET instance_id = NULL, mac = NULL WHERE havip_id = $1", uuid.UUID(havip["id"])
-    )
-    unbound = ok(await client.get(f"/v1/havips/{havip['id']}"))
-    assert unbound["state"] == "UNBOUND"
+    # the binding service released it (e.g. its holder deregistered): UNBOUND again
+    released_at = committed_at + timedelta(seconds=1)
+    await binding_events.move(havip, None, committed_at=released_at)
+    unbound = await wait_shown(client, havip, "released", state="UNBOUND")
     assert unbound["bound_mac"] is None
-    assert unbound["last_transition_at"] == "2025-01-31T12:00:00.000000Z"
-    await bind(db, havip, instance)
+    assert unbound["bound_instance_id"] is None
+    assert unbound["last_transition_at"] == "2025-01-31T12:00:04.000250Z"
+    assert unbound["last_seen_at"] == "2025-01-31T12:00:00.000000Z"  # when the holder was last seen
+    await binding_events.move(havip, instance)
+    await wait_shown(client, havip, "bound again", state="BOUND")
+    error(await client.delete(f"/v1/havips/{havip['id']}"), 409, "HAVIP_BOUND")
     assert (await client.delete(f"/v1/havips/{havip['id']}", params={"force": "true"})).status_code == 204
 
 
@@ -499,7 +503,7 @@ async def test_eip_blocks_release(client: httpx.AsyncClient, db: Any) -> None:
     assert (await client.delete(f"/v1/havips/{havip['id']}")).status_code == 204
 
 
-async def test_transitions_newest_first(client: httpx.AsyncClient, db: Any) -> None:
+async def test_transitions_newest_first(client: httpx.AsyncClient, binding_events: BindingStandIn) -> None:
     vpc = await make_vpc(client, "10.49.0.0/16")
     subnet = await make_subnet(client, vpc["id"], "10.49.1.0/24")
     a = await make_instance(client, subnet["id"], "10.49.1.10")
@@ -509,25 +513,14 @@ async def test_transitions_newest_first(client: httpx.AsyncClient, db: Any) -> N
     assert ok(await client.get(f"/v1/havips/{hid}/transitions")) == {"items": [], "next_page_token": None}
 
     base = datetime(2025, 2, 1, 8, 0, 0, tzinfo=UTC)
-    holders = [a, b, a, None]
-    previous: Json | None = None
-    for seq, holder in enumerate(holders, start=1):
-        await db.execute(
-            """INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
-                   captured_at, captured_ns, committed_at, watcher_id, reason)
-               VALUES ($1, $2, $3, $4, $5::macaddr, $6, $7, $8, $9, $10)""",
-            hid,
-            seq,
-            uuid.UUID(previous["id"]) if previous else None,
-            uuid.UUID(holder["id"]) if holder else None,
-            holder["mac"] if holder else None,
-            base + timedelta(seconds=seq) if holder else None,
-            seq,
-            base + timedelta(seconds=seq, microseconds=1500),
-            "watcher-1" if holder else None,
-            "claim" if holder else "release",
+    for seq, holder in enumerate([a, b, a, None], start=1):
+        await binding_events.move(
+            havip,
+            holder,
+            captured_at=base + timedelta(seconds=seq),
+            committed_at=base + timedelta(seconds=seq, microseconds=1500),
         )
-        previous = holder
+    await wait_history(client, havip["id"], 4)
 
     page = ok(await client.get(f"/v1/havips/{hid}/transitions", params={"limit": 3}))
     assert [t["sequence"] for t in page["items"]] == [4, 3, 2]
@@ -544,12 +537,14 @@ async def test_transitions_newest_first(client: httpx.AsyncClient, db: Any) -> N
     }
     assert page["items"][1]["mac"] == a["mac"]
     assert page["items"][1]["captured_at"] == "2025-02-01T08:00:03.000000Z"
+    assert page["items"][1]["from_instance_id"] == b["id"]
     rest = ok(
         await client.get(
             f"/v1/havips/{hid}/transitions", params={"limit": 3, "page_token": page["next_page_token"]}
         )
     )
     assert [t["sequence"] for t in rest["items"]] == [1]
+    assert rest["items"][0]["from_instance_id"] is None
     assert rest["next_page_token"] is None
 
     # history outlives the HAVIP
@@ -631,9 +626,9 @@ async def test_metrics_use_route_templates(client: httpx.AsyncClient) -> None:
 # ---- command line ------------------------------------------------------------------------------------------
 
 
-async def test_migrate_command_creates_and_migrates_a_database(database_url: str) -> None:
+async def test_migrate_command_creates_and_migrates_a_database(database_url: str, amqp_url: str) -> None:
     dsn = database_url.rsplit("/", 1)[0] + f"/havip_test_migrate_{secrets.token_hex(4)}"
-    env = {"PATH": "/usr/bin:/bin", "HAVIP_DATABASE_URL": dsn}
+    env = {"PATH": "/usr/bin:/bin", "HAVIP_DATABASE_URL": dsn, "HAVIP_AMQP_URL": amqp_url}
     try:
         for _ in range(2):  # a second run applies nothing and succeeds
             result = await asyncio.to_thread(
@@ -648,12 +643,28 @@ async def test_migrate_command_creates_and_migrates_a_database(database_url: str
             assert result.returncode == 0, result.stderr
         conn = await asyncpg.connect(dsn)
         try:
-            tables = {
-                r["tablename"]
-                for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'allocator'")
+            owners = {
+                r["tablename"]: r["tableowner"]
+                for r in await conn.fetch(
+                    "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'allocator'"
+                )
             }
         finally:
             await conn.close()
-        assert {"vpcs", "subnets", "instances", "havips", "outbox", "idempotency_keys"} <= tables
+        assert {"vpcs", "subnets", "instances", "havips", "outbox", "idempotency_keys", "view_bindings"} <= set(
+            owners
+        )
+        assert set(owners.values()) == {"havip_allocator"}  # the allocator's role owns its schema, and only it
+        # Ready on its own schema: the binding service's migrations are not the allocator's concern.
+        async with running_app(dsn, amqp_url, quota=10) as alone, http_client(alone) as client:
+            assert ok(await client.get("/readyz"))["checks"] == {"database": "ok", "broker": "ok"}
+        # The queue of binding events exists before the allocator first starts: nothing published is lost.
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue("allocator.events", passive=True)
+            assert queue.name == "allocator.events"
+        finally:
+            await connection.close()
     finally:
         await drop_database(dsn)

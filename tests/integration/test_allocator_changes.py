@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from shared.events import EipData, HavipData
+from shared.events import EipData, HavipData, RejectReason
 from tests.integration.allocator_support import (
     RFC3339_MICRO,
+    BindingStandIn,
     EventLog,
     Json,
     all_pages,
-    bind,
     error,
     http_client,
     make_havip,
@@ -32,6 +32,8 @@ from tests.integration.allocator_support import (
     make_vpc,
     ok,
     running_app,
+    wait_history,
+    wait_shown,
 )
 from tests.waiting import eventually
 
@@ -289,31 +291,23 @@ async def test_an_eip_is_never_shared(database_url: str, amqp_url: str) -> None:
 # ---- GET /v1/claims/rejected -------------------------------------------------------------------------------
 
 
-async def reject(
-    db: Any, havip_id: str | None, address: str, mac: str, reason: str, captured_at: datetime
-) -> None:
-    """Stands in for the binding service."""
-    await db.execute(
-        """INSERT INTO binding.rejected_claims (havip_id, address, mac, reason, captured_at, watcher_id)
-           VALUES ($1, $2::inet, $3::macaddr, $4, $5, 'watcher-7')""",
-        uuid.UUID(havip_id) if havip_id else None,
-        address,
-        mac,
-        reason,
-        captured_at,
-    )
-
-
-async def test_rejected_claims_newest_first(client: httpx.AsyncClient, db: Any) -> None:
+async def test_rejected_claims_newest_first(client: httpx.AsyncClient, binding_events: BindingStandIn) -> None:
     _vpc, subnet = await setup(client, "10.69.0.0/16")
     havip = await make_havip(client, subnet["id"])
     other = await make_havip(client, subnet["id"])
     base = datetime(2025, 3, 1, 9, 0, 0, 250, tzinfo=UTC)
-    reasons = ["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "unknown_mac"]
+    reasons: list[RejectReason] = ["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "unknown_mac"]
     for i, reason in enumerate(reasons):
-        await reject(db, havip["id"], havip["address"], f"02:00:00:00:01:{i:02x}", reason, base + timedelta(i))
-        await reject(db, other["id"], other["address"], "02:00:00:00:02:00", "not_candidate", base)
-    await reject(db, None, "10.69.1.200", "02:00:00:00:03:00", "unknown_mac", base)
+        mac = f"02:00:00:00:01:{i:02x}"
+        await binding_events.refuse(havip["id"], havip["address"], mac, reason, base + timedelta(i))
+        await binding_events.refuse(other["id"], other["address"], "02:00:00:00:02:00", "not_candidate", base)
+    last = await binding_events.refuse(None, "10.69.1.200", "02:00:00:00:03:00", "unknown_mac", base, count=7)
+    await binding_events.broker.publish(last)  # delivered twice (a publisher's retry): stored once
+
+    async def all_audited() -> bool:
+        return len(await all_pages(client, "/v1/claims/rejected", limit=1000)) >= 11
+
+    await eventually(all_audited, what="the 11 refusals in the audit")
 
     page = ok(await client.get("/v1/claims/rejected", params={"havip_id": havip["id"], "limit": 2}))
     assert page["items"][0] == {
@@ -333,6 +327,8 @@ async def test_rejected_claims_newest_first(client: httpx.AsyncClient, db: Any) 
     everything = await all_pages(client, "/v1/claims/rejected", limit=3)
     assert everything[0]["havip_id"] is None  # the newest, on no HAVIP
     assert everything[0]["address"] == "10.69.1.200"
+    assert everything[0]["count"] == 7
+    assert len([c for c in everything if c["address"] == "10.69.1.200"]) == 1
     assert len([c for c in everything if c["havip_id"] == other["id"]]) == 5
     # the audit outlives the HAVIP
     assert (await client.delete(f"/v1/havips/{havip['id']}")).status_code == 204
@@ -419,7 +415,7 @@ async def _not(result: Any) -> bool:
 # ---- filters and pages of every list -----------------------------------------------------------------------
 
 
-async def test_every_list_pages_and_filters(client: httpx.AsyncClient, db: Any) -> None:
+async def test_every_list_pages_and_filters(client: httpx.AsyncClient, binding_events: BindingStandIn) -> None:
     vpc, one = await setup(client, "10.71.0.0/16")
     two = await make_subnet(client, vpc["id"], "10.71.2.0/24")
     other_vpc = await make_vpc(client, "10.71.0.0/16")
@@ -457,13 +453,13 @@ async def test_every_list_pages_and_filters(client: httpx.AsyncClient, db: Any) 
     assert ids(await listed("/v1/havips", address="10.71.1.2")) == [h1[0]["id"], h3["id"]]
     assert ids(await listed("/v1/havips", address="10.71.1.2", vpc_id=other_vpc["id"])) == [h3["id"]]
 
-    # state joins binding.bindings: no row, a row with a holder, a row whose holder is gone
-    await bind(db, h1[1], inst[0])
-    await bind(db, h2[0], inst[1])
-    await bind(db, h1[2], inst[0])
-    await db.execute(
-        "UPDATE binding.bindings SET instance_id = NULL, mac = NULL WHERE havip_id = $1", uuid.UUID(h1[2]["id"])
-    )
+    # state from the view of bindings: never bound, bound, bound and released
+    await binding_events.move(h1[1], inst[0])
+    await binding_events.move(h2[0], inst[1])
+    await binding_events.move(h1[2], inst[0])
+    await binding_events.move(h1[2], None)
+    await wait_history(client, h1[2]["id"], 2)
+    await wait_shown(client, h2[0], "bound", state="BOUND")
     assert ids(await listed("/v1/havips", vpc_id=vpc["id"], state="BOUND")) == [h1[1]["id"], h2[0]["id"]]
     assert ids(await listed("/v1/havips", vpc_id=vpc["id"], state="UNBOUND")) == [
         h1[0]["id"],

@@ -176,8 +176,10 @@ async def test_the_routine_lane_renews_the_holder_and_still_decides_whatever_els
 
     async def last_seen() -> datetime:
         row = await binding_row(binding.database_url, w.havip.id)
-        return row["last_seen_at"]  # type: ignore[no-any-return]
+        seen: datetime = row["last_seen_at"]
+        return seen
 
+    # As the service converts it (a float round trip through timestamp() * 1e9 can land a microsecond off).
     await eventually(lambda: _equals(last_seen(), ns_to_datetime(t + 2_000_000_000)), what="renewed")
     await routine(w.claim(w.cvm2.mac, t=t + 3_000_000_000))  # the watcher's view was wrong: a takeover
     await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="moved")
@@ -629,3 +631,40 @@ async def test_a_renewal_write_never_waits_never_goes_back_and_never_touches_a_n
     finally:
         await other.close()
         await conn.close()
+
+
+async def test_transitions_asked_for_again_are_replayed_as_first_published(
+    binding: BindingSettings, publisher: Broker
+) -> None:
+    """havip.binding.replay_requested: the binding service publishes the transitions asked for again, as
+    havip.binding.replayed, with the data each was first published with; and the newest of every HAVIP when
+    asked (a reader's starting point)."""
+    w = World()
+    async with listening(binding, ["havip.binding.changed", "havip.binding.replayed"]) as log:
+        await publisher.publish_many(w.inventory())
+        for mac in (w.cvm1.mac, w.cvm2.mac, w.cvm1.mac):
+            await publisher.publish(w.claim(mac))
+            await asyncio.sleep(0.01)  # each claim newer than the last
+        await publisher.publish(events.envelope("havip.released", w.havip, "allocator"))
+        await eventually(
+            lambda: len(log.of("havip.binding.changed", w.havip.id)) == 4, what="three moves, a release"
+        )
+        request = events.ReplayRequested(
+            ranges=[
+                events.ReplayRange(havip_id=w.havip.id, first_sequence=2, last_sequence=3),
+                events.ReplayRange(havip_id=w.havip.id, first_sequence=9, last_sequence=12),  # none such
+                events.ReplayRange(havip_id=uuid.uuid4(), first_sequence=1, last_sequence=1),  # no such HAVIP
+            ]
+        )
+        await publisher.publish(events.envelope("havip.binding.replay_requested", request, "allocator"))
+        await eventually(lambda: len(log.of("havip.binding.replayed", w.havip.id)) == 2, what="two replayed")
+        first = log.of("havip.binding.changed", w.havip.id)
+        assert log.of("havip.binding.replayed", w.havip.id) == first[1:3]  # the same data, in order
+        for data in log.of("havip.binding.replayed"):
+            events.BindingChanged.model_validate(data)  # what is built without validation validates
+
+        newest = events.ReplayRequested(newest_of_every_havip=True)
+        await publisher.publish(events.envelope("havip.binding.replay_requested", newest, "allocator"))
+        await eventually(lambda: len(log.of("havip.binding.replayed", w.havip.id)) == 3, what="the newest")
+        assert log.of("havip.binding.replayed", w.havip.id)[2] == first[3]  # the release, though it is gone
+        assert first[3]["reason"] == "release"

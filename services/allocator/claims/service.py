@@ -1,7 +1,8 @@
-"""The audit of refused claims: read-only from the binding service's table `binding.rejected_claims`.
+"""The audit of refused claims, from the allocator's view of the binding service's events
+(`havip.claim.rejected`, binding_view/): eventually consistent, within milliseconds.
 
-Newest first (by the record's id, which grows with every row the binding service writes); the page token
-carries the id of the last record returned.
+Newest first (by the record's id, which grows with every refusal the view takes in); the page token carries the
+id of the last record returned.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ async def list_rejected_claims(
     async with db.connection() as conn:
         rows = await conn.fetch(
             """SELECT id, havip_id, host(address) AS address, mac, reason, captured_at, watcher_id, count
-               FROM binding.rejected_claims
+               FROM allocator.view_refusals
                WHERE ($1::uuid IS NULL OR havip_id = $1) AND ($2::bigint IS NULL OR id < $2)
                ORDER BY id DESC LIMIT $3""",
             havip_id,

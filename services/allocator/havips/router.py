@@ -64,7 +64,15 @@ async def allocate_havip(
     return havip
 
 
-@router.get("", summary="List HAVIPs")
+VIEW_NOTE = (
+    "The binding fields (`state`, `bound_instance_id`, `bound_mac`, `last_transition_at`, `last_seen_at`, "
+    "`flapping`, `split_brain`) are the allocator's view of the binding service's events: eventually "
+    "consistent, milliseconds behind the binding's commit (see the API description and the metric "
+    "`havip_view_delay_seconds`)."
+)
+
+
+@router.get("", summary="List HAVIPs", description=VIEW_NOTE)
 async def list_havips(
     db: DbDep,
     vpc_id: uuid.UUID | None = None,
@@ -85,7 +93,7 @@ async def list_havips(
     )
 
 
-@router.get("/{havip_id}", summary="Show a HAVIP with its binding")
+@router.get("/{havip_id}", summary="Show a HAVIP with its binding", description=VIEW_NOTE)
 async def get_havip(havip_id: uuid.UUID, db: DbDep) -> Havip:
     return await service.get_havip(db, havip_id)
 
@@ -128,6 +136,11 @@ async def dissociate_eip(havip_id: uuid.UUID, db: DbDep) -> Havip:
     "/{havip_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Release a HAVIP (409 while an EIP is associated, or while bound unless force=true)",
+    description=(
+        "Bound or not (409 `HAVIP_BOUND`) is decided on the allocator's view of the binding service's events, "
+        "which may be milliseconds behind it; a HAVIP released while an instance has just claimed it is "
+        "then unbound by the binding service, with a final `release` transition."
+    ),
 )
 async def release_havip(
     havip_id: uuid.UUID,
@@ -138,7 +151,14 @@ async def release_havip(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/{havip_id}/transitions", summary="Ownership history of a HAVIP, newest first")
+@router.get(
+    "/{havip_id}/transitions",
+    summary="Ownership history of a HAVIP, newest first",
+    description=(
+        "From the binding service's `havip.binding.changed` events, kept by the allocator: eventually "
+        "consistent, milliseconds behind the binding's commit. Kept after the HAVIP is released."
+    ),
+)
 async def list_transitions(
     havip_id: uuid.UUID, db: DbDep, limit: Limit = LIMIT_DEFAULT, page_token: PageToken = None
 ) -> Page[Transition]:

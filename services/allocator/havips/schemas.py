@@ -80,11 +80,15 @@ class Havip(ResponseModel):
     vpc_id: uuid.UUID
     subnet_id: uuid.UUID
     address: IPv4Address
-    state: HavipState
+    state: HavipState = Field(
+        description="BOUND while an instance holds it, as the binding service's events tell (eventually)"
+    )
     bound_instance_id: uuid.UUID | None
     bound_mac: str | None
-    last_transition_at: Timestamp | None
-    last_seen_at: Timestamp | None
+    last_transition_at: Timestamp | None = Field(description="the binding service's commit of the last transition")
+    last_seen_at: Timestamp | None = Field(
+        description="kernel capture time of the claim that made the current (or last) holder"
+    )
     candidates: list[uuid.UUID]
     eip: IPv4Address | None
     flapping: bool
@@ -93,7 +97,7 @@ class Havip(ResponseModel):
 
     @classmethod
     def from_row(cls, row: Any) -> Havip:
-        """A row of allocator.havips LEFT JOIN binding.bindings (no binding row = UNBOUND)."""
+        """A row of allocator.havips LEFT JOIN allocator.view_bindings (no row, or no holder = UNBOUND)."""
         bound = row["bound_instance_id"] is not None
         return cls(
             id=row["id"],

@@ -11,7 +11,9 @@ serialised with the others and with the registration and deregistration of its s
 are checked against them). EIP association then takes the one EIP pool lock; the unique index on havips.eip is
 the safety net.
 
-The binding columns come from the binding service's table `binding.bindings`, read only.
+The binding columns (state, holder, times, flags) and the history come from the allocator's own view of the
+binding service's events (binding_view/, tables `view_bindings` and `view_transitions`): eventually
+consistent, within milliseconds. A release decides HAVIP_BOUND on that view, with the HAVIP's record locked.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uuid
 from ipaddress import IPv4Address
 from typing import Any
 
+from services.allocator.binding_view.repository import holder_for_release
 from services.allocator.database import EIP_POOL, Database, Transaction
 from services.allocator.domain import addressing
 from services.allocator.domain.eips import EipPool
@@ -40,7 +43,7 @@ _SELECT = """
            b.last_transition_at, b.last_seen_at,
            coalesce(b.flapping, false) AS flapping, coalesce(b.split_brain, false) AS split_brain
     FROM allocator.havips h
-    LEFT JOIN binding.bindings b ON b.havip_id = h.id"""
+    LEFT JOIN allocator.view_bindings b ON b.havip_id = h.id"""
 
 
 async def _find_havip(conn: Any, havip_id: uuid.UUID) -> Havip | None:
@@ -208,7 +211,7 @@ async def list_transitions(
     async with db.connection() as conn:
         known = await conn.fetchval(
             """SELECT EXISTS (SELECT 1 FROM allocator.havips WHERE id = $1)
-                   OR EXISTS (SELECT 1 FROM binding.transitions WHERE havip_id = $1)""",
+                   OR EXISTS (SELECT 1 FROM allocator.view_transitions WHERE havip_id = $1)""",
             havip_id,
         )
         if not known:
@@ -216,7 +219,7 @@ async def list_transitions(
         rows = await conn.fetch(
             """SELECT sequence, from_instance_id, to_instance_id, mac, captured_at, committed_at,
                       watcher_id, reason
-               FROM binding.transitions
+               FROM allocator.view_transitions
                WHERE havip_id = $1 AND ($2::bigint IS NULL OR sequence < $2)
                ORDER BY sequence DESC LIMIT $3""",
             havip_id,
@@ -335,17 +338,22 @@ async def purge_idempotency_keys(db: Database, ttl_hours: int) -> int:
 
 async def release_havip(db: Database, havip_id: uuid.UUID, *, force: bool = False) -> None:
     """409 while an EIP is associated; 409 while bound, unless forced (the binding service then ends the
-    binding with a final history row when it sees `havip.released`)."""
+    binding with a final history row when it sees `havip.released`).
+
+    Bound or not is what the allocator's view shows, read with the HAVIP's view record locked: a batch of
+    binding events that touches it either committed before (and is seen) or waits for this release to commit
+    (and the binding service, which sees `havip.released` after the claim, ends that binding).
+    """
     async with db.transaction() as tx:
         havip = await _lock_havip(tx, havip_id)
         if havip.eip is not None:
             raise Conflict(
                 f"havip {havip_id} has EIP {havip.eip} associated; dissociate it first", code="EIP_ASSOCIATED"
             )
-        if havip.state == "BOUND" and not force:
+        holder = await holder_for_release(tx.conn, havip_id)
+        if holder is not None and not force:
             raise Conflict(
-                f"havip {havip_id} is bound to instance {havip.bound_instance_id}; "
-                "release it with ?force=true to end the binding",
+                f"havip {havip_id} is bound to instance {holder}; release it with ?force=true to end the binding",
                 code="HAVIP_BOUND",
             )
         await tx.conn.execute("DELETE FROM allocator.havips WHERE id = $1", havip_id)

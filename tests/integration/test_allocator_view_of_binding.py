@@ -1,0 +1,198 @@
+"""The allocator's view fed by the real binding service (both in-process, real Postgres and RabbitMQ): what the
+binding commits, the allocator's API shows; and when the allocator lost events (its queue purged while it was
+down), the gap is found at the next transition and repaired by the binding's replay, so that the history the
+API shows equals the binding's own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from services.binding.main import run
+from services.binding.settings import BindingSettings
+from shared import events
+from shared.messaging import Broker
+from shared.settings import CommonSettings
+from tests.integration.allocator_support import (
+    Json,
+    all_pages,
+    http_client,
+    make_havip,
+    make_instance,
+    make_subnet,
+    make_vpc,
+    running_app,
+    wait_shown,
+)
+from tests.waiting import eventually
+
+FAST_REPAIR: dict[str, Any] = {
+    "view_gap_grace_s": 0.2,
+    "view_repair_retry_s": 1.0,
+    "view_maintenance_interval_s": 0.1,
+}
+
+
+@pytest.fixture(scope="module")
+async def binding(database_url: str, amqp_url: str) -> AsyncIterator[BindingSettings]:
+    settings = BindingSettings(database_url=database_url, amqp_url=amqp_url, metrics_port=0)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, stop, ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    try:
+        yield settings
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(scope="module")
+async def watcher(amqp_url: str) -> AsyncIterator[Broker]:
+    """Publishes claims as the arp_watcher would."""
+    broker = Broker(CommonSettings(amqp_url=amqp_url), "arp_watcher")
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+async def claim(watcher: Broker, havip: Json, instance: Json) -> None:
+    observed = events.ObservedClaim(
+        claim_id=uuid.uuid4(), kind="garp_request", sender_mac=instance["mac"], eth_src=instance["mac"],
+        sender_ip=IPv4Address(havip["address"]), target_ip=IPv4Address(havip["address"]),
+        captured_at=time.time_ns(),
+    )  # fmt: skip
+    data = events.ClaimsObserved(watcher_id="w-chain", interface="lab0", claims=[observed])
+    await watcher.publish(events.envelope(events.CLAIMS_EVENT, data, "arp_watcher"))
+
+
+async def binding_history(database_url: str, havip_id: str) -> list[tuple[int, str | None, str | None]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """SELECT sequence, from_instance_id::text, to_instance_id::text FROM binding.transitions
+               WHERE havip_id = $1 ORDER BY sequence DESC""",
+            uuid.UUID(havip_id),
+        )
+    finally:
+        await conn.close()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def api_history(client: httpx.AsyncClient, havip_id: str) -> list[tuple[int, str | None, str | None]]:
+    items = await all_pages(client, f"/v1/havips/{havip_id}/transitions")
+    return [(t["sequence"], t["from_instance_id"], t["to_instance_id"]) for t in items]
+
+
+async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replayed(
+    binding: BindingSettings, watcher: Broker, database_url: str, amqp_url: str
+) -> None:
+    async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
+        vpc = await make_vpc(client, "10.90.0.0/16")
+        subnet = await make_subnet(client, vpc["id"], "10.90.1.0/24")
+        cvm1 = await make_instance(client, subnet["id"], "10.90.1.11")
+        cvm2 = await make_instance(client, subnet["id"], "10.90.1.12")
+        havip = await make_havip(client, subnet["id"])
+
+        async def binding_knows_it() -> bool:
+            return len(await binding_history(database_url, havip["id"])) >= 1
+
+        async def claim_until_bound() -> None:
+            # The binding learns the HAVIP from the allocator's events; claims before that name no HAVIP.
+            while not await binding_knows_it():
+                await claim(watcher, havip, cvm1)
+                await asyncio.sleep(0.2)
+
+        await asyncio.wait_for(claim_until_bound(), 20)
+        shown = await wait_shown(client, havip, "bound to cvm1", state="BOUND")
+        assert shown["bound_instance_id"] == cvm1["id"]
+
+    # The allocator is down; two failovers happen; an operator purges its queue: those events are lost to it.
+    await claim(watcher, havip, cvm2)
+    await asyncio.sleep(0.05)
+    await claim(watcher, havip, cvm1)
+
+    async def binding_moved_twice() -> bool:
+        return len(await binding_history(database_url, havip["id"])) == 3
+
+    await eventually(binding_moved_twice, what="the binding's two moves")
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("allocator.events", passive=True)
+
+        async def published_to_the_allocator() -> bool:
+            declared = await channel.declare_queue("allocator.events", passive=True)
+            return (declared.declaration_result.message_count or 0) >= 2
+
+        await eventually(published_to_the_allocator, what="the two events waiting for the allocator")
+        await queue.purge()
+    finally:
+        await connection.close()
+
+    async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
+        await asyncio.sleep(0.05)
+        await claim(watcher, havip, cvm2)  # sequence 4: the allocator sees 2 and 3 are missing
+        shown = await wait_shown(client, havip, "bound to cvm2", bound_instance_id=cvm2["id"])
+        assert shown["state"] == "BOUND"
+
+        expected = await binding_history(database_url, havip["id"])
+        assert [s for s, _, _ in expected] == [4, 3, 2, 1]
+
+        async def same_history() -> bool:
+            return await api_history(client, havip["id"]) == expected
+
+        await eventually(same_history, what="the history repaired by the binding's replay")
+
+
+async def test_a_view_that_starts_after_the_binding_starts_from_its_state(
+    binding: BindingSettings, watcher: Broker, database_url: str, amqp_url: str
+) -> None:
+    """An existing deployment getting the view: bindings the view never saw. At its first start the view asks for
+    the newest transition of every HAVIP, shows the holder, and fills the history before it as a gap."""
+    async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
+        vpc = await make_vpc(client, "10.91.0.0/16")
+        subnet = await make_subnet(client, vpc["id"], "10.91.1.0/24")
+        cvm1 = await make_instance(client, subnet["id"], "10.91.1.11")
+        cvm2 = await make_instance(client, subnet["id"], "10.91.1.12")
+        havip = await make_havip(client, subnet["id"])
+
+    async def bound_by_the_binding(count: int) -> bool:
+        return len(await binding_history(database_url, havip["id"])) >= count
+
+    while not await bound_by_the_binding(1):  # the binding learns the HAVIP from the allocator's events
+        await claim(watcher, havip, cvm1)
+        await asyncio.sleep(0.2)
+    await claim(watcher, havip, cvm2)
+    await eventually(lambda: bound_by_the_binding(2), what="the binding's second transition")
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await (await channel.declare_queue("allocator.events", passive=True)).purge()
+    finally:
+        await connection.close()
+    conn = await asyncpg.connect(database_url)
+    try:  # as if the view had never existed on this database
+        await conn.execute("DELETE FROM allocator.view_seed")
+        await conn.execute("DELETE FROM allocator.view_transitions WHERE havip_id = $1", uuid.UUID(havip["id"]))
+        await conn.execute("DELETE FROM allocator.view_bindings WHERE havip_id = $1", uuid.UUID(havip["id"]))
+    finally:
+        await conn.close()
+
+    async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
+        shown = await wait_shown(client, havip, "the binding's holder", bound_instance_id=cvm2["id"])
+        assert shown["state"] == "BOUND"
+        expected = await binding_history(database_url, havip["id"])
+
+        async def same_history() -> bool:
+            return await api_history(client, havip["id"]) == expected
+
+        await eventually(same_history, what="the history before the view's start, asked for as a gap")
