@@ -2,7 +2,8 @@
 release, history; and the expiry of idempotency keys.
 
 Allocation runs in one transaction that takes the subnet's lock (addresses, shared with instance
-registration), reads what is taken, chooses, inserts and writes the `havip.allocated` event to the outbox, and
+registration), chooses the address (one probe of the subnet's free ranges, kept by the database in step with
+the rows: migration 0003), inserts and writes the `havip.allocated` event to the outbox, and
 only then takes the VPC's lock to count against the quota, so that the lock every allocation of a VPC passes
 through is held for the shortest time. The unique (vpc_id, address) constraint is the safety net.
 
@@ -21,14 +22,13 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from services.allocator.database import EIP_POOL, Database, Transaction
-from services.allocator.domain import addressing
 from services.allocator.domain.eips import EipPool
 from services.allocator.errors import Conflict, Invalid, NotFound, QuotaExceeded
 from services.allocator.havips.schemas import EipAssociate, Havip, HavipCreate, HavipState, HavipUpdate, Transition
 from services.allocator.metrics import ALLOCATIONS
 from services.allocator.pagination import Where, decode_sequence, encode_sequence, next_token
 from services.allocator.schemas import Page
-from services.allocator.subnets.service import fetch_subnet_ref, taken_addresses
+from services.allocator.subnets.service import choose_address, fetch_subnet_ref
 from shared.events import EipData
 
 DEFAULT_IDEMPOTENCY_TTL_HOURS = 24
@@ -134,9 +134,7 @@ async def allocate_havip(
         await tx.lock("subnet", subnet.id)
         subnet = await fetch_subnet_ref(tx.conn, subnet.id)  # it may have been deleted meanwhile
         await _check_candidates(tx.conn, subnet.id, request.candidates)
-        address = addressing.choose_address(
-            subnet.cidr, await taken_addresses(tx.conn, subnet.id), request.address
-        )
+        address = await choose_address(tx.conn, subnet, request.address)
         row = await tx.conn.fetchrow(
             """INSERT INTO allocator.havips (id, vpc_id, subnet_id, name, address, candidates)
                VALUES ($1, $2, $3, $4, $5, $6)
