@@ -1,11 +1,12 @@
-"""Free addresses kept by Postgres as ranges (allocator.free_ranges, migration 0003), on the real database.
+"""Free addresses kept by Postgres as ranges (allocator.free_ranges) and HAVIPs counted per VPC
+(allocator.vpc_havip_counts), both by migration 0003, on the real database.
 
 * through the API: allocation with holes (released HAVIPs, deregistered instances) returns the lowest free
   address, and a requested address inside a hole splits it;
 * a property test: hypothesis draws allocations (lowest, at an address, many in one INSERT), registrations
   and releases (one or many per statement) on a small subnet; after every step the table equals the ranges
-  computed by brute force from the rows, the production query finds the lowest free address, and a full
-  rebuild (what the migration's back-fill runs) gives the same table;
+  computed by brute force from the rows, the production query finds the lowest free address, the VPC's
+  count equals its rows, and a full rebuild (what the migration's back-fill runs) gives the same table;
 * the database itself refuses an address taken twice, even by a writer that bypasses the subnet lock, and an
   address changed in place;
 * the migration's back-fill on a database that already holds HAVIPs and instances.
@@ -77,6 +78,12 @@ async def taken_addresses(conn: Any, subnet_id: uuid.UUID) -> set[int]:
         subnet_id,
     )
     return {r["a"] for r in rows}
+
+
+async def counted_havips(conn: Any, vpc_id: uuid.UUID) -> int:
+    """The VPC's HAVIP count as the quota check reads it (no row yet: none ever allocated)."""
+    count = await conn.fetchval("SELECT havips FROM allocator.vpc_havip_counts WHERE vpc_id = $1", vpc_id)
+    return int(count or 0)
 
 
 # ---- through the API -----------------------------------------------------------------------------------------
@@ -230,6 +237,9 @@ async def test_free_ranges_always_equal_the_complement_of_the_rows(
             assert await stored_ranges(conn, subnet.id) == expected_ranges(
                 net, await taken_addresses(conn, subnet.id)
             ), (what, arg)
+            assert await counted_havips(conn, subnet.vpc_id) == await conn.fetchval(
+                "SELECT count(*) FROM allocator.havips WHERE vpc_id = $1", subnet.vpc_id
+            )
 
         incremental = await stored_ranges(conn, subnet.id)
         async with conn.transaction():
@@ -316,13 +326,16 @@ async def test_the_migration_fills_the_ranges_of_existing_subnets(tmp_path: Path
                 subnet.vpc_id,
                 subnet.id,
             )
-            assert await apply_migrations(dsn, "allocator", MIGRATIONS["allocator"]) == ["0003_free_ranges.sql"]
+            applied = await apply_migrations(dsn, "allocator", MIGRATIONS["allocator"])
+            assert applied == ["0003_free_ranges_and_counts.sql"]
             base = int(net.network_address)
             assert await stored_ranges(conn, subnet.id) == [(base + 3, base + 4), (base + 6, base + 253)]
             assert await stored_ranges(conn, empty.id) == [
                 (int(IPv4Address("10.8.0.2")), int(IPv4Address("10.8.0.6")))
             ]
             assert await choose_address(conn, subnet, None) == IPv4Address("10.7.0.3")
+            assert await counted_havips(conn, subnet.vpc_id) == 2
+            assert await counted_havips(conn, empty.vpc_id) == 0
         finally:
             await conn.close()
     finally:

@@ -1,5 +1,11 @@
--- The free addresses of every subnet, kept by the database as disjoint ranges, so that the lowest free address
--- is one index probe whatever the subnet's fill (it used to be found by reading every taken address).
+-- Allocation in constant time, whatever the fill: two pieces of derived data that the database keeps in step
+-- with the rows, so that allocating reads neither every taken address of the subnet (to find the lowest free
+-- one) nor every HAVIP of the VPC (to count it against the quota), as it used to.
+--
+-- 1. free_ranges: the free addresses of every subnet, as disjoint ranges.
+-- 2. vpc_havip_counts: how many HAVIPs each VPC holds.
+--
+-- ---- 1. free ranges ------------------------------------------------------------------------------------------
 --
 -- free_ranges holds, for each subnet, the usable addresses (network address, gateway and broadcast excluded)
 -- that no HAVIP and no instance holds, as maximal runs [lo, hi] of IPv4 addresses taken as integers
@@ -190,6 +196,41 @@ BEGIN
 END
 $$;
 
+-- ---- 2. HAVIPs per VPC -------------------------------------------------------------------------------------
+--
+-- The quota check reads one row instead of counting the VPC's HAVIPs. The INSERT's trigger updates the row, so
+-- its lock is held until commit: allocations of one VPC serialise on it from their INSERT on, and the count an
+-- allocation reads back includes every committed allocation and its own.
+
+CREATE TABLE vpc_havip_counts (
+    vpc_id uuid PRIMARY KEY REFERENCES vpcs (id) ON DELETE CASCADE,  -- derived: goes with its (empty) VPC
+    havips integer NOT NULL CHECK (havips >= 0)
+);
+
+-- One entry of vpc_ids per HAVIP added or removed.
+CREATE FUNCTION count_havips_added(vpc_ids uuid[]) RETURNS void
+    LANGUAGE sql AS $$
+    INSERT INTO allocator.vpc_havip_counts AS c (vpc_id, havips)
+    SELECT vpc_id, count(*) FROM unnest(vpc_ids) AS v (vpc_id) GROUP BY vpc_id
+    ON CONFLICT (vpc_id) DO UPDATE SET havips = c.havips + EXCLUDED.havips;
+$$;
+
+CREATE FUNCTION count_havips_removed(vpc_ids uuid[]) RETURNS void
+    LANGUAGE sql AS $$
+    UPDATE allocator.vpc_havip_counts c SET havips = c.havips - r.n
+    FROM (SELECT vpc_id, count(*) AS n FROM unnest(vpc_ids) AS v (vpc_id) GROUP BY vpc_id) r
+    WHERE c.vpc_id = r.vpc_id;
+$$;
+
+CREATE FUNCTION rebuild_havip_counts() RETURNS void
+    LANGUAGE sql AS $$
+    DELETE FROM allocator.vpc_havip_counts;
+    INSERT INTO allocator.vpc_havip_counts (vpc_id, havips)
+    SELECT vpc_id, count(*) FROM allocator.havips GROUP BY vpc_id;
+$$;
+
+-- ---- rebuilding ----------------------------------------------------------------------------------------------
+
 -- Recompute every subnet's free ranges from the rows (the back-fill below, and after a TRUNCATE).
 CREATE FUNCTION rebuild_free_ranges() RETURNS void
     LANGUAGE plpgsql AS $$
@@ -235,7 +276,9 @@ $$;
 CREATE FUNCTION havips_taken() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM allocator.take_addresses(array_agg(subnet_id), array_agg(address - '0.0.0.0'::inet)) FROM added;
+    PERFORM allocator.take_addresses(array_agg(subnet_id), array_agg(address - '0.0.0.0'::inet)),
+            allocator.count_havips_added(array_agg(vpc_id))
+    FROM added HAVING count(*) > 0;
     RETURN NULL;
 END
 $$;
@@ -243,8 +286,9 @@ $$;
 CREATE FUNCTION havips_released() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM allocator.give_back_addresses(array_agg(subnet_id), array_agg(address - '0.0.0.0'::inet))
-    FROM removed;
+    PERFORM allocator.give_back_addresses(array_agg(subnet_id), array_agg(address - '0.0.0.0'::inet)),
+            allocator.count_havips_removed(array_agg(vpc_id))
+    FROM removed HAVING count(*) > 0;
     RETURN NULL;
 END
 $$;
@@ -279,7 +323,7 @@ $$;
 CREATE FUNCTION free_ranges_rebuilt() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM allocator.rebuild_free_ranges();
+    PERFORM allocator.rebuild_free_ranges(), allocator.rebuild_havip_counts();
     RETURN NULL;
 END
 $$;
@@ -307,4 +351,4 @@ CREATE TRIGGER instances_address_is_fixed BEFORE UPDATE OF private_ip, subnet_id
 CREATE TRIGGER instances_truncated AFTER TRUNCATE ON instances
     FOR EACH STATEMENT EXECUTE FUNCTION free_ranges_rebuilt();
 
-SELECT rebuild_free_ranges();
+SELECT rebuild_free_ranges(), rebuild_havip_counts();
