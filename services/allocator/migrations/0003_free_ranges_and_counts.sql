@@ -47,14 +47,91 @@ CREATE FUNCTION usable_last(block cidr) RETURNS bigint
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN (broadcast(block) - '0.0.0.0'::inet) - 1;
 
+-- One address out of the free ranges: the path of every API allocation and registration (a one-row INSERT),
+-- in short statements whose plans PL/pgSQL keeps: a locked probe, then one update (the common case, the
+-- lowest address of a range: a HOT update of lo), a delete, or a split.
+CREATE FUNCTION take_address(taken_subnet uuid, a bigint) RETURNS void
+    LANGUAGE plpgsql AS $$
+DECLARE
+    range_lo bigint;
+    range_hi bigint;
+BEGIN
+    SELECT f.lo, f.hi INTO range_lo, range_hi FROM allocator.free_ranges f
+    WHERE f.subnet_id = taken_subnet AND f.hi >= a
+    ORDER BY f.hi LIMIT 1
+    FOR UPDATE;
+    IF NOT FOUND OR range_lo > a THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'unique_violation',
+            CONSTRAINT = 'free_ranges_address_free',
+            MESSAGE = format('address %s of subnet %s is not free', '0.0.0.0'::inet + a, taken_subnet);
+    END IF;
+    IF range_lo = range_hi THEN
+        DELETE FROM allocator.free_ranges WHERE subnet_id = taken_subnet AND hi = range_hi;
+    ELSIF a = range_hi THEN
+        UPDATE allocator.free_ranges SET hi = a - 1 WHERE subnet_id = taken_subnet AND hi = range_hi;
+    ELSE  -- the lowest address of the range, or one inside it (then the part below becomes a range of its own)
+        UPDATE allocator.free_ranges SET lo = a + 1 WHERE subnet_id = taken_subnet AND hi = range_hi;
+        IF a > range_lo THEN
+            INSERT INTO allocator.free_ranges (subnet_id, lo, hi) VALUES (taken_subnet, range_lo, a - 1);
+        END IF;
+    END IF;
+END
+$$;
+
+-- One address back into the free ranges, merged with the free neighbours on either side (the path of every
+-- API release and deregistration).
+CREATE FUNCTION give_back_address(freed_subnet uuid, a bigint) RETURNS void
+    LANGUAGE plpgsql AS $$
+DECLARE
+    block cidr;
+    above_lo bigint;
+    above_hi bigint;
+    below_lo bigint;
+BEGIN
+    SELECT s.cidr INTO block FROM allocator.subnets s WHERE s.id = freed_subnet;
+    IF NOT FOUND OR a NOT BETWEEN allocator.usable_first(block) AND allocator.usable_last(block) THEN
+        RETURN;  -- never taken from the ranges
+    END IF;
+    SELECT f.lo, f.hi INTO above_lo, above_hi FROM allocator.free_ranges f
+    WHERE f.subnet_id = freed_subnet AND f.hi >= a
+    ORDER BY f.hi LIMIT 1
+    FOR UPDATE;
+    IF FOUND AND above_lo <= a THEN
+        RAISE EXCEPTION 'address % of subnet % is free already', '0.0.0.0'::inet + a, freed_subnet;
+    END IF;
+    IF above_lo <> a + 1 THEN
+        above_hi := NULL;  -- a range above, but not adjacent
+    END IF;
+    SELECT f.lo INTO below_lo FROM allocator.free_ranges f
+    WHERE f.subnet_id = freed_subnet AND f.hi = a - 1
+    FOR UPDATE;
+    IF above_hi IS NOT NULL THEN  -- widen the range above (its key, hi, stays), absorbing the one below
+        IF below_lo IS NOT NULL THEN
+            DELETE FROM allocator.free_ranges WHERE subnet_id = freed_subnet AND hi = a - 1;
+        END IF;
+        UPDATE allocator.free_ranges SET lo = coalesce(below_lo, a) WHERE subnet_id = freed_subnet AND hi = above_hi;
+    ELSIF below_lo IS NOT NULL THEN
+        UPDATE allocator.free_ranges SET hi = a WHERE subnet_id = freed_subnet AND hi = a - 1;
+    ELSE
+        INSERT INTO allocator.free_ranges (subnet_id, lo, hi) VALUES (freed_subnet, a, a);
+    END IF;
+END
+$$;
+
 -- Take addresses out of the free ranges: (subnet_ids[i], addresses[i]) pairs, as integers. Raises
 -- unique_violation (constraint free_ranges_address_free: ADDRESS_IN_USE in the API) when one is not free.
+-- One address goes the short way (take_address); many, as from a bulk INSERT, in one set-based pass.
 CREATE FUNCTION take_addresses(subnet_ids uuid[], addresses bigint[]) RETURNS void
     LANGUAGE plpgsql AS $$
 DECLARE
     taken_subnet uuid;
     taken_address bigint;
 BEGIN
+    IF cardinality(addresses) = 1 THEN
+        PERFORM allocator.take_address(subnet_ids[1], addresses[1]);
+        RETURN;
+    END IF;
     -- Lock the range holding each address; an address that none holds is in use, or not usable.
     SELECT p.subnet_id, p.a INTO taken_subnet, taken_address
     FROM unnest(subnet_ids, addresses) AS p (subnet_id, a)
@@ -110,13 +187,18 @@ END
 $$;
 
 -- Give addresses back to the free ranges, merged with the free neighbours on either side. Addresses outside
--- their subnet's usable range are ignored (none can be taken); one that is already free raises.
+-- their subnet's usable range are ignored (none can be taken); one that is already free raises. One address
+-- goes the short way (give_back_address); many in one set-based pass.
 CREATE FUNCTION give_back_addresses(subnet_ids uuid[], addresses bigint[]) RETURNS void
     LANGUAGE plpgsql AS $$
 DECLARE
     freed_subnet uuid;
     freed_address bigint;
 BEGIN
+    IF cardinality(addresses) = 1 THEN
+        PERFORM allocator.give_back_address(subnet_ids[1], addresses[1]);
+        RETURN;
+    END IF;
     SELECT p.subnet_id, p.a INTO freed_subnet, freed_address
     FROM unnest(subnet_ids, addresses) AS p (subnet_id, a)
     JOIN LATERAL (
@@ -207,19 +289,24 @@ CREATE TABLE vpc_havip_counts (
     havips integer NOT NULL CHECK (havips >= 0)
 );
 
--- One entry of vpc_ids per HAVIP added or removed.
+-- One entry of vpc_ids per HAVIP added or removed. PL/pgSQL rather than SQL functions: it keeps its plans
+-- (a SQL function plans its statement again at every call).
 CREATE FUNCTION count_havips_added(vpc_ids uuid[]) RETURNS void
-    LANGUAGE sql AS $$
+    LANGUAGE plpgsql AS $$
+BEGIN
     INSERT INTO allocator.vpc_havip_counts AS c (vpc_id, havips)
     SELECT vpc_id, count(*) FROM unnest(vpc_ids) AS v (vpc_id) GROUP BY vpc_id
     ON CONFLICT (vpc_id) DO UPDATE SET havips = c.havips + EXCLUDED.havips;
+END
 $$;
 
 CREATE FUNCTION count_havips_removed(vpc_ids uuid[]) RETURNS void
-    LANGUAGE sql AS $$
+    LANGUAGE plpgsql AS $$
+BEGIN
     UPDATE allocator.vpc_havip_counts c SET havips = c.havips - r.n
     FROM (SELECT vpc_id, count(*) AS n FROM unnest(vpc_ids) AS v (vpc_id) GROUP BY vpc_id) r
     WHERE c.vpc_id = r.vpc_id;
+END
 $$;
 
 CREATE FUNCTION rebuild_havip_counts() RETURNS void
