@@ -12,7 +12,7 @@ On a database and a RabbitMQ virtual host of its own:
    statements) are made and released;
 2. for each level, in increasing order, fills the first subnet up to that many HAVIPs:
    * `--prefill sql` (default): one INSERT … SELECT into allocator.havips of the lowest free addresses — the
-     same table, constraints, indexes and triggers (free ranges, per-VPC count) as the API's INSERT, so the
+     same table, constraints, indexes and triggers (free ranges, per-subnet count) as the API's INSERT, so the
      tables an allocation reads end up as 50,000 API calls would leave them, minus the `havip.allocated`
      events (which the relay would have published and deleted from the outbox: nothing of them stays);
    * `--prefill api`: POST /v1/havips, 10 in flight, then waits for the outbox to be empty (the check that
@@ -26,7 +26,7 @@ On a database and a RabbitMQ virtual host of its own:
    next lowest address; the empty subnet's HAVIPs are released again (through the API) after the level;
 4. replays, at the same level, what allocation read before migration 0003 — every address taken in the
    subnet, scanned for the lowest free one, and a count of the VPC's HAVIPs for the quota — and what it
-   reads now (one probe of the free ranges, one row of the count), database round trips only;
+   reads now (one probe of the free ranges, the sum of the per-subnet counts), database round trips only;
 5. tears everything down (allocator by process group, database and vhost dropped), also on failure.
 
 Goal (SPEC §7, P7): the median allocation with the largest level in the subnet within 1.5× of the median in
@@ -77,9 +77,9 @@ FORMER_TAKEN = """SELECT address AS a FROM allocator.havips WHERE subnet_id = $1
                   UNION ALL
                   SELECT private_ip FROM allocator.instances WHERE subnet_id = $1"""
 FORMER_QUOTA_COUNT = "SELECT count(*) FROM allocator.havips WHERE vpc_id = $1"
-# What it reads now (services/allocator/subnets/service.py `_LOWEST_FREE`, the quota row of havips/service.py).
+# What it reads now (services/allocator/subnets/service.py `_LOWEST_FREE`, the quota sum of havips/service.py).
 LOWEST_FREE = "SELECT lo FROM allocator.free_ranges WHERE subnet_id = $1 ORDER BY hi LIMIT 1"
-QUOTA_ROW = "SELECT havips FROM allocator.vpc_havip_counts WHERE vpc_id = $1"
+QUOTA_ROW = "SELECT sum(havips) FROM allocator.subnet_havip_counts WHERE vpc_id = $1"
 
 
 def former_lowest_free(net: IPv4Network, taken: Sequence[IPv4Address]) -> IPv4Address | None:
@@ -290,7 +290,7 @@ async def run_curve(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         prefill_s = time.perf_counter() - started
                         await conn.execute(
                             "VACUUM (ANALYZE) allocator.havips, allocator.free_ranges, "
-                            "allocator.vpc_havip_counts, allocator.outbox, bench.ref_insert"
+                            "allocator.subnet_havip_counts, allocator.outbox, bench.ref_insert"
                         )
                         holding = await held(conn, subnet_id)
                         ranges = await conn.fetchval(

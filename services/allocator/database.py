@@ -41,9 +41,7 @@ class Transaction:
         """Serialise with every other transaction that locks the same VPC, subnet or the EIP pool, until commit.
 
         Lock order, to rule out deadlocks: a subnet, then the EIP pool or the subnet's VPC. A VPC lock is always
-        the last lock a transaction takes, and only one subnet is locked at a time. Allocating or releasing a
-        HAVIP also locks its VPC's row of allocator.vpc_havip_counts (the trigger that counts it), always
-        after the subnet's lock.
+        the last lock a transaction takes, and only one subnet is locked at a time.
         """
         await self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{SCHEMA}.{scope}.{key}")
 

@@ -1,5 +1,5 @@
 """Free addresses kept by Postgres as ranges (allocator.free_ranges) and HAVIPs counted per VPC
-(allocator.vpc_havip_counts), both by migration 0003, on the real database.
+(allocator.subnet_havip_counts), both by migration 0003, on the real database.
 
 * through the API: allocation with holes (released HAVIPs, deregistered instances) returns the lowest free
   address, and a requested address inside a hole splits it;
@@ -81,8 +81,8 @@ async def taken_addresses(conn: Any, subnet_id: uuid.UUID) -> set[int]:
 
 
 async def counted_havips(conn: Any, vpc_id: uuid.UUID) -> int:
-    """The VPC's HAVIP count as the quota check reads it (no row yet: none ever allocated)."""
-    count = await conn.fetchval("SELECT havips FROM allocator.vpc_havip_counts WHERE vpc_id = $1", vpc_id)
+    """The VPC's HAVIP count as the quota check reads it (no subnet: no row)."""
+    count = await conn.fetchval("SELECT sum(havips) FROM allocator.subnet_havip_counts WHERE vpc_id = $1", vpc_id)
     return int(count or 0)
 
 

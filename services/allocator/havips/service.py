@@ -3,10 +3,11 @@ release, history; and the expiry of idempotency keys.
 
 Allocation runs in one transaction that takes the subnet's lock (addresses, shared with instance
 registration), chooses the address (one probe of the subnet's free ranges, kept by the database in step with
-the rows: migration 0003), inserts, writes the `havip.allocated` event to the outbox, and checks the quota
-against the VPC's HAVIP count (one row, kept by the same migration's trigger, whose lock every allocation of
-a VPC passes through from its INSERT to its commit). The unique (vpc_id, address) constraint and the
-free-range trigger (which refuses an address that is not free) are the safety nets.
+the rows: migration 0003), inserts and writes the `havip.allocated` event to the outbox, and only then takes
+the VPC's lock to check the quota (the sum of the VPC's per-subnet HAVIP counts, kept by the same migration),
+so that the lock every allocation of a VPC passes through is held for the shortest time. The unique
+(vpc_id, address) constraint and the free-range trigger (which refuses an address that is not free) are the
+safety nets.
 
 Every later change of a HAVIP (update, EIP association, release) takes its subnet's lock first, so it is
 serialised with the others and with the registration and deregistration of its subnet's instances (candidates
@@ -153,11 +154,13 @@ async def allocate_havip(
         havip = Havip.from_row(row)
         tx.publish("havip.allocated", havip.event_data())
         await tx.flush_events()
-        # The quota: the INSERT's trigger counted the new HAVIP in allocator.vpc_havip_counts and holds that row
-        # locked until commit, so allocations of one VPC pass it one at a time, and the count read back here
-        # includes every committed HAVIP of the VPC and our own — one row, however many the VPC holds.
+        # The quota's VPC lock is taken last, so that it is held only for the count and the commit: every
+        # allocation in the VPC passes through it one at a time. Read after the lock, the sum of the VPC's
+        # per-subnet counts (kept by the INSERT's trigger, migration 0003: one row per subnet, however many
+        # HAVIPs) includes every committed HAVIP of the VPC and our own new row.
+        await tx.lock("vpc", subnet.vpc_id)
         in_vpc = await tx.conn.fetchval(
-            "SELECT havips FROM allocator.vpc_havip_counts WHERE vpc_id = $1", subnet.vpc_id
+            "SELECT sum(havips) FROM allocator.subnet_havip_counts WHERE vpc_id = $1", subnet.vpc_id
         )
         if in_vpc > quota:
             raise QuotaExceeded(f"vpc {subnet.vpc_id} already has {in_vpc - 1} HAVIP(s); the quota is {quota}")

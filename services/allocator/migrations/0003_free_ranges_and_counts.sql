@@ -3,7 +3,7 @@
 -- one) nor every HAVIP of the VPC (to count it against the quota), as it used to.
 --
 -- 1. free_ranges: the free addresses of every subnet, as disjoint ranges.
--- 2. vpc_havip_counts: how many HAVIPs each VPC holds.
+-- 2. subnet_havip_counts: how many HAVIPs each subnet holds (the quota sums them per VPC).
 --
 -- ---- 1. free ranges ------------------------------------------------------------------------------------------
 --
@@ -278,42 +278,41 @@ BEGIN
 END
 $$;
 
--- ---- 2. HAVIPs per VPC -------------------------------------------------------------------------------------
+-- ---- 2. HAVIPs per subnet ----------------------------------------------------------------------------------
 --
--- The quota check reads one row instead of counting the VPC's HAVIPs. The INSERT's trigger updates the row, so
--- its lock is held until commit: allocations of one VPC serialise on it from their INSERT on, and the count an
--- allocation reads back includes every committed allocation and its own.
+-- The quota check sums its VPC's rows (one per subnet) instead of counting the VPC's HAVIPs. A row is touched
+-- only by changes of its own subnet, which the subnet's advisory lock already serialises, so counting adds no
+-- lock that allocations in different subnets of one VPC would queue on: they still meet only at the VPC's
+-- advisory lock, which the allocator takes last, just before it reads the sum.
 
-CREATE TABLE vpc_havip_counts (
-    vpc_id uuid PRIMARY KEY REFERENCES vpcs (id) ON DELETE CASCADE,  -- derived: goes with its (empty) VPC
+CREATE TABLE subnet_havip_counts (
+    subnet_id uuid PRIMARY KEY REFERENCES subnets (id) ON DELETE CASCADE,  -- derived: goes with its (empty) subnet
+    vpc_id uuid NOT NULL,
     havips integer NOT NULL CHECK (havips >= 0)
 );
+CREATE INDEX subnet_havip_counts_vpc ON subnet_havip_counts (vpc_id);
 
--- One entry of vpc_ids per HAVIP added or removed. PL/pgSQL rather than SQL functions: it keeps its plans
--- (a SQL function plans its statement again at every call).
-CREATE FUNCTION count_havips_added(vpc_ids uuid[]) RETURNS void
+-- One entry of subnet_ids per HAVIP added or removed (delta +1 or -1 each). PL/pgSQL rather than a SQL
+-- function: it keeps its plans (a SQL function plans its statement again at every call).
+CREATE FUNCTION count_havips(subnet_ids uuid[], delta integer) RETURNS void
     LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO allocator.vpc_havip_counts AS c (vpc_id, havips)
-    SELECT vpc_id, count(*) FROM unnest(vpc_ids) AS v (vpc_id) GROUP BY vpc_id
-    ON CONFLICT (vpc_id) DO UPDATE SET havips = c.havips + EXCLUDED.havips;
-END
-$$;
-
-CREATE FUNCTION count_havips_removed(vpc_ids uuid[]) RETURNS void
-    LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE allocator.vpc_havip_counts c SET havips = c.havips - r.n
-    FROM (SELECT vpc_id, count(*) AS n FROM unnest(vpc_ids) AS v (vpc_id) GROUP BY vpc_id) r
-    WHERE c.vpc_id = r.vpc_id;
+    IF cardinality(subnet_ids) = 1 THEN
+        UPDATE allocator.subnet_havip_counts SET havips = havips + delta WHERE subnet_id = subnet_ids[1];
+        RETURN;
+    END IF;
+    UPDATE allocator.subnet_havip_counts c SET havips = c.havips + r.n * delta
+    FROM (SELECT subnet_id, count(*) AS n FROM unnest(subnet_ids) AS v (subnet_id) GROUP BY subnet_id) r
+    WHERE c.subnet_id = r.subnet_id;
 END
 $$;
 
 CREATE FUNCTION rebuild_havip_counts() RETURNS void
     LANGUAGE sql AS $$
-    DELETE FROM allocator.vpc_havip_counts;
-    INSERT INTO allocator.vpc_havip_counts (vpc_id, havips)
-    SELECT vpc_id, count(*) FROM allocator.havips GROUP BY vpc_id;
+    DELETE FROM allocator.subnet_havip_counts;
+    INSERT INTO allocator.subnet_havip_counts (subnet_id, vpc_id, havips)
+    SELECT s.id, s.vpc_id, (SELECT count(*) FROM allocator.havips h WHERE h.subnet_id = s.id)
+    FROM allocator.subnets s;
 $$;
 
 -- ---- rebuilding ----------------------------------------------------------------------------------------------
@@ -354,6 +353,7 @@ CREATE FUNCTION subnet_created() RETURNS trigger
 BEGIN
     INSERT INTO allocator.free_ranges (subnet_id, lo, hi)
     VALUES (NEW.id, allocator.usable_first(NEW.cidr), allocator.usable_last(NEW.cidr));
+    INSERT INTO allocator.subnet_havip_counts (subnet_id, vpc_id, havips) VALUES (NEW.id, NEW.vpc_id, 0);
     RETURN NULL;
 END
 $$;
@@ -364,7 +364,7 @@ CREATE FUNCTION havips_taken() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM allocator.take_addresses(array_agg(subnet_id), array_agg(address - '0.0.0.0'::inet)),
-            allocator.count_havips_added(array_agg(vpc_id))
+            allocator.count_havips(array_agg(subnet_id), 1)
     FROM added HAVING count(*) > 0;
     RETURN NULL;
 END
@@ -374,7 +374,7 @@ CREATE FUNCTION havips_released() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM allocator.give_back_addresses(array_agg(subnet_id), array_agg(address - '0.0.0.0'::inet)),
-            allocator.count_havips_removed(array_agg(vpc_id))
+            allocator.count_havips(array_agg(subnet_id), -1)
     FROM removed HAVING count(*) > 0;
     RETURN NULL;
 END
