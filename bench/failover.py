@@ -15,7 +15,9 @@ What one run does, on a database and RabbitMQ virtual host of its own (bench/com
    run, gives the kernel time of the last GARP on the wire (the reference); the figure is the time from it to
    the moment the benchmark's poll of the database (every 10 ms) sees the N-th committed transition, and the
    binding's own `committed_at` stamps beside it;
-5. **P1 under load**: cvma keeps refreshing the N HAVIPs at `--background` frames/s (0 = no load) while a probe
+5. **P1 under load**: cvmb (now the holder) keeps refreshing the N HAVIPs at `--background` frames/s (0 = no load),
+   and/or an unregistered `spoofer` floods gratuitous ARPs for all N + 1 addresses at `--flood` frames/s
+   (issue 8: a spoofing flood must not delay a failover by more than 10 ms at p99), while a probe
    HAVIP is moved between the two servers `--probes` times, one GARP each, ~5 per second; each probe's
    latency is its transition's `committed_at − captured_at` (kernel receive time → the binding's commit),
    beside a bare Postgres commit (one-row upsert transaction) measured between the probes in the same run;
@@ -201,18 +203,22 @@ async def bare_commit_s(conn: Any) -> float:
 # ---- the run ------------------------------------------------------------------------------------------------
 
 
-async def run(n: int, probes: int, background: int, workdir: Path, quiet_wait_s: float) -> dict[str, Any]:
+async def run(
+    n: int, probes: int, background: int, workdir: Path, quiet_wait_s: float, flood: int = 0
+) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
     result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine()}
     async with sandbox("failover") as box:
         with Lab(SUBNET, workdir=workdir / "lab") as lab:
             a = lab.add_host("cvma", "198.18.0.11")
             b = lab.add_host("cvmb", "198.18.0.12")
+            spoofer = lab.add_host("spoofer", "198.18.0.66")  # never registered: every claim of it is refused
             cap = lab.add_capture_port("cap")
             with System(box.database_url, box.amqp_url, cap, workdir / "services") as system:
                 instances, havips = await announce_inventory(box, lab, [*addresses, PROBE])
                 conn = await asyncpg.connect(box.database_url)
                 send_a, send_b = RawSender(a.netns, a.mac), RawSender(b.netns, b.mac)
+                send_spoof = RawSender(spoofer.netns, spoofer.mac)
                 try:
                     await wait_until(
                         conn, "SELECT count(*) FROM binding.havips", (), n + 1, timeout_s=120, what="inventory"
@@ -241,7 +247,7 @@ async def run(n: int, probes: int, background: int, workdir: Path, quiet_wait_s:
                     )
                     result["busy_before_p1"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
                     result["p1"] = await probes_under_load(
-                        conn, send_a, send_b, addresses, havips[PROBE], probes, background
+                        conn, send_a, send_b, addresses, havips[PROBE], probes, background, send_spoof, flood
                     )
                     say(f"P1: {json.dumps(result['p1'])}")
                     result["p5"] = {
@@ -260,6 +266,7 @@ async def run(n: int, probes: int, background: int, workdir: Path, quiet_wait_s:
                 finally:
                     send_a.close()
                     send_b.close()
+                    send_spoof.close()
                     await conn.close()
     return result
 
@@ -304,13 +311,23 @@ async def probes_under_load(
     probe_id: uuid.UUID,
     probes: int,
     background: int,
+    send_spoof: RawSender,
+    flood: int,
 ) -> dict[str, Any]:
     await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
-    loader = None
+    loaders: list[PacedSender] = []
     if background:
         # cvmb holds the N HAVIPs now: it refreshes them.
-        loader = PacedSender(send_b, [send_b.garp(a) for a in addresses], background, max_s=probes * 0.4 + 30)
+        loaders.append(
+            PacedSender(send_b, [send_b.garp(a) for a in addresses], background, max_s=probes * 0.4 + 30)
+        )
+    if flood:
+        spoofed = [send_spoof.garp(a) for a in [PROBE, *addresses]]
+        loaders.append(PacedSender(send_spoof, spoofed, flood, max_s=probes * 0.4 + 30))
+    refused_before = await conn.fetchval("SELECT coalesce(sum(count), 0) FROM binding.rejected_claims")
+    for loader in loaders:
         loader.start()
+    if loaders:
         await asyncio.sleep(2)  # the load in its stride before the first probe
     latencies: list[float] = []
     commits: list[float] = []
@@ -333,15 +350,22 @@ async def probes_under_load(
             latencies.append((row[1].timestamp() * 1e9 - row[2]) / 1e9)
             await asyncio.sleep(0.2)
     finally:
-        if loader is not None:
+        for loader in loaders:
             loader.stopping.set()
             loader.join(10)
     summary = {k: round(v, 2) for k, v in latency_summary_ms(latencies).items()}
     bare = {k: round(v, 2) for k, v in latency_summary_ms(commits).items()}
+    audit = await conn.fetchrow(
+        "SELECT count(*) AS rows, coalesce(sum(count), 0) AS frames FROM binding.rejected_claims"
+    )
     return {
         "probes": probes,
         "background_claims_per_s": background,
-        "background_sent": loader.sent if loader else 0,
+        "background_sent": loaders[0].sent if background else 0,
+        "flood_frames_per_s": flood,
+        "flood_sent": loaders[-1].sent if flood else 0,
+        "refused_frames_audited": int(audit["frames"]) - int(refused_before),
+        "refusal_audit_rows": int(audit["rows"]),
         "garp_to_commit_ms": summary,
         "bare_postgres_commit_ms": bare,
         "p50_over_bare_commit": round(percentile(latencies, 50) / percentile(commits, 50), 1),
@@ -353,13 +377,14 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1000, help="HAVIPs that move at once (P2)")
     parser.add_argument("--probes", type=int, default=100, help="single-GARP probes for P1")
     parser.add_argument("--background", type=int, default=0, help="refreshes/s of the N HAVIPs during P1")
+    parser.add_argument("--flood", type=int, default=0, help="spoofed GARPs/s (N + 1 addresses) during P1")
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if not 1 <= args.n <= 60_000:
         parser.error("--n must be between 1 and 60000")
     with tempfile.TemporaryDirectory(prefix="havip-bench-failover-") as tmp:
-        result = asyncio.run(run(args.n, args.probes, args.background, Path(tmp), args.quiet_wait))
+        result = asyncio.run(run(args.n, args.probes, args.background, Path(tmp), args.quiet_wait, args.flood))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -371,9 +396,15 @@ def main() -> int:
             f"{p2['garps_on_wire_tcpdump']} GARPs on the wire)"
         )
         print(
-            f"P1  {p1['probes']} probes, {p1['background_claims_per_s']} refreshes/s in the background: "
+            f"P1  {p1['probes']} probes, {p1['background_claims_per_s']} refreshes/s in the background, "
+            f"{p1['flood_frames_per_s']} spoofed GARPs/s: "
             f"GARP → commit {p1['garp_to_commit_ms']} ms; bare Postgres commit {p1['bare_postgres_commit_ms']} ms"
         )
+        if p1["flood_frames_per_s"]:
+            print(
+                f"    flood: {p1['flood_sent']} spoofed frames sent; {p1['refused_frames_audited']} refused "
+                f"frames audited in {p1['refusal_audit_rows']} rows (folded per address, MAC, reason and second)"
+            )
         print(f"    busy before P2: {result['busy_before_p2']:.0%}, before P1: {result['busy_before_p1']:.0%}")
         print(
             f"P5  watcher RSS {result['p5']['watcher_rss_mb']} MB, binding RSS {result['p5']['binding_rss_mb']} MB"

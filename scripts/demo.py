@@ -1,9 +1,14 @@
-"""The demo: a real keepalived pair fails over on a closed lab wire, and the HAVIP control plane follows.
+"""The demo: a real keepalived pair fails over on a closed lab wire, the HAVIP control plane follows, and so
+does a client's traffic.
 
-Builds a lab (network namespaces behind a private bridge), starts the three services as processes on a
-database and a RabbitMQ virtual host of their own, allocates a HAVIP through the API, starts keepalived on two
-CVMs, fails the master, and shows who holds the address, the history and the measured capture → commit
-latency. Everything it made is torn down at the end, also on Ctrl-C or failure.
+Builds a lab (network namespaces behind a private bridge, where — as in a cloud VPC — the CVMs' ARP
+announcements of the HAVIP never reach the client), starts the three services as processes on a database and a
+RabbitMQ virtual host of their own, and the example event consumer, which points the client's neighbour entry
+for the HAVIP at its holder on every `havip.binding.changed`. Allocates a HAVIP through the API, has the client
+send a datagram to it every 10 ms, starts keepalived on two CVMs, fails the master, and shows the interruption
+split into keepalived's detection, our capture -> commit, the event's delivery and the consumer's programming,
+where the datagrams landed, the new holder and the history. Everything it made is torn down at the end, also on
+Ctrl-C or failure.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.system import System  # noqa: E402
-from tests.lab import Keepalived, Lab, wait_for  # noqa: E402
+from tests.e2e.system import System, register_inventory  # noqa: E402
+from tests.e2e.traffic_failover import FAILURES, SUBNET, FailoverOutcome, TrafficLab, run_failover  # noqa: E402
+from tests.lab import Lab  # noqa: E402
 from tests.sandbox import temporary_database, temporary_vhost  # noqa: E402
 
 PG_BASE = "postgresql://postgres@127.0.0.1:5432"
@@ -36,115 +41,117 @@ def say(text: str) -> None:
     print(f"[{time.monotonic() - T0:6.2f} s] {text}", flush=True)
 
 
-def ok(response: httpx.Response) -> Any:
-    if response.status_code not in (200, 201):
-        raise RuntimeError(
-            f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
-        )
-    return response.json()
-
-
-def holder(api: httpx.Client, havip_id: str, names: dict[str, str]) -> str:
-    havip = ok(api.get(f"/havips/{havip_id}"))
-    if havip["state"] != "BOUND":
-        return "nobody (UNBOUND)"
-    return f"{names[havip['bound_instance_id']]} (instance {havip['bound_instance_id']}, MAC {havip['bound_mac']})"
-
-
 def run_demo(database_url: str, amqp_url: str, failure: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="havip-demo-") as tmp, Lab("192.0.2.0/24") as lab:
-        cvm1 = lab.add_host("cvm1", "192.0.2.11")
-        cvm2 = lab.add_host("cvm2", "192.0.2.12")
-        capture = lab.add_capture_port("cap")
-        say(f"lab {lab.prefix}: cvm1 {cvm1.ip} ({cvm1.mac}), cvm2 {cvm2.ip} ({cvm2.mac}), watcher on {capture}")
+    with tempfile.TemporaryDirectory(prefix="havip-demo-") as tmp, Lab(SUBNET) as lab:
+        tlab = TrafficLab.build(lab)
+        for host in (tlab.cvm1, tlab.cvm2, tlab.client):
+            say(f"lab {lab.prefix}: {host.name} {host.ip} ({host.mac}) in netns {host.netns}")
+        say(
+            "the network, not ARP, decides who gets an address: on the lab's bridge only an instance's ARP "
+            "about its own address reaches the client (nftables, bridge family); the watcher still sees every "
+            f"GARP on {tlab.capture}"
+        )
 
-        with System(database_url, amqp_url, capture, Path(tmp)) as system:
+        with System(database_url, amqp_url, tlab.capture, Path(tmp)) as system:
             say(f"services up: API {system.api_url}/v1 (OpenAPI at {system.api_url}/openapi.json)")
             say(
                 f"metrics: allocator {system.api_url}/metrics, "
                 f"binding http://127.0.0.1:{system.binding_metrics_port}/metrics, "
                 f"watcher http://127.0.0.1:{system.watcher_metrics_port}/metrics"
             )
-            with system.api() as api:
-                vpc = ok(api.post("/vpcs", json={"name": "demo", "cidr": "192.0.2.0/24"}))
-                subnet = ok(
-                    api.post("/subnets", json={"vpc_id": vpc["id"], "name": "web", "cidr": "192.0.2.0/24"})
+            inventory = register_inventory(system, "demo", SUBNET, tlab.hosts())
+            say(f"VPC and subnet {SUBNET} created; cvm1, cvm2 and the client registered as instances")
+            with tlab.neighbour_programmer(system.amqp_url, "demo.neighbours") as consumer:
+                say(
+                    "example consumer (docs/events/example_consumer.py --program-neighbour "
+                    f"{tlab.client.netns} {tlab.client.iface}) ready: each havip.binding.changed sets the "
+                    "client's neighbour entry for the HAVIP"
                 )
-                names: dict[str, str] = {}
-                for host in (cvm1, cvm2):
-                    body = {"subnet_id": subnet["id"], "name": host.name, "private_ip": host.ip, "mac": host.mac}
-                    names[ok(api.post("/instances", json=body))["id"]] = host.name
-                havip = ok(api.post("/havips", json={"subnet_id": subnet["id"], "name": "web-vip"}))
-                vip = havip["address"]
-                say(f"HAVIP {havip['id']} allocated: {vip} in subnet {subnet['cidr']}; state {havip['state']}")
-
-                common: dict[str, Any] = {"vip": vip, "vrid": 51, "garp_master_delay": 1, "garp_master_refresh": 5}
-                ka1 = Keepalived(
-                    cvm1, peers=[cvm2.ip], priority=100, state="MASTER", workdir=lab.workdir, **common
-                )
-                ka2 = Keepalived(cvm2, peers=[cvm1.ip], priority=80, state="BACKUP", workdir=lab.workdir, **common)
-                ka1.start()
-                ka2.start()
-                say("keepalived started on cvm1 (priority 100) and cvm2 (priority 80); waiting for a master")
-                wait_for(lambda: ok(api.get(f"/havips/{havip['id']}"))["state"] == "BOUND", 30, what="binding")
-                say(f"HAVIP {vip} is held by {holder(api, havip['id'], names)}")
-
-                failed_at = time.time()
-                if failure == "stop":
-                    ka1.stop()
-                elif failure == "kill":
-                    ka1.kill()
-                else:
-                    cvm1.link_down()
-                say(f"master failed ({failure}); keepalived on cvm2 must notice, then we must follow")
-                cvm2_id = next(i for i, name in names.items() if name == "cvm2")
-                wait_for(
-                    lambda: ok(api.get(f"/havips/{havip['id']}"))["bound_instance_id"] == cvm2_id,
-                    30,
-                    what="failover",
-                )
-                say(f"HAVIP {vip} is now held by {holder(api, havip['id'], names)}")
-                history = ok(api.get(f"/havips/{havip['id']}/transitions"))["items"]
-                print("\n  history (newest first):")
-                for t in history:
-                    frm = names.get(t["from_instance_id"] or "", "-")
-                    print(
-                        f"    #{t['sequence']}  {frm:>5} -> {names.get(t['to_instance_id'] or '', '-'):<5}"
-                        f"  captured {t['captured_at']}  committed {t['committed_at']}  by {t['watcher_id']}"
-                    )
-                last = history[0]
-                captured = datetime.fromisoformat(last["captured_at"])
-                committed = datetime.fromisoformat(last["committed_at"])
-                print(
-                    f"\n  keepalived's share (failure -> new master's GARP): "
-                    f"{(captured.timestamp() - failed_at) * 1000:8.1f} ms"
-                )
-                print(
-                    f"  our share (GARP captured -> transition committed): "
-                    f"{(committed - captured).total_seconds() * 1000:8.2f} ms\n"
-                )
-                for line in httpx.get(f"http://127.0.0.1:{system.binding_metrics_port}/metrics").text.splitlines():
-                    if line.startswith(
-                        (
-                            "havip_transitions_total",
-                            "havip_binding_latency_seconds_count",
-                            "havip_binding_latency_seconds_sum",
-                            "havip_owner_info",
-                        )
-                    ):
-                        print(f"  {line}")
-                print()
-                ka1.stop()
-                ka2.stop()
+                outcome = run_failover(system, tlab, consumer, inventory, how=failure, vrid=51, say=say)
+            print_outcome(outcome, tlab, inventory)
+            print_metrics(system)
         say("services stopped; tearing the lab down")
     say("done: lab, database and virtual host removed")
+
+
+def print_outcome(outcome: FailoverOutcome, tlab: TrafficLab, inventory: dict[str, Any]) -> None:
+    names = {inventory["instances"][n]["id"]: n for n in ("cvm1", "cvm2")}
+    takeover = outcome.takeover
+    holder = names[takeover["to_instance_id"]]
+    print(f"\n  HAVIP {outcome.havip['address']} is now held by {holder} (MAC {takeover['mac']})")
+    print("\n  history (oldest first), and when the consumer pointed the client there:")
+    for transition, record in zip(outcome.history, outcome.programmed, strict=False):
+        frm = names.get(transition["from_instance_id"] or "", "-")
+        print(
+            f"    #{transition['sequence']}  {frm:>5} -> {names.get(transition['to_instance_id'] or '', '-'):<5}"
+            f"  captured {transition['captured_at']}  committed {transition['committed_at']}"
+            f"  client programmed {record['neighbour']['programmed_at']}"
+        )
+
+    print(f"\n  from the failure ({outcome.how}) to the traffic at the new holder, measured:")
+    segments = outcome.segments_ms()
+    for what, ms in segments:
+        print(f"    {what:<72} {ms:9.2f} ms")
+    print(f"    {'= failure -> first datagram at cvm2':<72} {sum(ms for _, ms in segments):9.2f} ms")
+
+    traffic = outcome.traffic
+    gap = outcome.silence()
+    if gap is not None:
+        last_sent_ms = (traffic.sent[gap.last_old.seq].before - outcome.failed_at) / 1e6
+        print(
+            f"\n  as the client saw it: the last answer from cvm1 was to datagram #{gap.last_old.seq} "
+            f"(sent {last_sent_ms:+.1f} ms from the failure), the first from cvm2 to #{gap.first_new.seq}: "
+            f"{gap.unanswered} datagrams unanswered, {gap.duration_ns / 1e6:.1f} ms without answers"
+        )
+        if gap.unanswered == 0:
+            print(
+                "  (cvm1 answered until the client was pointed at cvm2: the failure took its keepalived, not the "
+                "address — the network kept sending to cvm1 while the binding named it)"
+            )
+    for cvm in ("cvm1", "cvm2"):
+        arrivals = traffic.arrivals_at(cvm)
+        span = "none"
+        if arrivals:
+            first_ms, last_ms = ((a.at - outcome.failed_at) / 1e6 for a in (arrivals[0], arrivals[-1]))
+            span = f"{first_ms:+.1f} ms .. {last_ms:+.1f} ms from the failure"
+        print(
+            f"  datagrams that reached {cvm}: {len(arrivals):4d} ({span}); answered by {cvm}: "
+            f"{len(traffic.answers_from(cvm))}"
+        )
+        queued = [a for a in outcome.queued_before_programmed() if a.server == cvm]
+        if queued:
+            print(
+                f"    {len(queued)} of them sent before the consumer first pointed the client at {cvm}: ARP gave "
+                "the client no answer it could use, its kernel held them until the entry was set"
+            )
+    wrong = outcome.misdirected()
+    print(
+        f"  datagrams that reached a CVM the client was not pointed at: {len(wrong)}"
+        f" (of {len(traffic.arrivals)} arrived; {len(traffic.sent)} sent)"
+    )
+    print(f"  ARP frames the network kept from the client during the run: {outcome.arp_dropped}")
+    print(f"  the client's neighbour entry: {outcome.client_neighbour}\n")
+
+
+def print_metrics(system: System) -> None:
+    for line in httpx.get(f"http://127.0.0.1:{system.binding_metrics_port}/metrics").text.splitlines():
+        if line.startswith(
+            (
+                "havip_transitions_total",
+                "havip_binding_latency_seconds_count",
+                "havip_binding_latency_seconds_sum",
+                "havip_owner_info",
+            )
+        ):
+            print(f"  {line}")
+    print()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--failure",
-        choices=("stop", "kill", "link_down"),
+        choices=FAILURES,
         default="stop",
         help="how the master fails: keepalived stopped, SIGKILLed, or its interface taken down",
     )

@@ -15,9 +15,10 @@ wait_port() {
 [ "$(id -u)" = 0 ] || { log "run as root: the lab needs network namespaces and raw sockets"; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------------------------
-# keepalived, arping, tcpdump, tcpreplay, iproute2: the lab and its tests; prometheus: promtool;
+# keepalived, arping, tcpdump, tcpreplay, iproute2: the lab and its tests; nftables: the lab's ARP guard (a
+# bridge rule inside the lab's own namespace; the host's ruleset is never touched); prometheus: promtool;
 # docker-compose: validates docker-compose.yml offline.
-packages=(keepalived arping tcpdump tcpreplay iproute2 procps prometheus docker-compose python3-venv)
+packages=(keepalived arping tcpdump tcpreplay iproute2 nftables procps prometheus docker-compose python3-venv)
 answers 5432 || command -v pg_ctlcluster >/dev/null || packages+=(postgresql)
 command -v psql >/dev/null || packages+=(postgresql-client)
 answers 5672 || command -v rabbitmq-server >/dev/null || packages+=(rabbitmq-server)

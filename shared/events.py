@@ -51,6 +51,14 @@ def _cached_ipv4(value: Any) -> Any:
 Ipv4 = Annotated[IPv4Address, BeforeValidator(_cached_ipv4)]
 
 
+# A layer-2 segment (SPEC §4): the name operators give a watcher's interface and the subnets attached to it.
+# One segment needs no configuration: every watcher and every subnet is on DEFAULT_SEGMENT unless told.
+DEFAULT_SEGMENT = "default"
+SegmentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+# A subnet attached to a VLAN of its segment (segments sharing a trunk); none: the whole segment.
+Vlan = Annotated[int, Field(ge=1, le=4094)]
+
+
 class EventData(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -93,6 +101,9 @@ class ClaimsObserved(EventData):
 
     watcher_id: str = Field(min_length=1, max_length=200)
     interface: str = Field(min_length=1, max_length=15)
+    segment: SegmentName = Field(
+        default=DEFAULT_SEGMENT, description="the layer-2 segment the watcher's interface is on (SPEC §4)"
+    )
     claims: list[ObservedClaim] = Field(min_length=1, max_length=MAX_CLAIMS_PER_EVENT)
 
 
@@ -110,6 +121,8 @@ class SubnetData(EventData):
     vpc_id: uuid.UUID
     name: str
     cidr: str
+    segment: SegmentName = Field(default=DEFAULT_SEGMENT, description="the layer-2 segment it is attached to")
+    vlan: Vlan | None = Field(default=None, description="its VLAN on that segment; none: the whole segment")
 
 
 class InstanceData(EventData):

@@ -40,6 +40,15 @@ class Delivery:
 
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
+# Transport metadata, not part of any event's contract: a publisher marks messages that only renew what the
+# consumer already knows (a holder's periodic refresh) so that a consumer may take them after everything else.
+LANE_HEADER = "x-havip-lane"
+ROUTINE_LANE = "routine"
+
+
+def is_routine(message: AbstractIncomingMessage) -> bool:
+    return message.headers.get(LANE_HEADER) == ROUTINE_LANE
+
 
 def is_transient(exc: BaseException) -> bool:
     """Errors of the environment (a database or broker away, a timeout) rather than of the message."""
@@ -105,13 +114,21 @@ class Broker:
         await self.publish_encoded(env.type, encode(env), env.event_id, env.occurred_at)
 
     async def publish_encoded(
-        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+        self,
+        event_type: str,
+        body: bytes,
+        event_id: uuid.UUID,
+        occurred_at: datetime | None = None,
+        *,
+        routine: bool = False,
     ) -> None:
-        """Publish an envelope already encoded (hot paths encode without pydantic) and wait for its confirm."""
+        """Publish an envelope already encoded (hot paths encode without pydantic) and wait for its confirm;
+        `routine` marks it for a consumer's routine lane (LANE_HEADER)."""
         if self._exchange is None:
             raise RuntimeError("Broker.connect() was not called")
         message = aio_pika.Message(
             body=body,
+            headers={LANE_HEADER: ROUTINE_LANE} if routine else None,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=str(event_id),
@@ -138,12 +155,20 @@ class Broker:
         max_batch: int = 500,
         max_attempts: int = 5,
         transient: Callable[[BaseException], bool] = is_transient,
+        routine_batch: int | None = None,
+        routine_handler: BatchHandler | None = None,
     ) -> BatchConsumer:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
         consumer = BatchConsumer(
-            amqp_queue, handler, max_batch=max_batch, max_attempts=max_attempts, transient=transient
+            amqp_queue,
+            handler,
+            max_batch=max_batch,
+            max_attempts=max_attempts,
+            transient=transient,
+            routine_batch=routine_batch,
+            routine_handler=routine_handler,
         )
         await consumer.start()
         return consumer
@@ -162,6 +187,11 @@ class BatchConsumer:
     consumer goes on. A transient handler error is retried with back-off for as long as it lasts, the messages
     held unacknowledged; any other error a bounded number of times, then the batch is isolated message by
     message and the one at fault dead-lettered.
+
+    With `routine_batch` set, messages marked routine (LANE_HEADER) take a lane of their own: they are handled
+    in batches of at most that many messages, by a second task and `routine_handler` (default: `handler`), so
+    that a routine batch under way never holds up the other messages (the handlers must then accept calls at
+    the same time). Order holds within each lane.
     """
 
     def __init__(
@@ -172,38 +202,69 @@ class BatchConsumer:
         max_batch: int,
         max_attempts: int = 5,
         transient: Callable[[BaseException], bool] = is_transient,
+        routine_batch: int | None = None,
+        routine_handler: BatchHandler | None = None,
     ) -> None:
         self._queue = queue
         self._handler = handler
+        self._routine_handler = routine_handler or handler
         self._max_batch = max_batch
         self._max_attempts = max_attempts
         self._transient = transient
+        self._routine_batch = routine_batch
         # aio-pika runs one callback task per message; putting without awaiting keeps arrival order.
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._routine: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._busy = 0  # batches under way
+        self._idle = asyncio.Event()
+        self._stopping = False
         self.dead_lettered = 0
 
     async def start(self) -> None:
         await self._queue.consume(self._on_message)
-        self._task = asyncio.create_task(self._run(), name=f"consume {self._queue.name}")
+        name = f"consume {self._queue.name}"
+        self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))
+        if self._routine_batch is not None:
+            lane = self._run(self._routine, self._routine_batch, self._routine_handler)
+            self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._inbox.put_nowait(message)
+        if self._routine_batch is not None and is_routine(message):
+            self._routine.put_nowait(message)
+        else:
+            self._inbox.put_nowait(message)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop consuming; a batch under way may finish (and be acknowledged) within `grace_s`."""
+        self._stopping = True
+        if self._busy:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
 
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._inbox.get()]
-            while len(batch) < self._max_batch and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
-            await self._process(batch)
+    async def _run(
+        self, inbox: asyncio.Queue[AbstractIncomingMessage], max_batch: int, handler: BatchHandler
+    ) -> None:
+        while not self._stopping:
+            batch = [await inbox.get()]
+            while len(batch) < max_batch and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            self._busy += 1
+            try:
+                await self._process(batch, handler)
+            finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
 
-    async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
+    async def _process(self, messages: list[AbstractIncomingMessage], handler: BatchHandler) -> None:
         good: list[tuple[AbstractIncomingMessage, Delivery]] = []
         for message in messages:
             try:
@@ -215,21 +276,26 @@ class BatchConsumer:
         if not good:
             return
         try:
-            await self._handle_with_retry([d for _, d in good])
+            await self._handle_with_retry(handler, [d for _, d in good])
         except InvalidEvent:
             # Isolate the poison message: handle one by one.
             for message, delivery in good:
                 try:
-                    await self._handle_with_retry([delivery])
+                    await self._handle_with_retry(handler, [delivery])
                 except InvalidEvent as exc:
                     await self._dead_letter(message, str(exc))
                 else:
                     await self._settle(message.ack())
             return
-        # Every earlier message of this channel is settled, so one multiple-ack covers the batch.
-        await self._settle(good[-1][0].ack(multiple=True))
+        if self._routine_batch is None:
+            # Every earlier message of this channel is settled, so one multiple-ack covers the batch.
+            await self._settle(good[-1][0].ack(multiple=True))
+        else:
+            # Two lanes settle out of delivery order: each message on its own.
+            for message, _ in good:
+                await self._settle(message.ack())
 
-    async def _handle_with_retry(self, deliveries: list[Delivery]) -> None:
+    async def _handle_with_retry(self, handler: BatchHandler, deliveries: list[Delivery]) -> None:
         """Retry a transient failure (the database or the network away) for as long as it lasts; any other
         failure `max_attempts` times at most, then refuse the batch as InvalidEvent: its messages are tried one
         by one and the one that keeps failing is dead-lettered instead of holding every message behind it."""
@@ -237,7 +303,7 @@ class BatchConsumer:
         attempts = 0
         while True:
             try:
-                await self._handler(deliveries)
+                await handler(deliveries)
                 return
             except InvalidEvent:
                 raise

@@ -29,6 +29,9 @@ class Claim(NamedTuple):
     target_ip: int
     captured_at: int  # kernel receive time, ns since the epoch
     repeats: int = 1  # this frame and the identical ones the coalescer folded in before it
+    # The coalescer's view: the same claimant as the last published claim of its address (a holder's periodic
+    # refresh), which only renews what the binding service knows; published in the routine lane.
+    renewal: bool = False
 
 
 def classify(frame: ArpFrame) -> ClaimKind | None:

@@ -6,7 +6,10 @@ service work and changes nothing. For each address on a VLAN, the first claim is
 identical to the last published one for that address (same sender MAC, Ethernet source and VLAN) captured
 within `window_ns` of it is only counted, and folded into the next published one (`repeats`). A claim that
 differs in any of those fields — a new holder, a spoofer, a mismatched frame — is never held back, and a
-holder's refreshes still go out once per window.
+holder's refreshes still go out once per window, marked as renewals (`Claim.renewal`): the publisher sends
+them in the routine lane, behind any change of claimant. To tell a renewal from a new claimant, the last
+published claim of an address is remembered for `memory_ns` (at least the window; default 60 s, longer than
+keepalived's usual `garp_master_refresh`).
 
 Memory is bounded: entries older than the window are swept, and if more addresses than `max_addresses` are
 claimed within one window the table is emptied (which only means the next claims are published, never that
@@ -20,6 +23,7 @@ from typing import Final
 from .claims import Claim
 
 DEFAULT_WINDOW_NS: Final = 1_000_000_000
+DEFAULT_MEMORY_NS: Final = 60_000_000_000
 
 
 class _Published:
@@ -35,12 +39,19 @@ class _Published:
 
 
 class Coalescer:
-    __slots__ = ("_last", "_next_sweep_ns", "coalesced", "max_addresses", "window_ns")
+    __slots__ = ("_last", "_next_sweep_ns", "coalesced", "max_addresses", "memory_ns", "window_ns")
 
-    def __init__(self, window_ns: int = DEFAULT_WINDOW_NS, *, max_addresses: int = 1_000_000) -> None:
+    def __init__(
+        self,
+        window_ns: int = DEFAULT_WINDOW_NS,
+        *,
+        max_addresses: int = 1_000_000,
+        memory_ns: int = DEFAULT_MEMORY_NS,
+    ) -> None:
         if window_ns < 0:
             raise ValueError("window_ns must not be negative")
         self.window_ns = window_ns
+        self.memory_ns = max(memory_ns, window_ns)
         self.max_addresses = max_addresses
         self._last: dict[tuple[int | None, int], _Published] = {}  # by (vlan, address)
         self._next_sweep_ns = 0
@@ -66,7 +77,7 @@ class Coalescer:
                     entry.folded += 1
                     self.coalesced += 1
                     continue
-                out.append(claim._replace(repeats=claim.repeats + entry.folded))
+                out.append(claim._replace(repeats=claim.repeats + entry.folded, renewal=True))
             else:
                 out.append(claim)
             last[key] = _Published(claim)
@@ -78,7 +89,7 @@ class Coalescer:
         if now_ns < self._next_sweep_ns and len(self._last) <= self.max_addresses:
             return
         self._next_sweep_ns = now_ns + self.window_ns
-        cutoff = now_ns - self.window_ns
+        cutoff = now_ns - self.memory_ns
         self._last = {k: v for k, v in self._last.items() if v.captured_at > cutoff}
         if len(self._last) > self.max_addresses:
             self._last.clear()

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import msgspec
 
-from shared.events import CLAIMS_EVENT, SCHEMA_VERSION
+from shared.events import CLAIMS_EVENT, DEFAULT_SEGMENT, SCHEMA_VERSION
 
 from .claims import Claim
 
@@ -52,7 +52,14 @@ class EncodedEvent(msgspec.Struct, frozen=True):
     claims: int
 
 
-def encode_claims(claims: Sequence[Claim], *, watcher_id: str, interface: str, source: str) -> EncodedEvent:
+def encode_claims(
+    claims: Sequence[Claim],
+    *,
+    watcher_id: str,
+    interface: str,
+    source: str,
+    segment: str = DEFAULT_SEGMENT,
+) -> EncodedEvent:
     """One envelope carrying `claims` (1 … MAX_CLAIMS_PER_EVENT), ready to publish."""
     event_id = uuid.uuid4()
     occurred_at = datetime.now(UTC)
@@ -66,6 +73,7 @@ def encode_claims(claims: Sequence[Claim], *, watcher_id: str, interface: str, s
             "data": {
                 "watcher_id": watcher_id,
                 "interface": interface,
+                "segment": segment,
                 "claims": [claim_fields(claim) for claim in claims],
             },
         }

@@ -131,6 +131,7 @@ async def run(
         metrics,
         watcher_id=settings.watcher_id,
         interface=settings.interface,
+        segment=settings.segment,
         source=SOURCE,
         batch_size=settings.batch_size,
     )

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
+from shared.events import DEFAULT_SEGMENT
+
 from .claims import Claim
 from .encoding import EncodedEvent, encode_claims
 from .metrics import WatcherMetrics
@@ -36,7 +38,13 @@ log = logging.getLogger(__name__)
 
 class EncodedPublisher(Protocol):
     async def publish_encoded(
-        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+        self,
+        event_type: str,
+        body: bytes,
+        event_id: uuid.UUID,
+        occurred_at: datetime | None = None,
+        *,
+        routine: bool = False,
     ) -> None: ...
 
 
@@ -61,7 +69,7 @@ def pack_rest(claim: Claim, repeats: int) -> bytes:
     return _REST.pack(_KIND_CODES[claim.kind], claim.target_ip, claim.captured_at, min(repeats, _MAX_REPEATS))
 
 
-def unpack_claim(key: bytes, rest: bytes) -> Claim:
+def unpack_claim(key: bytes, rest: bytes, renewal: bool = False) -> Claim:
     vlan, sender_ip, sender_mac, eth_src = _CLAIMANT.unpack(key)
     kind, target_ip, captured_at, repeats = _REST.unpack(rest)
     return Claim(
@@ -73,25 +81,34 @@ def unpack_claim(key: bytes, rest: bytes) -> Claim:
         target_ip,
         captured_at,
         repeats,
+        renewal,
     )
 
 
 class ClaimBuffer:
-    """Bounded, thread-safe buffer of the newest claim per claimant, in the order of those claims' arrival."""
+    """Bounded, thread-safe buffer of the newest claim per claimant, in the order of those claims' arrival.
+
+    Two lanes: renewals (`Claim.renewal`, a holder's refreshes) wait in the routine lane; everything else — a
+    new claimant, a spoofer — in the urgent lane, which the publisher never holds behind routine work. A
+    claimant with a claim in the urgent lane keeps it there until it is published.
+    """
 
     def __init__(self, capacity: int, loop: asyncio.AbstractEventLoop) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._loop = loop
-        self._items: dict[bytes, bytes] = {}  # claimant -> rest; insertion-ordered: the oldest claimant first
+        # claimant -> rest; insertion-ordered: the oldest claimant first
+        self._urgent: dict[bytes, bytes] = {}
+        self._routine: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
-        self._ready = asyncio.Event()
+        self._urgent_ready = asyncio.Event()
+        self._routine_ready = asyncio.Event()
         self.dropped = 0  # claims lost to overflow (more distinct claimants than `capacity`)
         self.merged = 0  # claims replaced by a newer one of the same claimant before they were published
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._urgent) + len(self._routine)
 
     def put_many(self, claims: Sequence[Claim]) -> None:
         """Add claims (from any thread); never blocks."""
@@ -99,57 +116,68 @@ class ClaimBuffer:
             return
         overflow = 0
         with self._lock:
-            items = self._items
-            was_empty = not items
+            urgent, routine = self._urgent, self._routine
+            had_urgent, had_routine = bool(urgent), bool(routine)
             for claim in claims:
                 key = claimant(claim)
-                older = items.get(key)
+                lane = urgent if key in urgent or not claim.renewal else routine
+                older = lane.get(key)
                 if older is None:
-                    items[key] = pack_rest(claim, claim.repeats)
-                    continue
+                    older = routine.pop(key, None) if lane is urgent else None
+                    if older is None:
+                        lane[key] = pack_rest(claim, claim.repeats)
+                        continue
+                    lane[key] = older  # promoted: merged below like any other
                 self.merged += 1
                 kind, target_ip, older_at, older_repeats = _REST.unpack(older)
                 repeats = min(older_repeats + claim.repeats, _MAX_REPEATS)
                 if older_at <= claim.captured_at:  # keep the newest; frames from several queues may cross
                     # ... and move it behind the others, so that what is published after an outage goes out in
                     # the order of the claims' capture times: the binding service then records every change.
-                    del items[key]
-                    items[key] = pack_rest(claim, repeats)
+                    del lane[key]
+                    lane[key] = pack_rest(claim, repeats)
                 else:
-                    items[key] = _REST.pack(kind, target_ip, older_at, repeats)
-            while len(items) > self.capacity:
-                del items[next(iter(items))]
+                    lane[key] = _REST.pack(kind, target_ip, older_at, repeats)
+            while len(urgent) + len(routine) > self.capacity:
+                # Renewals go first: losing one only delays a last-seen time.
+                del (routine or urgent)[next(iter(routine or urgent))]
                 overflow += 1
             self.dropped += overflow
+            wake_urgent = bool(urgent) and not had_urgent
+            wake_routine = bool(routine) and not had_routine
         if overflow:
             log.warning(
                 "claim buffer full: dropped the claims of %d claimants", overflow, extra={"dropped": overflow}
             )
-        if was_empty:
-            self._loop.call_soon_threadsafe(self._ready.set)
+        if wake_urgent:
+            self._loop.call_soon_threadsafe(self._urgent_ready.set)
+        if wake_routine:
+            self._loop.call_soon_threadsafe(self._routine_ready.set)
 
-    def take(self, limit: int) -> list[Claim]:
-        """Remove and return up to `limit` claims, the earliest first (event-loop side)."""
+    def take(self, limit: int, *, routine: bool = False) -> list[Claim]:
+        """Remove and return up to `limit` claims of one lane, the earliest first (event-loop side)."""
         with self._lock:
-            items = self._items
+            items = self._routine if routine else self._urgent
             if len(items) <= limit:
                 taken = list(items.items())
                 items.clear()
             else:
                 keys = [key for key, _ in zip(items, range(limit), strict=False)]
                 taken = [(key, items.pop(key)) for key in keys]
-        return [unpack_claim(key, rest) for key, rest in taken]
+        return [unpack_claim(key, rest, routine) for key, rest in taken]
 
-    async def wait(self) -> None:
-        """Return once the buffer holds a claim, or `wake` was called (event-loop side)."""
-        self._ready.clear()  # before looking: a put after this sets it again
-        if self._items:
+    async def wait(self, *, routine: bool = False) -> None:
+        """Return once the lane holds a claim, or `wake` was called (event-loop side)."""
+        ready = self._routine_ready if routine else self._urgent_ready
+        ready.clear()  # before looking: a put after this sets it again
+        if self._routine if routine else self._urgent:
             return
-        await self._ready.wait()
+        await ready.wait()
 
     def wake(self) -> None:
         """Wake a waiting `wait` (e.g. to let the publisher notice it should stop)."""
-        self._ready.set()
+        self._urgent_ready.set()
+        self._routine_ready.set()
 
 
 class ClaimPublisher:
@@ -161,6 +189,7 @@ class ClaimPublisher:
         *,
         watcher_id: str,
         interface: str,
+        segment: str = DEFAULT_SEGMENT,
         source: str = "arp_watcher",
         batch_size: int = 500,
         backoff_initial_s: float = 0.1,
@@ -171,6 +200,7 @@ class ClaimPublisher:
         self._metrics = metrics
         self._watcher_id = watcher_id
         self._interface = interface
+        self._segment = segment
         self._source = source
         self._batch_size = batch_size
         self._backoff_initial_s = backoff_initial_s
@@ -186,26 +216,34 @@ class ClaimPublisher:
         self._buffer.wake()
 
     async def run(self) -> None:
-        """Publish until `close` was called and the buffer is empty."""
+        """Publish until `close` was called and the buffer is empty: each lane on its own, so that a change of
+        claimant never waits for the confirm of a batch of renewals."""
+        await asyncio.gather(self._run_lane(routine=False), self._run_lane(routine=True))
+
+    async def _run_lane(self, *, routine: bool) -> None:
         while True:
-            claims = self._buffer.take(self._batch_size)
+            claims = self._buffer.take(self._batch_size, routine=routine)
             if not claims:
                 if self._closing:
                     return
-                await self._buffer.wait()
+                await self._buffer.wait(routine=routine)
                 continue
             event = encode_claims(
-                claims, watcher_id=self._watcher_id, interface=self._interface, source=self._source
+                claims,
+                watcher_id=self._watcher_id,
+                interface=self._interface,
+                segment=self._segment,
+                source=self._source,
             )
-            await self._publish_with_retry(event, claims)
+            await self._publish_with_retry(event, claims, routine=routine)
 
-    async def _publish_with_retry(self, event: EncodedEvent, claims: list[Claim]) -> None:
+    async def _publish_with_retry(self, event: EncodedEvent, claims: list[Claim], *, routine: bool) -> None:
         delay = self._backoff_initial_s
-        self.in_flight = len(claims)
+        self.in_flight += len(claims)
         while True:
             try:
                 await self._broker.publish_encoded(
-                    "arp.claims.observed", event.body, event.event_id, event.occurred_at
+                    "arp.claims.observed", event.body, event.event_id, event.occurred_at, routine=routine
                 )
             except Exception as exc:
                 self._metrics.publish_failures.inc()
@@ -228,5 +266,5 @@ class ClaimPublisher:
             self._metrics.events_published.inc()
             self.published += len(claims)
             self.events += 1
-            self.in_flight = 0
+            self.in_flight -= len(claims)
             return

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from shared.events import MAX_CLAIMS_PER_EVENT
+from shared.events import DEFAULT_SEGMENT, MAX_CLAIMS_PER_EVENT, SegmentName
 from shared.settings import CommonSettings
 
 _MIB = 1024 * 1024
@@ -18,6 +18,9 @@ class WatcherSettings(CommonSettings):
     interface: str = Field(min_length=1, max_length=15, pattern=r"^[^\s/]+$")
     # HAVIP_NETNS: open the capture inside this network namespace (name from `ip netns add`, or a path).
     netns: str | None = None
+    # HAVIP_SEGMENT: the layer-2 segment the interface is on (SPEC §4): claims are decided only against the
+    # HAVIPs of the subnets attached to it. One segment needs no configuration.
+    segment: SegmentName = DEFAULT_SEGMENT
     # HAVIP_WATCHER_ID: reported with every claim; default "<hostname>/<interface>".
     watcher_id: str = Field(default="", max_length=200)  # filled in below when empty
     # HAVIP_METRICS_PORT: Prometheus endpoint; 0 turns it off.

@@ -15,6 +15,8 @@ from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Literal
 
+from shared.events import DEFAULT_SEGMENT
+
 RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "clock_skew"]
 
 # A holder's refresh is written at most this often per HAVIP (SPEC §5.3).
@@ -33,6 +35,24 @@ class Claim:
     eth_src: str
     captured_ns: int
     watcher_id: str
+    segment: str = DEFAULT_SEGMENT  # where it was seen: the watcher's segment …
+    vlan: int | None = None  # … and the frame's VLAN tag
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """Where a subnet's HAVIPs can be claimed (SPEC §4): a segment, and a VLAN of it (none: all of it)."""
+
+    segment: str = DEFAULT_SEGMENT
+    vlan: int | None = None
+
+    def sees(self, claim: Claim) -> bool:
+        return claim.segment == self.segment and (self.vlan is None or self.vlan == claim.vlan)
+
+
+# A subnet the book has no attachment for (no subnet event seen) is on the default segment, all VLANs: a
+# single-segment deployment needs no configuration.
+UNATTACHED = Attachment()
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +190,7 @@ class BindingBook:
     # Ids the allocator removed: never brought back by a redelivered creation (ids are never reused).
     released: set[uuid.UUID] = field(default_factory=set)
     deregistered: set[uuid.UUID] = field(default_factory=set)
+    attachments: dict[uuid.UUID, Attachment] = field(default_factory=dict)  # by subnet id
     policy: ConditionPolicy = field(default_factory=ConditionPolicy)
     _activity: dict[uuid.UUID, _Activity] = field(default_factory=dict)
     _flagged: set[uuid.UUID] = field(default_factory=set)  # HAVIPs flapping or in split brain
@@ -266,11 +287,25 @@ class BindingBook:
 
     # ---- claims --------------------------------------------------------------------------------------------
 
+    def attach_subnet(self, subnet_id: uuid.UUID, attachment: Attachment) -> None:
+        self.attachments[subnet_id] = attachment
+
+    def detach_subnet(self, subnet_id: uuid.UUID) -> None:
+        self.attachments.pop(subnet_id, None)
+
     def authorise(self, claim: Claim) -> tuple[Havip, Instance] | Rejected | NotAHavip:
-        """SPEC §5.1: which HAVIP the claim is for, and whether the claimant may hold it."""
+        """SPEC §5.1: which HAVIP the claim is for, and whether the claimant may hold it. Only HAVIPs of the
+        subnets attached to the claim's segment are candidates (SPEC §4): elsewhere, the address is another's."""
         havips = self.havips_by_address.get(claim.address)
         if not havips:
             return NotAHavip()
+        attachments = self.attachments
+        if attachments:
+            havips = [h for h in havips if attachments.get(h.subnet_id, UNATTACHED).sees(claim)]
+        elif not UNATTACHED.sees(claim):
+            havips = []
+        if not havips:
+            return NotAHavip()  # counted, not stored
         instance = self.instances_by_mac.get(claim.sender_mac)
         # The HAVIP meant: the one in the claimant's VPC, else the only one with this address.
         havip = next((h for h in havips if instance is not None and h.vpc_id == instance.vpc_id), None)

@@ -92,6 +92,8 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         prefetch=settings.prefetch,
         max_batch=settings.max_batch,
         transient=database_or_network_away,
+        routine_batch=settings.routine_batch,
+        routine_handler=service.handle_routine,
     )
     if settings.metrics_port:
         serve_metrics(settings.metrics_port, settings.metrics_host)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from services.binding.domain import (
+    Attachment,
     Binding,
     BindingBook,
     ConditionPolicy,
@@ -67,6 +69,12 @@ class BatchWrite:
     def remove_instance(self, instance_id: uuid.UUID) -> None:
         self.inventory.append((_DELETE_INSTANCE, (instance_id,)))
 
+    def attach_subnet(self, subnet_id: uuid.UUID, a: Attachment) -> None:
+        self.inventory.append((_ATTACH_SUBNET, (subnet_id, a.segment, a.vlan)))
+
+    def detach_subnet(self, subnet_id: uuid.UUID) -> None:
+        self.inventory.append((_DETACH_SUBNET, (subnet_id,)))
+
     def put_havip(self, h: Havip) -> None:
         self.inventory.append((_PUT_HAVIP, (h.id, h.vpc_id, h.subnet_id, h.address, sorted(h.candidates))))
 
@@ -84,6 +92,18 @@ class BatchWrite:
     def touch(self, binding: Binding) -> None:
         self.refreshed.pop(binding.havip_id, None)
         self.bindings[binding.havip_id] = binding
+
+    def only_renews(self) -> bool:
+        """Nothing but holders' refreshes: no change of holder, flag, inventory, audit or event."""
+        return bool(self.refreshed) and not (
+            self.inventory
+            or self.bindings
+            or self.removed_bindings
+            or self.transitions
+            or self.rejected
+            or self.folded
+            or self.events
+        )
 
     def __bool__(self) -> bool:
         return bool(
@@ -103,6 +123,10 @@ _PUT_INSTANCE = """
 _DELETE_INSTANCE = """
     WITH gone AS (INSERT INTO binding.deregistered_instances (id) VALUES ($1) ON CONFLICT DO NOTHING)
     DELETE FROM binding.instances WHERE id = $1"""
+_ATTACH_SUBNET = """
+    INSERT INTO binding.subnets (id, segment, vlan) VALUES ($1, $2, $3)
+    ON CONFLICT (id) DO UPDATE SET segment = $2, vlan = $3"""
+_DETACH_SUBNET = "DELETE FROM binding.subnets WHERE id = $1"
 _PUT_HAVIP = """
     INSERT INTO binding.havips (id, vpc_id, subnet_id, address, candidates) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, address = $4, candidates = $5"""
@@ -121,10 +145,18 @@ _PUT_BINDINGS = """
         sequence = EXCLUDED.sequence, last_claim_ns = EXCLUDED.last_claim_ns,
         last_transition_at = EXCLUDED.last_transition_at, last_seen_at = EXCLUDED.last_seen_at,
         flapping = EXCLUDED.flapping, split_brain = EXCLUDED.split_brain"""
+# Refreshes commute with every other write: times only move forward (GREATEST), and only while the refreshing
+# instance still holds the HAVIP. Rows another transaction has locked are skipped, not waited for: every such
+# transaction was decided after these refreshes, from a book that already held them, and writes their times
+# itself — so a refresh write never waits and never deadlocks, and may run outside the decision lock.
 _REFRESH_BINDINGS = """
-    UPDATE binding.bindings AS b SET last_claim_ns = r.last_claim_ns, last_seen_at = r.last_seen_at
-    FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[]) AS r(havip_id, last_claim_ns, last_seen_at)
-    WHERE b.havip_id = r.havip_id"""
+    UPDATE binding.bindings AS b SET last_claim_ns = GREATEST(b.last_claim_ns, r.last_claim_ns),
+        last_seen_at = GREATEST(b.last_seen_at, r.last_seen_at)
+    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[])
+        AS r(havip_id, instance_id, last_claim_ns, last_seen_at)
+    WHERE b.havip_id = r.havip_id AND b.instance_id = r.instance_id
+        AND b.havip_id = ANY(ARRAY(SELECT havip_id FROM binding.bindings WHERE havip_id = ANY($1::uuid[])
+                                   FOR UPDATE SKIP LOCKED))"""
 _INSERT_TRANSITIONS = """
     INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
         captured_at, captured_ns, committed_at, watcher_id, reason)
@@ -170,6 +202,8 @@ async def load_book(conn: Any, policy: ConditionPolicy | None = None) -> Binding
     released = [r["id"] for r in await conn.fetch("SELECT id FROM binding.released_havips")]
     deregistered = [r["id"] for r in await conn.fetch("SELECT id FROM binding.deregistered_instances")]
     book.load(instances, havips, bindings, released, deregistered)
+    for r in await conn.fetch("SELECT id, segment, vlan FROM binding.subnets"):
+        book.attach_subnet(r["id"], Attachment(r["segment"], r["vlan"]))
     return book
 
 
@@ -206,13 +240,7 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             [b.split_brain for b in bindings],
         )
     if batch.refreshed:
-        refreshed = list(batch.refreshed.values())
-        await conn.execute(
-            _REFRESH_BINDINGS,
-            [b.havip_id for b in refreshed],
-            [b.last_claim_ns for b in refreshed],
-            [ns_to_datetime(b.last_seen_written_ns) for b in refreshed],
-        )
+        await write_renewals(conn, renewals_of(batch))
     if batch.transitions:
         moves = batch.transitions
         await conn.execute(
@@ -253,6 +281,34 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
     await add_to_outbox(conn, SCHEMA, [env for env, claim_id in batch.events if claim_id not in duplicates])
     await add_to_outbox(conn, SCHEMA, [refusal_event(r) for r in new_rejections])
     return new_rejections
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """A holder's refresh as it was decided (a snapshot: the book moves on while it is written)."""
+
+    havip_id: uuid.UUID
+    instance_id: uuid.UUID
+    last_claim_ns: int
+    last_seen_at: datetime
+
+
+def renewals_of(batch: BatchWrite) -> list[Renewal]:
+    return [
+        Renewal(b.havip_id, b.instance_id, b.last_claim_ns, ns_to_datetime(b.last_seen_written_ns))
+        for b in batch.refreshed.values()
+        if b.instance_id is not None
+    ]
+
+
+async def write_renewals(conn: Any, renewals: Sequence[Renewal]) -> None:
+    await conn.execute(
+        _REFRESH_BINDINGS,
+        [r.havip_id for r in renewals],
+        [r.instance_id for r in renewals],
+        [r.last_claim_ns for r in renewals],
+        [r.last_seen_at for r in renewals],
+    )
 
 
 def refusal_event(r: RejectedClaim) -> Envelope:

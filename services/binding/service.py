@@ -22,6 +22,7 @@ import asyncpg
 from services.binding import metrics
 from services.binding.domain import (
     DEFAULT_MAX_CLOCK_SKEW_NS,
+    Attachment,
     BindingBook,
     Claim,
     ConditionEdge,
@@ -38,10 +39,13 @@ from services.binding.domain import (
 from services.binding.repository import (
     BatchWrite,
     RejectedClaim,
+    Renewal,
     delete_old_refusals,
     load_book,
     ns_to_datetime,
+    renewals_of,
     write_batch,
+    write_renewals,
 )
 from shared import events
 from shared.messaging import Delivery
@@ -53,6 +57,8 @@ SOURCE = "binding"
 # Routing keys the service's queue is bound to.
 SUBSCRIPTIONS = (
     events.CLAIMS_EVENT,
+    "subnet.created",
+    "subnet.deleted",
     "instance.registered",
     "instance.deregistered",
     "havip.allocated",
@@ -96,8 +102,37 @@ class BindingService:
         )
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        """Decide and commit a batch. A batch that only renews holders (their periodic refreshes) is written
+        after the decision lock is released: a change of holder decided meanwhile never waits for it."""
         async with self._lock:
-            await self._decide_and_commit(deliveries, None)
+            renewals = await self._decide_and_commit(deliveries, None, defer_renewals=True)
+        if renewals is not None:
+            await self._write_renewals(renewals)
+
+    async def handle_routine(self, deliveries: Sequence[Delivery]) -> None:
+        """The routine lane (messages a watcher marked as renewals): decided one message at a time, letting any
+        other batch in between, and the renewals written together at the end. A message of the lane that does
+        change something (the watcher's view is not the binding's) is committed at once, as in `handle`."""
+        pending: list[_Renewals] = []
+        for delivery in deliveries:
+            async with self._lock:
+                renewals = await self._decide_and_commit((delivery,), None, defer_renewals=True)
+            if renewals is not None:
+                pending.append(renewals)
+            await asyncio.sleep(0)  # let a change of holder that arrived meanwhile take the lock
+        if pending:
+            rows = {row.havip_id: row for p in pending for row in p.rows}  # the newest per HAVIP
+            claim_ids = set().union(*(p.claim_ids for p in pending))
+            await self._write_renewals(_Renewals(list(rows.values()), claim_ids))
+
+    async def _write_renewals(self, renewals: _Renewals) -> None:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await write_renewals(conn, renewals.rows)
+        except BaseException:
+            self._book_stale = True  # the next decision reloads the book from what is committed
+            raise
+        self._remember(renewals.claim_ids)
 
     async def tick(self) -> None:
         """Let the book see time pass (flapping and split brain end after a quiet window) and commit the
@@ -115,8 +150,13 @@ class BindingService:
         if self._book_stale:
             await self.load()
 
-    async def _decide_and_commit(self, deliveries: Sequence[Delivery], now_ns: int | None) -> None:
+    async def _decide_and_commit(
+        self, deliveries: Sequence[Delivery], now_ns: int | None, *, defer_renewals: bool = False
+    ) -> _Renewals | None:
+        """Decide, and commit what changed; if `defer_renewals` and the batch only renews holders, return
+        what to write instead of writing it."""
         await self.ensure_current()
+        deferred: _Renewals | None = None
         batch = BatchWrite()
         new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []
@@ -132,7 +172,9 @@ class BindingService:
             edges = self.book.take_edges()
             for edge in edges:
                 self._record_edge(edge, batch)
-            if batch:
+            if defer_renewals and batch.only_renews():
+                deferred = _Renewals(renewals_of(batch), batch.claim_ids)
+            elif batch:
                 async with self._pool.acquire() as conn, conn.transaction():
                     new_rejections = await write_batch(conn, batch)
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
@@ -149,10 +191,8 @@ class BindingService:
         committed_ns = time.time_ns()
         for fold in self._folds.values():
             fold.committed = True
-        recent = self._recent_claims
-        recent.update(dict.fromkeys(batch.claim_ids))
-        while len(recent) > RECENT_CLAIMS:
-            recent.popitem(last=False)
+        if deferred is None:
+            self._remember(batch.claim_ids)
         if now_ns is not None:
             self._folds = {k: f for k, f in self._folds.items() if now_ns - f.first_ns < 2 * REFUSAL_FOLD_NS}
         for captured_ns in latencies_from:
@@ -169,6 +209,13 @@ class BindingService:
             metrics.BATCH_SIZE.observe(len(deliveries))
         if batch.events:
             self._on_commit()
+        return deferred
+
+    def _remember(self, claim_ids: set[uuid.UUID]) -> None:
+        recent = self._recent_claims
+        recent.update(dict.fromkeys(claim_ids))
+        while len(recent) > RECENT_CLAIMS:
+            recent.popitem(last=False)
 
     def _record_edge(self, edge: ConditionEdge, batch: BatchWrite) -> None:
         binding = self.book.bindings.get(edge.havip_id)
@@ -198,7 +245,16 @@ class BindingService:
         event_type = delivery.envelope.type
         if isinstance(data, events.ClaimsObserved):
             for observed in data.claims:
-                self._apply_claim(observed, data.watcher_id, batch, latencies_from, outcomes)
+                self._apply_claim(observed, data, batch, latencies_from, outcomes)
+        elif isinstance(data, events.SubnetData):
+            if event_type == "subnet.created":
+                attachment = Attachment(data.segment, data.vlan)
+                if self.book.attachments.get(data.id) != attachment:
+                    self.book.attach_subnet(data.id, attachment)
+                    batch.attach_subnet(data.id, attachment)
+            else:
+                self.book.detach_subnet(data.id)
+                batch.detach_subnet(data.id)
         elif isinstance(data, events.InstanceData):
             if event_type == "instance.registered":
                 instance = Instance(data.id, data.vpc_id, data.subnet_id, data.mac, data.private_ip)
@@ -231,7 +287,7 @@ class BindingService:
     def _apply_claim(
         self,
         data: events.ObservedClaim,
-        watcher_id: str,
+        seen_by: events.ClaimsObserved,
         batch: BatchWrite,
         latencies_from: list[int],
         outcomes: list[str],
@@ -240,7 +296,15 @@ class BindingService:
             outcomes.append("duplicate")  # a redelivery: decided once is enough
             return
         batch.claim_ids.add(data.claim_id)
-        claim = Claim(data.sender_ip, data.sender_mac, data.eth_src, data.captured_at, watcher_id)
+        claim = Claim(
+            data.sender_ip,
+            data.sender_mac,
+            data.eth_src,
+            data.captured_at,
+            seen_by.watcher_id,
+            seen_by.segment,
+            data.vlan,
+        )
         outcome = self.book.apply_claim(claim, now_ns=time.time_ns(), max_skew_ns=self._max_skew_ns)
         if isinstance(outcome, Transition):
             self._record_transition(outcome, batch)
@@ -298,6 +362,12 @@ RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most
 
 # Refusals of one (address, MAC, reason) within this span of capture time share an audit row (SPEC §5.1).
 REFUSAL_FOLD_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Renewals:
+    rows: list[Renewal]
+    claim_ids: set[uuid.UUID]
 
 
 @dataclass(slots=True)

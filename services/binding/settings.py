@@ -13,6 +13,9 @@ class BindingSettings(CommonSettings):
     metrics_host: str = "0.0.0.0"
     prefetch: int = Field(default=2000, ge=1, le=65535)
     max_batch: int = Field(default=1000, ge=1)
+    # Messages of the routine lane (holders' refreshes, as the watchers mark them) taken per batch: they are
+    # decided one by one and written together, while any other message may be decided in between.
+    routine_batch: int = Field(default=16, ge=1, le=10_000)
     # Claims captured further ahead of this service's clock are refused as clock_skew (SPEC §5.2).
     max_clock_skew_s: float = Field(default=2.0, gt=0, le=3600)
     # Refused claims are kept this long in the audit (binding.rejected_claims), then deleted.

@@ -45,6 +45,7 @@ class System:
     workdir: Path
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     netns: str | None = None
+    segment: str | None = None  # the watcher's HAVIP_SEGMENT (default: the default segment)
     # A service's own way to RabbitMQ or Postgres (e.g. through a proxy a test can cut); default the above.
     watcher_amqp_url: str | None = None
     binding_amqp_url: str | None = None
@@ -124,6 +125,8 @@ class System:
             }
             if self.netns:
                 watcher_env["HAVIP_NETNS"] = self.netns
+            if self.segment:
+                watcher_env["HAVIP_SEGMENT"] = self.segment
             return self._spawn("arp_watcher", "services.arp_watcher", **watcher_env)
         if name == "allocator":
             return self._spawn(

@@ -1,24 +1,31 @@
 """The real Prometheus server with deploy/prometheus's configuration, pointed at the three services: it scrapes
-every one of them, and every alert and recording rule evaluates without error against what they export."""
+every one of them, and every alert and recording rule evaluates without error against what they export. Then a
+keepalived pair fails over, an intruder is refused and the pair flaps, and every query of the Grafana dashboard
+(deploy/grafana) returns data from this Prometheus, and its history tables from the services' database."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 import pytest
 import yaml
 
-from tests import service_logs
-from tests.e2e.system import System
-from tests.lab import Lab
+from tests import grafana, service_logs
+from tests.e2e.system import System, ok, register_inventory
+from tests.lab import Keepalived, Lab
 from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -26,6 +33,8 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DEADLINE_S = 60.0  # generous: CI shares two cores with other test runs
+SUBNET = "192.0.2.0/24"
+SCRAPE_INTERVAL_S = 1.0  # config_for() below
 # Always exported, whatever happened (no labels, or collected from the capture's counters), and read by rules.
 ALWAYS_EXPORTED = [
     "havip_flapping",
@@ -51,12 +60,22 @@ def wait_for(probe: Callable[[], T | None], what: str, timeout: float = DEADLINE
 
 
 @pytest.fixture(scope="module")
-def system(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    with Lab("192.0.2.0/24") as lab:
+def lab() -> Iterator[Lab]:
+    with Lab(SUBNET) as lab:
+        lab.add_host("cvm1", "192.0.2.11")
+        lab.add_host("cvm2", "192.0.2.12")
+        lab.add_host("intruder", "192.0.2.66")
         lab.add_capture_port("cap")
-        workdir = tmp_path_factory.mktemp("services")
-        with System(database_url, amqp_url, lab.capture_ports["cap"].iface, workdir) as running:
-            yield running
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def system(
+    lab: Lab, database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    workdir = tmp_path_factory.mktemp("services")
+    with System(database_url, amqp_url, lab.capture_ports["cap"].iface, workdir) as running:
+        yield running
 
 
 def config_for(system: System) -> dict[str, Any]:
@@ -69,7 +88,7 @@ def config_for(system: System) -> dict[str, Any]:
     }
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
-    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["global"] = {"scrape_interval": f"{SCRAPE_INTERVAL_S:g}s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(PROMETHEUS_DIR / rule_files) for rule_files in config["rule_files"]]
     return config
 
@@ -160,3 +179,170 @@ def test_every_rule_evaluates_without_error(prometheus: str) -> None:
     # The services are up and quiet: no alert fires (a firing one would be a false alarm or a broken rule).
     firing = [alert for alert in api(prometheus, "alerts")["alerts"] if alert["state"] == "firing"]
     assert firing == []
+
+
+# ---- the Grafana dashboard against this Prometheus, after a failover ----------------------------------------
+
+# Panels that stay at zero while the system is healthy (nothing dropped, nothing retried): their series must
+# be there, with values, and those values zero.
+ZERO_WHEN_HEALTHY = {"Watcher drops and errors"}
+
+
+@dataclass(frozen=True)
+class Failover:
+    started: datetime
+    havip: dict[str, Any]
+    subnet_id: str
+    holder_id: str  # the instance holding the HAVIP at the end
+    instance_ids: dict[str, str]
+
+
+def holder(system: System, havip_id: str) -> str | None:
+    with system.api() as api:
+        bound: str | None = ok(api.get(f"/havips/{havip_id}"))["bound_instance_id"]
+    return bound
+
+
+def wait_holder(system: System, havip_id: str, instance_id: str) -> None:
+    wait_for(
+        lambda: True if holder(system, havip_id) == instance_id else None, f"{havip_id} held by {instance_id}"
+    )
+
+
+@pytest.fixture(scope="module")
+def failover(system: System, lab: Lab, prometheus: str) -> Failover:
+    """What the dashboard is for: a keepalived pair fails over, an intruder's claim is refused, then the pair
+    flaps (both claim the address in turn: flapping and split brain) and cvm2 ends up holding it."""
+    wait_for(lambda: True if len(api(prometheus, "query", query="up == 1")["result"]) == 3 else None, "scraped")
+    started = datetime.now(UTC)
+    cvm1, cvm2 = lab.hosts["cvm1"], lab.hosts["cvm2"]
+    inventory = register_inventory(
+        system, "grafana", SUBNET, {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvm1", "cvm2")}
+    )
+    ids = {name: instance["id"] for name, instance in inventory["instances"].items()}
+    with system.api() as client:
+        havip = ok(client.post("/havips", json={"subnet_id": inventory["subnet"]["id"], "name": "dashboard"}))
+    vip = havip["address"]
+    ka1 = Keepalived(cvm1, vip=vip, peers=[cvm2.ip], priority=100, state="MASTER", vrid=71, workdir=lab.workdir)
+    ka2 = Keepalived(cvm2, vip=vip, peers=[cvm1.ip], priority=80, state="BACKUP", vrid=71, workdir=lab.workdir)
+    try:
+        ka1.start()  # the intended master first (see tests/e2e/test_failover.py)
+        wait_holder(system, havip["id"], ids["cvm1"])
+        ka2.start()
+        ka1.stop()
+        wait_holder(system, havip["id"], ids["cvm2"])
+    finally:
+        ka1.stop()
+        ka2.stop()
+        for host in (cvm1, cvm2):
+            if host.has_address(vip):
+                host.del_address(vip)
+
+    lab.hosts["intruder"].arping(vip, count=3)
+    wait_for(lambda: system.metric("havip_claims_rejected_total", {"reason": "unknown_mac"}) or None, "refused")
+
+    for name in ("cvm1", "cvm2") * 3:
+        lab.hosts[name].arping(vip)
+        wait_holder(system, havip["id"], ids[name])
+    wait_for(
+        lambda: (system.metric("havip_flapping") and system.metric("havip_split_brain")) or None,
+        "flapping and split brain",
+    )
+    return Failover(started, havip, inventory["subnet"]["id"], ids["cvm2"], ids)
+
+
+def values_of(prometheus: str, query: grafana.PanelQuery, variables: dict[str, list[str]], since: datetime) -> Any:
+    """(series, every value of every series) of one panel query, run as Grafana runs it: a range query from
+    `since` until now with a 1 s step, or an instant query."""
+    step_s = 1.0
+    expr = grafana.promql(query.text, variables, scrape_interval_s=SCRAPE_INTERVAL_S, step_s=step_s)
+    if query.instant:
+        series = api(prometheus, "query", query=expr)["result"]
+        return series, [float(s["value"][1]) for s in series]
+    end = time.time()
+    series = api(
+        prometheus,
+        "query_range",
+        query=expr,
+        start=f"{since.timestamp():.3f}",
+        end=f"{end:.3f}",
+        step=f"{step_s:g}",
+    )["result"]
+    return series, [float(value) for s in series for _, value in s["values"]]
+
+
+def test_every_dashboard_variable_offers_the_failed_over_havip(prometheus: str, failover: Failover) -> None:
+    wanted = {"havip": failover.havip["address"], "subnet": failover.subnet_id}
+    variables = grafana.dashboard()["templating"]["list"]
+    assert sorted(v["name"] for v in variables) == sorted(wanted)
+    for variable in variables:
+        metric, label = grafana.label_values_query(variable["query"])
+
+        def offered(
+            metric: str = metric, label: str = label, value: str = wanted[variable["name"]]
+        ) -> list[str] | None:
+            values: list[str] = api(prometheus, f"label/{label}/values", **{"match[]": metric})
+            return values if value in values else None
+
+        wait_for(offered, f"{variable['name']} offers {wanted[variable['name']]}")
+
+
+def test_every_dashboard_query_returns_series_after_the_failover(prometheus: str, failover: Failover) -> None:
+    queries = grafana.prometheus_queries(grafana.dashboard())
+    variables = {"havip": [failover.havip["address"]], "subnet": [failover.subnet_id]}
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # the last scrapes may still be on their way: poll until every panel has its data
+        answers = {q: values_of(prometheus, q, variables, failover.started) for q in queries}
+        without_data = sorted(q.name for q, (_, values) in answers.items() if not any(map(math.isfinite, values)))
+        panels = {q.panel for q in queries}
+        flat = sorted(
+            panel
+            for panel in panels - ZERO_WHEN_HEALTHY
+            if not any(v > 0 for q, (_, values) in answers.items() if q.panel == panel for v in values)
+        )
+        if (not without_data and not flat) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert without_data == [], "queries without a series or a value"
+    assert flat == [], "panels that never rose above zero through a failover, a refusal and flapping"
+    assert panels >= ZERO_WHEN_HEALTHY
+    for q, (_, values) in answers.items():
+        if q.panel in ZERO_WHEN_HEALTHY:
+            assert set(values) == {0.0}, q.name
+
+    [owner_query] = [q for q in queries if q.panel == "Current holder of every HAVIP"]
+    owners, _ = answers[owner_query]
+    assert [s["metric"] for s in owners] == [
+        {"address": failover.havip["address"], "havip_id": failover.havip["id"], "instance_id": failover.holder_id}
+    ]
+    refused = [q for q in queries if q.panel == "Refused claims by reason"]
+    assert any(
+        s["metric"] == {"reason": "unknown_mac"} and any(float(v) > 0 for _, v in s["values"])
+        for q in refused
+        for s in answers[q][0]
+    )
+
+
+async def test_the_dashboard_history_tables_show_the_failover(system: System, failover: Failover) -> None:
+    end = datetime.now(UTC) + timedelta(seconds=1)  # Grafana's macros keep whole seconds
+    sql = {
+        q.panel: grafana.sql(q.text, failover.started - timedelta(seconds=1), end)
+        for q in grafana.sql_queries(grafana.dashboard())
+    }
+    conn = await asyncpg.connect(system.database_url)
+    try:
+        transitions = await conn.fetch(sql["Recent transitions"])
+        refusals = await conn.fetch(sql["Recent refused claims"])
+    finally:
+        await conn.close()
+    cvm1, cvm2 = (uuid.UUID(failover.instance_ids[name]) for name in ("cvm1", "cvm2"))
+    mine = [r for r in transitions if r["havip_id"] == uuid.UUID(failover.havip["id"])]
+    # Newest first: six claims in turn, the keepalived failover, the first master.
+    assert [(r["sequence"], r["from_instance_id"], r["to_instance_id"]) for r in mine[-2:]] == [
+        (2, cvm1, cvm2),
+        (1, None, cvm1),
+    ]
+    assert [r["sequence"] for r in mine] == list(range(len(mine), 0, -1))
+    assert len(mine) >= 8
+    assert {r["address"] for r in mine} == {failover.havip["address"]}
+    assert any(r["reason"] == "unknown_mac" and r["address"] == failover.havip["address"] for r in refusals)

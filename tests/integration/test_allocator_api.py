@@ -295,6 +295,27 @@ async def test_havip_allocation_rules(client: httpx.AsyncClient) -> None:
     assert (await make_havip(client, sid))["address"] == "10.40.1.2"  # released addresses are reused
 
 
+async def test_a_subnet_is_attached_to_a_segment_and_vlan_published_with_it(
+    client: httpx.AsyncClient, events: EventLog
+) -> None:
+    """SPEC §4: the default segment needs no configuration; a named segment (and VLAN) is kept, shown and
+    published for the binding service; a bad one is refused."""
+    vpc = await make_vpc(client, "10.30.0.0/16")
+    plain = await make_subnet(client, vpc["id"], "10.30.1.0/24")
+    assert (plain["segment"], plain["vlan"]) == ("default", None)
+
+    def create(cidr: str, **attachment: Any) -> Any:
+        return client.post("/v1/subnets", json={"vpc_id": vpc["id"], "name": "s", "cidr": cidr, **attachment})
+
+    trunk = ok(await create("10.30.2.0/24", segment="rack-7.trunk", vlan=120), 201)
+    assert (trunk["segment"], trunk["vlan"]) == ("rack-7.trunk", 120)
+    assert ok(await client.get(f"/v1/subnets/{trunk['id']}"))["vlan"] == 120
+    created = await events.wait_for("subnet.created", trunk["id"])
+    assert (created.data["segment"], created.data["vlan"]) == ("rack-7.trunk", 120)
+    for bad in ({"segment": ""}, {"segment": "has space"}, {"segment": "x" * 64}, {"vlan": 0}, {"vlan": 4095}):
+        error(await create("10.30.3.0/24", **bad), 422, "VALIDATION_ERROR")
+
+
 async def test_smallest_subnet_fills_up(client: httpx.AsyncClient) -> None:
     vpc = await make_vpc(client, "10.41.0.0/16")
     subnet = await make_subnet(client, vpc["id"], "10.41.0.8/29")

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from services.binding.main import QUEUE, run
-from services.binding.repository import delete_old_refusals
+from services.binding.repository import Renewal, delete_old_refusals, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.messaging import Broker, declare_topology
@@ -156,6 +156,37 @@ async def test_failover_moves_the_binding_persists_history_and_publishes(
     assert changed[1]["previous"] == {"instance_id": str(w.cvm1.id), "mac": w.cvm1.mac}
     assert changed[1]["current"] == {"instance_id": str(w.cvm2.id), "mac": w.cvm2.mac}
     assert changed[1]["watcher_id"] == "test-watcher"
+
+
+async def test_the_routine_lane_renews_the_holder_and_still_decides_whatever_else_it_carries(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    """Messages a watcher marks routine (its view: a holder's refresh) are decided like any other — the mark
+    only schedules them — and their renewals reach the database."""
+    w = World()
+    await publisher.publish_many(w.inventory())
+    t = time.time_ns() - 5_000_000_000
+    await publisher.publish(w.claim(w.cvm1.mac, t=t))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="bound")
+
+    async def routine(env: events.Envelope) -> None:
+        await publisher.publish_encoded(env.type, events.encode(env), env.event_id, routine=True)
+
+    await routine(w.claim(w.cvm1.mac, t=t + 2_000_000_000))  # a refresh, two seconds on
+
+    async def last_seen_ns() -> int:
+        row = await binding_row(binding.database_url, w.havip.id)
+        return int(row["last_seen_at"].timestamp() * 1e9) // 1000 * 1000
+
+    await eventually(lambda: _equals(last_seen_ns(), (t + 2_000_000_000) // 1000 * 1000), what="renewed")
+    await routine(w.claim(w.cvm2.mac, t=t + 3_000_000_000))  # the watcher's view was wrong: a takeover
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="moved")
+    row = await binding_row(binding.database_url, w.havip.id)
+    assert (row["instance_id"], row["sequence"]) == (w.cvm2.id, 2)
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
 
 
 async def test_refused_claims_are_audited_published_and_move_nothing(
@@ -499,3 +530,48 @@ async def test_the_holders_refresh_updates_last_seen_at_most_once_a_second(
     assert row["last_claim_ns"] == t + 1_500_000_000
     assert row["last_seen_at"] == datetime.fromtimestamp((t + 1_500_000_000) / 1e9, UTC)
     assert row["sequence"] == 1
+
+
+async def test_a_renewal_write_never_waits_never_goes_back_and_never_touches_a_new_holder(
+    binding: BindingSettings,
+) -> None:
+    """Holders' refreshes are written outside the decision lock (the routine lane): their UPDATE must commute
+    with any other write — skip a row another transaction holds, keep times monotonic, and leave alone a HAVIP
+    whose holder changed meanwhile."""
+    havip, holder, newcomer = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    seen = datetime(2026, 1, 1, tzinfo=UTC)
+    conn = await asyncpg.connect(binding.database_url)
+    other = await asyncpg.connect(binding.database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO binding.bindings (havip_id, address, instance_id, mac, last_claim_ns, last_seen_at)
+               VALUES ($1, '198.51.100.200', $2, '02:00:00:00:c8:01', 100, $3)""",
+            havip,
+            holder,
+            seen,
+        )
+
+        async def renew(instance: uuid.UUID, claim_ns: int, at: datetime) -> Any:
+            await write_renewals(conn, [Renewal(havip, instance, claim_ns, at)])
+            return await conn.fetchrow(
+                "SELECT instance_id, last_claim_ns, last_seen_at FROM binding.bindings WHERE havip_id = $1", havip
+            )
+
+        later = seen.replace(hour=1)
+        assert tuple(await renew(holder, 50, seen.replace(year=2025))) == (holder, 100, seen)  # never back
+        assert tuple(await renew(holder, 200, later)) == (holder, 200, later)
+        # A transaction (a change of holder decided later) holds the row: the renewal skips it, at once.
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM binding.bindings WHERE havip_id = $1 FOR UPDATE", havip)
+            row = await asyncio.wait_for(renew(holder, 300, later.replace(hour=2)), 5)
+            assert tuple(row) == (holder, 200, later)
+            await other.execute(
+                "UPDATE binding.bindings SET instance_id = $2, last_claim_ns = 400 WHERE havip_id = $1",
+                havip,
+                newcomer,
+            )
+        # The old holder's late refresh does not touch the new holder's row.
+        assert tuple(await renew(holder, 500, later.replace(hour=3))) == (newcomer, 400, later)
+    finally:
+        await other.close()
+        await conn.close()

@@ -1,6 +1,7 @@
 """docs/events/example_consumer.py against the real RabbitMQ: it applies transitions in order, drops a
 redelivered event, reports a gap in `sequence` with the history to read, dead-letters a message it cannot
-process and goes on, and stops by itself after --count messages."""
+process and goes on, and stops by itself after --count messages; with --program-neighbour it programs a lab
+namespace's neighbour table and retries work that failed."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import pytest
 
 from shared.events import BindingChanged, Envelope, Holder, envelope
 from shared.messaging import Broker
 from shared.settings import CommonSettings
+from tests.lab import Lab
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,19 +29,19 @@ CONSUMER = ROOT / "docs" / "events" / "example_consumer.py"
 DEADLINE_S = 60.0  # generous: CI shares two cores with other test runs
 
 
-def transition(havip_id: uuid.UUID, sequence: int, mac: str) -> Envelope:
+def transition(havip_id: uuid.UUID, sequence: int, mac: str | None) -> Envelope:
     return envelope(
         "havip.binding.changed",
         BindingChanged(
             havip_id=havip_id,
             address=IPv4Address("192.0.2.10"),
             previous=None,
-            current=Holder(instance_id=uuid.uuid4(), mac=mac),
+            current=None if mac is None else Holder(instance_id=uuid.uuid4(), mac=mac),
             captured_at=datetime.now(UTC),
             committed_at=datetime.now(UTC),
             watcher_id="watcher-1",
             sequence=sequence,
-            reason="claim",
+            reason="claim" if mac is not None else "release",
         ),
         source="test",
     )
@@ -121,3 +124,64 @@ async def test_example_consumer_drops_duplicates_reports_gaps_and_dead_letters_p
         assert dead_bodies == [b"{not json"]
     finally:
         await connection.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="programming a lab namespace needs root")
+async def test_example_consumer_programs_the_neighbour_entry_and_retries_work_that_failed(amqp_url: str) -> None:
+    """--program-neighbour: each transition sets the address's permanent entry to the holder's MAC in the
+    namespace, a release removes it; when `ip` fails the message is not acknowledged and is applied on retry."""
+    prefix = f"example-{uuid.uuid4().hex[:8]}."
+    settings = CommonSettings(amqp_url=amqp_url, amqp_prefix=prefix)
+    broker = Broker(settings, "test")
+    with Lab("192.0.2.0/24") as lab:
+        client = lab.add_host("client", "192.0.2.21")
+        # The interface it is told to program does not exist yet: the first attempt must fail and be retried.
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(CONSUMER),
+            *("--queue", "neighbours", "--count", "3", "--timeout", str(DEADLINE_S)),
+            *("--program-neighbour", client.netns, "lan1"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "HAVIP_AMQP_URL": amqp_url, "HAVIP_AMQP_PREFIX": prefix},
+            start_new_session=True,
+        )
+        try:
+            assert (await read_line(process))["outcome"] == "ready"
+            await broker.connect()
+            havip = uuid.uuid4()
+            first = transition(havip, 1, "02:00:c0:00:02:0a")
+            await broker.publish(first)
+            failed = await read_line(process)
+            assert failed["outcome"] == "work_failed"
+            assert "lan1" in failed["error"]
+
+            client.iproute("link", "add", "lan1", "type", "veth", "peer", "name", "lan1peer")
+            client.iproute("link", "set", "dev", "lan1", "up")
+            applied = await read_line(process)
+            assert (applied["outcome"], applied["event_id"]) == ("applied", str(first.event_id))
+            assert applied["neighbour"]["lladdr"] == "02:00:c0:00:02:0a"
+
+            def entry() -> str:
+                return client.iproute("neigh", "show", "192.0.2.10", "dev", "lan1").stdout.strip()
+
+            assert entry() == "192.0.2.10 lladdr 02:00:c0:00:02:0a PERMANENT"
+            second = transition(havip, 2, "02:00:c0:00:02:0b")
+            await broker.publish(second)
+            assert (await read_line(process))["neighbour"]["lladdr"] == "02:00:c0:00:02:0b"
+            assert entry() == "192.0.2.10 lladdr 02:00:c0:00:02:0b PERMANENT"
+
+            await broker.publish(transition(havip, 3, None))  # released: nobody holds it
+            released = await read_line(process)
+            assert (released["outcome"], released["current_mac"], released["neighbour"]["lladdr"]) == (
+                "applied",
+                None,
+                None,
+            )
+            assert entry() == ""
+            assert await asyncio.wait_for(process.wait(), timeout=DEADLINE_S) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await broker.close()

@@ -14,6 +14,7 @@ import pytest
 
 from tests.lab import (
     ArpCapture,
+    ArpGuard,
     Keepalived,
     Lab,
     LabCommandError,
@@ -139,6 +140,45 @@ def test_gratuitous_arp_is_seen_on_capture_port_and_capture_namespace(lab: Lab) 
         assert request.vlan is None
         assert (reply.op, reply.sender_ip, reply.target_ip) == (2, VIP, VIP)
         assert (tagged.vlan, tagged.op, tagged.sender_ip) == (100, 1, VIP)
+
+
+@needs_root
+def test_arp_guard_keeps_announcements_from_the_client_but_not_from_the_watcher(lab: Lab) -> None:
+    """As in a cloud VPC: the client cannot learn who has an address from ARP; the watcher still sees the GARP;
+    a programmed (permanent) neighbour entry is what makes the client reach the holder."""
+    h1 = lab.add_host("host1", H1_IP)
+    h2 = lab.add_host("host2", H2_IP)
+    client = lab.add_host("client", "192.0.2.21")
+    cap = lab.add_capture_port()
+    guard = ArpGuard(lab, client, [h1, h2])
+    guard.install()
+    h1.add_address(VIP)
+
+    from_host1 = f"arp and ether src {h1.mac}"
+    with (
+        ArpCapture(cap, count=1, registry=lab.processes) as watcher_side,
+        ArpCapture(client.iface, bpf=from_host1, netns=client.netns, registry=lab.processes) as client_side,
+    ):
+        h1.arping(VIP, count=2)
+        h1.arping(VIP, reply=True)
+        with pytest.raises(LabCommandError):
+            client.ping(VIP, timeout=0.5)  # it asks who has VIP; host1's answer (sender VIP) is dropped too
+        [garp] = watcher_side.wait(5)
+        assert (garp.sender_ip, garp.sender_mac) == (VIP, h1.mac)
+        assert "lladdr" not in client.iproute("neigh", "show", VIP).stdout
+
+        # Programmed, the client reaches host1; host1 (its cache flushed) resolves the client to answer, asking
+        # with its own address (arp_announce=2), which is the first ARP from host1 that reaches the client.
+        h1.iproute("neigh", "flush", "dev", h1.iface)
+        client.iproute("neigh", "replace", VIP, "lladdr", h1.mac, "dev", client.iface, "nud", "permanent")
+        assert client.ping(VIP)
+        [first_from_host1] = client_side.wait(5)
+    assert (first_from_host1.sender_ip, first_from_host1.sender_mac) == (H1_IP, h1.mac)
+    assert guard.dropped() >= 4  # two GARPs, the gratuitous reply, host1's answer to the client's question
+
+    h2.arping(VIP, count=2)  # a competing announcement changes nothing for the client
+    assert h1.mac in client.iproute("neigh", "show", VIP).stdout
+    assert client.ping(VIP)
 
 
 @needs_root

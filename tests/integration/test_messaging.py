@@ -4,6 +4,7 @@ passes; consuming goes on."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Sequence
@@ -102,3 +103,47 @@ async def test_a_transient_failure_is_retried_until_it_passes(settings: CommonSe
         await broker.close()
     assert consumer.dead_lettered == 0
     assert await dead_letters(settings) == []
+
+
+async def test_a_routine_batch_under_way_never_holds_up_another_message(settings: CommonSettings) -> None:
+    """The routine lane (messages marked as renewals) is handled by a task of its own: while its handler is
+    busy, a message of the main lane is handled; every message is acknowledged once handled."""
+    handled: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        handled.extend(d.data.name for d in deliveries if isinstance(d.data, events.VpcData))
+
+    async def routine(deliveries: Sequence[Delivery]) -> None:
+        await release.wait()  # e.g. a large write of holders' refreshes
+        handled.extend(f"routine {d.data.name}" for d in deliveries if isinstance(d.data, events.VpcData))
+
+    broker = Broker(settings, "test")
+    await broker.connect()
+    try:
+        consumer = await broker.consumer(
+            "test.lanes", ["vpc.created"], handler, routine_batch=4, routine_handler=routine
+        )
+        try:
+            for name in ("r1", "r2"):
+                env = vpc(name)
+                await broker.publish_encoded(env.type, events.encode(env), env.event_id, routine=True)
+            await broker.publish(vpc("takeover"))
+            await eventually(lambda: handled == ["takeover"], what="the main lane handled past the routine one")
+            release.set()
+            await eventually(lambda: len(handled) == 3, what="the routine lane handled")
+            assert sorted(handled[1:]) == ["routine r1", "routine r2"]
+        finally:
+            release.set()
+            await consumer.stop()
+    finally:
+        await broker.close()
+    assert consumer.dead_lettered == 0
+    # Everything was acknowledged: with the consumer's connection closed, nothing comes back to the queue.
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.queue("test.lanes"), passive=True)
+        assert await queue.get(fail=False) is None
+    finally:
+        await connection.close()

@@ -111,7 +111,13 @@ class SlowBroker(Broker):
         self.publishing = asyncio.Event()
 
     async def publish_encoded(
-        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+        self,
+        event_type: str,
+        body: bytes,
+        event_id: uuid.UUID,
+        occurred_at: datetime | None = None,
+        *,
+        routine: bool = False,
     ) -> None:
         self.publishing.set()
         await asyncio.sleep(0.3)

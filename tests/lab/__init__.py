@@ -12,6 +12,7 @@ Typical use::
         ...
 """
 
+from tests.lab.arp_guard import ArpGuard
 from tests.lab.capture import ArpCapture, ArpFrame, garp_filter, parse_frame, parse_tcpdump_hex
 from tests.lab.keepalived import Keepalived, render_config
 from tests.lab.names import ALLOWED_NETWORKS, default_mac, new_prefix
@@ -31,6 +32,7 @@ __all__ = [
     "ALLOWED_NETWORKS",
     "ArpCapture",
     "ArpFrame",
+    "ArpGuard",
     "CaptureNamespace",
     "CapturePort",
     "Keepalived",

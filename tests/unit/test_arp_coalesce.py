@@ -49,7 +49,18 @@ def test_refreshes_go_out_once_per_window_with_the_repeats_folded_in() -> None:
     out = c.admit(refreshes)
     assert [r.captured_at for r in out] == [T, T + S, T + 2 * S]
     assert [r.repeats for r in out] == [1, 4, 4]
+    assert [r.renewal for r in out] == [False, True, True]  # the routine lane, after the first
     assert c.coalesced == 6
+
+
+def test_a_refresh_after_a_quiet_spell_is_still_a_renewal_and_a_new_claimant_never_is() -> None:
+    c = Coalescer(window_ns=S, memory_ns=60 * S)
+    assert [r.renewal for r in c.admit([garp(A, T)])] == [False]
+    # keepalived's garp_master_refresh: long after the window, the same holder again
+    assert [r.renewal for r in c.admit([garp(A, T + 30 * S)])] == [True]
+    assert [r.renewal for r in c.admit([garp(B, T + 31 * S)])] == [False]  # the takeover: urgent
+    c.admit([garp(A, T + 200 * S, ip=VIP + 1)])  # time passes: entries older than memory_ns are swept
+    assert [r.renewal for r in c.admit([garp(B, T + 201 * S)])] == [False]  # forgotten: published as new
 
 
 def test_zero_window_publishes_every_frame() -> None:
@@ -59,12 +70,14 @@ def test_zero_window_publishes_every_frame() -> None:
 
 
 def test_the_table_is_swept_and_bounded() -> None:
-    c = Coalescer(window_ns=S, max_addresses=100)
+    c = Coalescer(window_ns=S, max_addresses=100, memory_ns=5 * S)
     c.admit([garp(A, T, ip=VIP + i) for i in range(50)])
     assert len(c) == 50
-    c.admit([garp(A, T + 2 * S, ip=VIP + 1000)])  # a window later: the old entries go
+    c.admit([garp(A, T + 2 * S, ip=VIP + 1000)])  # within memory_ns: kept, to recognise renewals
+    assert len(c) == 51
+    c.admit([garp(A, T + 7 * S, ip=VIP + 1001)])  # memory_ns after them: the old entries go
     assert len(c) == 1
-    flood = [garp(A, T + 3 * S, ip=VIP + i) for i in range(500)]
+    flood = [garp(A, T + 8 * S, ip=VIP + i) for i in range(500)]
     assert c.admit(flood) == flood  # more addresses than the bound: nothing is held back
     assert len(c) <= 100
 
@@ -84,13 +97,18 @@ def test_no_change_of_claimant_is_ever_held_back(frames: list[tuple[bytes, bytes
     ]
     out = c.admit(claims)
     previous: dict[int, tuple[bytes, bytes]] = {}
+    last_published: dict[int, tuple[bytes, bytes]] = {}
+    for claim in out:  # a renewal is exactly a republished claim of the last published claimant
+        identity = (claim.sender_mac, claim.eth_src)
+        assert claim.renewal == (last_published.get(claim.sender_ip) == identity)
+        last_published[claim.sender_ip] = identity
     must = []
     for claim in claims:
         identity = (claim.sender_mac, claim.eth_src)
         if previous.get(claim.sender_ip) != identity:
             must.append(claim)
         previous[claim.sender_ip] = identity
-    published = [claim._replace(repeats=1) for claim in out]
+    published = [claim._replace(repeats=1, renewal=False) for claim in out]
     assert all(claim in published for claim in must)
     assert len(out) + c.coalesced == len(claims)
     assert sum(claim.repeats for claim in out) <= len(claims)

@@ -39,9 +39,16 @@ class FakeBroker:
         self.attempts: list[bytes] = []
         self.events: list[ClaimsObserved] = []
         self.event_ids: list[uuid.UUID] = []
+        self.routine: list[bool] = []  # the lane of each confirmed event
 
     async def publish_encoded(
-        self, event_type: str, body: bytes, event_id: uuid.UUID, occurred_at: datetime | None = None
+        self,
+        event_type: str,
+        body: bytes,
+        event_id: uuid.UUID,
+        occurred_at: datetime | None = None,
+        *,
+        routine: bool = False,
     ) -> None:
         assert event_type == "arp.claims.observed"
         self.attempts.append(body)
@@ -53,6 +60,7 @@ class FakeBroker:
         assert isinstance(data, ClaimsObserved)
         self.events.append(data)
         self.event_ids.append(event_id)
+        self.routine.append(routine)
 
     @property
     def claims(self) -> list[tuple[IPv4Address, str, int]]:
@@ -127,6 +135,80 @@ async def test_buffer_keeps_the_newest_claim_of_each_claimant_and_every_claimant
     assert buffer.merged == 3
     # In the order of the newest claims: after an outage the binding service sees every change of holder.
     assert buffer.take(10) == [new_master, spoofer, holder_refreshes[3]._replace(repeats=4)]
+
+
+async def test_renewals_wait_in_the_routine_lane_and_a_change_of_claimant_promotes_its_claimant() -> None:
+    buffer = ClaimBuffer(10, asyncio.get_running_loop())
+    t = time.time_ns()
+    refreshes = [claim(i, at=t + i)._replace(renewal=True) for i in range(3)]
+    takeover = claim(5, OTHER, at=t + 5)
+    buffer.put_many([*refreshes, takeover])
+    # A renewal of a claimant whose claim is still waiting in the urgent lane stays with it there.
+    later = claim(5, OTHER, at=t + 6)._replace(renewal=True)
+    buffer.put_many([later])
+    assert buffer.take(10) == [later._replace(repeats=2, renewal=False)]
+    # A claimant that is not a renewal any more (the coalescer forgot it) leaves the routine lane.
+    promoted = claim(1, at=t + 7)
+    buffer.put_many([promoted])
+    assert buffer.take(10) == [promoted._replace(repeats=2)]
+    assert buffer.take(10, routine=True) == [refreshes[0], refreshes[2]]
+    assert len(buffer) == 0
+
+
+async def test_overflow_drops_renewals_before_changes_of_claimant() -> None:
+    buffer = ClaimBuffer(3, asyncio.get_running_loop())
+    urgent = [claim(i, OTHER) for i in range(2)]
+    renewals = [claim(10)._replace(renewal=True), claim(11)._replace(renewal=True)]
+    buffer.put_many([renewals[0], *urgent, renewals[1]])
+    assert buffer.dropped == 1
+    assert buffer.take(10) == urgent
+    assert buffer.take(10, routine=True) == renewals[1:]
+
+
+async def test_publisher_sends_a_change_of_claimant_while_renewals_wait_for_their_confirm() -> None:
+    """The lanes publish independently: a takeover is never queued behind a batch of refreshes."""
+
+    class SlowRoutine(FakeBroker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def publish_encoded(
+            self,
+            event_type: str,
+            body: bytes,
+            event_id: uuid.UUID,
+            occurred_at: datetime | None = None,
+            *,
+            routine: bool = False,
+        ) -> None:
+            if routine:
+                await self.release.wait()  # the broker's confirm of the routine batch is slow
+            await super().publish_encoded(event_type, body, event_id, occurred_at, routine=routine)
+
+    buffer = ClaimBuffer(1000, asyncio.get_running_loop())
+    broker = SlowRoutine()
+    publisher = ClaimPublisher(
+        broker, buffer, WatcherMetrics(CollectorRegistry()), watcher_id="w", interface="eth0", batch_size=500
+    )
+    task = asyncio.create_task(publisher.run())
+    try:
+        buffer.put_many([claim(i)._replace(renewal=True) for i in range(50)])
+        await wait_until(lambda: publisher.in_flight == 50)
+        buffer.put_many([claim(99, OTHER)])
+        await wait_until(lambda: len(broker.events) == 1)
+        assert [c.sender_mac for c in broker.events[0].claims] == [OTHER.hex(":")]
+        assert broker.routine == [False]
+        broker.release.set()
+        await wait_until(lambda: len(broker.events) == 2)
+        assert broker.routine == [False, True]
+        assert len(broker.events[1].claims) == 50
+    finally:
+        broker.release.set()
+        publisher.close()
+        async with asyncio.timeout(5):
+            await task
+    assert publisher.in_flight == 0
 
 
 async def test_buffer_keeps_the_newer_claim_when_an_older_one_comes_late() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from services.binding.domain import (
     EPOCH_NS,
+    Attachment,
     BindingBook,
     Claim,
     Havip,
@@ -113,6 +114,49 @@ def test_overlapping_vpcs_resolve_the_havip_of_the_claimants_vpc() -> None:
     assert b.bindings[HAVIP.id].instance_id is None
     # An unknown MAC cannot tell which of the two is meant.
     assert b.apply_claim(claim("02:aa:aa:aa:aa:aa", 6)) == Rejected(None, "unknown_mac")
+
+
+def seen(c: Claim, segment: str, vlan: int | None = None) -> Claim:
+    return Claim(c.address, c.sender_mac, c.eth_src, c.captured_ns, c.watcher_id, segment, vlan)
+
+
+def test_a_claim_is_decided_only_against_the_havips_of_its_segment() -> None:
+    """SPEC §4: two tenants use the same address on two segments; each claim concerns its own segment's HAVIP,
+    and is neither decided nor audited against the other's."""
+    b = book()
+    other_subnet = uuid.uuid4()
+    twin = Havip(uuid.uuid4(), OTHER_VPC, other_subnet, VIP)
+    tenant = Instance(uuid.uuid4(), OTHER_VPC, other_subnet, "02:00:00:00:00:09", IPv4Address("192.0.2.9"))
+    b.put_havip(twin)
+    b.put_instance(tenant)
+    b.attach_subnet(SUBNET, Attachment("blue"))
+    b.attach_subnet(other_subnet, Attachment("red"))
+    assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 1), "blue")), Transition)
+    # The other tenant's instance claiming on blue: refused against blue's HAVIP only — never its own twin.
+    assert b.apply_claim(seen(claim(tenant.mac, 2), "blue")) == Rejected(HAVIP.id, "other_subnet")
+    # An unknown MAC on red names red's HAVIP, not "one of two" as without segments.
+    assert b.apply_claim(seen(claim("02:aa:aa:aa:aa:aa", 3), "red")) == Rejected(twin.id, "unknown_mac")
+    # blue's instance claiming on red: refused against red's HAVIP; blue's binding is not touched.
+    assert b.apply_claim(seen(claim(CVM2.mac, 4), "red")) == Rejected(twin.id, "other_subnet")
+    assert b.bindings[HAVIP.id].instance_id == CVM1.id
+    moved = b.apply_claim(seen(claim(tenant.mac, 5), "red"))
+    assert isinstance(moved, Transition)
+    assert moved.havip_id == twin.id
+    # A segment no subnet is attached to: the address is nobody's there (counted, not stored).
+    assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 6), "green")), NotAHavip)
+    assert isinstance(b.apply_claim(claim(CVM1.mac, 7)), NotAHavip)  # the default segment, too, now
+
+
+def test_vlans_of_one_segment_separate_subnets_and_no_vlan_means_the_whole_segment() -> None:
+    b = book()
+    b.attach_subnet(SUBNET, Attachment("trunk", 10))
+    assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 1), "trunk", 20)), NotAHavip)
+    assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 2), "trunk", None)), NotAHavip)  # untagged
+    assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 3), "trunk", 10)), Transition)
+    b.attach_subnet(SUBNET, Attachment("trunk"))
+    assert isinstance(b.apply_claim(seen(claim(CVM2.mac, 4), "trunk", 20)), Transition)
+    b.detach_subnet(SUBNET)  # back to the default: the default segment, any VLAN
+    assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 5), "default", 30)), Transition)
 
 
 def test_deregistering_the_holder_unbinds_with_a_release_transition() -> None:

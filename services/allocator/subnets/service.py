@@ -19,7 +19,7 @@ from services.allocator.subnets.schemas import Subnet, SubnetCreate, SubnetRef
 from services.allocator.vpcs.service import fetch_vpc
 
 _SELECT = """
-    SELECT s.id, s.vpc_id, s.name, s.cidr, s.created_at,
+    SELECT s.id, s.vpc_id, s.name, s.cidr, s.segment, s.vlan, s.created_at,
            (SELECT count(*) FROM allocator.instances i WHERE i.subnet_id = s.id)
            + (SELECT count(*) FROM allocator.havips h WHERE h.subnet_id = s.id) AS used
     FROM allocator.subnets s"""
@@ -76,12 +76,15 @@ async def create_subnet(db: Database, request: SubnetCreate) -> Subnet:
         )
         addressing.check_no_overlap(request.cidr, [(r["id"], r["cidr"]) for r in siblings])
         row = await tx.conn.fetchrow(
-            """INSERT INTO allocator.subnets (id, vpc_id, name, cidr) VALUES ($1, $2, $3, $4)
-               RETURNING id, vpc_id, name, cidr, created_at""",
+            """INSERT INTO allocator.subnets (id, vpc_id, name, cidr, segment, vlan)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               RETURNING id, vpc_id, name, cidr, segment, vlan, created_at""",
             uuid.uuid4(),
             vpc.id,
             request.name,
             request.cidr,
+            request.segment,
+            request.vlan,
         )
         subnet = Subnet.from_row(row, used=0)
         tx.publish("subnet.created", subnet.event_data())

@@ -1,0 +1,1 @@
+"""Deployment artefacts; Python only where an artefact is generated (the Grafana dashboard)."""

@@ -1,0 +1,1 @@
+"""The Grafana dashboard of the HAVIP control plane, generated as code (see README.md here)."""
