@@ -24,7 +24,7 @@ On a database and a RabbitMQ virtual host of its own:
    /16 (these two in alternating order; no address: the lowest free one), each timed with perf_counter
    around the call, so that all three see the same moments of a noisy machine; each answer must be the
    next lowest address; the empty subnet's HAVIPs are released again (through the API) after the level;
-4. replays, at the same level, what allocation read before migration 0003 — every address taken in the
+4. replays, at the same level, what allocation read before migration 0005 — every address taken in the
    subnet, scanned for the lowest free one, and a count of the VPC's HAVIPs for the quota — and what it
    reads now (one probe of the free ranges, the sum of the per-subnet counts), database round trips only;
 5. tears everything down (allocator by process group, database and vhost dropped), also on failure.
@@ -71,7 +71,7 @@ READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 300.0
 
-# What allocation read before migration 0003 (services/allocator/subnets/service.py `taken_addresses`, and the
+# What allocation read before migration 0005 (services/allocator/subnets/service.py `taken_addresses`, and the
 # quota count of services/allocator/havips/service.py), replayed here to show its cost at each level.
 FORMER_TAKEN = """SELECT address AS a FROM allocator.havips WHERE subnet_id = $1
                   UNION ALL
@@ -185,7 +185,7 @@ async def timed_median_ms(call: Callable[[], Awaitable[Any]], repeat: int = REPL
 
 
 async def replay_reads(conn: Any, vpc_id: str, subnet_id: str) -> dict[str, float]:
-    """Median ms of what allocation reads, before migration 0003 and now (database round trips only)."""
+    """Median ms of what allocation reads, before migration 0005 and now (database round trips only)."""
     vpc, subnet = uuid.UUID(vpc_id), uuid.UUID(subnet_id)
 
     async def former() -> None:
@@ -362,7 +362,7 @@ def render(report: dict[str, Any]) -> str:
         f"an allocation in an empty /16 ({EMPTY_BLOCK}) and one in the filled /16 ({report['block']}); "
         f"prefill by {report['prefill']}; quota {report['quota_per_vpc']:,}/VPC",
         "  HAVIPs   filled /16: allocation ms p50 / p99   empty /16: p50 / p99   filled÷empty p50 / p99"
-        "   ÷p50 at first level   bare INSERT p50 / p99   reads before 0003 / now, ms",
+        "   ÷p50 at first level   bare INSERT p50 / p99   reads before 0005 / now, ms",
     ]
     for r in report["results"]:
         a, e, b = r["allocation_ms"], r["empty_subnet_allocation_ms"], r["bare_insert_ms"]

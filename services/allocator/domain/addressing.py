@@ -10,7 +10,7 @@ Rules (decided here, documented in the API):
 * Reserved in every subnet and never handed out: the network address, the first host (the gateway) and the
   broadcast address.
 
-Which addresses are free is kept by the database (allocator.free_ranges, migration 0003): the lowest free one
+Which addresses are free is kept by the database (allocator.free_ranges, migration 0005): the lowest free one
 is an index probe there, whatever the subnet's fill.
 """
 

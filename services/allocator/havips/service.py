@@ -3,7 +3,7 @@ release, history; and the expiry of idempotency keys.
 
 Allocation runs in one transaction that takes the subnet's lock (addresses, shared with instance
 registration), chooses the address (one probe of the subnet's free ranges, kept by the database in step with
-the rows: migration 0003), inserts and writes the `havip.allocated` event to the outbox, and only then takes
+the rows: migration 0005), inserts and writes the `havip.allocated` event to the outbox, and only then takes
 the VPC's lock to check the quota (the sum of the VPC's per-subnet HAVIP counts, kept by the same migration),
 so that the lock every allocation of a VPC passes through is held for the shortest time. The unique
 (vpc_id, address) constraint and the free-range trigger (which refuses an address that is not free) are the
@@ -156,7 +156,7 @@ async def allocate_havip(
         await tx.flush_events()
         # The quota's VPC lock is taken last, so that it is held only for the count and the commit: every
         # allocation in the VPC passes through it one at a time. Read after the lock, the sum of the VPC's
-        # per-subnet counts (kept by the INSERT's trigger, migration 0003: one row per subnet, however many
+        # per-subnet counts (kept by the INSERT's trigger, migration 0005: one row per subnet, however many
         # HAVIPs) includes every committed HAVIP of the VPC and our own new row.
         await tx.lock("vpc", subnet.vpc_id)
         in_vpc = await tx.conn.fetchval(

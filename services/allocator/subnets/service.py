@@ -33,7 +33,7 @@ async def fetch_subnet_ref(conn: Any, subnet_id: uuid.UUID) -> SubnetRef:
 
 
 # Free addresses are kept as ranges of integers (address - 0.0.0.0) in allocator.free_ranges, in step with
-# havips and instances through triggers (migration 0003); the primary key (subnet_id, hi) orders the ranges.
+# havips and instances through triggers (migration 0005); the primary key (subnet_id, hi) orders the ranges.
 _LOWEST_FREE = "SELECT lo FROM allocator.free_ranges WHERE subnet_id = $1 ORDER BY hi LIMIT 1"
 _IS_FREE = """SELECT lo <= $2 FROM allocator.free_ranges WHERE subnet_id = $1 AND hi >= $2
               ORDER BY hi LIMIT 1"""
