@@ -30,7 +30,9 @@ On a database and a RabbitMQ virtual host of its own:
 5. tears everything down (allocator by process group, database and vhost dropped), also on failure.
 
 Goal (SPEC §7, P7): the median allocation with the largest level in the subnet within 1.5× of the median in
-the empty /16 (measured in the same rounds); the ratio to the median at the first level is reported too.
+the empty /16, measured in the same rounds. The ratio to the median at the first level is reported beside
+the bare INSERT's own ratio between the same moments: on a shared machine the load changes between levels
+(minutes apart), and that ratio moves with it, the paired one does not.
 """
 
 from __future__ import annotations
@@ -333,7 +335,6 @@ async def run_curve(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     last = results[-1]
     goals = {
         "p50_within_1_5x_of_empty_subnet": last["p50_ratio_to_empty_subnet"] <= GOAL_RATIO,
-        "p50_within_1_5x_of_first_level": last["p50_ratio_to_first"] <= GOAL_RATIO,
         "every_answer_the_lowest": all(r["all_lowest"] for r in results),
         "zero_duplicates": duplicates == 0,
     }
@@ -378,8 +379,8 @@ def render(report: dict[str, Any]) -> str:
         f"  goals    p50 with {last['havips']:,} HAVIPs ≤ {GOAL_RATIO}× p50 in the empty /16: "
         f"{'PASS' if g['p50_within_1_5x_of_empty_subnet'] else 'FAIL'} "
         f"({last['p50_ratio_to_empty_subnet']:.2f}×); "
-        f"≤ {GOAL_RATIO}× p50 at {report['results'][0]['havips']:,}: "
-        f"{'PASS' if g['p50_within_1_5x_of_first_level'] else 'FAIL'} ({last['p50_ratio_to_first']:.2f}×); "
+        f"(against the p50 at {report['results'][0]['havips']:,}: {last['p50_ratio_to_first']:.2f}×, the bare "
+        f"INSERT's {last['bare_insert_p50_ratio_to_first']:.2f}×); "
         f"every answer the lowest {'ok' if g['every_answer_the_lowest'] else 'FAILED'}; "
         f"duplicates {report['duplicates']}  → {'PASS' if report['pass'] else 'FAIL'}"
     )
