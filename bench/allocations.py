@@ -1,6 +1,9 @@
 """P4 — concurrent HAVIP allocations through the real allocator (SPEC §7).
 
     python -m bench.allocations [--n 1000] [--subnets 10] [--concurrency N] [--layout both] [--json]
+    python -m bench.allocations --fill-curve [--levels 0,10000,50000] [--samples 200] [--prefill sql|api]
+
+The second form is P7, allocation as one subnet fills: bench/fill_curve.py.
 
 For each VPC layout (`one-vpc`: every subnet in one VPC, so the VPC's quota lock serialises all allocations;
 `vpc-per-subnet`: one VPC per subnet, so only the subnet lock and the pool are shared), on a database and a
@@ -59,6 +62,7 @@ import aio_pika
 import asyncpg
 import httpx
 
+from bench import fill_curve
 from bench.common import (
     AllocatorProcess,
     CpuSnapshot,
@@ -677,7 +681,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quiet-wait", type=float, default=60.0, help="…but at most this long, s (default 60; 0: do not wait)"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline for the whole run, s (default 600)")
+    fill = parser.add_argument_group("fill curve (P7, bench/fill_curve.py): instead of the concurrent burst")
+    fill.add_argument(
+        "--fill-curve",
+        action="store_true",
+        help="measure one allocation at a time as one /16 subnet fills, at each of --levels HAVIPs",
+    )
+    fill.add_argument(
+        "--levels",
+        type=fill_curve.parse_levels,
+        default=fill_curve.DEFAULT_LEVELS,
+        help="HAVIPs in the subnet at each step, increasing (default 0,10000,50000)",
+    )
+    fill.add_argument("--samples", type=int, default=200, help="allocations measured at each level (default 200)")
+    fill.add_argument(
+        "--prefill",
+        choices=("sql", "api"),
+        default="sql",
+        help="fill by one INSERT into the allocator's table (default) or by POST /v1/havips, 10 in flight",
+    )
     args = parser.parse_args(argv)
+    if args.fill_curve:
+        if not 1 <= args.samples <= 10_000:
+            parser.error("--samples must be 1..10000")
+        try:
+            fill_curve.check_plan(args.levels, args.samples)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.concurrency is None:
         args.concurrency = args.n
     if not 1 <= args.n <= MAX_N:
@@ -707,6 +737,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     if task is not None:  # SIGTERM like Ctrl-C: cancel, so every teardown runs
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    command = " ".join(["python -m bench.allocations", *sys.argv[1:]])
+    if args.fill_curve:
+        with tempfile.TemporaryDirectory(prefix="havip-bench-") as tmp:
+            async with asyncio.timeout(args.timeout):
+                return {**await fill_curve.run_curve(args, Path(tmp)), "command": command}
     kinds = LAYOUTS if args.layout == "both" else (args.layout,)
     results = []
     with tempfile.TemporaryDirectory(prefix="havip-bench-") as tmp:
@@ -716,7 +751,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "P4",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.allocations", *sys.argv[1:]]),
+        "command": command,
         "machine": machine(),
         "parameters": {k: v for k, v in vars(args).items() if k != "json"},
         "layouts": results,
@@ -739,6 +774,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(report, indent=2, default=str))
+    elif args.fill_curve:
+        print(fill_curve.render(report))
     else:
         m = report["machine"]
         print(f"{report['date']}  {m['host']}: {m['cores']} cores ({m['cpu']}), Python {m['python']}")

@@ -53,6 +53,8 @@ CONSTRAINT_CODES: Mapping[str, tuple[str, str]] = {
     "instances_mac_key": ("MAC_IN_USE", "the MAC address is already registered"),
     "instances_private_ip_key": ("ADDRESS_IN_USE", "the address is already in use"),
     "havips_address_key": ("ADDRESS_IN_USE", "the address is already in use"),
+    # raised by the free-range triggers (migration 0005) when an address is not free
+    "free_ranges_address_free": ("ADDRESS_IN_USE", "the address is already in use"),
     "havips_eip_key": ("EIP_IN_USE", "the EIP is already associated"),
     "subnets_vpc_id_cidr_key": ("SUBNET_OVERLAP", "the VPC already has this subnet"),
 }

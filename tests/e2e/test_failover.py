@@ -313,7 +313,7 @@ def havipctl(system: System, *args: str, check: bool = True) -> subprocess.Compl
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
     env.update(HAVIP_URL=system.api_url, HAVIP_API_TOKEN=system.token, HAVIP_AMQP_URL=system.amqp_url)
     result = subprocess.run(
-        [sys.executable, "-m", "services.allocator.cli.main", *args],
+        [sys.executable, "-m", "havipctl", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -331,7 +331,7 @@ async def test_havipctl_follows_the_whole_story_on_the_running_system(
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
     env.update(HAVIP_AMQP_URL=system.amqp_url)
     watch = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "services.allocator.cli.main", "watch", "havip.binding.changed", "--json"),
+        *(sys.executable, "-m", "havipctl", "watch", "havip.binding.changed", "--json"),
         *("--count", "1", "--timeout", "30"),
         env=env,
         stdout=asyncio.subprocess.PIPE,

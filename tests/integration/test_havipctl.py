@@ -127,7 +127,7 @@ def havipctl(allocator: Allocator, *args: str, token: str | None = TOKEN, url: s
     if token is not None:
         env["HAVIP_API_TOKEN"] = token
     done = subprocess.run(
-        [sys.executable, "-m", "services.allocator.cli.main", *args],
+        [sys.executable, "-m", "havipctl", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -164,7 +164,7 @@ class Watch:
         env = {**base_env(), "HAVIP_AMQP_URL": allocator.amqp_url}
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.allocator.cli.main", "watch", *args],
+                [sys.executable, "-m", "havipctl", "watch", *args],
                 cwd=ROOT,
                 env=env,
                 stdout=out,

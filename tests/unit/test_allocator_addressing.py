@@ -9,14 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.allocator.domain import addressing
-from services.allocator.errors import (
-    AddressInUse,
-    AddressNotInSubnet,
-    AddressReserved,
-    SubnetFull,
-    SubnetNotInVpc,
-    SubnetOverlap,
-)
+from services.allocator.errors import AddressNotInSubnet, AddressReserved, SubnetNotInVpc, SubnetOverlap
 
 A = IPv4Address
 N = IPv4Network
@@ -30,24 +23,6 @@ def test_reserved_are_network_gateway_broadcast() -> None:
     assert addressing.reserved_addresses(net) == {A("10.0.1.0"), A("10.0.1.1"), A("10.0.1.255")}
     assert addressing.gateway(net) == A("10.0.1.1")
     assert addressing.usable_count(net) == 253
-
-
-def test_lowest_free_skips_reserved_and_taken() -> None:
-    net = N("192.0.2.0/29")
-    assert addressing.lowest_free(net, []) == A("192.0.2.2")
-    assert addressing.lowest_free(net, [A("192.0.2.2"), A("192.0.2.4")]) == A("192.0.2.3")
-    assert addressing.lowest_free(net, [A("192.0.2.2"), A("192.0.2.3")]) == A("192.0.2.4")
-    # taken addresses outside the usable range change nothing
-    assert addressing.lowest_free(net, [A("192.0.2.0"), A("192.0.2.1"), A("10.0.0.2")]) == A("192.0.2.2")
-
-
-def test_smallest_subnet_fills_up() -> None:
-    net = N("192.0.2.8/29")
-    taken = [A(f"192.0.2.{i}") for i in range(10, 15)]
-    assert addressing.free_count(net, taken) == 0
-    assert addressing.lowest_free(net, taken) is None
-    with pytest.raises(SubnetFull):
-        addressing.choose_address(net, taken)
 
 
 def test_check_block_bounds() -> None:
@@ -78,24 +53,15 @@ def test_overlap_names_the_other_subnet() -> None:
         addressing.check_no_overlap(N("10.0.0.0/22"), others[1:])
 
 
-def test_check_address() -> None:
+def test_check_requested_address() -> None:
     net = N("10.0.0.0/24")
-    addressing.check_address(net, A("10.0.0.2"), [])
+    addressing.check_requested_address(net, A("10.0.0.2"))
+    addressing.check_requested_address(net, A("10.0.0.254"))
     with pytest.raises(AddressNotInSubnet):
-        addressing.check_address(net, A("10.0.1.2"), [])
+        addressing.check_requested_address(net, A("10.0.1.2"))
     for reserved in ("10.0.0.0", "10.0.0.1", "10.0.0.255"):
         with pytest.raises(AddressReserved):
-            addressing.check_address(net, A(reserved), [])
-    with pytest.raises(AddressInUse):
-        addressing.check_address(net, A("10.0.0.7"), [A("10.0.0.7")])
-    assert addressing.choose_address(net, [A("10.0.0.2")], A("10.0.0.9")) == A("10.0.0.9")
-
-
-def test_lowest_free_in_a_huge_block_is_cheap() -> None:
-    net = N("10.0.0.0/8")
-    taken = [A(int(net.network_address) + 2 + i) for i in range(5000)]
-    assert addressing.lowest_free(net, taken) == A(int(net.network_address) + 5002)
-    assert addressing.free_count(net, taken) == 2**24 - 3 - 5000
+            addressing.check_requested_address(net, A(reserved))
 
 
 # ---- properties --------------------------------------------------------------------------------------------
@@ -109,60 +75,15 @@ def subnets(draw: st.DrawFn, max_size: int = 1024) -> IPv4Network:
     return N((base, prefix), strict=False)
 
 
-@st.composite
-def subnet_and_taken(draw: st.DrawFn) -> tuple[IPv4Network, set[IPv4Address]]:
-    net = draw(subnets())
-    first, last = int(net.network_address), int(net.broadcast_address)
-    # any addresses of the block (reserved ones included) and a few outside it
-    inside = draw(st.sets(st.integers(min_value=first, max_value=last), max_size=64))
-    outside = draw(st.sets(st.integers(min_value=0, max_value=2**32 - 1), max_size=4))
-    return net, {A(i) for i in inside | outside}
-
-
-@given(subnet_and_taken())
-def test_lowest_free_is_usable_free_and_lowest(case: tuple[IPv4Network, set[IPv4Address]]) -> None:
-    net, taken = case
-    found = addressing.lowest_free(net, taken)
-    usable_free = [a for a in net if addressing.is_usable(net, a) and a not in taken]
-    if found is None:
-        assert usable_free == []
-    else:
-        assert found == min(usable_free)
-        assert found not in addressing.reserved_addresses(net)
-
-
-@given(subnet_and_taken())
-def test_free_count_matches_enumeration(case: tuple[IPv4Network, set[IPv4Address]]) -> None:
-    net, taken = case
-    expected = sum(1 for a in net if addressing.is_usable(net, a) and a not in taken)
-    assert addressing.free_count(net, taken) == expected
-
-
-@given(subnets(max_size=64))
-def test_allocating_until_full_hands_out_every_usable_address_once(net: IPv4Network) -> None:
-    taken: set[IPv4Address] = set()
-    while True:
-        try:
-            address = addressing.choose_address(net, taken)
-        except SubnetFull:
-            break
-        assert address not in taken
-        assert addressing.is_usable(net, address)
-        taken.add(address)
-    assert len(taken) == addressing.usable_count(net)
-    assert taken.isdisjoint(addressing.reserved_addresses(net))
-
-
 @given(subnets(), st.integers(min_value=0, max_value=2**32 - 1))
-def test_choose_given_address_accepts_exactly_the_usable_free_ones(net: IPv4Network, raw: int) -> None:
+def test_a_requested_address_is_accepted_exactly_when_usable(net: IPv4Network, raw: int) -> None:
     address = A(raw)
     if addressing.is_usable(net, address):
-        assert addressing.choose_address(net, set(), address) == address
-        with pytest.raises(AddressInUse):
-            addressing.choose_address(net, {address}, address)
+        addressing.check_requested_address(net, address)
+        assert addressing.first_usable(net) <= address <= addressing.last_usable(net)
     else:
         with pytest.raises((AddressNotInSubnet, AddressReserved)):
-            addressing.choose_address(net, set(), address)
+            addressing.check_requested_address(net, address)
 
 
 @given(subnets(), subnets())

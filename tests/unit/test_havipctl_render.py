@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from services.allocator.cli import render
+from havipctl import render
 
 HAVIP: dict[str, Any] = {
     "id": "8eafa7e0-e78e-4fc6-9cd3-b893849b0f70",

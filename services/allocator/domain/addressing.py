@@ -9,6 +9,9 @@ Rules (decided here, documented in the API):
   room to spare. /30 would leave one usable address, /31 and /32 none.
 * Reserved in every subnet and never handed out: the network address, the first host (the gateway) and the
   broadcast address.
+
+Which addresses are free is kept by the database (allocator.free_ranges, migration 0005): the lowest free one
+is an index probe there, whatever the subnet's fill.
 """
 
 from __future__ import annotations
@@ -17,14 +20,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 from typing import TypeVar
 
-from services.allocator.errors import (
-    AddressInUse,
-    AddressNotInSubnet,
-    AddressReserved,
-    SubnetFull,
-    SubnetNotInVpc,
-    SubnetOverlap,
-)
+from services.allocator.errors import AddressNotInSubnet, AddressReserved, SubnetNotInVpc, SubnetOverlap
 
 MIN_PREFIX = 8
 MAX_PREFIX = 29  # smallest block: 8 addresses, 5 usable
@@ -94,28 +90,6 @@ def is_usable(net: IPv4Network, address: IPv4Address) -> bool:
     return address in net and not is_reserved(net, address)
 
 
-def free_count(net: IPv4Network, taken: Iterable[IPv4Address]) -> int:
-    """Usable addresses not taken; taken addresses outside the usable range do not count."""
-    used = {a for a in taken if is_usable(net, a)}
-    return usable_count(net) - len(used)
-
-
-def lowest_free(net: IPv4Network, taken: Iterable[IPv4Address]) -> IPv4Address | None:
-    """The lowest usable address not in `taken`, or None when the subnet is full.
-
-    Costs O(t log t) in the number of taken addresses, whatever the size of the block.
-    """
-    candidate = int(first_usable(net))
-    last = int(last_usable(net))
-    # Integer comparisons only: this runs under the subnet lock, once per taken address.
-    for used in sorted({n for n in map(int, taken) if candidate <= n <= last}):
-        if used > candidate:
-            break
-        if used == candidate:
-            candidate += 1
-    return IPv4Address(candidate) if candidate <= last else None
-
-
 # ---- rules that relate a request to existing resources (raise domain errors) -------------------------------
 
 
@@ -139,8 +113,9 @@ def check_no_overlap(net: IPv4Network, others: Iterable[tuple[K, IPv4Network]]) 
         raise SubnetOverlap(f"{net} overlaps subnet {key} ({other}) of the same VPC")
 
 
-def check_address(net: IPv4Network, address: IPv4Address, taken: Iterable[IPv4Address]) -> None:
-    """A requested host address must be inside the subnet, not reserved and not taken."""
+def check_requested_address(net: IPv4Network, address: IPv4Address) -> None:
+    """A requested host address must be inside the subnet and not reserved (whether it is free is the
+    database's to say: services/allocator/subnets/service.py)."""
     if address not in net:
         raise AddressNotInSubnet(f"{address} is not inside the subnet {net}")
     if is_reserved(net, address):
@@ -148,19 +123,3 @@ def check_address(net: IPv4Network, address: IPv4Address, taken: Iterable[IPv4Ad
             f"{address} is reserved in {net} (network {net.network_address}, gateway {gateway(net)}, "
             f"broadcast {net.broadcast_address})"
         )
-    if address in set(taken):
-        raise AddressInUse(f"{address} is already in use in {net}")
-
-
-def choose_address(
-    net: IPv4Network, taken: Iterable[IPv4Address], requested: IPv4Address | None = None
-) -> IPv4Address:
-    """The requested address after checking it, or the lowest free one."""
-    taken_set = set(taken)
-    if requested is not None:
-        check_address(net, requested, taken_set)
-        return requested
-    address = lowest_free(net, taken_set)
-    if address is None:
-        raise SubnetFull(f"no free address left in {net}")
-    return address

@@ -2,9 +2,12 @@
 release, history; and the expiry of idempotency keys.
 
 Allocation runs in one transaction that takes the subnet's lock (addresses, shared with instance
-registration), reads what is taken, chooses, inserts and writes the `havip.allocated` event to the outbox, and
-only then takes the VPC's lock to count against the quota, so that the lock every allocation of a VPC passes
-through is held for the shortest time. The unique (vpc_id, address) constraint is the safety net.
+registration), chooses the address (one probe of the subnet's free ranges, kept by the database in step with
+the rows: migration 0005), inserts and writes the `havip.allocated` event to the outbox, and only then takes
+the VPC's lock to check the quota (the sum of the VPC's per-subnet HAVIP counts, kept by the same migration),
+so that the lock every allocation of a VPC passes through is held for the shortest time. The unique
+(vpc_id, address) constraint and the free-range trigger (which refuses an address that is not free) are the
+safety nets.
 
 Every later change of a HAVIP (update, EIP association, release) takes its subnet's lock first, so it is
 serialised with the others and with the registration and deregistration of its subnet's instances (candidates
@@ -24,14 +27,13 @@ from typing import Any
 
 from services.allocator.binding_view.repository import holder_for_release
 from services.allocator.database import EIP_POOL, Database, Transaction
-from services.allocator.domain import addressing
 from services.allocator.domain.eips import EipPool
 from services.allocator.errors import Conflict, Invalid, NotFound, QuotaExceeded
 from services.allocator.havips.schemas import EipAssociate, Havip, HavipCreate, HavipState, HavipUpdate, Transition
 from services.allocator.metrics import ALLOCATIONS
 from services.allocator.pagination import Where, decode_sequence, encode_sequence, next_token
 from services.allocator.schemas import Page
-from services.allocator.subnets.service import fetch_subnet_ref, taken_addresses
+from services.allocator.subnets.service import choose_address, fetch_subnet_ref
 from shared.events import EipData
 
 DEFAULT_IDEMPOTENCY_TTL_HOURS = 24
@@ -137,9 +139,7 @@ async def allocate_havip(
         await tx.lock("subnet", subnet.id)
         subnet = await fetch_subnet_ref(tx.conn, subnet.id)  # it may have been deleted meanwhile
         await _check_candidates(tx.conn, subnet.id, request.candidates)
-        address = addressing.choose_address(
-            subnet.cidr, await taken_addresses(tx.conn, subnet.id), request.address
-        )
+        address = await choose_address(tx.conn, subnet, request.address)
         row = await tx.conn.fetchrow(
             """INSERT INTO allocator.havips (id, vpc_id, subnet_id, name, address, candidates)
                VALUES ($1, $2, $3, $4, $5, $6)
@@ -158,10 +158,13 @@ async def allocate_havip(
         tx.publish("havip.allocated", havip.event_data())
         await tx.flush_events()
         # The quota's VPC lock is taken last, so that it is held only for the count and the commit: every
-        # allocation in the VPC passes through it one at a time. Counted after the lock, the count sees every
-        # committed HAVIP of the VPC and our own new row.
+        # allocation in the VPC passes through it one at a time. Read after the lock, the sum of the VPC's
+        # per-subnet counts (kept by the INSERT's trigger, migration 0005: one row per subnet, however many
+        # HAVIPs) includes every committed HAVIP of the VPC and our own new row.
         await tx.lock("vpc", subnet.vpc_id)
-        in_vpc = await tx.conn.fetchval("SELECT count(*) FROM allocator.havips WHERE vpc_id = $1", subnet.vpc_id)
+        in_vpc = await tx.conn.fetchval(
+            "SELECT sum(havips) FROM allocator.subnet_havip_counts WHERE vpc_id = $1", subnet.vpc_id
+        )
         if in_vpc > quota:
             raise QuotaExceeded(f"vpc {subnet.vpc_id} already has {in_vpc - 1} HAVIP(s); the quota is {quota}")
     ALLOCATIONS.inc()

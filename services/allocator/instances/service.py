@@ -10,12 +10,11 @@ import uuid
 from typing import Any
 
 from services.allocator.database import Database
-from services.allocator.domain import addressing
 from services.allocator.errors import Conflict, NotFound
 from services.allocator.instances.schemas import Instance, InstanceCreate
 from services.allocator.pagination import Where, next_token
 from services.allocator.schemas import Page
-from services.allocator.subnets.service import fetch_subnet_ref, taken_addresses
+from services.allocator.subnets.service import check_address_free, fetch_subnet_ref
 
 _COLUMNS = "id, vpc_id, subnet_id, name, private_ip, mac, created_at"
 
@@ -31,7 +30,7 @@ async def register_instance(db: Database, request: InstanceCreate) -> Instance:
     async with db.transaction() as tx:
         await tx.lock("subnet", request.subnet_id)
         subnet = await fetch_subnet_ref(tx.conn, request.subnet_id)
-        addressing.check_address(subnet.cidr, request.private_ip, await taken_addresses(tx.conn, subnet.id))
+        await check_address_free(tx.conn, subnet, request.private_ip)
         holder = await tx.conn.fetchval("SELECT id FROM allocator.instances WHERE mac = $1", request.mac)
         if holder is not None:
             raise Conflict(f"MAC {request.mac} is already registered (instance {holder})", code="MAC_IN_USE")

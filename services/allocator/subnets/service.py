@@ -1,7 +1,7 @@
 """Subnets: create (inside the VPC, no overlap), list, show with free-address count, delete (not in use).
 
-Also the subnet helpers that instance registration and HAVIP allocation share: the subnet's identity and
-the addresses taken in it.
+Also the subnet helpers that instance registration and HAVIP allocation share: the subnet's identity, and
+whether an address is free or which is the lowest free one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from services.allocator.database import Database
 from services.allocator.domain import addressing
-from services.allocator.errors import Conflict, NotFound
+from services.allocator.errors import AddressInUse, Conflict, NotFound, SubnetFull
 from services.allocator.pagination import Where, next_token
 from services.allocator.schemas import Page
 from services.allocator.subnets.schemas import Subnet, SubnetCreate, SubnetRef
@@ -32,15 +32,30 @@ async def fetch_subnet_ref(conn: Any, subnet_id: uuid.UUID) -> SubnetRef:
     return SubnetRef(id=row["id"], vpc_id=row["vpc_id"], cidr=row["cidr"])
 
 
-async def taken_addresses(conn: Any, subnet_id: uuid.UUID) -> set[IPv4Address]:
-    """Every address of the subnet held by an instance or a HAVIP (call with the subnet locked)."""
-    rows = await conn.fetch(
-        """SELECT address AS a FROM allocator.havips WHERE subnet_id = $1
-           UNION ALL
-           SELECT private_ip FROM allocator.instances WHERE subnet_id = $1""",
-        subnet_id,
-    )
-    return {row["a"] for row in rows}
+# Free addresses are kept as ranges of integers (address - 0.0.0.0) in allocator.free_ranges, in step with
+# havips and instances through triggers (migration 0005); the primary key (subnet_id, hi) orders the ranges.
+_LOWEST_FREE = "SELECT lo FROM allocator.free_ranges WHERE subnet_id = $1 ORDER BY hi LIMIT 1"
+_IS_FREE = """SELECT lo <= $2 FROM allocator.free_ranges WHERE subnet_id = $1 AND hi >= $2
+              ORDER BY hi LIMIT 1"""
+
+
+async def check_address_free(conn: Any, subnet: SubnetRef, address: IPv4Address) -> None:
+    """A requested address must be usable in the subnet and held by no instance or HAVIP (call with the
+    subnet locked). One index probe, whatever the subnet's fill."""
+    addressing.check_requested_address(subnet.cidr, address)
+    if not await conn.fetchval(_IS_FREE, subnet.id, int(address)):
+        raise AddressInUse(f"{address} is already in use in {subnet.cidr}")
+
+
+async def choose_address(conn: Any, subnet: SubnetRef, requested: IPv4Address | None) -> IPv4Address:
+    """The requested address after checking it, or the lowest free one (call with the subnet locked)."""
+    if requested is not None:
+        await check_address_free(conn, subnet, requested)
+        return requested
+    lowest = await conn.fetchval(_LOWEST_FREE, subnet.id)
+    if lowest is None:
+        raise SubnetFull(f"no free address left in {subnet.cidr}")
+    return IPv4Address(lowest)
 
 
 async def _fetch_subnet(conn: Any, subnet_id: uuid.UUID) -> Subnet:

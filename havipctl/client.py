@@ -15,7 +15,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
-from services.allocator.cli.errors import (
+from havipctl.errors import (
     ApiError,
     AuthenticationFailed,
     UnexpectedResponse,

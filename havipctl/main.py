@@ -17,9 +17,9 @@ from typing import IO
 
 import httpx
 
-from services.allocator.cli import commands
-from services.allocator.cli.config import parse_seconds, resolve
-from services.allocator.cli.errors import ExitCode, HavipctlError
+from havipctl import commands
+from havipctl.config import parse_seconds, resolve
+from havipctl.errors import ExitCode, HavipctlError
 
 PROG = "havipctl"
 

@@ -14,10 +14,10 @@ from typing import IO
 
 import httpx
 
-from services.allocator.cli import render
-from services.allocator.cli.client import UNSET, AllocatorClient, Reply, all_pages
-from services.allocator.cli.config import Config
-from services.allocator.cli.errors import UsageError, WatchTimedOut
+from havipctl import render
+from havipctl.client import UNSET, AllocatorClient, Reply, all_pages
+from havipctl.config import Config
+from havipctl.errors import UsageError, WatchTimedOut
 
 Handler = Callable[[argparse.Namespace, "Context"], int]
 
@@ -292,7 +292,7 @@ def json_line(body: bytes) -> str | None:
 
 
 def watch(args: argparse.Namespace, ctx: Context) -> int:
-    from services.allocator.cli import watch as stream  # aio-pika is loaded only for this command
+    from havipctl import watch as stream  # aio-pika is loaded only for this command
 
     options = stream.WatchOptions(
         amqp_url=ctx.config.amqp_url,

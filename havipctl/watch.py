@@ -1,9 +1,10 @@
 """`havipctl watch`: the live event stream (SPEC §6) from RabbitMQ.
 
 The watcher declares its own exclusive, auto-delete, server-named queue bound to the event exchange
-(`havip.events`, prefixed with HAVIP_AMQP_PREFIX exactly as shared/settings.py does) with the routing keys given
-(`#` = every event), consumes without acknowledgements (nothing is taken from anyone: each queue on a topic
-exchange gets its own copy), and hands every message body to a callback. The queue goes with the connection.
+(`havip.events`, prefixed with HAVIP_AMQP_PREFIX: the documented naming rule of the deployment) with the
+routing keys given (`#` = every event), consumes without acknowledgements (nothing is taken from anyone:
+each queue on a topic exchange gets its own copy), and hands every message body to a callback. The queue goes
+with the connection.
 
 It stops on SIGINT/SIGTERM, after `count` events, or when `timeout` seconds (counted from the start, connecting
 included) have passed.
@@ -27,20 +28,22 @@ from aio_pika.abc import AbstractConnection, AbstractQueue
 from aio_pika.exceptions import AMQPError, ProbableAuthenticationError
 from aiormq.exceptions import InvalidFrameError
 
-from services.allocator.cli.client import display_url
-from services.allocator.cli.config import DEFAULT_AMQP_URL
-from services.allocator.cli.errors import AuthenticationFailed, Unreachable, UsageError
-from shared.settings import CommonSettings
+from havipctl.client import display_url
+from havipctl.config import DEFAULT_AMQP_URL
+from havipctl.errors import AuthenticationFailed, Unreachable, UsageError
 
 ALL_EVENTS = "#"
+EXCHANGE = "havip.events"  # SPEC §6: the one durable topic exchange of every event
 
 # Handed the body and the routing key of each message; returns whether it counts as an event shown.
 Emit = Callable[[bytes, str], bool]
 
 
 def exchange_name(prefix: str) -> str:
-    """The event exchange's name for a HAVIP_AMQP_PREFIX, by the services' own rule (CommonSettings)."""
-    return CommonSettings.model_construct(amqp_prefix=prefix).exchange
+    """The event exchange's name for a HAVIP_AMQP_PREFIX: the prefix, then `havip.events` (README,
+    Configuration). A rule of the public contract, restated here rather than imported from the services'
+    settings; tests/unit/test_havipctl_cli.py checks that both agree."""
+    return f"{prefix}{EXCHANGE}"
 
 
 class Outcome(Enum):
@@ -52,7 +55,7 @@ class Outcome(Enum):
 @dataclass(frozen=True, slots=True)
 class WatchOptions:
     amqp_url: str = DEFAULT_AMQP_URL
-    exchange: str = "havip.events"
+    exchange: str = EXCHANGE
     routing_keys: Sequence[str] = (ALL_EVENTS,)
     count: int | None = None
     timeout: float | None = None
