@@ -217,8 +217,15 @@ class AllocatorClient:
 
     # ---- subnets ----------------------------------------------------------------------------------------
 
-    def create_subnet(self, vpc_id: str, name: str, cidr: str) -> Reply:
-        return _required(self._send("POST", "/v1/subnets", body={"vpc_id": vpc_id, "name": name, "cidr": cidr}))
+    def create_subnet(
+        self, vpc_id: str, name: str, cidr: str, *, segment: str | None = None, vlan: int | None = None
+    ) -> Reply:
+        body: dict[str, Any] = {"vpc_id": vpc_id, "name": name, "cidr": cidr}
+        if segment is not None:
+            body["segment"] = segment
+        if vlan is not None:
+            body["vlan"] = vlan
+        return _required(self._send("POST", "/v1/subnets", body=body))
 
     def list_subnets(
         self, *, vpc_id: str | None = None, limit: int | None = None, page_token: str | None = None

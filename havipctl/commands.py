@@ -113,7 +113,7 @@ def vpc_delete(args: argparse.Namespace, ctx: Context) -> int:
 
 def subnet_create(args: argparse.Namespace, ctx: Context) -> int:
     with ctx.client() as client:
-        _resource(ctx, client.create_subnet(args.vpc, args.name, args.cidr))
+        _resource(ctx, client.create_subnet(args.vpc, args.name, args.cidr, segment=args.segment, vlan=args.vlan))
     return 0
 
 

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vpc", required=True, type=resource_id, help="VPC id")
     p.add_argument("--name", required=True)
     p.add_argument("--cidr", required=True, help="IPv4 block inside the VPC's, e.g. 10.0.1.0/24")
+    p.add_argument("--segment", help="the layer-2 segment it is on (a watcher's HAVIP_SEGMENT); default: default")
+    p.add_argument("--vlan", type=int, help="its VLAN on that segment (1-4094); default: the whole segment")
     p = b.leaf(subnet, "list", "list subnets", commands.subnet_list)
     p.add_argument("--vpc", type=resource_id, help="only this VPC's subnets")
     _paging(p)

@@ -236,6 +236,7 @@ def test_havip_lifecycle_with_watch(allocator: Allocator, tmp_path: Path) -> Non
         subnet = ok(
             allocator, "subnet", "create", "--vpc", vpc["id"], "--name", "web", "--cidr", "10.77.1.0/24", "--json"
         ).json()
+        assert (subnet["segment"], subnet["vlan"]) == ("default", None)
         subnets = ok(allocator, "subnet", "list", "--vpc", vpc["id"]).out.splitlines()
         assert subnets[0].split() == ["ID", "VPC", "NAME", "CIDR", "GATEWAY", "FREE", "USABLE", "CREATED"]
         assert subnets[1].split()[:7] == [
@@ -493,3 +494,14 @@ def test_api_errors_show_their_code(allocator: Allocator) -> None:
     usage = havipctl(allocator, "havip", "show", "not-an-id")
     assert usage.code == 2
     assert "is not an id" in usage.err
+    bad_vlan = havipctl(allocator, *subnet_args[:-2], "10.78.2.0/24", "--vlan", "4095")
+    assert bad_vlan.err.startswith("havipctl: VALIDATION_ERROR (HTTP 422): ")
+
+
+def test_a_subnet_is_attached_to_a_segment_and_vlan(allocator: Allocator) -> None:
+    vpc = ok(allocator, "vpc", "create", "--name", "cli-segments", "--cidr", "10.79.0.0/16", "--json").json()
+    trunk = ok(
+        allocator, "subnet", "create", "--vpc", vpc["id"], "--name", "trunk", "--cidr", "10.79.9.0/24",
+        "--segment", "rack-7", "--vlan", "120", "--json",
+    ).json()  # fmt: skip
+    assert (trunk["segment"], trunk["vlan"]) == ("rack-7", 120)
