@@ -11,10 +11,9 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from tests.lab.proc import ProcessRegistry, terminate_group
+from tests.lab.proc import ProcessRegistry, StartedInContext, terminate_group
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_CONSUMER = ROOT / "docs" / "events" / "example_consumer.py"
@@ -26,7 +25,7 @@ def epoch_ns(rfc3339: str) -> int:
     return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
 
 
-class ExampleConsumer:
+class ExampleConsumer(StartedInContext):
     """The example consumer on its own queue of ``amqp_url``'s virtual host, with extra arguments ``args``."""
 
     def __init__(self, amqp_url: str, queue: str, *args: str, registry: ProcessRegistry | None = None) -> None:
@@ -86,16 +85,3 @@ class ExampleConsumer:
     def stop(self) -> None:
         if self._process is not None:
             terminate_group(self._process)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -11,12 +11,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import httpx
 
 from tests import service_logs
+from tests.lab.proc import StartedInContext
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ class Service:
 
 
 @dataclass
-class System:
+class System(StartedInContext):
     """allocator + arp_watcher + binding, wired to one database and one RabbitMQ virtual host."""
 
     database_url: str
@@ -180,19 +180,6 @@ class System:
                 service.process.wait(timeout=10)
             service.log_file.close()
             service_logs.forget(service.log_path)
-
-    def __enter__(self) -> System:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ---- talking to it -----------------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +162,27 @@ def _wait_group_empty(proc: subprocess.Popen[bytes], timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+class StartedInContext:
+    """`with thing:` runs `start()` and, on the way out, `stop()` — also when `start()` fails half-way, so that
+    what it had started is stopped all the same."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -7,17 +7,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from tests.lab import udp_probe
 from tests.lab.names import check_lab_address
 from tests.lab.netns import LabHost
-from tests.lab.proc import terminate_group, wait_for
+from tests.lab.proc import StartedInContext, terminate_group, wait_for
 from tests.lab.traffic_report import TrafficLog, read_log
 
 
-class Traffic:
+class Traffic(StartedInContext):
     """``client`` sends a datagram to ``address``:``port`` every ``interval`` s; each of ``servers`` answers the
     ones that reach it with its name and logs every one addressed to it. Use as a context manager."""
 
@@ -76,16 +74,3 @@ class Traffic:
         client = self._log_path(self.client).read_text().splitlines()
         servers = {s.name: self._log_path(s).read_text().splitlines() for s in self.servers}
         return read_log(client, servers)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
