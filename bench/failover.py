@@ -16,8 +16,10 @@ What one run does, on a database and RabbitMQ virtual host of its own (bench/com
    the moment the benchmark's poll of the database (every 10 ms) sees the N-th committed transition, and the
    binding's own `committed_at` stamps beside it;
 5. **P1 under load**: cvmb (now the holder) keeps refreshing the N HAVIPs at `--background` frames/s (0 = no load),
-   and/or an unregistered `spoofer` floods gratuitous ARPs for all N + 1 addresses at `--flood` frames/s
-   (issue 8: a spoofing flood must not delay a failover by more than 10 ms at p99), while a probe
+   and/or an unregistered `spoofer` floods gratuitous ARPs for all N + 1 addresses at `--flood` frames/s —
+   replayed by tcpreplay from a pcap: a C peer, so that, like a spoofer on another machine, the flood's
+   generator costs the services little CPU (issue 8: a spoofing flood must not delay a failover by more than
+   10 ms at p99), while a probe
    HAVIP is moved between the two servers `--probes` times, one GARP each, ~5 per second; each probe's
    latency is its transition's `committed_at − captured_at` (kernel receive time → the binding's commit),
    beside a bare Postgres commit (one-row upsert transaction) measured between the probes in the same run;
@@ -37,8 +39,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
+import re
+import signal
 import struct
 import subprocess
 import sys
@@ -139,6 +145,38 @@ def read_pcap(path: Path) -> list[tuple[int, bytes]]:
         frames.append((sec * 1_000_000_000 + nsec, frame[22:28]))
         offset += 16 + incl
     return frames
+
+
+@contextmanager
+def replayed_flood(
+    host: Any, frames: list[bytes], rate: int, max_s: float, workdir: Path
+) -> Iterator[dict[str, int]]:
+    """tcpreplay looping `frames` at `rate` frames/s out of `host`'s eth0, at most `max_s` seconds' worth; yields
+    a dict that holds the number of frames sent once it stopped."""
+    pcap = workdir / "flood.pcap"
+    with pcap.open("wb") as out:
+        out.write(struct.pack("=IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for frame in frames:
+            out.write(struct.pack("=IIII", 0, 0, len(frame), len(frame)) + frame)
+    summary = workdir / "tcpreplay.out"
+    with summary.open("wb") as log:
+        proc = host.popen(
+            "tcpreplay", "-i", "eth0", f"--pps={rate}", f"--pps-multi={max(1, rate // 20_000)}", "--loop=0",
+            f"--limit={int(rate * max_s)}", "--preload-pcap", str(pcap), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    result = {"sent": 0}
+    try:
+        yield result
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # tcpreplay stops and prints its summary
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        sent = re.search(r"Actual: (\d+) packets", summary.read_text(errors="replace"))
+        result["sent"] = int(sent.group(1)) if sent else 0
 
 
 # ---- the inventory, as the allocator would announce it ---------------------------------------------------
@@ -264,8 +302,7 @@ async def run(
                             havips[PROBE],
                             probes,
                             background,
-                            send_spoof,
-                            flood,
+                            (spoofer, send_spoof, flood, workdir),
                             system.api_url,
                             published,
                         )
@@ -331,8 +368,7 @@ async def probes_under_load(
     probe_id: uuid.UUID,
     probes: int,
     background: int,
-    send_spoof: RawSender,
-    flood: int,
+    spoofing: tuple[Any, RawSender, int, Path],
     allocator_url: str,
     published: dict[int, float],
 ) -> dict[str, Any]:
@@ -343,13 +379,16 @@ async def probes_under_load(
         loaders.append(
             PacedSender(send_b, [send_b.garp(a) for a in addresses], background, max_s=probes * 0.4 + 30)
         )
+    spoofer, send_spoof, flood, workdir = spoofing
+    refused_before = await conn.fetchval("SELECT coalesce(sum(count), 0) FROM binding.rejected_claims")
+    stack = contextlib.ExitStack()
+    flooded = {"sent": 0}
     if flood:
         spoofed = [send_spoof.garp(a) for a in [PROBE, *addresses]]
-        loaders.append(PacedSender(send_spoof, spoofed, flood, max_s=probes * 0.4 + 30))
-    refused_before = await conn.fetchval("SELECT coalesce(sum(count), 0) FROM binding.rejected_claims")
+        flooded = stack.enter_context(replayed_flood(spoofer, spoofed, flood, probes * 0.4 + 30, workdir))
     for loader in loaders:
         loader.start()
-    if loaders:
+    if loaders or flood:
         await asyncio.sleep(2)  # the load in its stride before the first probe
     latencies: list[float] = []
     commits: list[float] = []
@@ -390,6 +429,7 @@ async def probes_under_load(
         for loader in loaders:
             loader.stopping.set()
             loader.join(10)
+        stack.close()
     summary = {k: round(v, 2) for k, v in latency_summary_ms(latencies).items()}
     bare = {k: round(v, 2) for k, v in latency_summary_ms(commits).items()}
     histogram = [
@@ -412,7 +452,7 @@ async def probes_under_load(
         "background_claims_per_s": background,
         "background_sent": loaders[0].sent if background else 0,
         "flood_frames_per_s": flood,
-        "flood_sent": loaders[-1].sent if flood else 0,
+        "flood_sent": flooded["sent"],
         "refused_frames_audited": int(audit["frames"]) - int(refused_before),
         "refusal_audit_rows": int(audit["rows"]),
         "garp_to_commit_ms": summary,
