@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -152,76 +151,3 @@ class OutboxRelay:
         OUTBOX_PENDING.labels(self._schema).set(pending)
         OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
         return len(rows)
-
-
-class RelayInThread:
-    """An OutboxRelay on an event loop of its own, in a thread, with its own database pool and broker
-    connection. A backlog of thousands of events — a spoofer's flood of refusals — is then published without a
-    single callback queued on the service's own loop ahead of its decisions (the relay's socket writes and
-    database waits release the GIL; the service lowers the interpreter's switch interval)."""
-
-    def __init__(
-        self,
-        open_pool: Callable[[], Awaitable[Any]],
-        open_broker: Callable[[], Awaitable[Broker]],
-        schema: str,
-    ) -> None:
-        self._open_pool = open_pool
-        self._open_broker = open_broker
-        self._schema = schema
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._relay: OutboxRelay | None = None
-        self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=f"outbox relay {schema}", daemon=True)
-
-    async def start(self, timeout_s: float = 60.0) -> None:
-        """Start the thread; returns once the relay runs, or raises what kept it from starting."""
-        self._thread.start()
-        if not await asyncio.to_thread(self._started.wait, timeout_s):
-            raise TimeoutError(f"outbox relay {self._schema} did not start within {timeout_s} s")
-        if self._failure is not None:
-            raise self._failure
-
-    def wake(self) -> None:
-        """Called (from any thread) after a commit that wrote events."""
-        loop, relay = self._loop, self._relay
-        if loop is not None and relay is not None:
-            loop.call_soon_threadsafe(relay.wake)
-
-    async def stop(self, timeout_s: float = 15.0) -> None:
-        """Let the relay finish its pass under way (OutboxRelay.stop), then end the thread."""
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None:
-            with contextlib.suppress(RuntimeError):  # its loop already ended
-                loop.call_soon_threadsafe(stop.set)
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join, timeout_s)
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported by start(), or logged once running
-            if not self._started.is_set():
-                self._failure = exc
-                self._started.set()
-            else:
-                log.exception("outbox relay %s ended", self._schema)
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        pool = await self._open_pool()
-        try:
-            broker = await self._open_broker()
-            try:
-                self._relay = OutboxRelay(pool, broker, self._schema)
-                self._relay.start()
-                self._loop = asyncio.get_running_loop()
-                self._started.set()
-                await self._stop.wait()
-                await self._relay.stop()
-            finally:
-                await broker.close()
-        finally:
-            await pool.close()

@@ -19,7 +19,7 @@ from shared.logging import configure_logging
 from shared.messaging import Broker, declare_consumer_queue
 from shared.metrics import serve_metrics
 from shared.migrations import apply_migrations, service_role
-from shared.outbox import RelayInThread
+from shared.outbox import OutboxRelay
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,10 @@ async def tick_every_second(service: BindingService, audit_retention_days: float
 
 
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    role = settings.database_role or service_role(SCHEMA)
-    pool = await create_pool(settings.database_url, role=role)
+    pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
     broker = Broker(settings, SOURCE)
     await broker.connect()
-
-    async def relay_broker() -> Broker:
-        relay_broker = Broker(settings, f"{SOURCE}-relay")
-        await relay_broker.connect()
-        return relay_broker
-
-    # The relay on a loop (and connections) of its own: a flood of refusal events being published never
-    # queues ahead of a takeover's decision on this loop.
-    relay = RelayInThread(lambda: create_pool(settings.database_url, role=role), relay_broker, SCHEMA)
+    relay = OutboxRelay(pool, broker, SCHEMA)
     service = BindingService(
         pool,
         on_commit=relay.wake,
@@ -80,7 +71,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         policy=settings.condition_policy(),
     )
     await service.load()
-    await relay.start()
+    relay.start()
     consumer = await broker.consumer(
         QUEUE,
         SUBSCRIPTIONS,
@@ -123,9 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print("usage: python -m services.binding [migrate]", file=sys.stderr)
         return 2
-    # The outbox relay runs in a thread: hand the interpreter over every 1 ms (default 5 ms) so that a busy
-    # relay delays a decision by a millisecond at most.
-    sys.setswitchinterval(0.001)
 
     async def serve() -> None:
         stop = asyncio.Event()

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from shared import events
 from shared.db import create_pool
 from shared.messaging import Broker
-from shared.outbox import OutboxRelay, RelayInThread, add_to_outbox
+from shared.outbox import OutboxRelay, add_to_outbox
 from shared.settings import CommonSettings
 from tests.listener import listening
 from tests.waiting import eventually
@@ -144,44 +144,3 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
         finally:
             await broker.close()
     assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in batch]
-
-
-async def test_a_relay_in_its_own_thread_publishes_in_order_when_woken_and_stops_cleanly(
-    pool: Any, database_url: str, amqp_url: str
-) -> None:
-    """The binding service's relay runs on a loop of its own (RelayInThread): woken from the service's loop, it
-    publishes in commit order with its own connections, and stopping it lets its pass finish."""
-    settings = CommonSettings(amqp_url=amqp_url)
-
-    async def open_broker() -> Broker:
-        broker = Broker(settings, "test-relay-thread")
-        await broker.connect()
-        return broker
-
-    relay = RelayInThread(lambda: create_pool(database_url, min_size=1, max_size=2), open_broker, "allocator")
-    burst = [vpc_event(f"threaded-{i}") for i in range(200)]
-    async with listening(settings, ["vpc.created"]) as log:
-        await relay.start()
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                await add_to_outbox(conn, "allocator", burst)
-            relay.wake()  # from this (another) thread's loop, as the service does after its commit
-            await eventually(lambda: len(log.received) >= len(burst), what="the burst published")
-        finally:
-            await relay.stop()
-    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in burst]
-    async with pool.acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0
-
-
-async def test_a_relay_in_a_thread_that_cannot_start_says_why(amqp_url: str) -> None:
-    async def no_database() -> Any:
-        return await create_pool("postgresql://postgres@127.0.0.1:1/nowhere", min_size=1, max_size=1, attempts=1)
-
-    async def never() -> Broker:
-        raise AssertionError("the broker is not reached before the pool")
-
-    relay = RelayInThread(no_database, never, "allocator")
-    with pytest.raises(OSError, match=r"Connect call failed|refused"):
-        await relay.start(timeout_s=30)
-    await relay.stop()
