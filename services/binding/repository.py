@@ -290,8 +290,11 @@ async def write_refusals(
         inserted = {row["claim_id"] for row in rows}
         new_rejections = [r for r in rejected if r.claim_id in inserted]
     if folded:
-        await conn.executemany(
-            "UPDATE binding.rejected_claims SET count = count + $2 WHERE claim_id = $1", list(folded.items())
+        await conn.execute(
+            """UPDATE binding.rejected_claims AS r SET count = r.count + f.frames
+               FROM unnest($1::uuid[], $2::bigint[]) AS f(claim_id, frames) WHERE r.claim_id = f.claim_id""",
+            list(folded),
+            list(folded.values()),
         )
     await add_to_outbox(conn, SCHEMA, [refusal_event(r) for r in new_rejections])
     return new_rejections

@@ -223,7 +223,7 @@ class BindingService:
             self._committed(batch.rejected)
             self._remember(batch.claim_ids)
         if now_ns is not None:
-            self._folds = {k: f for k, f in self._folds.items() if now_ns - f.first_ns < 2 * REFUSAL_FOLD_NS}
+            self._folds = {k: f for k, f in self._folds.items() if now_ns - f.first_ns < 2 * f.window_ns}
         for captured_ns in latencies_from:
             metrics.BINDING_LATENCY.observe(max(0, committed_ns - captured_ns) / 1e9)
         for outcome, count in Counter(outcomes).items():
@@ -368,11 +368,15 @@ class BindingService:
     def _fold_or_audit(
         self, data: events.ObservedClaim, claim: Claim, outcome: Rejected, batch: BatchWrite
     ) -> None:
-        """SPEC §5.1: repeats of one refusal (address, MAC, reason) within a second become one audit row and one
-        event, counting the frames (`repeats`: the watcher's own folding included)."""
+        """SPEC §5.1: repeats of one refusal (address, MAC, reason) within a window become one audit row and one
+        event, counting the frames (`repeats`: the watcher's own folding included). The window is a second, and
+        doubles (up to a minute) each time the same refusal comes back in the window after: a spoofer flooding
+        without pause costs an audit row and an event per minute and address, not per second; a pause as long as
+        the window resets it."""
         key = (claim.address, claim.sender_mac, outcome.reason)
         fold = self._folds.get(key)
-        if fold is not None and 0 <= claim.captured_ns - fold.first_ns < REFUSAL_FOLD_NS:
+        since = claim.captured_ns - fold.first_ns if fold is not None else -1
+        if fold is not None and 0 <= since < fold.window_ns:
             if fold.committed:
                 batch.folded[fold.row.claim_id] = batch.folded.get(fold.row.claim_id, 0) + data.repeats
             elif fold.frozen:
@@ -391,7 +395,10 @@ class BindingService:
             data.repeats,
         )
         batch.rejected.append(row)
-        self._folds[key] = _Fold(row, claim.captured_ns)
+        window = REFUSAL_FOLD_NS
+        if fold is not None and 0 <= since < 2 * fold.window_ns:  # back right after its window: a flood
+            window = min(2 * fold.window_ns, MAX_REFUSAL_FOLD_NS)
+        self._folds[key] = _Fold(row, claim.captured_ns, window)
 
     def _record_transition(self, transition: Transition, batch: BatchWrite) -> None:
         committed_at = datetime.now(UTC)
@@ -405,8 +412,10 @@ class BindingService:
 
 RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most)
 
-# Refusals of one (address, MAC, reason) within this span of capture time share an audit row (SPEC §5.1).
+# Refusals of one (address, MAC, reason) within this span of capture time share an audit row (SPEC §5.1); the
+# span doubles while the refusal keeps coming back, up to the maximum.
 REFUSAL_FOLD_NS = 1_000_000_000
+MAX_REFUSAL_FOLD_NS = 64_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +448,7 @@ class _Deferred:
 class _Fold:
     row: RejectedClaim
     first_ns: int
+    window_ns: int = REFUSAL_FOLD_NS
     committed: bool = False  # the row is in the database: later frames are added by UPDATE
     frozen: bool = False  # the row is being written by a deferred batch: later frames wait in `late`
     late: int = 0

@@ -515,6 +515,44 @@ async def test_a_flood_of_one_refusal_becomes_one_audit_row_per_second_with_a_co
         await conn.close()
 
 
+async def test_a_refusal_that_keeps_coming_back_is_audited_ever_more_rarely_and_a_pause_resets_it(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    """The fold window doubles while one refusal (address, MAC, reason) comes back right after it — 1 s, 2 s,
+    4 s … — so a spoofer flooding without pause costs ever fewer rows and events; every frame is still counted;
+    after a pause as long as the window, a refusal starts again at one second."""
+    w = World()
+    await publisher.publish_many(w.inventory())
+    spoofer = "02:ee:ee:ee:ee:79"
+    s = 1_000_000_000
+    t = time.time_ns() - 200 * s
+    # capture times in seconds from t: windows [0, 1) [1.1, 3.1) [3.2, 7.2) [7.3, 15.3) — then a pause of 40 s
+    at = [0, 0.5, 1.1, 2.2, 3.0, 3.2, 5.0, 7.1, 7.3, 12.0, 55.3, 55.9, 56.4]
+    # One message, decided in one batch: capture times this far in the past would otherwise let the service's
+    # once-a-second pruning of old folds (by its own clock) reset the windows between messages.
+    await publisher.publish(claims_event(*(w.observed(spoofer, t=t + int(k * s)) for k in at)))
+
+    async def rows() -> list[tuple[float, int]]:
+        conn = await asyncpg.connect(binding.database_url)
+        try:
+            found = await conn.fetch(
+                "SELECT captured_at, count FROM binding.rejected_claims WHERE mac = $1 ORDER BY captured_at",
+                spoofer,
+            )
+        finally:
+            await conn.close()
+        start = ns_to_datetime(t)
+        return [(round((r["captured_at"] - start).total_seconds(), 1), r["count"]) for r in found]
+
+    async def all_counted() -> bool:
+        return sum(n for _, n in await rows()) == len(at)
+
+    await eventually(all_counted, what="every frame counted")
+    # 1 s, 2 s, 4 s, 8 s windows; after the pause, 1 s again (55.3 and 55.9), then 2 s (56.4).
+    assert await rows() == [(0.0, 2), (1.1, 3), (3.2, 3), (7.3, 2), (55.3, 2), (56.4, 1)]
+    await eventually(lambda: len(listener.of("havip.claim.rejected", w.havip.id)) == 6, what="one event per row")
+
+
 async def test_a_flood_through_both_lanes_counts_every_frame_once_while_takeovers_go_on(
     binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
