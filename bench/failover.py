@@ -551,7 +551,7 @@ def main() -> int:
         if p1["flood_frames_per_s"]:
             print(
                 f"    flood: {p1['flood_sent']} spoofed frames sent; {p1['refused_frames_audited']} refused "
-                f"frames audited in {p1['refusal_audit_rows']} rows (folded per address, MAC, reason and second)"
+                f"frames audited in {p1['refusal_audit_rows']} rows (folded per address, MAC, reason and window)"
             )
         print(f"    busy before P2: {result['busy_before_p2']:.0%}, before P1: {result['busy_before_p1']:.0%}")
         print(
