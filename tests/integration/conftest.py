@@ -1,7 +1,8 @@
-"""Fixtures of the allocator's integration tests (each module gets its own app, database and vhost)."""
+"""Fixtures of the integration tests (each module gets its own app or binding service, database and vhost)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +12,25 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from services.binding.main import run as run_binding
+from services.binding.settings import BindingSettings
 from shared.messaging import Broker
 from shared.settings import CommonSettings
 from tests.integration.allocator_support import BindingStandIn, EventLog, http_client, running_app
+
+
+@pytest.fixture(scope="module")
+async def binding(database_url: str, amqp_url: str) -> AsyncIterator[BindingSettings]:
+    """The binding service, in this process, on the module's database and vhost."""
+    settings = BindingSettings(database_url=database_url, amqp_url=amqp_url, metrics_port=0)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_binding(settings, stop, ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    try:
+        yield settings
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture(scope="module")

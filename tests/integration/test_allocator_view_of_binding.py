@@ -17,7 +17,6 @@ import asyncpg
 import httpx
 import pytest
 
-from services.binding.main import run
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.messaging import Broker
@@ -40,19 +39,6 @@ FAST_REPAIR: dict[str, Any] = {
     "view_repair_retry_s": 1.0,
     "view_maintenance_interval_s": 0.1,
 }
-
-
-@pytest.fixture(scope="module")
-async def binding(database_url: str, amqp_url: str) -> AsyncIterator[BindingSettings]:
-    settings = BindingSettings(database_url=database_url, amqp_url=amqp_url, metrics_port=0)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run(settings, stop, ready))
-    await asyncio.wait_for(ready.wait(), 30)
-    try:
-        yield settings
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,6 @@ from tests.waiting import eventually
 
 
 @pytest.fixture(scope="module")
-async def binding(database_url: str, amqp_url: str) -> AsyncIterator[BindingSettings]:
-    settings = BindingSettings(database_url=database_url, amqp_url=amqp_url, metrics_port=0)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run(settings, stop, ready))
-    await asyncio.wait_for(ready.wait(), 30)
-    try:
-        yield settings
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
-@pytest.fixture(scope="module")
 async def publisher(binding: BindingSettings) -> AsyncIterator[Broker]:
     broker = Broker(binding, "test")
     await broker.connect()
