@@ -154,10 +154,13 @@ class ClaimBuffer:
         if wake_routine:
             self._loop.call_soon_threadsafe(self._routine_ready.set)
 
+    def _lane(self, routine: bool) -> dict[bytes, bytes]:
+        return self._routine if routine else self._urgent
+
     def take(self, limit: int, *, routine: bool = False) -> list[Claim]:
         """Remove and return up to `limit` claims of one lane, the earliest first (event-loop side)."""
         with self._lock:
-            items = self._routine if routine else self._urgent
+            items = self._lane(routine)
             if len(items) <= limit:
                 taken = list(items.items())
                 items.clear()
@@ -170,7 +173,7 @@ class ClaimBuffer:
         """Return once the lane holds a claim, or `wake` was called (event-loop side)."""
         ready = self._routine_ready if routine else self._urgent_ready
         ready.clear()  # before looking: a put after this sets it again
-        if self._routine if routine else self._urgent:
+        if self._lane(routine):
             return
         await ready.wait()
 

@@ -59,8 +59,9 @@ class BatchWrite:
     rejected: list[RejectedClaim] = field(default_factory=list)
     # Frames of later refusals folded into an audit row committed by an earlier batch: claim_id -> frames.
     folded: dict[uuid.UUID, int] = field(default_factory=dict)
-    # Outgoing events in order; a refusal's event names its claim, and goes out only if the claim was new.
-    events: list[tuple[Envelope, uuid.UUID | None]] = field(default_factory=list)
+    # Outgoing events of the decisions, in order (refusals' events are made when their rows are written: only a
+    # refusal that was new is published).
+    events: list[Envelope] = field(default_factory=list)
     claim_ids: set[uuid.UUID] = field(default_factory=set)  # claims decided in this batch
     # Readers' requests to publish transitions again (havip.binding.replay_requested).
     replays: list[ReplayRequested] = field(default_factory=list)
@@ -262,7 +263,7 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             [t.reason for t, _ in moves],
             [t.address for t, _ in moves],
         )
-    await add_to_outbox(conn, SCHEMA, [env for env, _ in batch.events])
+    await add_to_outbox(conn, SCHEMA, batch.events)
     new_rejections = await write_refusals(conn, batch.rejected, batch.folded)
     for request in batch.replays:
         await add_to_outbox(conn, SCHEMA, await replayed_transitions(conn, request))

@@ -147,11 +147,16 @@ class BindingService:
         if new_rejections:
             self._on_commit()
 
+    def _fold_of(self, row: RejectedClaim) -> _Fold | None:
+        """The fold whose audit row this is, if it is still the current one of its (address, MAC, reason)."""
+        fold = self._folds.get((row.address, row.mac, row.reason))
+        return fold if fold is not None and fold.row is row else None
+
     def _committed(self, rows: Sequence[RejectedClaim]) -> None:
         """Audit rows now committed: later frames of their folds are added to them by UPDATE."""
         for row in rows:
-            fold = self._folds.get((row.address, row.mac, row.reason))
-            if fold is not None and fold.row is row:
+            fold = self._fold_of(row)
+            if fold is not None:
                 self._fold_committed(fold)
 
     def _fold_committed(self, fold: _Fold) -> None:
@@ -242,12 +247,9 @@ class BindingService:
 
     def _defer(self, batch: BatchWrite) -> _Deferred:
         """A snapshot of what the batch writes: the book and the folds move on while it is written."""
-        folds = []
-        for row in batch.rejected:
-            fold = self._folds.get((row.address, row.mac, row.reason))
-            if fold is not None and fold.row is row:
-                fold.frozen = True  # frames folded from now on wait in `late` until the row is committed
-                folds.append(fold)
+        folds = [fold for row in batch.rejected if (fold := self._fold_of(row)) is not None]
+        for fold in folds:
+            fold.frozen = True  # frames folded from now on wait in `late` until the row is committed
         rejected = [dataclasses.replace(row) for row in batch.rejected]
         return _Deferred(renewals_of(batch), rejected, dict(batch.folded), set(batch.claim_ids), folds)
 
@@ -263,18 +265,15 @@ class BindingService:
             batch.touch(binding)
         event_type = f"havip.{edge.condition}.{'started' if edge.started else 'stopped'}"
         batch.events.append(
-            (
-                events.envelope(
-                    event_type,
-                    events.HavipCondition(
-                        havip_id=edge.havip_id,
-                        address=edge.address,
-                        transitions_in_window=edge.transitions_in_window,
-                        claimants_in_window=edge.claimants_in_window,
-                    ),
-                    SOURCE,
+            events.envelope(
+                event_type,
+                events.HavipCondition(
+                    havip_id=edge.havip_id,
+                    address=edge.address,
+                    transitions_in_window=edge.transitions_in_window,
+                    claimants_in_window=edge.claimants_in_window,
                 ),
-                None,
+                SOURCE,
             )
         )
 
@@ -407,7 +406,7 @@ class BindingService:
             binding.last_transition_at = committed_at
             batch.touch(binding)
         batch.transitions.append((transition, committed_at))
-        batch.events.append((binding_changed(transition, committed_at), None))
+        batch.events.append(binding_changed(transition, committed_at))
 
 
 RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most)
