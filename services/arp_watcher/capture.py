@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from .claims import Claim, claim_from_frame
-from .frames import MALFORMED_REASONS, MalformedFrame, MalformedReason, NotArp, parse_frame
+from .claims import Claim, ClaimMemo
+from .frames import MALFORMED_REASONS, MalformedFrame, MalformedReason, NotArp
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +371,7 @@ class ArpCapture:
 
     def _loop(self) -> None:
         recvmsg = self._sock.recvmsg
-        parse = parse_frame
-        to_claim = claim_from_frame
+        claim_of = ClaimMemo().claim  # identical frames (a flood, a burst) are parsed once
         time_ns = time.time_ns
         monotonic = time.monotonic
         unpack_ts = _TIMESPEC.unpack_from
@@ -420,7 +419,7 @@ class ArpCapture:
                 if not captured_at:
                     captured_at = time_ns()
                 try:
-                    claim = to_claim(parse(data, vlan), captured_at)
+                    claim = claim_of(data, vlan, captured_at)
                 except MalformedFrame as exc:
                     malformed[exc.reason] += 1
                 except NotArp:

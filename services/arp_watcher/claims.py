@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from shared.events import ClaimKind
 
-from .frames import ARP_REPLY, ARP_REQUEST, ArpFrame
+from .frames import ARP_REPLY, ARP_REQUEST, ArpFrame, parse_frame
 
 
 class Claim(NamedTuple):
@@ -50,3 +50,37 @@ def claim_from_frame(frame: ArpFrame, captured_at: int) -> Claim | None:
     if kind is None:
         return None
     return Claim(kind, frame.vlan, frame.sender_mac, frame.eth_src, frame.sender_ip, frame.target_ip, captured_at)
+
+
+class ClaimMemo:
+    """The claim each distinct frame makes, remembered. A spoofer's flood, keepalived's bursts and a holder's
+    refreshes repeat identical frames; looking one up costs about a third of parsing it again (bench: 4.5 → 1.8
+    µs a frame with the coalescer), and the capture thread must keep ahead of a flood so that a takeover behind
+    it is not kept waiting in the ring.
+
+    Only frames that parse are remembered (a malformed one raises as `parse_frame` does, every time). Memory is
+    bounded: past `max_frames` distinct frames the memo is emptied, which only costs parsing again.
+    """
+
+    __slots__ = ("_known", "max_frames")
+
+    def __init__(self, max_frames: int = 4096) -> None:
+        self.max_frames = max_frames
+        self._known: dict[tuple[int | None, bytes], Claim | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def claim(self, data: bytes, vlan: int | None, captured_at: int) -> Claim | None:
+        """`claim_from_frame(parse_frame(data, vlan), captured_at)`; raises MalformedFrame or NotArp as it does."""
+        key = (vlan, data)
+        try:
+            known = self._known[key]
+        except KeyError:
+            known = claim_from_frame(parse_frame(data, vlan), 0)
+            if len(self._known) >= self.max_frames:
+                self._known.clear()
+            self._known[key] = known
+        if known is None:
+            return None
+        return Claim(known[0], known[1], known[2], known[3], known[4], known[5], captured_at)

@@ -47,8 +47,8 @@ from .capture import (
     attach_arp_filter,
     open_packet_socket,
 )
-from .claims import Claim, claim_from_frame
-from .frames import MalformedFrame, NotArp, parse_frame
+from .claims import Claim, ClaimMemo
+from .frames import MalformedFrame, NotArp
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +205,15 @@ def release_block(buffer: mmap.mmap, block_offset: int) -> None:
     _BLOCK_STATUS.pack_into(buffer, block_offset + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)
 
 
-def drain_block(buffer: mmap.mmap, block_offset: int, stats: CaptureStats) -> list[Claim]:
-    """Parse and classify every frame of the ready block at `block_offset`, count them into `stats` and
-    return the claims in capture order. Frames are copied out: the block can be released right after."""
+def drain_block(
+    buffer: mmap.mmap, block_offset: int, stats: CaptureStats, memo: ClaimMemo | None = None
+) -> list[Claim]:
+    """Parse and classify every frame of the ready block at `block_offset` (through `memo`: identical frames are
+    parsed once), count them into `stats` and return the claims in capture order. Frames are copied out: the
+    block can be released right after."""
     _version, _priv, _status, packets, first, _length, _seq = BLOCK_DESC.unpack_from(buffer, block_offset)
     unpack_header = TPACKET3_HDR.unpack_from
-    parse = parse_frame
-    to_claim = claim_from_frame
+    claim_of = (memo if memo is not None else ClaimMemo()).claim
     malformed = stats.malformed
     claims: list[Claim] = []
     not_claims = not_arp = 0
@@ -223,7 +225,7 @@ def drain_block(buffer: mmap.mmap, block_offset: int, stats: CaptureStats) -> li
         start = offset + mac
         vlan = tci & 0x0FFF if status & TP_STATUS_VLAN_VALID or tci else None
         try:
-            claim = to_claim(parse(buffer[start : start + snaplen], vlan), sec * 1_000_000_000 + nsec)
+            claim = claim_of(buffer[start : start + snaplen], vlan, sec * 1_000_000_000 + nsec)
         except MalformedFrame as exc:
             malformed[exc.reason] += 1
         except NotArp:
@@ -246,9 +248,9 @@ def drain_block(buffer: mmap.mmap, block_offset: int, stats: CaptureStats) -> li
 
 
 class RingCapture:
-    """Reads a `CaptureRing` in a dedicated thread and hands claims to `sink` once per burst: the claims of
-    every block ready at once, in lists of at most about `max_batch` (a block is never split across calls
-    unless it alone holds more). The same interface as `capture.ArpCapture`.
+    """Reads a `CaptureRing` in a dedicated thread and hands claims to `sink` once per block (the kernel retires
+    a block when it is full or after its timeout), in lists of at most `max_batch`. The same interface as
+    `capture.ArpCapture`.
 
     `sink` is called from the capture thread and must not block. `on_error` is called from the capture thread
     if it stops on an unexpected error.
@@ -348,6 +350,7 @@ class RingCapture:
         poller.register(self._wake, select.POLLIN)
         wait_s = min(ring.poll_interval_s, self._stats_interval_s)
         next_stats = monotonic() + self._stats_interval_s
+        memo = ClaimMemo()
         block = 0
 
         while not stop.is_set():
@@ -355,14 +358,11 @@ class RingCapture:
             if not block_ready(buffer, offset):
                 self._wait(poller, wait_s)
             else:
-                claims: list[Claim] = []
-                while True:
-                    claims += drain_block(buffer, offset, stats)
-                    release_block(buffer, offset)
-                    block = (block + 1) % block_count
-                    offset = block * block_size
-                    if len(claims) >= max_batch or not block_ready(buffer, offset):
-                        break
+                # Each block's claims are handed over as soon as it is parsed: when the thread is behind (a
+                # flood), a takeover waits for the blocks before it, never for those after it.
+                claims = drain_block(buffer, offset, stats, memo)
+                release_block(buffer, offset)
+                block = (block + 1) % block_count
                 for start in range(0, len(claims), max_batch):
                     sink(claims[start : start + max_batch])
             if monotonic() >= next_stats:

@@ -8,9 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.arp_watcher.claims import Claim, claim_from_frame, classify
+from services.arp_watcher.claims import Claim, ClaimMemo, claim_from_frame, classify
 from services.arp_watcher.encoding import encode_claims
-from services.arp_watcher.frames import ARP_REPLY, ARP_REQUEST, ArpFrame, build_arp_frame, parse_frame
+from services.arp_watcher.frames import (
+    ARP_REPLY,
+    ARP_REQUEST,
+    ArpFrame,
+    MalformedFrame,
+    build_arp_frame,
+    parse_frame,
+)
 from shared.events import ClaimsObserved, ObservedClaim, decode
 
 MAC_A = bytes.fromhex("02000000000a")
@@ -167,3 +174,38 @@ def test_rule_and_event_for_any_arp_frame(
         assert event.eth_src == eth_src.hex(":")
         assert event.sender_ip == IPv4Address(sender_ip)
         assert event.vlan == (None if aux_vlan is None else aux_vlan & 0x0FFF)
+
+
+@given(
+    frames=st.lists(
+        st.tuples(
+            st.sampled_from([ARP_REQUEST, ARP_REPLY, 3]),
+            st.sampled_from([0, VIP, HOST]),
+            st.sampled_from([0, VIP, HOST]),
+            st.sampled_from([MAC_A, MAC_B]),
+            st.none() | st.sampled_from([0, 7, 0x1007]),
+            st.booleans(),  # cut short: malformed
+        ),
+        max_size=40,
+    ),
+    max_frames=st.integers(min_value=1, max_value=8),
+)
+def test_the_memo_gives_what_parsing_gives_for_repeated_frames_and_stays_bounded(
+    frames: list[tuple[int, int, int, bytes, int | None, bool]], max_frames: int
+) -> None:
+    memo = ClaimMemo(max_frames)
+    for i, (oper, sender_ip, target_ip, mac, aux_vlan, cut) in enumerate(frames):
+        data = build_arp_frame(oper=oper, sender_mac=mac, sender_ip=sender_ip, target_ip=target_ip)
+        if cut:
+            data = data[:30]
+        captured_at = T + i
+        try:
+            expected: Claim | type[Exception] | None = claim_from_frame(parse_frame(data, aux_vlan), captured_at)
+        except MalformedFrame:
+            expected = MalformedFrame
+        try:
+            got: Claim | type[Exception] | None = memo.claim(data, aux_vlan, captured_at)
+        except MalformedFrame:
+            got = MalformedFrame
+        assert got == expected
+        assert len(memo) <= max_frames

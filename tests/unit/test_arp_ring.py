@@ -209,19 +209,19 @@ def test_capture_thread_reads_blocks_in_order_and_returns_them() -> None:
     assert ring.closed
 
 
-def test_a_burst_of_ready_blocks_is_one_sink_call_up_to_max_batch() -> None:
+def test_each_ready_block_is_handed_over_on_its_own_split_at_max_batch() -> None:
     ring = FakeRing(block_count=4)
     for block in range(4):  # all four ready before the thread starts: one burst
         write_block(ring.buffer, block * BLOCK, [(garp(VIP + block * 10 + i), i, None) for i in range(5)])
     sink = Sink()
-    capture = RingCapture(ring, sink, max_batch=12)
+    capture = RingCapture(ring, sink, max_batch=3)
     capture.start()
     try:
         claims = sink.wait_claims(20)
     finally:
         capture.stop()
-    # whole blocks are gathered until max_batch is reached: 15 (three blocks) then 5
-    assert [len(batch) for batch in sink.batches] == [12, 3, 5]
+    # a block's claims never wait for the blocks after it (a takeover behind a flood); 5 → 3 + 2
+    assert [len(batch) for batch in sink.batches] == [3, 2] * 4
     assert [c.sender_ip - VIP for c in claims] == [b * 10 + i for b in range(4) for i in range(5)]
 
 
