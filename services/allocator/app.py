@@ -30,6 +30,7 @@ from services.allocator.settings import AllocatorSettings
 from services.allocator.subnets.router import router as subnets_router
 from services.allocator.vpcs.router import router as vpcs_router
 from shared.db import create_pool, database_or_network_away
+from shared.heap import freeze_startup_heap
 from shared.messaging import Broker
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
@@ -147,6 +148,7 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             stack.push_async_callback(_cancel, maintenance)
             app.state.db = db
             app.state.broker = broker
+            freeze_startup_heap()
             log.info("allocator ready")
             yield
             del app.state.db

@@ -19,6 +19,7 @@ import sys
 from prometheus_client import REGISTRY, CollectorRegistry
 from pydantic import ValidationError
 
+from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
 from shared.messaging import Broker
 from shared.metrics import serve_metrics
@@ -141,6 +142,7 @@ async def run(
             log.info("connected to rabbitmq", extra={"exchange": settings.exchange})
             await publisher.run()
 
+    freeze_startup_heap()
     capture.start()
     log.info(
         "capture started",
@@ -206,6 +208,9 @@ def main() -> int:
         print(describe_errors(exc), file=sys.stderr)
         return 2
     configure_logging(SOURCE, settings.log_level)
+    # The capture thread parses while the event loop publishes: a loop waiting for the interpreter lock is a
+    # takeover waiting; CPython's default switch interval (5 ms) would let the capture thread keep it that long.
+    sys.setswitchinterval(0.0005)
     try:
         return asyncio.run(run(settings))
     except StartupError as exc:

@@ -15,6 +15,7 @@ from services.binding.repository import SCHEMA
 from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
 from shared.db import create_pool, database_or_network_away, ensure_database
+from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
 from shared.messaging import Broker, declare_consumer_queue
 from shared.metrics import serve_metrics
@@ -71,6 +72,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         policy=settings.condition_policy(),
     )
     await service.load()
+    freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
     relay.start()
     consumer = await broker.consumer(
         QUEUE,

@@ -92,7 +92,8 @@ class BindingService:
         # Claim ids committed lately (bounded): a message redelivered without a restart is recognised even
         # where nothing stored would tell (a refusal folded into an earlier row). After a restart, the
         # audit's unique claim_id and the capture-time order do it.
-        self._recent_claims: OrderedDict[uuid.UUID, None] = OrderedDict()
+        # Kept as integers: 100,000 UUID objects would each be walked by every full garbage collection.
+        self._recent_claims: OrderedDict[int, None] = OrderedDict()
         self._book_stale = True
         metrics.export_book(lambda: self.book.bindings.values())
 
@@ -255,7 +256,7 @@ class BindingService:
 
     def _remember(self, claim_ids: set[uuid.UUID]) -> None:
         recent = self._recent_claims
-        recent.update(dict.fromkeys(claim_ids))
+        recent.update(dict.fromkeys(claim_id.int for claim_id in claim_ids))
         while len(recent) > RECENT_CLAIMS:
             recent.popitem(last=False)
 
@@ -333,7 +334,7 @@ class BindingService:
         latencies_from: list[int],
         outcomes: list[str],
     ) -> None:
-        if data.claim_id in batch.claim_ids or data.claim_id in self._recent_claims:
+        if data.claim_id in batch.claim_ids or data.claim_id.int in self._recent_claims:
             outcomes.append("duplicate")  # a redelivery: decided once is enough
             return
         batch.claim_ids.add(data.claim_id)
