@@ -60,6 +60,16 @@ async def tick_every_second(service: BindingService, audit_retention_days: float
             log.exception("tick failed; retrying in 1 s")
 
 
+async def release_paced_refusals(service: BindingService) -> None:
+    """Refusal audit rows waiting for the pacer's budget go out in bites, ten times a second."""
+    while True:
+        await asyncio.sleep(0.1)
+        try:
+            await service.release_refusals()
+        except Exception:
+            log.exception("writing paced refusals failed; retrying")
+
+
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
     broker = Broker(settings, SOURCE)
@@ -70,6 +80,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         on_commit=relay.wake,
         max_clock_skew_s=settings.max_clock_skew_s,
         policy=settings.condition_policy(),
+        refusal_audit_rate=settings.refusal_audit_rate,
     )
     await service.load()
     freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
@@ -90,12 +101,14 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
     if ready is not None:
         ready.set()
     ticker = asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick")
+    pacing = asyncio.create_task(release_paced_refusals(service), name="paced refusals")
     try:
         await stop.wait()
     finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
+        for task in (ticker, pacing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await consumer.stop()
         await relay.stop()
         await broker.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,6 +22,13 @@ CLAIMS = Counter(
     ["outcome"],  # transition, refresh, stale, rejected, not_havip, duplicate
 )
 CLAIMS_REJECTED = Counter("havip_claims_rejected_total", "Refused claims", ["reason"])
+REFUSALS_WAITING = Gauge(
+    "havip_refusals_waiting", "Refusal audit rows waiting for the audit pacer's budget (a flood is being paced)"
+)
+REFUSALS_UNAUDITED = Counter(
+    "havip_refused_frames_unaudited_total",
+    "Refused frames neither audited nor published because too many refusals were waiting (still in claims_total)",
+)
 CONDITION_EDGES = Counter(
     "havip_condition_edges_total",
     "Flapping and split-brain conditions started and stopped",

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from services.binding import metrics
+from services.binding.audit_pacing import DEFAULT_REFUSAL_AUDIT_RATE, AuditPacer
 from services.binding.domain import (
     DEFAULT_MAX_CLOCK_SKEW_NS,
     Attachment,
@@ -78,6 +79,7 @@ class BindingService:
         *,
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_NS / 1e9,
         policy: ConditionPolicy | None = None,
+        refusal_audit_rate: float = DEFAULT_REFUSAL_AUDIT_RATE,
     ) -> None:
         self._pool = pool
         self._on_commit = on_commit
@@ -87,6 +89,11 @@ class BindingService:
         self._lock = asyncio.Lock()
         self.book = BindingBook(policy=self._policy)
         self._folds: dict[tuple[object, str, str], _Fold] = {}
+        # Audit rows over the pacer's budget, waiting (frames still fold into them): first refusals of a key are
+        # written before repeats (AuditPacer).
+        self._pacer = AuditPacer(refusal_audit_rate, now_s=time.monotonic())
+        self._waiting_first: OrderedDict[tuple[object, str, str], _Fold] = OrderedDict()
+        self._waiting_repeat: OrderedDict[tuple[object, str, str], _Fold] = OrderedDict()
         # Frames folded into audit rows while their INSERT was on its way (written with the next batch).
         self._late_folds: dict[uuid.UUID, int] = {}
         # Claim ids committed lately (bounded): a message redelivered without a restart is recognised even
@@ -96,6 +103,7 @@ class BindingService:
         self._recent_claims: OrderedDict[int, None] = OrderedDict()
         self._book_stale = True
         metrics.export_book(lambda: self.book.bindings.values())
+        metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
 
     async def load(self) -> None:
         async with self._pool.acquire() as conn:
@@ -139,6 +147,7 @@ class BindingService:
         except BaseException:
             self._book_stale = True  # the next decision reloads the book from what is committed
             self._folds.clear()
+            self._wait_again(deferred.released)
             raise
         for fold in deferred.folds:
             self._fold_committed(fold)
@@ -167,6 +176,20 @@ class BindingService:
             self._late_folds[claim_id] = self._late_folds.get(claim_id, 0) + fold.late
             fold.late = 0
 
+    @property
+    def refusals_waiting(self) -> int:
+        return len(self._waiting_first) + len(self._waiting_repeat)
+
+    async def release_refusals(self) -> None:
+        """Write the audit rows the pacer lets go now; called about ten times a second while some wait, so that
+        the budget is used when no claim comes to carry them."""
+        if not self.refusals_waiting:
+            return
+        async with self._lock:
+            deferred = await self._decide_and_commit((), None, defer=True)
+        if deferred is not None:
+            await self._write_deferred(deferred)
+
     async def tick(self) -> None:
         """Let the book see time pass (flapping and split brain end after a quiet window) and commit the
         edges; called about once a second."""
@@ -194,6 +217,7 @@ class BindingService:
         if self._late_folds:  # counts for rows committed since: any write may carry them
             batch.folded.update(self._late_folds)
             self._late_folds = {}
+        released = self._release_waiting(batch)
         new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []
         outcomes: list[str] = []
@@ -209,7 +233,7 @@ class BindingService:
             for edge in edges:
                 self._record_edge(edge, batch)
             if defer and batch.commutes():
-                deferred = self._defer(batch)
+                deferred = self._defer(batch, released)
             elif batch:
                 async with self._pool.acquire() as conn, conn.transaction():
                     new_rejections = await write_batch(conn, batch)
@@ -217,9 +241,11 @@ class BindingService:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
             # message at fault instead of blocking the queue behind it.
             self._book_stale = True
+            self._wait_again(released)
             raise events.InvalidEvent(f"conflicts with stored state: {exc}") from exc
         except BaseException:
             self._book_stale = True
+            self._wait_again(released)
             raise
         finally:
             if self._book_stale:
@@ -229,7 +255,9 @@ class BindingService:
             self._committed(batch.rejected)
             self._remember(batch.claim_ids)
         if now_ns is not None:
-            self._folds = {k: f for k, f in self._folds.items() if now_ns - f.first_ns < 2 * f.window_ns}
+            self._folds = {
+                k: f for k, f in self._folds.items() if f.waiting or now_ns - f.first_ns < 2 * f.window_ns
+            }
         for captured_ns in latencies_from:
             metrics.BINDING_LATENCY.observe(max(0, committed_ns - captured_ns) / 1e9)
         for outcome, count in Counter(outcomes).items():
@@ -246,13 +274,37 @@ class BindingService:
             self._on_commit()
         return deferred
 
-    def _defer(self, batch: BatchWrite) -> _Deferred:
+    def _defer(self, batch: BatchWrite, released: list[_Fold]) -> _Deferred:
         """A snapshot of what the batch writes: the book and the folds move on while it is written."""
         folds = [fold for row in batch.rejected if (fold := self._fold_of(row)) is not None]
         for fold in folds:
             fold.frozen = True  # frames folded from now on wait in `late` until the row is committed
         rejected = [dataclasses.replace(row) for row in batch.rejected]
-        return _Deferred(renewals_of(batch), rejected, dict(batch.folded), set(batch.claim_ids), folds)
+        return _Deferred(renewals_of(batch), rejected, dict(batch.folded), set(batch.claim_ids), folds, released)
+
+    def _release_waiting(self, batch: BatchWrite) -> list[_Fold]:
+        """Audit rows the pacer lets go now, into `batch`: first refusals, then repeats, oldest first."""
+        waiting = len(self._waiting_first) + len(self._waiting_repeat)
+        if not waiting:
+            return []
+        released: list[_Fold] = []
+        for _ in range(self._pacer.take(waiting, time.monotonic())):
+            queue = self._waiting_first or self._waiting_repeat
+            _key, fold = queue.popitem(last=False)
+            fold.waiting = False
+            batch.rejected.append(fold.row)
+            released.append(fold)
+        return released
+
+    def _wait_again(self, released: Sequence[_Fold]) -> None:
+        """Rows released into a write that failed: they were never stored; they wait again, at the front."""
+        for fold in reversed(released):
+            fold.waiting = True
+            fold.frozen = False
+            queue = self._waiting_repeat if fold.repeat else self._waiting_first
+            key = (fold.row.address, fold.row.mac, fold.row.reason)
+            queue[key] = fold
+            queue.move_to_end(key, last=False)
 
     def _remember(self, claim_ids: set[uuid.UUID]) -> None:
         recent = self._recent_claims
@@ -376,7 +428,7 @@ class BindingService:
         key = (claim.address, claim.sender_mac, outcome.reason)
         fold = self._folds.get(key)
         since = claim.captured_ns - fold.first_ns if fold is not None else -1
-        if fold is not None and 0 <= since < fold.window_ns:
+        if fold is not None and (fold.waiting or 0 <= since < fold.window_ns):
             if fold.committed:
                 batch.folded[fold.row.claim_id] = batch.folded.get(fold.row.claim_id, 0) + data.repeats
             elif fold.frozen:
@@ -394,11 +446,21 @@ class BindingService:
             claim.watcher_id,
             data.repeats,
         )
-        batch.rejected.append(row)
         window = REFUSAL_FOLD_NS
         if fold is not None and 0 <= since < 2 * fold.window_ns:  # back right after its window: a flood
             window = min(2 * fold.window_ns, MAX_REFUSAL_FOLD_NS)
-        self._folds[key] = _Fold(row, claim.captured_ns, window)
+        new = _Fold(row, claim.captured_ns, window, repeat=fold is not None)
+        self._folds[key] = new
+        queue = self._waiting_repeat if new.repeat else self._waiting_first
+        ahead = len(self._waiting_first) + (len(self._waiting_repeat) if new.repeat else 0)
+        if ahead == 0 and self._pacer.take(1, time.monotonic()):
+            batch.rejected.append(row)
+        elif len(self._waiting_first) + len(self._waiting_repeat) < MAX_WAITING_REFUSALS:
+            new.waiting = True  # written when the pacer lets it; frames fold into it meanwhile
+            queue[key] = new
+        else:  # bounded memory: counted, not audited
+            del self._folds[key]
+            metrics.REFUSALS_UNAUDITED.inc(data.repeats)
 
     def _record_transition(self, transition: Transition, batch: BatchWrite) -> None:
         committed_at = datetime.now(UTC)
@@ -416,6 +478,8 @@ RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most
 # span doubles while the refusal keeps coming back, up to the maximum.
 REFUSAL_FOLD_NS = 1_000_000_000
 MAX_REFUSAL_FOLD_NS = 64_000_000_000
+# Refusal audit rows that may wait for the pacer's budget (about 30 MB); past it a refusal is only counted.
+MAX_WAITING_REFUSALS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +491,7 @@ class _Deferred:
     folded: dict[uuid.UUID, int]
     claim_ids: set[uuid.UUID]
     folds: list[_Fold]  # of the rows in `rejected`: committed with them
+    released: list[_Fold]  # rows that had waited for the pacer: if the write fails they wait again
 
     @staticmethod
     def merged(parts: Sequence[_Deferred]) -> _Deferred:
@@ -441,6 +506,7 @@ class _Deferred:
             folded,
             set().union(*(p.claim_ids for p in parts)),
             [fold for p in parts for fold in p.folds],
+            [fold for p in parts for fold in p.released],
         )
 
 
@@ -452,6 +518,8 @@ class _Fold:
     committed: bool = False  # the row is in the database: later frames are added by UPDATE
     frozen: bool = False  # the row is being written by a deferred batch: later frames wait in `late`
     late: int = 0
+    repeat: bool = False  # a key audited before (its window ended): waits behind first refusals
+    waiting: bool = False  # over the pacer's budget: not yet in any write; every frame folds into it
 
 
 def binding_changed(transition: Transition, committed_at: datetime) -> events.Envelope:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from services.binding.audit_pacing import DEFAULT_REFUSAL_AUDIT_RATE
 from services.binding.domain import ConditionPolicy
 from shared.settings import CommonSettings
 
@@ -18,6 +19,9 @@ class BindingSettings(CommonSettings):
     routine_batch: int = Field(default=16, ge=1, le=10_000)
     # Claims captured further ahead of this service's clock are refused as clock_skew (SPEC §5.2).
     max_clock_skew_s: float = Field(default=2.0, gt=0, le=3600)
+    # New refusal audit rows (and their events) a second at most, in bites of a tenth of it: a flood over many
+    # addresses is audited at this pace, every frame still counted (AuditPacer).
+    refusal_audit_rate: float = Field(default=DEFAULT_REFUSAL_AUDIT_RATE, gt=0, le=100_000)
     # Refused claims are kept this long in the audit (binding.rejected_claims), then deleted.
     audit_retention_days: float = Field(default=30.0, gt=0, le=3650)
     # Flapping: more than this many transitions within the window (SPEC §5.5).
