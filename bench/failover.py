@@ -54,6 +54,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,32 @@ def read_pcap(path: Path) -> list[tuple[int, bytes]]:
         frames.append((sec * 1_000_000_000 + nsec, frame[22:28]))
         offset += 16 + incl
     return frames
+
+
+@contextmanager
+def flood_only_to(lab: Lab, spoofer_mac: str, capture_port: str) -> Iterator[None]:
+    """The spoofer's frames leave the lab's bridge only toward the watcher's capture port: on this one machine
+    the other servers' kernels would otherwise process every spoofed ARP on the cores the services need — work
+    that real servers do on their own CPUs. An nftables bridge table in the lab's switch namespace (the host's
+    firewall is not touched), deleted at the end and gone with the namespace anyway."""
+    table = "havip_bench_flood"
+    script = "\n".join(
+        [
+            f"table bridge {table} {{",
+            "    chain forward {",
+            "        type filter hook forward priority 0; policy accept;",
+            f'        ether saddr {spoofer_mac} oifname != "{capture_port}" drop',
+            "    }",
+            "}",
+            "",
+        ]
+    )
+    nft = ["ip", "netns", "exec", lab.switch_netns, "nft"]
+    subprocess.run([*nft, "-f", "-"], input=script, text=True, check=True, timeout=10)
+    try:
+        yield
+    finally:
+        subprocess.run([*nft, "delete", "table", "bridge", table], check=False, timeout=10)
 
 
 @contextmanager
@@ -253,8 +280,27 @@ async def bare_commit_s(conn: Any) -> float:
 # ---- the run ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Flood:
+    """P1's spoofer: an unregistered server replaying gratuitous ARPs for every address."""
+
+    lab: Lab
+    host: Any
+    sender: RawSender
+    rate: int  # frames/s; 0: no flood
+    workdir: Path
+    confined: bool  # delivered only to the capture port (flood_only_to)
+
+
 async def run(
-    n: int, probes: int, background: int, workdir: Path, quiet_wait_s: float, flood: int = 0
+    n: int,
+    probes: int,
+    background: int,
+    workdir: Path,
+    quiet_wait_s: float,
+    flood: int = 0,
+    *,
+    confine_flood: bool = True,
 ) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
     result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine()}
@@ -305,7 +351,7 @@ async def run(
                             havips[PROBE],
                             probes,
                             background,
-                            (spoofer, send_spoof, flood, workdir),
+                            Flood(lab, spoofer, send_spoof, flood, workdir, confine_flood),
                             system.api_url,
                             published,
                         )
@@ -371,7 +417,7 @@ async def probes_under_load(
     probe_id: uuid.UUID,
     probes: int,
     background: int,
-    spoofing: tuple[Any, RawSender, int, Path],
+    spoofing: Flood,
     allocator_url: str,
     published: dict[int, float],
 ) -> dict[str, Any]:
@@ -382,18 +428,24 @@ async def probes_under_load(
         loaders.append(
             PacedSender(send_b, [send_b.garp(a) for a in addresses], background, max_s=probes * 0.4 + 30)
         )
-    spoofer, send_spoof, flood, workdir = spoofing
+    flood = spoofing.rate
     refused_before = await conn.fetchval("SELECT coalesce(sum(count), 0) FROM binding.rejected_claims")
     stack = contextlib.ExitStack()
     flooded = {"sent": 0}
     if flood:
-        spoofed = [send_spoof.garp(a) for a in [PROBE, *addresses]]
-        flooded = stack.enter_context(replayed_flood(spoofer, spoofed, flood, probes * 0.4 + 30, workdir))
+        spoofed = [spoofing.sender.garp(a) for a in [PROBE, *addresses]]
+        if spoofing.confined:
+            lab = spoofing.lab
+            stack.enter_context(flood_only_to(lab, spoofing.host.mac, lab.capture_ports["cap"].port))
+        flooded = stack.enter_context(
+            replayed_flood(spoofing.host, spoofed, flood, probes * 0.4 + 30, spoofing.workdir)
+        )
     for loader in loaders:
         loader.start()
     if loaders or flood:
         await asyncio.sleep(2)  # the load in its stride before the first probe
     latencies: list[float] = []
+    captured: list[int] = []
     commits: list[float] = []
     view_delays: list[float] = []
     publish_delays: list[float] = []
@@ -415,6 +467,7 @@ async def probes_under_load(
                 what=f"probe {i}",
             )
             latencies.append((row[1].timestamp() * 1e9 - row[2]) / 1e9)
+            captured.append(row[2])
             _, viewed = await wait_until(
                 conn,
                 "SELECT count(*), max(recorded_at) FROM allocator.view_transitions "
@@ -452,10 +505,14 @@ async def probes_under_load(
             "p99": round(histogram_quantile(0.99, histogram) * 1000, 2),
         },
         "probes": probes,
+        "probe_captured_ns": captured,
+        "probe_latencies_ms": [round(x * 1000, 1) for x in latencies],
+        "bare_commits_ms": [round(x * 1000, 1) for x in commits],
         "background_claims_per_s": background,
         "background_sent": loaders[0].sent if background else 0,
         "flood_frames_per_s": flood,
         "flood_sent": flooded["sent"],
+        "flood_only_to_capture_port": spoofing.confined,
         "refused_frames_audited": int(audit["frames"]) - int(refused_before),
         "refusal_audit_rows": int(audit["rows"]),
         "garp_to_commit_ms": summary,
@@ -521,13 +578,29 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=100, help="single-GARP probes for P1")
     parser.add_argument("--background", type=int, default=0, help="refreshes/s of the N HAVIPs during P1")
     parser.add_argument("--flood", type=int, default=0, help="spoofed GARPs/s (N + 1 addresses) during P1")
+    parser.add_argument(
+        "--flood-everywhere",
+        action="store_true",
+        help="let the flood reach every server's namespace too, not only the capture port (costs this machine "
+        "the other servers' ARP processing)",
+    )
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if not 1 <= args.n <= 60_000:
         parser.error("--n must be between 1 and 60000")
     with tempfile.TemporaryDirectory(prefix="havip-bench-failover-") as tmp:
-        result = asyncio.run(run(args.n, args.probes, args.background, Path(tmp), args.quiet_wait, args.flood))
+        result = asyncio.run(
+            run(
+                args.n,
+                args.probes,
+                args.background,
+                Path(tmp),
+                args.quiet_wait,
+                args.flood,
+                confine_flood=not args.flood_everywhere,
+            )
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -550,8 +623,10 @@ def main() -> int:
         )
         if p1["flood_frames_per_s"]:
             print(
-                f"    flood: {p1['flood_sent']} spoofed frames sent; {p1['refused_frames_audited']} refused "
-                f"frames audited in {p1['refusal_audit_rows']} rows (folded per address, MAC, reason and window)"
+                f"    flood: {p1['flood_sent']} spoofed frames sent "
+                f"({'to the capture port only' if p1['flood_only_to_capture_port'] else 'to every port'}); "
+                f"{p1['refused_frames_audited']} refused frames audited in {p1['refusal_audit_rows']} rows "
+                "(folded per address, MAC, reason and window, paced)"
             )
         print(f"    busy before P2: {result['busy_before_p2']:.0%}, before P1: {result['busy_before_p1']:.0%}")
         print(
