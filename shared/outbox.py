@@ -1,6 +1,7 @@
 """Transactional outbox: events are written in the same transaction as the change they describe, then a
-relay publishes them with confirms and deletes them. A crash between commit and publish loses nothing; a
-crash between publish and delete repeats an event (consumers are idempotent).
+relay publishes them with confirms and deletes them, with no transaction open while it waits for the broker.
+A crash between commit and publish loses nothing; a crash between publish and delete repeats an event
+(consumers are idempotent).
 
 Each service's schema has a table created by its migrations:
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -60,11 +62,38 @@ def _with_head(body: str) -> tuple[bytes, _Head]:
     return raw, _HEAD.decode(raw)
 
 
+def relay_lock_key(schema: str) -> int:
+    """The key of the advisory lock that lets one relay at a time publish `schema`'s outbox: the same in every
+    process (unlike Python's hash), signed 64-bit as pg_try_advisory_lock(bigint) takes it."""
+    digest = hashlib.blake2b(f"havip outbox relay {schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+# How soon a relay that found another one publishing looks again: that pass may have read the outbox before
+# this process's commit, and the next poll may be a second away.
+LOCK_BUSY_RETRY_S = 0.1
+
+
 class OutboxRelay:
+    """Publishes a schema's outbox in id order, one relay per schema at a time however many replicas run.
+
+    A pass takes a pool connection and, on it, the schema's session-level advisory lock (pg_try_advisory_lock),
+    then reads a batch in id order, publishes the stored bytes with confirms and deletes the confirmed rows —
+    each statement in a transaction of its own, so no transaction, row lock or snapshot is held while the
+    broker is waited for. A relay that finds the lock taken publishes nothing and looks again shortly.
+
+    The lock lasts one pass, not the relay's life on a dedicated connection: the pool already replaces
+    connections lost when Postgres restarts, so the next pass simply takes the lock again; a pool slot is out
+    only while a pass runs (as the transaction of a pass was before); and a replica whose broker is away holds
+    the lock only during its attempts, not for the whole outage. The lock goes with the connection: the pool's
+    reset on release runs pg_advisory_unlock_all(), and a session that dies takes its locks with it.
+    """
+
     def __init__(self, pool: Any, broker: Broker, schema: str, *, batch: int = 1000, poll_s: float = 1.0) -> None:
         self._pool = pool
         self._broker = broker
         self._schema = schema
+        self._lock_key = relay_lock_key(schema)
         self._batch = batch
         self._poll_s = poll_s
         self._wakeup = asyncio.Event()
@@ -102,12 +131,14 @@ class OutboxRelay:
         delay = 0.1
         while not self._stopping:
             try:
-                while await self.relay_once() == self._batch and not self._stopping:
-                    pass
+                published = await self._pass()
+                while published == self._batch and not self._stopping:
+                    published = await self._pass()
                 delay = 0.1
+                idle_s = self._poll_s if published is not None else min(self._poll_s, LOCK_BUSY_RETRY_S)
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (CPython gh-86296).
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._poll_s):
+                    async with asyncio.timeout(idle_s):
                         await self._wakeup.wait()
                 self._wakeup.clear()
             except asyncio.CancelledError:
@@ -123,31 +154,53 @@ class OutboxRelay:
                 delay = min(delay * 2, 5.0)
 
     async def relay_once(self) -> int:
-        """Publish one batch in commit order; returns how many events were published."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            # SKIP LOCKED: a second replica's relay takes other rows instead of waiting.
+        """Publish one batch in commit order; returns how many events were published (0 also when another
+        relay is publishing this schema's outbox)."""
+        return await self._pass() or 0
+
+    async def _pass(self) -> int | None:
+        """One batch; None if another relay holds the schema's lock."""
+        outbox = f"{self._schema}.outbox"
+        async with self._pool.acquire() as conn:  # no transaction: every statement commits on its own
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key):
+                return None
             rows = await conn.fetch(
-                f"""SELECT id, routing_key, body FROM {self._schema}.outbox ORDER BY id
-                    LIMIT $1 FOR UPDATE SKIP LOCKED""",
-                self._batch,
+                f"SELECT id, routing_key, body FROM {outbox} ORDER BY id LIMIT $1", self._batch
             )
             if rows:
-                # The stored bytes go out as they are: they were encoded (and validated) when committed.
-                await asyncio.gather(
-                    *(
-                        self._broker.publish_encoded(r["routing_key"], body, head.event_id, head.occurred_at)
-                        for r in rows
-                        for body, head in [_with_head(r["body"])]
-                    )
-                )
-                await conn.execute(
-                    f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-                )
+                try:
+                    await self._publish(rows)
+                except Exception:
+                    await self._show_backlog(conn)  # the broker may be away for long: the gauge keeps up
+                    raise
+                await conn.execute(f"DELETE FROM {outbox} WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
             # Counting costs a query on every commit's path; a short batch means the backlog is (about) gone.
-            pending = 0
-            if len(rows) == self._batch:
-                # After our DELETE, in the same transaction: what is left for the next pass.
-                pending = await conn.fetchval(f"SELECT count(*) FROM {self._schema}.outbox")
+            pending = await conn.fetchval(f"SELECT count(*) FROM {outbox}") if len(rows) == self._batch else 0
         OUTBOX_PENDING.labels(self._schema).set(pending)
         OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
         return len(rows)
+
+    async def _publish(self, rows: Sequence[Any]) -> None:
+        """All confirms in flight at once, in id order on the broker's one publishing channel. Every publish
+        settles before this returns or raises, so a failed pass leaves none in flight when it is retried."""
+        # The stored bytes go out as they are: they were encoded (and validated) when committed.
+        heads = [(r["routing_key"], *_with_head(r["body"])) for r in rows]
+        results = await asyncio.gather(
+            *(
+                self._broker.publish_encoded(routing_key, body, head.event_id, head.occurred_at)
+                for routing_key, body, head in heads
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _show_backlog(self, conn: Any) -> None:
+        """After a failed publish: the gauge shows every row still waiting, if Postgres answers."""
+        try:
+            pending = await conn.fetchval(f"SELECT count(*) FROM {self._schema}.outbox", timeout=5.0)
+        except Exception as exc:  # the original failure is what the caller raises; this one is only logged
+            log.warning("outbox backlog not counted: %s", exc)
+            return
+        OUTBOX_PENDING.labels(self._schema).set(pending)

@@ -1,5 +1,7 @@
 """The transactional outbox on the real Postgres and RabbitMQ: what was committed is published, in commit
-order, even when the process that committed it died before publishing; what was rolled back never is."""
+order, even when the process that committed it died before publishing; what was rolled back never is. No
+transaction is open while the broker is waited for; one relay per schema publishes at a time; the backlog
+gauge follows the outbox while the broker is away."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from prometheus_client import REGISTRY
 from shared import events
 from shared.db import create_pool
 from shared.messaging import Broker
-from shared.outbox import OutboxRelay, add_to_outbox
+from shared.outbox import OutboxRelay, add_to_outbox, relay_lock_key
 from shared.settings import CommonSettings
-from tests.listener import listening
+from tests.listener import EventLog, listening
+from tests.tcp_proxy import CuttableProxy
 from tests.waiting import eventually
 
 
@@ -144,3 +147,235 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
         finally:
             await broker.close()
     assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in batch]
+
+
+async def commit_each(pool: Any, envs: list[events.Envelope]) -> None:
+    """One transaction per event, as the services commit their changes."""
+    async with pool.acquire() as conn:
+        for env in envs:
+            async with conn.transaction():
+                await add_to_outbox(conn, "allocator", [env])
+
+
+def pending_gauge() -> float | None:
+    return REGISTRY.get_sample_value("havip_outbox_pending_events", {"service": "allocator"})
+
+
+def failures() -> float:
+    return REGISTRY.get_sample_value("havip_outbox_publish_failures_total", {"service": "allocator"}) or 0.0
+
+
+async def outbox_rows(db: Any) -> int:
+    count: int = await db.fetchval("SELECT count(*) FROM allocator.outbox")
+    return count
+
+
+async def outbox_empty(db: Any) -> bool:
+    return await outbox_rows(db) == 0
+
+
+async def lock_holders(db: Any) -> list[asyncpg.Record]:
+    """The sessions holding the allocator outbox's relay lock, with their transaction state. A bigint advisory
+    key shows in pg_locks as classid (high 32 bits) and objid (low 32 bits), objsubid 1."""
+    key = relay_lock_key("allocator")
+    rows: list[asyncpg.Record] = await db.fetch(
+        """SELECT a.pid, a.state, a.backend_xid, a.backend_xmin
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             AND l.classid::bigint = $1 AND l.objid::bigint = $2""",
+        (key >> 32) & 0xFFFFFFFF,
+        key & 0xFFFFFFFF,
+    )
+    return rows
+
+
+async def lock_holders_gone(db: Any) -> bool:
+    return await lock_holders(db) == []
+
+
+async def all_arrived(broker: Broker, log: EventLog) -> list[str]:
+    """The event ids the listener received, once everything confirmed before now has arrived: a marker published
+    after them arrives after them (one queue), so duplicates published earlier cannot still be on the way."""
+    marker = vpc_event("marker")
+    await broker.publish(marker)
+    await eventually(lambda: str(marker.event_id) in {e["event_id"] for e in log.received}, what="the marker")
+    ids = [e["event_id"] for e in log.received]
+    return ids[: ids.index(str(marker.event_id))]
+
+
+class HeldBroker(Broker):
+    """The real broker, whose publishes wait until the test releases them: a pass stands still mid-publish."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        super().__init__(settings, "test-relay-held")
+        self.publishing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def publish_encoded(
+        self,
+        event_type: str,
+        body: bytes,
+        event_id: uuid.UUID,
+        occurred_at: datetime | None = None,
+        *,
+        routine: bool = False,
+    ) -> None:
+        self.publishing.set()
+        await self.release.wait()
+        await super().publish_encoded(event_type, body, event_id, occurred_at)
+
+
+async def test_no_transaction_is_open_while_the_broker_is_waited_for(pool: Any, amqp_url: str, db: Any) -> None:
+    settings = CommonSettings(amqp_url=amqp_url)
+    env = vpc_event("held")
+    await commit_each(pool, [env])
+    async with listening(settings, ["vpc.created"]) as log:
+        broker = HeldBroker(settings)
+        await broker.connect()
+        try:
+            relay = OutboxRelay(pool, broker, "allocator")
+            relay_pass = asyncio.create_task(relay.relay_once())
+            try:
+                await asyncio.wait_for(broker.publishing.wait(), 10)
+                # The relay's session holds the schema's lock, and nothing else: no transaction, no snapshot.
+                holders = [(r["state"], r["backend_xid"], r["backend_xmin"]) for r in await lock_holders(db)]
+                assert holders == [("idle", None, None)]
+                assert await outbox_rows(db) == 1  # deleted only once confirmed
+            finally:
+                broker.release.set()
+            assert await relay_pass == 1
+            assert await lock_holders(db) == []  # the lock went back with the connection
+            assert await all_arrived(broker, log) == [str(env.event_id)]
+        finally:
+            await broker.close()
+    assert await outbox_rows(db) == 0
+
+
+async def test_a_second_relay_publishes_nothing_while_the_first_holds_the_schema(
+    pool: Any, amqp_url: str, db: Any
+) -> None:
+    settings = CommonSettings(amqp_url=amqp_url)
+    first_batch = [vpc_event(f"first-{i}") for i in range(3)]
+    await commit_each(pool, first_batch)
+    async with listening(settings, ["vpc.created"]) as log:
+        held, other = HeldBroker(settings), Broker(settings, "test-relay-other")
+        await held.connect()
+        await other.connect()
+        try:
+            first, second = OutboxRelay(pool, held, "allocator"), OutboxRelay(pool, other, "allocator")
+            first_pass = asyncio.create_task(first.relay_once())
+            try:
+                await asyncio.wait_for(held.publishing.wait(), 10)
+                assert await second.relay_once() == 0  # the rows are there, but the first relay is on them
+            finally:
+                held.release.set()
+            assert await first_pass == len(first_batch)
+            later = [vpc_event(f"later-{i}") for i in range(2)]
+            await commit_each(pool, later)
+            assert await second.relay_once() == len(later)
+            received = await all_arrived(other, log)
+        finally:
+            await held.close()
+            await other.close()
+    assert received == [str(env.event_id) for env in first_batch + later]
+    assert await outbox_rows(db) == 0
+
+
+async def test_two_relays_on_one_schema_publish_every_event_once_in_commit_order(
+    pool: Any, amqp_url: str, db: Any
+) -> None:
+    """Two replicas, each waking its own relay after its own commits, small batches: many passes race for the
+    schema's lock."""
+    settings = CommonSettings(amqp_url=amqp_url)
+    committed = [vpc_event(f"replicas-{i}") for i in range(120)]
+    async with listening(settings, ["vpc.created"]) as log:
+        brokers = [Broker(settings, f"test-relay-{n}") for n in range(2)]
+        for broker in brokers:
+            await broker.connect()
+        relays = [OutboxRelay(pool, broker, "allocator", batch=4, poll_s=0.05) for broker in brokers]
+        try:
+            for relay in relays:
+                relay.start()
+            for i, env in enumerate(committed):
+                await commit_each(pool, [env])
+                relays[i % 2].wake()
+            await eventually(lambda: outbox_empty(db), timeout=60, what="the outbox emptied")
+        finally:
+            for relay in relays:
+                await relay.stop()
+        try:
+            received = await all_arrived(brokers[0], log)
+        finally:
+            for broker in brokers:
+                await broker.close()
+    assert received == [str(env.event_id) for env in committed]
+
+
+async def test_the_backlog_gauge_follows_the_outbox_while_the_broker_is_away(
+    pool: Any, amqp_url: str, db: Any
+) -> None:
+    listener_settings = CommonSettings(amqp_url=amqp_url)
+    first, second = [vpc_event(f"outage-{i}") for i in range(3)], [vpc_event(f"outage-{i}") for i in range(3, 7)]
+    with CuttableProxy() as proxy:
+        # A short publish timeout: an attempt against the absent broker fails soon, and refreshes the gauge.
+        broker = Broker(CommonSettings(amqp_url=proxy.url(amqp_url), publish_timeout_s=1.0), "test-relay")
+        await broker.connect()
+        relay = OutboxRelay(pool, broker, "allocator", poll_s=0.1)
+        async with listening(listener_settings, ["vpc.created"]) as log:
+            relay.start()
+            try:
+                await eventually(lambda: pending_gauge() == 0, what="a first pass over the empty outbox")
+                proxy.cut()
+                await commit_each(pool, first)
+                relay.wake()
+                await eventually(lambda: pending_gauge() == len(first), timeout=30, what="the first backlog")
+                await commit_each(pool, second)
+                relay.wake()
+                await eventually(lambda: pending_gauge() == len(first + second), timeout=30, what="the backlog")
+                assert log.received == []
+                proxy.start()
+                await eventually(lambda: pending_gauge() == 0, timeout=60, what="the backlog published")
+                assert await outbox_rows(db) == 0
+                received = await all_arrived(broker, log)
+            finally:
+                await relay.stop()
+                await broker.close()
+    assert received == [str(env.event_id) for env in first + second]
+
+
+async def test_a_relay_whose_session_ended_mid_pass_takes_the_lock_again_and_carries_on(
+    pool: Any, database_url: str, amqp_url: str, db: Any
+) -> None:
+    """Postgres goes away (for the relay's pool only) while a pass publishes: the session's lock goes with it,
+    the confirmed rows cannot be deleted and are published again (at least once), and once Postgres is back the
+    relay takes the lock again and publishes the rest, in commit order."""
+    settings = CommonSettings(amqp_url=amqp_url)
+    during_pass, during_outage = [vpc_event(f"pass-{i}") for i in range(2)], [vpc_event("outage")]
+    await commit_each(pool, during_pass)
+    with CuttableProxy(upstream_port=5432) as proxy:
+        relay_pool = await create_pool(database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}", 1))
+        broker = HeldBroker(settings)
+        await broker.connect()
+        relay = OutboxRelay(relay_pool, broker, "allocator", poll_s=0.1)
+        async with listening(settings, ["vpc.created"]) as log:
+            relay.start()
+            try:
+                await asyncio.wait_for(broker.publishing.wait(), 10)
+                assert len(await lock_holders(db)) == 1
+                proxy.cut()
+                await eventually(lambda: lock_holders_gone(db), what="the lock gone with the relay's session")
+                failed_before = failures()
+                broker.release.set()  # confirmed by the broker; the DELETE finds no session
+                await eventually(lambda: failures() > failed_before, what="the relay's failed pass")
+                await commit_each(pool, during_outage)
+                relay.wake()
+                proxy.start()
+                await eventually(lambda: outbox_empty(db), timeout=60, what="the outbox emptied")
+                received = await all_arrived(broker, log)
+            finally:
+                await relay.stop()
+                await broker.close()
+                await relay_pool.close()
+    ids = [str(env.event_id) for env in during_pass + during_outage]
+    assert received == ids[: len(during_pass)] + ids  # the pass cut before its DELETE, then everything
