@@ -186,7 +186,7 @@ class BindingService:
         if not self.refusals_waiting:
             return
         async with self._lock:
-            deferred = await self._decide_and_commit((), None, defer=True)
+            deferred = await self._decide_and_commit((), None, defer=True, release=True)
         if deferred is not None:
             await self._write_deferred(deferred)
 
@@ -194,7 +194,7 @@ class BindingService:
         """Let the book see time pass (flapping and split brain end after a quiet window) and commit the
         edges; called about once a second."""
         async with self._lock:
-            await self._decide_and_commit((), time.time_ns())
+            await self._decide_and_commit((), time.time_ns(), release=True)
 
     async def expire_audit(self, older_than_days: float) -> int:
         """Audit retention: delete refusals older than that (a bounded number per call)."""
@@ -207,17 +207,18 @@ class BindingService:
             await self.load()
 
     async def _decide_and_commit(
-        self, deliveries: Sequence[Delivery], now_ns: int | None, *, defer: bool = False
+        self, deliveries: Sequence[Delivery], now_ns: int | None, *, defer: bool = False, release: bool = False
     ) -> _Deferred | None:
         """Decide, and commit what changed; if `defer` and the batch's writes commute (BatchWrite.commutes),
-        return what to write instead of writing it."""
+        return what to write instead of writing it. With `release`, audit rows waiting for the pacer that it
+        lets go are written too — never in a batch of claims, so that a takeover's transaction carries none."""
         await self.ensure_current()
         deferred: _Deferred | None = None
         batch = BatchWrite()
         if self._late_folds:  # counts for rows committed since: any write may carry them
             batch.folded.update(self._late_folds)
             self._late_folds = {}
-        released = self._release_waiting(batch)
+        released = self._release_waiting(batch) if release else []
         new_rejections: list[RejectedClaim] = []
         latencies_from: list[int] = []
         outcomes: list[str] = []

@@ -3,7 +3,9 @@ counted, anything that differs is never held back, refreshes still go out once p
 
 from __future__ import annotations
 
+from collections import Counter
 from ipaddress import IPv4Address
+from itertools import pairwise
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -44,13 +46,43 @@ def test_back_and_forth_within_the_window_is_published_each_time() -> None:
 
 
 def test_refreshes_go_out_once_per_window_with_the_repeats_folded_in() -> None:
-    c = Coalescer(window_ns=S)
+    c = Coalescer(window_ns=S, spread=0)
     refreshes = [garp(A, T + i * S // 4) for i in range(9)]  # every 250 ms for 2 s
     out = c.admit(refreshes)
     assert [r.captured_at for r in out] == [T, T + S, T + 2 * S]
     assert [r.repeats for r in out] == [1, 4, 4]
     assert [r.renewal for r in out] == [False, True, True]  # the routine lane, after the first
     assert c.coalesced == 6
+
+
+def test_renewals_of_many_addresses_started_together_are_spread_over_half_a_window() -> None:
+    """A spoofer (or a server) announcing 1,000 addresses in the same instant, again every 20 ms: with every
+    window alike all 1,000 renewals would fall due in the same 20 ms each second; lengthened by up to half a
+    window per address, they flow evenly — about a tenth of them in any 50 ms — and no address is renewed sooner
+    than the window or later than one and a half."""
+    addresses = [VIP + i for i in range(1000)]
+    c = Coalescer(window_ns=S)
+    published: dict[int, list[int]] = {ip: [] for ip in addresses}
+    renewals: list[int] = []
+    for step in range(250):  # 5 s
+        at = T + step * 20_000_000
+        for claim in c.admit([garp(A, at, ip=ip) for ip in addresses]):
+            published[claim.sender_ip].append(claim.captured_at)
+            if claim.renewal:
+                renewals.append(claim.captured_at)
+    per_50ms = Counter((t - T) // 50_000_000 for t in renewals)
+    assert max(per_50ms.values()) <= 0.15 * len(addresses)
+    for times in published.values():
+        gaps = [b - a for a, b in pairwise(times)]
+        assert len(times) >= 4
+        assert all(S <= gap <= 3 * S // 2 + 20_000_000 for gap in gaps)
+
+
+def test_without_spread_they_all_fall_due_together() -> None:
+    c = Coalescer(window_ns=S, spread=0)
+    addresses = [VIP + i for i in range(1000)]
+    c.admit([garp(A, T, ip=ip) for ip in addresses])
+    assert len(c.admit([garp(A, T + S, ip=ip) for ip in addresses])) == len(addresses)
 
 
 def test_a_refresh_after_a_quiet_spell_is_still_a_renewal_and_a_new_claimant_never_is() -> None:
