@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Final
 
-DEFAULT_REFUSAL_AUDIT_RATE: Final = 100.0  # new audit rows a second (HAVIP_REFUSAL_AUDIT_RATE)
+DEFAULT_REFUSAL_AUDIT_RATE: Final = 20.0  # new audit rows a second (HAVIP_REFUSAL_AUDIT_RATE)
 
 
 class AuditPacer:
