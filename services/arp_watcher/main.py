@@ -135,6 +135,7 @@ async def run(
         segment=settings.segment,
         source=SOURCE,
         batch_size=settings.batch_size,
+        routine_linger_s=settings.routine_linger_s,
     )
 
     async def connect_and_publish() -> None:

@@ -197,6 +197,7 @@ class ClaimPublisher:
         batch_size: int = 500,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        routine_linger_s: float = 0.0,
     ) -> None:
         self._broker = broker
         self._buffer = buffer
@@ -208,6 +209,7 @@ class ClaimPublisher:
         self._batch_size = batch_size
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
+        self._routine_linger_s = routine_linger_s
         self._closing = False
         self.published = 0  # claims confirmed by the broker
         self.events = 0  # events (batches) confirmed
@@ -224,6 +226,9 @@ class ClaimPublisher:
         await asyncio.gather(self._run_lane(routine=False), self._run_lane(routine=True))
 
     async def _run_lane(self, *, routine: bool) -> None:
+        # Renewals gather for a moment between routine events: addresses' windows are spread over time, and a
+        # trickle of tiny events would cost the binding service a transaction each (a takeover never lingers).
+        linger = self._routine_linger_s if routine else 0.0
         while True:
             claims = self._buffer.take(self._batch_size, routine=routine)
             if not claims:
@@ -239,6 +244,8 @@ class ClaimPublisher:
                 source=self._source,
             )
             await self._publish_with_retry(event, claims, routine=routine)
+            if linger and not self._closing:
+                await asyncio.sleep(linger)
 
     async def _publish_with_retry(self, event: EncodedEvent, claims: list[Claim], *, routine: bool) -> None:
         delay = self._backoff_initial_s

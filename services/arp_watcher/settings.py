@@ -34,6 +34,9 @@ class WatcherSettings(CommonSettings):
     # Identical claims (address, MAC, Ethernet source, VLAN) within this window after a published one are
     # counted, not published; 0 publishes every frame.
     coalesce_window_s: float = Field(default=1.0, ge=0, le=60)
+    # Renewals (a holder's refreshes) gather this long between two routine-lane events; changes of claimant
+    # never wait.
+    routine_linger_s: float = Field(default=0.1, ge=0, le=5)
     # How frames come from the kernel: a memory-mapped TPACKET_V3 ring (default), or one recvmsg per frame.
     capture: Literal["ring", "socket"] = "ring"
     # The ring: blocks of this many KiB (a power of two, at least the page size), how many, and how long the

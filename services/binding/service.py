@@ -141,6 +141,10 @@ class BindingService:
     async def _write_deferred(self, deferred: _Deferred) -> None:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
+                if not deferred.rejected and not deferred.folded:
+                    # Holders' refreshes only: one lost in a crash is written again by the next, so this commit
+                    # need not wait for the disk — nor a takeover's commit queue behind its flush.
+                    await conn.execute("SET LOCAL synchronous_commit = off")
                 if deferred.renewals:
                     await write_renewals(conn, deferred.renewals)
                 new_rejections = await write_refusals(conn, deferred.rejected, deferred.folded)
