@@ -20,9 +20,13 @@ from tests.integration.allocator_support import BindingStandIn, EventLog, http_c
 
 
 @pytest.fixture(scope="module")
-async def binding(database_url: str, amqp_url: str) -> AsyncIterator[BindingSettings]:
-    """The binding service, in this process, on the module's database and vhost."""
-    settings = BindingSettings(database_url=database_url, amqp_url=amqp_url, metrics_port=0)
+async def binding(
+    database_url: str, amqp_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[BindingSettings]:
+    """The binding service, in this process, on the module's database and vhost; a module may set
+    `BINDING_SETTINGS` (a dict of BindingSettings fields) for its own."""
+    overrides: dict[str, Any] = getattr(request.module, "BINDING_SETTINGS", {})
+    settings = BindingSettings(database_url=database_url, amqp_url=amqp_url, metrics_port=0, **overrides)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_binding(settings, stop, ready))
     await asyncio.wait_for(ready.wait(), 30)
