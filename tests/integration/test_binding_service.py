@@ -470,6 +470,53 @@ async def test_an_allocation_redelivered_after_the_release_changes_nothing(
         await conn.close()
 
 
+async def test_every_message_delivered_twice_changes_nothing_twice(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    """Issue 8 item 4: each message of a whole story — every inventory event type, a takeover, a refusal, a
+    narrowed candidate list, a deregistration, the release — arrives twice in a row (a redelivery after a lost
+    acknowledgement); the history, the audit and the events are those of one delivery."""
+    w = World()
+    spoofer = "02:ee:ee:ee:ee:7b"
+    t = time.time_ns()
+    subnet = events.SubnetData(id=w.subnet, vpc_id=w.vpc, name="s", cidr="192.0.2.0/24")
+    story = [
+        events.envelope("subnet.created", subnet, "allocator"),
+        *w.inventory(),
+        w.claim(w.cvm1.mac, t=t),
+        claims_event(w.observed(spoofer, t=t + 1)),
+        w.claim(w.cvm2.mac, t=t + 2),
+        events.envelope("havip.updated", w.havip.model_copy(update={"candidates": [w.cvm1.id]}), "allocator"),
+        w.claim(w.cvm1.mac, t=t + 3),
+        events.envelope("instance.deregistered", w.cvm1, "allocator"),
+        events.envelope("havip.released", w.havip, "allocator"),
+    ]
+    for message in story:
+        await publisher.publish_many([message, message])
+    marker = World()
+    await publisher.publish_many(marker.inventory())
+    await publisher.publish(marker.claim(marker.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", marker.havip.id)) == 1, what="marker")
+    history = await transitions(binding.database_url, w.havip.id)
+    assert [(r["sequence"], r["reason"], r["to_instance_id"]) for r in history] == [
+        (1, "claim", w.cvm1.id),
+        (2, "claim", w.cvm2.id),
+        (3, "release", None),  # the candidate list no longer holds cvm2
+        (4, "claim", w.cvm1.id),
+        (5, "release", None),  # cvm1 deregistered
+        (6, "release", None),  # the HAVIP released
+    ]
+    published = listener.of("havip.binding.changed", w.havip.id)
+    assert [e["sequence"] for e in published] == [1, 2, 3, 4, 5, 6]
+    assert len(listener.of("havip.claim.rejected", w.havip.id)) == 1
+    conn = await asyncpg.connect(binding.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM binding.rejected_claims WHERE mac = $1", spoofer) == 1
+        assert await conn.fetchval("SELECT count(*) FROM binding.havips WHERE id = $1", w.havip.id) == 0
+    finally:
+        await conn.close()
+
+
 async def test_a_flood_of_one_refusal_becomes_one_audit_row_per_second_with_a_count(
     binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
