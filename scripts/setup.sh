@@ -18,9 +18,11 @@ wait_port() {
 # keepalived, arping, tcpdump, tcpreplay, iproute2: the lab and its tests; nftables: the lab's ARP guard (a
 # bridge rule inside the lab's own namespace; the host's ruleset is never touched); prometheus: promtool;
 # docker-compose: validates docker-compose.yml offline, and brings it up on podman in tests/deploy (with runc,
-# netavark and aardvark-dns for service names, catatonit for `init: true`, debootstrap for the base image).
+# netavark and aardvark-dns for service names — netavark 1.4 drives iptables, which a fresh Debian lacks: without
+# it every container network fails with "netavark: No such file or directory" —, catatonit for `init: true`,
+# debootstrap for the base image).
 packages=(keepalived arping tcpdump tcpreplay iproute2 nftables procps prometheus docker-compose python3-venv
-    podman runc netavark aardvark-dns catatonit debootstrap)
+    podman runc netavark aardvark-dns iptables catatonit debootstrap)
 answers 5432 || command -v pg_ctlcluster >/dev/null || packages+=(postgresql)
 command -v psql >/dev/null || packages+=(postgresql-client)
 answers 5672 || command -v rabbitmq-server >/dev/null || packages+=(rabbitmq-server)

@@ -38,6 +38,15 @@ async def binding(
 
 
 @pytest.fixture(scope="module")
+async def publisher(binding: BindingSettings) -> AsyncIterator[Broker]:
+    """A broker connection to publish to the module's binding service as the watchers and the allocator do."""
+    broker = Broker(binding, "test")
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture(scope="module")
 async def app(database_url: str, amqp_url: str) -> AsyncIterator[FastAPI]:
     async with running_app(database_url, amqp_url, quota=100) as application:
         yield application

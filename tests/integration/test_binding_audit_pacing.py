@@ -20,14 +20,6 @@ from tests.listener import EventLog, listening
 from tests.waiting import eventually
 
 
-@pytest.fixture(scope="module")
-async def publisher(binding: BindingSettings) -> AsyncIterator[Broker]:
-    broker = Broker(binding, "test")
-    await broker.connect()
-    yield broker
-    await broker.close()
-
-
 @pytest.fixture
 async def listener(binding: BindingSettings) -> AsyncIterator[EventLog]:
     async with listening(binding, ["havip.claim.rejected"]) as log:

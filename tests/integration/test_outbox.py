@@ -106,12 +106,15 @@ async def test_the_backlog_gauge_counts_what_is_left_after_a_pass(pool: Any, amq
         await broker.close()
 
 
-class SlowBroker(Broker):
-    """The real broker, with a pause inside every publish: a stop request lands in the middle of a pass."""
+class PausingBroker(Broker):
+    """The real broker, every publish of which pauses first: for `pause_s`, or — without it — until the test
+    sets `release` (a pass stands still mid-publish)."""
 
-    def __init__(self, settings: CommonSettings) -> None:
-        super().__init__(settings, "test-relay")
+    def __init__(self, settings: CommonSettings, pause_s: float | None = None) -> None:
+        super().__init__(settings, "test-relay-paused")
+        self.pause_s = pause_s
         self.publishing = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def publish_encoded(
         self,
@@ -123,7 +126,10 @@ class SlowBroker(Broker):
         routine: bool = False,
     ) -> None:
         self.publishing.set()
-        await asyncio.sleep(0.3)
+        if self.pause_s is None:
+            await self.release.wait()
+        else:
+            await asyncio.sleep(self.pause_s)
         await super().publish_encoded(event_type, body, event_id, occurred_at)
 
 
@@ -134,7 +140,7 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
     async with pool.acquire() as conn, conn.transaction():
         await add_to_outbox(conn, "allocator", batch)
     async with listening(settings, ["vpc.created"]) as log:
-        broker = SlowBroker(settings)
+        broker = PausingBroker(settings, pause_s=0.3)
         await broker.connect()
         relay = OutboxRelay(pool, broker, "allocator")
         relay.start()
@@ -204,34 +210,12 @@ async def all_arrived(broker: Broker, log: EventLog) -> list[str]:
     return ids[: ids.index(str(marker.event_id))]
 
 
-class HeldBroker(Broker):
-    """The real broker, whose publishes wait until the test releases them: a pass stands still mid-publish."""
-
-    def __init__(self, settings: CommonSettings) -> None:
-        super().__init__(settings, "test-relay-held")
-        self.publishing = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def publish_encoded(
-        self,
-        event_type: str,
-        body: bytes,
-        event_id: uuid.UUID,
-        occurred_at: datetime | None = None,
-        *,
-        routine: bool = False,
-    ) -> None:
-        self.publishing.set()
-        await self.release.wait()
-        await super().publish_encoded(event_type, body, event_id, occurred_at)
-
-
 async def test_no_transaction_is_open_while_the_broker_is_waited_for(pool: Any, amqp_url: str, db: Any) -> None:
     settings = CommonSettings(amqp_url=amqp_url)
     env = vpc_event("held")
     await commit_each(pool, [env])
     async with listening(settings, ["vpc.created"]) as log:
-        broker = HeldBroker(settings)
+        broker = PausingBroker(settings)
         await broker.connect()
         try:
             relay = OutboxRelay(pool, broker, "allocator")
@@ -259,7 +243,7 @@ async def test_a_second_relay_publishes_nothing_while_the_first_holds_the_schema
     first_batch = [vpc_event(f"first-{i}") for i in range(3)]
     await commit_each(pool, first_batch)
     async with listening(settings, ["vpc.created"]) as log:
-        held, other = HeldBroker(settings), Broker(settings, "test-relay-other")
+        held, other = PausingBroker(settings), Broker(settings, "test-relay-other")
         await held.connect()
         await other.connect()
         try:
@@ -355,7 +339,7 @@ async def test_a_relay_whose_session_ended_mid_pass_takes_the_lock_again_and_car
     await commit_each(pool, during_pass)
     with CuttableProxy(upstream_port=5432) as proxy:
         relay_pool = await create_pool(database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}", 1))
-        broker = HeldBroker(settings)
+        broker = PausingBroker(settings)
         await broker.connect()
         relay = OutboxRelay(relay_pool, broker, "allocator", poll_s=0.1)
         async with listening(settings, ["vpc.created"]) as log:
