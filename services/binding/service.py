@@ -89,11 +89,12 @@ class BindingService:
         self._lock = asyncio.Lock()
         self.book = BindingBook(policy=self._policy)
         self._folds: dict[tuple[object, str, str], _Fold] = {}
-        # Audit rows over the pacer's budget, waiting (frames still fold into them): first refusals of a key are
-        # written before repeats (AuditPacer).
+        # Audit rows over the pacer's budget, waiting (frames still fold into them), by claim id (a key may have
+        # a row waiting again after a failed write and a newer one): first refusals of a key are written before
+        # repeats (AuditPacer).
         self._pacer = AuditPacer(refusal_audit_rate, now_s=time.monotonic())
-        self._waiting_first: OrderedDict[tuple[object, str, str], _Fold] = OrderedDict()
-        self._waiting_repeat: OrderedDict[tuple[object, str, str], _Fold] = OrderedDict()
+        self._waiting_first: OrderedDict[uuid.UUID, _Fold] = OrderedDict()
+        self._waiting_repeat: OrderedDict[uuid.UUID, _Fold] = OrderedDict()
         # Frames folded into audit rows while their INSERT was on its way (written with the next batch).
         self._late_folds: dict[uuid.UUID, int] = {}
         # Claim ids committed lately (bounded): a message redelivered without a restart is recognised even
@@ -302,14 +303,16 @@ class BindingService:
         return released
 
     def _wait_again(self, released: Sequence[_Fold]) -> None:
-        """Rows released into a write that failed: they were never stored; they wait again, at the front."""
+        """Rows released into a write that failed: they were never stored; they wait again, at the front, with
+        the frames folded in while the write was on its way."""
         for fold in reversed(released):
             fold.waiting = True
             fold.frozen = False
+            fold.row.count += fold.late
+            fold.late = 0
             queue = self._waiting_repeat if fold.repeat else self._waiting_first
-            key = (fold.row.address, fold.row.mac, fold.row.reason)
-            queue[key] = fold
-            queue.move_to_end(key, last=False)
+            queue[fold.row.claim_id] = fold
+            queue.move_to_end(fold.row.claim_id, last=False)
 
     def _remember(self, claim_ids: set[uuid.UUID]) -> None:
         recent = self._recent_claims
@@ -462,7 +465,7 @@ class BindingService:
             batch.rejected.append(row)
         elif len(self._waiting_first) + len(self._waiting_repeat) < MAX_WAITING_REFUSALS:
             new.waiting = True  # written when the pacer lets it; frames fold into it meanwhile
-            queue[key] = new
+            queue[row.claim_id] = new
         else:  # bounded memory: counted, not audited
             del self._folds[key]
             metrics.REFUSALS_UNAUDITED.inc(data.repeats)

@@ -8,6 +8,7 @@ at one database call; after every batch the book is compared with the database."
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +25,7 @@ from services.binding.service import BindingService
 from shared import events
 from shared.db import create_pool
 from shared.messaging import Delivery
+from tests.waiting import eventually
 
 
 class InjectedFailure(ConnectionError):
@@ -223,3 +225,65 @@ async def assert_book_equals_database(service: BindingService, pool: Any, havips
             )
             assert (in_memory.flapping, in_memory.split_brain) == (committed.flapping, committed.split_brain)
             assert sequences.get(havip.id, 0) == in_memory.sequence  # the history has every transition
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # the audit rows' INSERT, their events' INSERT
+async def test_a_paced_refusal_whose_write_fails_waits_again_and_is_written_once_with_every_frame(
+    pool: Any, fail_at: int
+) -> None:
+    """Refusals over the audit pace wait in memory; released into a write that fails (at any of its
+    statements), they wait again and are written once the database answers: no frame lost, none counted twice
+    (after a failure the folds start again, so a refusal's frames may be split over two rows)."""
+    vpc, subnet = uuid.uuid4(), uuid.uuid4()
+    base = IPv4Address("203.0.113.0") + 3 * fail_at  # the cases share the module's database
+    havips = [
+        events.HavipData(
+            id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=None,
+            address=base + i, candidates=[],
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    spoofer = "02:" + uuid.uuid4().bytes[:5].hex(":")
+    faulty = FaultyPool(pool)
+    service = BindingService(faulty, refusal_audit_rate=1)  # a burst of one, one more a second
+    await service.load()
+    await service.handle([delivery(events.envelope("havip.allocated", h, "allocator")) for h in havips])
+    t = time.time_ns()
+
+    def spoofed(at: int, repeats: int) -> Delivery:
+        claims = [
+            events.ObservedClaim(
+                claim_id=uuid.uuid4(), kind="garp_request", sender_mac=spoofer, eth_src=spoofer,
+                sender_ip=h.address, target_ip=h.address, captured_at=at, repeats=repeats,
+            )
+            for h in havips
+        ]  # fmt: skip
+        env = events.envelope(
+            events.CLAIMS_EVENT, events.ClaimsObserved(watcher_id="w", interface="eth0", claims=claims), "w"
+        )
+        return delivery(env)
+
+    await service.handle([spoofed(t, 1)])  # one row written now, two wait
+    assert service.refusals_waiting == 2
+    await asyncio.sleep(1.1)  # the pacer's clock, not a condition: one token is back after a second
+    faulty.arm(fail_at)
+    with pytest.raises(InjectedFailure):
+        await service.release_refusals()
+    assert service.refusals_waiting == 2  # the released row waits again
+    await service.handle([spoofed(t + 1_000, 2)])  # more frames of the same three refusals, within the window
+
+    async def audited() -> list[tuple[str, int]]:
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT host(address) AS address, count FROM binding.rejected_claims WHERE mac = $1", spoofer
+            )
+        return [(r["address"], r["count"]) for r in rows]
+
+    async def all_written() -> bool:
+        await service.release_refusals()
+        return service.refusals_waiting == 0
+
+    await eventually(all_written, timeout=30, what="every paced row written")
+    rows = await audited()
+    assert sum(count for _, count in rows) == 3 * (1 + 2)  # every frame once
+    assert {address for address, _ in rows} == {str(h.address) for h in havips}
