@@ -19,12 +19,10 @@ sender (which it drops, as it should). LVS-DR and keepalived guides recommend th
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import Sequence
 
-from tests.lab.netns import Lab, LabHost, LabUnsupported
-from tests.lab.proc import LabCommandError, run
+from tests.lab.netns import Lab, LabHost
+from tests.lab.proc import run
 
 TABLE = "havip_lab_arp_guard"
 
@@ -62,14 +60,7 @@ class ArpGuard:
 
     def install(self) -> None:
         """Load the table into the switch namespace and set ``arp_announce=2`` on the instances."""
-        if shutil.which("nft") is None:
-            raise LabUnsupported("the ARP guard needs nft (Debian package nftables; scripts/setup.sh installs it)")
-        argv = ["ip", "netns", "exec", self.lab.switch_netns, "nft", "-f", "-"]
-        loaded = subprocess.run(
-            argv, input=self.ruleset(), capture_output=True, text=True, timeout=10, check=False
-        )
-        if loaded.returncode != 0:
-            raise LabCommandError(argv, loaded.returncode, loaded.stdout, loaded.stderr)
+        self.lab.load_switch_ruleset(self.ruleset(), "the ARP guard")
         for host in self.instances:
             announce = ("all", host.iface)
             host.run("sysctl", "-q", "-w", *(f"net.ipv4.conf.{conf}.arp_announce=2" for conf in announce))

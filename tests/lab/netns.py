@@ -468,6 +468,17 @@ class Lab:
                 ip_cmd("link", "del", "dev", probe, netns=self.switch_netns, check=False)
         return self._vlan_ok
 
+    def load_switch_ruleset(self, script: str, what: str) -> None:
+        """Load an nftables script into the switch namespace (a ``bridge`` table seeing every frame the lab's
+        bridge forwards; the host's ruleset is never touched, and the table ends with the namespace)."""
+        self._require_open()
+        if shutil.which("nft") is None:
+            raise LabUnsupported(f"{what} needs nft (Debian package nftables; scripts/setup.sh installs it)")
+        argv = ["ip", "netns", "exec", self.switch_netns, "nft", "-f", "-"]
+        loaded = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=10, check=False)
+        if loaded.returncode != 0:
+            raise LabCommandError(argv, loaded.returncode, loaded.stdout, loaded.stderr)
+
     def add_capture_port(self, name: str = "cap") -> str:
         """A bridge port whose other end stays in the root namespace: up, ``arp off``, IPv6 off, no address.
 
