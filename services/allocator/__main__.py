@@ -20,10 +20,8 @@ from services.allocator.binding_view.service import QUEUE as VIEW_QUEUE
 from services.allocator.binding_view.service import SUBSCRIPTIONS as VIEW_SUBSCRIPTIONS
 from services.allocator.database import SCHEMA, SOURCE
 from services.allocator.settings import AllocatorSettings
-from shared.db import ensure_database
 from shared.logging import configure_logging
-from shared.messaging import Broker, declare_consumer_queue
-from shared.migrations import apply_migrations
+from shared.service_setup import migrate_service
 from shared.settings import CommonSettings
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -54,17 +52,14 @@ def describe(settings_type: type[CommonSettings], exc: ValidationError) -> str:
 
 
 async def migrate(settings: CommonSettings) -> None:
-    if await ensure_database(settings.database_url):
-        log.info("created the database")
-    applied = await apply_migrations(settings.database_url, SCHEMA, MIGRATIONS, settings.database_role)
-    log.info("migrations applied", extra={"applied": applied})
-    broker = Broker(settings, f"{SOURCE}-migrate")
-    await broker.connect()
-    try:
-        channel = await broker.connection.channel()
-        await declare_consumer_queue(channel, settings, VIEW_QUEUE, VIEW_SUBSCRIPTIONS)
-    finally:
-        await broker.close()
+    await migrate_service(
+        settings,
+        source=SOURCE,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        queue=VIEW_QUEUE,
+        subscriptions=VIEW_SUBSCRIPTIONS,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

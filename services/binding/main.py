@@ -14,13 +14,14 @@ from pydantic import ValidationError
 from services.binding.repository import SCHEMA
 from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
-from shared.db import create_pool, database_or_network_away, ensure_database
+from shared.db import create_pool, database_or_network_away
 from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
-from shared.messaging import Broker, declare_consumer_queue
+from shared.messaging import Broker
 from shared.metrics import serve_metrics
-from shared.migrations import apply_migrations, service_role
+from shared.migrations import service_role
 from shared.outbox import OutboxRelay
+from shared.service_setup import migrate_service
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +32,9 @@ QUEUE = "binding.events"
 
 async def migrate(settings: BindingSettings) -> None:
     """Database schema, and the service's queue, so that no event published before its first start is lost."""
-    await ensure_database(settings.database_url)
-    applied = await apply_migrations(settings.database_url, SCHEMA, MIGRATIONS, settings.database_role)
-    log.info("migrations applied", extra={"applied": applied})
-    broker = Broker(settings, f"{SOURCE}-migrate")
-    await broker.connect()
-    try:
-        channel = await broker.connection.channel()
-        await declare_consumer_queue(channel, settings, QUEUE, SUBSCRIPTIONS)
-    finally:
-        await broker.close()
+    await migrate_service(
+        settings, source=SOURCE, schema=SCHEMA, migrations=MIGRATIONS, queue=QUEUE, subscriptions=SUBSCRIPTIONS
+    )
 
 
 async def tick_every_second(service: BindingService, audit_retention_days: float) -> None:
