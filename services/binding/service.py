@@ -290,7 +290,7 @@ class BindingService:
 
     def _release_waiting(self, batch: BatchWrite) -> list[_Fold]:
         """Audit rows the pacer lets go now, into `batch`: first refusals, then repeats, oldest first."""
-        waiting = len(self._waiting_first) + len(self._waiting_repeat)
+        waiting = self.refusals_waiting
         if not waiting:
             return []
         released: list[_Fold] = []
@@ -459,12 +459,12 @@ class BindingService:
             window = min(2 * fold.window_ns, MAX_REFUSAL_FOLD_NS)
         new = _Fold(row, claim.captured_ns, window, repeat=fold is not None)
         self._folds[key] = new
-        queue = self._waiting_repeat if new.repeat else self._waiting_first
         ahead = len(self._waiting_first) + (len(self._waiting_repeat) if new.repeat else 0)
         if ahead == 0 and self._pacer.take(1, time.monotonic()):
             batch.rejected.append(row)
-        elif len(self._waiting_first) + len(self._waiting_repeat) < MAX_WAITING_REFUSALS:
+        elif self.refusals_waiting < MAX_WAITING_REFUSALS:
             new.waiting = True  # written when the pacer lets it; frames fold into it meanwhile
+            queue = self._waiting_repeat if new.repeat else self._waiting_first
             queue[row.claim_id] = new
         else:  # bounded memory: counted, not audited
             del self._folds[key]
