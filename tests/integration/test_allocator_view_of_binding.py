@@ -88,16 +88,14 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
         cvm2 = await make_instance(client, subnet["id"], "10.90.1.12")
         havip = await make_havip(client, subnet["id"])
 
-        async def binding_knows_it() -> bool:
-            return len(await binding_history(database_url, havip["id"])) >= 1
-
-        async def claim_until_bound() -> None:
+        async def claimed_until_bound() -> bool:
             # The binding learns the HAVIP from the allocator's events; claims before that name no HAVIP.
-            while not await binding_knows_it():
-                await claim(watcher, havip, cvm1)
-                await asyncio.sleep(0.2)
+            if len(await binding_history(database_url, havip["id"])) >= 1:
+                return True
+            await claim(watcher, havip, cvm1)
+            return False
 
-        await asyncio.wait_for(claim_until_bound(), 20)
+        await eventually(claimed_until_bound, interval=0.2, what="cvm1's claim bound once the binding knows it")
         shown = await wait_shown(client, havip, "bound to cvm1", state="BOUND")
         assert shown["bound_instance_id"] == cvm1["id"]
 
@@ -154,9 +152,14 @@ async def test_a_view_that_starts_after_the_binding_starts_from_its_state(
     async def bound_by_the_binding(count: int) -> bool:
         return len(await binding_history(database_url, havip["id"])) >= count
 
-    while not await bound_by_the_binding(1):  # the binding learns the HAVIP from the allocator's events
+    async def claimed_until_bound() -> bool:
+        # The binding learns the HAVIP from the allocator's events; claims before that name no HAVIP.
+        if await bound_by_the_binding(1):
+            return True
         await claim(watcher, havip, cvm1)
-        await asyncio.sleep(0.2)
+        return False
+
+    await eventually(claimed_until_bound, interval=0.2, what="cvm1's claim bound once the binding knows the HAVIP")
     await claim(watcher, havip, cvm2)
     await eventually(lambda: bound_by_the_binding(2), what="the binding's second transition")
     connection = await aio_pika.connect(amqp_url)

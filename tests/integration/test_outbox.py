@@ -6,6 +6,7 @@ gauge follows the outbox while the broker is away."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -153,6 +154,51 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
         finally:
             await broker.close()
     assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in batch]
+
+
+async def test_a_stopped_relay_publishes_what_was_committed_before_the_stop(pool: Any, amqp_url: str) -> None:
+    """A service stopped right after its last commits publishes them before it exits, not whichever process
+    starts next: here the relay is never woken for them and would not poll for a minute."""
+    settings = CommonSettings(amqp_url=amqp_url)
+    late = [vpc_event(f"late-{i}") for i in range(4)]
+    async with listening(settings, ["vpc.created"]) as log:
+        broker = Broker(settings, "test-relay")
+        await broker.connect()
+        relay = OutboxRelay(pool, broker, "allocator", poll_s=60.0)
+        relay.start()
+        try:
+            await eventually(lambda: pending_gauge() == 0, what="the first pass over the empty outbox")
+            await commit_each(pool, late)
+            await relay.stop()
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0
+            received = await all_arrived(broker, log)
+        finally:
+            await broker.close()
+    assert received == [str(env.event_id) for env in late]
+
+
+async def test_stopping_while_the_broker_is_away_is_bounded_and_keeps_the_events(
+    pool: Any, amqp_url: str, db: Any
+) -> None:
+    with CuttableProxy() as proxy:
+        broker = Broker(CommonSettings(amqp_url=proxy.url(amqp_url), publish_timeout_s=1.0), "test-relay")
+        await broker.connect()
+        relay = OutboxRelay(pool, broker, "allocator", poll_s=60.0)
+        relay.start()
+        try:
+            await eventually(lambda: pending_gauge() == 0, what="the first pass over the empty outbox")
+            proxy.cut()
+            stranded = [vpc_event(f"stranded-{i}") for i in range(2)]
+            await commit_each(pool, stranded)
+            started = time.monotonic()
+            await relay.stop(timeout_s=3.0)
+            assert time.monotonic() - started < 10  # the stop's own bound, with room for a busy machine
+            assert await outbox_rows(db) == len(stranded)  # left for the next start, not lost
+            await db.execute("DELETE FROM allocator.outbox")
+        finally:
+            proxy.start()
+            await broker.close()
 
 
 async def commit_each(pool: Any, envs: list[events.Envelope]) -> None:
