@@ -36,6 +36,11 @@ OUTBOX_PUBLISHED = Counter("havip_outbox_published_total", "Events published fro
 OUTBOX_FAILURES = Counter("havip_outbox_publish_failures_total", "Failed outbox publish attempts", ["service"])
 
 
+def outbox_rows(envs: Sequence[Envelope]) -> tuple[list[str], list[str]]:
+    """The outbox columns (routing keys, bodies) of `envs`, for a set-based INSERT that keeps their order."""
+    return [env.type for env in envs], [encode(env).decode() for env in envs]
+
+
 async def add_to_outbox(conn: Any, schema: str, envs: Sequence[Envelope]) -> None:
     """Write events inside the caller's transaction."""
     if envs:
@@ -44,8 +49,7 @@ async def add_to_outbox(conn: Any, schema: str, envs: Sequence[Envelope]) -> Non
             f"""INSERT INTO {schema}.outbox (routing_key, body)
                 SELECT routing_key, body
                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS e(routing_key, body, n) ORDER BY n""",
-            [env.type for env in envs],
-            [encode(env).decode() for env in envs],
+            *outbox_rows(envs),
         )
 
 

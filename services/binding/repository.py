@@ -21,7 +21,7 @@ from services.binding.domain import (
 )
 from shared import events
 from shared.events import Envelope, ReplayRequested
-from shared.outbox import add_to_outbox
+from shared.outbox import add_to_outbox, outbox_rows
 
 SCHEMA = "binding"
 
@@ -55,7 +55,7 @@ class BatchWrite:
     bindings: dict[uuid.UUID, Binding] = field(default_factory=dict)
     refreshed: dict[uuid.UUID, Binding] = field(default_factory=dict)
     removed_bindings: set[uuid.UUID] = field(default_factory=set)
-    transitions: list[tuple[Transition, datetime]] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)  # stamped `committed_at` as they are written
     rejected: list[RejectedClaim] = field(default_factory=list)
     # Frames of later refusals folded into an audit row committed by an earlier batch: claim_id -> frames.
     folded: dict[uuid.UUID, int] = field(default_factory=dict)
@@ -141,16 +141,6 @@ _DELETE_HAVIP = """
     DELETE FROM binding.havips WHERE id = $1"""
 # Batches are written set-based, one statement per table (unnest of one array per column): at thousands of
 # rows a batch this is several times faster than executemany, which runs the statement once per row.
-_PUT_BINDINGS = """
-    INSERT INTO binding.bindings AS b
-        (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at,
-         flapping, split_brain)
-    SELECT * FROM unnest($1::uuid[], $2::inet[], $3::uuid[], $4::macaddr[], $5::bigint[], $6::bigint[],
-                         $7::timestamptz[], $8::timestamptz[], $9::boolean[], $10::boolean[])
-    ON CONFLICT (havip_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, mac = EXCLUDED.mac,
-        sequence = EXCLUDED.sequence, last_claim_ns = EXCLUDED.last_claim_ns,
-        last_transition_at = EXCLUDED.last_transition_at, last_seen_at = EXCLUDED.last_seen_at,
-        flapping = EXCLUDED.flapping, split_brain = EXCLUDED.split_brain"""
 # Refreshes commute with every other write: times only move forward (GREATEST), and only while the refreshing
 # instance still holds the HAVIP. Rows another transaction has locked are skipped, not waited for: every such
 # transaction was decided after these refreshes, from a book that already held them, and writes their times
@@ -163,11 +153,57 @@ _REFRESH_BINDINGS = """
     WHERE b.havip_id = r.havip_id AND b.instance_id = r.instance_id
         AND b.havip_id = ANY(ARRAY(SELECT havip_id FROM binding.bindings WHERE havip_id = ANY($1::uuid[])
                                    FOR UPDATE SKIP LOCKED))"""
-_INSERT_TRANSITIONS = """
-    INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
-        captured_at, captured_ns, committed_at, watcher_id, reason, address)
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::macaddr[], $6::timestamptz[],
-                         $7::bigint[], $8::timestamptz[], $9::text[], $10::text[], $11::inet[])"""
+# A transition's `committed_at`, and its binding's `last_transition_at`: the database's clock when the batch's
+# last statement starts (clock_timestamp(); now() would be the transaction's start) — this statement, which writes
+# the decisions' bindings, history rows and events together, after everything else of the batch. Only the COMMIT
+# follows it, so the stamp is as late as a value written inside the transaction can be; the commit's own
+# completion (its round trip, the WAL flush) comes after it and is measured apart (havip_claim_hop_seconds,
+# hop "committed"). The events were encoded with `"committed_at":null` (COMMITTED_AT_SLOT): the statement
+# writes the stamp into their bytes, in the RFC 3339 `Z` form with microseconds — one value for the history row,
+# the binding row and the event. It returns the stamp and the last outbox id it wrote.
+COMMITTED_AT_SLOT = '"committed_at":null'
+
+
+def _rfc3339_sql(column: str) -> str:
+    """SQL that prints a timestamptz as events do: RFC 3339, UTC, microseconds, `Z`."""
+    return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+
+
+_WRITE_DECISIONS = f"""
+    WITH stamp AS (
+        SELECT at, '"committed_at":"' || {_rfc3339_sql("at")} || '"' AS field
+        FROM (SELECT clock_timestamp() AS at) AS clock),
+    put_bindings AS (
+        INSERT INTO binding.bindings AS b
+            (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at,
+             flapping, split_brain)
+        SELECT u.havip_id, u.address, u.instance_id, u.mac, u.sequence, u.last_claim_ns,
+               CASE WHEN u.moved THEN stamp.at ELSE u.last_transition_at END, u.last_seen_at, u.flapping,
+               u.split_brain
+        FROM unnest($1::uuid[], $2::inet[], $3::uuid[], $4::macaddr[], $5::bigint[], $6::bigint[],
+                    $7::timestamptz[], $8::boolean[], $9::timestamptz[], $10::boolean[], $11::boolean[])
+            AS u(havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, moved,
+                 last_seen_at, flapping, split_brain), stamp
+        ON CONFLICT (havip_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, mac = EXCLUDED.mac,
+            sequence = EXCLUDED.sequence, last_claim_ns = EXCLUDED.last_claim_ns,
+            last_transition_at = EXCLUDED.last_transition_at, last_seen_at = EXCLUDED.last_seen_at,
+            flapping = EXCLUDED.flapping, split_brain = EXCLUDED.split_brain),
+    history AS (
+        INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
+            captured_at, captured_ns, committed_at, watcher_id, reason, address)
+        SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac, t.captured_at, t.captured_ns,
+               stamp.at, t.watcher_id, t.reason, t.address
+        FROM unnest($12::uuid[], $13::bigint[], $14::uuid[], $15::uuid[], $16::macaddr[], $17::timestamptz[],
+                    $18::bigint[], $19::text[], $20::text[], $21::inet[])
+            AS t(havip_id, sequence, from_instance_id, to_instance_id, mac, captured_at, captured_ns, watcher_id,
+                 reason, address), stamp),
+    outbox AS (
+        INSERT INTO binding.outbox (routing_key, body)
+        SELECT e.routing_key, replace(e.body, '{COMMITTED_AT_SLOT}', stamp.field)
+        FROM unnest($22::text[], $23::text[]) WITH ORDINALITY AS e(routing_key, body, n), stamp
+        ORDER BY e.n
+        RETURNING id)
+    SELECT stamp.at AS committed_at, (SELECT max(id) FROM outbox) AS last_event_id FROM stamp"""
 _INSERT_REJECTED = """
     INSERT INTO binding.rejected_claims
         (claim_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
@@ -213,9 +249,17 @@ async def load_book(conn: Any, policy: ConditionPolicy | None = None) -> Binding
     return book
 
 
-async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
-    """Write a batch; the caller holds the transaction. Returns the refusals that were new (a redelivered
-    claim's refusal is already stored: it is neither stored nor published again)."""
+@dataclass(frozen=True, slots=True)
+class BatchWritten:
+    new_rejections: list[RejectedClaim]  # the refusals that were new (a redelivered one is already stored)
+    committed_at: datetime | None  # the stamp of the batch's transitions (_WRITE_DECISIONS); None: no decision
+    last_event_id: int | None  # the decisions' last outbox row: their events are out once the relay is past it
+
+
+async def write_batch(conn: Any, batch: BatchWrite) -> BatchWritten:
+    """Write a batch; the caller holds the transaction. The decisions' bindings, history rows and events go last,
+    in one statement that stamps them (`_WRITE_DECISIONS`); the refusals' and replays' events are therefore
+    published ahead of the decisions' of the same batch."""
     run: list[tuple[Any, ...]] = []
     run_sql = ""
     for sql, args in batch.inventory:
@@ -230,44 +274,44 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
         await conn.execute(
             "DELETE FROM binding.bindings WHERE havip_id = ANY($1::uuid[])", list(batch.removed_bindings)
         )
-    if batch.bindings:
-        bindings = list(batch.bindings.values())
-        await conn.execute(
-            _PUT_BINDINGS,
-            [b.havip_id for b in bindings],
-            [b.address for b in bindings],
-            [b.instance_id for b in bindings],
-            [b.mac for b in bindings],
-            [b.sequence for b in bindings],
-            [b.last_claim_ns for b in bindings],
-            [b.last_transition_at for b in bindings],
-            [ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None for b in bindings],
-            [b.flapping for b in bindings],
-            [b.split_brain for b in bindings],
-        )
     if batch.refreshed:
         await write_renewals(conn, renewals_of(batch))
-    if batch.transitions:
-        moves = batch.transitions
-        await conn.execute(
-            _INSERT_TRANSITIONS,
-            [t.havip_id for t, _ in moves],
-            [t.sequence for t, _ in moves],
-            [t.previous.instance_id if t.previous else None for t, _ in moves],
-            [t.current.instance_id if t.current else None for t, _ in moves],
-            [t.current.mac if t.current else None for t, _ in moves],
-            [ns_to_datetime(t.captured_ns) if t.captured_ns is not None else None for t, _ in moves],
-            [t.captured_ns for t, _ in moves],
-            [committed_at for _, committed_at in moves],
-            [t.watcher_id for t, _ in moves],
-            [t.reason for t, _ in moves],
-            [t.address for t, _ in moves],
-        )
-    await add_to_outbox(conn, SCHEMA, batch.events)
     new_rejections = await write_refusals(conn, batch.rejected, batch.folded)
     for request in batch.replays:
         await add_to_outbox(conn, SCHEMA, await replayed_transitions(conn, request))
-    return new_rejections
+    if not (batch.bindings or batch.transitions or batch.events):
+        return BatchWritten(new_rejections, None, None)
+    bindings = list(batch.bindings.values())
+    moved = {t.havip_id for t in batch.transitions}
+    moves = batch.transitions
+    routing_keys, bodies = outbox_rows(batch.events)
+    row = await conn.fetchrow(
+        _WRITE_DECISIONS,
+        [b.havip_id for b in bindings],
+        [b.address for b in bindings],
+        [b.instance_id for b in bindings],
+        [b.mac for b in bindings],
+        [b.sequence for b in bindings],
+        [b.last_claim_ns for b in bindings],
+        [b.last_transition_at for b in bindings],
+        [b.havip_id in moved for b in bindings],
+        [ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None for b in bindings],
+        [b.flapping for b in bindings],
+        [b.split_brain for b in bindings],
+        [t.havip_id for t in moves],
+        [t.sequence for t in moves],
+        [t.previous.instance_id if t.previous else None for t in moves],
+        [t.current.instance_id if t.current else None for t in moves],
+        [t.current.mac if t.current else None for t in moves],
+        [ns_to_datetime(t.captured_ns) if t.captured_ns is not None else None for t in moves],
+        [t.captured_ns for t in moves],
+        [t.watcher_id for t in moves],
+        [t.reason for t in moves],
+        [t.address for t in moves],
+        routing_keys,
+        bodies,
+    )
+    return BatchWritten(new_rejections, row["committed_at"], row["last_event_id"])
 
 
 async def write_refusals(
@@ -332,10 +376,11 @@ async def write_renewals(conn: Any, renewals: Sequence[Renewal]) -> None:
 # At most this many transitions go out for one replay request: a reader asks again for what is still missing.
 MAX_REPLAYED = 20_000
 
-_REPLAY_COLUMNS = """
+# committed_at printed by the same SQL that stamped it into the first event: the replayed bytes are the same.
+_REPLAY_COLUMNS = f"""
     SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac::text AS mac,
-           p.mac::text AS from_mac, host(t.address) AS address, t.captured_at, t.committed_at, t.watcher_id,
-           t.reason"""
+           p.mac::text AS from_mac, host(t.address) AS address, t.captured_at,
+           {_rfc3339_sql("t.committed_at")} AS committed_at, t.watcher_id, t.reason"""
 _REPLAY_RANGES = f"""{_REPLAY_COLUMNS}
     FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(havip_id, first_sequence, last_sequence)
     JOIN binding.transitions t
@@ -383,7 +428,7 @@ def _replayed_data(row: Any) -> dict[str, Any]:
         "previous": previous,
         "current": current,
         "captured_at": row["captured_at"].isoformat() if row["captured_at"] is not None else None,
-        "committed_at": row["committed_at"].isoformat(),
+        "committed_at": row["committed_at"],  # already printed as the first event had it (_REPLAY_COLUMNS)
         "watcher_id": row["watcher_id"],
         "sequence": row["sequence"],
         "reason": row["reason"],

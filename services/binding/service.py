@@ -15,7 +15,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -40,6 +40,7 @@ from services.binding.domain import (
 )
 from services.binding.repository import (
     BatchWrite,
+    BatchWritten,
     RejectedClaim,
     Renewal,
     delete_old_refusals,
@@ -225,6 +226,7 @@ class BindingService:
             self._late_folds = {}
         released = self._release_waiting(batch) if release else []
         new_rejections: list[RejectedClaim] = []
+        written: BatchWritten | None = None
         latencies_from: list[int] = []
         outcomes: list[str] = []
         edges: list[ConditionEdge] = []
@@ -242,7 +244,8 @@ class BindingService:
                 deferred = self._defer(batch, released)
             elif batch:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    new_rejections = await write_batch(conn, batch)
+                    written = await write_batch(conn, batch)
+                new_rejections = written.new_rejections
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
             # message at fault instead of blocking the queue behind it.
@@ -260,6 +263,8 @@ class BindingService:
         if deferred is None:
             self._committed(batch.rejected)
             self._remember(batch.claim_ids)
+            if written is not None and written.committed_at is not None:
+                self._stamp_transitions(batch, written.committed_at)
         if now_ns is not None:
             self._folds = {
                 k: f for k, f in self._folds.items() if f.waiting or now_ns - f.first_ns < 2 * f.window_ns
@@ -268,7 +273,7 @@ class BindingService:
             metrics.BINDING_LATENCY.observe(max(0, committed_ns - captured_ns) / 1e9)
         for outcome, count in Counter(outcomes).items():
             metrics.CLAIMS.labels(outcome).inc(count)
-        for moved, count in Counter(t.reason for t, _ in batch.transitions).items():
+        for moved, count in Counter(t.reason for t in batch.transitions).items():
             metrics.TRANSITIONS.labels(moved).inc(count)
         for refused, count in Counter(r.reason for r in new_rejections).items():
             metrics.CLAIMS_REJECTED.labels(refused).inc(count)
@@ -471,13 +476,18 @@ class BindingService:
             metrics.REFUSALS_UNAUDITED.inc(data.repeats)
 
     def _record_transition(self, transition: Transition, batch: BatchWrite) -> None:
-        committed_at = datetime.now(UTC)
         binding = self.book.bindings.get(transition.havip_id)
         if binding is not None:
-            binding.last_transition_at = committed_at
             batch.touch(binding)
-        batch.transitions.append((transition, committed_at))
-        batch.events.append(binding_changed(transition, committed_at))
+        batch.transitions.append(transition)
+        batch.events.append(binding_changed(transition))  # its committed_at is stamped as it is written
+
+    def _stamp_transitions(self, batch: BatchWrite, committed_at: datetime) -> None:
+        """The book's bindings take the committed stamp of their transitions (repository._WRITE_DECISIONS)."""
+        for transition in batch.transitions:
+            binding = self.book.bindings.get(transition.havip_id)
+            if binding is not None:
+                binding.last_transition_at = committed_at
 
 
 RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most)
@@ -530,10 +540,11 @@ class _Fold:
     waiting: bool = False  # over the pacer's budget: not yet in any write; every frame folds into it
 
 
-def binding_changed(transition: Transition, committed_at: datetime) -> events.Envelope:
+def binding_changed(transition: Transition) -> events.Envelope:
     """The `havip.binding.changed` event of a transition, built as JSON-ready data without validation: up to
-    10,000 of them leave in one batch during a mass failover. tests/unit/test_binding_events.py proves they
-    validate against the BindingChanged model."""
+    10,000 of them leave in one batch during a mass failover. Its `committed_at` is left null here: the statement
+    that writes the event stamps it (repository.COMMITTED_AT_SLOT). tests/unit/test_binding_events.py proves
+    the stamped event validates against the BindingChanged model."""
     captured_at = ns_to_datetime(transition.captured_ns).isoformat() if transition.captured_ns else None
     return events.trusted_envelope(
         "havip.binding.changed",
@@ -543,7 +554,7 @@ def binding_changed(transition: Transition, committed_at: datetime) -> events.En
             "previous": _holder(transition.previous),
             "current": _holder(transition.current),
             "captured_at": captured_at,
-            "committed_at": committed_at.isoformat(),
+            "committed_at": None,  # stamped as it is written: repository.COMMITTED_AT_SLOT
             "watcher_id": transition.watcher_id,
             "sequence": transition.sequence,
             "reason": transition.reason,

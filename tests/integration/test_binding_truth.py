@@ -224,6 +224,7 @@ async def assert_book_equals_database(service: BindingService, pool: Any, havips
                 committed.sequence,
             )
             assert (in_memory.flapping, in_memory.split_brain) == (committed.flapping, committed.split_brain)
+            assert in_memory.last_transition_at == committed.last_transition_at  # the commit's stamp, both
             assert sequences.get(havip.id, 0) == in_memory.sequence  # the history has every transition
 
 

@@ -6,10 +6,11 @@ import uuid
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from services.binding.domain import Holder, Transition
+from services.binding.repository import COMMITTED_AT_SLOT
 from services.binding.service import binding_changed
 from shared.events import BindingChanged, decode, encode
 
@@ -27,6 +28,8 @@ holders = st.none() | st.builds(
     watcher_id=st.none() | st.text(min_size=1, max_size=50),
     address=st.integers(0, 2**32 - 1).map(IPv4Address),
 )
+# A watcher id that spells the slot: escaped in JSON, it never matches the slot the statement stamps.
+@example(None, None, 1, "claim", None, COMMITTED_AT_SLOT, IPv4Address("192.0.2.1"))
 def test_binding_changed_validates_against_the_model(
     previous: Holder | None,
     current: Holder | None,
@@ -39,8 +42,13 @@ def test_binding_changed_validates_against_the_model(
     havip_id = uuid.uuid4()
     committed_at = datetime.now(UTC)
     transition = Transition(havip_id, address, previous, current, sequence, reason, captured_ns, watcher_id)  # type: ignore[arg-type]
-    env = binding_changed(transition, committed_at)
-    head, data = decode(encode(env))
+    body = encode(binding_changed(transition))
+    assert body.count(COMMITTED_AT_SLOT.encode()) == 1  # the one place the writing statement stamps
+    # What the writing statement puts there (repository._WRITE_DECISIONS, to_char in the `Z` form).
+    stamped = body.replace(
+        COMMITTED_AT_SLOT.encode(), f'"committed_at":"{committed_at:%Y-%m-%dT%H:%M:%S.%fZ}"'.encode()
+    )
+    head, data = decode(stamped)
     assert head.type == "havip.binding.changed"
     assert isinstance(data, BindingChanged)
     assert (data.havip_id, data.address, data.sequence, data.reason, data.watcher_id) == (

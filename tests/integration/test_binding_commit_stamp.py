@@ -1,0 +1,158 @@
+"""`committed_at` is taken as late as the transaction allows: the database's clock in the batch's last statement,
+after every other statement of the batch — one value in the history row, the binding row, the event's bytes and
+the service's book."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+
+from services.binding.service import BindingService
+from shared import events
+from shared.db import create_pool
+from shared.messaging import Delivery
+
+
+class ClockedConnection:
+    """A real connection that reads the database's clock after each of the service's statements."""
+
+    def __init__(self, conn: Any, after: list[tuple[str, datetime]]) -> None:
+        self._conn = conn
+        self._after = after
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._conn, name)
+        if name not in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+            return attribute
+
+        async def call(sql: str, *args: Any, **kwargs: Any) -> Any:
+            result = await attribute(sql, *args, **kwargs)
+            self._after.append((sql, await self._conn.fetchval("SELECT clock_timestamp()")))
+            return result
+
+        return call
+
+
+class ClockedPool:
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self.after: list[tuple[str, datetime]] = []  # (statement, the database's clock once it returned)
+
+    def acquire(self) -> Any:
+        outer = self
+
+        class _Acquire:
+            async def __aenter__(self) -> ClockedConnection:
+                self._cm = outer._pool.acquire()
+                return ClockedConnection(await self._cm.__aenter__(), outer.after)
+
+            async def __aexit__(self, *exc: Any) -> None:
+                await self._cm.__aexit__(*exc)
+
+        return _Acquire()
+
+
+@pytest.fixture(scope="module")
+async def pool(database_url: str) -> AsyncIterator[Any]:
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
+
+
+def delivery(env: events.Envelope) -> Delivery:
+    head, data = events.decode(events.encode(env))
+    return Delivery(head, data, False)
+
+
+def claim(address: IPv4Address, mac: str) -> events.Envelope:
+    observed = events.ObservedClaim(
+        claim_id=uuid.uuid4(), kind="garp_request", sender_mac=mac, eth_src=mac, sender_ip=address,
+        target_ip=address, captured_at=time.time_ns(),
+    )  # fmt: skip
+    return events.envelope(
+        events.CLAIMS_EVENT, events.ClaimsObserved(watcher_id="w", interface="eth0", claims=[observed]), "w"
+    )
+
+
+async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_and_one_value_everywhere(
+    pool: Any,
+) -> None:
+    vpc, subnet = uuid.uuid4(), uuid.uuid4()
+    address = IPv4Address("198.51.100.40")
+    cvm1, cvm2 = (
+        events.InstanceData(
+            id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=f"cvm{i}",
+            private_ip=IPv4Address("198.51.100.10") + i, mac=f"02:00:00:00:5a:{i:02x}",
+        )
+        for i in (1, 2)
+    )  # fmt: skip
+    havip = events.HavipData(
+        id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=None, address=address, candidates=[]
+    )
+    clocked = ClockedPool(pool)
+    service = BindingService(clocked, refusal_audit_rate=1_000)
+    await service.load()
+    await service.handle(
+        [
+            delivery(events.envelope("instance.registered", cvm1, "allocator")),
+            delivery(events.envelope("instance.registered", cvm2, "allocator")),
+            delivery(events.envelope("havip.allocated", havip, "allocator")),
+            delivery(claim(address, cvm1.mac)),
+        ]
+    )
+    # One batch with a little of everything: a refusal (its audit row and event), a replay request (read from
+    # the history, its events written), and a takeover.
+    replay = events.ReplayRequested(
+        ranges=[events.ReplayRange(havip_id=havip.id, first_sequence=1, last_sequence=1)]
+    )
+    clocked.after.clear()
+    await service.handle(
+        [
+            delivery(claim(address, "02:00:00:00:5a:99")),  # an unknown MAC: refused
+            delivery(events.envelope("havip.binding.replay_requested", replay, "allocator")),
+            delivery(claim(address, cvm2.mac)),
+        ]
+    )
+
+    async with pool.acquire() as conn:
+        history = await conn.fetchrow(
+            "SELECT committed_at FROM binding.transitions WHERE havip_id = $1 AND sequence = 2", havip.id
+        )
+        bound = await conn.fetchrow(
+            "SELECT last_transition_at FROM binding.bindings WHERE havip_id = $1", havip.id
+        )
+        outbox = await conn.fetch("SELECT id, routing_key, body, created_at FROM binding.outbox ORDER BY id")
+    committed_at: datetime = history["committed_at"]
+    [changed] = [
+        row
+        for row in outbox
+        if row["routing_key"] == "havip.binding.changed" and json.loads(row["body"])["data"]["sequence"] == 2
+    ]
+    text = json.loads(changed["body"])["data"]["committed_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text), text
+    _, data = events.decode(changed["body"].encode())
+    assert isinstance(data, events.BindingChanged)
+    # One value: the history row, the binding row, the event, the book.
+    assert data.committed_at == committed_at == bound["last_transition_at"]
+    assert service.book.bindings[havip.id].last_transition_at == committed_at
+    # Later than the transaction's start (now(), the outbox rows' created_at) and than every other statement of
+    # the batch; only the statement that stamps it returns after it.
+    assert committed_at > changed["created_at"]
+    statements_after_the_stamp = [sql for sql, at in clocked.after if at >= committed_at]
+    assert len(statements_after_the_stamp) == 1, statements_after_the_stamp
+    assert statements_after_the_stamp[0] == clocked.after[-1][0]
+    # The decisions' events are the batch's last outbox rows: the refusal's and the replay's went first.
+    batch_rows = [row for row in outbox if row["created_at"] == changed["created_at"]]
+    assert [row["routing_key"] for row in batch_rows] == [
+        "havip.claim.rejected",
+        "havip.binding.replayed",
+        "havip.binding.changed",
+    ]
