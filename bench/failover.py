@@ -420,7 +420,7 @@ async def probes_under_load(
     background: int,
     spoofing: Flood,
     allocator_url: str,
-    published: dict[int, float],
+    published: dict[int, int],
 ) -> dict[str, Any]:
     await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
     loaders: list[PacedSender] = []
@@ -480,7 +480,7 @@ async def probes_under_load(
             )
             view_delays.append((viewed[1] - row[1]).total_seconds())
             if sequence in published:
-                publish_delays.append(published[sequence] - row[1].timestamp())
+                publish_delays.append(published[sequence] / 1e9 - row[1].timestamp())
             await asyncio.sleep(0.2)
     finally:
         for loader in loaders:
@@ -523,10 +523,10 @@ async def probes_under_load(
 
 
 @asynccontextmanager
-async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[int, float]]:
+async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[int, int]]:
     """When a consumer of havip.binding.changed (a queue of the benchmark's own) receives each transition of the
-    probe: sequence → wall-clock time. Beside the view's figure it shows the binding service's own share."""
-    received: dict[int, float] = {}
+    probe: sequence → wall-clock time in ns. Beside the view's figure it shows the binding service's own share."""
+    received: dict[int, int] = {}
     connection = await aio_pika.connect(box.amqp_url)
     try:
         channel = await connection.channel()
@@ -535,7 +535,7 @@ async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[
         await queue.bind(exchange, "havip.binding.changed")
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            at = time.time()
+            at = time.time_ns()
             data = json.loads(message.body)["data"]
             if data["havip_id"] == str(probe_id):
                 received[data["sequence"]] = at

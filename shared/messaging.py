@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class Delivery:
     envelope: EventHead
     data: EventData
     redelivered: bool
+    received_ns: int = 0  # when the consumer got the message (wall clock, ns since the epoch)
 
 
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
@@ -212,9 +214,10 @@ class BatchConsumer:
         self._max_attempts = max_attempts
         self._transient = transient
         self._routine_batch = routine_batch
-        # aio-pika runs one callback task per message; putting without awaiting keeps arrival order.
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._routine: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # aio-pika runs one callback task per message; putting without awaiting keeps arrival order. Each message
+        # waits with the time it arrived (Delivery.received_ns).
+        self._inbox: asyncio.Queue[tuple[AbstractIncomingMessage, int]] = asyncio.Queue()
+        self._routine: asyncio.Queue[tuple[AbstractIncomingMessage, int]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = 0  # batches under way
         self._idle = asyncio.Event()
@@ -230,10 +233,11 @@ class BatchConsumer:
             self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        arrived = (message, time.time_ns())
         if self._routine_batch is not None and is_routine(message):
-            self._routine.put_nowait(message)
+            self._routine.put_nowait(arrived)
         else:
-            self._inbox.put_nowait(message)
+            self._inbox.put_nowait(arrived)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop consuming; a batch under way may finish (and be acknowledged) within `grace_s`."""
@@ -250,7 +254,7 @@ class BatchConsumer:
         self._tasks = []
 
     async def _run(
-        self, inbox: asyncio.Queue[AbstractIncomingMessage], max_batch: int, handler: BatchHandler
+        self, inbox: asyncio.Queue[tuple[AbstractIncomingMessage, int]], max_batch: int, handler: BatchHandler
     ) -> None:
         while not self._stopping:
             batch = [await inbox.get()]
@@ -264,15 +268,15 @@ class BatchConsumer:
                 if not self._busy:
                     self._idle.set()
 
-    async def _process(self, messages: list[AbstractIncomingMessage], handler: BatchHandler) -> None:
+    async def _process(self, messages: list[tuple[AbstractIncomingMessage, int]], handler: BatchHandler) -> None:
         good: list[tuple[AbstractIncomingMessage, Delivery]] = []
-        for message in messages:
+        for message, received_ns in messages:
             try:
                 env, data = decode(message.body)
             except InvalidEvent as exc:
                 await self._dead_letter(message, str(exc))
                 continue
-            good.append((message, Delivery(env, data, bool(message.redelivered))))
+            good.append((message, Delivery(env, data, bool(message.redelivered), received_ns)))
         if not good:
             return
         try:

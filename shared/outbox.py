@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -93,8 +94,21 @@ class OutboxRelay:
     reset on release runs pg_advisory_unlock_all(), and a session that dies takes its locks with it.
     """
 
-    def __init__(self, pool: Any, broker: Broker, schema: str, *, batch: int = 1000, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        broker: Broker,
+        schema: str,
+        *,
+        batch: int = 1000,
+        poll_s: float = 1.0,
+        on_published: Callable[[int, int, int], None] | None = None,
+    ) -> None:
+        """`on_published(last_id, sent_ns, confirmed_ns)` is called after each pass's events are confirmed: the
+        highest outbox id published, when the pass handed them to the broker and when the last confirm came
+        (wall clock, ns since the epoch)."""
         self._pool = pool
+        self._on_published = on_published
         self._broker = broker
         self._schema = schema
         self._lock_key = relay_lock_key(schema)
@@ -190,11 +204,14 @@ class OutboxRelay:
                 f"SELECT id, routing_key, body FROM {outbox} ORDER BY id LIMIT $1", self._batch
             )
             if rows:
+                sent_ns = time.time_ns()
                 try:
                     await self._publish(rows)
                 except Exception:
                     await self._show_backlog(conn)  # the broker may be away for long: the gauge keeps up
                     raise
+                if self._on_published is not None:
+                    self._on_published(rows[-1]["id"], sent_ns, time.time_ns())
                 async with conn.transaction():
                     # No need to wait for the disk: a DELETE lost in a crash only publishes its events again,
                     # which consumers recognise — and a takeover's commit does not queue behind this flush.

@@ -32,6 +32,7 @@ class Claim(NamedTuple):
     # The coalescer's view: the same claimant as the last published claim of its address (a holder's periodic
     # refresh), which only renews what the binding service knows; published in the routine lane.
     renewal: bool = False
+    read_at: int = 0  # when the capture thread handed it over (ClaimBuffer.put_many), ns since the epoch
 
 
 def classify(frame: ArpFrame) -> ClaimKind | None:

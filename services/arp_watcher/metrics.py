@@ -14,8 +14,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.hops import WATCHER_HOPS, claim_hops, seconds_between
+
 if TYPE_CHECKING:
     from .capture import CaptureStats
+    from .claims import Claim
 
 FRAME_RESULTS: Final = ("claim", "not_claim", "not_arp", "malformed")
 
@@ -126,7 +129,16 @@ class WatcherMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        hops = claim_hops(WATCHER_HOPS, registry)
+        self._read, self._sent, self._confirmed = (hops.labels(hop) for hop in WATCHER_HOPS)
         self._collector: _CaptureCollector | None = None
+
+    def observe_hops(self, claim: Claim, sent_ns: int, confirmed_ns: int) -> None:
+        """The watcher's hops of one published claim (shared/hops.py): kernel receive → handed over by the capture
+        thread → its event handed to the broker client (`sent`, the envelope's occurred_at) → confirmed."""
+        self._read.observe(seconds_between(claim.captured_at, claim.read_at))
+        self._sent.observe(seconds_between(claim.read_at, sent_ns))
+        self._confirmed.observe(seconds_between(sent_ns, confirmed_ns))
 
     def watch_capture(
         self,

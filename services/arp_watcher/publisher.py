@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Final, Protocol
 
 from shared.events import DEFAULT_SEGMENT
+from shared.hops import datetime_ns
 
 from .claims import Claim
 from .encoding import EncodedEvent, encode_claims
@@ -51,7 +52,7 @@ class EncodedPublisher(Protocol):
 # A buffered claim is kept as two short byte strings (the claimant, the rest) instead of a ~350-byte tuple of
 # objects: a backlog of 100,000 claimants during an outage then costs ~20 MB, not ~50 MB (SPEC P5).
 _CLAIMANT = struct.Struct("=HI6s6s")  # vlan (0xFFFF = none), sender_ip, sender_mac, eth_src
-_REST = struct.Struct("=BIQI")  # kind, target_ip, captured_at, repeats
+_REST = struct.Struct("=BIQIQ")  # kind, target_ip, captured_at, repeats, read_at
 _KINDS: Final = ("garp_request", "arp_reply")
 _KIND_CODES: Final = {kind: code for code, kind in enumerate(_KINDS)}
 _NO_VLAN: Final = 0xFFFF
@@ -65,13 +66,15 @@ def claimant(claim: Claim) -> bytes:
     )
 
 
-def pack_rest(claim: Claim, repeats: int) -> bytes:
-    return _REST.pack(_KIND_CODES[claim.kind], claim.target_ip, claim.captured_at, min(repeats, _MAX_REPEATS))
+def pack_rest(claim: Claim, repeats: int, read_at: int = 0) -> bytes:
+    return _REST.pack(
+        _KIND_CODES[claim.kind], claim.target_ip, claim.captured_at, min(repeats, _MAX_REPEATS), read_at
+    )
 
 
 def unpack_claim(key: bytes, rest: bytes, renewal: bool = False) -> Claim:
     vlan, sender_ip, sender_mac, eth_src = _CLAIMANT.unpack(key)
-    kind, target_ip, captured_at, repeats = _REST.unpack(rest)
+    kind, target_ip, captured_at, repeats, read_at = _REST.unpack(rest)
     return Claim(
         _KINDS[kind],
         None if vlan == _NO_VLAN else vlan,
@@ -82,6 +85,7 @@ def unpack_claim(key: bytes, rest: bytes, renewal: bool = False) -> Claim:
         captured_at,
         repeats,
         renewal,
+        read_at,
     )
 
 
@@ -111,9 +115,11 @@ class ClaimBuffer:
         return len(self._urgent) + len(self._routine)
 
     def put_many(self, claims: Sequence[Claim]) -> None:
-        """Add claims (from any thread); never blocks."""
+        """Add claims (from any thread); never blocks. Each is stamped with the time it was handed over
+        (`Claim.read_at`: the end of the hop `read`, shared/hops.py)."""
         if not claims:
             return
+        read_at = time.time_ns()
         overflow = 0
         with self._lock:
             urgent, routine = self._urgent, self._routine
@@ -125,19 +131,19 @@ class ClaimBuffer:
                 if older is None:
                     older = routine.pop(key, None) if lane is urgent else None
                     if older is None:
-                        lane[key] = pack_rest(claim, claim.repeats)
+                        lane[key] = pack_rest(claim, claim.repeats, read_at)
                         continue
                     lane[key] = older  # promoted: merged below like any other
                 self.merged += 1
-                kind, target_ip, older_at, older_repeats = _REST.unpack(older)
+                kind, target_ip, older_at, older_repeats, older_read_at = _REST.unpack(older)
                 repeats = min(older_repeats + claim.repeats, _MAX_REPEATS)
                 if older_at <= claim.captured_at:  # keep the newest; frames from several queues may cross
                     # ... and move it behind the others, so that what is published after an outage goes out in
                     # the order of the claims' capture times: the binding service then records every change.
                     del lane[key]
-                    lane[key] = pack_rest(claim, repeats)
+                    lane[key] = pack_rest(claim, repeats, read_at)
                 else:
-                    lane[key] = _REST.pack(kind, target_ip, older_at, repeats)
+                    lane[key] = _REST.pack(kind, target_ip, older_at, repeats, older_read_at)
             while len(urgent) + len(routine) > self.capacity:
                 # Renewals go first: losing one only delays a last-seen time.
                 del (routine or urgent)[next(iter(routine or urgent))]
@@ -272,6 +278,8 @@ class ClaimPublisher:
             observe = self._metrics.publish_latency.observe
             for claim in claims:
                 observe(max(0, now - claim.captured_at) / 1e9)
+            if not routine:  # the claim path of a takeover (renewals linger by design): its first claim's hops
+                self._metrics.observe_hops(claims[0], datetime_ns(event.occurred_at), now)
             self._metrics.claims_published.inc(len(claims))
             self._metrics.events_published.inc()
             self.published += len(claims)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from services.binding.hops import ClaimHops
 from services.binding.repository import SCHEMA
 from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
@@ -68,13 +69,15 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
     pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
     broker = Broker(settings, SOURCE)
     await broker.connect()
-    relay = OutboxRelay(pool, broker, SCHEMA)
+    hops = ClaimHops()
+    relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
     service = BindingService(
         pool,
         on_commit=relay.wake,
         max_clock_skew_s=settings.max_clock_skew_s,
         policy=settings.condition_policy(),
         refusal_audit_rate=settings.refusal_audit_rate,
+        hops=hops,
     )
     await service.load()
     freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach

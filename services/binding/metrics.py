@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.binding.domain import Binding
+from shared.hops import BINDING_HOPS, claim_hops
 
 TRANSITIONS = Counter("havip_transitions_total", "Ownership transitions committed", ["reason"])
 BINDING_LATENCY = Histogram(
@@ -34,6 +35,7 @@ CONDITION_EDGES = Counter(
     "Flapping and split-brain conditions started and stopped",
     ["condition", "edge"],  # flapping | split_brain, started | stopped
 )
+CLAIM_HOPS = claim_hops(BINDING_HOPS)  # services/binding/hops.py
 BATCH_SIZE = Histogram(
     "havip_binding_batch_messages",
     "Messages handled per transaction",

@@ -38,6 +38,7 @@ from services.binding.domain import (
     Stale,
     Transition,
 )
+from services.binding.hops import ClaimHops
 from services.binding.repository import (
     BatchWrite,
     BatchWritten,
@@ -81,8 +82,10 @@ class BindingService:
         max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_NS / 1e9,
         policy: ConditionPolicy | None = None,
         refusal_audit_rate: float = DEFAULT_REFUSAL_AUDIT_RATE,
+        hops: ClaimHops | None = None,
     ) -> None:
         self._pool = pool
+        self._hops = hops or ClaimHops()
         self._on_commit = on_commit
         self._max_skew_ns = int(max_clock_skew_s * 1e9)
         self._policy = policy or ConditionPolicy()
@@ -227,14 +230,19 @@ class BindingService:
         released = self._release_waiting(batch) if release else []
         new_rejections: list[RejectedClaim] = []
         written: BatchWritten | None = None
+        returned_ns = 0
         latencies_from: list[int] = []
         outcomes: list[str] = []
+        decided: list[tuple[Delivery, int]] = []  # claims messages that moved a holder, when decided (hops)
         edges: list[ConditionEdge] = []
         try:
             # The book takes each decision as it is made; if anything fails before the commit — deciding a
             # message or writing the batch — the book is rebuilt from what is really committed (one truth).
             for delivery in deliveries:
+                moves_before = len(batch.transitions)
                 self._apply(delivery, batch, latencies_from, outcomes)
+                if len(batch.transitions) > moves_before and isinstance(delivery.data, events.ClaimsObserved):
+                    decided.append((delivery, time.time_ns()))
             if now_ns is not None:
                 self.book.tick(now_ns)
             edges = self.book.take_edges()
@@ -243,8 +251,10 @@ class BindingService:
             if defer and batch.commutes():
                 deferred = self._defer(batch, released)
             elif batch:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    written = await write_batch(conn, batch)
+                async with self._pool.acquire() as conn:
+                    async with conn.transaction():
+                        written = await write_batch(conn, batch)
+                    returned_ns = time.time_ns()  # COMMIT returned; the pool's reset on release is a round trip
                 new_rejections = written.new_rejections
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
@@ -265,6 +275,7 @@ class BindingService:
             self._remember(batch.claim_ids)
             if written is not None and written.committed_at is not None:
                 self._stamp_transitions(batch, written.committed_at)
+                self._hops.committed(decided, written.committed_at, returned_ns, written.last_event_id)
         if now_ns is not None:
             self._folds = {
                 k: f for k, f in self._folds.items() if f.waiting or now_ns - f.first_ns < 2 * f.window_ns

@@ -9,18 +9,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from typing import Any
 
 import aio_pika
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from services.binding.main import QUEUE, run
 from services.binding.repository import Renewal, delete_old_refusals, ns_to_datetime, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
+from shared.hops import BINDING_HOPS
 from shared.messaging import Broker, declare_topology
 from tests.listener import EventLog, listening
 from tests.waiting import eventually
@@ -736,3 +738,43 @@ async def test_transitions_asked_for_again_are_replayed_as_first_published(
         await eventually(lambda: len(log.of("havip.binding.replayed", w.havip.id)) == 3, what="the newest")
         assert log.of("havip.binding.replayed", w.havip.id)[2] == first[3]  # the release, though it is gone
         assert first[3]["reason"] == "release"
+
+
+def hop_totals() -> dict[str, tuple[float, float]]:
+    """The binding's havip_claim_hop_seconds: hop → (count, sum), from this process's registry."""
+    value = REGISTRY.get_sample_value
+    return {
+        hop: (
+            value("havip_claim_hop_seconds_count", {"hop": hop}) or 0,
+            value("havip_claim_hop_seconds_sum", {"hop": hop}) or 0,
+        )
+        for hop in BINDING_HOPS
+    }
+
+
+async def test_a_takeover_is_timed_at_each_of_the_bindings_hops_and_a_refresh_is_not(
+    binding: BindingSettings, publisher: Broker, listener: EventLog
+) -> None:
+    w = World()
+    await publisher.publish_many(w.inventory())
+    await publisher.publish(w.claim(w.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="cvm1 holds it")
+    await eventually(lambda: hop_totals()["relay_confirmed"][0] > 0, what="the first takeover timed to its end")
+    before = hop_totals()
+    # Sent 50 ms ago by the watcher's clock (the envelope's occurred_at): the hop `received` starts there.
+    sent = datetime.now(UTC) - timedelta(milliseconds=50)
+    await publisher.publish(w.claim(w.cvm2.mac).model_copy(update={"occurred_at": sent}))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="cvm2 holds it")
+    await eventually(lambda: hop_totals()["relay_confirmed"][0] > before["relay_confirmed"][0], what="relay timed")
+    await publisher.publish(w.claim(w.cvm2.mac, t=time.time_ns()))  # the holder's refresh: moves nothing
+    await publisher.publish(w.claim("02:00:00:00:00:99"))  # refused: moves nothing
+    await eventually(lambda: len(listener.of("havip.claim.rejected", w.havip.id)) == 1, what="the refusal")
+    after = hop_totals()
+    hop = {name: after[name][1] - before[name][1] for name in BINDING_HOPS}
+    assert {name: after[name][0] - before[name][0] for name in BINDING_HOPS} == dict.fromkeys(BINDING_HOPS, 1)
+    assert hop["received"] >= 0.05
+    # The hops up to `stamped` end exactly at the transition's committed_at (the database's clock).
+    [_, moved] = await transitions(binding.database_url, w.havip.id)
+    stamped = sent.timestamp() + hop["received"] + hop["decided"] + hop["stamped"]
+    assert abs(stamped - moved["committed_at"].timestamp()) < 5e-6
+    assert all(value >= 0 for value in hop.values())

@@ -67,6 +67,11 @@ class FakeBroker:
         return [(c.sender_ip, c.sender_mac, c.captured_at) for e in self.events for c in e.claims]
 
 
+def unstamped(claims: list[Claim]) -> list[Claim]:
+    """Claims as put into the buffer: without the time it stamped on them (Claim.read_at)."""
+    return [c._replace(read_at=0) for c in claims]
+
+
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -83,6 +88,7 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
     target_ip=st.integers(min_value=0, max_value=2**32 - 1),
     captured_at=st.integers(min_value=0, max_value=2**64 - 1),
     repeats=st.integers(min_value=1, max_value=2**32 - 1),
+    read_at=st.integers(min_value=0, max_value=2**64 - 1),
 )
 def test_buffered_claims_are_packed_losslessly(
     kind: ClaimKind,
@@ -93,10 +99,11 @@ def test_buffered_claims_are_packed_losslessly(
     target_ip: int,
     captured_at: int,
     repeats: int,
+    read_at: int,
 ) -> None:
-    original = Claim(kind, vlan, sender_mac, eth_src, sender_ip, target_ip, captured_at, repeats)
-    key, rest = claimant(original), pack_rest(original, repeats)
-    assert len(key) + len(rest) == 35
+    original = Claim(kind, vlan, sender_mac, eth_src, sender_ip, target_ip, captured_at, repeats, read_at=read_at)
+    key, rest = claimant(original), pack_rest(original, repeats, read_at)
+    assert len(key) + len(rest) == 43
     assert unpack_claim(key, rest) == original
 
 
@@ -111,7 +118,7 @@ async def test_buffer_wakes_the_loop_from_another_thread() -> None:
     async with asyncio.timeout(5):
         await waiter
     thread.join()
-    assert buffer.take(10) == claims
+    assert unstamped(buffer.take(10)) == claims
     assert len(buffer) == 0
 
 
@@ -119,9 +126,9 @@ async def test_buffer_take_is_earliest_first_and_bounded_by_limit() -> None:
     buffer = ClaimBuffer(10, asyncio.get_running_loop())
     claims = [claim(i) for i in range(5)]
     buffer.put_many(claims)
-    assert buffer.take(3) == claims[:3]
-    assert buffer.take(3) == claims[3:]
-    assert buffer.take(3) == []
+    assert unstamped(buffer.take(3)) == claims[:3]
+    assert unstamped(buffer.take(3)) == claims[3:]
+    assert unstamped(buffer.take(3)) == []
 
 
 async def test_buffer_keeps_the_newest_claim_of_each_claimant_and_every_claimant() -> None:
@@ -134,7 +141,7 @@ async def test_buffer_keeps_the_newest_claim_of_each_claimant_and_every_claimant
     buffer.put_many([holder_refreshes[3]])
     assert buffer.merged == 3
     # In the order of the newest claims: after an outage the binding service sees every change of holder.
-    assert buffer.take(10) == [new_master, spoofer, holder_refreshes[3]._replace(repeats=4)]
+    assert unstamped(buffer.take(10)) == [new_master, spoofer, holder_refreshes[3]._replace(repeats=4)]
 
 
 async def test_renewals_wait_in_the_routine_lane_and_a_change_of_claimant_promotes_its_claimant() -> None:
@@ -146,12 +153,12 @@ async def test_renewals_wait_in_the_routine_lane_and_a_change_of_claimant_promot
     # A renewal of a claimant whose claim is still waiting in the urgent lane stays with it there.
     later = claim(5, OTHER, at=t + 6)._replace(renewal=True)
     buffer.put_many([later])
-    assert buffer.take(10) == [later._replace(repeats=2, renewal=False)]
+    assert unstamped(buffer.take(10)) == [later._replace(repeats=2, renewal=False)]
     # A claimant that is not a renewal any more (the coalescer forgot it) leaves the routine lane.
     promoted = claim(1, at=t + 7)
     buffer.put_many([promoted])
-    assert buffer.take(10) == [promoted._replace(repeats=2)]
-    assert buffer.take(10, routine=True) == [refreshes[0], refreshes[2]]
+    assert unstamped(buffer.take(10)) == [promoted._replace(repeats=2)]
+    assert unstamped(buffer.take(10, routine=True)) == [refreshes[0], refreshes[2]]
     assert len(buffer) == 0
 
 
@@ -161,8 +168,8 @@ async def test_overflow_drops_renewals_before_changes_of_claimant() -> None:
     renewals = [claim(10)._replace(renewal=True), claim(11)._replace(renewal=True)]
     buffer.put_many([renewals[0], *urgent, renewals[1]])
     assert buffer.dropped == 1
-    assert buffer.take(10) == urgent
-    assert buffer.take(10, routine=True) == renewals[1:]
+    assert unstamped(buffer.take(10)) == urgent
+    assert unstamped(buffer.take(10, routine=True)) == renewals[1:]
 
 
 async def test_publisher_sends_a_change_of_claimant_while_renewals_wait_for_their_confirm() -> None:
@@ -215,7 +222,7 @@ async def test_buffer_keeps_the_newer_claim_when_an_older_one_comes_late() -> No
     buffer = ClaimBuffer(10, asyncio.get_running_loop())
     t = time.time_ns()
     buffer.put_many([claim(0, at=t + 5), claim(0, at=t)])
-    assert buffer.take(10) == [claim(0, at=t + 5)._replace(repeats=2)]
+    assert unstamped(buffer.take(10)) == [claim(0, at=t + 5)._replace(repeats=2)]
 
 
 async def test_buffer_overflow_drops_the_oldest_claimants_and_counts() -> None:
@@ -224,7 +231,7 @@ async def test_buffer_overflow_drops_the_oldest_claimants_and_counts() -> None:
     buffer.put_many(claims[:2])
     buffer.put_many(claims[2:])
     assert buffer.dropped == 2
-    assert buffer.take(10) == claims[2:]
+    assert unstamped(buffer.take(10)) == claims[2:]
 
 
 def test_buffer_capacity_must_be_positive() -> None:
@@ -342,3 +349,45 @@ def test_capture_metrics_are_exported_with_bounded_labels() -> None:
         "havip_watcher_publish_latency_seconds_bucket",
     ):
         assert name in text
+
+
+async def test_the_buffer_stamps_the_hand_over_and_a_merge_keeps_the_kept_claims_stamp() -> None:
+    buffer = ClaimBuffer(10, asyncio.get_running_loop())
+    t = time.time_ns() - 5_000_000
+    before = time.time_ns()
+    buffer.put_many([claim(0, at=t), claim(1, at=t)])
+    after = time.time_ns()
+    buffer.put_many([claim(0, at=t + 1)])  # newer: replaces the first, handed over later
+    buffer.put_many([claim(1, at=t - 1)])  # older (crossed): the kept claim keeps its hand-over time
+    first, second = buffer.take(10)
+    assert (first.sender_ip, second.sender_ip) == (VIP + 1, VIP)  # the newer went behind the other
+    assert before <= first.read_at <= after
+    assert after <= second.read_at <= time.time_ns()
+
+
+async def test_the_publisher_times_the_hops_of_the_first_claim_of_each_urgent_event() -> None:
+    registry = CollectorRegistry()
+    buffer = ClaimBuffer(1000, asyncio.get_running_loop())
+    broker = FakeBroker()
+    publisher = ClaimPublisher(broker, buffer, WatcherMetrics(registry), watcher_id="w", interface="eth0")
+    captured = time.time_ns() - 3_000_000  # 3 ms before it is handed over
+    task = asyncio.create_task(publisher.run())
+    try:
+        buffer.put_many([claim(1, at=captured), claim(2, at=captured - 1_000_000_000)])
+        await wait_until(lambda: len(broker.events) == 1)
+        buffer.put_many([claim(3)._replace(renewal=True)])  # the routine lane: not on a takeover's path
+        await wait_until(lambda: len(broker.events) == 2)
+    finally:
+        publisher.close()
+        async with asyncio.timeout(5):
+            await task
+
+    def hop(name: str, what: str) -> float | None:
+        return registry.get_sample_value(f"havip_claim_hop_seconds_{what}", {"hop": name})
+
+    assert [hop(name, "count") for name in ("read", "sent", "confirmed")] == [1, 1, 1]
+    read = hop("read", "sum")
+    assert read is not None
+    assert 0.003 <= read < 1  # the first claim's, not the one captured a second earlier
+    total = sum(hop(name, "sum") or 0 for name in ("read", "sent", "confirmed"))
+    assert total <= (time.time_ns() - captured) / 1e9
