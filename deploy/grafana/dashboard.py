@@ -268,6 +268,22 @@ def failovers(board: Dashboard) -> None:
     )
     board.with_panel(
         time_series(
+            "Claim path, hop by hop",
+            "Where a takeover's time goes (docs/ARCHITECTURE.md section 5), p50 and p99 of each hop, by the point "
+            "where it ends: read (kernel → the watcher's capture thread), sent (→ the watcher's event sent), "
+            "confirmed (→ RabbitMQ's confirm to the watcher, beside the path), received (→ the binding's "
+            "consumer), decided, stamped (→ committed_at, the transaction's last statement), committed (→ COMMIT "
+            "returned), relayed (→ the outbox relay sent the event), relay_confirmed (→ its confirm, beside). "
+            "Timed per takeover message; renewals are not on this path.",
+            "s",
+            promql(quantile(0.5, "havip_claim_hop_seconds", by="hop"), "p50 {{hop}}"),
+            promql(quantile(0.99, "havip_claim_hop_seconds", by="hop"), "p99 {{hop}}"),
+        )
+        .span(24)
+        .legend(legend_table("mean", "max", "lastNotNull"))
+    )
+    board.with_panel(
+        time_series(
             "Refused claims by reason",
             "Claims the binding service refused (SPEC §5.1): spoofing, unregistered instances, candidate lists "
             "out of date, clock skew. The history table below names address and MAC.",

@@ -156,6 +156,7 @@ def test_every_promql_expression_parses(tmp_path: Path) -> None:
         ("current holder of every HAVIP", r"havip_owner_info\b"),
         ("transitions over time", r"rate\(havip_transitions_total"),
         ("wire → commit latency percentiles", r"quantile\(0\.99, .*havip_binding_latency_seconds_bucket"),
+        ("the claim path hop by hop", r"quantile\(0\.99, sum by \(hop, le\) .*havip_claim_hop_seconds_bucket"),
         ("refused claims by reason", r"by \(reason\) \(rate\(havip_claims_rejected_total"),
         ("flapping", r"havip_flapping\b"),
         ("split brain", r"havip_split_brain\b"),
