@@ -168,9 +168,10 @@ class BindingChanged(EventData):
         description="when the transition was committed, as late as a time written inside its transaction can be: "
         "the database's clock (clock_timestamp()) as the last statement of that transaction began — the one "
         "that wrote the binding, the history row and this event, after everything else the transaction wrote; "
-        "only its COMMIT followed, whose completion (a round trip and the WAL flush, typically well under a "
-        "millisecond) is not included. The same value as the history row's committed_at and the binding's "
-        "last_transition_at; the transitions committed together share it"
+        "only its COMMIT followed, whose completion (a round trip and the WAL flush) is not included: the "
+        "binding service measures from this stamp to COMMIT returned apart, "
+        'havip_claim_hop_seconds{hop="committed"}. The same value as the history row\'s committed_at and the '
+        "binding's last_transition_at; the transitions committed together share it"
     )
     watcher_id: str | None
     sequence: int = Field(ge=1)
