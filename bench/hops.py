@@ -53,7 +53,7 @@ from bench.failover import (
     probe_events,
     wait_until,
 )
-from shared.hops import BINDING_HOPS, WATCHER_HOPS, datetime_ns
+from shared.hops import BINDING_HOPS, SIDE_HOPS, WATCHER_HOPS, datetime_ns
 from tests.e2e.system import System
 from tests.lab import Lab
 from tests.lab.raw import RawSender
@@ -71,8 +71,7 @@ HOPS: tuple[tuple[str, str, str], ...] = (
     ("relay_confirmed", "relayed", "RabbitMQ's confirm reaches the relay (beside the path)"),
     ("consumed", "relayed", "a consumer of havip.binding.changed has the event"),
 )
-SIDE = ("confirmed", "relay_confirmed")
-PATH = tuple(hop for hop, _, _ in HOPS if hop not in SIDE)  # each starts where the one before ended
+PATH = tuple(hop for hop, _, _ in HOPS if hop not in SIDE_HOPS)  # each starts where the one before ended
 SERVICE_HOPS = {"watcher": WATCHER_HOPS, "binding": BINDING_HOPS}
 HISTOGRAM = "havip_claim_hop_seconds"
 PROBE_INTERVAL_S = 0.25

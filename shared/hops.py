@@ -86,8 +86,3 @@ def seconds_between(start_ns: int, end_ns: int) -> float:
 def datetime_ns(at: datetime) -> int:
     """A timezone-aware datetime as ns since the epoch, exactly (its microseconds, no float rounding)."""
     return (at - _EPOCH) // _MICROSECOND * 1000
-
-
-def ns_datetime(ns: int) -> datetime:
-    """ns since the epoch as a UTC datetime, truncated to the microsecond exactly (`datetime_ns` inverts it)."""
-    return _EPOCH + timedelta(microseconds=ns // 1000)
