@@ -258,8 +258,9 @@ class AllocatorClient:
     def get_instance(self, instance_id: str) -> Reply:
         return self._get(f"/v1/instances/{_segment(instance_id)}")
 
-    def deregister_instance(self, instance_id: str) -> None:
-        self._send("DELETE", f"/v1/instances/{_segment(instance_id)}")
+    def deregister_instance(self, instance_id: str, *, force: bool = False) -> None:
+        params = _params(force=True) if force else None
+        self._send("DELETE", f"/v1/instances/{_segment(instance_id)}", params=params)
 
     # ---- HAVIPs -----------------------------------------------------------------------------------------
 
@@ -300,14 +301,22 @@ class AllocatorClient:
     def get_havip(self, havip_id: str) -> Reply:
         return self._get(f"/v1/havips/{_segment(havip_id)}")
 
-    def update_havip(self, havip_id: str, *, name: str | None = UNSET, candidates: Sequence[str] = UNSET) -> Reply:
+    def update_havip(
+        self,
+        havip_id: str,
+        *,
+        name: str | None = UNSET,
+        candidates: Sequence[str] = UNSET,
+        force: bool = False,
+    ) -> Reply:
         """PATCH: only the fields given are sent (name=None sends null: the name is removed)."""
         body: Json = {}
         if name is not UNSET:
             body["name"] = name
         if candidates is not UNSET:
             body["candidates"] = list(candidates)
-        return _required(self._send("PATCH", f"/v1/havips/{_segment(havip_id)}", body=body))
+        params = _params(force=True) if force else None
+        return _required(self._send("PATCH", f"/v1/havips/{_segment(havip_id)}", body=body, params=params))
 
     def release_havip(self, havip_id: str, *, force: bool = False) -> None:
         params = _params(force=True) if force else None

@@ -171,7 +171,7 @@ def instance_show(args: argparse.Namespace, ctx: Context) -> int:
 
 def instance_deregister(args: argparse.Namespace, ctx: Context) -> int:
     with ctx.client() as client:
-        client.deregister_instance(args.id)
+        client.deregister_instance(args.id, force=args.force)
     _done(ctx, f"deregistered instance {args.id}")
     return 0
 
@@ -228,7 +228,7 @@ def havip_update(args: argparse.Namespace, ctx: Context) -> int:
             "havip update: nothing to change (give --name, --no-name, --candidate or --no-candidates)"
         )
     with ctx.client() as client:
-        _resource(ctx, client.update_havip(args.id, name=name, candidates=candidates))
+        _resource(ctx, client.update_havip(args.id, name=name, candidates=candidates, force=args.force))
     return 0
 
 

@@ -186,12 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vpc", type=resource_id, help="only this VPC's instances")
     _paging(p)
     b.leaf(instance, "show", "show an instance", commands.instance_show, with_id="instance id")
-    b.leaf(
+    p = b.leaf(
         instance,
         "deregister",
-        "deregister an instance (refused while it is a HAVIP candidate)",
+        "deregister an instance (refused while it holds a HAVIP or is a HAVIP candidate, unless --force)",
         commands.instance_deregister,
         with_id="instance id",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="deregister even while it holds a HAVIP (the binding ends) or is a candidate (it then authorises "
+        "nobody)",
     )
 
     # havip
@@ -240,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     candidates.add_argument(
         "--no-candidates", action="store_true", help="empty the list: any instance may hold it"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace the candidates even if the list leaves out the holder"
     )
     p = b.leaf(
         havip,

@@ -206,6 +206,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
     "transition": (
         Column("SEQ", field("sequence")),
         Column("REASON", field("reason")),
+        Column("CAUSE", field("cause")),
         Column("FROM", field("from_instance_id")),
         Column("TO", field("to_instance_id")),
         Column("MAC", field("mac")),
@@ -302,7 +303,7 @@ def event_facts(event_type: str, data: Json) -> str:
         parts = [
             _v(data, "address"),
             f"{_holder(data.get('previous'))} → {_holder(data.get('current'))}",
-            *_facts(data, "reason", "sequence", "havip_id", "watcher_id"),
+            *_facts(data, "reason", "cause", "sequence", "havip_id", "watcher_id"),
         ]
     elif event_type == "havip.claim.rejected":
         parts = [_v(data, "address"), *_facts(data, "mac", "reason", "havip_id", "watcher_id")]

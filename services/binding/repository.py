@@ -165,9 +165,9 @@ _REFRESH_BINDINGS = """
                                    FOR UPDATE SKIP LOCKED))"""
 _INSERT_TRANSITIONS = """
     INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
-        captured_at, captured_ns, committed_at, watcher_id, reason, address)
+        captured_at, captured_ns, committed_at, watcher_id, reason, address, cause)
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::uuid[], $5::macaddr[], $6::timestamptz[],
-                         $7::bigint[], $8::timestamptz[], $9::text[], $10::text[], $11::inet[])"""
+                         $7::bigint[], $8::timestamptz[], $9::text[], $10::text[], $11::inet[], $12::text[])"""
 _INSERT_REJECTED = """
     INSERT INTO binding.rejected_claims
         (claim_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
@@ -262,6 +262,7 @@ async def write_batch(conn: Any, batch: BatchWrite) -> list[RejectedClaim]:
             [t.watcher_id for t, _ in moves],
             [t.reason for t, _ in moves],
             [t.address for t, _ in moves],
+            [t.cause for t, _ in moves],
         )
     await add_to_outbox(conn, SCHEMA, batch.events)
     new_rejections = await write_refusals(conn, batch.rejected, batch.folded)
@@ -335,7 +336,7 @@ MAX_REPLAYED = 20_000
 _REPLAY_COLUMNS = """
     SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac::text AS mac,
            p.mac::text AS from_mac, host(t.address) AS address, t.captured_at, t.committed_at, t.watcher_id,
-           t.reason"""
+           t.reason, t.cause"""
 _REPLAY_RANGES = f"""{_REPLAY_COLUMNS}
     FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(havip_id, first_sequence, last_sequence)
     JOIN binding.transitions t
@@ -382,11 +383,12 @@ def _replayed_data(row: Any) -> dict[str, Any]:
         "address": row["address"],
         "previous": previous,
         "current": current,
-        "captured_at": row["captured_at"].isoformat() if row["captured_at"] is not None else None,
-        "committed_at": row["committed_at"].isoformat(),
+        "captured_at": events.rfc3339(row["captured_at"]) if row["captured_at"] is not None else None,
+        "committed_at": events.rfc3339(row["committed_at"]),
         "watcher_id": row["watcher_id"],
         "sequence": row["sequence"],
         "reason": row["reason"],
+        "cause": row["cause"],
     }
 
 

@@ -534,7 +534,7 @@ def binding_changed(transition: Transition, committed_at: datetime) -> events.En
     """The `havip.binding.changed` event of a transition, built as JSON-ready data without validation: up to
     10,000 of them leave in one batch during a mass failover. tests/unit/test_binding_events.py proves they
     validate against the BindingChanged model."""
-    captured_at = ns_to_datetime(transition.captured_ns).isoformat() if transition.captured_ns else None
+    captured_at = events.rfc3339(ns_to_datetime(transition.captured_ns)) if transition.captured_ns else None
     return events.trusted_envelope(
         "havip.binding.changed",
         {
@@ -543,10 +543,11 @@ def binding_changed(transition: Transition, committed_at: datetime) -> events.En
             "previous": _holder(transition.previous),
             "current": _holder(transition.current),
             "captured_at": captured_at,
-            "committed_at": committed_at.isoformat(),
+            "committed_at": events.rfc3339(committed_at),
             "watcher_id": transition.watcher_id,
             "sequence": transition.sequence,
             "reason": transition.reason,
+            "cause": transition.cause,
         },
         SOURCE,
     )

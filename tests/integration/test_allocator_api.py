@@ -534,6 +534,7 @@ async def test_transitions_newest_first(client: httpx.AsyncClient, binding_event
         "committed_at": "2025-02-01T08:00:04.001500Z",
         "watcher_id": None,
         "reason": "release",
+        "cause": "released",
     }
     assert page["items"][1]["mac"] == a["mac"]
     assert page["items"][1]["captured_at"] == "2025-02-01T08:00:03.000000Z"

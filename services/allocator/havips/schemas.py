@@ -138,6 +138,10 @@ class Transition(ResponseModel):
     committed_at: Timestamp
     watcher_id: str | None
     reason: Literal["claim", "release"]
+    cause: Literal["released", "instance_deregistered", "candidates_changed"] | None = Field(
+        description="for a release: the HAVIP released, its holder deregistered, or a candidate list that no "
+        "longer names the holder; null for a claim (and for releases recorded before causes were kept)"
+    )
 
     @classmethod
     def from_row(cls, row: Any) -> Transition:
@@ -150,4 +154,5 @@ class Transition(ResponseModel):
             committed_at=row["committed_at"],
             watcher_id=row["watcher_id"],
             reason=row["reason"],
+            cause=row["cause"],
         )
