@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -157,21 +158,48 @@ class Broker:
         transient: Callable[[BaseException], bool] = is_transient,
         routine_batch: int | None = None,
         routine_handler: BatchHandler | None = None,
+        exclusive: bool = False,
+        on_standby: Callable[[], None] = lambda: None,
+        standby_retry_s: float = 2.0,
     ) -> BatchConsumer:
-        channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
-        consumer = BatchConsumer(
-            amqp_queue,
-            handler,
-            max_batch=max_batch,
-            max_attempts=max_attempts,
-            transient=transient,
-            routine_batch=routine_batch,
-            routine_handler=routine_handler,
-        )
-        await consumer.start()
-        return consumer
+        """Consume `queue` on a channel of its own. With `exclusive`, this process is the queue's only consumer:
+        while another one holds it (the broker refuses an exclusive consumer beside any other), this waits as a
+        standby — says so once, calls `on_standby`, and asks again every `standby_retry_s` — and returns once
+        it consumes."""
+        name = self.settings.queue(queue)
+        waited = False
+        while True:
+            channel = await self.connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
+            consumer = BatchConsumer(
+                amqp_queue,
+                handler,
+                max_batch=max_batch,
+                max_attempts=max_attempts,
+                transient=transient,
+                routine_batch=routine_batch,
+                routine_handler=routine_handler,
+            )
+            try:
+                await consumer.start(exclusive=exclusive)
+            except aiormq.exceptions.ChannelAccessRefused:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                if not waited:
+                    log.warning(
+                        "queue %s has a consumer already (another process of this service): waiting as a "
+                        "standby, asking again every %.0f s",
+                        name,
+                        standby_retry_s,
+                    )
+                    on_standby()
+                waited = True
+                await asyncio.sleep(standby_retry_s)
+                continue
+            if waited:
+                log.info("queue %s is free: consuming it now (no longer a standby)", name)
+            return consumer
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -221,8 +249,8 @@ class BatchConsumer:
         self._stopping = False
         self.dead_lettered = 0
 
-    async def start(self) -> None:
-        await self._queue.consume(self._on_message)
+    async def start(self, *, exclusive: bool = False) -> None:
+        await self._queue.consume(self._on_message, exclusive=exclusive)
         name = f"consume {self._queue.name}"
         self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))
         if self._routine_batch is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -23,6 +22,7 @@ from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
 from shared.messaging import Broker
 from shared.metrics import serve_metrics
+from shared.signals import restore_signals, stop_on_signals
 
 from .capture import ArpCapture, CaptureOpenError, open_capture_socket
 from .claims import Claim
@@ -122,8 +122,7 @@ async def run(
             ) from exc
 
     if install_signal_handlers:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop)
 
     broker = Broker(settings, source=SOURCE)
     publisher = ClaimPublisher(
@@ -161,8 +160,7 @@ async def run(
         log.info("stopping")
     finally:
         if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            restore_signals()
         await asyncio.to_thread(capture.stop)
         publisher.close()
         failed = await _finish_publishing(publishing, settings.drain_timeout_s)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -22,8 +23,11 @@ from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.service_setup import migrate_service
+from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -65,48 +69,77 @@ async def release_paced_refusals(service: BindingService) -> None:
 
 
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
-    broker = Broker(settings, SOURCE)
-    await broker.connect()
-    relay = OutboxRelay(pool, broker, SCHEMA)
-    service = BindingService(
-        pool,
-        on_commit=relay.wake,
-        max_clock_skew_s=settings.max_clock_skew_s,
-        policy=settings.condition_policy(),
-        refusal_audit_rate=settings.refusal_audit_rate,
-    )
-    await service.load()
-    freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
-    relay.start()
-    consumer = await broker.consumer(
-        QUEUE,
-        SUBSCRIPTIONS,
-        service.handle,
-        prefetch=settings.prefetch,
-        max_batch=settings.max_batch,
-        transient=database_or_network_away,
-        routine_batch=settings.routine_batch,
-        routine_handler=service.handle_routine,
-    )
-    if settings.metrics_port:
-        serve_metrics(settings.metrics_port, settings.metrics_host)
-    log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
-    if ready is not None:
-        ready.set()
-    ticker = asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick")
-    pacing = asyncio.create_task(release_paced_refusals(service), name="paced refusals")
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
+        stack.push_async_callback(pool.close)
+        broker = Broker(settings, SOURCE)
+        stack.push_async_callback(broker.close)
+        await broker.connect()
+        relay = OutboxRelay(pool, broker, SCHEMA)
+        service = BindingService(
+            pool,
+            on_commit=relay.wake,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            policy=settings.condition_policy(),
+            refusal_audit_rate=settings.refusal_audit_rate,
+        )
+        await service.load()
+        freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
+        relay.start()
+        stack.push_async_callback(relay.stop)  # after the consumer's last batch: what it committed leaves too
+        if settings.metrics_port:
+            serve_metrics(settings.metrics_port, settings.metrics_host)
+        # One process decides: its queue's only consumer. Inventory and claims share that one ordered queue, so
+        # a second consumer beside it would take half of them and refuse claims of instances only the first
+        # learnt about; it waits as a standby instead, and takes over when the first is gone.
+        consumer = await _until_stopped(
+            broker.consumer(
+                QUEUE,
+                SUBSCRIPTIONS,
+                service.handle,
+                prefetch=settings.prefetch,
+                max_batch=settings.max_batch,
+                transient=database_or_network_away,
+                routine_batch=settings.routine_batch,
+                routine_handler=service.handle_routine,
+                exclusive=True,
+                on_standby=service.stand_by,
+            ),
+            stop,
+        )
+        if consumer is None:
+            log.info("stopped while a standby")
+            return
+        stack.push_async_callback(consumer.stop)
+        await service.take_over()
+        log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
+        if ready is not None:
+            ready.set()
+        for periodic in (
+            asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick"),
+            asyncio.create_task(release_paced_refusals(service), name="paced refusals"),
+        ):
+            stack.push_async_callback(_cancel, periodic)
         await stop.wait()
-    finally:
-        for task in (ticker, pacing):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await consumer.stop()
-        await relay.stop()
-        await broker.close()
-        await pool.close()
+        log.info("stopping: the batch under way is committed, then the outbox is published")
+
+
+async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """The result of `work`, or None if `stop` is set first (`work` is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    await _cancel(task)
+    return None
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop)
         await run(settings, stop)
 
     asyncio.run(serve())

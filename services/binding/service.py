@@ -103,7 +103,10 @@ class BindingService:
         # Kept as integers: 100,000 UUID objects would each be walked by every full garbage collection.
         self._recent_claims: OrderedDict[int, None] = OrderedDict()
         self._book_stale = True
-        metrics.export_book(lambda: self.book.bindings.values())
+        # False while another process decides (this one waits as a standby): its book is not the truth then,
+        # and its per-HAVIP gauges would show stale holders beside the deciding process's.
+        self.deciding = True
+        metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
         metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
 
     async def load(self) -> None:
@@ -115,6 +118,19 @@ class BindingService:
             "binding state loaded",
             extra={"havips": len(self.book.havips_by_id), "instances": len(self.book.instances_by_id)},
         )
+
+    def stand_by(self) -> None:
+        """Another process decides: what this book holds goes stale from now on; reloaded before deciding."""
+        self.deciding = False
+        self._book_stale = True
+        metrics.CONSUMING.set(0)
+
+    async def take_over(self) -> None:
+        """This process decides from now on: its book is what is committed, not what it loaded earlier."""
+        async with self._lock:
+            await self.ensure_current()
+        self.deciding = True
+        metrics.CONSUMING.set(1)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Decide and commit a batch. A batch whose writes commute with every other — holders' refreshes and
