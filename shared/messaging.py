@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,6 +24,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelInvalidStateError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from yarl import URL
 
 from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
 from shared.settings import CommonSettings
@@ -49,6 +52,54 @@ ROUTINE_LANE = "routine"
 
 def is_routine(message: AbstractIncomingMessage) -> bool:
     return message.headers.get(LANE_HEADER) == ROUTINE_LANE
+
+
+def is_broker_unavailable(exc: BaseException) -> bool:
+    """A broker that cannot be used now — away, or refusing this login or virtual host (which an operator may
+    fix on the broker's side while the service waits)."""
+    return isinstance(exc, OSError | TimeoutError | aiormq.exceptions.AMQPError)
+
+
+def describe_broker_error(exc: BaseException, amqp_url: str) -> str:
+    """What is wrong, in an operator's words rather than the AMQP library's."""
+    url = URL(amqp_url)
+    where = f"RabbitMQ at {url.host}:{url.port}"
+    user = url.user or "guest"
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return f"{where} refused the login of user {user!r}: wrong user name or password"
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # The broker closes the connection at Connection.Open: a virtual host it refuses this user.
+        vhost = url.path[1:] or "/"
+        return f"{where} has no virtual host {vhost!r}, or user {user!r} has no permission on it"
+    if isinstance(exc, ConnectionRefusedError) or (isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED):
+        return f"nothing accepts connections at {url.host}:{url.port} (is RabbitMQ running?)"
+    if isinstance(exc, TimeoutError):
+        return f"{where} did not answer in time"
+    detail = exc.args[-1] if isinstance(exc, OSError) and exc.args else exc
+    return f"{where} cannot be used: {detail}"
+
+
+class _DropRetryNotices(logging.Filter):
+    """The AMQP libraries' own line for each failed first attempt: aio-pika's reconnect notice, aiormq's
+    "error when creating transport"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "Reconnecting after" not in message and "error when creating transport" not in message
+
+
+@contextlib.contextmanager
+def _quiet_reconnect_notices() -> Iterator[None]:
+    """While Broker.connect retries (and says why, once), the libraries' line for every attempt only repeats it."""
+    loggers = [logging.getLogger(name) for name in ("aio_pika.robust_connection", "aiormq.connection")]
+    notices = _DropRetryNotices()
+    for logger in loggers:
+        logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notices)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -87,22 +138,64 @@ class Broker:
         self.source = source
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
+        self.connect_attempts = 0
 
-    async def connect(self, attempts: int = 30, delay_s: float = 1.0) -> None:
-        """Connect, retrying at start-up; later reconnects are the robust connection's job."""
-        for attempt in range(1, attempts + 1):
-            try:
-                self._connection = await aio_pika.connect_robust(
-                    self.settings.amqp_url, client_properties={"connection_name": self.source}
-                )
-                break
-            except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-                if attempt == attempts:
-                    raise
-                log.warning("rabbitmq not reachable (%s), retrying", exc)
-                await asyncio.sleep(delay_s)
-        channel = await self.connection.channel(publisher_confirms=True)
-        self._exchange = await declare_topology(channel, self.settings)
+    async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = 30.0) -> bool:
+        """Connect at start-up, for as long as it takes (False: `stop` was set first); later reconnects are the
+        robust connection's job. What is wrong is said once, in words (a wrong password, an unknown virtual
+        host, nothing listening), and said again only when it changes; attempts back off exponentially with
+        jitter up to `max_delay_s`, so that a fleet restarted with the broker does not come back in lockstep."""
+        said: list[str] = []
+
+        def tell(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            reason = describe_broker_error(exc, self.settings.amqp_url) if exc is not None else "no answer"
+            if said[-1:] != [reason]:
+                log.warning("%s; trying again with back-off (up to %.0f s) until it answers", reason, max_delay_s)
+                said.append(reason)
+
+        async def pause(seconds: float) -> None:
+            if stop is None:
+                await asyncio.sleep(seconds)
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await stop.wait()
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_broker_unavailable),
+            wait=wait_random_exponential(multiplier=0.5, max=max_delay_s),
+            stop=lambda _state: stop is not None and stop.is_set(),
+            sleep=pause,
+            before_sleep=tell,
+            reraise=True,
+        )
+        try:
+            with _quiet_reconnect_notices():
+                async for attempt in retrying:
+                    with attempt:
+                        await self._open()
+        except Exception:
+            if stop is not None and stop.is_set():
+                return False
+            raise
+        if said:
+            log.info("connected to rabbitmq")
+        return True
+
+    async def _open(self) -> None:
+        self.connect_attempts += 1
+        connection = await aio_pika.connect_robust(
+            self.settings.amqp_url, client_properties={"connection_name": self.source}
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            self._exchange = await declare_topology(channel, self.settings)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._connection = connection
 
     @property
     def connection(self) -> AbstractRobustConnection:

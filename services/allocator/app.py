@@ -34,6 +34,7 @@ from shared.heap import freeze_startup_heap
 from shared.messaging import Broker
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
+from shared.signals import stop_on_signals_while_starting
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,13 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             stack.push_async_callback(pool.close)
             broker = Broker(settings, SOURCE)
             stack.push_async_callback(broker.close)
-            await broker.connect()
+            stop = asyncio.Event()
+            with stop_on_signals_while_starting(stop):
+                connected = await broker.connect(stop)
+            if not connected:
+                log.info("stopped before RabbitMQ answered")
+                yield
+                return
             relay = OutboxRelay(pool, broker, SCHEMA)
             relay.start()
             stack.push_async_callback(relay.stop)
@@ -151,6 +158,7 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             freeze_startup_heap()
             log.info("allocator ready")
             yield
+            log.info("stopping: the view's batch under way is committed, then the outbox is published")
             del app.state.db
             del app.state.broker
 

@@ -43,23 +43,6 @@ class StartupError(Exception):
         self.exit_code = exit_code
 
 
-async def connect_until_connected(broker: Broker, stop: asyncio.Event, max_delay_s: float = 10.0) -> bool:
-    """Connect, retrying with back-off until connected (True) or asked to stop (False)."""
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            await broker.connect(attempts=1)
-            return True
-        except Exception as exc:
-            log.warning("rabbitmq not reachable (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
-            with contextlib.suppress(Exception):
-                await broker.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, max_delay_s)
-    return False
-
-
 async def run(
     settings: WatcherSettings,
     *,
@@ -138,7 +121,7 @@ async def run(
     )
 
     async def connect_and_publish() -> None:
-        if await connect_until_connected(broker, stop):
+        if await broker.connect(stop):
             log.info("connected to rabbitmq", extra={"exchange": settings.exchange})
             await publisher.run()
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from services.binding.repository import SCHEMA
-from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
+from services.binding.service import MAX_SUMMARISED_CLAIMANTS, SOURCE, SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
 from shared.db import create_pool, database_or_network_away
 from shared.heap import freeze_startup_heap
@@ -39,6 +39,22 @@ async def migrate(settings: BindingSettings) -> None:
     await migrate_service(
         settings, source=SOURCE, schema=SCHEMA, migrations=MIGRATIONS, queue=QUEUE, subscriptions=SUBSCRIPTIONS
     )
+
+
+async def log_refusals(service: BindingService, interval_s: float) -> None:
+    """One line per interval while claims are refused: an operator sees a spoofer (or a misconfigured server)
+    in the log without a line per frame."""
+    while True:
+        await asyncio.sleep(interval_s)
+        summary = service.take_refusal_summary()
+        if summary is not None:
+            log.warning(
+                "claims refused in the last %.0f s: %d frames from %s claimants (address, MAC)",
+                interval_s,
+                sum(summary.frames_by_reason.values()),
+                f"{summary.claimants:,}" if summary.claimants < MAX_SUMMARISED_CLAIMANTS else "over 10,000",
+                extra={"frames_by_reason": summary.frames_by_reason},
+            )
 
 
 async def tick_every_second(service: BindingService, audit_retention_days: float) -> None:
@@ -74,7 +90,9 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         stack.push_async_callback(pool.close)
         broker = Broker(settings, SOURCE)
         stack.push_async_callback(broker.close)
-        await broker.connect()
+        if not await broker.connect(stop):
+            log.info("stopped before RabbitMQ answered")
+            return
         relay = OutboxRelay(pool, broker, SCHEMA)
         service = BindingService(
             pool,
@@ -118,6 +136,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         for periodic in (
             asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick"),
             asyncio.create_task(release_paced_refusals(service), name="paced refusals"),
+            asyncio.create_task(log_refusals(service, settings.refusal_log_interval_s), name="refusal log"),
         ):
             stack.push_async_callback(_cancel, periodic)
         await stop.wait()

@@ -102,6 +102,9 @@ class BindingService:
         # audit's unique claim_id and the capture-time order do it.
         # Kept as integers: 100,000 UUID objects would each be walked by every full garbage collection.
         self._recent_claims: OrderedDict[int, None] = OrderedDict()
+        # Refused frames since the last summary line, by reason, and who sent them (bounded).
+        self._refused_frames: Counter[str] = Counter()
+        self._refused_claimants: set[tuple[object, str]] = set()
         self._book_stale = True
         # False while another process decides (this one waits as a standby): its book is not the truth then,
         # and its per-HAVIP gauges would show stale holders beside the deciding process's.
@@ -216,6 +219,15 @@ class BindingService:
         edges; called about once a second."""
         async with self._lock:
             await self._decide_and_commit((), time.time_ns(), release=True)
+
+    def take_refusal_summary(self) -> RefusalSummary | None:
+        """The refusals decided since the last call (None if there were none), for one log line."""
+        if not self._refused_frames:
+            return None
+        summary = RefusalSummary(dict(self._refused_frames), len(self._refused_claimants))
+        self._refused_frames = Counter()
+        self._refused_claimants = set()
+        return summary
 
     async def expire_audit(self, older_than_days: float) -> int:
         """Audit retention: delete refusals older than that (a bounded number per call)."""
@@ -449,6 +461,9 @@ class BindingService:
         doubles (up to a minute) each time the same refusal comes back in the window after: a spoofer flooding
         without pause costs an audit row and an event per minute and address, not per second; a pause as long as
         the window resets it."""
+        self._refused_frames[outcome.reason] += data.repeats
+        if len(self._refused_claimants) < MAX_SUMMARISED_CLAIMANTS:
+            self._refused_claimants.add((claim.address, claim.sender_mac))
         key = (claim.address, claim.sender_mac, outcome.reason)
         fold = self._folds.get(key)
         since = claim.captured_ns - fold.first_ns if fold is not None else -1
@@ -497,6 +512,15 @@ class BindingService:
 
 
 RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most)
+# (address, MAC) pairs counted per refusal summary at most (a flood of random MACs must not grow memory).
+MAX_SUMMARISED_CLAIMANTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalSummary:
+    frames_by_reason: dict[str, int]
+    claimants: int  # distinct (address, MAC), at most MAX_SUMMARISED_CLAIMANTS
+
 
 # Refusals of one (address, MAC, reason) within this span of capture time share an audit row (SPEC §5.1); the
 # span doubles while the refusal keeps coming back, up to the maximum.
