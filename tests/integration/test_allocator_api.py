@@ -145,6 +145,95 @@ async def test_validation_errors_have_the_error_shape(client: httpx.AsyncClient)
     error(await client.post("/v1/vpcs", json=big), 413, "PAYLOAD_TOO_LARGE")
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.300.0/24"},
+            "cidr: octet 300 of 10.0.300.0/24 is out of range 0–255",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "2001:db8::/32"},
+            "cidr: 2001:db8::/32 is an IPv6 block: IPv6 is not supported yet (IPv4 only)",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.0.1/16"},
+            "cidr: 10.0.0.1/16 has host bits set: the block is 10.0.0.0/16",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.0.0/33"},
+            "cidr: prefix length /33 of 10.0.0.0/33 is out of range: IPv4 has /0 to /32",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.0.0/30"},
+            "cidr: prefix length must be between /8 and /29 (a /29 holds 5 usable addresses), got /30",
+        ),
+        (
+            "POST",
+            "/v1/subnets",
+            {"vpc_id": str(uuid.uuid4()), "name": "x", "cidr": "banana"},
+            "cidr: the value is not an IPv4 CIDR block: expected four decimal octets 0–255 separated by dots, "
+            "like 10.0.0.0/16",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            {"subnet_id": str(uuid.uuid4()), "name": "x", "private_ip": "10.0.0.300", "mac": "02:00:00:00:00:01"},
+            "private_ip: octet 300 of 10.0.0.300 is out of range 0–255",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            {"subnet_id": str(uuid.uuid4()), "name": "x", "private_ip": 167772165, "mac": "02:00:00:00:00:01"},
+            "private_ip: an IPv4 address must be a string like 10.0.0.5, not a number",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            {"subnet_id": str(uuid.uuid4()), "name": "x", "private_ip": "10.0.0.5", "mac": "01:00:5e:00:00:01"},
+            "mac: a multicast MAC address cannot belong to an interface",
+        ),
+        (
+            "POST",
+            "/v1/havips",
+            {"subnet_id": str(uuid.uuid4()), "address": "2001:db8::5"},
+            "address: 2001:db8::5 is an IPv6 address: IPv6 is not supported yet (IPv4 only)",
+        ),
+        (
+            "POST",
+            f"/v1/havips/{uuid.uuid4()}/eip",
+            {"address": "203.0.113.5/32"},
+            "address: 203.0.113.5/32 is a CIDR block: give the address alone, without its /prefix length",
+        ),
+        (
+            "GET",
+            "/v1/havips?address=10.0.0.256",
+            None,
+            "query parameter address: octet 256 of 10.0.0.256 is out of range 0–255",
+        ),
+        ("GET", "/v1/vpcs?subnetid=x", None, "query parameter subnetid: this route has no such parameter"),
+    ],
+)
+async def test_validation_messages_say_what_is_wrong(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, message: str
+) -> None:
+    answer = error(await client.request(method, path, json=body), 422, "VALIDATION_ERROR")
+    assert answer["error"]["message"] == message
+    (detail,) = answer["error"]["details"]
+    assert message.endswith(detail["msg"])
+    assert "Value error" not in answer["error"]["message"]
+
+
 # ---- VPCs --------------------------------------------------------------------------------------------------
 
 
