@@ -417,6 +417,24 @@ def test_show_prints_key_values_and_list_a_table() -> None:
     assert listed.err == ""
 
 
+def test_claims_rejected_shows_how_many_frames_each_row_folds() -> None:
+    refusal = {
+        "havip_id": HAVIP_ID,
+        "address": "10.20.1.2",
+        "mac": "02:00:00:00:00:66",
+        "reason": "not_candidate",
+        "captured_at": "2026-11-26T06:27:30.050903Z",
+        "watcher_id": "w1",
+        "count": 37,
+    }
+    result = run(
+        ["claims", "rejected", "--havip", HAVIP_ID], answer(200, {"items": [refusal], "next_page_token": None})
+    )
+    header, row = result.out.splitlines()
+    assert "COUNT" in header.split()
+    assert row.split()[header.split().index("COUNT") + 1] == "37"  # the time takes two words
+
+
 def test_empty_list_says_so_on_stderr() -> None:
     result = run(["havip", "transitions", HAVIP_ID], answer(200, {"items": [], "next_page_token": None}))
     assert (result.code, result.out, result.err) == (0, "", "no transitions found\n")
