@@ -65,6 +65,34 @@ async def test_open_routes(client: httpx.AsyncClient) -> None:
     assert post["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
+ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".json": "application/json"}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_docs_load_nothing_from_outside(client: httpx.AsyncClient, page: str) -> None:
+    """The documentation pages work on an isolated control plane: every file they load is the allocator's own,
+    served without the token (as /openapi.json is)."""
+    anonymous = {"Authorization": ""}
+    response = await client.get(page, headers=anonymous)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert not re.search(r"(?i)(?:https?:)?//[a-z0-9]", html), "an absolute URL in the page"
+    if page == "/docs":  # Swagger UI's badge from validator.swagger.io: off
+        assert '"validatorUrl": null' in html
+    referenced = re.findall(r'(?:src|href|spec-url)="([^"]+)"', html) + re.findall(r"\burl: '([^']+)'", html)
+    suffixes = {url[url.rfind(".") :] for url in referenced}
+    wanted = {".js", ".png", ".json"} | ({".css"} if page == "/docs" else set())
+    assert suffixes == wanted, referenced
+    for url in referenced:
+        assert url.startswith("/"), url
+        asset = await client.get(url, headers=anonymous)
+        assert asset.status_code == 200, url
+        assert asset.headers["content-type"].startswith(ASSET_TYPES[url[url.rfind(".") :]]), url
+        assert len(asset.content) > 1000, url
+    error(await client.get("/docs/assets/nothing.js", headers=anonymous), 404, "NOT_FOUND")
+
+
 @pytest.mark.parametrize(
     "headers",
     [
