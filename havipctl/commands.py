@@ -1,7 +1,8 @@
 """What each havipctl command does: call the client, render, print. main.py wires these to argparse.
 
 Output: the answer on stdout (a table, a key/value view, or with --json the API's JSON untouched); notes
-(nothing found, more pages, replayed idempotent request, watch started) on stderr, so stdout stays parseable.
+(nothing found, more pages, replayed idempotent request, watch started) on stderr, so stdout stays parseable
+(with --json as `{"note": "..."}` lines, beside the errors' `{"error": {...}}`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Context:
         self.stdout.flush()
 
     def note(self, text: str) -> None:
-        self.stderr.write(text + "\n")
+        """A note on stderr; with --json a JSON object too, `{"note": "..."}`, so stderr stays one kind."""
+        self.stderr.write((json.dumps({"note": text}, separators=(",", ":")) if self.json else text) + "\n")
         self.stderr.flush()
 
 

@@ -219,6 +219,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
         Column("ADDRESS", field("address")),
         Column("MAC", field("mac")),
         Column("REASON", field("reason")),
+        Column("COUNT", field("count")),  # frames folded into this refusal (repeats within the audit window)
         Column("HAVIP", field("havip_id")),
         Column("WATCHER", field("watcher_id")),
     ),

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from services.allocator import health
 from services.allocator.auth import TokenAuth
@@ -39,6 +40,7 @@ from shared.signals import stop_on_signals_while_starting
 log = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
+DOCS_ASSETS_URL = "/docs/assets"  # Swagger UI's and ReDoc's files, from the fastapi-offline package
 DESCRIPTION = """Control plane of high-availability virtual IPs: VPCs, subnets, instances and HAVIPs.
 
 Every `/v1` route requires `Authorization: Bearer <token>`.
@@ -162,11 +164,16 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             del app.state.db
             del app.state.broker
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their JavaScript, CSS and icon from the allocator itself, open like
+    # /openapi.json: FastAPI's defaults load them from a CDN, and the pages stay blank where there is none.
+    app = FastAPIOffline(
         title="HAVIP allocator",
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS_URL,
+        # Swagger UI would otherwise show a badge from validator.swagger.io, handing it the document's URL.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.eip_pool = settings.eips

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from ipaddress import IPv4Address
 from typing import Annotated
 
 from fastapi import Body, Header, Query, Response, status
@@ -12,7 +11,7 @@ from services.allocator.auth import api_router
 from services.allocator.dependencies import LIMIT_DEFAULT, DbDep, EipPoolDep, Limit, PageToken, SettingsDep
 from services.allocator.havips import service
 from services.allocator.havips.schemas import EipAssociate, Havip, HavipCreate, HavipState, HavipUpdate, Transition
-from services.allocator.schemas import Page
+from services.allocator.schemas import Page, RequestAddress
 
 router = api_router("/v1/havips", "havips")
 
@@ -78,7 +77,7 @@ async def list_havips(
     vpc_id: uuid.UUID | None = None,
     subnet_id: uuid.UUID | None = None,
     state: HavipState | None = None,
-    address: IPv4Address | None = None,
+    address: RequestAddress | None = None,
     limit: Limit = LIMIT_DEFAULT,
     page_token: PageToken = None,
 ) -> Page[Havip]:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from services.allocator.schemas import Name, RequestModel, ResponseModel, Timestamp
+from services.allocator.schemas import Name, RequestAddress, RequestModel, ResponseModel, Timestamp
 from shared.events import HavipData
 
 MAX_CANDIDATES = 10
@@ -41,7 +41,7 @@ Candidates = Annotated[
 class HavipCreate(RequestModel):
     subnet_id: uuid.UUID
     name: Name | None = None
-    address: IPv4Address | None = Field(
+    address: RequestAddress | None = Field(
         default=None, description="the address to take; omitted = the lowest free address of the subnet"
     )
     candidates: Candidates = Field(default_factory=list)
@@ -69,7 +69,7 @@ class HavipUpdate(RequestModel):
 
 
 class EipAssociate(RequestModel):
-    address: IPv4Address | None = Field(
+    address: RequestAddress | None = Field(
         default=None, description="an address of the configured EIP pool; omitted = the lowest free one"
     )
 
