@@ -258,13 +258,24 @@ class Broker:
         """Consume `queue` on a channel of its own. With `exclusive`, this process is the queue's only consumer:
         while another one holds it (the broker refuses an exclusive consumer beside any other), this waits as a
         standby — says so once, calls `on_standby`, and asks again every `standby_retry_s` — and returns once
-        it consumes."""
+        it consumes. An exclusive consumer is not restored by the robust connection after a reconnect (another
+        process may hold the queue by then, and the restore would fail the whole connection): the consumer's
+        `lost` event is set instead, and the caller asks for the queue again."""
         name = self.settings.queue(queue)
-        waited = False
+        waited = away = False
         while True:
-            channel = await self.connection.channel()
-            await channel.set_qos(prefetch_count=prefetch)
-            amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
+            try:
+                channel = await self.connection.channel()
+                await channel.set_qos(prefetch_count=prefetch)
+                amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
+            except Exception as exc:
+                if not (is_broker_unavailable(exc) or isinstance(exc, RuntimeError | ChannelInvalidStateError)):
+                    raise
+                if not away:  # the robust connection is reconnecting: ask again once it is back
+                    log.warning("cannot consume %s while RabbitMQ is away (%s); asking again", name, exc)
+                away = True
+                await asyncio.sleep(standby_retry_s)
+                continue
             consumer = BatchConsumer(
                 amqp_queue,
                 handler,
@@ -292,6 +303,8 @@ class Broker:
                 continue
             if waited:
                 log.info("queue %s is free: consuming it now (no longer a standby)", name)
+            elif away:
+                log.info("consuming %s again", name)
             return consumer
 
     async def close(self) -> None:
@@ -341,14 +354,30 @@ class BatchConsumer:
         self._idle = asyncio.Event()
         self._stopping = False
         self.dead_lettered = 0
+        # Set when an exclusive consumer's channel closed: it consumes no more (Broker.consumer).
+        self.lost = asyncio.Event()
 
     async def start(self, *, exclusive: bool = False) -> None:
-        await self._queue.consume(self._on_message, exclusive=exclusive)
+        if exclusive:
+            # Not restored on reconnect (see Broker.consumer): the owner learns of the loss instead.
+            self._queue.channel.close_callbacks.add(self._on_channel_closed)
+            await self._queue.consume(self._on_message, exclusive=True, robust=False)  # type: ignore[call-arg]
+        else:
+            await self._queue.consume(self._on_message)
         name = f"consume {self._queue.name}"
         self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))
         if self._routine_batch is not None:
             lane = self._run(self._routine, self._routine_batch, self._routine_handler)
             self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
+
+    def _on_channel_closed(self, *_args: object) -> None:
+        if not self.lost.is_set():
+            log.warning("consuming %s ended: its channel closed (RabbitMQ away, or the channel failed)", self.name)
+        self.lost.set()
+
+    @property
+    def name(self) -> str:
+        return self._queue.name
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if self._routine_batch is not None and is_routine(message):

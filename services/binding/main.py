@@ -109,25 +109,41 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
             serve_metrics(settings.metrics_port, settings.metrics_host)
         # One process decides: its queue's only consumer. Inventory and claims share that one ordered queue, so
         # a second consumer beside it would take half of them and refuse claims of instances only the first
-        # learnt about; it waits as a standby instead, and takes over when the first is gone.
-        consumer = await _until_stopped(
-            broker.consumer(
-                QUEUE,
-                SUBSCRIPTIONS,
-                service.handle,
-                prefetch=settings.prefetch,
-                max_batch=settings.max_batch,
-                transient=database_or_network_away,
-                routine_batch=settings.routine_batch,
-                routine_handler=service.handle_routine,
-                exclusive=True,
-                on_standby=service.stand_by,
-            ),
-            stop,
-        )
-        if consumer is None:
-            log.info("stopped while a standby")
-            return
+        # learnt about; it waits as a standby instead, and takes over when the first is gone. A process that
+        # loses the queue (its connection to RabbitMQ lost: another may take it meanwhile) stops deciding —
+        # ticks included — and asks for it again like a standby.
+        while await _decide_while_consuming(settings, broker, service, stop, ready):
+            service.stand_by()
+        log.info("stopped")
+
+
+async def _decide_while_consuming(
+    settings: BindingSettings,
+    broker: Broker,
+    service: BindingService,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None,
+) -> bool:
+    """Get the queue, decide until stopped (False) or until the queue is lost (True)."""
+    consumer = await _until_stopped(
+        broker.consumer(
+            QUEUE,
+            SUBSCRIPTIONS,
+            service.handle,
+            prefetch=settings.prefetch,
+            max_batch=settings.max_batch,
+            transient=database_or_network_away,
+            routine_batch=settings.routine_batch,
+            routine_handler=service.handle_routine,
+            exclusive=True,
+            on_standby=service.stand_by,
+        ),
+        stop,
+    )
+    if consumer is None:
+        log.info("stopped while a standby")
+        return False
+    async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(consumer.stop)
         await service.take_over()
         log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
@@ -139,8 +155,12 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
             asyncio.create_task(log_refusals(service, settings.refusal_log_interval_s), name="refusal log"),
         ):
             stack.push_async_callback(_cancel, periodic)
-        await stop.wait()
-        log.info("stopping: the batch under way is committed, then the outbox is published")
+        lost = await _until_stopped(consumer.lost.wait(), stop)
+        if lost is None:
+            log.info("stopping: the batch under way is committed, then the outbox is published")
+            return False
+        log.warning("lost %s: deciding nothing until it is this process's again", settings.queue(QUEUE))
+        return True
 
 
 async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
