@@ -371,7 +371,7 @@ class BatchConsumer:
             self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
 
     def _on_channel_closed(self, *_args: object) -> None:
-        if not self.lost.is_set():
+        if not self.lost.is_set() and not self._stopping:
             log.warning("consuming %s ended: its channel closed (RabbitMQ away, or the channel failed)", self.name)
         self.lost.set()
 
