@@ -6,12 +6,9 @@ service, in this process, on real Postgres and RabbitMQ."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 
-from services.binding.settings import BindingSettings
 from shared.messaging import Broker
 from tests.integration.allocator_support import (
     EventLog,
@@ -33,12 +30,9 @@ DEADLINE_S = 30.0
 
 
 @pytest.fixture(scope="module")
-async def watcher(binding: BindingSettings) -> AsyncIterator[Broker]:
+def watcher(publisher: Broker) -> Broker:
     """Publishes claims as the arp_watcher would, to the module's binding service."""
-    broker = Broker(binding, "arp_watcher")
-    await broker.connect()
-    yield broker
-    await broker.close()
+    return publisher
 
 
 class Cloud:

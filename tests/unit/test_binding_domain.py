@@ -15,6 +15,7 @@ from services.binding.domain import (
     Attachment,
     BindingBook,
     Claim,
+    ConditionEdge,
     Havip,
     Holder,
     Instance,
@@ -309,6 +310,20 @@ def test_a_flag_stored_before_a_restart_holds_for_a_window_from_the_restart() ->
     assert [(e.condition, e.started) for e in b.take_edges()] == [("split_brain", False)]
 
 
+def replayed(steps: list[tuple[str, int]]) -> tuple[BindingBook, int, list[ConditionEdge]]:
+    """A book after claims by the instances named, each `gap` tenths of a second after the one before: the book,
+    the last claim's time and the edges published."""
+    macs = {"cvm1": CVM1.mac, "cvm2": CVM2.mac, "elsewhere": ELSEWHERE.mac}
+    b = book()
+    t = 0
+    edges: list[ConditionEdge] = []
+    for who, gap in steps:
+        t += gap * S // 10
+        b.apply_claim(claim(macs[who], t))
+        edges += b.take_edges()
+    return b, t, edges
+
+
 @given(
     st.lists(st.tuples(st.sampled_from(["cvm1", "cvm2", "elsewhere"]), st.integers(1, 200)), max_size=80),
     st.integers(0, 300),
@@ -316,14 +331,7 @@ def test_a_flag_stored_before_a_restart_holds_for_a_window_from_the_restart() ->
 def test_flags_always_agree_with_the_edges_published(steps: list[tuple[str, int]], end: int) -> None:
     """Property: replaying the edges gives the flags, starts and stops alternate, and every flag ends after a
     long enough quiet."""
-    macs = {"cvm1": CVM1.mac, "cvm2": CVM2.mac, "elsewhere": ELSEWHERE.mac}
-    b = book()
-    t = 0
-    edges = []
-    for who, gap in steps:
-        t += gap * S // 10
-        b.apply_claim(claim(macs[who], t))
-        edges += b.take_edges()
+    b, t, edges = replayed(steps)
     b.tick(T0 + t + end * S)
     edges += b.take_edges()
     for condition in ("flapping", "split_brain"):
@@ -389,14 +397,7 @@ def test_every_flag_started_is_ended_once_whatever_ends_it(
 ) -> None:
     """Property: however the claims went and whatever ends the binding (a release of either kind, or quiet),
     each flag's edges alternate and the last one published is a stop."""
-    macs = {"cvm1": CVM1.mac, "cvm2": CVM2.mac, "elsewhere": ELSEWHERE.mac}
-    b = book()
-    t = 0
-    edges = []
-    for who, gap in steps:
-        t += gap * S // 10
-        b.apply_claim(claim(macs[who], t))
-        edges += b.take_edges()
+    b, t, edges = replayed(steps)
     if ending is not None and b.bindings[HAVIP.id].instance_id == CVM2.id:
         end_binding(b, ending)
     b.tick(T0 + t + 61 * S)
