@@ -23,6 +23,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import ChannelInvalidStateError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 from yarl import URL
@@ -185,10 +186,13 @@ class Broker:
 
     async def _open(self) -> None:
         self.connect_attempts += 1
-        connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": self.source}
+        # connect_robust, unrolled: a failed attempt's connection is closed here, not left to the collector
+        # (whose close() may find no loop to run on: "coroutine 'RobustConnection.close' was never awaited").
+        connection = aio_pika.RobustConnection(
+            make_url(self.settings.amqp_url), client_properties={"connection_name": self.source}
         )
         try:
+            await connection.connect()
             channel = await connection.channel(publisher_confirms=True)
             self._exchange = await declare_topology(channel, self.settings)
         except BaseException:
