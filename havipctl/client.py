@@ -184,11 +184,11 @@ class AllocatorClient:
             decoded = None
         error = _error_of(decoded)
         if status == 401:
-            said = f" (the allocator said: {error[1]})" if error is not None and error[1] else ""
+            said = f" (the allocator said: {error.message})" if error is not None and error.message else ""
             raise AuthenticationFailed(f"authentication failed: check HAVIP_API_TOKEN / --token{said}")
         if status >= 400:
             if error is not None:
-                raise ApiError(status, *error)
+                raise ApiError(status, error.code, error.message, error.details)
             snippet = " ".join(text.split())[:200] or response.reason_phrase or "no body"
             raise ApiError(status, f"HTTP_{status}", snippet)
         if not isinstance(decoded, dict):
@@ -258,8 +258,9 @@ class AllocatorClient:
     def get_instance(self, instance_id: str) -> Reply:
         return self._get(f"/v1/instances/{_segment(instance_id)}")
 
-    def deregister_instance(self, instance_id: str) -> None:
-        self._send("DELETE", f"/v1/instances/{_segment(instance_id)}")
+    def deregister_instance(self, instance_id: str, *, force: bool = False) -> None:
+        params = _params(force=True) if force else None
+        self._send("DELETE", f"/v1/instances/{_segment(instance_id)}", params=params)
 
     # ---- HAVIPs -----------------------------------------------------------------------------------------
 
@@ -300,14 +301,22 @@ class AllocatorClient:
     def get_havip(self, havip_id: str) -> Reply:
         return self._get(f"/v1/havips/{_segment(havip_id)}")
 
-    def update_havip(self, havip_id: str, *, name: str | None = UNSET, candidates: Sequence[str] = UNSET) -> Reply:
+    def update_havip(
+        self,
+        havip_id: str,
+        *,
+        name: str | None = UNSET,
+        candidates: Sequence[str] = UNSET,
+        force: bool = False,
+    ) -> Reply:
         """PATCH: only the fields given are sent (name=None sends null: the name is removed)."""
         body: Json = {}
         if name is not UNSET:
             body["name"] = name
         if candidates is not UNSET:
             body["candidates"] = list(candidates)
-        return _required(self._send("PATCH", f"/v1/havips/{_segment(havip_id)}", body=body))
+        params = _params(force=True) if force else None
+        return _required(self._send("PATCH", f"/v1/havips/{_segment(havip_id)}", body=body, params=params))
 
     def release_havip(self, havip_id: str, *, force: bool = False) -> None:
         params = _params(force=True) if force else None
@@ -361,15 +370,27 @@ def all_pages(fetch: PageFetch, page_token: str | None = None) -> Reply:
 # ---- helpers ------------------------------------------------------------------------------------------------
 
 
-def _error_of(decoded: Any) -> tuple[str, str] | None:
-    """(code, message) of an `{"error": {"code", "message"}}` body; None for anything else."""
+@dataclass(frozen=True, slots=True)
+class _ErrorBody:
+    code: str
+    message: str
+    details: list[Any] | None
+
+
+def _error_of(decoded: Any) -> _ErrorBody | None:
+    """The code, message and details of an `{"error": {"code", "message", "details"?}}` body; None otherwise."""
     if not isinstance(decoded, dict):
         return None
     error = decoded.get("error")
     if not isinstance(error, dict) or not isinstance(error.get("code"), str):
         return None
     message = error.get("message")
-    return error["code"], " ".join(str(message).split()) if message is not None else ""
+    details = error.get("details")
+    return _ErrorBody(
+        error["code"],
+        " ".join(str(message).split()) if message is not None else "",
+        details if isinstance(details, list) and details else None,
+    )
 
 
 def _required(reply: Reply | None) -> Reply:

@@ -1,7 +1,8 @@
 """What each havipctl command does: call the client, render, print. main.py wires these to argparse.
 
 Output: the answer on stdout (a table, a key/value view, or with --json the API's JSON untouched); notes
-(nothing found, more pages, replayed idempotent request, watch started) on stderr, so stdout stays parseable.
+(nothing found, more pages, replayed idempotent request, watch started) on stderr, so stdout stays parseable
+(with --json as `{"note": "..."}` lines, beside the errors' `{"error": {...}}`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Context:
         self.stdout.flush()
 
     def note(self, text: str) -> None:
-        self.stderr.write(text + "\n")
+        """A note on stderr; with --json a JSON object too, `{"note": "..."}`, so stderr stays one kind."""
+        self.stderr.write((json.dumps({"note": text}, separators=(",", ":")) if self.json else text) + "\n")
         self.stderr.flush()
 
 
@@ -171,7 +173,7 @@ def instance_show(args: argparse.Namespace, ctx: Context) -> int:
 
 def instance_deregister(args: argparse.Namespace, ctx: Context) -> int:
     with ctx.client() as client:
-        client.deregister_instance(args.id)
+        client.deregister_instance(args.id, force=args.force)
     _done(ctx, f"deregistered instance {args.id}")
     return 0
 
@@ -228,7 +230,7 @@ def havip_update(args: argparse.Namespace, ctx: Context) -> int:
             "havip update: nothing to change (give --name, --no-name, --candidate or --no-candidates)"
         )
     with ctx.client() as client:
-        _resource(ctx, client.update_havip(args.id, name=name, candidates=candidates))
+        _resource(ctx, client.update_havip(args.id, name=name, candidates=candidates, force=args.force))
     return 0
 
 

@@ -2,24 +2,26 @@
 
 The commands themselves are in commands.py, the HTTP client in client.py, the formatting in render.py and the
 event stream in watch.py. `main()` never lets a traceback out: every failure is one line on stderr and an exit
-status from errors.ExitCode.
+status from errors.ExitCode. With `--json` that line is `{"error": {"code": "UPPER_SNAKE", "message": "..."}}`,
+whatever failed: the API, the connection, the command line, the event stream, or havipctl itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
-from typing import IO
+from typing import IO, NoReturn
 
 import httpx
 
-from havipctl import commands
+from havipctl import commands, render
 from havipctl.config import parse_seconds, resolve
-from havipctl.errors import ExitCode, HavipctlError
+from havipctl.errors import BadArguments, ExitCode, HavipctlError, InternalError, Interrupted
 
 PROG = "havipctl"
 
@@ -82,9 +84,28 @@ def havip_state(text: str) -> str:
 # ---- parser -----------------------------------------------------------------------------------------------
 
 
-def _global_options() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises its usage errors instead of printing them and exiting, so that run() reports them
+    like any other error: as argparse does, or as JSON with --json. (Subparsers are of the same class.)"""
+
+    def error(self, message: str) -> NoReturn:
+        raise BadArguments(self.prog, message, self.format_usage())
+
+
+def json_requested(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for --json, read before the real parse (which may refuse it)."""
+    probe = _Parser(add_help=False)
+    probe.add_argument("--json", action="store_true")
+    try:
+        known, _ = probe.parse_known_args(argv)
+    except BadArguments:  # e.g. --json=yes: the real parse refuses it too
+        return False
+    return bool(known.json)
+
+
+def _global_options() -> _Parser:
     """Options accepted before the command and after it (SUPPRESS: a leaf does not reset the top's value)."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     group = parent.add_argument_group("connection and output")
     group.add_argument("--url", default=argparse.SUPPRESS, help="allocator base URL (env HAVIP_URL)")
     group.add_argument("--token", default=argparse.SUPPRESS, help="API bearer token (env HAVIP_API_TOKEN)")
@@ -102,7 +123,7 @@ def _global_options() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="print the API's JSON untouched (watch: one raw event per line)",
+        help="print the API's JSON untouched (watch: one raw event per line); errors and notes as JSON on stderr",
     )
     return parent
 
@@ -112,14 +133,14 @@ class _Builder:
         self.common = _global_options()
 
     def group(
-        self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
-    ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        self, subparsers: argparse._SubParsersAction[_Parser], name: str, help_text: str
+    ) -> argparse._SubParsersAction[_Parser]:
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
         return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
 
     def leaf(
         self,
-        subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+        subparsers: argparse._SubParsersAction[_Parser],
         name: str,
         help_text: str,
         handler: commands.Handler,
@@ -141,7 +162,7 @@ def _paging(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     b = _Builder()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Command-line client of the HAVIP allocator: VPCs, subnets, instances, HAVIPs, events.",
         epilog=EPILOG,
@@ -186,12 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vpc", type=resource_id, help="only this VPC's instances")
     _paging(p)
     b.leaf(instance, "show", "show an instance", commands.instance_show, with_id="instance id")
-    b.leaf(
+    p = b.leaf(
         instance,
         "deregister",
-        "deregister an instance (refused while it is a HAVIP candidate)",
+        "deregister an instance (refused while it holds a HAVIP or is a HAVIP candidate, unless --force)",
         commands.instance_deregister,
         with_id="instance id",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="deregister even while it holds a HAVIP (the binding ends) or is a candidate (it then authorises "
+        "nobody)",
     )
 
     # havip
@@ -240,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     candidates.add_argument(
         "--no-candidates", action="store_true", help="empty the list: any instance may hold it"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace the candidates even if the list leaves out the holder"
     )
     p = b.leaf(
         havip,
@@ -302,6 +332,19 @@ def _silence_stdout() -> None:
         pass
 
 
+def _report(err: IO[str], as_json: bool, error: HavipctlError) -> int:
+    """The error on stderr, in one line: `havipctl: message` (argparse's own text for bad arguments), or with
+    --json its JSON object; returns its exit status."""
+    if as_json:
+        err.write(json.dumps(error.as_json(), separators=(",", ":")) + "\n")
+    elif isinstance(error, BadArguments):
+        err.write(error.as_text())
+    else:
+        err.write(f"{PROG}: {render.clean(error.message)}\n")
+    err.flush()
+    return error.exit_code
+
+
 def run(
     argv: Sequence[str] | None = None,
     *,
@@ -313,10 +356,14 @@ def run(
     """Parse, run one command, map every failure to one line on stderr and an exit status."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    as_json = json_requested(arguments)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help / --version (0) or bad usage (2); it printed the message
+        args = parser.parse_args(arguments)
+    except BadArguments as exc:
+        return _report(err, as_json, exc)
+    except SystemExit as exc:  # argparse: --help / --version, printed on stdout
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     handler: Callable[[argparse.Namespace, commands.Context], int] = args.handler
     try:
@@ -329,20 +376,19 @@ def run(
             amqp_url=getattr(args, "amqp_url", None),
             amqp_prefix=getattr(args, "amqp_prefix", None),
         )
-        ctx = commands.Context(config, bool(getattr(args, "json", False)), out, err, transport)
+        ctx = commands.Context(config, as_json, out, err, transport)
         return handler(args, ctx)
     except HavipctlError as exc:
-        err.write(f"{PROG}: {exc.message}\n")
-        return exc.exit_code
+        return _report(err, as_json, exc)
     except KeyboardInterrupt:
-        err.write(f"{PROG}: interrupted\n")
-        return ExitCode.INTERRUPTED
+        return _report(err, as_json, Interrupted("interrupted"))
     except BrokenPipeError:
         _silence_stdout()
         return ExitCode.OK
     except Exception as exc:  # a bug: still one line, never a traceback
-        err.write(f"{PROG}: internal error: {type(exc).__name__}: {' '.join(str(exc).split())}\n")
-        return ExitCode.INTERNAL
+        return _report(
+            err, as_json, InternalError(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,6 +206,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
     "transition": (
         Column("SEQ", field("sequence")),
         Column("REASON", field("reason")),
+        Column("CAUSE", field("cause")),
         Column("FROM", field("from_instance_id")),
         Column("TO", field("to_instance_id")),
         Column("MAC", field("mac")),
@@ -218,6 +219,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
         Column("ADDRESS", field("address")),
         Column("MAC", field("mac")),
         Column("REASON", field("reason")),
+        Column("COUNT", field("count")),  # frames folded into this refusal (repeats within the audit window)
         Column("HAVIP", field("havip_id")),
         Column("WATCHER", field("watcher_id")),
     ),
@@ -302,7 +304,7 @@ def event_facts(event_type: str, data: Json) -> str:
         parts = [
             _v(data, "address"),
             f"{_holder(data.get('previous'))} → {_holder(data.get('current'))}",
-            *_facts(data, "reason", "sequence", "havip_id", "watcher_id"),
+            *_facts(data, "reason", "cause", "sequence", "havip_id", "watcher_id"),
         ]
     elif event_type == "havip.claim.rejected":
         parts = [_v(data, "address"), *_facts(data, "mac", "reason", "havip_id", "watcher_id")]

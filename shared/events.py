@@ -24,6 +24,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from pydantic_core import to_jsonable_python
 
 SCHEMA_VERSION = 1
 
@@ -153,6 +154,16 @@ class EipData(EventData):
 # ---- binding -----------------------------------------------------------------------------------------------
 
 
+ReleaseCause = Literal["released", "instance_deregistered", "candidates_changed"]
+
+
+def rfc3339(moment: datetime) -> str:
+    """A time as every event writes it (RFC 3339, UTC, `Z`) — the form pydantic gives the envelope's
+    `occurred_at`, for data built JSON-ready on hot paths."""
+    text: str = to_jsonable_python(moment.astimezone(UTC))
+    return text
+
+
 class Holder(EventData):
     instance_id: uuid.UUID
     mac: MacAddress
@@ -176,6 +187,12 @@ class BindingChanged(EventData):
     watcher_id: str | None
     sequence: int = Field(ge=1)
     reason: Literal["claim", "release"]
+    cause: ReleaseCause | None = Field(
+        default=None,
+        description="why a release ended the binding: the HAVIP released, its holder deregistered, or a "
+        "candidate list that no longer names the holder; null for a claim (and for releases published "
+        "before this field existed)",
+    )
 
 
 RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "clock_skew"]

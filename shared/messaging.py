@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -22,7 +24,10 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import ChannelInvalidStateError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from yarl import URL
 
 from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
 from shared.settings import CommonSettings
@@ -50,6 +55,54 @@ ROUTINE_LANE = "routine"
 
 def is_routine(message: AbstractIncomingMessage) -> bool:
     return message.headers.get(LANE_HEADER) == ROUTINE_LANE
+
+
+def is_broker_unavailable(exc: BaseException) -> bool:
+    """A broker that cannot be used now — away, or refusing this login or virtual host (which an operator may
+    fix on the broker's side while the service waits)."""
+    return isinstance(exc, OSError | TimeoutError | aiormq.exceptions.AMQPError)
+
+
+def describe_broker_error(exc: BaseException, amqp_url: str) -> str:
+    """What is wrong, in an operator's words rather than the AMQP library's."""
+    url = URL(amqp_url)
+    where = f"RabbitMQ at {url.host}:{url.port}"
+    user = url.user or "guest"
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return f"{where} refused the login of user {user!r}: wrong user name or password"
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # The broker closes the connection at Connection.Open: a virtual host it refuses this user.
+        vhost = url.path[1:] or "/"
+        return f"{where} has no virtual host {vhost!r}, or user {user!r} has no permission on it"
+    if isinstance(exc, ConnectionRefusedError) or (isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED):
+        return f"nothing accepts connections at {url.host}:{url.port} (is RabbitMQ running?)"
+    if isinstance(exc, TimeoutError):
+        return f"{where} did not answer in time"
+    detail = exc.args[-1] if isinstance(exc, OSError) and exc.args else exc
+    return f"{where} cannot be used: {detail}"
+
+
+class _DropRetryNotices(logging.Filter):
+    """The AMQP libraries' own line for each failed first attempt: aio-pika's reconnect notice, aiormq's
+    "error when creating transport"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "Reconnecting after" not in message and "error when creating transport" not in message
+
+
+@contextlib.contextmanager
+def _quiet_reconnect_notices() -> Iterator[None]:
+    """While Broker.connect retries (and says why, once), the libraries' line for every attempt only repeats it."""
+    loggers = [logging.getLogger(name) for name in ("aio_pika.robust_connection", "aiormq.connection")]
+    notices = _DropRetryNotices()
+    for logger in loggers:
+        logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notices)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -88,22 +141,67 @@ class Broker:
         self.source = source
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
+        self.connect_attempts = 0
 
-    async def connect(self, attempts: int = 30, delay_s: float = 1.0) -> None:
-        """Connect, retrying at start-up; later reconnects are the robust connection's job."""
-        for attempt in range(1, attempts + 1):
-            try:
-                self._connection = await aio_pika.connect_robust(
-                    self.settings.amqp_url, client_properties={"connection_name": self.source}
-                )
-                break
-            except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-                if attempt == attempts:
-                    raise
-                log.warning("rabbitmq not reachable (%s), retrying", exc)
-                await asyncio.sleep(delay_s)
-        channel = await self.connection.channel(publisher_confirms=True)
-        self._exchange = await declare_topology(channel, self.settings)
+    async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = 30.0) -> bool:
+        """Connect at start-up, for as long as it takes (False: `stop` was set first); later reconnects are the
+        robust connection's job. What is wrong is said once, in words (a wrong password, an unknown virtual
+        host, nothing listening), and said again only when it changes; attempts back off exponentially with
+        jitter up to `max_delay_s`, so that a fleet restarted with the broker does not come back in lockstep."""
+        said: list[str] = []
+
+        def tell(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            reason = describe_broker_error(exc, self.settings.amqp_url) if exc is not None else "no answer"
+            if said[-1:] != [reason]:
+                log.warning("%s; trying again with back-off (up to %.0f s) until it answers", reason, max_delay_s)
+                said.append(reason)
+
+        async def pause(seconds: float) -> None:
+            if stop is None:
+                await asyncio.sleep(seconds)
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await stop.wait()
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_broker_unavailable),
+            wait=wait_random_exponential(multiplier=0.5, max=max_delay_s),
+            stop=lambda _state: stop is not None and stop.is_set(),
+            sleep=pause,
+            before_sleep=tell,
+            reraise=True,
+        )
+        try:
+            with _quiet_reconnect_notices():
+                async for attempt in retrying:
+                    with attempt:
+                        await self._open()
+        except Exception:
+            if stop is not None and stop.is_set():
+                return False
+            raise
+        if said:
+            log.info("connected to rabbitmq")
+        return True
+
+    async def _open(self) -> None:
+        self.connect_attempts += 1
+        # connect_robust, unrolled: a failed attempt's connection is closed here, not left to the collector
+        # (whose close() may find no loop to run on: "coroutine 'RobustConnection.close' was never awaited").
+        connection = aio_pika.RobustConnection(
+            make_url(self.settings.amqp_url), client_properties={"connection_name": self.source}
+        )
+        try:
+            await connection.connect()
+            channel = await connection.channel(publisher_confirms=True)
+            self._exchange = await declare_topology(channel, self.settings)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._connection = connection
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -159,21 +257,61 @@ class Broker:
         transient: Callable[[BaseException], bool] = is_transient,
         routine_batch: int | None = None,
         routine_handler: BatchHandler | None = None,
+        exclusive: bool = False,
+        on_standby: Callable[[], None] = lambda: None,
+        standby_retry_s: float = 2.0,
     ) -> BatchConsumer:
-        channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
-        consumer = BatchConsumer(
-            amqp_queue,
-            handler,
-            max_batch=max_batch,
-            max_attempts=max_attempts,
-            transient=transient,
-            routine_batch=routine_batch,
-            routine_handler=routine_handler,
-        )
-        await consumer.start()
-        return consumer
+        """Consume `queue` on a channel of its own. With `exclusive`, this process is the queue's only consumer:
+        while another one holds it (the broker refuses an exclusive consumer beside any other), this waits as a
+        standby — says so once, calls `on_standby`, and asks again every `standby_retry_s` — and returns once
+        it consumes. An exclusive consumer is not restored by the robust connection after a reconnect (another
+        process may hold the queue by then, and the restore would fail the whole connection): the consumer's
+        `lost` event is set instead, and the caller asks for the queue again."""
+        name = self.settings.queue(queue)
+        waited = away = False
+        while True:
+            try:
+                channel = await self.connection.channel()
+                await channel.set_qos(prefetch_count=prefetch)
+                amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
+            except Exception as exc:
+                if not (is_broker_unavailable(exc) or isinstance(exc, RuntimeError | ChannelInvalidStateError)):
+                    raise
+                if not away:  # the robust connection is reconnecting: ask again once it is back
+                    log.warning("cannot consume %s while RabbitMQ is away (%s); asking again", name, exc)
+                away = True
+                await asyncio.sleep(standby_retry_s)
+                continue
+            consumer = BatchConsumer(
+                amqp_queue,
+                handler,
+                max_batch=max_batch,
+                max_attempts=max_attempts,
+                transient=transient,
+                routine_batch=routine_batch,
+                routine_handler=routine_handler,
+            )
+            try:
+                await consumer.start(exclusive=exclusive)
+            except aiormq.exceptions.ChannelAccessRefused:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                if not waited:
+                    log.warning(
+                        "queue %s has a consumer already (another process of this service): waiting as a "
+                        "standby, asking again every %.0f s",
+                        name,
+                        standby_retry_s,
+                    )
+                    on_standby()
+                waited = True
+                await asyncio.sleep(standby_retry_s)
+                continue
+            if waited:
+                log.info("queue %s is free: consuming it now (no longer a standby)", name)
+            elif away:
+                log.info("consuming %s again", name)
+            return consumer
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -223,14 +361,30 @@ class BatchConsumer:
         self._idle = asyncio.Event()
         self._stopping = False
         self.dead_lettered = 0
+        # Set when an exclusive consumer's channel closed: it consumes no more (Broker.consumer).
+        self.lost = asyncio.Event()
 
-    async def start(self) -> None:
-        await self._queue.consume(self._on_message)
+    async def start(self, *, exclusive: bool = False) -> None:
+        if exclusive:
+            # Not restored on reconnect (see Broker.consumer): the owner learns of the loss instead.
+            self._queue.channel.close_callbacks.add(self._on_channel_closed)
+            await self._queue.consume(self._on_message, exclusive=True, robust=False)  # type: ignore[call-arg]
+        else:
+            await self._queue.consume(self._on_message)
         name = f"consume {self._queue.name}"
         self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))
         if self._routine_batch is not None:
             lane = self._run(self._routine, self._routine_batch, self._routine_handler)
             self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
+
+    def _on_channel_closed(self, *_args: object) -> None:
+        if not self.lost.is_set() and not self._stopping:
+            log.warning("consuming %s ended: its channel closed (RabbitMQ away, or the channel failed)", self.name)
+        self.lost.set()
+
+    @property
+    def name(self) -> str:
+        return self._queue.name
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         arrived = (message, time.time_ns())

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from services.allocator import health
 from services.allocator.auth import TokenAuth
@@ -34,10 +35,12 @@ from shared.heap import freeze_startup_heap
 from shared.messaging import Broker
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
+from shared.signals import stop_on_signals_while_starting
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
+DOCS_ASSETS_URL = "/docs/assets"  # Swagger UI's and ReDoc's files, from the fastapi-offline package
 DESCRIPTION = """Control plane of high-availability virtual IPs: VPCs, subnets, instances and HAVIPs.
 
 Every `/v1` route requires `Authorization: Bearer <token>`.
@@ -123,7 +126,13 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             stack.push_async_callback(pool.close)
             broker = Broker(settings, SOURCE)
             stack.push_async_callback(broker.close)
-            await broker.connect()
+            stop = asyncio.Event()
+            with stop_on_signals_while_starting(stop):
+                connected = await broker.connect(stop)
+            if not connected:
+                log.info("stopped before RabbitMQ answered")
+                yield
+                return
             relay = OutboxRelay(pool, broker, SCHEMA)
             relay.start()
             stack.push_async_callback(relay.stop)
@@ -151,14 +160,20 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             freeze_startup_heap()
             log.info("allocator ready")
             yield
+            log.info("stopping: the view's batch under way is committed, then the outbox is published")
             del app.state.db
             del app.state.broker
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their JavaScript, CSS and icon from the allocator itself, open like
+    # /openapi.json: FastAPI's defaults load them from a CDN, and the pages stay blank where there is none.
+    app = FastAPIOffline(
         title="HAVIP allocator",
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS_URL,
+        # Swagger UI would otherwise show a badge from validator.swagger.io, handing it the document's URL.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.eip_pool = settings.eips

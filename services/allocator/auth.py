@@ -71,7 +71,11 @@ class AuthenticatedRoute(APIRoute):
             if unknown:
                 raise RequestValidationError(
                     [
-                        {"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown query parameter"}
+                        {
+                            "type": "extra_forbidden",
+                            "loc": ("query", name),
+                            "msg": "this route has no such parameter",
+                        }
                         for name in unknown
                     ]
                 )

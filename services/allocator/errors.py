@@ -52,6 +52,11 @@ class Conflict(DomainError):
     code = "CONFLICT"
 
 
+# Every call that would end a live binding is refused unless forced (HAVIP_BOUND, INSTANCE_HOLDS_HAVIP,
+# HOLDER_NOT_IN_CANDIDATES); the message says how, in the API's and the CLI's words.
+FORCE_HINT = "repeat with force=true (havipctl: --force) to do it anyway"
+
+
 # ---- specific kinds used by the addressing rules ---------------------------------------------------------
 
 

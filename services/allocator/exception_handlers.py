@@ -91,8 +91,29 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status_of(exc), exc.error_code, exc.message, headers=headers)
 
 
+# Where a request's value sits, as a client would name it: a body field by its JSON path (`cidr`,
+# `candidates.1`), a parameter by its kind (`query parameter limit`).
+_PARAMETER_KINDS = {"query": "query parameter", "path": "path parameter", "header": "header"}
+
+
 def _location(loc: Sequence[int | str]) -> str:
-    return ".".join(str(part) for part in loc)
+    parts = [str(part) for part in loc]
+    if not parts:
+        return "request"
+    if parts[0] == "body":
+        return ".".join(parts[1:]) or "request body"
+    if parts[0] in _PARAMETER_KINDS and len(parts) > 1:
+        return f"{_PARAMETER_KINDS[parts[0]]} {'.'.join(parts[1:])}"
+    return ".".join(parts)
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    """What is wrong, in the validator's own words: pydantic puts "Value error, " before a ValueError's text."""
+    if error.get("type") == "value_error":
+        cause = (error.get("ctx") or {}).get("error")
+        if cause is not None and str(cause):
+            return str(cause)
+    return str(error.get("msg", ""))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -102,10 +123,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(400, "MALFORMED_JSON", "the request body is not valid JSON")
     # Only location, message and type: the input and context may hold anything, and echo it back.
     details = [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": _message(e), "type": str(e.get("type", ""))}
         for e in errors
     ]
-    summary = "; ".join(f"{_location(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:5])
+    summary = "; ".join(f"{_location(e.get('loc', ()))}: {_message(e)}" for e in errors[:5])
     return error_response(422, "VALIDATION_ERROR", summary or "invalid request", details=details)
 
 

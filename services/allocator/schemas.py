@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import (
@@ -18,7 +18,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from services.allocator.domain import addressing
+from services.allocator.domain import addressing, notation
 
 T = TypeVar("T")
 
@@ -104,25 +104,13 @@ MacAddress = Annotated[
 
 
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-# The shape of a CIDR block, in the OpenAPI document and enforced as written; the rest (host bits zero,
-# /8 to /29, a unicast range) is checked after it.
+# The shape of a CIDR block, in the OpenAPI document; notation.read_block enforces it (saying what is wrong),
+# addressing.check_block the rest (/8 to /29, a unicast range).
 CIDR_PATTERN = rf"^{_OCTET}(\.{_OCTET}){{3}}/(3[0-2]|[12]?[0-9])$"
-_CIDR_SHAPE = re.compile(CIDR_PATTERN)
-
-
-def _cidr(value: object) -> object:
-    # Only "a.b.c.d/len" strings: no bare addresses, no integers, and host bits must be zero.
-    if not isinstance(value, str) or not _CIDR_SHAPE.fullmatch(value):
-        raise ValueError("a CIDR block must be a string like 10.0.0.0/16")
-    try:
-        return IPv4Network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"not an IPv4 CIDR block with its host bits zero: {exc}") from None
-
 
 Cidr = Annotated[
     IPv4Network,
-    BeforeValidator(_cidr),
+    BeforeValidator(notation.read_block),
     AfterValidator(addressing.check_block),
     PlainSerializer(str, return_type=str),
     WithJsonSchema(
@@ -134,6 +122,14 @@ Cidr = Annotated[
             "description": "IPv4 block, host bits zero, /8 to /29, not in 0/8, 127/8, 169.254/16, 224/4, 240/4",
         }
     ),
+]
+
+
+# An IPv4 address in a request: dotted-quad text only (no integers, no leading zeros), refused with what is wrong.
+RequestAddress = Annotated[
+    IPv4Address,
+    BeforeValidator(notation.read_address),
+    WithJsonSchema({"type": "string", "format": "ipv4", "example": "10.0.0.5"}),
 ]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -23,6 +22,7 @@ from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
 from shared.messaging import Broker
 from shared.metrics import serve_metrics
+from shared.signals import restore_signals, stop_on_signals
 
 from .capture import ArpCapture, CaptureOpenError, open_capture_socket
 from .claims import Claim
@@ -41,23 +41,6 @@ class StartupError(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-async def connect_until_connected(broker: Broker, stop: asyncio.Event, max_delay_s: float = 10.0) -> bool:
-    """Connect, retrying with back-off until connected (True) or asked to stop (False)."""
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            await broker.connect(attempts=1)
-            return True
-        except Exception as exc:
-            log.warning("rabbitmq not reachable (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
-            with contextlib.suppress(Exception):
-                await broker.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, max_delay_s)
-    return False
 
 
 async def run(
@@ -122,8 +105,7 @@ async def run(
             ) from exc
 
     if install_signal_handlers:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop)
 
     broker = Broker(settings, source=SOURCE)
     publisher = ClaimPublisher(
@@ -139,7 +121,7 @@ async def run(
     )
 
     async def connect_and_publish() -> None:
-        if await connect_until_connected(broker, stop):
+        if await broker.connect(stop):
             log.info("connected to rabbitmq", extra={"exchange": settings.exchange})
             await publisher.run()
 
@@ -161,8 +143,7 @@ async def run(
         log.info("stopping")
     finally:
         if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            restore_signals()
         await asyncio.to_thread(capture.stop)
         publisher.close()
         failed = await _finish_publishing(publishing, settings.drain_timeout_s)

@@ -15,7 +15,7 @@ from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Literal
 
-from shared.events import DEFAULT_SEGMENT
+from shared.events import DEFAULT_SEGMENT, ReleaseCause
 
 RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "clock_skew"]
 
@@ -130,6 +130,7 @@ class Transition:
     reason: Literal["claim", "release"]
     captured_ns: int | None
     watcher_id: str | None
+    cause: ReleaseCause | None = None  # a release's cause; None for a claim
 
 
 ClaimOutcome = NotAHavip | Rejected | Stale | Refreshed | Transition
@@ -218,7 +219,7 @@ class BindingBook:
             return []
         self.instances_by_mac.pop(instance.mac, None)
         return [
-            self._move(binding, None, "release", None, None)
+            self._release(binding, "instance_deregistered")
             for binding in self.bindings.values()
             if binding.instance_id == instance_id
         ]
@@ -246,7 +247,7 @@ class BindingBook:
             return None
         if binding.instance_id in havip.candidates:
             return None
-        return self._move(binding, None, "release", None, None)
+        return self._release(binding, "candidates_changed")
 
     def remove_havip(self, havip_id: uuid.UUID) -> Transition | None:
         """Release: the binding ends with a final history row; None if the HAVIP was unknown."""
@@ -255,11 +256,36 @@ class BindingBook:
         if havip is not None:
             self._unindex(havip)
         binding = self.bindings.pop(havip_id, None)
-        self._activity.pop(havip_id, None)
-        self._flagged.discard(havip_id)
         if binding is None:
+            self._activity.pop(havip_id, None)
+            self._flagged.discard(havip_id)
             return None
-        return self._move(binding, None, "release", None, None)
+        return self._release(binding, "released")
+
+    def _release(self, binding: Binding, cause: ReleaseCause) -> Transition:
+        """End a binding without a claim. Its flags end with it, and say so (SPEC §5.7): a consumer pairing
+        the edges must not keep the HAVIP flagged forever; what made them (the claims so far) is forgotten."""
+        activity = self._activity.pop(binding.havip_id, None) or _Activity()
+        ended: list[Condition] = []
+        if binding.flapping:
+            binding.flapping = False
+            ended.append("flapping")
+        if binding.split_brain:
+            binding.split_brain = False
+            ended.append("split_brain")
+        for condition in ended:
+            self._edges.append(
+                ConditionEdge(
+                    binding.havip_id,
+                    binding.address,
+                    condition,
+                    False,
+                    len(activity.transitions),
+                    len(activity.claimants),
+                )
+            )
+        self._flagged.discard(binding.havip_id)
+        return self._move(binding, None, "release", None, None, cause)
 
     def _unindex(self, havip: Havip) -> None:
         same = [h for h in self.havips_by_address.get(havip.address, []) if h.id != havip.id]
@@ -432,6 +458,7 @@ class BindingBook:
         reason: Literal["claim", "release"],
         captured_ns: int | None,
         watcher_id: str | None,
+        cause: ReleaseCause | None = None,
     ) -> Transition:
         previous = (
             Holder(binding.instance_id, binding.mac)
@@ -450,4 +477,5 @@ class BindingBook:
             reason=reason,
             captured_ns=captured_ns,
             watcher_id=watcher_id,
+            cause=cause,
         )

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from services.binding.hops import ClaimHops
 from services.binding.repository import SCHEMA
-from services.binding.service import SOURCE, SUBSCRIPTIONS, BindingService
+from services.binding.service import MAX_SUMMARISED_CLAIMANTS, SOURCE, SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
 from shared.db import create_pool, database_or_network_away
 from shared.heap import freeze_startup_heap
@@ -23,8 +24,11 @@ from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.service_setup import migrate_service
+from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -36,6 +40,22 @@ async def migrate(settings: BindingSettings) -> None:
     await migrate_service(
         settings, source=SOURCE, schema=SCHEMA, migrations=MIGRATIONS, queue=QUEUE, subscriptions=SUBSCRIPTIONS
     )
+
+
+async def log_refusals(service: BindingService, interval_s: float) -> None:
+    """One line per interval while claims are refused: an operator sees a spoofer (or a misconfigured server)
+    in the log without a line per frame."""
+    while True:
+        await asyncio.sleep(interval_s)
+        summary = service.take_refusal_summary()
+        if summary is not None:
+            log.warning(
+                "claims refused in the last %.0f s: %d frames from %s claimants (address, MAC)",
+                interval_s,
+                sum(summary.frames_by_reason.values()),
+                f"{summary.claimants:,}" if summary.claimants < MAX_SUMMARISED_CLAIMANTS else "over 10,000",
+                extra={"frames_by_reason": summary.frames_by_reason},
+            )
 
 
 async def tick_every_second(service: BindingService, audit_retention_days: float) -> None:
@@ -66,50 +86,102 @@ async def release_paced_refusals(service: BindingService) -> None:
 
 
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
-    broker = Broker(settings, SOURCE)
-    await broker.connect()
-    hops = ClaimHops()
-    relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
-    service = BindingService(
-        pool,
-        on_commit=relay.wake,
-        max_clock_skew_s=settings.max_clock_skew_s,
-        policy=settings.condition_policy(),
-        refusal_audit_rate=settings.refusal_audit_rate,
-        hops=hops,
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
+        stack.push_async_callback(pool.close)
+        broker = Broker(settings, SOURCE)
+        stack.push_async_callback(broker.close)
+        if not await broker.connect(stop):
+            log.info("stopped before RabbitMQ answered")
+            return
+        hops = ClaimHops()
+        relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
+        service = BindingService(
+            pool,
+            on_commit=relay.wake,
+            max_clock_skew_s=settings.max_clock_skew_s,
+            policy=settings.condition_policy(),
+            refusal_audit_rate=settings.refusal_audit_rate,
+            hops=hops,
+        )
+        await service.load()
+        freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
+        relay.start()
+        stack.push_async_callback(relay.stop)  # after the consumer's last batch: what it committed leaves too
+        if settings.metrics_port:
+            serve_metrics(settings.metrics_port, settings.metrics_host)
+        # One process decides: its queue's only consumer. Inventory and claims share that one ordered queue, so
+        # a second consumer beside it would take half of them and refuse claims of instances only the first
+        # learnt about; it waits as a standby instead, and takes over when the first is gone. A process that
+        # loses the queue (its connection to RabbitMQ lost: another may take it meanwhile) stops deciding —
+        # ticks included — and asks for it again like a standby.
+        while await _decide_while_consuming(settings, broker, service, stop, ready):
+            service.stand_by()
+        log.info("stopped")
+
+
+async def _decide_while_consuming(
+    settings: BindingSettings,
+    broker: Broker,
+    service: BindingService,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None,
+) -> bool:
+    """Get the queue, decide until stopped (False) or until the queue is lost (True)."""
+    consumer = await _until_stopped(
+        broker.consumer(
+            QUEUE,
+            SUBSCRIPTIONS,
+            service.handle,
+            prefetch=settings.prefetch,
+            max_batch=settings.max_batch,
+            transient=database_or_network_away,
+            routine_batch=settings.routine_batch,
+            routine_handler=service.handle_routine,
+            exclusive=True,
+            on_standby=service.stand_by,
+        ),
+        stop,
     )
-    await service.load()
-    freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
-    relay.start()
-    consumer = await broker.consumer(
-        QUEUE,
-        SUBSCRIPTIONS,
-        service.handle,
-        prefetch=settings.prefetch,
-        max_batch=settings.max_batch,
-        transient=database_or_network_away,
-        routine_batch=settings.routine_batch,
-        routine_handler=service.handle_routine,
-    )
-    if settings.metrics_port:
-        serve_metrics(settings.metrics_port, settings.metrics_host)
-    log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
-    if ready is not None:
-        ready.set()
-    ticker = asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick")
-    pacing = asyncio.create_task(release_paced_refusals(service), name="paced refusals")
-    try:
-        await stop.wait()
-    finally:
-        for task in (ticker, pacing):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await consumer.stop()
-        await relay.stop()
-        await broker.close()
-        await pool.close()
+    if consumer is None:
+        log.info("stopped while a standby")
+        return False
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(consumer.stop)
+        await service.take_over()
+        log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
+        if ready is not None:
+            ready.set()
+        for periodic in (
+            asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick"),
+            asyncio.create_task(release_paced_refusals(service), name="paced refusals"),
+            asyncio.create_task(log_refusals(service, settings.refusal_log_interval_s), name="refusal log"),
+        ):
+            stack.push_async_callback(_cancel, periodic)
+        lost = await _until_stopped(consumer.lost.wait(), stop)
+        if lost is None:
+            log.info("stopping: the batch under way is committed, then the outbox is published")
+            return False
+        log.warning("lost %s: deciding nothing until it is this process's again", settings.queue(QUEUE))
+        return True
+
+
+async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """The result of `work`, or None if `stop` is set first (`work` is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    await _cancel(task)
+    return None
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(stop)
         await run(settings, stop)
 
     asyncio.run(serve())

@@ -30,6 +30,10 @@ REFUSALS_UNAUDITED = Counter(
     "havip_refused_frames_unaudited_total",
     "Refused frames neither audited nor published because too many refusals were waiting (still in claims_total)",
 )
+CONSUMING = Gauge(
+    "havip_binding_consuming",
+    "1 while this process consumes binding.events and decides; 0 while it waits as a standby beside another",
+)
 CONDITION_EDGES = Counter(
     "havip_condition_edges_total",
     "Flapping and split-brain conditions started and stopped",

@@ -159,19 +159,20 @@ _REFRESH_BINDINGS = """
 # follows it, so the stamp is as late as a value written inside the transaction can be; the commit's own
 # completion (its round trip, the WAL flush) comes after it and is measured apart (havip_claim_hop_seconds,
 # hop "committed"). The events were encoded with `"committed_at":null` (COMMITTED_AT_SLOT): the statement
-# writes the stamp into their bytes, in the RFC 3339 `Z` form with microseconds — one value for the history row,
-# the binding row and the event. It returns the stamp and the last outbox id it wrote.
+# writes the stamp into their bytes, in the form of every event time (shared.events.rfc3339) — one value for the
+# history row, the binding row and the event. It returns the stamp and the last outbox id it wrote.
 COMMITTED_AT_SLOT = '"committed_at":null'
 
 
-def _rfc3339_sql(column: str) -> str:
-    """SQL that prints a timestamptz as events do: RFC 3339, UTC, microseconds, `Z`."""
-    return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+def rfc3339_sql(column: str) -> str:
+    """SQL that prints a timestamptz as events do (shared.events.rfc3339): RFC 3339, UTC, `Z`, microseconds
+    unless there are none."""
+    return f"""replace(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), '.000000Z', 'Z')"""
 
 
 _WRITE_DECISIONS = f"""
     WITH stamp AS (
-        SELECT at, '"committed_at":"' || {_rfc3339_sql("at")} || '"' AS field
+        SELECT at, '"committed_at":"' || {rfc3339_sql("at")} || '"' AS field
         FROM (SELECT clock_timestamp() AS at) AS clock),
     put_bindings AS (
         INSERT INTO binding.bindings AS b
@@ -190,17 +191,17 @@ _WRITE_DECISIONS = f"""
             flapping = EXCLUDED.flapping, split_brain = EXCLUDED.split_brain),
     history AS (
         INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
-            captured_at, captured_ns, committed_at, watcher_id, reason, address)
+            captured_at, captured_ns, committed_at, watcher_id, reason, address, cause)
         SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac, t.captured_at, t.captured_ns,
-               stamp.at, t.watcher_id, t.reason, t.address
+               stamp.at, t.watcher_id, t.reason, t.address, t.cause
         FROM unnest($12::uuid[], $13::bigint[], $14::uuid[], $15::uuid[], $16::macaddr[], $17::timestamptz[],
-                    $18::bigint[], $19::text[], $20::text[], $21::inet[])
+                    $18::bigint[], $19::text[], $20::text[], $21::inet[], $22::text[])
             AS t(havip_id, sequence, from_instance_id, to_instance_id, mac, captured_at, captured_ns, watcher_id,
-                 reason, address), stamp),
+                 reason, address, cause), stamp),
     outbox AS (
         INSERT INTO binding.outbox (routing_key, body)
         SELECT e.routing_key, replace(e.body, '{COMMITTED_AT_SLOT}', stamp.field)
-        FROM unnest($22::text[], $23::text[]) WITH ORDINALITY AS e(routing_key, body, n), stamp
+        FROM unnest($23::text[], $24::text[]) WITH ORDINALITY AS e(routing_key, body, n), stamp
         ORDER BY e.n
         RETURNING id)
     SELECT stamp.at AS committed_at, (SELECT max(id) FROM outbox) AS last_event_id FROM stamp"""
@@ -308,6 +309,7 @@ async def write_batch(conn: Any, batch: BatchWrite) -> BatchWritten:
         [t.watcher_id for t in moves],
         [t.reason for t in moves],
         [t.address for t in moves],
+        [t.cause for t in moves],
         routing_keys,
         bodies,
     )
@@ -376,11 +378,10 @@ async def write_renewals(conn: Any, renewals: Sequence[Renewal]) -> None:
 # At most this many transitions go out for one replay request: a reader asks again for what is still missing.
 MAX_REPLAYED = 20_000
 
-# committed_at printed by the same SQL that stamped it into the first event: the replayed bytes are the same.
-_REPLAY_COLUMNS = f"""
+_REPLAY_COLUMNS = """
     SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac::text AS mac,
-           p.mac::text AS from_mac, host(t.address) AS address, t.captured_at,
-           {_rfc3339_sql("t.committed_at")} AS committed_at, t.watcher_id, t.reason"""
+           p.mac::text AS from_mac, host(t.address) AS address, t.captured_at, t.committed_at, t.watcher_id,
+           t.reason, t.cause"""
 _REPLAY_RANGES = f"""{_REPLAY_COLUMNS}
     FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(havip_id, first_sequence, last_sequence)
     JOIN binding.transitions t
@@ -427,11 +428,12 @@ def _replayed_data(row: Any) -> dict[str, Any]:
         "address": row["address"],
         "previous": previous,
         "current": current,
-        "captured_at": row["captured_at"].isoformat() if row["captured_at"] is not None else None,
-        "committed_at": row["committed_at"],  # already printed as the first event had it (_REPLAY_COLUMNS)
+        "captured_at": events.rfc3339(row["captured_at"]) if row["captured_at"] is not None else None,
+        "committed_at": events.rfc3339(row["committed_at"]),
         "watcher_id": row["watcher_id"],
         "sequence": row["sequence"],
         "reason": row["reason"],
+        "cause": row["cause"],
     }
 
 

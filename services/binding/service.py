@@ -106,8 +106,14 @@ class BindingService:
         # audit's unique claim_id and the capture-time order do it.
         # Kept as integers: 100,000 UUID objects would each be walked by every full garbage collection.
         self._recent_claims: OrderedDict[int, None] = OrderedDict()
+        # Refused frames since the last summary line, by reason, and who sent them (bounded).
+        self._refused_frames: Counter[str] = Counter()
+        self._refused_claimants: set[tuple[object, str]] = set()
         self._book_stale = True
-        metrics.export_book(lambda: self.book.bindings.values())
+        # False while another process decides (this one waits as a standby): its book is not the truth then,
+        # and its per-HAVIP gauges would show stale holders beside the deciding process's.
+        self.deciding = True
+        metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
         metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
 
     async def load(self) -> None:
@@ -119,6 +125,19 @@ class BindingService:
             "binding state loaded",
             extra={"havips": len(self.book.havips_by_id), "instances": len(self.book.instances_by_id)},
         )
+
+    def stand_by(self) -> None:
+        """Another process decides: what this book holds goes stale from now on; reloaded before deciding."""
+        self.deciding = False
+        self._book_stale = True
+        metrics.CONSUMING.set(0)
+
+    async def take_over(self) -> None:
+        """This process decides from now on: its book is what is committed, not what it loaded earlier."""
+        async with self._lock:
+            await self.ensure_current()
+        self.deciding = True
+        metrics.CONSUMING.set(1)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Decide and commit a batch. A batch whose writes commute with every other — holders' refreshes and
@@ -204,6 +223,15 @@ class BindingService:
         edges; called about once a second."""
         async with self._lock:
             await self._decide_and_commit((), time.time_ns(), release=True)
+
+    def take_refusal_summary(self) -> RefusalSummary | None:
+        """The refusals decided since the last call (None if there were none), for one log line."""
+        if not self._refused_frames:
+            return None
+        summary = RefusalSummary(dict(self._refused_frames), len(self._refused_claimants))
+        self._refused_frames = Counter()
+        self._refused_claimants = set()
+        return summary
 
     async def expire_audit(self, older_than_days: float) -> int:
         """Audit retention: delete refusals older than that (a bounded number per call)."""
@@ -449,6 +477,9 @@ class BindingService:
         doubles (up to a minute) each time the same refusal comes back in the window after: a spoofer flooding
         without pause costs an audit row and an event per minute and address, not per second; a pause as long as
         the window resets it."""
+        self._refused_frames[outcome.reason] += data.repeats
+        if len(self._refused_claimants) < MAX_SUMMARISED_CLAIMANTS:
+            self._refused_claimants.add((claim.address, claim.sender_mac))
         key = (claim.address, claim.sender_mac, outcome.reason)
         fold = self._folds.get(key)
         since = claim.captured_ns - fold.first_ns if fold is not None else -1
@@ -502,6 +533,15 @@ class BindingService:
 
 
 RECENT_CLAIMS = 100_000  # claim ids remembered for redeliveries (~15 MB at most)
+# (address, MAC) pairs counted per refusal summary at most (a flood of random MACs must not grow memory).
+MAX_SUMMARISED_CLAIMANTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalSummary:
+    frames_by_reason: dict[str, int]
+    claimants: int  # distinct (address, MAC), at most MAX_SUMMARISED_CLAIMANTS
+
 
 # Refusals of one (address, MAC, reason) within this span of capture time share an audit row (SPEC §5.1); the
 # span doubles while the refusal keeps coming back, up to the maximum.
@@ -556,7 +596,7 @@ def binding_changed(transition: Transition) -> events.Envelope:
     10,000 of them leave in one batch during a mass failover. Its `committed_at` is left null here: the statement
     that writes the event stamps it (repository.COMMITTED_AT_SLOT). tests/unit/test_binding_events.py proves
     the stamped event validates against the BindingChanged model."""
-    captured_at = ns_to_datetime(transition.captured_ns).isoformat() if transition.captured_ns else None
+    captured_at = events.rfc3339(ns_to_datetime(transition.captured_ns)) if transition.captured_ns else None
     return events.trusted_envelope(
         "havip.binding.changed",
         {
@@ -569,6 +609,7 @@ def binding_changed(transition: Transition) -> events.Envelope:
             "watcher_id": transition.watcher_id,
             "sequence": transition.sequence,
             "reason": transition.reason,
+            "cause": transition.cause,
         },
         SOURCE,
     )

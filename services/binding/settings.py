@@ -22,6 +22,9 @@ class BindingSettings(CommonSettings):
     # New refusal audit rows (and their events) a second at most, in bites of a tenth of it: a flood over many
     # addresses is audited at this pace, every frame still counted (AuditPacer).
     refusal_audit_rate: float = Field(default=DEFAULT_REFUSAL_AUDIT_RATE, gt=0, le=100_000)
+    # Refused claims are summed up in one log line this often (when there were any): per reason, frames and the
+    # distinct claimants — the audit and the metrics have the detail.
+    refusal_log_interval_s: float = Field(default=60.0, gt=0, le=86_400)
     # Refused claims are kept this long in the audit (binding.rejected_claims), then deleted.
     audit_retention_days: float = Field(default=30.0, gt=0, le=3650)
     # Flapping: more than this many transitions within the window (SPEC §5.5).

@@ -373,11 +373,18 @@ async def test_havipctl_follows_the_whole_story_on_the_running_system(
     refused = havipctl(system, "havip", "release", havip["id"], check=False)
     assert refused.returncode == 1
     assert "HAVIP_BOUND" in refused.stderr
+    assert "--force" in refused.stderr
+    holder_refused = havipctl(system, "instance", "deregister", cvm2_id, check=False)
+    assert holder_refused.returncode == 1
+    assert "INSTANCE_HOLDS_HAVIP" in holder_refused.stderr
     havipctl(system, "havip", "release", havip["id"], "--force")
     assert havipctl(system, "havip", "show", havip["id"], check=False).returncode == 1
 
     async def released_in_history() -> bool:
         history = json.loads(havipctl(system, "havip", "transitions", havip["id"], "--json").stdout)["items"]
-        return [(t["sequence"], t["reason"]) for t in history] == [(2, "release"), (1, "claim")]
+        return [(t["sequence"], t["reason"], t["cause"]) for t in history] == [
+            (2, "release", "released"),
+            (1, "claim", None),
+        ]
 
     await eventually(released_in_history, what="the binding service's final release row")

@@ -35,6 +35,7 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DEADLINE_S = 60.0  # generous: CI shares two cores with other test runs
 SUBNET = "192.0.2.0/24"
 SCRAPE_INTERVAL_S = 1.0  # config_for() below
+JOBS = ("allocator", "binding", "arp_watcher")  # deploy/prometheus/prometheus.yml's scrape jobs
 # Always exported, whatever happened (no labels, or collected from the capture's counters), and read by rules.
 ALWAYS_EXPORTED = [
     "havip_flapping",
@@ -153,7 +154,7 @@ def test_every_service_is_scraped(prometheus: str) -> None:
         health = {t["labels"]["job"]: t["health"] for t in targets}
         return health if set(health.values()) == {"up"} else None
 
-    assert wait_for(all_up, "every target up") == {"allocator": "up", "binding": "up", "arp_watcher": "up"}
+    assert wait_for(all_up, "every target up") == dict.fromkeys(JOBS, "up")
 
 
 def test_the_metrics_the_rules_read_arrive(prometheus: str) -> None:
@@ -244,11 +245,33 @@ def failover(system: System, lab: Lab, prometheus: str) -> Failover:
     for name in ("cvm1", "cvm2") * 3:
         lab.hosts[name].arping(vip)
         wait_holder(system, havip["id"], ids[name])
-    wait_for(
-        lambda: (system.metric("havip_flapping") and system.metric("havip_split_brain")) or None,
-        "flapping and split brain",
-    )
+    final_owner = {"havip_id": havip["id"], "instance_id": ids["cvm2"]}
+
+    def final_state_exported() -> bool | None:
+        exported = [
+            system.metric("havip_flapping"),
+            system.metric("havip_split_brain"),
+            system.metric("havip_owner_info", final_owner),
+        ]
+        return True if all(exported) else None
+
+    wait_for(final_state_exported, "flapping, split brain and the final holder exported")
+    # Prometheus's answers are those of its last scrape: flapping began two transitions before the end, so a
+    # scrape between them shows flapping with the previous holder. The tests compare the final state.
+    wait_scraped_after(prometheus, time.time())
     return Failover(started, havip, inventory["subnet"]["id"], ids["cvm2"], ids)
+
+
+def wait_scraped_after(prometheus: str, moment: float) -> None:
+    """Until Prometheus has stored a scrape of every target begun after `moment` (a time.time()). `up` is
+    stored with the samples of its scrape, so its timestamp is that of the target's newest stored scrape."""
+
+    def scraped() -> list[str] | None:
+        series = api(prometheus, "query", query="timestamp(up)")["result"]
+        jobs = sorted(s["metric"]["job"] for s in series if float(s["value"][1]) > moment)
+        return jobs if jobs == sorted(JOBS) else None
+
+    wait_for(scraped, f"a scrape of every target after {moment:.3f}")
 
 
 def values_of(prometheus: str, query: grafana.PanelQuery, variables: dict[str, list[str]], since: datetime) -> Any:
@@ -291,7 +314,7 @@ def test_every_dashboard_query_returns_series_after_the_failover(prometheus: str
     queries = grafana.prometheus_queries(grafana.dashboard())
     variables = {"havip": [failover.havip["address"]], "subnet": [failover.subnet_id]}
     deadline = time.monotonic() + DEADLINE_S
-    while True:  # the last scrapes may still be on their way: poll until every panel has its data
+    while True:  # poll until every panel has its data, within the deadline
         answers = {q: values_of(prometheus, q, variables, failover.started) for q in queries}
         without_data = sorted(q.name for q, (_, values) in answers.items() if not any(map(math.isfinite, values)))
         panels = {q.panel for q in queries}

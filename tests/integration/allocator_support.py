@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -21,12 +22,15 @@ from fastapi import FastAPI
 from services.allocator.app import create_app
 from services.allocator.settings import AllocatorSettings
 from shared.events import (
+    CLAIMS_EVENT,
     BindingChanged,
     ClaimRejected,
+    ClaimsObserved,
     Envelope,
     EventData,
     HavipCondition,
     Holder,
+    ObservedClaim,
     RejectReason,
     decode,
     envelope,
@@ -195,6 +199,7 @@ class BindingStandIn:
             watcher_id="watcher-1" if instance else None,
             sequence=sequence,
             reason="claim" if instance else "release",
+            cause=None if instance else "released",
         )
 
     async def move(self, havip: Json, instance: Json | None, **fields: Any) -> BindingChanged:
@@ -233,6 +238,17 @@ class BindingStandIn:
             count=count,
         )
         return await self.publish("havip.claim.rejected", data)
+
+
+async def publish_claim(watcher: Broker, havip: Json, instance: Json) -> None:
+    """A gratuitous ARP of the instance for the HAVIP's address, captured now, as a watcher publishes it."""
+    observed = ObservedClaim(
+        claim_id=uuid.uuid4(), kind="garp_request", sender_mac=instance["mac"], eth_src=instance["mac"],
+        sender_ip=IPv4Address(havip["address"]), target_ip=IPv4Address(havip["address"]),
+        captured_at=time.time_ns(),
+    )  # fmt: skip
+    data = ClaimsObserved(watcher_id="w-chain", interface="lab0", claims=[observed])
+    await watcher.publish(envelope(CLAIMS_EVENT, data, "arp_watcher"))
 
 
 async def shown(client: httpx.AsyncClient, havip: Json) -> Json:

@@ -65,6 +65,34 @@ async def test_open_routes(client: httpx.AsyncClient) -> None:
     assert post["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
+ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".json": "application/json"}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_docs_load_nothing_from_outside(client: httpx.AsyncClient, page: str) -> None:
+    """The documentation pages work on an isolated control plane: every file they load is the allocator's own,
+    served without the token (as /openapi.json is)."""
+    anonymous = {"Authorization": ""}
+    response = await client.get(page, headers=anonymous)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert not re.search(r"(?i)(?:https?:)?//[a-z0-9]", html), "an absolute URL in the page"
+    if page == "/docs":  # Swagger UI's badge from validator.swagger.io: off
+        assert '"validatorUrl": null' in html
+    referenced = re.findall(r'(?:src|href|spec-url)="([^"]+)"', html) + re.findall(r"\burl: '([^']+)'", html)
+    suffixes = {url[url.rfind(".") :] for url in referenced}
+    wanted = {".js", ".png", ".json"} | ({".css"} if page == "/docs" else set())
+    assert suffixes == wanted, referenced
+    for url in referenced:
+        assert url.startswith("/"), url
+        asset = await client.get(url, headers=anonymous)
+        assert asset.status_code == 200, url
+        assert asset.headers["content-type"].startswith(ASSET_TYPES[url[url.rfind(".") :]]), url
+        assert len(asset.content) > 1000, url
+    error(await client.get("/docs/assets/nothing.js", headers=anonymous), 404, "NOT_FOUND")
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -143,6 +171,95 @@ async def test_validation_errors_have_the_error_shape(client: httpx.AsyncClient)
     assert "GET" in response.headers["Allow"]
     big = {"name": "x", "cidr": "10.0.0.0/16", "pad": "x" * 100_000}
     error(await client.post("/v1/vpcs", json=big), 413, "PAYLOAD_TOO_LARGE")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.300.0/24"},
+            "cidr: octet 300 of 10.0.300.0/24 is out of range 0–255",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "2001:db8::/32"},
+            "cidr: 2001:db8::/32 is an IPv6 block: IPv6 is not supported yet (IPv4 only)",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.0.1/16"},
+            "cidr: 10.0.0.1/16 has host bits set: the block is 10.0.0.0/16",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.0.0/33"},
+            "cidr: prefix length /33 of 10.0.0.0/33 is out of range: IPv4 has /0 to /32",
+        ),
+        (
+            "POST",
+            "/v1/vpcs",
+            {"name": "x", "cidr": "10.0.0.0/30"},
+            "cidr: prefix length must be between /8 and /29 (a /29 holds 5 usable addresses), got /30",
+        ),
+        (
+            "POST",
+            "/v1/subnets",
+            {"vpc_id": str(uuid.uuid4()), "name": "x", "cidr": "banana"},
+            "cidr: the value is not an IPv4 CIDR block: expected four decimal octets 0–255 separated by dots, "
+            "like 10.0.0.0/16",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            {"subnet_id": str(uuid.uuid4()), "name": "x", "private_ip": "10.0.0.300", "mac": "02:00:00:00:00:01"},
+            "private_ip: octet 300 of 10.0.0.300 is out of range 0–255",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            {"subnet_id": str(uuid.uuid4()), "name": "x", "private_ip": 167772165, "mac": "02:00:00:00:00:01"},
+            "private_ip: an IPv4 address must be a string like 10.0.0.5, not a number",
+        ),
+        (
+            "POST",
+            "/v1/instances",
+            {"subnet_id": str(uuid.uuid4()), "name": "x", "private_ip": "10.0.0.5", "mac": "01:00:5e:00:00:01"},
+            "mac: a multicast MAC address cannot belong to an interface",
+        ),
+        (
+            "POST",
+            "/v1/havips",
+            {"subnet_id": str(uuid.uuid4()), "address": "2001:db8::5"},
+            "address: 2001:db8::5 is an IPv6 address: IPv6 is not supported yet (IPv4 only)",
+        ),
+        (
+            "POST",
+            f"/v1/havips/{uuid.uuid4()}/eip",
+            {"address": "203.0.113.5/32"},
+            "address: 203.0.113.5/32 is a CIDR block: give the address alone, without its /prefix length",
+        ),
+        (
+            "GET",
+            "/v1/havips?address=10.0.0.256",
+            None,
+            "query parameter address: octet 256 of 10.0.0.256 is out of range 0–255",
+        ),
+        ("GET", "/v1/vpcs?subnetid=x", None, "query parameter subnetid: this route has no such parameter"),
+    ],
+)
+async def test_validation_messages_say_what_is_wrong(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, message: str
+) -> None:
+    answer = error(await client.request(method, path, json=body), 422, "VALIDATION_ERROR")
+    assert answer["error"]["message"] == message
+    (detail,) = answer["error"]["details"]
+    assert message.endswith(detail["msg"])
+    assert "Value error" not in answer["error"]["message"]
 
 
 # ---- VPCs --------------------------------------------------------------------------------------------------
@@ -534,6 +651,7 @@ async def test_transitions_newest_first(client: httpx.AsyncClient, binding_event
         "committed_at": "2025-02-01T08:00:04.001500Z",
         "watcher_id": None,
         "reason": "release",
+        "cause": "released",
     }
     assert page["items"][1]["mac"] == a["mac"]
     assert page["items"][1]["captured_at"] == "2025-02-01T08:00:03.000000Z"

@@ -493,8 +493,9 @@ async def test_unknown_query_parameters_are_refused(app: FastAPI, client: httpx.
     vpc = await make_vpc(client, "10.74.0.0/16")
     body = error(await client.get("/v1/havips", params={"vpcid": vpc["id"]}), 422, "VALIDATION_ERROR")
     assert body["error"]["details"] == [
-        {"loc": ["query", "vpcid"], "msg": "unknown query parameter", "type": "extra_forbidden"}
+        {"loc": ["query", "vpcid"], "msg": "this route has no such parameter", "type": "extra_forbidden"}
     ]
+    assert body["error"]["message"] == "query parameter vpcid: this route has no such parameter"
     for method, path, params in (
         ("GET", "/v1/vpcs", {"": "x"}),
         ("GET", f"/v1/vpcs/{vpc['id']}", {"verbose": "1"}),

@@ -6,10 +6,8 @@ API shows equals the binding's own."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
-from ipaddress import IPv4Address
 from typing import Any
 
 import aio_pika
@@ -18,17 +16,16 @@ import httpx
 import pytest
 
 from services.binding.settings import BindingSettings
-from shared import events
 from shared.messaging import Broker
 from shared.settings import CommonSettings
 from tests.integration.allocator_support import (
-    Json,
     all_pages,
     http_client,
     make_havip,
     make_instance,
     make_subnet,
     make_vpc,
+    publish_claim,
     running_app,
     wait_shown,
 )
@@ -48,16 +45,6 @@ async def watcher(amqp_url: str) -> AsyncIterator[Broker]:
     await broker.connect()
     yield broker
     await broker.close()
-
-
-async def claim(watcher: Broker, havip: Json, instance: Json) -> None:
-    observed = events.ObservedClaim(
-        claim_id=uuid.uuid4(), kind="garp_request", sender_mac=instance["mac"], eth_src=instance["mac"],
-        sender_ip=IPv4Address(havip["address"]), target_ip=IPv4Address(havip["address"]),
-        captured_at=time.time_ns(),
-    )  # fmt: skip
-    data = events.ClaimsObserved(watcher_id="w-chain", interface="lab0", claims=[observed])
-    await watcher.publish(events.envelope(events.CLAIMS_EVENT, data, "arp_watcher"))
 
 
 async def binding_history(database_url: str, havip_id: str) -> list[tuple[int, str | None, str | None]]:
@@ -92,7 +79,7 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
             # The binding learns the HAVIP from the allocator's events; claims before that name no HAVIP.
             if len(await binding_history(database_url, havip["id"])) >= 1:
                 return True
-            await claim(watcher, havip, cvm1)
+            await publish_claim(watcher, havip, cvm1)
             return False
 
         await eventually(claimed_until_bound, interval=0.2, what="cvm1's claim bound once the binding knows it")
@@ -100,9 +87,9 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
         assert shown["bound_instance_id"] == cvm1["id"]
 
     # The allocator is down; two failovers happen; an operator purges its queue: those events are lost to it.
-    await claim(watcher, havip, cvm2)
+    await publish_claim(watcher, havip, cvm2)
     await asyncio.sleep(0.05)
-    await claim(watcher, havip, cvm1)
+    await publish_claim(watcher, havip, cvm1)
 
     async def binding_moved_twice() -> bool:
         return len(await binding_history(database_url, havip["id"])) == 3
@@ -124,7 +111,7 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
 
     async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
         await asyncio.sleep(0.05)
-        await claim(watcher, havip, cvm2)  # sequence 4: the allocator sees 2 and 3 are missing
+        await publish_claim(watcher, havip, cvm2)  # sequence 4: the allocator sees 2 and 3 are missing
         shown = await wait_shown(client, havip, "bound to cvm2", bound_instance_id=cvm2["id"])
         assert shown["state"] == "BOUND"
 
@@ -156,11 +143,11 @@ async def test_a_view_that_starts_after_the_binding_starts_from_its_state(
         # The binding learns the HAVIP from the allocator's events; claims before that name no HAVIP.
         if await bound_by_the_binding(1):
             return True
-        await claim(watcher, havip, cvm1)
+        await publish_claim(watcher, havip, cvm1)
         return False
 
     await eventually(claimed_until_bound, interval=0.2, what="cvm1's claim bound once the binding knows the HAVIP")
-    await claim(watcher, havip, cvm2)
+    await publish_claim(watcher, havip, cvm2)
     await eventually(lambda: bound_by_the_binding(2), what="the binding's second transition")
     connection = await aio_pika.connect(amqp_url)
     try:

@@ -19,7 +19,6 @@ import queue
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,8 +30,7 @@ from services.arp_watcher.claims import Claim
 from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
 from services.arp_watcher.ring import RingCapture, open_capture_ring
 from tests.lab import CaptureNamespace, Lab, LabHost
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw
 
 
 def ip4(address: str) -> int:
@@ -291,21 +289,20 @@ print(len(got), capture.stats.kernel_drops, capture.error)
 def test_cap_net_raw_alone_sets_up_the_ring(world: World) -> None:
     """SPEC R6: an unprivileged user with CAP_NET_RAW and nothing else opens and maps the ring (on the
     root-namespace capture port: entering a namespace would need CAP_SYS_ADMIN)."""
-    caps = ["--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw"]
-    proc = subprocess.Popen(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *caps,
-         sys.executable, "-c", CAPTURE_SCRIPT, world.port],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
-        world.peer.arping("192.0.2.20", count=2)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with python_as_nobody_with_net_raw("-c", CAPTURE_SCRIPT, world.port) as command:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+            assert_nobody_with_net_raw_only(proc.pid)
+            world.peer.arping("192.0.2.20", count=2)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert proc.returncode == 0, err
     assert out.split() == ["2", "0", "None"]

@@ -42,6 +42,7 @@ from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
 from tests import service_logs
 from tests.ports import free_port
 from tests.tcp_proxy import CuttableProxy
+from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_NETWORKS = [ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
@@ -568,52 +569,49 @@ async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
     port_name, peer_name = f"{lab.prefix}r", f"{lab.prefix}q"
     metrics_port = free_port()
     watcher: WatcherProcess | None = None
-    try:
-        sh("ip", "link", "add", port_name, "type", "veth", "peer", "name", peer_name)
-        sh("ip", "link", "set", peer_name, "netns", lab.peer_ns)
-        sh("sysctl", "-qw", f"net.ipv6.conf.{port_name}.disable_ipv6=1")
-        sh("ip", "link", "set", port_name, "arp", "off")
-        sh("ip", "link", "set", port_name, "up")
-        sh("ip", "-n", lab.peer_ns, "addr", "add", "198.51.100.2/24", "dev", peer_name)
-        sh("ip", "-n", lab.peer_ns, "link", "set", peer_name, "up")
+    with python_as_nobody_with_net_raw("-m", "services.arp_watcher") as command:
+        try:
+            sh("ip", "link", "add", port_name, "type", "veth", "peer", "name", peer_name)
+            sh("ip", "link", "set", peer_name, "netns", lab.peer_ns)
+            sh("sysctl", "-qw", f"net.ipv6.conf.{port_name}.disable_ipv6=1")
+            sh("ip", "link", "set", port_name, "arp", "off")
+            sh("ip", "link", "set", port_name, "up")
+            sh("ip", "-n", lab.peer_ns, "addr", "add", "198.51.100.2/24", "dev", peer_name)
+            sh("ip", "-n", lab.peer_ns, "link", "set", peer_name, "up")
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-        env.update(
-            HAVIP_INTERFACE=port_name,
-            HAVIP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nobody listens: claims stay buffered
-            HAVIP_METRICS_PORT=str(metrics_port),
-            HAVIP_METRICS_HOST="127.0.0.1",
-            HAVIP_DRAIN_TIMEOUT_S="0",
-            PYTHONDONTWRITEBYTECODE="1",
-        )
-        caps = ["--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw"]
-        proc = await asyncio.create_subprocess_exec(
-            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *caps,
-            sys.executable, "-m", "services.arp_watcher",
-            cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        watcher = WatcherProcess(proc)
-        await watcher.wait_for_log("capture started")
-        status = await asyncio.to_thread(Path(f"/proc/{proc.pid}/status").read_text)
-        assert "Uid:\t65534" in status
-        assert "CapEff:\t0000000000002000" in status  # CAP_NET_RAW (bit 13) and nothing else
+            env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+            env.update(
+                HAVIP_INTERFACE=port_name,
+                # nobody listens there: the claims stay buffered
+                HAVIP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+                HAVIP_METRICS_PORT=str(metrics_port),
+                HAVIP_METRICS_HOST="127.0.0.1",
+                HAVIP_DRAIN_TIMEOUT_S="0",
+                PYTHONDONTWRITEBYTECODE="1",
+            )
+            proc = await asyncio.create_subprocess_exec(
+                *command, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
+            watcher = WatcherProcess(proc)
+            await watcher.wait_for_log("capture started")
+            await asyncio.to_thread(assert_nobody_with_net_raw_only, proc.pid)
 
-        await asyncio.to_thread(lab.arping, "198.51.100.20", count=2, iface=peer_name)
-        deadline = time.monotonic() + 10
-        while True:
-            samples = await asyncio.to_thread(scrape, metrics_port)
-            if samples.get('havip_watcher_frames_total{result="claim"}') == 2:
-                break
-            assert time.monotonic() < deadline, samples
-            await asyncio.sleep(0.05)
-        assert samples["havip_watcher_claims_buffered"] == 1  # the second GARP is coalesced into the first
-        assert samples["havip_watcher_claims_coalesced_total"] == 1
-        assert samples["havip_watcher_kernel_drops_total"] == 0
-        assert await watcher.stop() == 0
-    finally:
-        if watcher is not None:
-            await watcher.kill()
-        sh("ip", "link", "del", port_name, check=False)
+            await asyncio.to_thread(lab.arping, "198.51.100.20", count=2, iface=peer_name)
+            deadline = time.monotonic() + 10
+            while True:
+                samples = await asyncio.to_thread(scrape, metrics_port)
+                if samples.get('havip_watcher_frames_total{result="claim"}') == 2:
+                    break
+                assert time.monotonic() < deadline, samples
+                await asyncio.sleep(0.05)
+            assert samples["havip_watcher_claims_buffered"] == 1  # the second GARP is coalesced into the first
+            assert samples["havip_watcher_claims_coalesced_total"] == 1
+            assert samples["havip_watcher_kernel_drops_total"] == 0
+            assert await watcher.stop() == 0
+        finally:
+            if watcher is not None:
+                await watcher.kill()
+            sh("ip", "link", "del", port_name, check=False)
 
 
 def test_unknown_interface_exits_2(lab: Lab) -> None:

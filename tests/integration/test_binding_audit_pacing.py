@@ -15,7 +15,7 @@ import pytest
 from services.binding.audit_pacing import AuditPacer
 from services.binding.settings import BindingSettings
 from shared.messaging import Broker
-from tests.integration.test_binding_service import World, claims_event
+from tests.integration.binding_support import World, claims_event
 from tests.listener import EventLog, listening
 from tests.waiting import eventually
 

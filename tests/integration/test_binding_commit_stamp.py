@@ -5,16 +5,16 @@ the service's book."""
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
 
+from services.binding.repository import rfc3339_sql
 from services.binding.service import BindingService
 from shared import events
 from shared.db import create_pool
@@ -137,11 +137,11 @@ async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_
         if row["routing_key"] == "havip.binding.changed" and json.loads(row["body"])["data"]["sequence"] == 2
     ]
     text = json.loads(changed["body"])["data"]["committed_at"]
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text), text
     _, data = events.decode(changed["body"].encode())
     assert isinstance(data, events.BindingChanged)
     # One value: the history row, the binding row, the event, the book.
     assert data.committed_at == committed_at == bound["last_transition_at"]
+    assert text == events.rfc3339(committed_at)  # printed by the statement as every event time is
     assert service.book.bindings[havip.id].last_transition_at == committed_at
     # Later than the transaction's start (now(), the outbox rows' created_at) and than every other statement of
     # the batch; only the statement that stamps it returns after it.
@@ -156,3 +156,21 @@ async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_
         "havip.binding.replayed",
         "havip.binding.changed",
     ]
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(
+            2026, 12, 3, 10, 0, 0, tzinfo=UTC
+        ),  # no microseconds: printed without a fraction, as pydantic does
+        datetime(2026, 12, 3, 10, 0, 0, 1230, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+async def test_the_statement_prints_committed_at_as_every_event_time_is_printed(
+    pool: Any, moment: datetime
+) -> None:
+    async with pool.acquire() as conn:
+        printed = await conn.fetchval(f"SELECT {rfc3339_sql('$1::timestamptz')}", moment)
+    assert printed == events.rfc3339(moment)

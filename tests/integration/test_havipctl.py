@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -461,6 +462,11 @@ def test_unreachable_allocator(allocator: Allocator) -> None:
     result = havipctl(allocator, "havip", "list", url=url)
     assert result.code == 3
     assert result.err == f"havipctl: cannot reach the allocator at {url}: connection refused\n"
+    as_json = havipctl(allocator, "havip", "list", "--json", url=url)
+    assert (as_json.code, as_json.out) == (3, "")
+    assert json.loads(as_json.err) == {
+        "error": {"code": "UNREACHABLE", "message": f"cannot reach the allocator at {url}: connection refused"}
+    }
 
 
 def test_unreachable_broker(allocator: Allocator) -> None:
@@ -471,16 +477,29 @@ def test_unreachable_broker(allocator: Allocator) -> None:
         result.err
         == f"havipctl: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port}/: connection refused\n"
     )
+    as_json = havipctl(
+        allocator, "watch", "--json", "--amqp-url", f"amqp://guest:guest@127.0.0.1:{port}/", "--timeout", "20"
+    )
+    assert (as_json.code, as_json.out) == (3, "")
+    assert json.loads(as_json.err) == {
+        "error": {
+            "code": "UNREACHABLE",
+            "message": f"cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port}/: connection refused",
+        }
+    }
 
 
 def test_api_errors_show_their_code(allocator: Allocator) -> None:
     vpc = ok(allocator, "vpc", "create", "--name", "cli-errors", "--cidr", "10.78.0.0/16", "--json").json()
     subnet_args = ("subnet", "create", "--vpc", vpc["id"], "--name", "a", "--cidr", "10.78.1.0/24", "--json")
     subnet = ok(allocator, *subnet_args).json()
-    overlap = havipctl(allocator, *subnet_args)
+    overlap = havipctl(allocator, *subnet_args[:-1])
     assert overlap.code == 1
     assert overlap.err.startswith("havipctl: SUBNET_OVERLAP (HTTP 409): ")
     assert overlap.out == ""
+    overlap_json = havipctl(allocator, *subnet_args)  # --json: the error is JSON too
+    assert overlap_json.code == 1
+    assert json.loads(overlap_json.err)["error"]["code"] == "SUBNET_OVERLAP"
     ok(allocator, "havip", "allocate", "--subnet", subnet["id"], "--address", "10.78.1.9")
     taken = havipctl(allocator, "havip", "allocate", "--subnet", subnet["id"], "--address", "10.78.1.9")
     assert (taken.code, taken.err.split(":")[1].strip()) == (1, "ADDRESS_IN_USE (HTTP 409)")
@@ -496,6 +515,33 @@ def test_api_errors_show_their_code(allocator: Allocator) -> None:
     assert "is not an id" in usage.err
     bad_vlan = havipctl(allocator, *subnet_args[:-2], "10.78.2.0/24", "--vlan", "4095")
     assert bad_vlan.err.startswith("havipctl: VALIDATION_ERROR (HTTP 422): ")
+
+
+def test_errors_with_json_are_json(allocator: Allocator) -> None:
+    octet = havipctl(allocator, "vpc", "create", "--name", "x", "--cidr", "10.0.300.0/24", "--json")
+    assert (octet.code, octet.out) == (1, "")
+    error = json.loads(octet.err)["error"]
+    assert (error["code"], error["status"]) == ("VALIDATION_ERROR", 422)
+    assert error["message"] == "cidr: octet 300 of 10.0.300.0/24 is out of range 0–255"
+    assert error["details"][0]["loc"] == ["body", "cidr"]
+    text = havipctl(allocator, "vpc", "create", "--name", "x", "--cidr", "2001:db8::/32")
+    assert text.err == (
+        "havipctl: VALIDATION_ERROR (HTTP 422): cidr: 2001:db8::/32 is an IPv6 block: IPv6 is not supported yet "
+        "(IPv4 only)\n"
+    )
+    missing = havipctl(allocator, "havip", "show", str(uuid.uuid4()), "--json")
+    assert (missing.code, json.loads(missing.err)["error"]["code"]) == (1, "NOT_FOUND")
+    usage = havipctl(allocator, "--json", "havip", "show", "not-an-id")
+    assert (usage.code, usage.out) == (2, "")
+    assert json.loads(usage.err) == {
+        "error": {
+            "code": "USAGE_ERROR",
+            "message": "havipctl havip show: argument ID: 'not-an-id' is not an id (expected a UUID)",
+        }
+    }
+    token = havipctl(allocator, "vpc", "list", "--json", token="not-the-token")
+    assert token.code == 4
+    assert json.loads(token.err)["error"]["code"] == "AUTHENTICATION_FAILED"
 
 
 def test_a_subnet_is_attached_to_a_segment_and_vlan(allocator: Allocator) -> None:

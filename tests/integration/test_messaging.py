@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aio_pika
 import pytest
+from yarl import URL
 
 from shared import events
 from shared.messaging import Broker, Delivery
 from shared.settings import CommonSettings
+from tests.ports import free_port
+from tests.tcp_proxy import CuttableProxy
 from tests.waiting import eventually
 
 
@@ -147,3 +151,58 @@ async def test_a_routine_batch_under_way_never_holds_up_another_message(settings
         assert await queue.get(fail=False) is None
     finally:
         await connection.close()
+
+
+def wrong_password(url: URL) -> URL:
+    return url.with_password("not-" + (url.password or ""))
+
+
+def unknown_vhost(url: URL) -> URL:
+    return url.with_path(f"/no-such-vhost-{uuid.uuid4().hex[:6]}")
+
+
+def nobody_listening(url: URL) -> URL:
+    return url.with_port(free_port())
+
+
+@pytest.mark.parametrize(
+    ("spoil", "words"),
+    [
+        (wrong_password, "refused the login of user 'guest': wrong user name or password"),
+        (unknown_vhost, "has no virtual host 'no-such-vhost-"),
+        (nobody_listening, "nothing accepts connections at 127.0.0.1:"),
+    ],
+)
+async def test_a_broker_that_cannot_be_used_is_explained_once_then_waited_for_quietly(
+    amqp_url: str, caplog: pytest.LogCaptureFixture, spoil: Callable[[URL], URL], words: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    broker = Broker(CommonSettings(amqp_url=str(spoil(URL(amqp_url)))), "test")
+    stop = asyncio.Event()
+    connecting = asyncio.create_task(broker.connect(stop, max_delay_s=0.1))
+    await eventually(lambda: broker.connect_attempts >= 5, what="five attempts")
+    stop.set()
+    assert await asyncio.wait_for(connecting, 30) is False
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert words in said[0].getMessage()
+    assert "Traceback" not in caplog.text
+    assert "Reconnecting after" not in caplog.text  # aio-pika's notice of each first attempt, left out
+
+
+async def test_a_broker_that_comes_back_is_used_and_said_so(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="shared.messaging")
+    with CuttableProxy() as proxy:
+        proxy.cut()
+        broker = Broker(CommonSettings(amqp_url=proxy.url(amqp_url)), "test")
+        connecting = asyncio.create_task(broker.connect(max_delay_s=0.2))
+        await eventually(lambda: broker.connect_attempts >= 2, what="two attempts")
+        proxy.start()
+        assert await asyncio.wait_for(connecting, 30) is True
+        try:
+            await broker.publish(vpc("after-the-wait"))
+        finally:
+            await broker.close()
+    assert "connected to rabbitmq" in caplog.text

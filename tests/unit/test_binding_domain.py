@@ -6,6 +6,7 @@ import itertools
 import uuid
 from ipaddress import IPv4Address
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from services.binding.domain import (
     Attachment,
     BindingBook,
     Claim,
+    ConditionEdge,
     Havip,
     Holder,
     Instance,
@@ -163,7 +165,7 @@ def test_deregistering_the_holder_unbinds_with_a_release_transition() -> None:
     b = book()
     b.apply_claim(claim(CVM1.mac, 10))
     [release] = b.remove_instance(CVM1.id)
-    assert release.reason == "release"
+    assert (release.reason, release.cause) == ("release", "instance_deregistered")
     assert release.previous == Holder(CVM1.id, CVM1.mac)
     assert release.current is None
     assert release.sequence == 2
@@ -177,7 +179,7 @@ def test_releasing_a_havip_ends_its_history_and_forgets_it() -> None:
     b.apply_claim(claim(CVM1.mac, 10))
     final = b.remove_havip(HAVIP.id)
     assert final is not None
-    assert (final.reason, final.current, final.sequence) == ("release", None, 2)
+    assert (final.reason, final.cause, final.current, final.sequence) == ("release", "released", None, 2)
     assert b.apply_claim(claim(CVM1.mac, 20)) == NotAHavip()
     assert b.remove_havip(HAVIP.id) is None
 
@@ -308,6 +310,20 @@ def test_a_flag_stored_before_a_restart_holds_for_a_window_from_the_restart() ->
     assert [(e.condition, e.started) for e in b.take_edges()] == [("split_brain", False)]
 
 
+def replayed(steps: list[tuple[str, int]]) -> tuple[BindingBook, int, list[ConditionEdge]]:
+    """A book after claims by the instances named, each `gap` tenths of a second after the one before: the book,
+    the last claim's time and the edges published."""
+    macs = {"cvm1": CVM1.mac, "cvm2": CVM2.mac, "elsewhere": ELSEWHERE.mac}
+    b = book()
+    t = 0
+    edges: list[ConditionEdge] = []
+    for who, gap in steps:
+        t += gap * S // 10
+        b.apply_claim(claim(macs[who], t))
+        edges += b.take_edges()
+    return b, t, edges
+
+
 @given(
     st.lists(st.tuples(st.sampled_from(["cvm1", "cvm2", "elsewhere"]), st.integers(1, 200)), max_size=80),
     st.integers(0, 300),
@@ -315,14 +331,7 @@ def test_a_flag_stored_before_a_restart_holds_for_a_window_from_the_restart() ->
 def test_flags_always_agree_with_the_edges_published(steps: list[tuple[str, int]], end: int) -> None:
     """Property: replaying the edges gives the flags, starts and stops alternate, and every flag ends after a
     long enough quiet."""
-    macs = {"cvm1": CVM1.mac, "cvm2": CVM2.mac, "elsewhere": ELSEWHERE.mac}
-    b = book()
-    t = 0
-    edges = []
-    for who, gap in steps:
-        t += gap * S // 10
-        b.apply_claim(claim(macs[who], t))
-        edges += b.take_edges()
+    b, t, edges = replayed(steps)
     b.tick(T0 + t + end * S)
     edges += b.take_edges()
     for condition in ("flapping", "split_brain"):
@@ -333,6 +342,70 @@ def test_flags_always_agree_with_the_edges_published(steps: list[tuple[str, int]
     b.take_edges()
     assert not b.bindings[HAVIP.id].flapping
     assert not b.bindings[HAVIP.id].split_brain
+
+
+def end_binding(b: BindingBook, cause: str) -> Transition | None:
+    """End the binding of HAVIP (held by cvm2 in these tests) the way `cause` names."""
+    if cause == "released":
+        return b.remove_havip(HAVIP.id)
+    if cause == "instance_deregistered":
+        [release] = b.remove_instance(CVM2.id)
+        return release
+    b.put_havip(Havip(HAVIP.id, VPC, SUBNET, VIP, frozenset({CVM1.id})))
+    return b.release_unless_candidate(HAVIP.id)
+
+
+@pytest.mark.parametrize("cause", ["released", "instance_deregistered", "candidates_changed"])
+def test_a_binding_ended_while_flapping_and_in_split_brain_ends_both_flags_and_says_so(cause: str) -> None:
+    b = book()
+    for i in range(6):  # two masters claiming in turn, a second apart: flapping and split brain
+        b.apply_claim(claim((CVM1 if i % 2 else CVM2).mac, (i + 1) * S))
+    assert b.bindings[HAVIP.id].instance_id == CVM1.id
+    b.apply_claim(claim(CVM2.mac, 7 * S))
+    assert {(e.condition, e.started) for e in b.take_edges()} == {("flapping", True), ("split_brain", True)}
+
+    release = end_binding(b, cause)
+    assert release is not None
+    assert (release.reason, release.cause, release.current) == ("release", cause, None)
+    stopped = b.take_edges()
+    assert {(e.condition, e.started) for e in stopped} == {("flapping", False), ("split_brain", False)}
+    assert {e.havip_id for e in stopped} == {HAVIP.id}
+    if cause != "released":  # the HAVIP stays, unbound and unflagged
+        binding = b.bindings[HAVIP.id]
+        assert (binding.flapping, binding.split_brain, binding.instance_id) == (False, False, None)
+    b.tick(T0 + 1_000 * S)  # and nothing ends twice
+    assert b.take_edges() == []
+
+
+def test_a_claim_after_a_release_starts_the_count_afresh() -> None:
+    b = book()
+    for i in range(7):
+        b.apply_claim(claim((CVM1 if i % 2 else CVM2).mac, (i + 1) * S))
+    end_binding(b, "instance_deregistered")
+    b.take_edges()
+    assert isinstance(b.apply_claim(claim(CVM1.mac, 8 * S)), Transition)
+    assert b.take_edges() == []  # the claims before the release no longer count
+    assert not b.bindings[HAVIP.id].flapping
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["cvm1", "cvm2", "elsewhere"]), st.integers(1, 200)), max_size=80),
+    st.sampled_from(["released", "instance_deregistered", "candidates_changed", None]),
+)
+def test_every_flag_started_is_ended_once_whatever_ends_it(
+    steps: list[tuple[str, int]], ending: str | None
+) -> None:
+    """Property: however the claims went and whatever ends the binding (a release of either kind, or quiet),
+    each flag's edges alternate and the last one published is a stop."""
+    b, t, edges = replayed(steps)
+    if ending is not None and b.bindings[HAVIP.id].instance_id == CVM2.id:
+        end_binding(b, ending)
+    b.tick(T0 + t + 61 * S)
+    edges += b.take_edges()
+    for condition in ("flapping", "split_brain"):
+        states = [e.started for e in edges if e.condition == condition]
+        assert all(a != b_ for a, b_ in itertools.pairwise(states))
+        assert states == [] or states[-1] is False
 
 
 def test_creations_redelivered_after_a_removal_do_not_bring_anything_back() -> None:

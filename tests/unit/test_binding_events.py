@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
+from typing import Literal
 
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from services.binding.domain import Holder, Transition
 from services.binding.repository import COMMITTED_AT_SLOT
 from services.binding.service import binding_changed
-from shared.events import BindingChanged, decode, encode
+from shared.events import BindingChanged, ReleaseCause, decode, encode, rfc3339
 
 holders = st.none() | st.builds(
     Holder, instance_id=st.uuids(), mac=st.binary(min_size=6, max_size=6).map(lambda b: b.hex(":"))
@@ -24,33 +26,59 @@ holders = st.none() | st.builds(
     current=holders,
     sequence=st.integers(1, 2**62),
     reason=st.sampled_from(["claim", "release"]),
+    cause=st.sampled_from(["released", "instance_deregistered", "candidates_changed"]),
     captured_ns=st.none() | st.integers(1, 2**63 - 1),
     watcher_id=st.none() | st.text(min_size=1, max_size=50),
     address=st.integers(0, 2**32 - 1).map(IPv4Address),
 )
 # A watcher id that spells the slot: escaped in JSON, it never matches the slot the statement stamps.
-@example(None, None, 1, "claim", None, COMMITTED_AT_SLOT, IPv4Address("192.0.2.1"))
+@example(
+    previous=None,
+    current=None,
+    sequence=1,
+    reason="claim",
+    cause="released",
+    captured_ns=None,
+    watcher_id=COMMITTED_AT_SLOT,
+    address=IPv4Address("192.0.2.1"),
+)
 def test_binding_changed_validates_against_the_model(
     previous: Holder | None,
     current: Holder | None,
     sequence: int,
-    reason: str,
+    reason: Literal["claim", "release"],
+    cause: ReleaseCause,
     captured_ns: int | None,
     watcher_id: str | None,
     address: IPv4Address,
 ) -> None:
     havip_id = uuid.uuid4()
     committed_at = datetime.now(UTC)
-    transition = Transition(havip_id, address, previous, current, sequence, reason, captured_ns, watcher_id)  # type: ignore[arg-type]
-    body = encode(binding_changed(transition))
-    assert body.count(COMMITTED_AT_SLOT.encode()) == 1  # the one place the writing statement stamps
-    # What the writing statement puts there (repository._WRITE_DECISIONS, to_char in the `Z` form).
-    stamped = body.replace(
-        COMMITTED_AT_SLOT.encode(), f'"committed_at":"{committed_at:%Y-%m-%dT%H:%M:%S.%fZ}"'.encode()
+    release_cause = cause if reason == "release" else None
+    transition = Transition(
+        havip_id,
+        address,
+        previous,
+        current,
+        sequence,
+        reason,
+        captured_ns,
+        watcher_id,
+        release_cause,
     )
-    head, data = decode(stamped)
+    unstamped = encode(binding_changed(transition))
+    assert unstamped.count(COMMITTED_AT_SLOT.encode()) == 1  # the one place the writing statement stamps
+    # What the writing statement puts there (repository._WRITE_DECISIONS prints it as shared.events.rfc3339 does;
+    # tests/integration/test_binding_commit_stamp.py checks the two agree).
+    body = unstamped.replace(COMMITTED_AT_SLOT.encode(), f'"committed_at":"{rfc3339(committed_at)}"'.encode())
+    head, data = decode(body)
+    # One form of time throughout (RFC 3339, UTC, Z): the data's times as the envelope's.
+    raw = json.loads(body)
+    times = [raw["occurred_at"], raw["data"]["committed_at"], raw["data"]["captured_at"]]
+    assert all(t.endswith("Z") and "+" not in t for t in times if t is not None), times
     assert head.type == "havip.binding.changed"
     assert isinstance(data, BindingChanged)
+    assert data.cause == release_cause
     assert (data.havip_id, data.address, data.sequence, data.reason, data.watcher_id) == (
         havip_id,
         address,

@@ -115,9 +115,42 @@ def test_ids_are_uuids_normalised() -> None:
         ["nonsense"],
     ],
 )
-def test_bad_usage_exits_2_with_argparse_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(argv).code == 2
-    assert "error:" in capsys.readouterr().err
+def test_bad_usage_exits_2_with_argparse_message(argv: list[str]) -> None:
+    result = run(argv)
+    assert result.code == 2
+    assert result.out == ""
+    usage, message = result.err.splitlines()[:-1], result.err.splitlines()[-1]
+    assert usage[0].startswith("usage: havipctl")
+    assert message.startswith("havipctl")
+    assert ": error: " in message
+    as_json = run([*argv, "--json"] if argv and argv[0] != "nonsense" else ["--json", *argv])
+    assert (as_json.code, as_json.out) == (2, "")
+    assert json.loads(as_json.err) == {
+        "error": {"code": "USAGE_ERROR", "message": message.replace(": error:", ":")}
+    }
+
+
+def test_bad_usage_reads_as_argparse_prints_it() -> None:
+    lines = run(["vpc", "create", "--name", "x"]).err.splitlines()
+    assert lines[0].startswith("usage: havipctl vpc create [-h] ")
+    assert "--cidr CIDR" in " ".join(lines[:-1])
+    assert lines[-1] == "havipctl vpc create: error: the following arguments are required: --cidr"
+
+
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        (["--json", "vpc", "list"], True),
+        (["vpc", "list", "--json"], True),
+        (["vpc", "list", "--js"], True),  # argparse takes an unambiguous prefix
+        (["vpc", "create", "--name", "x", "--json"], True),  # --cidr missing: the refusal is JSON
+        (["vpc", "list"], False),
+        (["watch", "--", "--json"], False),  # a routing key, not the option
+        (["vpc", "list", "--json=yes"], False),
+    ],
+)
+def test_json_is_recognised_before_parsing(argv: list[str], wanted: bool) -> None:
+    assert cli.json_requested(argv) is wanted
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,6 +239,14 @@ def test_bad_environment_exits_2_in_one_line() -> None:
     result = run(["vpc", "list"], env={"HAVIP_REQUEST_TIMEOUT": "soon"})
     assert result.code == 2
     assert result.err == "havipctl: HAVIP_REQUEST_TIMEOUT: expected a positive number of seconds, got 'soon'\n"
+    as_json = run(["vpc", "list", "--json"], env={"HAVIP_REQUEST_TIMEOUT": "soon"})
+    assert as_json.code == 2
+    assert json.loads(as_json.err) == {
+        "error": {
+            "code": "USAGE_ERROR",
+            "message": "HAVIP_REQUEST_TIMEOUT: expected a positive number of seconds, got 'soon'",
+        }
+    }
 
 
 def test_exit_codes_are_the_documented_ones() -> None:
@@ -376,6 +417,24 @@ def test_show_prints_key_values_and_list_a_table() -> None:
     assert listed.err == ""
 
 
+def test_claims_rejected_shows_how_many_frames_each_row_folds() -> None:
+    refusal = {
+        "havip_id": HAVIP_ID,
+        "address": "10.20.1.2",
+        "mac": "02:00:00:00:00:66",
+        "reason": "not_candidate",
+        "captured_at": "2026-11-26T06:27:30.050903Z",
+        "watcher_id": "w1",
+        "count": 37,
+    }
+    result = run(
+        ["claims", "rejected", "--havip", HAVIP_ID], answer(200, {"items": [refusal], "next_page_token": None})
+    )
+    header, row = result.out.splitlines()
+    assert "COUNT" in header.split()
+    assert row.split()[header.split().index("COUNT") + 1] == "37"  # the time takes two words
+
+
 def test_empty_list_says_so_on_stderr() -> None:
     result = run(["havip", "transitions", HAVIP_ID], answer(200, {"items": [], "next_page_token": None}))
     assert (result.code, result.out, result.err) == (0, "", "no transitions found\n")
@@ -404,6 +463,12 @@ def test_idempotent_replay_is_noted() -> None:
     )
     assert result.code == 0
     assert "idempotent replay" in result.err
+    as_json = run(
+        ["havip", "allocate", "--subnet", SUBNET_ID, "--idempotency-key", "k", "--json"],
+        answer(201, {"id": HAVIP_ID}, **{"Idempotent-Replayed": "true"}),
+    )
+    assert json.loads(as_json.out) == {"id": HAVIP_ID}
+    assert json.loads(as_json.err)["note"].startswith("idempotent replay")
 
 
 # ---- errors → exit codes ------------------------------------------------------------------------------------
@@ -452,7 +517,7 @@ def test_a_success_that_is_not_json_is_reported() -> None:
     assert "is this the allocator?" in result.err
 
 
-def raising(exc: Exception) -> Responder:
+def raising(exc: BaseException) -> Responder:
     def respond(request: httpx.Request) -> httpx.Response:
         raise exc
 
@@ -494,6 +559,144 @@ def test_the_password_of_a_url_is_never_printed() -> None:
     result = run(["vpc", "list"], raising(httpx.ConnectError("refused")), env=env)
     assert "hunter2" not in result.err
     assert "user:***@allocator.test:8080" in result.err
+
+
+# ---- errors with --json: one JSON object on stderr, the same exit status ---------------------------------------
+
+
+def json_error(result: Result) -> dict[str, Any]:
+    assert result.out == ""
+    assert result.err.endswith("\n")
+    assert result.err.count("\n") == 1, result.err
+    body: dict[str, Any] = json.loads(result.err)
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert {"code", "message"} <= set(error)
+    return error
+
+
+def test_api_errors_as_json_keep_the_apis_code_message_and_details() -> None:
+    details = [
+        {"loc": ["body", "cidr"], "msg": "octet 300 of 10.0.300.0/24 is out of range 0–255", "type": "value_error"}
+    ]
+    body = {"error": {"code": "VALIDATION_ERROR", "message": "cidr: octet 300 …", "details": details}}
+    result = run(["vpc", "create", "--name", "x", "--cidr", "10.0.300.0/24", "--json"], answer(422, body))
+    assert result.code == 1
+    assert json_error(result) == {
+        "code": "VALIDATION_ERROR",
+        "message": "cidr: octet 300 …",
+        "status": 422,
+        "details": details,
+    }
+    conflict = run(["havip", "show", HAVIP_ID, "--json"], error(409, "ADDRESS_IN_USE", "the\naddress is taken"))
+    assert conflict.code == 1
+    assert json_error(conflict) == {"code": "ADDRESS_IN_USE", "message": "the address is taken", "status": 409}
+
+
+def test_an_error_without_the_api_shape_as_json() -> None:
+    result = run(["vpc", "list", "--json"], answer(502, "<html><body>Bad Gateway</body></html>"))
+    assert result.code == 1
+    assert json_error(result) == {
+        "code": "HTTP_502",
+        "message": "<html><body>Bad Gateway</body></html>",
+        "status": 502,
+    }
+    odd = run(["vpc", "list", "--json"], answer(200, "<html>welcome</html>"))
+    assert odd.code == 1
+    assert json_error(odd)["code"] == "UNEXPECTED_RESPONSE"
+
+
+def test_authentication_failure_as_json() -> None:
+    result = run(["vpc", "list", "--json"], error(401, "UNAUTHENTICATED", "invalid token"))
+    assert result.code == 4
+    assert json_error(result) == {
+        "code": "AUTHENTICATION_FAILED",
+        "message": "authentication failed: check HAVIP_API_TOKEN / --token (the allocator said: invalid token)",
+    }
+
+
+def test_unreachable_as_json() -> None:
+    cause = ConnectionRefusedError(111, "Connection refused")
+    exc = httpx.ConnectError("All connection attempts failed")
+    exc.__cause__ = cause
+    result = run(["--json", "vpc", "list"], raising(exc))
+    assert result.code == 3
+    assert json_error(result) == {
+        "code": "UNREACHABLE",
+        "message": "cannot reach the allocator at http://allocator.test:8080: connection refused",
+    }
+
+
+def test_a_bug_as_json() -> None:
+    result = run(["vpc", "list", "--json"], raising(RuntimeError("boom\nsecond line")))
+    assert result.code == 70
+    assert json_error(result) == {
+        "code": "INTERNAL_ERROR",
+        "message": "internal error: RuntimeError: boom second line",
+    }
+
+
+def test_an_interruption_as_json() -> None:
+    result = run(["vpc", "list", "--json"], raising(KeyboardInterrupt()))
+    assert result.code == 130
+    assert json_error(result) == {"code": "INTERRUPTED", "message": "interrupted"}
+    assert run(["vpc", "list"], raising(KeyboardInterrupt())).err == "havipctl: interrupted\n"
+
+
+def test_a_usage_error_of_a_command_as_json() -> None:
+    result = run(["havip", "update", HAVIP_ID, "--json"])
+    assert result.code == 2
+    assert json_error(result)["code"] == "USAGE_ERROR"
+
+
+def raiser(exc: Exception) -> Callable[..., None]:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    return fail
+
+
+def test_watch_errors_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the event stream raises (watch.run: connection lost, refused login) is reported like the rest."""
+    from havipctl import watch as stream
+    from havipctl.errors import AuthenticationFailed, Unreachable
+
+    for raised, exit_code, code in (
+        (
+            Unreachable("lost the connection to RabbitMQ at amqp://guest:***@rabbit/: connection reset"),
+            3,
+            "UNREACHABLE",
+        ),
+        (
+            AuthenticationFailed("RabbitMQ at amqp://guest:***@rabbit/ refused the login"),
+            4,
+            "AUTHENTICATION_FAILED",
+        ),
+    ):
+        monkeypatch.setattr(stream, "run", raiser(raised))
+        result = run(["watch", "--json"])
+        assert result.code == exit_code
+        assert json_error(result) == {"code": code, "message": str(raised)}
+        text = run(["watch"])
+        assert text.err == f"havipctl: {raised}\n"
+
+
+def test_watch_timeout_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    from havipctl import watch as stream
+
+    monkeypatch.setattr(stream, "run", lambda *args, **kwargs: stream.WatchResult(stream.Outcome.TIMED_OUT, 1))
+    result = run(["watch", "--count", "3", "--timeout", "2", "--json"])
+    assert result.code == 5
+    assert json_error(result) == {
+        "code": "WATCH_TIMEOUT",
+        "message": "watch: --timeout 2 s ran out after 1 of 3 events",
+    }
+
+
+def test_error_messages_are_printed_with_control_characters_escaped() -> None:
+    result = run(["havip", "show", HAVIP_ID], error(404, "NOT_FOUND", "no \x1b[31mHAVIP\x1b[0m here"))
+    assert "\x1b" not in result.err
+    assert result.err == "havipctl: NOT_FOUND (HTTP 404): no \\x1b[31mHAVIP\\x1b[0m here\n"
 
 
 # ---- watch helpers ----------------------------------------------------------------------------------------------

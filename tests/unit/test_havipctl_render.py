@@ -127,6 +127,32 @@ def test_havip_list_table() -> None:
         assert first.index(cell) == header.index({"10.20.1.2": "ADDRESS", "BOUND": "STATE"}.get(cell, "MAC"))
 
 
+def test_rejected_claims_table_shows_the_frames_folded_into_each_row() -> None:
+    refusal = {
+        "havip_id": "8eafa7e0-e78e-4fc6-9cd3-b893849b0f70",
+        "address": "10.20.1.2",
+        "mac": "02:00:00:00:00:66",
+        "reason": "unknown_mac",
+        "captured_at": "2026-11-26T06:27:30.050903Z",
+        "watcher_id": "w1",
+        "count": 4812,
+    }
+    header, first, second = render.list_table("rejected_claim", [refusal, {**refusal, "count": 1}]).splitlines()
+    assert header.split() == ["CAPTURED", "ADDRESS", "MAC", "REASON", "COUNT", "HAVIP", "WATCHER"]
+    assert first.split() == [
+        "2026-11-26",
+        "06:27:30.050903Z",
+        "10.20.1.2",
+        "02:00:00:00:00:66",
+        "unknown_mac",
+        "4812",
+        refusal["havip_id"],
+        "w1",
+    ]
+    assert second.split()[5] == "1"
+    assert first.index("4812") == header.index("COUNT")
+
+
 @pytest.mark.parametrize("kind", sorted(render.COLUMNS))
 def test_every_kind_renders_an_empty_and_a_sparse_item(kind: str) -> None:
     text = render.list_table(kind, [{}])

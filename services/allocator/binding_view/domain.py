@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from shared.events import ReleaseCause
+
 # Closed ranges of sequences: (first, last), both included.
 SequenceRange = tuple[int, int]
 
@@ -43,6 +45,7 @@ class Change:
     committed_at: datetime
     watcher_id: str | None
     reason: Literal["claim", "release"]
+    cause: ReleaseCause | None = None  # a release's cause (None for claims, and older events)
 
 
 @dataclass(slots=True)

@@ -44,9 +44,9 @@ _SAVE_AND_RECORD = """
     WHERE v.havip_id = r.havip_id
     RETURNING 1)
     INSERT INTO allocator.view_transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
-        captured_at, committed_at, watcher_id, reason)
+        captured_at, committed_at, watcher_id, reason, cause)
     SELECT * FROM unnest($13::uuid[], $14::bigint[], $15::uuid[], $16::uuid[], $17::macaddr[],
-                         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::text[])
+                         $18::timestamptz[], $19::timestamptz[], $20::text[], $21::text[], $22::text[])
     ON CONFLICT (havip_id, sequence) DO NOTHING"""
 _INSERT_REFUSALS = """
     INSERT INTO allocator.view_refusals (event_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
@@ -118,6 +118,7 @@ async def save(conn: Any, records: Sequence[ViewRecord], history: Sequence[Chang
         [c.committed_at for c in history],
         [c.watcher_id for c in history],
         [c.reason for c in history],
+        [c.cause for c in history],
     )
 
 
@@ -188,6 +189,16 @@ async def holder_for_release(conn: Any, havip_id: uuid.UUID) -> uuid.UUID | None
         havip_id,
     )
     return holder
+
+
+async def havips_held_by(conn: Any, instance_id: uuid.UUID) -> list[uuid.UUID]:
+    """The HAVIPs the view shows the instance holding, their records locked until the caller's commit (in
+    HAVIP-id order, as the view's consumer locks them)."""
+    rows = await conn.fetch(
+        """SELECT havip_id FROM allocator.view_bindings WHERE instance_id = $1 ORDER BY havip_id FOR UPDATE""",
+        instance_id,
+    )
+    return [row["havip_id"] for row in rows]
 
 
 async def delete_old_refusals(conn: Any, older_than: datetime, limit: int = 10_000) -> int:

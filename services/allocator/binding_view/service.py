@@ -53,6 +53,7 @@ def _change(data: events.BindingChanged) -> Change:
         committed_at=data.committed_at,
         watcher_id=data.watcher_id,
         reason=data.reason,
+        cause=data.cause,
     )
 
 

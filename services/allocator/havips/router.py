@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from ipaddress import IPv4Address
 from typing import Annotated
 
 from fastapi import Body, Header, Query, Response, status
@@ -12,7 +11,7 @@ from services.allocator.auth import api_router
 from services.allocator.dependencies import LIMIT_DEFAULT, DbDep, EipPoolDep, Limit, PageToken, SettingsDep
 from services.allocator.havips import service
 from services.allocator.havips.schemas import EipAssociate, Havip, HavipCreate, HavipState, HavipUpdate, Transition
-from services.allocator.schemas import Page
+from services.allocator.schemas import Page, RequestAddress
 
 router = api_router("/v1/havips", "havips")
 
@@ -78,7 +77,7 @@ async def list_havips(
     vpc_id: uuid.UUID | None = None,
     subnet_id: uuid.UUID | None = None,
     state: HavipState | None = None,
-    address: IPv4Address | None = None,
+    address: RequestAddress | None = None,
     limit: Limit = LIMIT_DEFAULT,
     page_token: PageToken = None,
 ) -> Page[Havip]:
@@ -103,11 +102,18 @@ async def get_havip(havip_id: uuid.UUID, db: DbDep) -> Havip:
     summary="Rename a HAVIP and/or replace its candidate list",
     description=(
         "A merge patch: fields left out are kept; `name: null` removes the name; `candidates: []` clears the "
-        "list. Publishes `havip.updated` when something changed."
+        "list. Publishes `havip.updated` when something changed. A candidate list that leaves out the holder "
+        "would end the binding: 409 `HOLDER_NOT_IN_CANDIDATES` unless force=true (then the binding service "
+        "ends it with a `release` transition, cause `candidates_changed`)."
     ),
 )
-async def update_havip(havip_id: uuid.UUID, body: HavipUpdate, db: DbDep) -> Havip:
-    return await service.update_havip(db, havip_id, body)
+async def update_havip(
+    havip_id: uuid.UUID,
+    body: HavipUpdate,
+    db: DbDep,
+    force: Annotated[bool, Query(description="replace the candidates even if that ends the binding")] = False,
+) -> Havip:
+    return await service.update_havip(db, havip_id, body, force=force)
 
 
 @router.post(
@@ -139,7 +145,7 @@ async def dissociate_eip(havip_id: uuid.UUID, db: DbDep) -> Havip:
     description=(
         "Bound or not (409 `HAVIP_BOUND`) is decided on the allocator's view of the binding service's events, "
         "which may be milliseconds behind it; a HAVIP released while an instance has just claimed it is "
-        "then unbound by the binding service, with a final `release` transition."
+        "then unbound by the binding service, with a final `release` transition (cause `released`)."
     ),
 )
 async def release_havip(

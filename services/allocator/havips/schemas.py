@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from services.allocator.schemas import Name, RequestModel, ResponseModel, Timestamp
+from services.allocator.schemas import Name, RequestAddress, RequestModel, ResponseModel, Timestamp
 from shared.events import HavipData
 
 MAX_CANDIDATES = 10
@@ -41,7 +41,7 @@ Candidates = Annotated[
 class HavipCreate(RequestModel):
     subnet_id: uuid.UUID
     name: Name | None = None
-    address: IPv4Address | None = Field(
+    address: RequestAddress | None = Field(
         default=None, description="the address to take; omitted = the lowest free address of the subnet"
     )
     candidates: Candidates = Field(default_factory=list)
@@ -69,7 +69,7 @@ class HavipUpdate(RequestModel):
 
 
 class EipAssociate(RequestModel):
-    address: IPv4Address | None = Field(
+    address: RequestAddress | None = Field(
         default=None, description="an address of the configured EIP pool; omitted = the lowest free one"
     )
 
@@ -138,6 +138,10 @@ class Transition(ResponseModel):
     committed_at: Timestamp
     watcher_id: str | None
     reason: Literal["claim", "release"]
+    cause: Literal["released", "instance_deregistered", "candidates_changed"] | None = Field(
+        description="for a release: the HAVIP released, its holder deregistered, or a candidate list that no "
+        "longer names the holder; null for a claim (and for releases recorded before causes were kept)"
+    )
 
     @classmethod
     def from_row(cls, row: Any) -> Transition:
@@ -150,4 +154,5 @@ class Transition(ResponseModel):
             committed_at=row["committed_at"],
             watcher_id=row["watcher_id"],
             reason=row["reason"],
+            cause=row["cause"],
         )

@@ -28,7 +28,7 @@ from typing import Any
 from services.allocator.binding_view.repository import holder_for_release
 from services.allocator.database import EIP_POOL, Database, Transaction
 from services.allocator.domain.eips import EipPool
-from services.allocator.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from services.allocator.errors import FORCE_HINT, Conflict, Invalid, NotFound, QuotaExceeded
 from services.allocator.havips.schemas import EipAssociate, Havip, HavipCreate, HavipState, HavipUpdate, Transition
 from services.allocator.metrics import ALLOCATIONS
 from services.allocator.pagination import Where, decode_sequence, encode_sequence, next_token
@@ -221,7 +221,7 @@ async def list_transitions(
             raise NotFound.of("havip", havip_id)
         rows = await conn.fetch(
             """SELECT sequence, from_instance_id, to_instance_id, mac, captured_at, committed_at,
-                      watcher_id, reason
+                      watcher_id, reason, cause
                FROM allocator.view_transitions
                WHERE havip_id = $1 AND ($2::bigint IS NULL OR sequence < $2)
                ORDER BY sequence DESC LIMIT $3""",
@@ -244,8 +244,10 @@ async def _lock_havip(tx: Transaction, havip_id: uuid.UUID) -> Havip:
     return await _fetch_havip(tx.conn, havip_id)  # 404 if it was released meanwhile
 
 
-async def update_havip(db: Database, havip_id: uuid.UUID, request: HavipUpdate) -> Havip:
-    """Rename and/or replace the candidate list. Publishes `havip.updated` when something changed."""
+async def update_havip(db: Database, havip_id: uuid.UUID, request: HavipUpdate, *, force: bool = False) -> Havip:
+    """Rename and/or replace the candidate list. Publishes `havip.updated` when something changed. A list that
+    no longer names the holder would end the binding: 409 HOLDER_NOT_IN_CANDIDATES unless forced (decided on
+    the view, its record locked, as a release is)."""
     async with db.transaction() as tx:
         havip = await _lock_havip(tx, havip_id)
         name = request.name if request.changes_name else havip.name
@@ -254,6 +256,14 @@ async def update_havip(db: Database, havip_id: uuid.UUID, request: HavipUpdate) 
             return havip
         if request.changes_candidates:
             await _check_candidates(tx.conn, havip.subnet_id, candidates)
+            if candidates:
+                holder = await holder_for_release(tx.conn, havip_id)
+                if holder is not None and holder not in candidates and not force:
+                    raise Conflict(
+                        f"havip {havip_id} is bound to instance {holder}, which the new candidate list leaves "
+                        f"out: the binding would end; {FORCE_HINT}",
+                        code="HOLDER_NOT_IN_CANDIDATES",
+                    )
         await tx.conn.execute(
             "UPDATE allocator.havips SET name = $2, candidates = $3 WHERE id = $1", havip_id, name, candidates
         )
@@ -356,7 +366,7 @@ async def release_havip(db: Database, havip_id: uuid.UUID, *, force: bool = Fals
         holder = await holder_for_release(tx.conn, havip_id)
         if holder is not None and not force:
             raise Conflict(
-                f"havip {havip_id} is bound to instance {holder}; release it with ?force=true to end the binding",
+                f"havip {havip_id} is bound to instance {holder}: releasing it ends the binding; {FORCE_HINT}",
                 code="HAVIP_BOUND",
             )
         await tx.conn.execute("DELETE FROM allocator.havips WHERE id = $1", havip_id)

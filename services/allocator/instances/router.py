@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import Response, status
+from fastapi import Query, Response, status
 
 from services.allocator.auth import api_router
 from services.allocator.dependencies import LIMIT_DEFAULT, DbDep, Limit, PageToken
@@ -39,8 +40,21 @@ async def get_instance(instance_id: uuid.UUID, db: DbDep) -> Instance:
 @router.delete(
     "/{instance_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    summary="Deregister an instance (409 while it is a HAVIP candidate)",
+    summary="Deregister an instance (409 while it holds a HAVIP or is a HAVIP candidate, unless force=true)",
+    description=(
+        "While the allocator's view shows the instance holding a HAVIP: 409 `INSTANCE_HOLDS_HAVIP` (forced, the "
+        "binding service ends each such binding with a `release` transition, cause `instance_deregistered`). "
+        "While it is a candidate of a HAVIP: 409 `INSTANCE_IN_USE` (forced, the candidate lists keep its id, "
+        "which then authorises nobody: a list never widens to any instance by itself). Holding is decided on "
+        "the view of the binding service's events, which may be milliseconds behind it."
+    ),
 )
-async def deregister_instance(instance_id: uuid.UUID, db: DbDep) -> Response:
-    await service.deregister_instance(db, instance_id)
+async def deregister_instance(
+    instance_id: uuid.UUID,
+    db: DbDep,
+    force: Annotated[
+        bool, Query(description="deregister even while it holds a HAVIP or is a HAVIP candidate")
+    ] = False,
+) -> Response:
+    await service.deregister_instance(db, instance_id, force=force)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -6,14 +6,14 @@ import uuid
 from ipaddress import IPv4Address
 from typing import Any
 
-from services.allocator.schemas import MacAddress, Name, RequestModel, ResponseModel, Timestamp
+from services.allocator.schemas import MacAddress, Name, RequestAddress, RequestModel, ResponseModel, Timestamp
 from shared.events import InstanceData
 
 
 class InstanceCreate(RequestModel):
     subnet_id: uuid.UUID
     name: Name
-    private_ip: IPv4Address
+    private_ip: RequestAddress
     mac: MacAddress
 
 

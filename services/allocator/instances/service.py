@@ -9,8 +9,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from services.allocator.binding_view.repository import havips_held_by
 from services.allocator.database import Database
-from services.allocator.errors import Conflict, NotFound
+from services.allocator.errors import FORCE_HINT, Conflict, NotFound
 from services.allocator.instances.schemas import Instance, InstanceCreate
 from services.allocator.pagination import Where, next_token
 from services.allocator.schemas import Page
@@ -78,22 +79,37 @@ async def list_instances(
     return Page[Instance](items=[Instance.from_row(r) for r in rows], next_page_token=token)
 
 
-async def deregister_instance(db: Database, instance_id: uuid.UUID) -> None:
-    """Refused while the instance is a candidate of a HAVIP: dropping it from the allow-list silently could
-    empty the list, and an empty list means "any instance of the subnet"."""
+async def deregister_instance(db: Database, instance_id: uuid.UUID, *, force: bool = False) -> None:
+    """Refused unless forced while the instance holds a HAVIP (INSTANCE_HOLDS_HAVIP: the binding service would
+    end the binding; decided on the view, the held records locked, as a release is) or is a candidate of one
+    (INSTANCE_IN_USE). Forced, candidate lists keep its id, which authorises nobody any more: taking it out could
+    empty a list, and an empty list means "any instance of the subnet" — a deregistration never widens who may
+    hold a HAVIP."""
     async with db.transaction() as tx:
         found = await _fetch_instance(tx.conn, instance_id)
         await tx.lock("subnet", found.subnet_id)
         instance = await _fetch_instance(tx.conn, instance_id)
+        held = await havips_held_by(tx.conn, instance_id)
+        if held and not force:
+            raise Conflict(
+                f"instance {instance_id} holds HAVIP(s) {_listed(held)}: deregistering it ends those bindings; "
+                f"{FORCE_HINT}",
+                code="INSTANCE_HOLDS_HAVIP",
+            )
         havips = await tx.conn.fetch(
-            "SELECT id FROM allocator.havips WHERE candidates @> ARRAY[$1::uuid] ORDER BY id LIMIT 5", instance_id
+            "SELECT id FROM allocator.havips WHERE candidates @> ARRAY[$1::uuid] ORDER BY id LIMIT 6", instance_id
         )
-        if havips:
-            listed = ", ".join(str(r["id"]) for r in havips)
+        if havips and not force:
+            listed = _listed([r["id"] for r in havips])
             raise Conflict(
                 f"instance {instance_id} is a candidate of HAVIP(s) {listed}; remove it from their candidate "
-                "lists first",
+                f"lists first, or {FORCE_HINT} (the lists keep its id, which then authorises nobody)",
                 code="INSTANCE_IN_USE",
             )
         await tx.conn.execute("DELETE FROM allocator.instances WHERE id = $1", instance_id)
         tx.publish("instance.deregistered", instance.event_data())
+
+
+def _listed(ids: list[uuid.UUID], shown: int = 5) -> str:
+    more = " and more" if len(ids) > shown else ""
+    return ", ".join(str(i) for i in ids[:shown]) + more

@@ -1,0 +1,89 @@
+"""The binding service's integration tests' kit: a small world announced as the allocator would, claims as a
+watcher publishes them, and the binding's rows read back from Postgres."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from ipaddress import IPv4Address
+from typing import Any
+
+import asyncpg
+
+from shared import events
+
+_VIP_HOSTS = itertools.count()
+
+
+class World:
+    """A VPC with one subnet, two instances and one HAVIP, announced as the allocator would."""
+
+    def __init__(self) -> None:
+        self.vpc, self.subnet, self.other_subnet = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        # Each world's HAVIP address is its own: a random pick could repeat one of an earlier world (other
+        # VPC, same module), and an unknown MAC's claim for an address two VPCs use names no HAVIP.
+        self.vip = IPv4Address("192.0.2.20") + next(_VIP_HOSTS)
+        suffix = uuid.uuid4().hex[:8]
+
+        def mac(i: int) -> str:
+            return f"02:{i:02x}:{suffix[0:2]}:{suffix[2:4]}:{suffix[4:6]}:{suffix[6:8]}"
+
+        self.cvm1 = events.InstanceData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.subnet, name="cvm1",
+            private_ip=IPv4Address("192.0.2.11"), mac=mac(1),
+        )  # fmt: skip
+        self.cvm2 = events.InstanceData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.subnet, name="cvm2",
+            private_ip=IPv4Address("192.0.2.12"), mac=mac(2),
+        )  # fmt: skip
+        self.outsider = events.InstanceData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.other_subnet, name="other",
+            private_ip=IPv4Address("198.51.100.7"), mac=mac(3),
+        )  # fmt: skip
+        self.havip = events.HavipData(
+            id=uuid.uuid4(), vpc_id=self.vpc, subnet_id=self.subnet, name="vip", address=self.vip, candidates=[]
+        )
+
+    def inventory(self) -> list[events.Envelope]:
+        return [
+            events.envelope("instance.registered", self.cvm1, "allocator"),
+            events.envelope("instance.registered", self.cvm2, "allocator"),
+            events.envelope("instance.registered", self.outsider, "allocator"),
+            events.envelope("havip.allocated", self.havip, "allocator"),
+        ]
+
+    def claim(self, mac: str, *, eth_src: str | None = None, t: int | None = None) -> events.Envelope:
+        return claims_event(self.observed(mac, eth_src=eth_src, t=t))
+
+    def observed(self, mac: str, *, eth_src: str | None = None, t: int | None = None) -> events.ObservedClaim:
+        return events.ObservedClaim(
+            claim_id=uuid.uuid4(), kind="garp_request", sender_mac=mac, eth_src=eth_src or mac,
+            sender_ip=self.vip, target_ip=self.vip, captured_at=t or time.time_ns(),
+        )  # fmt: skip
+
+
+def claims_event(*claims: events.ObservedClaim) -> events.Envelope:
+    return events.envelope(
+        events.CLAIMS_EVENT,
+        events.ClaimsObserved(watcher_id="test-watcher", interface="lab0", claims=list(claims)),
+        "arp_watcher",
+    )
+
+
+async def binding_row(dsn: str, havip_id: uuid.UUID) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow("SELECT * FROM binding.bindings WHERE havip_id = $1", havip_id)
+    finally:
+        await conn.close()
+
+
+async def transitions(dsn: str, havip_id: uuid.UUID) -> list[Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(
+            await conn.fetch("SELECT * FROM binding.transitions WHERE havip_id = $1 ORDER BY sequence", havip_id)
+        )
+    finally:
+        await conn.close()
