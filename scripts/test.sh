@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy" && .venv/bin/mypy .
+echo "== import rules" && .venv/bin/lint-imports
 echo "== pytest"
 status=0
 .venv/bin/pytest -p no:cacheprovider "$@" || status=$?
