@@ -263,7 +263,7 @@ class BindingBook:
         return self._release(binding, "released")
 
     def _release(self, binding: Binding, cause: ReleaseCause) -> Transition:
-        """End a binding without a claim. Its flags end with it, and say so (SPEC §5.7): a consumer pairing
+        """End a binding without a claim. Its flags end with it, and say so: a consumer pairing
         the edges must not keep the HAVIP flagged forever; what made them (the claims so far) is forgotten."""
         activity = self._activity.pop(binding.havip_id, None) or _Activity()
         ended: list[Condition] = []

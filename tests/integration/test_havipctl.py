@@ -417,7 +417,7 @@ def test_havip_lifecycle_with_watch(allocator: Allocator, tmp_path: Path) -> Non
 
 
 def test_every_route_of_the_spec_is_served(allocator: Allocator) -> None:
-    """Every route havipctl covers (SPEC §3) is served: a missing one is a failure, not a skip."""
+    """Every route of the API that havipctl covers is served: a missing one is a failure, not a skip."""
     wanted = {
         ("POST", "/v1/vpcs"),
         ("GET", "/v1/vpcs"),
