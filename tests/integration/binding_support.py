@@ -6,12 +6,15 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 from typing import Any
 
 import asyncpg
 
 from shared import events
+from shared.messaging import Delivery
 
 _VIP_HOSTS = itertools.count()
 
@@ -87,3 +90,50 @@ async def transitions(dsn: str, havip_id: uuid.UUID) -> list[Any]:
         )
     finally:
         await conn.close()
+
+
+def delivery(env: events.Envelope) -> Delivery:
+    """An event as the binding's consumer hands it to the service: encoded, decoded, validated."""
+    head, data = events.decode(events.encode(env))
+    return Delivery(head, data, False)
+
+
+STATEMENTS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
+
+
+class InterceptingPool:
+    """The real pool, every statement the service runs on its connections seen by `before` and `after` (which a
+    test overrides: to break a call at a chosen step, to read the database's clock after each)."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def before(self) -> None:
+        """Called before each statement; raising fails it."""
+
+    async def after(self, conn: Any, sql: str) -> None:
+        """Called after each statement, with the real connection."""
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_InterceptedConnection]:
+        async with self._pool.acquire() as conn:
+            yield _InterceptedConnection(conn, self)
+
+
+class _InterceptedConnection:
+    def __init__(self, conn: Any, pool: InterceptingPool) -> None:
+        self._conn = conn
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._conn, name)
+        if name not in STATEMENTS:
+            return attribute
+
+        async def call(sql: str, *args: Any, **kwargs: Any) -> Any:
+            self._pool.before()
+            result = await attribute(sql, *args, **kwargs)
+            await self._pool.after(self._conn, sql)
+            return result
+
+        return call

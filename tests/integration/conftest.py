@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from services.binding.main import run as run_binding
 from services.binding.settings import BindingSettings
+from shared.db import create_pool
 from shared.messaging import Broker
 from shared.settings import CommonSettings
 from tests.integration.allocator_support import BindingStandIn, EventLog, http_client, running_app
@@ -56,6 +57,14 @@ async def app(database_url: str, amqp_url: str) -> AsyncIterator[FastAPI]:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with http_client(app) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+async def pool(database_url: str) -> AsyncIterator[Any]:
+    """A small pool on the module's database, as a service builds one (a module may define its own)."""
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture(scope="module")

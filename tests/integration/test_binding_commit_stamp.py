@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from ipaddress import IPv4Address
 from typing import Any
@@ -17,59 +16,18 @@ import pytest
 from services.binding.repository import rfc3339_sql
 from services.binding.service import BindingService
 from shared import events
-from shared.db import create_pool
-from shared.messaging import Delivery
+from tests.integration.binding_support import InterceptingPool, delivery
 
 
-class ClockedConnection:
-    """A real connection that reads the database's clock after each of the service's statements."""
+class ClockedPool(InterceptingPool):
+    """The real pool; the database's clock read after each of the service's statements."""
 
-    def __init__(self, conn: Any, after: list[tuple[str, datetime]]) -> None:
-        self._conn = conn
-        self._after = after
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._conn, name)
-        if name not in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
-            return attribute
-
-        async def call(sql: str, *args: Any, **kwargs: Any) -> Any:
-            result = await attribute(sql, *args, **kwargs)
-            self._after.append((sql, await self._conn.fetchval("SELECT clock_timestamp()")))
-            return result
-
-        return call
-
-
-class ClockedPool:
     def __init__(self, pool: Any) -> None:
-        self._pool = pool
-        self.after: list[tuple[str, datetime]] = []  # (statement, the database's clock once it returned)
+        super().__init__(pool)
+        self.after_each: list[tuple[str, datetime]] = []  # (statement, the database's clock once it returned)
 
-    def acquire(self) -> Any:
-        outer = self
-
-        class _Acquire:
-            async def __aenter__(self) -> ClockedConnection:
-                self._cm = outer._pool.acquire()
-                return ClockedConnection(await self._cm.__aenter__(), outer.after)
-
-            async def __aexit__(self, *exc: Any) -> None:
-                await self._cm.__aexit__(*exc)
-
-        return _Acquire()
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
-    pool = await create_pool(database_url, min_size=1, max_size=2)
-    yield pool
-    await pool.close()
-
-
-def delivery(env: events.Envelope) -> Delivery:
-    head, data = events.decode(events.encode(env))
-    return Delivery(head, data, False)
+    async def after(self, conn: Any, sql: str) -> None:
+        self.after_each.append((sql, await conn.fetchval("SELECT clock_timestamp()")))
 
 
 def claim(address: IPv4Address, mac: str) -> events.Envelope:
@@ -113,7 +71,7 @@ async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_
     replay = events.ReplayRequested(
         ranges=[events.ReplayRange(havip_id=havip.id, first_sequence=1, last_sequence=1)]
     )
-    clocked.after.clear()
+    clocked.after_each.clear()
     await service.handle(
         [
             delivery(claim(address, "02:00:00:00:5a:99")),  # an unknown MAC: refused
@@ -146,9 +104,9 @@ async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_
     # Later than the transaction's start (now(), the outbox rows' created_at) and than every other statement of
     # the batch; only the statement that stamps it returns after it.
     assert committed_at > changed["created_at"]
-    statements_after_the_stamp = [sql for sql, at in clocked.after if at >= committed_at]
+    statements_after_the_stamp = [sql for sql, at in clocked.after_each if at >= committed_at]
     assert len(statements_after_the_stamp) == 1, statements_after_the_stamp
-    assert statements_after_the_stamp[0] == clocked.after[-1][0]
+    assert statements_after_the_stamp[0] == clocked.after_each[-1][0]
     # The decisions' events are the batch's last outbox rows: the refusal's and the replay's went first.
     batch_rows = [row for row in outbox if row["created_at"] == changed["created_at"]]
     assert [row["routing_key"] for row in batch_rows] == [

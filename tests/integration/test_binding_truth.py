@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -23,8 +23,8 @@ from services.binding.domain import BindingBook, Claim
 from services.binding.repository import load_book
 from services.binding.service import BindingService
 from shared import events
-from shared.db import create_pool
 from shared.messaging import Delivery
+from tests.integration.binding_support import InterceptingPool, delivery
 from tests.waiting import eventually
 
 
@@ -32,28 +32,11 @@ class InjectedFailure(ConnectionError):
     """What the database does to a call at the chosen step (a connection lost)."""
 
 
-class FaultyConnection:
-    def __init__(self, conn: Any, pool: FaultyPool) -> None:
-        self._conn = conn
-        self._pool = pool
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._conn, name)
-        if name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
-
-            async def call(*args: Any, **kwargs: Any) -> Any:
-                self._pool.step()
-                return await attribute(*args, **kwargs)
-
-            return call
-        return attribute
-
-
-class FaultyPool:
+class FaultyPool(InterceptingPool):
     """The real pool; the `fail_at`-th step (database call or decision, counted from `arm`) raises."""
 
     def __init__(self, pool: Any) -> None:
-        self._pool = pool
+        super().__init__(pool)
         self.calls = 0
         self.fail_at = 0
 
@@ -66,30 +49,8 @@ class FaultyPool:
         if self.calls == self.fail_at:
             raise InjectedFailure(f"injected at step {self.calls}")
 
-    def acquire(self) -> Any:
-        pool = self
-
-        class _Acquire:
-            async def __aenter__(self) -> FaultyConnection:
-                self._cm = pool._pool.acquire()
-                return FaultyConnection(await self._cm.__aenter__(), pool)
-
-            async def __aexit__(self, *exc: Any) -> None:
-                await self._cm.__aexit__(*exc)
-
-        return _Acquire()
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
-    pool = await create_pool(database_url, min_size=1, max_size=2)
-    yield pool
-    await pool.close()
-
-
-def delivery(env: events.Envelope) -> Delivery:
-    head, data = events.decode(events.encode(env))
-    return Delivery(head, data, False)
+    def before(self) -> None:
+        self.step()
 
 
 # A step of the story: (what, who, havip) — who is an instance index 0..2, havip 0..1.
