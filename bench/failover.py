@@ -262,6 +262,22 @@ async def wait_until(
         await asyncio.sleep(0.01)
 
 
+async def claim_every_havip(conn: Any, sender: RawSender, addresses: list[IPv4Address], holder: uuid.UUID) -> None:
+    """Once the binding knows every HAVIP, one GARP each from `sender`; back when `holder` holds them all."""
+    count = len(addresses)
+    await wait_until(conn, "SELECT count(*) FROM binding.havips", (), count, timeout_s=120, what="inventory")
+    say(f"inventory of {count} HAVIPs loaded; the first server claims them")
+    sender.send([sender.garp(address) for address in addresses])
+    await wait_until(
+        conn,
+        "SELECT count(*) FROM binding.bindings WHERE instance_id = $1",
+        (holder,),
+        count,
+        timeout_s=120,
+        what="the first server holds every HAVIP",
+    )
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -317,19 +333,7 @@ async def run(
                 send_a, send_b = RawSender(a.netns, a.mac), RawSender(b.netns, b.mac)
                 send_spoof = RawSender(spoofer.netns, spoofer.mac)
                 try:
-                    await wait_until(
-                        conn, "SELECT count(*) FROM binding.havips", (), n + 1, timeout_s=120, what="inventory"
-                    )
-                    say(f"inventory of {n + 1} HAVIPs loaded; cvma claims them")
-                    send_a.send([send_a.garp(address) for address in [*addresses, PROBE]])
-                    await wait_until(
-                        conn,
-                        "SELECT count(*) FROM binding.bindings WHERE instance_id = $1",
-                        (instances["cvma"],),
-                        n + 1,
-                        timeout_s=120,
-                        what="cvma holds every HAVIP",
-                    )
+                    await claim_every_havip(conn, send_a, [*addresses, PROBE], instances["cvma"])
                     result["busy_before_p2"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
                     result["p2"] = await mass_failover(conn, cap, workdir, send_b, addresses, instances["cvmb"])
                     say(f"P2: {json.dumps(result['p2'])}")

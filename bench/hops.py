@@ -49,6 +49,7 @@ from bench.failover import (
     SUBNET,
     PacedSender,
     announce_inventory,
+    claim_every_havip,
     histogram_quantile,
     probe_events,
     wait_until,
@@ -269,18 +270,7 @@ async def run(probes: int, n: int, background: int, workdir: Path, quiet_wait_s:
                 send_a, send_b = RawSender(a.netns, a.mac), RawSender(b.netns, b.mac)
                 loader: PacedSender | None = None
                 try:
-                    await wait_until(
-                        conn, "SELECT count(*) FROM binding.havips", (), n + 1, timeout_s=120, what="inventory"
-                    )
-                    send_a.send([send_a.garp(address) for address in [*addresses, PROBE]])
-                    await wait_until(
-                        conn,
-                        "SELECT count(*) FROM binding.bindings WHERE instance_id = $1",
-                        (instances["cvma"],),
-                        n + 1,
-                        timeout_s=120,
-                        what="cvma holds every HAVIP",
-                    )
+                    await claim_every_havip(conn, send_a, [*addresses, PROBE], instances["cvma"])
                     await conn.execute("CREATE TABLE bench_insert (id bigserial PRIMARY KEY, at timestamptz)")
                     if background:
                         frames = [send_a.garp(address) for address in addresses]
