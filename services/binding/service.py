@@ -110,10 +110,11 @@ class BindingService:
         self._refused_frames: Counter[str] = Counter()
         self._refused_claimants: set[tuple[object, str]] = set()
         self._book_stale = True
-        # False while another process decides (this one waits as a standby): its book is not the truth then,
-        # and its per-HAVIP gauges would show stale holders beside the deciding process's.
-        self.deciding = True
+        # True from take_over to stand_by: while another process decides (this one waits as a standby) its book
+        # is not the truth, and its per-HAVIP gauges would show stale holders beside the deciding process's.
+        self.deciding = False
         metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
+        metrics.CONSUMING.set_function(lambda: self.deciding)
         metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
 
     async def load(self) -> None:
@@ -130,14 +131,12 @@ class BindingService:
         """Another process decides: what this book holds goes stale from now on; reloaded before deciding."""
         self.deciding = False
         self._book_stale = True
-        metrics.CONSUMING.set(0)
 
     async def take_over(self) -> None:
         """This process decides from now on: its book is what is committed, not what it loaded earlier."""
         async with self._lock:
             await self.ensure_current()
         self.deciding = True
-        metrics.CONSUMING.set(1)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Decide and commit a batch. A batch whose writes commute with every other — holders' refreshes and
