@@ -31,6 +31,7 @@ from yarl import URL
 
 from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
 from shared.settings import CommonSettings
+from shared.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -403,8 +404,7 @@ class BatchConsumer:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel(task)
         self._tasks = []
 
     async def _run(

@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from shared.events import Envelope, encode
 from shared.messaging import Broker
+from shared.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,7 @@ class OutboxRelay:
                 await asyncio.shield(self._task)
         except TimeoutError:
             log.warning("outbox relay did not finish its pass within %.1f s; cancelling it", timeout_s)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel(self._task)
 
     async def _run(self) -> None:
         await self._relay_until_stopped()

@@ -4,7 +4,6 @@ the binding service's events that keeps the allocator's view of bindings → Fas
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -36,6 +35,7 @@ from shared.messaging import Broker
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.signals import stop_on_signals_while_starting
+from shared.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,6 @@ async def maintain_view(view: BindingView, settings: AllocatorSettings) -> None:
 AUDIT_EXPIRY_INTERVAL_S = 3600.0
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def create_app(settings: AllocatorSettings) -> FastAPI:
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
     if token is None and not settings.insecure_no_auth:
@@ -141,7 +135,7 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
                 purge_idempotency_keys(db, settings.idempotency_ttl_hours, settings.idempotency_purge_interval_s),
                 name="idempotency key purge",
             )
-            stack.push_async_callback(_cancel, purge)
+            stack.push_async_callback(cancel, purge)
             view = BindingView(db)
             consumer = await broker.consumer(
                 VIEW_QUEUE,
@@ -154,7 +148,7 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             stack.push_async_callback(consumer.stop)
             await view.seed()
             maintenance = asyncio.create_task(maintain_view(view, settings), name="binding view maintenance")
-            stack.push_async_callback(_cancel, maintenance)
+            stack.push_async_callback(cancel, maintenance)
             app.state.db = db
             app.state.broker = broker
             freeze_startup_heap()

@@ -11,7 +11,6 @@ the environment); 2 invalid configuration (settings, unknown interface or namesp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 
@@ -23,6 +22,7 @@ from shared.logging import configure_logging
 from shared.messaging import Broker
 from shared.metrics import serve_metrics
 from shared.signals import restore_signals, stop_on_signals
+from shared.tasks import cancel
 
 from .capture import ArpCapture, CaptureOpenError, open_capture_socket
 from .claims import Claim
@@ -173,9 +173,7 @@ async def _finish_publishing(publishing: asyncio.Task[None], timeout_s: float) -
     try:
         await asyncio.wait_for(asyncio.shield(publishing), timeout_s)
     except TimeoutError:
-        publishing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await publishing
+        await cancel(publishing)
         return False
     except Exception:
         log.exception("publishing failed")

@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -25,6 +24,7 @@ from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.service_setup import migrate_service
 from shared.signals import stop_on_signals
+from shared.tasks import cancel, until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ async def _decide_while_consuming(
     ready: asyncio.Event | None,
 ) -> bool:
     """Get the queue, decide until stopped (False) or until the queue is lost (True)."""
-    consumer = await _until_stopped(
+    consumer = await until_stopped(
         broker.consumer(
             QUEUE,
             SUBSCRIPTIONS,
@@ -157,31 +157,13 @@ async def _decide_while_consuming(
             asyncio.create_task(release_paced_refusals(service), name="paced refusals"),
             asyncio.create_task(log_refusals(service, settings.refusal_log_interval_s), name="refusal log"),
         ):
-            stack.push_async_callback(_cancel, periodic)
-        lost = await _until_stopped(consumer.lost.wait(), stop)
+            stack.push_async_callback(cancel, periodic)
+        lost = await until_stopped(consumer.lost.wait(), stop)
         if lost is None:
             log.info("stopping: the batch under way is committed, then the outbox is published")
             return False
         log.warning("lost %s: deciding nothing until it is this process's again", settings.queue(QUEUE))
         return True
-
-
-async def _until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
-    """The result of `work`, or None if `stop` is set first (`work` is then cancelled)."""
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if task.done():
-        return task.result()
-    await _cancel(task)
-    return None
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def main(argv: list[str] | None = None) -> int:
