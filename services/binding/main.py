@@ -53,7 +53,9 @@ async def log_refusals(service: BindingService, interval_s: float) -> None:
                 "claims refused in the last %.0f s: %d frames from %s claimants (address, MAC)",
                 interval_s,
                 sum(summary.frames_by_reason.values()),
-                f"{summary.claimants:,}" if summary.claimants < MAX_SUMMARISED_CLAIMANTS else "over 10,000",
+                f"{summary.claimants:,}"
+                if summary.claimants < MAX_SUMMARISED_CLAIMANTS
+                else f"over {MAX_SUMMARISED_CLAIMANTS:,}",
                 extra={"frames_by_reason": summary.frames_by_reason},
             )
 
