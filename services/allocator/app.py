@@ -36,7 +36,6 @@ from shared.messaging import Broker
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.periodic import run_periodically
-from shared.signals import stop_on_signals_while_starting
 from shared.tasks import cancel
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,8 @@ def maintain_view(view: BindingView, settings: AllocatorSettings) -> Callable[[]
 AUDIT_EXPIRY_INTERVAL_S = 3600.0
 
 
-def create_app(settings: AllocatorSettings) -> FastAPI:
+def create_app(settings: AllocatorSettings, stop: asyncio.Event | None = None) -> FastAPI:
+    """The application; `stop`, once set, ends its start-up's waits for Postgres and RabbitMQ."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
     if token is None and not settings.insecure_no_auth:
         raise ConfigurationError("no API token configured (HAVIP_API_TOKEN)")
@@ -108,16 +108,17 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             log.warning("HAVIP_INSECURE_NO_AUTH is set: the API accepts unauthenticated calls")
         elif settings.weak_token:
             log.warning("HAVIP_API_TOKEN is shorter than 16 characters; use a long random token")
+        stopped = stop if stop is not None else asyncio.Event()
         async with AsyncExitStack() as stack:
-            pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
+            role = settings.database_role or service_role(SCHEMA)
+            pool = await create_pool(settings.database_url, role=role, stop=stopped)
+            if pool is None:
+                yield
+                return
             stack.push_async_callback(pool.close)
             broker = Broker(settings, SOURCE)
             stack.push_async_callback(broker.close)
-            stop = asyncio.Event()
-            with stop_on_signals_while_starting(stop):
-                connected = await broker.connect(stop)
-            if not connected:
-                log.info("stopped before RabbitMQ answered")
+            if not await broker.connect(stopped):
                 yield
                 return
             relay = OutboxRelay(pool, broker, SCHEMA)

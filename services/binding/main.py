@@ -26,8 +26,9 @@ from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.periodic import run_periodically
+from shared.runtime import serve
 from shared.service_setup import migrate_service
-from shared.signals import stop_on_signals
+from shared.settings import print_invalid_settings
 from shared.tasks import cancel, until_stopped
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,15 @@ async def tick(service: BindingService, ticks: Iterator[int], audit_retention_da
 
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
+        pool = await create_pool(
+            settings.database_url, role=settings.database_role or service_role(SCHEMA), stop=stop
+        )
+        if pool is None:
+            return
         stack.push_async_callback(pool.close)
         broker = Broker(settings, SOURCE)
         stack.push_async_callback(broker.close)
         if not await broker.connect(stop):
-            log.info("stopped before RabbitMQ answered")
             return
         hops = ClaimHops()
         relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
@@ -163,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = BindingSettings()
     except ValidationError as exc:
-        print(f"binding: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return print_invalid_settings(BindingSettings, exc)
     configure_logging(SOURCE, settings.log_level)
     if args == ["migrate"]:
         asyncio.run(migrate(settings))
@@ -172,11 +175,4 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print("usage: python -m services.binding [migrate]", file=sys.stderr)
         return 2
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        stop_on_signals(stop)
-        await run(settings, stop)
-
-    asyncio.run(serve())
-    return 0
+    return serve(run, settings)
