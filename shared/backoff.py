@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 from tenacity.wait import wait_base
+
+from shared.tasks import until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,9 @@ async def wait_until_available(
     max_delay_s: float = WAIT_MAX_S,
     logger: logging.Logger = log,
 ) -> T | None:
-    """`attempt()`'s result once `what` answers, for as long as it takes; None if `stop` was set first (said in
-    the log). Errors for which `unavailable` is false end the wait and are raised."""
+    """`attempt()`'s result (never None) once `what` answers, for as long as it takes; None if `stop` was set
+    first — it ends an attempt under way too — which the log says. Errors for which `unavailable` is false end
+    the wait and are raised."""
     said: list[str] = []
 
     def tell(state: RetryCallState) -> None:
@@ -79,21 +82,14 @@ async def wait_until_available(
     retrying = AsyncRetrying(
         retry=retry_if_exception(lambda exc: is_failure(exc) and unavailable(exc)),
         wait=jittered(WAIT_INITIAL_S, max_delay_s),
-        stop=lambda _state: stop is not None and stop.is_set(),
-        sleep=interruptible_sleep(stop),
         before_sleep=tell,
         reraise=True,
     )
-    if stop is not None and stop.is_set():
+    waiting: Coroutine[Any, Any, T] = retrying(attempt)
+    result = await waiting if stop is None else await until_stopped(waiting, stop)
+    if result is None:
         logger.info("stopped before %s answered", what)
         return None
-    try:
-        result: T = await retrying(attempt)
-    except Exception:
-        if stop is not None and stop.is_set():
-            logger.info("stopped before %s answered", what)
-            return None
-        raise
     if said:
         logger.info("connected to %s", what.lower())
     return result
