@@ -146,7 +146,9 @@ def test_a_claim_is_decided_only_against_the_havips_of_its_segment() -> None:
     assert moved.havip_id == twin.id
     # A segment no subnet is attached to: the address is nobody's there (counted, not stored).
     assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 6), "green")), NotAHavip)
-    assert isinstance(b.apply_claim(claim(CVM1.mac, 7)), NotAHavip)  # the default segment, too, now
+    assert isinstance(
+        b.apply_claim(claim(CVM1.mac, 7)), NotAHavip
+    )  # the default segment too: both subnets left it
 
 
 def test_vlans_of_one_segment_separate_subnets_and_no_vlan_means_the_whole_segment() -> None:
