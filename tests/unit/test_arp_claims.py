@@ -1,4 +1,4 @@
-"""The claim rule of SPEC §4, and the claim of the arp.claims.observed event it produces."""
+"""The claim rule (docs/contract.md#claims), and the claim of the arp.claims.observed event it produces."""
 
 from __future__ import annotations
 
