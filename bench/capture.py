@@ -54,7 +54,7 @@ from typing import Any, Protocol
 from bench.common import machine, machine_cpu_s, own_cpu_s, process_cpu_s, say
 from services.arp_watcher.capture import CaptureStats, network_namespace
 from services.arp_watcher.claims import Claim, claim_from_frame
-from services.arp_watcher.frames import ARP_REQUEST, MalformedFrame, NotArp, build_arp_frame, parse_frame
+from services.arp_watcher.frames import ARP_REQUEST, MalformedFrame, NotArp, parse_frame
 from services.arp_watcher.ring import (
     DEFAULT_BLOCK_COUNT,
     DEFAULT_BLOCK_SIZE,
@@ -63,6 +63,7 @@ from services.arp_watcher.ring import (
     open_capture_ring,
 )
 from tests.lab import CaptureNamespace, Lab, LabHost
+from tests.lab.arp_frames import build_arp_frame
 from tests.lab.proc import terminate_group
 
 HAVIPS = 10_000

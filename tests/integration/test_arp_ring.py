@@ -27,9 +27,10 @@ import pytest
 
 from services.arp_watcher.capture import CaptureOpenError, network_namespace
 from services.arp_watcher.claims import Claim
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REQUEST
 from services.arp_watcher.ring import RingCapture, open_capture_ring
 from tests.lab import CaptureNamespace, Lab, LabHost
+from tests.lab.arp_frames import build_arp_frame
 from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw
 
 

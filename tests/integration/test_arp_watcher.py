@@ -37,9 +37,10 @@ import pytest
 from services.arp_watcher.capture import ArpCapture, network_namespace, open_capture_socket
 from services.arp_watcher.claims import Claim
 from services.arp_watcher.encoding import encode_claims
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REQUEST
 from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
 from tests import service_logs
+from tests.lab.arp_frames import build_arp_frame
 from tests.ports import free_port
 from tests.tcp_proxy import CuttableProxy
 from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw

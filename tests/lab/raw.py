@@ -7,7 +7,8 @@ import socket
 from ipaddress import IPv4Address
 
 from services.arp_watcher.capture import network_namespace
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REQUEST
+from tests.lab.arp_frames import build_arp_frame
 from tests.lab.names import check_lab_address
 
 

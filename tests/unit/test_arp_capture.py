@@ -28,7 +28,8 @@ from services.arp_watcher.capture import (
     netns_path,
 )
 from services.arp_watcher.claims import Claim
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REQUEST
+from tests.lab.arp_frames import build_arp_frame
 
 MAC = bytes.fromhex("02000000000a")
 VIP = int(IPv4Address("192.0.2.10"))

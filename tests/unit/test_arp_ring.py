@@ -14,7 +14,7 @@ import pytest
 
 from services.arp_watcher.capture import TP_STATUS_VLAN_VALID, CaptureStats
 from services.arp_watcher.claims import Claim
-from services.arp_watcher.frames import ARP_REPLY, ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REPLY, ARP_REQUEST
 from services.arp_watcher.ring import (
     BLOCK_DESC,
     TP_STATUS_KERNEL,
@@ -29,6 +29,7 @@ from services.arp_watcher.ring import (
     drain_block,
     release_block,
 )
+from tests.lab.arp_frames import build_arp_frame
 
 MAC = bytes.fromhex("02000000000a")
 VIP = int(IPv4Address("192.0.2.10"))
