@@ -34,10 +34,12 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from services.arp_watcher.capture import ArpCapture, network_namespace, open_capture_socket
+from services.arp_watcher.capture_thread import CaptureThread
 from services.arp_watcher.claims import Claim
 from services.arp_watcher.encoding import encode_claims
 from services.arp_watcher.frames import ARP_REQUEST
+from services.arp_watcher.packet_socket import network_namespace
+from services.arp_watcher.socket_reader import open_socket_reader
 from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
 from tests import service_logs
 from tests.lab.arp_frames import build_arp_frame
@@ -157,9 +159,9 @@ class Collected:
 
 
 @contextlib.contextmanager
-def capturing(lab: Lab) -> Iterator[tuple[ArpCapture, Collected]]:
+def capturing(lab: Lab) -> Iterator[tuple[CaptureThread, Collected]]:
     collected = Collected()
-    capture = ArpCapture(open_capture_socket("eth0", netns=lab.watch_ns), collected.sink)
+    capture = CaptureThread(open_socket_reader("eth0", netns=lab.watch_ns), collected.sink)
     capture.start()
     try:
         yield capture, collected
