@@ -392,7 +392,8 @@ class WatcherProcess:
             await self._reader
 
 
-async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> None:
+@pytest.mark.parametrize("capture", ["ring", "socket"])
+async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str, capture: str) -> None:
     # The module's own vhost (gone after the module); the prefix also exercises HAVIP_AMQP_PREFIX.
     prefix = f"t{uuid.uuid4().hex[:8]}."
     exchange_name = f"{prefix}havip.events"
@@ -415,9 +416,11 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> 
             HAVIP_WATCHER_ID=f"test/{lab.prefix}",
             HAVIP_METRICS_PORT=str(metrics_port),
             HAVIP_METRICS_HOST="127.0.0.1",
+            HAVIP_CAPTURE=capture,
         )
         watcher = await WatcherProcess.start(env)
-        await watcher.wait_for_log("capture started")
+        started = await watcher.wait_for_log("capture started")
+        assert started["capture"] == capture
 
         before = time.time_ns()
         await asyncio.to_thread(lab.arping, "192.0.2.20", count=3)
