@@ -62,7 +62,7 @@ class CaptureThread:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.reader = reader
+        self._reader = reader
         self.max_batch = max_batch
         self.stats_interval_s = stats_interval_s
         self.stopping = threading.Event()
@@ -85,20 +85,20 @@ class CaptureThread:
         """Stop the thread (woken at once, or within the reader's poll interval), take the last kernel counters
         and close the reader. A thread still reading after `timeout_s` keeps its reader open."""
         self.stopping.set()
-        self.reader.wake()
+        self._reader.wake()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("capture thread still running %.1f s after stop; leaving its socket open", timeout_s)
             return
-        if not self.reader.closed:
+        if not self._reader.closed:
             with contextlib.suppress(OSError):
                 self.poll_kernel_stats()
-            self.reader.close()
+            self._reader.close()
 
     def poll_kernel_stats(self) -> None:
         with self._stats_lock:
-            packets, drops = self.reader.read_kernel_stats()
+            packets, drops = self._reader.read_kernel_stats()
             self.stats.kernel_packets += packets
             self.stats.kernel_drops += drops
         if drops:
@@ -129,7 +129,7 @@ class CaptureThread:
     def _run(self) -> None:
         self._next_stats = time.monotonic() + self.stats_interval_s
         try:
-            self.reader.read_until_stopped(self)
+            self._reader.read_until_stopped(self)
         except BaseException as exc:
             self.error = exc
             log.exception("capture thread stopped")
