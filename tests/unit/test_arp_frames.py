@@ -22,9 +22,9 @@ from services.arp_watcher.frames import (
     FrameError,
     MalformedFrame,
     NotArp,
-    build_arp_frame,
     parse_frame,
 )
+from tests.lab.arp_frames import build_arp_frame
 
 T0 = 1_700_000_000_000_000_000
 MAC_A = bytes.fromhex("020000000001")
