@@ -473,7 +473,7 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str, cap
         assert samples["havip_watcher_publish_failures_total"] == 0
 
         rss = await asyncio.to_thread(rss_kb, watcher.proc.pid)
-        assert rss < 80 * 1024, f"watcher RSS {rss} kB (SPEC P5: ≤ 80 MB)"
+        assert rss < 80 * 1024, f"watcher RSS {rss} kB (docs/contract.md#figures, P5: ≤ 80 MB)"
 
         assert await watcher.stop() == 0
         stopped = await watcher.wait_for_log("stopped")
@@ -569,7 +569,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
 
 
 async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
-    """SPEC R6: an unprivileged user with CAP_NET_RAW alone captures on a root-namespace port of the lab (a
+    """docs/contract.md#reliability, R6: an unprivileged user with CAP_NET_RAW alone captures on a root-namespace port of the lab (a
     veth end with no address, ARP off and IPv6 off, so the host answers nothing). Entering a network namespace
     (HAVIP_NETNS) would need CAP_SYS_ADMIN as well: deployments with only NET_RAW use the host network."""
     port_name, peer_name = f"{lab.prefix}r", f"{lab.prefix}q"
