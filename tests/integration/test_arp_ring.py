@@ -290,8 +290,8 @@ print(len(got), capture.stats.kernel_drops, capture.error)
 
 
 def test_cap_net_raw_alone_sets_up_the_ring(world: World) -> None:
-    """docs/contract.md#reliability, R6: an unprivileged user with CAP_NET_RAW and nothing else opens and maps the ring (on the
-    root-namespace capture port: entering a namespace would need CAP_SYS_ADMIN)."""
+    """R6 (docs/contract.md#reliability): an unprivileged user with CAP_NET_RAW and nothing else opens and maps
+    the ring (on the root-namespace capture port: entering a namespace would need CAP_SYS_ADMIN)."""
     with python_as_nobody_with_net_raw("-c", CAPTURE_SCRIPT, world.port) as command:
         proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -569,9 +569,10 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
 
 
 async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
-    """docs/contract.md#reliability, R6: an unprivileged user with CAP_NET_RAW alone captures on a root-namespace port of the lab (a
-    veth end with no address, ARP off and IPv6 off, so the host answers nothing). Entering a network namespace
-    (HAVIP_NETNS) would need CAP_SYS_ADMIN as well: deployments with only NET_RAW use the host network."""
+    """R6 (docs/contract.md#reliability): an unprivileged user with CAP_NET_RAW alone captures on a
+    root-namespace port of the lab (a veth end with no address, ARP off and IPv6 off, so the host answers
+    nothing). Entering a network namespace (HAVIP_NETNS) would need CAP_SYS_ADMIN as well: deployments with only
+    NET_RAW use the host network."""
     port_name, peer_name = f"{lab.prefix}r", f"{lab.prefix}q"
     metrics_port = free_port()
     watcher: WatcherProcess | None = None
