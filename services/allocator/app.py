@@ -50,7 +50,7 @@ Every `/v1` route requires `Authorization: Bearer <token>`.
 `last_transition_at`, `last_seen_at`, `flapping` and `split_brain`, its transitions and the audit of refused
 claims come from the binding service's events (`havip.binding.changed`, …) into the allocator's own tables: they
 show a change milliseconds after the binding service committed it (measured under load on a 2-core machine:
-p50 9–13 ms, p99 under 50 ms, most of it the binding's own publishing; docs/benchmarks.md). The metric
+p50 7–13 ms, p99 13–41 ms, most of it the binding's own publishing; docs/benchmarks.md). The metric
 `havip_view_delay_seconds` on `/metrics` exports it as the allocator sees it. `last_seen_at` is the capture time
 of the claim that made the current holder (holders' refreshes are not published as events). A release's 409
 `HAVIP_BOUND` is decided on this view. Errors are

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from pydantic import ValidationError
@@ -25,13 +26,16 @@ from shared.runtime import StartupError, serve
 from shared.settings import print_invalid_settings
 from shared.tasks import cancel
 
-from .capture import ArpCapture, CaptureOpenError, open_capture_socket
+from .capture import Capture, ClaimSink
+from .capture_thread import CaptureThread, FrameReader
 from .claims import Claim
 from .coalesce import Coalescer
 from .metrics import WatcherMetrics
+from .packet_socket import CaptureOpenError
 from .publisher import ClaimBuffer, ClaimPublisher
-from .ring import RingCapture, open_ring_capture
+from .ring import open_ring_reader
 from .settings import WatcherSettings
+from .socket_reader import open_socket_reader
 
 log = logging.getLogger("services.arp_watcher")
 
@@ -51,29 +55,8 @@ async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: Colle
     def on_error(_exc: BaseException) -> None:
         loop.call_soon_threadsafe(stop.set)
 
-    capture: RingCapture | ArpCapture
     try:
-        if settings.capture == "ring":
-            capture = open_ring_capture(
-                settings.interface,
-                sink,
-                netns=settings.netns,
-                promiscuous=settings.promiscuous,
-                ignore_outgoing=settings.ignore_outgoing,
-                block_size=settings.ring_block_kib * 1024,
-                block_count=settings.ring_blocks,
-                retire_timeout_ms=settings.ring_retire_timeout_ms,
-                on_error=on_error,
-            )
-        else:
-            sock = open_capture_socket(
-                settings.interface,
-                netns=settings.netns,
-                rcvbuf_bytes=settings.rcvbuf_bytes,
-                promiscuous=settings.promiscuous,
-                ignore_outgoing=settings.ignore_outgoing,
-            )
-            capture = ArpCapture(sock, sink, on_error=on_error)
+        capture = open_capture(settings, sink, on_error)
     except CaptureOpenError as exc:
         raise StartupError(str(exc), 2 if exc.config_error else 1) from exc
 
@@ -149,6 +132,33 @@ async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: Colle
             },
         )
     return 1 if capture.error is not None or failed else 0
+
+
+def open_capture(
+    settings: WatcherSettings, sink: ClaimSink, on_error: Callable[[BaseException], object]
+) -> Capture:
+    """The capture thread over the reader HAVIP_CAPTURE names, not started; CaptureOpenError if its socket
+    cannot be opened."""
+    reader: FrameReader
+    if settings.capture == "ring":
+        reader = open_ring_reader(
+            settings.interface,
+            netns=settings.netns,
+            promiscuous=settings.promiscuous,
+            ignore_outgoing=settings.ignore_outgoing,
+            block_size=settings.ring_block_kib * 1024,
+            block_count=settings.ring_blocks,
+            retire_timeout_ms=settings.ring_retire_timeout_ms,
+        )
+    else:
+        reader = open_socket_reader(
+            settings.interface,
+            netns=settings.netns,
+            rcvbuf_bytes=settings.rcvbuf_bytes,
+            promiscuous=settings.promiscuous,
+            ignore_outgoing=settings.ignore_outgoing,
+        )
+    return CaptureThread(reader, sink, on_error=on_error)
 
 
 async def _finish_publishing(publishing: asyncio.Task[None], timeout_s: float) -> bool:

@@ -53,7 +53,8 @@ class EncodedPublisher(Protocol):
 
 
 # A buffered claim is kept as two short byte strings (the claimant, the rest) instead of a ~350-byte tuple of
-# objects: a backlog of 100,000 claimants during an outage then costs ~20 MB, not ~50 MB (SPEC P5).
+# objects: a backlog of 100,000 claimants during an outage then costs ~20 MB, not ~50 MB (the watcher's memory goal
+# P5, docs/contract.md#figures).
 _CLAIMANT = struct.Struct("=HI6s6s")  # vlan (0xFFFF = none), sender_ip, sender_mac, eth_src
 _REST = struct.Struct("=BIQIQ")  # kind, target_ip, captured_at, repeats, read_at
 _KINDS: Final = ("garp_request", "arp_reply")

@@ -18,8 +18,8 @@ class WatcherSettings(CommonSettings):
     interface: str = Field(min_length=1, max_length=15, pattern=r"^[^\s/]+$")
     # HAVIP_NETNS: open the capture inside this network namespace (name from `ip netns add`, or a path).
     netns: str | None = None
-    # HAVIP_SEGMENT: the layer-2 segment the interface is on (SPEC §4): claims are decided only against the
-    # HAVIPs of the subnets attached to it. One segment needs no configuration.
+    # HAVIP_SEGMENT: the layer-2 segment the interface is on (docs/contract.md#segments): claims are decided only
+    # against the HAVIPs of the subnets attached to it. One segment needs no configuration.
     segment: SegmentName = DEFAULT_SEGMENT
     # HAVIP_WATCHER_ID: reported with every claim; default "<hostname>/<interface>".
     watcher_id: str = Field(default="", max_length=200)  # filled in below when empty
