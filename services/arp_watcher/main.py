@@ -22,7 +22,8 @@ from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
 from shared.messaging import Broker
 from shared.metrics import serve_metrics
-from shared.signals import restore_signals, stop_on_signals
+from shared.runtime import StartupError, serve
+from shared.settings import print_invalid_settings
 from shared.tasks import cancel
 
 from .capture import Capture, ClaimSink
@@ -33,7 +34,7 @@ from .metrics import WatcherMetrics
 from .packet_socket import CaptureOpenError
 from .publisher import ClaimBuffer, ClaimPublisher
 from .ring import open_ring_reader
-from .settings import WatcherSettings, describe_errors
+from .settings import WatcherSettings
 from .socket_reader import open_socket_reader
 
 log = logging.getLogger("services.arp_watcher")
@@ -41,21 +42,8 @@ log = logging.getLogger("services.arp_watcher")
 SOURCE = "arp_watcher"
 
 
-class StartupError(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-async def run(
-    settings: WatcherSettings,
-    *,
-    stop: asyncio.Event | None = None,
-    registry: CollectorRegistry = REGISTRY,
-    install_signal_handlers: bool = True,
-) -> int:
+async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: CollectorRegistry = REGISTRY) -> int:
     loop = asyncio.get_running_loop()
-    stop = stop if stop is not None else asyncio.Event()
     metrics = WatcherMetrics(registry)
     buffer = ClaimBuffer(settings.buffer_size, loop)
 
@@ -86,9 +74,6 @@ async def run(
             raise StartupError(
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}", 2
             ) from exc
-
-    if install_signal_handlers:
-        stop_on_signals(stop)
 
     broker = Broker(settings, source=SOURCE)
     publisher = ClaimPublisher(
@@ -125,8 +110,6 @@ async def run(
         await stop.wait()
         log.info("stopping")
     finally:
-        if install_signal_handlers:
-            restore_signals()
         await asyncio.to_thread(capture.stop)
         publisher.close()
         failed = await _finish_publishing(publishing, settings.drain_timeout_s)
@@ -195,16 +178,9 @@ def main() -> int:
     try:
         settings = WatcherSettings()  # `interface` comes from the environment (HAVIP_INTERFACE)
     except ValidationError as exc:
-        print(describe_errors(exc), file=sys.stderr)
-        return 2
+        return print_invalid_settings(WatcherSettings, exc)
     configure_logging(SOURCE, settings.log_level)
     # The capture thread parses while the event loop publishes: a loop waiting for the interpreter lock is a
     # takeover waiting; CPython's default switch interval (5 ms) would let the capture thread keep it that long.
     sys.setswitchinterval(0.0005)
-    try:
-        return asyncio.run(run(settings))
-    except StartupError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
+    return serve(run, settings)

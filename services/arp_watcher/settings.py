@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.events import DEFAULT_SEGMENT, MAX_CLAIMS_PER_EVENT, SegmentName
 from shared.settings import CommonSettings
@@ -71,12 +71,3 @@ class WatcherSettings(CommonSettings):
         if "/" in value or value in (".", "..") or any(c.isspace() for c in value):
             raise ValueError("must be a network namespace name (as in `ip netns list`) or an absolute path")
         return value
-
-
-def describe_errors(exc: ValidationError, env_prefix: str = "HAVIP_") -> str:
-    """One line per problem, naming the environment variable to fix."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        loc = "_".join(str(part) for part in error["loc"]) or "settings"
-        lines.append(f"  {env_prefix}{loc.upper()}: {error['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)
