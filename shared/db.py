@@ -84,8 +84,8 @@ def describe_database_error(exc: BaseException, dsn: str, role: str | None = Non
 
 
 def database_or_network_away(exc: BaseException) -> bool:
-    """Failures a consumer retries for as long as they last (SPEC R1/R2); anything else is the message's
-    fault after a few tries."""
+    """Failures a consumer retries for as long as they last (R1/R2 in docs/contract.md#reliability); anything
+    else is the message's fault after a few tries."""
     return is_transient(exc) or isinstance(
         exc,
         asyncpg.PostgresConnectionError

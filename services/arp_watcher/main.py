@@ -90,7 +90,7 @@ async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: Colle
 
     async def connect_and_publish() -> None:
         if await broker.connect(stop):
-            log.info("connected to rabbitmq", extra={"exchange": settings.exchange})
+            log.info("publishing claims", extra={"exchange": settings.exchange})
             await publisher.run()
 
     freeze_startup_heap()

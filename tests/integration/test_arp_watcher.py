@@ -521,7 +521,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
             HAVIP_METRICS_HOST="127.0.0.1",
         )
         watcher = await WatcherProcess.start(env)
-        await watcher.wait_for_log("connected to rabbitmq")
+        await watcher.wait_for_log("publishing claims")
 
         async def next_claims(count: int, timeout_s: float) -> list[ObservedClaim]:
             got: list[ObservedClaim] = []
