@@ -60,7 +60,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A small pool on the module's database, as a service builds one (a module may define its own)."""
     pool = await create_pool(database_url, min_size=1, max_size=2)
     yield pool
@@ -68,7 +68,7 @@ async def pool(database_url: str) -> AsyncIterator[Any]:
 
 
 @pytest.fixture(scope="module")
-async def db(database_url: str) -> AsyncIterator[Any]:
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     try:
         yield conn
