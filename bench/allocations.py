@@ -77,6 +77,7 @@ from bench.common import (
 )
 from shared.messaging import declare_topology
 from shared.settings import CommonSettings
+from tests.waiting import eventually
 
 GOAL_RATE = 300.0  # allocations/s
 GOAL_P99_MS = 100.0
@@ -234,17 +235,17 @@ async def tap_events(amqp_url: str) -> AsyncIterator[EventTap]:
 
 async def wait_drained(conn: Any, tap: EventTap, n: int, since: float) -> dict[str, Any]:
     """How long after `since` (the last response) the outbox was empty and the n-th event had arrived."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
     outbox_empty_at: float | None = None
-    while True:
+
+    async def drained() -> bool:
+        nonlocal outbox_empty_at
         now = time.perf_counter()
         if outbox_empty_at is None and await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0:
             outbox_empty_at = now
-        if outbox_empty_at is not None and len(tap.received) >= n:
-            break
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.002)
+        return outbox_empty_at is not None and len(tap.received) >= n
+
+    with contextlib.suppress(TimeoutError):  # what did not drain in time is reported as NaN below
+        await eventually(drained, timeout=DRAIN_TIMEOUT_S, interval=0.002, what="the outbox drained")
     last_event = max((t for t, _, _ in tap.received), default=math.nan)
     return {
         "outbox_empty_after_ms": math.nan if outbox_empty_at is None else (outbox_empty_at - since) * 1000,

@@ -8,7 +8,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -18,6 +17,7 @@ import httpx
 from tests import service_logs
 from tests.lab.proc import StartedInContext
 from tests.ports import free_port
+from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("binding", "arp_watcher", "allocator")
@@ -147,14 +147,14 @@ class System(StartedInContext):
         service.log_file.close()
 
     def wait_ready(self, timeout: float = 60.0, names: tuple[str, ...] = SERVICES) -> None:
-        deadline = time.monotonic() + timeout
         checks = {
             "allocator": f"{self.api_url}/readyz",
             "binding": f"http://127.0.0.1:{self.binding_metrics_port}/metrics",
             "arp_watcher": f"http://127.0.0.1:{self.watcher_metrics_port}/metrics",
         }
         pending = {name: url for name, url in checks.items() if name in names}
-        while pending:
+
+        def all_ready() -> bool:
             for name, url in list(pending.items()):
                 service = self.services[name]
                 if service.process.poll() is not None:
@@ -164,9 +164,12 @@ class System(StartedInContext):
                         del pending[name]
                 except httpx.HTTPError:
                     pass
-            if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"not ready within {timeout} s: {sorted(pending)}")
-            time.sleep(0.05)
+            return not pending
+
+        try:
+            eventually_sync(all_ready, timeout=timeout, interval=0.05, what="the services ready")
+        except TimeoutError as exc:
+            raise TimeoutError(f"not ready within {timeout} s: {sorted(pending)}") from exc
 
     def stop(self) -> None:
         for service in self.services.values():

@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,12 +28,14 @@ from tests import grafana, service_logs
 from tests.e2e.system import System, ok, register_inventory
 from tests.lab import Keepalived, Lab
 from tests.ports import free_port
+from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DEADLINE_S = 60.0  # generous: CI shares two cores with other test runs
+POLL_S = 0.2
 SUBNET = "192.0.2.0/24"
 SCRAPE_INTERVAL_S = 1.0  # config_for() below
 JOBS = ("allocator", "binding", "arp_watcher")  # deploy/prometheus/prometheus.yml's scrape jobs
@@ -48,16 +51,9 @@ ALWAYS_EXPORTED = [
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = DEADLINE_S) -> T:
-    """Poll until `probe` returns something (not None); the last observation goes into the timeout message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
+def wait_for(probe: Callable[[], T | None], what: str) -> T:
+    """What `probe` returns once it returns something, polled as often as Prometheus's answers may change."""
+    return eventually_sync(probe, timeout=DEADLINE_S, interval=POLL_S, what=what)
 
 
 @pytest.fixture(scope="module")
@@ -313,19 +309,23 @@ def test_every_dashboard_variable_offers_the_failed_over_havip(prometheus: str, 
 def test_every_dashboard_query_returns_series_after_the_failover(prometheus: str, failover: Failover) -> None:
     queries = grafana.prometheus_queries(grafana.dashboard())
     variables = {"havip": [failover.havip["address"]], "subnet": [failover.subnet_id]}
-    deadline = time.monotonic() + DEADLINE_S
-    while True:  # poll until every panel has its data, within the deadline
+    panels = {q.panel for q in queries}
+    polled: list[tuple[dict[grafana.PanelQuery, Any], list[str], list[str]]] = []
+
+    def every_panel_has_data() -> bool:
         answers = {q: values_of(prometheus, q, variables, failover.started) for q in queries}
         without_data = sorted(q.name for q, (_, values) in answers.items() if not any(map(math.isfinite, values)))
-        panels = {q.panel for q in queries}
         flat = sorted(
             panel
             for panel in panels - ZERO_WHEN_HEALTHY
             if not any(v > 0 for q, (_, values) in answers.items() if q.panel == panel for v in values)
         )
-        if (not without_data and not flat) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        polled.append((answers, without_data, flat))
+        return not without_data and not flat
+
+    with suppress(TimeoutError):  # the assertions below, on the last answers, say what is missing
+        eventually_sync(every_panel_has_data, timeout=DEADLINE_S, interval=0.5, what="every panel's data")
+    answers, without_data, flat = polled[-1]
     assert without_data == [], "queries without a series or a value"
     assert flat == [], "panels that never rose above zero through a failover, a refusal and flapping"
     assert panels >= ZERO_WHEN_HEALTHY
