@@ -20,7 +20,6 @@ from shared.events import envelope
 from tests.e2e.system import scrape
 from tests.integration.allocator_support import (
     BindingStandIn,
-    EventLog,
     Json,
     error,
     http_client,
@@ -33,6 +32,7 @@ from tests.integration.allocator_support import (
     wait_history,
     wait_shown,
 )
+from tests.listener import EventLog
 from tests.waiting import eventually
 
 

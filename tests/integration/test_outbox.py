@@ -64,8 +64,8 @@ async def test_events_committed_before_a_crash_are_published_in_commit_order_by_
         finally:
             await relay.stop()
             await broker.close()
-    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in committed]
-    assert str(rolled_back.event_id) not in {e["event_id"] for e in log.received}
+    assert [e.event_id for e in log.received] == [env.event_id for env in committed]
+    assert rolled_back.event_id not in {e.event_id for e in log.received}
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0
 
@@ -153,7 +153,7 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
             await eventually(lambda: len(log.received) >= len(batch), what="the batch")
         finally:
             await broker.close()
-    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in batch]
+    assert [e.event_id for e in log.received] == [env.event_id for env in batch]
 
 
 async def test_a_stopped_relay_publishes_what_was_committed_before_the_stop(pool: Any, amqp_url: str) -> None:
@@ -251,8 +251,8 @@ async def all_arrived(broker: Broker, log: EventLog) -> list[str]:
     after them arrives after them (one queue), so duplicates published earlier cannot still be on the way."""
     marker = vpc_event("marker")
     await broker.publish(marker)
-    await eventually(lambda: str(marker.event_id) in {e["event_id"] for e in log.received}, what="the marker")
-    ids = [e["event_id"] for e in log.received]
+    await eventually(lambda: marker.event_id in {e.event_id for e in log.received}, what="the marker")
+    ids = [str(e.event_id) for e in log.received]
     return ids[: ids.index(str(marker.event_id))]
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from shared.messaging import Broker
 from tests.integration.allocator_support import (
-    EventLog,
     Json,
     error,
     make_havip,
@@ -23,6 +22,7 @@ from tests.integration.allocator_support import (
     shown,
     wait_shown,
 )
+from tests.listener import EventLog
 from tests.waiting import eventually
 
 # The view is eventually consistent: generous deadlines, met in milliseconds on an idle machine.
