@@ -71,6 +71,7 @@ from tests.e2e.system import System
 from tests.lab import Lab
 from tests.lab.proc import LabCommandError
 from tests.lab.raw import RawSender
+from tests.metrics_text import samples
 from tests.waiting import eventually, eventually_sync
 
 SUBNET = "198.18.0.0/15"
@@ -564,12 +565,8 @@ async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[
 def view_delay_buckets(allocator_url: str) -> list[tuple[float, float]]:
     """The allocator's havip_view_delay_seconds{event="transition"} buckets: (upper bound, cumulative count)."""
     text = httpx.get(f"{allocator_url}/metrics", timeout=10).text
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith('havip_view_delay_seconds_bucket{event="transition"'):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((math.inf if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-    return sorted(buckets)
+    found = samples(text, "havip_view_delay_seconds_bucket", {"event": "transition"})
+    return sorted((float(sample.labels["le"]), sample.value) for sample in found)
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:

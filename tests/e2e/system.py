@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import httpx
 
 from tests import service_logs
 from tests.lab.proc import StartedInContext
+from tests.metrics_text import value
 from tests.ports import free_port
 from tests.waiting import eventually_sync
 
@@ -195,7 +195,7 @@ class System(StartedInContext):
         """Current value of one sample scraped from a service's /metrics (0 when absent)."""
         port = self.binding_metrics_port if service == "binding" else self.watcher_metrics_port
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0).text
-        return scrape(text, name, labels or {})
+        return value(text, name, labels) or 0.0
 
 
 def ok(response: httpx.Response) -> Any:
@@ -219,14 +219,3 @@ def register_inventory(system: System, name: str, cidr: str, hosts: dict[str, tu
             for host, (ip, mac) in hosts.items()
         }
     return {"vpc": vpc, "subnet": subnet, "instances": instances}
-
-
-def scrape(text: str, name: str, labels: dict[str, str]) -> float:
-    for line in text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
-        if match is None or match.group(1) != name:
-            continue
-        found: dict[str, Any] = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(4))
-    return 0.0

@@ -9,7 +9,6 @@ where EIPs are concerned, its own app with its own EIP pool: the pool is shared 
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,6 +34,7 @@ from tests.integration.allocator_support import (
     wait_shown,
 )
 from tests.listener import EventLog
+from tests.metrics_text import value
 from tests.waiting import eventually
 
 
@@ -507,8 +507,7 @@ async def test_unknown_query_parameters_are_refused(app: FastAPI, client: httpx.
 
 
 def free_addresses(text: str, subnet_id: str) -> float | None:
-    match = re.search(rf'^havip_subnet_free_addresses{{subnet_id="{subnet_id}"}} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else None
+    return value(text, "havip_subnet_free_addresses", {"subnet_id": subnet_id})
 
 
 async def test_subnet_free_addresses_metric(client: httpx.AsyncClient) -> None:

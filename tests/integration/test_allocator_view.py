@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from shared.events import envelope
-from tests.e2e.system import scrape
 from tests.integration.allocator_support import (
     BindingStandIn,
     Json,
@@ -33,6 +32,7 @@ from tests.integration.allocator_support import (
     wait_shown,
 )
 from tests.listener import EventLog
+from tests.metrics_text import value
 from tests.waiting import eventually
 
 
@@ -49,7 +49,7 @@ async def view_client(database_url: str, amqp_url: str) -> AsyncIterator[httpx.A
 
 
 async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
-    return scrape((await client.get("/metrics")).text, name, labels)
+    return value((await client.get("/metrics")).text, name, labels) or 0.0
 
 
 async def world(client: httpx.AsyncClient, cidr16: str) -> tuple[Json, Json, Json]:
