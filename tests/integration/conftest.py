@@ -61,8 +61,9 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(scope="module")
 async def pool(database_url: str) -> AsyncIterator[Any]:
-    """A small pool on the module's database, as a service builds one (a module may define its own)."""
-    pool = await create_pool(database_url, min_size=1, max_size=2)
+    """A small pool on the module's database, as a service builds one: room for a service's connection (the
+    outbox relay's) and a test's own beside it."""
+    pool = await create_pool(database_url, min_size=1, max_size=4)
     yield pool
     await pool.close()
 

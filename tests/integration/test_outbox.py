@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
@@ -25,13 +24,6 @@ from shared.settings import CommonSettings
 from tests.listener import EventLog, listening
 from tests.tcp_proxy import CuttableProxy
 from tests.waiting import eventually
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
-    pool = await create_pool(database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
 
 
 def vpc_event(name: str) -> events.Envelope:
