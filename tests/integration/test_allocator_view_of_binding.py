@@ -5,7 +5,6 @@ API shows equals the binding's own."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -87,14 +86,14 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
         assert shown["bound_instance_id"] == cvm1["id"]
 
     # The allocator is down; two failovers happen; an operator purges its queue: those events are lost to it.
+    # Each claim is taken once the one before has moved the HAVIP: claims decided together would be one move.
+    async def transitions(count: int) -> bool:
+        return len(await binding_history(database_url, havip["id"])) == count
+
     await publish_claim(watcher, havip, cvm2)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: transitions(2), what="the binding's move to cvm2")
     await publish_claim(watcher, havip, cvm1)
-
-    async def binding_moved_twice() -> bool:
-        return len(await binding_history(database_url, havip["id"])) == 3
-
-    await eventually(binding_moved_twice, what="the binding's two moves")
+    await eventually(lambda: transitions(3), what="the binding's move back to cvm1")
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
@@ -110,7 +109,6 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
         await connection.close()
 
     async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
-        await asyncio.sleep(0.05)
         await publish_claim(watcher, havip, cvm2)  # sequence 4: the allocator sees 2 and 3 are missing
         shown = await wait_shown(client, havip, "bound to cvm2", bound_instance_id=cvm2["id"])
         assert shown["state"] == "BOUND"
