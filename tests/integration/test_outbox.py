@@ -121,7 +121,7 @@ class PausingBroker(Broker):
         self.publishing.set()
         if self.pause_s is None:
             await self.release.wait()
-        else:
+        else:  # a slow broker, not a synchronisation: the pass stays under way while the test acts
             await asyncio.sleep(self.pause_s)
         await super().publish_encoded(event_type, body, event_id, occurred_at)
 
