@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DEADLINE_S = 60.0  # generous: CI shares two cores with other test runs
 POLL_S = 0.2
-SUBNET = "192.0.2.0/24"
 SCRAPE_INTERVAL_S = 1.0  # config_for() below
 JOBS = ("allocator", "binding", "arp_watcher")  # deploy/prometheus/prometheus.yml's scrape jobs
 # Always exported, whatever happened (no labels, or collected from the capture's counters), and read by rules.
@@ -54,16 +53,6 @@ T = TypeVar("T")
 def wait_for(probe: Callable[[], T | None], what: str) -> T:
     """What `probe` returns once it returns something, polled as often as Prometheus's answers may change."""
     return eventually_sync(probe, timeout=DEADLINE_S, interval=POLL_S, what=what)
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(SUBNET) as lab:
-        lab.add_host("cvm1", "192.0.2.11")
-        lab.add_host("cvm2", "192.0.2.12")
-        lab.add_host("intruder", "192.0.2.66")
-        lab.add_capture_port("cap")
-        yield lab
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +202,8 @@ def failover(system: System, lab: Lab, prometheus: str) -> Failover:
     wait_for(lambda: True if len(api(prometheus, "query", query="up == 1")["result"]) == 3 else None, "scraped")
     started = datetime.now(UTC)
     cvm1, cvm2 = lab.hosts["cvm1"], lab.hosts["cvm2"]
-    inventory = register_inventory(
-        system, "grafana", SUBNET, {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvm1", "cvm2")}
-    )
+    pair = {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvm1", "cvm2")}
+    inventory = register_inventory(system, "grafana", str(lab.network), pair)
     ids = {name: instance["id"] for name, instance in inventory["instances"].items()}
     with system.api() as client:
         havip = ok(client.post("/havips", json={"subnet_id": inventory["subnet"]["id"], "name": "dashboard"}))
