@@ -39,6 +39,15 @@ async def binding(
 
 
 @pytest.fixture(scope="module")
+async def watcher(amqp_url: str) -> AsyncIterator[Broker]:
+    """Publishes claims as the arp_watcher would, on the module's vhost."""
+    broker = Broker(CommonSettings(amqp_url=amqp_url), "arp_watcher")
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture(scope="module")
 async def publisher(binding: BindingSettings) -> AsyncIterator[Broker]:
     """A broker connection to publish to the module's binding service as the watchers and the allocator do."""
     broker = Broker(binding, "test")

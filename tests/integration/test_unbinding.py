@@ -25,14 +25,11 @@ from tests.integration.allocator_support import (
 from tests.listener import EventLog
 from tests.waiting import eventually
 
+# The real binding service decides on the claims the tests publish as the watcher.
+pytestmark = pytest.mark.usefixtures("binding")
+
 # The view is eventually consistent: generous deadlines, met in milliseconds on an idle machine.
 DEADLINE_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def watcher(publisher: Broker) -> Broker:
-    """Publishes claims as the arp_watcher would, to the module's binding service."""
-    return publisher
 
 
 class Cloud:
