@@ -39,7 +39,6 @@ from tests.waiting import eventually
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
 RFC3339_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 Json = dict[str, Any]
