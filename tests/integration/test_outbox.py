@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
@@ -25,13 +24,6 @@ from shared.settings import CommonSettings
 from tests.listener import EventLog, listening
 from tests.tcp_proxy import CuttableProxy
 from tests.waiting import eventually
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
-    pool = await create_pool(database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
 
 
 def vpc_event(name: str) -> events.Envelope:
@@ -64,8 +56,8 @@ async def test_events_committed_before_a_crash_are_published_in_commit_order_by_
         finally:
             await relay.stop()
             await broker.close()
-    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in committed]
-    assert str(rolled_back.event_id) not in {e["event_id"] for e in log.received}
+    assert [e.event_id for e in log.received] == [env.event_id for env in committed]
+    assert rolled_back.event_id not in {e.event_id for e in log.received}
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0
 
@@ -129,7 +121,7 @@ class PausingBroker(Broker):
         self.publishing.set()
         if self.pause_s is None:
             await self.release.wait()
-        else:
+        else:  # a slow broker, not a synchronisation: the pass stays under way while the test acts
             await asyncio.sleep(self.pause_s)
         await super().publish_encoded(event_type, body, event_id, occurred_at)
 
@@ -153,7 +145,7 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
             await eventually(lambda: len(log.received) >= len(batch), what="the batch")
         finally:
             await broker.close()
-    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in batch]
+    assert [e.event_id for e in log.received] == [env.event_id for env in batch]
 
 
 async def test_a_stopped_relay_publishes_what_was_committed_before_the_stop(pool: Any, amqp_url: str) -> None:
@@ -251,8 +243,8 @@ async def all_arrived(broker: Broker, log: EventLog) -> list[str]:
     after them arrives after them (one queue), so duplicates published earlier cannot still be on the way."""
     marker = vpc_event("marker")
     await broker.publish(marker)
-    await eventually(lambda: str(marker.event_id) in {e["event_id"] for e in log.received}, what="the marker")
-    ids = [e["event_id"] for e in log.received]
+    await eventually(lambda: marker.event_id in {e.event_id for e in log.received}, what="the marker")
+    ids = [str(e.event_id) for e in log.received]
     return ids[: ids.index(str(marker.event_id))]
 
 
