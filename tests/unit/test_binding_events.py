@@ -12,8 +12,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from services.binding.domain import Holder, Transition
+from services.binding.outgoing import binding_changed
 from services.binding.repository import COMMITTED_AT_SLOT
-from services.binding.service import binding_changed
 from shared.events import BindingChanged, ReleaseCause, decode, encode, rfc3339
 
 holders = st.none() | st.builds(
