@@ -98,6 +98,8 @@ class _Fold:
     window_ns: int
     repeat: bool  # its key had a row before (whose window ended): waits behind first refusals
     state: _State
+    # The key's row before this one, until this one's opening write commits: the key's row again if it fails.
+    previous: _Fold | None
     unwritten: int = 0  # frames of committed drafts that are in no write yet
     held_by: int = 0  # writes under way that carry frames for it, to be counted when they commit
 
@@ -170,6 +172,9 @@ class RefusalAudit:
     def __init__(self, pacer: AuditPacer) -> None:
         self._pacer = pacer
         self._folds: dict[RefusalKey, _Fold] = {}  # the current row of each key
+        # Rows not yet stored, by the claim id that opened them: a claim decided again (its batch retried after a
+        # failed write) folds into the row it opened if that row lives on — one claim id, one row.
+        self._unstored: dict[uuid.UUID, _Fold] = {}
         self._draft = _Draft()
         self._waiting_first: OrderedDict[_Fold, None] = OrderedDict()
         self._waiting_repeat: OrderedDict[_Fold, None] = OrderedDict()
@@ -195,6 +200,10 @@ class RefusalAudit:
         if len(self._refused_claimants) < MAX_SUMMARISED_CLAIMANTS:
             self._refused_claimants.add((refusal.address, refusal.mac))
         draft = self._draft
+        opened_before = self._unstored.get(refusal.claim_id)
+        if opened_before is not None:
+            draft.frames[opened_before] = draft.frames.get(opened_before, 0) + refusal.frames
+            return
         key = refusal.key
         fold = self._folds.get(key)
         since = refusal.captured_ns - fold.first.captured_ns if fold is not None else -1
@@ -220,8 +229,9 @@ class RefusalAudit:
             self._folds.pop(key, None)
             draft.unaudited_frames += refusal.frames
             return
-        new = _Fold(refusal, window, repeat, state)
+        new = _Fold(refusal, window, repeat, state, previous=fold)
         self._folds[key] = new
+        self._unstored[refusal.claim_id] = new
         draft.opened.append(new)
         draft.frames[new] = refusal.frames
 
@@ -262,9 +272,12 @@ class RefusalAudit:
     def committed(self, write: AuditWrite) -> None:
         for insert in write._inserts:
             insert.fold.state = _State.STORED
+            insert.fold.previous = None
+            self._unstored.pop(insert.fold.first.claim_id, None)
         for fold in write._opened_waiting:
             self._leave_new_waiting(fold)
             self._wait(fold, front=False)
+            fold.previous = None
         for fold, frames in write._held:
             fold.held_by -= 1
             fold.unwritten += frames
@@ -348,5 +361,13 @@ class RefusalAudit:
 
     def _drop(self, fold: _Fold) -> None:
         fold.state = _State.DROPPED
-        if self._folds.get(fold.first.key) is fold:
-            del self._folds[fold.first.key]
+        self._unstored.pop(fold.first.claim_id, None)
+        key = fold.first.key
+        if self._folds.get(key) is fold:
+            previous = fold.previous
+            while previous is not None and previous.state is _State.DROPPED:
+                previous = previous.previous
+            if previous is not None:
+                self._folds[key] = previous
+            else:
+                del self._folds[key]
