@@ -20,6 +20,7 @@ write failed waits again with the frames it had gathered, so that every frame is
 from __future__ import annotations
 
 import enum
+import itertools
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -321,13 +322,18 @@ class RefusalAudit:
         return summary
 
     def _release(self, now_s: float) -> list[_Insert]:
-        ready = [f for f in (*self._waiting_first, *self._waiting_repeat) if f.unwritten]
-        released = ready[: self._pacer.take(len(ready), now_s)] if ready else []
+        queued = len(self._waiting_first) + len(self._waiting_repeat)
+        granted = self._pacer.take(queued, now_s) if queued else 0
+        released: list[_Fold] = []
+        for fold in itertools.chain(self._waiting_first, self._waiting_repeat):
+            if len(released) == granted:
+                break
+            if fold.unwritten:  # none yet: it waits for a write under way to count its frames
+                released.append(fold)
+        inserts = [_Insert(fold, fold.unwritten, committed_frames=True) for fold in released]
         for fold in released:
             self._queue_of(fold).pop(fold)
             fold.state = _State.INSERTING
-        inserts = [_Insert(fold, fold.unwritten, committed_frames=True) for fold in released]
-        for fold in released:
             fold.unwritten = 0
         return inserts
 
