@@ -1,4 +1,4 @@
-"""P4 — concurrent HAVIP allocations through the real allocator (SPEC §7).
+"""P4 — concurrent HAVIP allocations through the real allocator (docs/contract.md#figures).
 
     python -m bench.allocations [--n 1000] [--subnets 10] [--concurrency N] [--layout both] [--json]
     python -m bench.allocations --fill-curve [--levels 0,10000,50000] [--samples 200] [--prefill sql|api]
@@ -30,8 +30,8 @@ RabbitMQ virtual host of its own:
 7. tears everything down (allocator by process group, database and vhost dropped), also on failure, Ctrl-C
    or SIGTERM.
 
-Goals (SPEC §7, P4): zero duplicates; ≥ 300 allocations/s; p99 ≤ 100 ms. Exit status 0 when every layout
-meets them and every check holds, 1 when one does not, 2 on an error, 130 when interrupted. Results and
+Goals (P4, docs/contract.md#figures): zero duplicates; ≥ 300 allocations/s; p99 ≤ 100 ms. Exit status 0 when every
+layout meets them and every check holds, 1 when one does not, 2 on an error, 130 when interrupted. Results and
 their reading: docs/benchmarks.md.
 """
 

@@ -52,17 +52,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.common import machine, machine_cpu_s, own_cpu_s, process_cpu_s, say
-from services.arp_watcher.capture import CaptureStats, network_namespace
+from services.arp_watcher.capture import CaptureStats
+from services.arp_watcher.capture_thread import CaptureThread
 from services.arp_watcher.claims import Claim, claim_from_frame
-from services.arp_watcher.frames import ARP_REQUEST, MalformedFrame, NotArp, build_arp_frame, parse_frame
+from services.arp_watcher.frames import ARP_REQUEST, MalformedFrame, NotArp, parse_frame
+from services.arp_watcher.packet_socket import network_namespace
 from services.arp_watcher.ring import (
     DEFAULT_BLOCK_COUNT,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_RETIRE_TIMEOUT_MS,
-    RingCapture,
-    open_capture_ring,
+    open_ring_reader,
 )
 from tests.lab import CaptureNamespace, Lab, LabHost
+from tests.lab.arp_frames import build_arp_frame
 from tests.lab.proc import terminate_group
 
 HAVIPS = 10_000
@@ -178,10 +180,10 @@ class RingReader:
 
     def __init__(self, netns: str, block_size: int, block_count: int, retire_ms: int) -> None:
         self.claims = ClaimSet()
-        ring = open_capture_ring(
+        ring = open_ring_reader(
             "eth0", netns=netns, block_size=block_size, block_count=block_count, retire_timeout_ms=retire_ms
         )
-        self.capture = RingCapture(ring, self.claims.sink)
+        self.capture = CaptureThread(ring, self.claims.sink)
         self.cpu_at_start = 0.0
 
     def start(self) -> None:

@@ -18,8 +18,8 @@ What one run does, on a database and RabbitMQ virtual host of its own (bench/com
 5. **P1 under load**: cvmb (now the holder) keeps refreshing the N HAVIPs at `--background` frames/s (0 = no load),
    and/or an unregistered `spoofer` floods gratuitous ARPs for all N + 1 addresses at `--flood` frames/s —
    replayed by tcpreplay from a pcap: a C peer, so that, like a spoofer on another machine, the flood's
-   generator costs the services little CPU (issue 8: a spoofing flood must not delay a failover by more than
-   10 ms at p99), while a probe
+   generator costs the services little CPU (a spoofing flood must not delay a failover by more than 10 ms at
+   p99, docs/contract.md#figures), while a probe
    HAVIP is moved between the two servers `--probes` times, one GARP each, ~5 per second; each probe's
    latency is its transition's `committed_at − captured_at` (kernel receive time → the binding's commit),
    beside a bare Postgres commit (one-row upsert transaction) measured between the probes in the same run;

@@ -1,5 +1,5 @@
-"""P7 — allocation as a subnet fills (SPEC §7): the latency of one allocation with 0, 10,000 and 50,000 HAVIPs
-already in one /16, against an empty /16 and a bare INSERT measured in the same moments.
+"""P7 — allocation as a subnet fills (docs/contract.md#figures): the latency of one allocation with 0, 10,000 and
+50,000 HAVIPs already in one /16, against an empty /16 and a bare INSERT measured in the same moments.
 
     python -m bench.allocations --fill-curve [--levels 0,10000,50000] [--samples 200] [--prefill sql|api] [--json]
 
@@ -29,10 +29,10 @@ On a database and a RabbitMQ virtual host of its own:
    reads now (one probe of the free ranges, the sum of the per-subnet counts), database round trips only;
 5. tears everything down (allocator by process group, database and vhost dropped), also on failure.
 
-Goal (SPEC §7, P7): the median allocation with the largest level in the subnet within 1.5× of the median in
-the empty /16, measured in the same rounds. The ratio to the median at the first level is reported beside
-the bare INSERT's own ratio between the same moments: on a shared machine the load changes between levels
-(minutes apart), and that ratio moves with it, the paired one does not.
+Goal (P7, docs/contract.md#figures): the median allocation with the largest level in the subnet within 1.5× of the
+median in the empty /16, measured in the same rounds. The ratio to the median at the first level is reported beside
+the bare INSERT's own ratio between the same moments: on a shared machine the load changes between levels (minutes
+apart), and that ratio moves with it, the paired one does not.
 """
 
 from __future__ import annotations

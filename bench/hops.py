@@ -14,8 +14,9 @@ HAVIP, refreshed by their holder at `--background` frames/s):
    and at both ends by the benchmark: the kernel receive time (`captured_at` of its history row) and the moment a
    consumer of `havip.binding.changed` of the benchmark's own receives its event (the last hop, `consumed`);
 3. beside each probe, in the same run, the two references: a one-row autocommit INSERT through asyncpg on the
-   same database (SPEC P1's reference), and a bare publish → consume round trip through the same RabbitMQ (a
-   persistent message on a durable classic queue, with a publisher confirm — what a claim's event is);
+   same database (P1's reference, docs/contract.md#figures), and a bare publish → consume round trip through the
+   same RabbitMQ (a persistent message on a durable classic queue, with a publisher confirm — what a claim's event
+   is);
 4. prints p50 / p99 of every hop, of the two ends-to-ends (GARP → `committed_at`, P1; GARP → consumer, P8), of
    the references, and the quantiles Prometheus would estimate from the histograms' buckets over the run.
 
@@ -147,7 +148,7 @@ def bucket_delta(before: dict[str, Histogram], after: dict[str, Histogram], hop:
 
 
 async def insert_s(conn: Any) -> float:
-    """One one-row INSERT, autocommit, through asyncpg: SPEC P1's reference."""
+    """One one-row INSERT, autocommit, through asyncpg: P1's reference (docs/contract.md#figures)."""
     start = time.perf_counter()
     await conn.execute("INSERT INTO bench_insert (at) VALUES (now())")
     return time.perf_counter() - start

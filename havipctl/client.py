@@ -1,4 +1,5 @@
-"""HTTP client of the allocator API (SPEC §3): one method per route, typed errors (see errors.py).
+"""HTTP client of the allocator API (docs/contract.md#http-api): one method per route, typed errors (see
+errors.py).
 
 It speaks only HTTP: it does not import the allocator's server modules. Every method returns the decoded JSON
 together with the text exactly as received (`--json` prints that untouched), or None for 204 No Content.

@@ -1,4 +1,4 @@
-"""`havipctl watch`: the live event stream (SPEC §6) from RabbitMQ.
+"""`havipctl watch`: the live event stream (docs/contract.md#events) from RabbitMQ.
 
 The watcher declares its own exclusive, auto-delete, server-named queue bound to the event exchange
 (`havip.events`, prefixed with HAVIP_AMQP_PREFIX: the documented naming rule of the deployment) with the
@@ -33,7 +33,7 @@ from havipctl.config import DEFAULT_AMQP_URL
 from havipctl.errors import AuthenticationFailed, Unreachable, UsageError
 
 ALL_EVENTS = "#"
-EXCHANGE = "havip.events"  # SPEC §6: the one durable topic exchange of every event
+EXCHANGE = "havip.events"  # the one durable topic exchange of every event (docs/contract.md#events)
 
 # Handed the body and the routing key of each message; returns whether it counts as an event shown.
 Emit = Callable[[bytes, str], bool]

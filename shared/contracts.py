@@ -1,6 +1,6 @@
-"""Published event contracts (SPEC §6): one JSON Schema per event type and an AsyncAPI 3.0 document, generated
-from the pydantic models in shared/events.py so that what consumers outside this project read never drifts
-from what the services publish.
+"""Published event contracts (docs/contract.md#events): one JSON Schema per event type and an AsyncAPI 3.0
+document, generated from the pydantic models in shared/events.py so that what consumers outside this project read
+never drifts from what the services publish.
 
     python -m shared.contracts            # (re)write docs/events/
     python -m shared.contracts --check    # exit 1 and list the files that differ from the models
@@ -32,7 +32,7 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 AMQP_BINDING_VERSION = "0.3.0"
 PERSISTENT_DELIVERY_MODE = 2
 
-# Which service publishes each routing key (SPEC §6); the AsyncAPI document names it per operation.
+# Which service publishes each routing key (docs/contract.md#events); the AsyncAPI document names it per operation.
 _PUBLISHERS: dict[str, str] = {"arp.": "arp_watcher", "havip.binding.": "binding", "havip.claim.": "binding"}
 _CONDITION_PREFIXES = ("havip.flapping.", "havip.split_brain.")
 

@@ -4,42 +4,88 @@ the message's."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from typing import Any
 
 import asyncpg
+from yarl import URL
 
+from shared.backoff import wait_until_available
 from shared.messaging import is_transient
 
 log = logging.getLogger(__name__)
 
 
 async def create_pool(
-    dsn: str, *, role: str | None = None, min_size: int = 2, max_size: int = 10, attempts: int = 30
+    dsn: str,
+    *,
+    role: str | None = None,
+    min_size: int = 2,
+    max_size: int = 10,
+    stop: asyncio.Event | None = None,
 ) -> Any:
-    """A pool, retrying while Postgres is not up yet (start-up order is not guaranteed).
+    """A pool, once Postgres answers: waited for as long as it takes (start-up order is not guaranteed, and an
+    operator may still be creating the database or the role), what is wrong said once (shared.backoff). None
+    only if `stop` was set first.
 
     With `role`, every connection acts as that role from its start (the `role` setting, as `SET ROLE`): a
     service then has the rights of its own schema's role only, whichever user the URL names — the same user
     for every service in a development set-up, or the role itself where it may log in.
     """
     server_settings = {"role": role} if role else None
-    for attempt in range(1, attempts + 1):
-        try:
-            return await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
-            )
-        except (OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError) as exc:
-            if attempt == attempts:
-                raise
-            log.warning("postgres not reachable (%s), retrying", exc)
-            await asyncio.sleep(1.0)
-    raise AssertionError("unreachable")
+
+    async def open_pool() -> Any:
+        return await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
+        )
+
+    return await wait_until_available(
+        open_pool,
+        what="PostgreSQL",
+        unavailable=is_database_unavailable,
+        describe=lambda exc: describe_database_error(exc, dsn, role),
+        stop=stop,
+        logger=log,
+    )
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """A database that cannot be used now — away, starting, full, or refusing this login, database or role
+    (which an operator may fix on the database's side while the service waits)."""
+    return isinstance(exc, OSError | TimeoutError | asyncpg.PostgresError)
+
+
+def describe_database_error(exc: BaseException, dsn: str, role: str | None = None) -> str:
+    """What is wrong, in an operator's words rather than the driver's."""
+    url = URL(dsn)
+    address = f"{url.host or url.query.get('host', 'localhost')}:{url.port or 5432}"
+    where = f"PostgreSQL at {address}"
+    user = url.user or "postgres"
+    database = url.path[1:] or user
+    if isinstance(exc, ConnectionRefusedError) or (isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED):
+        return f"nothing accepts connections at {address} (is PostgreSQL running?)"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"{where} has no database {database!r} (`migrate` creates it)"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return f"{where} refused the login of user {user!r}: wrong user name or password"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"{where} refused the login of user {user!r}: {exc}"
+    if isinstance(exc, asyncpg.InvalidParameterValueError) and role is not None and "role" in str(exc):
+        return f"{where} has no role {role!r} for the service to act as (`migrate` creates it)"
+    if isinstance(exc, asyncpg.CannotConnectNowError):
+        return f"{where} is starting up or shutting down"
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return f"{where} has no connection slot free"
+    if isinstance(exc, TimeoutError):
+        return f"{where} did not answer in time"
+    detail = exc.args[-1] if isinstance(exc, OSError) and exc.args else exc
+    return f"{where} cannot be used: {detail}"
 
 
 def database_or_network_away(exc: BaseException) -> bool:
-    """Failures a consumer retries for as long as they last (SPEC R1/R2); anything else is the message's
-    fault after a few tries."""
+    """Failures a consumer retries for as long as they last (R1/R2 in docs/contract.md#reliability); anything
+    else is the message's fault after a few tries."""
     return is_transient(exc) or isinstance(
         exc,
         asyncpg.PostgresConnectionError

@@ -1,4 +1,4 @@
-"""Event envelope and the data model of every event type (SPEC §6).
+"""Event envelope and the data model of every event type (docs/contract.md#events).
 
 The envelope is the same for all events; `data` is validated against the model registered for `type`.
 The JSON Schemas published for consumers outside this project are generated from these models.
@@ -53,8 +53,9 @@ def _cached_ipv4(value: Any) -> Any:
 Ipv4 = Annotated[IPv4Address, BeforeValidator(_cached_ipv4)]
 
 
-# A layer-2 segment (SPEC §4): the name operators give a watcher's interface and the subnets attached to it.
-# One segment needs no configuration: every watcher and every subnet is on DEFAULT_SEGMENT unless told.
+# A layer-2 segment (docs/contract.md#segments): the name operators give a watcher's interface and the subnets
+# attached to it. One segment needs no configuration: every watcher and every subnet is on DEFAULT_SEGMENT unless
+# told.
 DEFAULT_SEGMENT = "default"
 SegmentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 # A subnet attached to a VLAN of its segment (segments sharing a trunk); none: the whole segment.
@@ -77,8 +78,8 @@ MAX_CAPTURED_NS = 2**63 - 1
 
 
 class ObservedClaim(EventData):
-    """One claim (SPEC §4): an ARP frame that asserts "sender_mac has sender_ip", with the identical frames
-    the watcher folded into it."""
+    """One claim (docs/contract.md#claims): an ARP frame that asserts "sender_mac has sender_ip", with the
+    identical frames the watcher folded into it."""
 
     claim_id: uuid.UUID = Field(description="unique per claim: consumers drop a claim they have already seen")
     vlan: int | None = Field(default=None, ge=0, le=4095)
@@ -104,7 +105,8 @@ class ClaimsObserved(EventData):
     watcher_id: str = Field(min_length=1, max_length=200)
     interface: str = Field(min_length=1, max_length=15)
     segment: SegmentName = Field(
-        default=DEFAULT_SEGMENT, description="the layer-2 segment the watcher's interface is on (SPEC §4)"
+        default=DEFAULT_SEGMENT,
+        description="the layer-2 segment the watcher's interface is on: claims concern its subnets",
     )
     claims: list[ObservedClaim] = Field(min_length=1, max_length=MAX_CLAIMS_PER_EVENT)
 

@@ -5,7 +5,7 @@ aio-pika, asyncpg and its own state that is a pause of 25–110 ms, and under a 
 tens of thousands a second) it came every few seconds in each service — a takeover that arrived meanwhile
 waited for it (docs/benchmarks.md, the flood). What is alive once a service has started lives as long as the
 process; `gc.freeze` moves it out of the collector's reach, so a full collection walks only what was made
-since. Reference counting still frees everything as before; only a reference cycle among frozen objects would
+since. Reference counting still frees everything; only a reference cycle among frozen objects would
 outlive its use, and start-up makes none that matter.
 """
 

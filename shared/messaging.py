@@ -26,9 +26,10 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 from aio_pika.exceptions import ChannelInvalidStateError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from tenacity import RetryCallState, RetryError
 from yarl import URL
 
+from shared.backoff import WAIT_MAX_S, failure_of, retrying_with_backoff, wait_until_available
 from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
 from shared.settings import CommonSettings
 from shared.tasks import cancel
@@ -134,6 +135,14 @@ async def declare_consumer_queue(
     return queue
 
 
+class _BrokerAway(Exception):
+    """A consuming channel could not be opened: the broker is away, or the robust connection reconnecting."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class Broker:
     """The process's connection to RabbitMQ."""
 
@@ -144,50 +153,23 @@ class Broker:
         self._exchange: AbstractExchange | None = None
         self.connect_attempts = 0
 
-    async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = 30.0) -> bool:
+    async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = WAIT_MAX_S) -> bool:
         """Connect at start-up, for as long as it takes (False: `stop` was set first); later reconnects are the
         robust connection's job. What is wrong is said once, in words (a wrong password, an unknown virtual
-        host, nothing listening), and said again only when it changes; attempts back off exponentially with
-        jitter up to `max_delay_s`, so that a fleet restarted with the broker does not come back in lockstep."""
-        said: list[str] = []
+        host, nothing listening), as every dependency's wait does (shared.backoff)."""
+        with _quiet_reconnect_notices():
+            connected = await wait_until_available(
+                self._open,
+                what="RabbitMQ",
+                unavailable=is_broker_unavailable,
+                describe=lambda exc: describe_broker_error(exc, self.settings.amqp_url),
+                stop=stop,
+                max_delay_s=max_delay_s,
+                logger=log,
+            )
+        return connected is not None
 
-        def tell(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            reason = describe_broker_error(exc, self.settings.amqp_url) if exc is not None else "no answer"
-            if said[-1:] != [reason]:
-                log.warning("%s; trying again with back-off (up to %.0f s) until it answers", reason, max_delay_s)
-                said.append(reason)
-
-        async def pause(seconds: float) -> None:
-            if stop is None:
-                await asyncio.sleep(seconds)
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await stop.wait()
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_broker_unavailable),
-            wait=wait_random_exponential(multiplier=0.5, max=max_delay_s),
-            stop=lambda _state: stop is not None and stop.is_set(),
-            sleep=pause,
-            before_sleep=tell,
-            reraise=True,
-        )
-        try:
-            with _quiet_reconnect_notices():
-                async for attempt in retrying:
-                    with attempt:
-                        await self._open()
-        except Exception:
-            if stop is not None and stop.is_set():
-                return False
-            raise
-        if said:
-            log.info("connected to rabbitmq")
-        return True
-
-    async def _open(self) -> None:
+    async def _open(self) -> bool:
         self.connect_attempts += 1
         # connect_robust, unrolled: a failed attempt's connection is closed here, not left to the collector
         # (whose close() may find no loop to run on: "coroutine 'RobustConnection.close' was never awaited").
@@ -203,6 +185,7 @@ class Broker:
                 await connection.close()
             raise
         self._connection = connection
+        return True
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -264,25 +247,23 @@ class Broker:
     ) -> BatchConsumer:
         """Consume `queue` on a channel of its own. With `exclusive`, this process is the queue's only consumer:
         while another one holds it (the broker refuses an exclusive consumer beside any other), this waits as a
-        standby — says so once, calls `on_standby`, and asks again every `standby_retry_s` — and returns once
+        standby — says so once, calls `on_standby`, and asks again — and returns once
         it consumes. An exclusive consumer is not restored by the robust connection after a reconnect (another
         process may hold the queue by then, and the restore would fail the whole connection): the consumer's
-        `lost` event is set instead, and the caller asks for the queue again."""
+        `lost` event is set instead, and the caller asks for the queue again. Asking again backs off with jitter
+        up to `standby_retry_s`, so that standbys do not ask in step."""
         name = self.settings.queue(queue)
         waited = away = False
-        while True:
+
+        async def consume() -> BatchConsumer:
             try:
                 channel = await self.connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
                 amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
             except Exception as exc:
-                if not (is_broker_unavailable(exc) or isinstance(exc, RuntimeError | ChannelInvalidStateError)):
-                    raise
-                if not away:  # the robust connection is reconnecting: ask again once it is back
-                    log.warning("cannot consume %s while RabbitMQ is away (%s); asking again", name, exc)
-                away = True
-                await asyncio.sleep(standby_retry_s)
-                continue
+                if is_broker_unavailable(exc) or isinstance(exc, RuntimeError | ChannelInvalidStateError):
+                    raise _BrokerAway(exc) from exc
+                raise
             consumer = BatchConsumer(
                 amqp_queue,
                 handler,
@@ -297,22 +278,38 @@ class Broker:
             except aiormq.exceptions.ChannelAccessRefused:
                 with contextlib.suppress(Exception):
                     await channel.close()
-                if not waited:
-                    log.warning(
-                        "queue %s has a consumer already (another process of this service): waiting as a "
-                        "standby, asking again every %.0f s",
-                        name,
-                        standby_retry_s,
-                    )
-                    on_standby()
-                waited = True
-                await asyncio.sleep(standby_retry_s)
-                continue
-            if waited:
-                log.info("queue %s is free: consuming it now (no longer a standby)", name)
-            elif away:
-                log.info("consuming %s again", name)
+                raise
             return consumer
+
+        def tell(state: RetryCallState) -> None:
+            nonlocal waited, away
+            exc = failure_of(state)
+            if isinstance(exc, _BrokerAway):
+                if not away:  # the robust connection is reconnecting: ask again once it is back
+                    log.warning("cannot consume %s while RabbitMQ is away (%s); asking again", name, exc.cause)
+                away = True
+            elif not waited:
+                log.warning(
+                    "queue %s has a consumer already (another process of this service): waiting as a "
+                    "standby, asking again at intervals of up to %.0f s",
+                    name,
+                    standby_retry_s,
+                )
+                on_standby()
+                waited = True
+
+        retrying = retrying_with_backoff(
+            retry=lambda exc: isinstance(exc, _BrokerAway | aiormq.exceptions.ChannelAccessRefused),
+            initial_s=min(0.1, standby_retry_s),
+            max_s=standby_retry_s,
+            before_sleep=tell,
+        )
+        consumer: BatchConsumer = await retrying(consume)
+        if waited:
+            log.info("queue %s is free: consuming it now (no longer a standby)", name)
+        elif away:
+            log.info("consuming %s again", name)
+        return consumer
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -457,24 +454,31 @@ class BatchConsumer:
         """Retry a transient failure (the database or the network away) for as long as it lasts; any other
         failure `max_attempts` times at most, then refuse the batch as InvalidEvent: its messages are tried one
         by one and the one that keeps failing is dead-lettered instead of holding every message behind it."""
-        delay = 0.1
-        attempts = 0
-        while True:
-            try:
-                await handler(deliveries)
-                return
-            except InvalidEvent:
-                raise
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not self._transient(exc):
-                    attempts += 1
-                    if attempts >= self._max_attempts:
-                        raise InvalidEvent(f"handler failed {attempts} times: {exc!r}") from exc
-                log.exception("handler failed; retrying in %.1f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        failures = 0  # of the kind that is the message's fault
+
+        def enough(state: RetryCallState) -> bool:
+            nonlocal failures
+            exc = failure_of(state)
+            if exc is not None and not self._transient(exc):
+                failures += 1
+            return failures >= self._max_attempts
+
+        def tell(state: RetryCallState) -> None:
+            delay = state.next_action.sleep if state.next_action is not None else 0.0
+            log.error("handler failed; retrying in %.1f s", delay, exc_info=failure_of(state))
+
+        retrying = retrying_with_backoff(
+            retry=lambda exc: not isinstance(exc, InvalidEvent),
+            initial_s=0.1,
+            max_s=5.0,
+            before_sleep=tell,
+            stop_on=enough,
+        )
+        try:
+            await retrying(handler, deliveries)
+        except RetryError as gave_up:
+            exc = gave_up.last_attempt.exception()
+            raise InvalidEvent(f"handler failed {failures} times: {exc!r}") from exc
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         log.error("dead-lettering message %s: %s", message.message_id, reason)

@@ -4,9 +4,10 @@ Each service owns one Postgres schema, one database role and one directory of fi
 `NNNN_description.sql`. The role owns the schema and everything in it, and has no rights anywhere else: a
 service connects as (or assumes) its role, so it can read and write its own tables and nobody else's. The
 runner creates the role when it is missing (NOLOGIN: a deployment that wants the service to log in as it sets a
-password itself), makes it the owner of the schema and of what an earlier version created under another owner,
-and runs every migration as that role. It needs a user that may do so: a superuser (the development set-up),
-or the role itself once a DBA created it with the right to create schemas in the database.
+password itself), makes it the owner of the schema and of anything in it that another user created (by hand, or
+with a runner that did not switch roles), and runs every migration as that role. It needs a user that may do so:
+a superuser (the development set-up), or the role itself once a DBA created it with the right to create schemas
+in the database.
 
 An applied file's checksum is kept; editing a file after it was applied is refused rather than silently ignored.
 """
@@ -81,8 +82,9 @@ async def ensure_role(conn: Any, role: str) -> None:
 
 
 async def _hand_over(conn: Any, schema: str, role: str) -> None:
-    """Make `role` the owner of the schema and of every table, view and sequence in it (those created by an
-    earlier version of the runner belong to whoever ran it). A sequence owned by a table follows its table."""
+    """Make `role` the owner of the schema and of every table, view and sequence in it (objects created by another
+    user, by hand or by a runner that did not switch roles, belong to whoever created them). A sequence owned by a
+    table follows its table."""
     await conn.execute(f"ALTER SCHEMA {schema} OWNER TO {role}")
     await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
     kinds = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW", "S": "SEQUENCE"}

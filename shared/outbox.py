@@ -26,7 +26,9 @@ from typing import Any
 
 import msgspec
 from prometheus_client import Counter, Gauge
+from tenacity import RetryCallState, RetryError
 
+from shared.backoff import failure_of, retrying_with_backoff
 from shared.events import Envelope, encode
 from shared.messaging import Broker
 from shared.tasks import cancel
@@ -163,30 +165,36 @@ class OutboxRelay:
             log.info("another relay is publishing this outbox: it publishes what this process committed")
 
     async def _relay_until_stopped(self) -> None:
-        delay = 0.1
+        def tell(state: RetryCallState) -> None:
+            delay = state.next_action.sleep if state.next_action is not None else 0.0
+            log.error("outbox relay failed; retrying in %.1f s", delay, exc_info=failure_of(state))
+
+        # A stop ends the back-off at once.
+        retrying = retrying_with_backoff(
+            retry=lambda _exc: True, initial_s=0.1, max_s=5.0, before_sleep=tell, stop=self._stop_requested
+        )
         while not self._stopping:
             try:
+                published: int | None = await retrying(self._publish_backlog)
+            except RetryError:
+                return
+            idle_s = self._poll_s if published is not None else min(self._poll_s, LOCK_BUSY_RETRY_S)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (CPython gh-86296).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(idle_s):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+
+    async def _publish_backlog(self) -> int | None:
+        """Passes until one is short (the backlog published) or another relay holds the lock (None)."""
+        try:
+            published = await self._pass()
+            while published == self._batch and not self._stopping:
                 published = await self._pass()
-                while published == self._batch and not self._stopping:
-                    published = await self._pass()
-                delay = 0.1
-                idle_s = self._poll_s if published is not None else min(self._poll_s, LOCK_BUSY_RETRY_S)
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (CPython gh-86296).
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(idle_s):
-                        await self._wakeup.wait()
-                self._wakeup.clear()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                OUTBOX_FAILURES.labels(self._schema).inc()
-                if self._stopping:
-                    return
-                log.exception("outbox relay failed; retrying in %.1f s", delay)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._stop_requested.wait()  # a stop ends the back-off at once
-                delay = min(delay * 2, 5.0)
+        except Exception:
+            OUTBOX_FAILURES.labels(self._schema).inc()
+            raise
+        return published
 
     async def relay_once(self) -> int:
         """Publish one batch in commit order; returns how many events were published (0 also when another

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import sys
+from typing import TextIO
+
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The exit status of a service started with a configuration it cannot run with.
+EXIT_INVALID_SETTINGS = 2
 
 
 class CommonSettings(BaseSettings):
@@ -33,3 +39,29 @@ class CommonSettings(BaseSettings):
 
     def queue(self, name: str) -> str:
         return f"{self.amqp_prefix}{name}"
+
+
+def print_invalid_settings(
+    settings_type: type[BaseSettings], exc: ValidationError, file: TextIO | None = None
+) -> int:
+    """Say what is wrong with the configuration, one line per problem naming the environment variable to fix
+    (`HAVIP_X: what is wrong`) and never the value given (it may be a secret); returns the exit status."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if error["loc"]:
+            lines.append(f"  {_variable(settings_type, str(error['loc'][0]))}: {message}")
+        else:  # the settings as a whole (a validator of several fields): its message names them
+            lines.append(f"  {message}")
+    print("invalid configuration:\n" + "\n".join(lines), file=sys.stderr if file is None else file)
+    return EXIT_INVALID_SETTINGS
+
+
+def _variable(settings_type: type[BaseSettings], field: str) -> str:
+    """The environment variable of a field: its alias if it has one (no prefix then), else prefix + name."""
+    prefix = str(settings_type.model_config.get("env_prefix", ""))
+    for name, info in settings_type.model_fields.items():
+        if field in (name, info.validation_alias):
+            alias = info.validation_alias
+            return alias.upper() if isinstance(alias, str) else f"{prefix}{name}".upper()
+    return f"{prefix}{field}".upper()

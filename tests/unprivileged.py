@@ -1,4 +1,5 @@
-"""Python from this checkout as uid/gid 65534 with CAP_NET_RAW and nothing else (SPEC R6's least privilege).
+"""Python from this checkout as uid/gid 65534 with CAP_NET_RAW and nothing else (least privilege, R6 in
+docs/contract.md#reliability).
 
 The checkout may sit under a directory only root can enter (root's home, `mktemp -d`), so uid 65534 is not
 given the checkout's own path: the process runs in a private mount namespace where the checkout is

@@ -1,6 +1,6 @@
-"""The HAVIP dashboard (SPEC §9), built with grafana-foundation-sdk. Every panel reads a metric the services
-export (services/*/metrics.py, shared/outbox.py) or the binding service's tables; the data source uids are
-those of provisioning/datasources/havip.yml.
+"""The HAVIP dashboard (docs/contract.md#deployment-and-observability), built with grafana-foundation-sdk. Every
+panel reads a metric the services export (services/*/metrics.py, shared/outbox.py) or the binding service's tables;
+the data source uids are those of provisioning/datasources/havip.yml.
 
     python -m deploy.grafana            # (re)write dashboards/havip.json
     python -m deploy.grafana --check    # exit 1 when dashboards/havip.json differs from this code
@@ -57,7 +57,7 @@ POSTGRES = DataSourceRef(type_val=POSTGRES_TYPE, uid=POSTGRES_UID)
 RATE = "$__rate_interval"  # Grafana's window for rate(): at least four scrape intervals
 HAVIP_FILTER = 'address=~"$havip"'
 SUBNET_FILTER = 'subnet_id=~"$subnet"'
-LATENCY_GOAL_S = 0.01  # SPEC §7 P1: capture → commit p99 ≤ 10 ms
+LATENCY_GOAL_S = 0.01  # goal P1 (docs/contract.md#figures): capture → commit p99 ≤ 10 ms
 
 RECENT_TRANSITIONS_SQL = """\
 SELECT
@@ -195,13 +195,13 @@ def ownership(board: Dashboard) -> None:
         ),
         (
             "Flapping now",
-            "HAVIPs changing holder more often than allowed (SPEC §5.5; alert HavipFlapping).",
+            "HAVIPs changing holder more often than allowed (alert HavipFlapping).",
             "max(havip_flapping)",
             ((None, "green"), (1, "orange")),
         ),
         (
             "Split brain now",
-            "HAVIPs claimed by two instances at once (SPEC §5.6; alert HavipSplitBrain).",
+            "HAVIPs claimed by two instances at once (alert HavipSplitBrain).",
             "max(havip_split_brain)",
             ((None, "green"), (1, "red")),
         ),
@@ -285,7 +285,7 @@ def failovers(board: Dashboard) -> None:
     board.with_panel(
         time_series(
             "Refused claims by reason",
-            "Claims the binding service refused (SPEC §5.1): spoofing, unregistered instances, candidate lists "
+            "Claims the binding service refused: spoofing, unregistered instances, candidate lists "
             "out of date, clock skew. The history table below names address and MAC.",
             "ops",
             promql(rate_by("reason", "havip_claims_rejected_total"), "{{reason}}"),
@@ -435,7 +435,7 @@ def build() -> Dashboard:
     board = (
         Dashboard("HAVIP control plane")
         .uid(DASHBOARD_UID)
-        .description("Who holds each HAVIP, how fast failovers are recorded, what was refused (SPEC §9).")
+        .description("Who holds each HAVIP, how fast failovers are recorded, what was refused.")
         .tags(["havip"])
         .refresh("10s")
         .time("now-1h", "now")

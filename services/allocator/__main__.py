@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import uvicorn
+import uvloop
 from pydantic import ValidationError
 
 from services.allocator.binding_view.service import QUEUE as VIEW_QUEUE
@@ -21,34 +23,14 @@ from services.allocator.binding_view.service import SUBSCRIPTIONS as VIEW_SUBSCR
 from services.allocator.database import SCHEMA, SOURCE
 from services.allocator.settings import AllocatorSettings
 from shared.logging import configure_logging
+from shared.runtime import serve
 from shared.service_setup import migrate_service
-from shared.settings import CommonSettings
+from shared.settings import EXIT_INVALID_SETTINGS, CommonSettings, print_invalid_settings
+from shared.tasks import cancel
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-EXIT_CONFIG = 2
 
 log = logging.getLogger("services.allocator")
-
-
-def _variable(settings_type: type[CommonSettings], field: str) -> str:
-    """The environment variable of a field: its alias if it has one (no prefix then), else HAVIP_<NAME>."""
-    for name, info in settings_type.model_fields.items():
-        if field in (name, info.validation_alias):
-            alias = info.validation_alias
-            return alias.upper() if isinstance(alias, str) else f"HAVIP_{name.upper()}"
-    return f"HAVIP_{field.upper()}"
-
-
-def describe(settings_type: type[CommonSettings], exc: ValidationError) -> str:
-    """One line per problem, naming the variable; never the value (it may be a secret)."""
-    lines = []
-    for error in exc.errors(include_input=False, include_url=False):
-        message = error["msg"].removeprefix("Value error, ")
-        if error["loc"]:
-            lines.append(f"  {_variable(settings_type, str(error['loc'][0]))}: {message}")
-        else:
-            lines.append(f"  {message}")
-    return "invalid configuration:\n" + "\n".join(lines)
 
 
 async def migrate(settings: CommonSettings) -> None:
@@ -62,6 +44,40 @@ async def migrate(settings: CommonSettings) -> None:
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server with the process's signals left to shared.runtime: the stop event ends it, and a stop
+    during start-up also ends the waits for Postgres and RabbitMQ (uvicorn acts on its own signals only once the
+    application has started)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run(settings: AllocatorSettings, stop: asyncio.Event) -> None:
+    from services.allocator.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings, stop),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+    )
+    server = _Server(config)
+
+    async def exit_when_stopped() -> None:
+        await stop.wait()
+        server.should_exit = True
+
+    stopping = asyncio.create_task(exit_when_stopped(), name="stop the server")
+    try:
+        await server.serve()
+    finally:
+        await cancel(stopping)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.allocator", description=__doc__)
     parser.add_argument("command", nargs="?", choices=("serve", "migrate"), default="serve")
@@ -71,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_type()
     except ValidationError as exc:
-        print(describe(settings_type, exc), file=sys.stderr)
-        return EXIT_CONFIG
+        return print_invalid_settings(settings_type, exc)
     configure_logging("allocator", settings.log_level)
 
     if args.command == "migrate":
@@ -80,24 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(migrate(settings))
         except ValueError as exc:  # e.g. a database name that is not letters, digits and underscores
             print(f"invalid configuration:\n  HAVIP_DATABASE_URL: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return EXIT_INVALID_SETTINGS
         except Exception as exc:
             log.error("migration failed: %s", exc)
             return 1
         return 0
 
-    from services.allocator.app import create_app
-
     assert isinstance(settings, AllocatorSettings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        proxy_headers=False,
-        server_header=False,
-    )
-    return 0
+    # The event loop uvicorn would choose: uvloop's.
+    return serve(run, settings, loop_factory=uvloop.new_event_loop)
 
 
 if __name__ == "__main__":

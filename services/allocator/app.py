@@ -7,8 +7,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -34,7 +35,7 @@ from shared.heap import freeze_startup_heap
 from shared.messaging import Broker
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
-from shared.signals import stop_on_signals_while_starting
+from shared.periodic import run_periodically
 from shared.tasks import cancel
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ Every `/v1` route requires `Authorization: Bearer <token>`.
 `last_transition_at`, `last_seen_at`, `flapping` and `split_brain`, its transitions and the audit of refused
 claims come from the binding service's events (`havip.binding.changed`, …) into the allocator's own tables: they
 show a change milliseconds after the binding service committed it (measured under load on a 2-core machine:
-p50 9–13 ms, p99 under 50 ms, most of it the binding's own publishing; docs/benchmarks.md). The metric
+p50 7–13 ms, p99 13–41 ms, most of it the binding's own publishing; docs/benchmarks.md). The metric
 `havip_view_delay_seconds` on `/metrics` exports it as the allocator sees it. `last_seen_at` is the capture time
 of the claim that made the current holder (holders' refreshes are not published as events). A release's 409
 `HAVIP_BOUND` is decided on this view. Errors are
@@ -63,48 +64,40 @@ class ConfigurationError(RuntimeError):
     pass
 
 
-async def purge_idempotency_keys(db: Database, ttl_hours: int, interval_s: float) -> None:
-    """Forget expired Idempotency-Keys now and then (expired keys are ignored even before they are deleted)."""
-    while True:
-        try:
-            deleted = await havips_service.purge_idempotency_keys(db, ttl_hours)
-            if deleted:
-                log.info("expired idempotency keys deleted", extra={"deleted": deleted})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("purging expired idempotency keys failed: %r", exc)
-        await asyncio.sleep(interval_s)
+async def purge_idempotency_keys(db: Database, ttl_hours: int) -> None:
+    """Forget expired Idempotency-Keys (expired keys are ignored even before they are deleted)."""
+    deleted = await havips_service.purge_idempotency_keys(db, ttl_hours)
+    if deleted:
+        log.info("expired idempotency keys deleted", extra={"deleted": deleted})
 
 
-async def maintain_view(view: BindingView, settings: AllocatorSettings) -> None:
-    """Every few seconds: ask for the transitions missing from histories (sequence gaps), update the open-gap
-    gauge; about once an hour: age refused claims out of the audit."""
+def maintain_view(view: BindingView, settings: AllocatorSettings) -> Callable[[], Awaitable[None]]:
+    """What is run every few seconds: ask for the transitions missing from histories (sequence gaps), update the
+    open-gap gauge; about once an hour: age refused claims out of the audit."""
     last_expiry = -math.inf
-    while True:
-        try:
-            await view.request_repairs(
-                grace_s=settings.view_gap_grace_s,
-                retry_s=settings.view_repair_retry_s,
-                max_attempts=settings.view_repair_attempts,
-            )
-            await view.count_open_gaps()
-            if time.monotonic() - last_expiry > AUDIT_EXPIRY_INTERVAL_S:
-                last_expiry = time.monotonic()
-                deleted = await view.expire_refusals(settings.audit_retention_days)
-                if deleted:
-                    log.info("refused claims past retention deleted", extra={"deleted": deleted})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("maintaining the view of bindings failed: %r", exc)
-        await asyncio.sleep(settings.view_maintenance_interval_s)
+
+    async def maintain() -> None:
+        nonlocal last_expiry
+        await view.request_repairs(
+            grace_s=settings.view_gap_grace_s,
+            retry_s=settings.view_repair_retry_s,
+            max_attempts=settings.view_repair_attempts,
+        )
+        await view.count_open_gaps()
+        if time.monotonic() - last_expiry > AUDIT_EXPIRY_INTERVAL_S:
+            last_expiry = time.monotonic()
+            deleted = await view.expire_refusals(settings.audit_retention_days)
+            if deleted:
+                log.info("refused claims past retention deleted", extra={"deleted": deleted})
+
+    return maintain
 
 
 AUDIT_EXPIRY_INTERVAL_S = 3600.0
 
 
-def create_app(settings: AllocatorSettings) -> FastAPI:
+def create_app(settings: AllocatorSettings, stop: asyncio.Event | None = None) -> FastAPI:
+    """The application; `stop`, once set, ends its start-up's waits for Postgres and RabbitMQ."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
     if token is None and not settings.insecure_no_auth:
         raise ConfigurationError("no API token configured (HAVIP_API_TOKEN)")
@@ -115,16 +108,17 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             log.warning("HAVIP_INSECURE_NO_AUTH is set: the API accepts unauthenticated calls")
         elif settings.weak_token:
             log.warning("HAVIP_API_TOKEN is shorter than 16 characters; use a long random token")
+        stopped = stop if stop is not None else asyncio.Event()
         async with AsyncExitStack() as stack:
-            pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
+            role = settings.database_role or service_role(SCHEMA)
+            pool = await create_pool(settings.database_url, role=role, stop=stopped)
+            if pool is None:
+                yield
+                return
             stack.push_async_callback(pool.close)
             broker = Broker(settings, SOURCE)
             stack.push_async_callback(broker.close)
-            stop = asyncio.Event()
-            with stop_on_signals_while_starting(stop):
-                connected = await broker.connect(stop)
-            if not connected:
-                log.info("stopped before RabbitMQ answered")
+            if not await broker.connect(stopped):
                 yield
                 return
             relay = OutboxRelay(pool, broker, SCHEMA)
@@ -132,7 +126,13 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             stack.push_async_callback(relay.stop)
             db = Database(pool, relay)
             purge = asyncio.create_task(
-                purge_idempotency_keys(db, settings.idempotency_ttl_hours, settings.idempotency_purge_interval_s),
+                run_periodically(
+                    partial(purge_idempotency_keys, db, settings.idempotency_ttl_hours),
+                    settings.idempotency_purge_interval_s,
+                    what="purging expired idempotency keys",
+                    at_start=True,
+                    logger=log,
+                ),
                 name="idempotency key purge",
             )
             stack.push_async_callback(cancel, purge)
@@ -147,7 +147,16 @@ def create_app(settings: AllocatorSettings) -> FastAPI:
             )
             stack.push_async_callback(consumer.stop)
             await view.seed()
-            maintenance = asyncio.create_task(maintain_view(view, settings), name="binding view maintenance")
+            maintenance = asyncio.create_task(
+                run_periodically(
+                    maintain_view(view, settings),
+                    settings.view_maintenance_interval_s,
+                    what="maintaining the view of bindings",
+                    at_start=True,
+                    logger=log,
+                ),
+                name="binding view maintenance",
+            )
             stack.push_async_callback(cancel, maintenance)
             app.state.db = db
             app.state.broker = broker

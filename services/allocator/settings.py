@@ -48,7 +48,8 @@ class AllocatorSettings(CommonSettings):
     havip_quota_per_vpc: int = Field(default=10, ge=0, le=100_000, validation_alias="havip_quota_per_vpc")
     max_body_bytes: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
     eip_pool: str = ""
-    # SPEC: keys are kept at least 24 hours; the floor holds whatever the configuration says.
+    # Keys are kept at least 24 hours (docs/contract.md#http-api), so a client may retry for a day whatever the
+    # configuration says.
     idempotency_ttl_hours: int = Field(default=24, ge=24, le=24 * 366)
     idempotency_purge_interval_s: float = Field(default=600.0, gt=0, le=86_400)
     # The read model of the binding service's state (binding_view/).

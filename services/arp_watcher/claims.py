@@ -1,4 +1,4 @@
-"""The claim rule (SPEC §4): which ARP frames assert "this MAC has this address". Pure: no I/O.
+"""The claim rule (docs/contract.md#claims): which ARP frames assert "this MAC has this address". Pure: no I/O.
 
 * ARP request with sender IP == target IP, not 0.0.0.0 → a gratuitous ARP announcement (`garp_request`), as
   keepalived sends;

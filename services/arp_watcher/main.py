@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from pydantic import ValidationError
@@ -21,37 +22,28 @@ from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
 from shared.messaging import Broker
 from shared.metrics import serve_metrics
-from shared.signals import restore_signals, stop_on_signals
+from shared.runtime import StartupError, serve
+from shared.settings import print_invalid_settings
 from shared.tasks import cancel
 
-from .capture import ArpCapture, CaptureOpenError, open_capture_socket
+from .capture import Capture, ClaimSink
+from .capture_thread import CaptureThread, FrameReader
 from .claims import Claim
 from .coalesce import Coalescer
 from .metrics import WatcherMetrics
+from .packet_socket import CaptureOpenError
 from .publisher import ClaimBuffer, ClaimPublisher
-from .ring import RingCapture, open_ring_capture
-from .settings import WatcherSettings, describe_errors
+from .ring import open_ring_reader
+from .settings import WatcherSettings
+from .socket_reader import open_socket_reader
 
 log = logging.getLogger("services.arp_watcher")
 
 SOURCE = "arp_watcher"
 
 
-class StartupError(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-async def run(
-    settings: WatcherSettings,
-    *,
-    stop: asyncio.Event | None = None,
-    registry: CollectorRegistry = REGISTRY,
-    install_signal_handlers: bool = True,
-) -> int:
+async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: CollectorRegistry = REGISTRY) -> int:
     loop = asyncio.get_running_loop()
-    stop = stop if stop is not None else asyncio.Event()
     metrics = WatcherMetrics(registry)
     buffer = ClaimBuffer(settings.buffer_size, loop)
 
@@ -63,29 +55,8 @@ async def run(
     def on_error(_exc: BaseException) -> None:
         loop.call_soon_threadsafe(stop.set)
 
-    capture: RingCapture | ArpCapture
     try:
-        if settings.capture == "ring":
-            capture = open_ring_capture(
-                settings.interface,
-                sink,
-                netns=settings.netns,
-                promiscuous=settings.promiscuous,
-                ignore_outgoing=settings.ignore_outgoing,
-                block_size=settings.ring_block_kib * 1024,
-                block_count=settings.ring_blocks,
-                retire_timeout_ms=settings.ring_retire_timeout_ms,
-                on_error=on_error,
-            )
-        else:
-            sock = open_capture_socket(
-                settings.interface,
-                netns=settings.netns,
-                rcvbuf_bytes=settings.rcvbuf_bytes,
-                promiscuous=settings.promiscuous,
-                ignore_outgoing=settings.ignore_outgoing,
-            )
-            capture = ArpCapture(sock, sink, on_error=on_error)
+        capture = open_capture(settings, sink, on_error)
     except CaptureOpenError as exc:
         raise StartupError(str(exc), 2 if exc.config_error else 1) from exc
 
@@ -104,9 +75,6 @@ async def run(
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}", 2
             ) from exc
 
-    if install_signal_handlers:
-        stop_on_signals(stop)
-
     broker = Broker(settings, source=SOURCE)
     publisher = ClaimPublisher(
         broker,
@@ -122,7 +90,7 @@ async def run(
 
     async def connect_and_publish() -> None:
         if await broker.connect(stop):
-            log.info("connected to rabbitmq", extra={"exchange": settings.exchange})
+            log.info("publishing claims", extra={"exchange": settings.exchange})
             await publisher.run()
 
     freeze_startup_heap()
@@ -142,8 +110,6 @@ async def run(
         await stop.wait()
         log.info("stopping")
     finally:
-        if install_signal_handlers:
-            restore_signals()
         await asyncio.to_thread(capture.stop)
         publisher.close()
         failed = await _finish_publishing(publishing, settings.drain_timeout_s)
@@ -168,6 +134,33 @@ async def run(
     return 1 if capture.error is not None or failed else 0
 
 
+def open_capture(
+    settings: WatcherSettings, sink: ClaimSink, on_error: Callable[[BaseException], object]
+) -> Capture:
+    """The capture thread over the reader HAVIP_CAPTURE names, not started; CaptureOpenError if its socket
+    cannot be opened."""
+    reader: FrameReader
+    if settings.capture == "ring":
+        reader = open_ring_reader(
+            settings.interface,
+            netns=settings.netns,
+            promiscuous=settings.promiscuous,
+            ignore_outgoing=settings.ignore_outgoing,
+            block_size=settings.ring_block_kib * 1024,
+            block_count=settings.ring_blocks,
+            retire_timeout_ms=settings.ring_retire_timeout_ms,
+        )
+    else:
+        reader = open_socket_reader(
+            settings.interface,
+            netns=settings.netns,
+            rcvbuf_bytes=settings.rcvbuf_bytes,
+            promiscuous=settings.promiscuous,
+            ignore_outgoing=settings.ignore_outgoing,
+        )
+    return CaptureThread(reader, sink, on_error=on_error)
+
+
 async def _finish_publishing(publishing: asyncio.Task[None], timeout_s: float) -> bool:
     """Let the publisher drain within `timeout_s`; True if it failed (an error, not a timeout)."""
     try:
@@ -185,16 +178,9 @@ def main() -> int:
     try:
         settings = WatcherSettings()  # `interface` comes from the environment (HAVIP_INTERFACE)
     except ValidationError as exc:
-        print(describe_errors(exc), file=sys.stderr)
-        return 2
+        return print_invalid_settings(WatcherSettings, exc)
     configure_logging(SOURCE, settings.log_level)
     # The capture thread parses while the event loop publishes: a loop waiting for the interpreter lock is a
     # takeover waiting; CPython's default switch interval (5 ms) would let the capture thread keep it that long.
     sys.setswitchinterval(0.0005)
-    try:
-        return asyncio.run(run(settings))
-    except StartupError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
+    return serve(run, settings)

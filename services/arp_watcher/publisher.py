@@ -27,6 +27,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
+from tenacity import RetryCallState
+
+from shared.backoff import failure_of, retrying_with_backoff
 from shared.events import DEFAULT_SEGMENT
 from shared.hops import datetime_ns
 
@@ -50,7 +53,8 @@ class EncodedPublisher(Protocol):
 
 
 # A buffered claim is kept as two short byte strings (the claimant, the rest) instead of a ~350-byte tuple of
-# objects: a backlog of 100,000 claimants during an outage then costs ~20 MB, not ~50 MB (SPEC P5).
+# objects: a backlog of 100,000 claimants during an outage then costs ~20 MB, not ~50 MB (the watcher's memory goal
+# P5, docs/contract.md#figures).
 _CLAIMANT = struct.Struct("=HI6s6s")  # vlan (0xFFFF = none), sender_ip, sender_mac, eth_src
 _REST = struct.Struct("=BIQIQ")  # kind, target_ip, captured_at, repeats, read_at
 _KINDS: Final = ("garp_request", "arp_reply")
@@ -254,35 +258,42 @@ class ClaimPublisher:
                 await asyncio.sleep(linger)
 
     async def _publish_with_retry(self, event: EncodedEvent, claims: list[Claim], *, routine: bool) -> None:
-        delay = self._backoff_initial_s
+        def tell(state: RetryCallState) -> None:
+            exc = failure_of(state)
+            self._metrics.publish_failures.inc()
+            log.warning(
+                "publishing %d claims failed (%s: %s); retrying in %.1f s",
+                len(claims),
+                type(exc).__name__,
+                exc,
+                state.next_action.sleep if state.next_action is not None else 0.0,
+                extra={"claims": len(claims), "buffered": len(self._buffer)},
+            )
+
+        # The same event again, for as long as it takes: the robust connection comes back by itself.
+        retrying = retrying_with_backoff(
+            retry=lambda _exc: True,
+            initial_s=self._backoff_initial_s,
+            max_s=self._backoff_max_s,
+            before_sleep=tell,
+        )
         self.in_flight += len(claims)
-        while True:
-            try:
-                await self._broker.publish_encoded(
-                    "arp.claims.observed", event.body, event.event_id, event.occurred_at, routine=routine
-                )
-            except Exception as exc:
-                self._metrics.publish_failures.inc()
-                log.warning(
-                    "publishing %d claims failed (%s: %s); retrying in %.1f s",
-                    len(claims),
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                    extra={"claims": len(claims), "buffered": len(self._buffer)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._backoff_max_s)
-                continue
-            now = time.time_ns()
-            observe = self._metrics.publish_latency.observe
-            for claim in claims:
-                observe(max(0, now - claim.captured_at) / 1e9)
-            if not routine:  # the claim path of a takeover (renewals linger by design): its first claim's hops
-                self._metrics.observe_hops(claims[0], datetime_ns(event.occurred_at), now)
-            self._metrics.claims_published.inc(len(claims))
-            self._metrics.events_published.inc()
-            self.published += len(claims)
-            self.events += 1
-            self.in_flight -= len(claims)
-            return
+        await retrying(
+            self._broker.publish_encoded,
+            "arp.claims.observed",
+            event.body,
+            event.event_id,
+            event.occurred_at,
+            routine=routine,
+        )
+        now = time.time_ns()
+        observe = self._metrics.publish_latency.observe
+        for claim in claims:
+            observe(max(0, now - claim.captured_at) / 1e9)
+        if not routine:  # the claim path of a takeover (renewals linger by design): its first claim's hops
+            self._metrics.observe_hops(claims[0], datetime_ns(event.occurred_at), now)
+        self._metrics.claims_published.inc(len(claims))
+        self._metrics.events_published.inc()
+        self.published += len(claims)
+        self.events += 1
+        self.in_flight -= len(claims)

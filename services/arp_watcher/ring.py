@@ -1,18 +1,15 @@
-"""ARP capture from a memory-mapped PACKET_RX_RING with TPACKET_V3 blocks (adapter; SPEC P3).
-
-Same socket as `capture.open_capture_socket` — protocol 0, the classic BPF filter attached in the kernel, only
-then bound with ETH_P_ALL inside the optional network namespace — but the kernel writes accepted frames
-straight into a ring of blocks shared with this process instead of queueing one skb per frame for a
+"""The default capture reader: a memory-mapped PACKET_RX_RING of TPACKET_V3 blocks on the watcher's packet socket
+(packet_socket.py), which the kernel fills with accepted frames instead of queueing one skb per frame for a
 `recvmsg` each (linux/if_packet.h, Documentation/networking/packet_mmap.rst):
 
 * the kernel fills one block at a time and hands it over (block_status TP_STATUS_USER) when the block is full
   or when `retire_timeout_ms` has passed since it was opened — which bounds the latency a lone GARP sees;
-* the capture thread waits with poll(2) (on the socket and an eventfd that stop() writes to, so idle costs
-  one wake-up per stats interval), walks every frame of a ready block — tpacket3_hdr gives the kernel receive
-  time (tp_sec/tp_nsec) and the VLAN tag the kernel stripped (hv1.tp_vlan_tci, TP_STATUS_VLAN_VALID) —
-  returns the block to the kernel (TP_STATUS_KERNEL) and hands the block's claims to the sink in one call;
+* the reading loop waits with poll(2) (on the socket and an eventfd that `wake` writes to, so idle costs one
+  wake-up per stats interval), walks every frame of a ready block — tpacket3_hdr gives the kernel receive time
+  (tp_sec/tp_nsec) and the VLAN tag the kernel stripped (hv1.tp_vlan_tci, TP_STATUS_VLAN_VALID) — returns the
+  block to the kernel (TP_STATUS_KERNEL) and hands the block's claims over in one call;
 * when every block is still held by user space the kernel drops frames and counts them: PACKET_STATISTICS
-  (struct tpacket_stats_v3 with TPACKET_V3, reset by every read) goes into the same `CaptureStats`.
+  (struct tpacket_stats_v3 with TPACKET_V3, reset by every read).
 
 Only CAP_NET_RAW is needed: the ring is the socket's own memory (no CAP_IPC_LOCK, no rlimit involved).
 Memory ordering: user space must read a block's frames only after it saw TP_STATUS_USER; x86-64 keeps loads
@@ -24,33 +21,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import mmap
 import os
 import select
 import socket
 import struct
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from .capture import (
-    PACKET_IGNORE_OUTGOING,
+from .capture import CaptureStats
+from .claims import Claim, ClaimMemo
+from .frames import MalformedFrame, NotArp
+from .packet_socket import (
     PACKET_STATISTICS,
     SOL_PACKET,
     TP_STATUS_VLAN_VALID,
     CaptureOpenError,
-    CaptureStats,
-    ClaimSink,
-    attach_arp_filter,
     open_packet_socket,
 )
-from .claims import Claim, ClaimMemo
-from .frames import MalformedFrame, NotArp
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .capture_thread import CaptureThread
 
 # linux/if_packet.h
 PACKET_RX_RING: Final = 5
@@ -74,13 +65,14 @@ _BLOCK_STATUS: Final = struct.Struct("=I")
 
 # Many small blocks rather than a few large ones: below a block's capacity per retire timeout every block is
 # handed over part-filled, so the ring absorbs a stall of the reader of block_count × retire timeout, whatever
-# the block size (P3 measured 1 MiB × 32 dropping frames at 48k ARP/s on a busy machine, where 32 KiB × 512 did
-# not). 16 MiB in all: ≈ 110,000 ARP frames of ≈ 144 bytes, or ≈ 1 s of a stalled reader under light traffic.
+# the block size (1 MiB × 32 dropped frames at 48k ARP/s on a busy machine, where 32 KiB × 512 did not:
+# docs/benchmarks.md, P3). 16 MiB in all: ≈ 110,000 ARP frames of ≈ 144 bytes, or ≈ 1 s of a stalled reader
+# under light traffic.
 DEFAULT_BLOCK_SIZE: Final = 16 * 1024
 DEFAULT_BLOCK_COUNT: Final = 1024
 DEFAULT_FRAME_SIZE: Final = 2048
 # A block is handed over when full or this many ms after it was opened: what a lone GARP waits (measured
-# p50 1.2 ms at 2 ms; SPEC P1 allows 3 ms from the wire to the commit).
+# p50 1.2 ms at 2 ms, docs/benchmarks.md P3, against a p50 of 3 ms from the wire to the commit).
 DEFAULT_RETIRE_TIMEOUT_MS: Final = 1
 
 
@@ -118,8 +110,9 @@ class RingGeometry:
         )
 
 
-class CaptureRing:
-    """A bound AF_PACKET socket with its TPACKET_V3 receive ring mapped into this process."""
+class RingReader:
+    """A bound AF_PACKET socket with its TPACKET_V3 receive ring mapped into this process, and the loop that
+    reads it (a capture_thread.FrameReader)."""
 
     def __init__(
         self, sock: socket.socket, buffer: mmap.mmap, geometry: RingGeometry, poll_interval_s: float
@@ -128,6 +121,7 @@ class CaptureRing:
         self.buffer = buffer
         self.geometry = geometry
         self.poll_interval_s = poll_interval_s
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     @property
     def closed(self) -> bool:
@@ -143,14 +137,57 @@ class CaptureRing:
         )
         return packets, drops
 
+    def wake(self) -> None:
+        if self._wake != -1:
+            os.eventfd_write(self._wake, 1)
+
     def close(self) -> None:
         """Unmap the ring and close the socket (the kernel frees the ring when both are gone)."""
         with contextlib.suppress(BufferError):
             self.buffer.close()
         self.sock.close()
+        if self._wake != -1:
+            os.close(self._wake)
+            self._wake = -1
+
+    def read_until_stopped(self, thread: CaptureThread) -> None:
+        buffer = self.buffer
+        block_size = self.geometry.block_size
+        block_count = self.geometry.block_count
+        stats = thread.stats
+        hand_over = thread.hand_over
+        poll_kernel_stats_when_due = thread.poll_kernel_stats_when_due
+        stop = thread.stopping
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN | select.POLLERR)
+        poller.register(self._wake, select.POLLIN)
+        wait_ms = max(0, int(min(self.poll_interval_s, thread.stats_interval_s) * 1000)) + 1
+        memo = ClaimMemo()
+        block = 0
+
+        while not stop.is_set():
+            offset = block * block_size
+            if not block_ready(buffer, offset):
+                self._wait(poller, wait_ms, thread)
+            else:
+                # Each block's claims are handed over as soon as it is parsed: when the thread is behind (a
+                # flood), a takeover waits for the blocks before it, never for those after it.
+                claims = drain_block(buffer, offset, stats, memo)
+                release_block(buffer, offset)
+                block = (block + 1) % block_count
+                hand_over(claims)
+            poll_kernel_stats_when_due()
+
+    def _wait(self, poller: select.poll, timeout_ms: int, thread: CaptureThread) -> None:
+        for fd, events in poller.poll(timeout_ms):
+            if fd == self._wake:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake)
+            elif events & select.POLLERR:
+                thread.receive_error(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 
 
-def open_capture_ring(
+def open_ring_reader(
     interface: str,
     *,
     netns: str | None = None,
@@ -161,18 +198,16 @@ def open_capture_ring(
     frame_size: int = DEFAULT_FRAME_SIZE,
     retire_timeout_ms: int = DEFAULT_RETIRE_TIMEOUT_MS,
     poll_interval_s: float = 1.0,
-) -> CaptureRing:
-    """Open the ARP capture socket with a TPACKET_V3 ring (see the module docstring).
+) -> RingReader:
+    """Open the ARP capture socket with a TPACKET_V3 ring mapped (see the module docstring); CaptureOpenError
+    when it cannot be.
 
     The kernel memory taken is block_size × block_count (default 16 MiB), unswappable, per open ring.
-    `poll_interval_s` bounds how long the capture thread sleeps without traffic (it also wakes on stop()).
+    `poll_interval_s` bounds how long the reading loop sleeps without traffic (it also wakes on `wake`).
     """
     geometry = RingGeometry(block_size, block_count, frame_size, retire_timeout_ms)
 
     def configure(sock: socket.socket) -> None:
-        attach_arp_filter(sock)  # first: nothing else may ever be queued
-        if ignore_outgoing:
-            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
         try:
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, geometry.request())
@@ -183,13 +218,15 @@ def open_capture_ring(
                 ) from exc
             raise
 
-    sock = open_packet_socket(interface, configure, netns=netns, promiscuous=promiscuous)
+    sock = open_packet_socket(
+        interface, configure, netns=netns, promiscuous=promiscuous, ignore_outgoing=ignore_outgoing
+    )
     try:
         buffer = mmap.mmap(sock.fileno(), geometry.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as exc:
         sock.close()
         raise CaptureOpenError(f"cannot map the capture ring of {interface!r}: {exc}", config_error=False) from exc
-    return CaptureRing(sock, buffer, geometry, poll_interval_s)
+    return RingReader(sock, buffer, geometry, poll_interval_s)
 
 
 # ---- reading one block ---------------------------------------------------------------------------------------
@@ -242,155 +279,3 @@ def drain_block(
     stats.not_claims += not_claims
     stats.not_arp += not_arp
     return claims
-
-
-# ---- the capture thread --------------------------------------------------------------------------------------
-
-
-class RingCapture:
-    """Reads a `CaptureRing` in a dedicated thread and hands claims to `sink` once per block (the kernel retires
-    a block when it is full or after its timeout), in lists of at most `max_batch`. The same interface as
-    `capture.ArpCapture`.
-
-    `sink` is called from the capture thread and must not block. `on_error` is called from the capture thread
-    if it stops on an unexpected error.
-    """
-
-    def __init__(
-        self,
-        ring: CaptureRing,
-        sink: ClaimSink,
-        *,
-        max_batch: int = 1024,
-        stats_interval_s: float = 1.0,
-        on_error: Callable[[BaseException], object] | None = None,
-        name: str = "arp-ring-capture",
-    ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        self._ring = ring
-        self._sink = sink
-        self._max_batch = max_batch
-        self._stats_interval_s = stats_interval_s
-        self._on_error = on_error
-        self._stop = threading.Event()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._stats_lock = threading.Lock()
-        self.stats = CaptureStats()
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread (woken at once), take the last kernel counters, unmap and close the ring."""
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.warning("capture thread still running %.1f s after stop; leaving the ring mapped", timeout_s)
-            return
-        if not self._ring.closed:
-            with contextlib.suppress(OSError):
-                self.poll_kernel_stats()
-            self._ring.close()
-        with contextlib.suppress(OSError):
-            os.close(self._wake)
-        self._wake = -1
-
-    def poll_kernel_stats(self) -> None:
-        with self._stats_lock:
-            packets, drops = self._ring.read_kernel_stats()
-            self.stats.kernel_packets += packets
-            self.stats.kernel_drops += drops
-        if drops:
-            log.warning("kernel dropped %d ARP frames", drops, extra={"kernel_drops": drops})
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:
-            if self._stop.is_set() and isinstance(exc, ValueError | OSError):
-                return  # the ring was closed under a thread that outlived stop()'s timeout
-            self.error = exc
-            log.exception("capture thread stopped")
-            if self._on_error is not None:
-                self._on_error(exc)
-
-    def _wait(self, poller: select.poll, timeout_s: float) -> None:
-        for fd, events in poller.poll(max(0, int(timeout_s * 1000)) + 1):
-            if fd == self._wake:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._wake)
-            elif events & select.POLLERR:
-                code = self._ring.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                self.stats.receive_errors += 1
-                log.warning("capture socket: %s", os.strerror(code) if code else "error", extra={"errno": code})
-                self._stop.wait(0.1)
-
-    def _loop(self) -> None:
-        ring = self._ring
-        buffer = ring.buffer
-        block_size = ring.geometry.block_size
-        block_count = ring.geometry.block_count
-        stats = self.stats
-        sink = self._sink
-        max_batch = self._max_batch
-        stop = self._stop
-        monotonic = time.monotonic
-        poller = select.poll()
-        poller.register(ring.fileno(), select.POLLIN | select.POLLERR)
-        poller.register(self._wake, select.POLLIN)
-        wait_s = min(ring.poll_interval_s, self._stats_interval_s)
-        next_stats = monotonic() + self._stats_interval_s
-        memo = ClaimMemo()
-        block = 0
-
-        while not stop.is_set():
-            offset = block * block_size
-            if not block_ready(buffer, offset):
-                self._wait(poller, wait_s)
-            else:
-                # Each block's claims are handed over as soon as it is parsed: when the thread is behind (a
-                # flood), a takeover waits for the blocks before it, never for those after it.
-                claims = drain_block(buffer, offset, stats, memo)
-                release_block(buffer, offset)
-                block = (block + 1) % block_count
-                for start in range(0, len(claims), max_batch):
-                    sink(claims[start : start + max_batch])
-            if monotonic() >= next_stats:
-                self.poll_kernel_stats()
-                next_stats = monotonic() + self._stats_interval_s
-
-
-def open_ring_capture(
-    interface: str,
-    sink: ClaimSink,
-    *,
-    netns: str | None = None,
-    promiscuous: bool = True,
-    ignore_outgoing: bool = False,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    block_count: int = DEFAULT_BLOCK_COUNT,
-    retire_timeout_ms: int = DEFAULT_RETIRE_TIMEOUT_MS,
-    on_error: Callable[[BaseException], object] | None = None,
-) -> RingCapture:
-    """Open the ring and wrap it in an unstarted RingCapture (the watcher's one call); CaptureOpenError as
-    `capture.open_capture_socket` raises it. `stop()` releases everything."""
-    ring = open_capture_ring(
-        interface,
-        netns=netns,
-        promiscuous=promiscuous,
-        ignore_outgoing=ignore_outgoing,
-        block_size=block_size,
-        block_count=block_count,
-        retire_timeout_ms=retire_timeout_ms,
-    )
-    return RingCapture(ring, sink, on_error=on_error)

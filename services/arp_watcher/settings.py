@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.events import DEFAULT_SEGMENT, MAX_CLAIMS_PER_EVENT, SegmentName
 from shared.settings import CommonSettings
@@ -18,8 +18,8 @@ class WatcherSettings(CommonSettings):
     interface: str = Field(min_length=1, max_length=15, pattern=r"^[^\s/]+$")
     # HAVIP_NETNS: open the capture inside this network namespace (name from `ip netns add`, or a path).
     netns: str | None = None
-    # HAVIP_SEGMENT: the layer-2 segment the interface is on (SPEC §4): claims are decided only against the
-    # HAVIPs of the subnets attached to it. One segment needs no configuration.
+    # HAVIP_SEGMENT: the layer-2 segment the interface is on (docs/contract.md#segments): claims are decided only
+    # against the HAVIPs of the subnets attached to it. One segment needs no configuration.
     segment: SegmentName = DEFAULT_SEGMENT
     # HAVIP_WATCHER_ID: reported with every claim; default "<hostname>/<interface>".
     watcher_id: str = Field(default="", max_length=200)  # filled in below when empty
@@ -71,12 +71,3 @@ class WatcherSettings(CommonSettings):
         if "/" in value or value in (".", "..") or any(c.isspace() for c in value):
             raise ValueError("must be a network namespace name (as in `ip netns list`) or an absolute path")
         return value
-
-
-def describe_errors(exc: ValidationError, env_prefix: str = "HAVIP_") -> str:
-    """One line per problem, naming the environment variable to fix."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        loc = "_".join(str(part) for part in error["loc"]) or "settings"
-        lines.append(f"  {env_prefix}{loc.upper()}: {error['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The binding decision (SPEC §5), pure: no I/O, no clock of its own.
+"""The binding decision (docs/contract.md#binding-rules), pure: no I/O, no clock of its own.
 
 `BindingBook` holds the inventory (instances and HAVIPs, projected from the allocator's events) and the
 current binding of every HAVIP. Each input returns the outcome the adapters must persist and publish; the book
@@ -19,10 +19,10 @@ from shared.events import DEFAULT_SEGMENT, ReleaseCause
 
 RejectReason = Literal["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "clock_skew"]
 
-# A holder's refresh is written at most this often per HAVIP (SPEC §5.3).
+# A holder's refresh is written at most this often per HAVIP (docs/contract.md#refresh).
 REFRESH_WRITE_INTERVAL_NS = 1_000_000_000
-# A claim captured further ahead of the binding service's clock than this is refused (SPEC §5.2): a watcher
-# whose clock runs ahead would otherwise make every other watcher's claims look stale.
+# A claim captured further ahead of the binding service's clock than this is refused (docs/contract.md#clock-skew):
+# a watcher whose clock runs ahead would otherwise make every other watcher's claims look stale.
 DEFAULT_MAX_CLOCK_SKEW_NS = 2_000_000_000
 # No claim can be older than the system (2020-01-01): a watcher whose clock is that far behind is refused too.
 EPOCH_NS = 1_577_836_800_000_000_000
@@ -45,7 +45,8 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """Where a subnet's HAVIPs can be claimed (SPEC §4): a segment, and a VLAN of it (none: all of it)."""
+    """Where a subnet's HAVIPs can be claimed (docs/contract.md#segments): a segment, and a VLAN of it (none: all
+    of it)."""
 
     segment: str = DEFAULT_SEGMENT
     vlan: int | None = None
@@ -144,7 +145,7 @@ Condition = Literal["flapping", "split_brain"]
 
 @dataclass(frozen=True, slots=True)
 class ConditionPolicy:
-    """When a HAVIP is flapping or in split brain (SPEC §5.5, §5.6).
+    """When a HAVIP is flapping or in split brain (docs/contract.md#flapping, #split-brain).
 
     Flapping: more than `flap_transitions` transitions by claim within `flap_window_ns`. Split brain: the
     authorised claimant changed at least `split_changes` times within `split_window_ns` (A, B, A, B: two
@@ -216,7 +217,7 @@ class BindingBook:
         return True
 
     def remove_instance(self, instance_id: uuid.UUID) -> list[Transition]:
-        """Deregistration: every HAVIP the instance holds becomes UNBOUND (SPEC §5.7)."""
+        """Deregistration: every HAVIP the instance holds becomes UNBOUND (docs/contract.md#release)."""
         self.deregistered.add(instance_id)
         instance = self.instances_by_id.pop(instance_id, None)
         if instance is None:
@@ -244,7 +245,7 @@ class BindingBook:
         return "new"
 
     def release_unless_candidate(self, havip_id: uuid.UUID) -> Transition | None:
-        """A candidate list that no longer includes the holder releases the binding (SPEC §5.7)."""
+        """A candidate list that no longer includes the holder releases the binding (docs/contract.md#release)."""
         havip = self.havips_by_id.get(havip_id)
         binding = self.bindings.get(havip_id)
         if havip is None or binding is None or binding.instance_id is None or not havip.candidates:
@@ -324,8 +325,9 @@ class BindingBook:
         self.attachments.pop(subnet_id, None)
 
     def authorise(self, claim: Claim) -> tuple[Havip, Instance] | Rejected | NotAHavip:
-        """SPEC §5.1: which HAVIP the claim is for, and whether the claimant may hold it. Only HAVIPs of the
-        subnets attached to the claim's segment are candidates (SPEC §4): elsewhere, the address is another's."""
+        """Authorisation (docs/contract.md#authorisation): which HAVIP the claim is for, and whether the claimant
+        may hold it. Only HAVIPs of the subnets attached to the claim's segment are candidates
+        (docs/contract.md#segments): elsewhere, the address is another's."""
         havips = self.havips_by_address.get(claim.address)
         if not havips:
             return NotAHavip()

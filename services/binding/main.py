@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import sys
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,8 +28,10 @@ from shared.messaging import Broker
 from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
+from shared.periodic import run_periodically
+from shared.runtime import serve
 from shared.service_setup import migrate_service
-from shared.signals import stop_on_signals
+from shared.settings import print_invalid_settings
 from shared.tasks import cancel, until_stopped
 
 log = logging.getLogger(__name__)
@@ -48,56 +53,41 @@ async def migrate(settings: BindingSettings) -> None:
 async def log_refusals(service: BindingService, interval_s: float) -> None:
     """One line per interval while claims are refused: an operator sees a spoofer (or a misconfigured server)
     in the log without a line per frame."""
-    while True:
-        await asyncio.sleep(interval_s)
-        summary = service.take_refusal_summary()
-        if summary is not None:
-            log.warning(
-                "claims refused in the last %.0f s: %d frames from %s claimants (address, MAC)",
-                interval_s,
-                sum(summary.frames_by_reason.values()),
-                f"{summary.claimants:,}"
-                if summary.claimants < MAX_SUMMARISED_CLAIMANTS
-                else f"over {MAX_SUMMARISED_CLAIMANTS:,}",
-                extra={"frames_by_reason": summary.frames_by_reason},
-            )
+    summary = service.take_refusal_summary()
+    if summary is not None:
+        log.warning(
+            "claims refused in the last %.0f s: %d frames from %s claimants (address, MAC)",
+            interval_s,
+            sum(summary.frames_by_reason.values()),
+            f"{summary.claimants:,}"
+            if summary.claimants < MAX_SUMMARISED_CLAIMANTS
+            else f"over {MAX_SUMMARISED_CLAIMANTS:,}",
+            extra={"frames_by_reason": summary.frames_by_reason},
+        )
 
 
-async def tick_every_second(service: BindingService, audit_retention_days: float) -> None:
-    """Time passing ends flapping and split brain, and ages the audit out (once a minute); a failed tick
-    (database away) is retried at the next."""
-    ticks = 0
-    while True:
-        await asyncio.sleep(1.0)
-        ticks += 1
-        try:
-            await service.tick()
-            if ticks % 60 == 1:
-                expired = await service.expire_audit(audit_retention_days)
-                if expired:
-                    log.info("refused claims past retention deleted", extra={"deleted": expired})
-        except Exception:
-            log.exception("tick failed; retrying in 1 s")
-
-
-async def release_paced_refusals(service: BindingService) -> None:
-    """Refusal audit rows waiting for the pacer's budget go out in bites, ten times a second."""
-    while True:
-        await asyncio.sleep(0.1)
-        try:
-            await service.release_refusals()
-        except Exception:
-            log.exception("writing paced refusals failed; retrying")
+async def tick(service: BindingService, ticks: Iterator[int], audit_retention_days: float) -> None:
+    """Time passing ends flapping and split brain (every second), and ages the audit out (once a minute)."""
+    minute_begins = next(ticks) % 60 == 0
+    await service.tick()
+    if not minute_begins:
+        return
+    expired = await service.expire_audit(audit_retention_days)
+    if expired:
+        log.info("refused claims past retention deleted", extra={"deleted": expired})
 
 
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        pool = await create_pool(settings.database_url, role=settings.database_role or service_role(SCHEMA))
+        pool = await create_pool(
+            settings.database_url, role=settings.database_role or service_role(SCHEMA), stop=stop
+        )
+        if pool is None:
+            return
         stack.push_async_callback(pool.close)
         broker = Broker(settings, SOURCE)
         stack.push_async_callback(broker.close)
         if not await broker.connect(stop):
-            log.info("stopped before RabbitMQ answered")
             return
         hops = ClaimHops()
         relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
@@ -158,11 +148,15 @@ async def _decide_while_consuming(
         log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
         if ready is not None:
             ready.set()
-        for periodic in (
-            asyncio.create_task(tick_every_second(service, settings.audit_retention_days), name="binding tick"),
-            asyncio.create_task(release_paced_refusals(service), name="paced refusals"),
-            asyncio.create_task(log_refusals(service, settings.refusal_log_interval_s), name="refusal log"),
+        interval = settings.refusal_log_interval_s
+        for work, interval_s, what in (
+            # A failed tick (database away) is retried at the next.
+            (partial(tick, service, itertools.count(), settings.audit_retention_days), 1.0, "binding tick"),
+            # Refusal audit rows waiting for the pacer's budget go out in bites, ten times a second.
+            (service.release_refusals, 0.1, "writing paced refusals"),
+            (partial(log_refusals, service, interval), interval, "refusal log"),
         ):
+            periodic = asyncio.create_task(run_periodically(work, interval_s, what=what, logger=log), name=what)
             stack.push_async_callback(cancel, periodic)
         lost = await until_stopped(consumer.lost.wait(), stop)
         if lost is None:
@@ -177,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = BindingSettings()
     except ValidationError as exc:
-        print(f"binding: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return print_invalid_settings(BindingSettings, exc)
     configure_logging(SOURCE, settings.log_level)
     if args == ["migrate"]:
         asyncio.run(migrate(settings))
@@ -186,11 +179,4 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print("usage: python -m services.binding [migrate]", file=sys.stderr)
         return 2
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        stop_on_signals(stop)
-        await run(settings, stop)
-
-    asyncio.run(serve())
-    return 0
+    return serve(run, settings)

@@ -81,8 +81,8 @@ class BookCollector(Collector):
             flapping += b.flapping
             split_brain += b.split_brain
         yield owner
-        yield GaugeMetricFamily("havip_flapping", "HAVIPs flapping now (SPEC §5.5)", value=flapping)
-        yield GaugeMetricFamily("havip_split_brain", "HAVIPs in split brain now (SPEC §5.6)", value=split_brain)
+        yield GaugeMetricFamily("havip_flapping", "HAVIPs flapping now", value=flapping)
+        yield GaugeMetricFamily("havip_split_brain", "HAVIPs in split brain now", value=split_brain)
 
 
 _book_collector: BookCollector | None = None

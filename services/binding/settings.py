@@ -17,7 +17,8 @@ class BindingSettings(CommonSettings):
     # Messages of the routine lane (holders' refreshes, as the watchers mark them) taken per batch: they are
     # decided one by one and written together, while any other message may be decided in between.
     routine_batch: int = Field(default=16, ge=1, le=10_000)
-    # Claims captured further ahead of this service's clock are refused as clock_skew (SPEC §5.2).
+    # Claims captured further ahead of this service's clock are refused as clock_skew
+    # (docs/contract.md#clock-skew).
     max_clock_skew_s: float = Field(default=2.0, gt=0, le=3600)
     # New refusal audit rows (and their events) a second at most, in bites of a tenth of it: a flood over many
     # addresses is audited at this pace, every frame still counted (AuditPacer).
@@ -27,10 +28,11 @@ class BindingSettings(CommonSettings):
     refusal_log_interval_s: float = Field(default=60.0, gt=0, le=86_400)
     # Refused claims are kept this long in the audit (binding.rejected_claims), then deleted.
     audit_retention_days: float = Field(default=30.0, gt=0, le=3650)
-    # Flapping: more than this many transitions within the window (SPEC §5.5).
+    # Flapping: more than this many transitions within the window (docs/contract.md#flapping).
     flap_transitions: int = Field(default=5, ge=1, le=10_000)
     flap_window_s: float = Field(default=60.0, gt=0, le=86_400)
-    # Split brain: the authorised claimant changed this many times within the window (SPEC §5.6).
+    # Split brain: the authorised claimant changed this many times within the window
+    # (docs/contract.md#split-brain).
     split_brain_changes: int = Field(default=3, ge=2, le=10_000)
     split_brain_window_s: float = Field(default=10.0, gt=0, le=86_400)
 

@@ -139,7 +139,7 @@ class System(StartedInContext):
         raise ValueError(f"no service {name!r}")
 
     def kill(self, name: str) -> None:
-        """SIGKILL a service's whole process group, as a crash would (SPEC R3)."""
+        """SIGKILL a service's whole process group, as a crash would (R3, docs/contract.md#reliability)."""
         service = self.services[name]
         if service.process.poll() is None:
             os.killpg(service.process.pid, signal.SIGKILL)

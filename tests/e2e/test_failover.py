@@ -215,8 +215,9 @@ async def test_garp_from_an_unregistered_host_is_refused_and_moves_nothing(
 async def test_failovers_during_a_broker_outage_reach_the_binding_when_it_returns(
     system: System, lab: Lab, inventory: dict[str, Any], watcher_link: CuttableProxy
 ) -> None:
-    """SPEC R1 for the watcher: RabbitMQ is away from it while keepalived fails over twice (cvm1 → cvm2 → cvm1);
-    it keeps capturing, and when the broker returns the binding service records both changes, in order."""
+    """R1 (docs/contract.md#reliability) for the watcher: RabbitMQ is away from it while keepalived fails over
+    twice (cvm1 → cvm2 → cvm1); it keeps capturing, and when the broker returns the binding service records both
+    changes, in order."""
     cvm1_id = inventory["instances"]["cvm1"]["id"]
     cvm2_id = inventory["instances"]["cvm2"]["id"]
     havip = allocate(system, inventory, "vip-outage")
@@ -271,8 +272,8 @@ async def test_failovers_during_a_broker_outage_reach_the_binding_when_it_return
 async def test_two_keepalived_masters_are_split_brain_until_one_stops(
     system: System, lab: Lab, inventory: dict[str, Any]
 ) -> None:
-    """SPEC §5.6 on the wire: two keepalived whose adverts never reach each other (each names a peer that does
-    not exist) both become master and both announce the address every second."""
+    """Split brain (docs/contract.md#split-brain) on the wire: two keepalived whose adverts never reach each other
+    (each names a peer that does not exist) both become master and both announce the address every second."""
     havip = allocate(system, inventory, "vip-split")
     vip = havip["address"]
     cvm1, cvm2 = lab.hosts["cvm1"], lab.hosts["cvm2"]

@@ -1,7 +1,7 @@
-"""SPEC R1–R3: a failover storm on the wire while RabbitMQ or Postgres goes away (for the services only: they
-reach them through proxies the test cuts, the shared servers stay up for everyone else), or while a service is
-killed with SIGKILL and restarted. Afterwards every HAVIP is bound to the last claimant on the wire, the history
-of each has no gap and no duplicate, and the services have reconnected by themselves."""
+"""R1–R3 (docs/contract.md#reliability): a failover storm on the wire while RabbitMQ or Postgres goes away (for the
+services only: they reach them through proxies the test cuts, the shared servers stay up for everyone else), or
+while a service is killed with SIGKILL and restarted. Afterwards every HAVIP is bound to the last claimant on the
+wire, the history of each has no gap and no duplicate, and the services have reconnected by themselves."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Segments (SPEC §4) in the lab: two tenants' VPCs use the same CIDR and the same HAVIP address, their subnets
-attached to two VLANs of one segment (the watcher's). A claim on one VLAN moves — and is audited against — only
-that VLAN's HAVIP; a claim where no subnet is attached is counted, not stored; the attachment survives a
-restart of the binding service."""
+"""Segments (docs/contract.md#segments) in the lab: two tenants' VPCs use the same CIDR and the same HAVIP address,
+their subnets attached to two VLANs of one segment (the watcher's). A claim on one VLAN moves — and is audited
+against — only that VLAN's HAVIP; a claim where no subnet is attached is counted, not stored; the attachment
+survives a restart of the binding service."""
 
 from __future__ import annotations
 

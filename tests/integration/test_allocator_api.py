@@ -417,8 +417,8 @@ async def test_havip_allocation_rules(client: httpx.AsyncClient) -> None:
 async def test_a_subnet_is_attached_to_a_segment_and_vlan_published_with_it(
     client: httpx.AsyncClient, events: EventLog
 ) -> None:
-    """SPEC §4: the default segment needs no configuration; a named segment (and VLAN) is kept, shown and
-    published for the binding service; a bad one is refused."""
+    """Segments (docs/contract.md#segments): the default segment needs no configuration; a named segment (and VLAN)
+    is kept, shown and published for the binding service; a bad one is refused."""
     vpc = await make_vpc(client, "10.30.0.0/16")
     plain = await make_subnet(client, vpc["id"], "10.30.1.0/24")
     assert (plain["segment"], plain["vlan"]) == ("default", None)

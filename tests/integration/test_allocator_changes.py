@@ -1,4 +1,4 @@
-"""The allocator's issue 3 against the real Postgres and RabbitMQ of the test run: PATCH of a HAVIP, EIPs, the
+"""The allocator against the real Postgres and RabbitMQ of the test run: PATCH of a HAVIP, EIPs, the
 audit of refused claims, expiry of idempotency keys, filters and pages of every list, subnet metrics, and the
 events of every change.
 

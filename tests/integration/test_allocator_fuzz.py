@@ -1,4 +1,5 @@
-"""No input yields a 5xx (SPEC §3, R4): random paths, query strings, headers and bodies against every route.
+"""No input yields a 5xx (docs/contract.md#http-api, R4): random paths, query strings, headers and bodies against
+every route.
 
 A quick in-process stand-in for the schemathesis run; every answer must be a documented status with the
 error shape, and unexpected exceptions would surface here (ASGITransport re-raises them).

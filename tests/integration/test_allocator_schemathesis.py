@@ -1,4 +1,5 @@
-"""Schemathesis against the allocator's own OpenAPI document (SPEC §8 R4: fuzzed API requests never get a 5xx).
+"""Schemathesis against the allocator's own OpenAPI document (docs/contract.md#reliability R4: fuzzed API requests
+never get a 5xx).
 
 The app runs in a real uvicorn server on a free 127.0.0.1 port (its own thread and event loop), with the test
 module's database and vhost and an EIP pool; schemathesis loads `/openapi.json` from it and, for every

@@ -25,11 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from services.arp_watcher.capture import CaptureOpenError, network_namespace
+from services.arp_watcher.capture_thread import CaptureThread
 from services.arp_watcher.claims import Claim
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
-from services.arp_watcher.ring import RingCapture, open_capture_ring
+from services.arp_watcher.frames import ARP_REQUEST
+from services.arp_watcher.packet_socket import CaptureOpenError, network_namespace
+from services.arp_watcher.ring import open_ring_reader
 from tests.lab import CaptureNamespace, Lab, LabHost
+from tests.lab.arp_frames import build_arp_frame
 from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw
 
 
@@ -101,9 +103,9 @@ class Collected:
 
 
 @contextlib.contextmanager
-def ring_capture(world: World) -> Iterator[tuple[RingCapture, Collected]]:
+def ring_capture(world: World) -> Iterator[tuple[CaptureThread, Collected]]:
     collected = Collected()
-    capture = RingCapture(open_capture_ring("eth0", netns=world.cap.netns), collected.sink)
+    capture = CaptureThread(open_ring_reader("eth0", netns=world.cap.netns), collected.sink)
     capture.start()
     try:
         yield capture, collected
@@ -112,7 +114,7 @@ def ring_capture(world: World) -> Iterator[tuple[RingCapture, Collected]]:
     assert capture.error is None
 
 
-def wait_kernel_packets(capture: RingCapture, count: int, timeout_s: float = 30.0) -> None:
+def wait_kernel_packets(capture: CaptureThread, count: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         capture.poll_kernel_stats()
@@ -251,8 +253,8 @@ def test_a_burst_replayed_with_tcpreplay_is_seen_whole_without_kernel_drops(worl
 
 def test_stop_returns_while_nothing_arrives(world: World) -> None:
     """Woken through its eventfd: with a 120 s poll interval a missed wake-up would outlast stop()'s join."""
-    ring = open_capture_ring("eth0", netns=world.cap.netns, poll_interval_s=120.0)
-    capture = RingCapture(ring, Collected().sink, stats_interval_s=120.0)
+    ring = open_ring_reader("eth0", netns=world.cap.netns, poll_interval_s=120.0)
+    capture = CaptureThread(ring, Collected().sink, stats_interval_s=120.0)
     capture.start()
     capture.stop(timeout_s=30)
     assert not capture.running
@@ -262,20 +264,21 @@ def test_stop_returns_while_nothing_arrives(world: World) -> None:
 
 def test_opening_errors_name_the_cause(world: World) -> None:
     with pytest.raises(CaptureOpenError, match="no interface 'nosuch0'") as no_interface:
-        open_capture_ring("nosuch0", netns=world.cap.netns)
+        open_ring_reader("nosuch0", netns=world.cap.netns)
     assert no_interface.value.config_error
     with pytest.raises(CaptureOpenError, match="network namespace") as no_namespace:
-        open_capture_ring("eth0", netns=f"{world.lab.prefix}-nosuch")
+        open_ring_reader("eth0", netns=f"{world.lab.prefix}-nosuch")
     assert no_namespace.value.config_error
     with pytest.raises(ValueError, match="power of two"):
-        open_capture_ring("eth0", netns=world.cap.netns, block_size=3 * 4096)
+        open_ring_reader("eth0", netns=world.cap.netns, block_size=3 * 4096)
 
 
 CAPTURE_SCRIPT = """
 import sys, time
-from services.arp_watcher.ring import RingCapture, open_capture_ring
+from services.arp_watcher.capture_thread import CaptureThread
+from services.arp_watcher.ring import open_ring_reader
 got = []
-capture = RingCapture(open_capture_ring(sys.argv[1]), got.extend)
+capture = CaptureThread(open_ring_reader(sys.argv[1]), got.extend)
 capture.start()
 print("ready", flush=True)
 deadline = time.monotonic() + 30
@@ -287,8 +290,8 @@ print(len(got), capture.stats.kernel_drops, capture.error)
 
 
 def test_cap_net_raw_alone_sets_up_the_ring(world: World) -> None:
-    """SPEC R6: an unprivileged user with CAP_NET_RAW and nothing else opens and maps the ring (on the
-    root-namespace capture port: entering a namespace would need CAP_SYS_ADMIN)."""
+    """R6 (docs/contract.md#reliability): an unprivileged user with CAP_NET_RAW and nothing else opens and maps
+    the ring (on the root-namespace capture port: entering a namespace would need CAP_SYS_ADMIN)."""
     with python_as_nobody_with_net_raw("-c", CAPTURE_SCRIPT, world.port) as command:
         proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

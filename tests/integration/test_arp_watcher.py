@@ -34,12 +34,15 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from services.arp_watcher.capture import ArpCapture, network_namespace, open_capture_socket
+from services.arp_watcher.capture_thread import CaptureThread
 from services.arp_watcher.claims import Claim
 from services.arp_watcher.encoding import encode_claims
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REQUEST
+from services.arp_watcher.packet_socket import network_namespace
+from services.arp_watcher.socket_reader import open_socket_reader
 from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
 from tests import service_logs
+from tests.lab.arp_frames import build_arp_frame
 from tests.ports import free_port
 from tests.tcp_proxy import CuttableProxy
 from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw
@@ -156,9 +159,9 @@ class Collected:
 
 
 @contextlib.contextmanager
-def capturing(lab: Lab) -> Iterator[tuple[ArpCapture, Collected]]:
+def capturing(lab: Lab) -> Iterator[tuple[CaptureThread, Collected]]:
     collected = Collected()
-    capture = ArpCapture(open_capture_socket("eth0", netns=lab.watch_ns), collected.sink)
+    capture = CaptureThread(open_socket_reader("eth0", netns=lab.watch_ns), collected.sink)
     capture.start()
     try:
         yield capture, collected
@@ -389,7 +392,8 @@ class WatcherProcess:
             await self._reader
 
 
-async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> None:
+@pytest.mark.parametrize("capture", ["ring", "socket"])
+async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str, capture: str) -> None:
     # The module's own vhost (gone after the module); the prefix also exercises HAVIP_AMQP_PREFIX.
     prefix = f"t{uuid.uuid4().hex[:8]}."
     exchange_name = f"{prefix}havip.events"
@@ -412,9 +416,11 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> 
             HAVIP_WATCHER_ID=f"test/{lab.prefix}",
             HAVIP_METRICS_PORT=str(metrics_port),
             HAVIP_METRICS_HOST="127.0.0.1",
+            HAVIP_CAPTURE=capture,
         )
         watcher = await WatcherProcess.start(env)
-        await watcher.wait_for_log("capture started")
+        started = await watcher.wait_for_log("capture started")
+        assert started["capture"] == capture
 
         before = time.time_ns()
         await asyncio.to_thread(lab.arping, "192.0.2.20", count=3)
@@ -467,7 +473,7 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str) -> 
         assert samples["havip_watcher_publish_failures_total"] == 0
 
         rss = await asyncio.to_thread(rss_kb, watcher.proc.pid)
-        assert rss < 80 * 1024, f"watcher RSS {rss} kB (SPEC P5: ≤ 80 MB)"
+        assert rss < 80 * 1024, f"watcher RSS {rss} kB (docs/contract.md#figures, P5: ≤ 80 MB)"
 
         assert await watcher.stop() == 0
         stopped = await watcher.wait_for_log("stopped")
@@ -515,7 +521,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
             HAVIP_METRICS_HOST="127.0.0.1",
         )
         watcher = await WatcherProcess.start(env)
-        await watcher.wait_for_log("connected to rabbitmq")
+        await watcher.wait_for_log("publishing claims")
 
         async def next_claims(count: int, timeout_s: float) -> list[ObservedClaim]:
             got: list[ObservedClaim] = []
@@ -563,9 +569,10 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
 
 
 async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
-    """SPEC R6: an unprivileged user with CAP_NET_RAW alone captures on a root-namespace port of the lab (a
-    veth end with no address, ARP off and IPv6 off, so the host answers nothing). Entering a network namespace
-    (HAVIP_NETNS) would need CAP_SYS_ADMIN as well: deployments with only NET_RAW use the host network."""
+    """R6 (docs/contract.md#reliability): an unprivileged user with CAP_NET_RAW alone captures on a
+    root-namespace port of the lab (a veth end with no address, ARP off and IPv6 off, so the host answers
+    nothing). Entering a network namespace (HAVIP_NETNS) would need CAP_SYS_ADMIN as well: deployments with only
+    NET_RAW use the host network."""
     port_name, peer_name = f"{lab.prefix}r", f"{lab.prefix}q"
     metrics_port = free_port()
     watcher: WatcherProcess | None = None

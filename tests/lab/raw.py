@@ -6,8 +6,9 @@ from __future__ import annotations
 import socket
 from ipaddress import IPv4Address
 
-from services.arp_watcher.capture import network_namespace
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REQUEST
+from services.arp_watcher.packet_socket import network_namespace
+from tests.lab.arp_frames import build_arp_frame
 from tests.lab.names import check_lab_address
 
 

@@ -1,4 +1,5 @@
-"""The EIP pool (parsing, membership, lowest free address), the issue-3 settings and request models (no I/O)."""
+"""The EIP pool (parsing, membership, lowest free address), the EIP and idempotency settings and the request
+models (no I/O)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The capture adapter without a network: the BPF program (run by a small classic-BPF interpreter), the socket
-option structures, and the capture loop driven by a fake socket."""
+"""The capture without a network: the BPF program (run by a small classic-BPF interpreter), the socket option
+structures, the recvmsg reader's loop driven by a fake socket, and the capture thread's life cycle."""
 
 from __future__ import annotations
 
@@ -13,22 +13,20 @@ from typing import Any, cast
 
 import pytest
 
-from services.arp_watcher.capture import (
-    _AUXDATA,
-    _TIMESPEC,
+from services.arp_watcher.capture import CaptureStats
+from services.arp_watcher.capture_thread import CaptureThread
+from services.arp_watcher.claims import Claim
+from services.arp_watcher.frames import ARP_REQUEST
+from services.arp_watcher.packet_socket import (
     ARP_BPF_FILTER,
-    PACKET_AUXDATA,
     PACKET_STATISTICS,
-    SO_TIMESTAMPNS,
     SOL_PACKET,
     TP_STATUS_VLAN_VALID,
-    ArpCapture,
-    CaptureStats,
     bpf_program,
     netns_path,
 )
-from services.arp_watcher.claims import Claim
-from services.arp_watcher.frames import ARP_REQUEST, build_arp_frame
+from services.arp_watcher.socket_reader import AUXDATA, PACKET_AUXDATA, SO_TIMESTAMPNS, TIMESPEC, SocketReader
+from tests.lab.arp_frames import build_arp_frame
 
 MAC = bytes.fromhex("02000000000a")
 VIP = int(IPv4Address("192.0.2.10"))
@@ -116,7 +114,7 @@ def test_netns_path() -> None:
     assert netns_path("/proc/1/ns/net") == "/proc/1/ns/net"
 
 
-# ---- the capture loop with a fake socket ---------------------------------------------------------------------
+# ---- the recvmsg reader with a fake socket ---------------------------------------------------------------------
 
 Message = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
 
@@ -124,9 +122,9 @@ Message = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
 def ancillary(captured_at: int | None, vlan_tci: int | None = None) -> list[tuple[int, int, bytes]]:
     anc: list[tuple[int, int, bytes]] = []
     if captured_at is not None:
-        anc.append((socket.SOL_SOCKET, SO_TIMESTAMPNS, _TIMESPEC.pack(*divmod(captured_at, 1_000_000_000))))
+        anc.append((socket.SOL_SOCKET, SO_TIMESTAMPNS, TIMESPEC.pack(*divmod(captured_at, 1_000_000_000))))
     status = TP_STATUS_VLAN_VALID if vlan_tci is not None else 0
-    anc.append((SOL_PACKET, PACKET_AUXDATA, _AUXDATA.pack(status, 60, 60, 0, 14, vlan_tci or 0, 0x8100)))
+    anc.append((SOL_PACKET, PACKET_AUXDATA, AUXDATA.pack(status, 60, 60, 0, 14, vlan_tci or 0, 0x8100)))
     return anc
 
 
@@ -176,7 +174,9 @@ def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
 def test_capture_loop_classifies_counts_and_hands_off_batches() -> None:
     fake = FakeSocket()
     batches: list[list[Claim]] = []
-    capture = ArpCapture(cast(socket.socket, fake), batches.append, max_batch=3, stats_interval_s=0.01)
+    capture = CaptureThread(
+        SocketReader(cast(socket.socket, fake)), batches.append, max_batch=3, stats_interval_s=0.01
+    )
     t0 = 1_700_000_000_000_000_001
     fake.feed(garp(), ancillary(t0))
     fake.feed(garp(), ancillary(t0 + 1, vlan_tci=0x2064))  # PCP 1, VID 100
@@ -213,7 +213,9 @@ def test_capture_thread_error_is_reported() -> None:
             raise OSError(9, "EBADF")
 
     errors: list[BaseException] = []
-    capture = ArpCapture(cast(socket.socket, Broken()), lambda batch: None, on_error=errors.append)
+    capture = CaptureThread(
+        SocketReader(cast(socket.socket, Broken())), lambda batch: None, on_error=errors.append
+    )
     capture.start()
     wait_until(lambda: not capture.running)
     capture.stop()

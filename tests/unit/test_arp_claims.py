@@ -1,4 +1,4 @@
-"""The claim rule of SPEC §4, and the claim of the arp.claims.observed event it produces."""
+"""The claim rule (docs/contract.md#claims), and the claim of the arp.claims.observed event it produces."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ from hypothesis import strategies as st
 
 from services.arp_watcher.claims import Claim, ClaimMemo, claim_from_frame, classify
 from services.arp_watcher.encoding import encode_claims
-from services.arp_watcher.frames import (
-    ARP_REPLY,
-    ARP_REQUEST,
-    ArpFrame,
-    MalformedFrame,
-    build_arp_frame,
-    parse_frame,
-)
+from services.arp_watcher.frames import ARP_REPLY, ARP_REQUEST, ArpFrame, MalformedFrame, parse_frame
 from shared.events import ClaimsObserved, ObservedClaim, decode
+from tests.lab.arp_frames import build_arp_frame
 
 MAC_A = bytes.fromhex("02000000000a")
 MAC_B = bytes.fromhex("02000000000b")

@@ -1,4 +1,5 @@
-"""Parsing Ethernet/ARP frames: examples, then fuzzing (SPEC R4: malformed frames never crash the watcher)."""
+"""Parsing Ethernet/ARP frames: examples, then fuzzing (docs/contract.md#reliability R4: malformed frames never
+crash the watcher)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from services.arp_watcher.frames import (
     FrameError,
     MalformedFrame,
     NotArp,
-    build_arp_frame,
     parse_frame,
 )
+from tests.lab.arp_frames import build_arp_frame
 
 T0 = 1_700_000_000_000_000_000
 MAC_A = bytes.fromhex("020000000001")
@@ -284,9 +285,9 @@ def test_round_trip(
 
 
 def test_a_million_mutated_frames_never_escape_frame_error() -> None:
-    """SPEC R4 asks for ≥ 1,000,000 fuzzed frames: seeded random mutations (truncated, wrong lengths, odd hardware
-    and protocol types, nested tags) and random bytes, through the parser, the claim rule and the coalescer — the
-    whole per-frame path of the capture thread — quickly."""
+    """R4 (docs/contract.md#reliability) asks for ≥ 1,000,000 fuzzed frames: seeded random mutations (truncated,
+    wrong lengths, odd hardware and protocol types, nested tags) and random bytes, through the parser, the claim
+    rule and the coalescer — the whole per-frame path of the capture thread — quickly."""
     rng = random.Random(20240229)
     bases = [bytearray(f) for f in VALID_FRAMES]
     outcomes = {"claim": 0, "not_claim": 0, "malformed": 0, "not_arp": 0}

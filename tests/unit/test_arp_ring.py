@@ -12,9 +12,11 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from services.arp_watcher.capture import TP_STATUS_VLAN_VALID, CaptureStats
+from services.arp_watcher.capture import CaptureStats
+from services.arp_watcher.capture_thread import CaptureThread
 from services.arp_watcher.claims import Claim
-from services.arp_watcher.frames import ARP_REPLY, ARP_REQUEST, build_arp_frame
+from services.arp_watcher.frames import ARP_REPLY, ARP_REQUEST
+from services.arp_watcher.packet_socket import TP_STATUS_VLAN_VALID
 from services.arp_watcher.ring import (
     BLOCK_DESC,
     TP_STATUS_KERNEL,
@@ -22,13 +24,13 @@ from services.arp_watcher.ring import (
     TPACKET3_HDR,
     TPACKET_REQ3,
     TPACKET_STATS_V3,
-    CaptureRing,
-    RingCapture,
     RingGeometry,
+    RingReader,
     block_ready,
     drain_block,
     release_block,
 )
+from tests.lab.arp_frames import build_arp_frame
 
 MAC = bytes.fromhex("02000000000a")
 VIP = int(IPv4Address("192.0.2.10"))
@@ -147,7 +149,7 @@ def test_an_empty_block_gives_nothing(ring_memory: mmap.mmap) -> None:
 # ---- the capture thread over a hand-made ring ---------------------------------------------------------------
 
 
-class FakeRing(CaptureRing):
+class FakeRing(RingReader):
     """A ring in anonymous memory; the socket is one end of a socketpair (poll sees nothing on it)."""
 
     def __init__(self, block_count: int = 4) -> None:
@@ -184,7 +186,7 @@ class Sink:
 def test_capture_thread_reads_blocks_in_order_and_returns_them() -> None:
     ring = FakeRing(block_count=4)
     sink = Sink()
-    capture = RingCapture(ring, sink, max_batch=1000, stats_interval_s=0.05)
+    capture = CaptureThread(ring, sink, max_batch=1000, stats_interval_s=0.05)
     capture.start()
     try:
         for block in range(4):
@@ -214,7 +216,7 @@ def test_each_ready_block_is_handed_over_on_its_own_split_at_max_batch() -> None
     for block in range(4):  # all four ready before the thread starts: one burst
         write_block(ring.buffer, block * BLOCK, [(garp(VIP + block * 10 + i), i, None) for i in range(5)])
     sink = Sink()
-    capture = RingCapture(ring, sink, max_batch=3)
+    capture = CaptureThread(ring, sink, max_batch=3)
     capture.start()
     try:
         claims = sink.wait_claims(20)
@@ -228,7 +230,7 @@ def test_each_ready_block_is_handed_over_on_its_own_split_at_max_batch() -> None
 def test_stop_wakes_the_thread_without_waiting_for_the_poll_interval() -> None:
     ring = FakeRing()
     ring.poll_interval_s = 120.0  # a missed wake-up would leave the thread asleep past stop()'s join
-    capture = RingCapture(ring, Sink(), stats_interval_s=120.0)
+    capture = CaptureThread(ring, Sink(), stats_interval_s=120.0)
     capture.start()
     deadline = time.monotonic() + 20
     while not capture.running and time.monotonic() < deadline:
@@ -250,7 +252,7 @@ def test_a_sink_error_stops_the_thread_and_is_reported() -> None:
         reported.append(exc)
         done.set()
 
-    capture = RingCapture(ring, failing_sink, on_error=on_error)
+    capture = CaptureThread(ring, failing_sink, on_error=on_error)
     capture.start()
     write_block(ring.buffer, 0, [(garp(), 1, None)])
     assert done.wait(20)

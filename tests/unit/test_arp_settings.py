@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.arp_watcher.settings import WatcherSettings, describe_errors
+from services.arp_watcher.settings import WatcherSettings
+from shared.settings import EXIT_INVALID_SETTINGS, print_invalid_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +83,9 @@ def test_invalid_configuration_names_the_variable(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError) as info:
         WatcherSettings()
-    message = describe_errors(info.value)
+    printed = io.StringIO()
+    assert print_invalid_settings(WatcherSettings, info.value, printed) == EXIT_INVALID_SETTINGS
+    message = printed.getvalue()
     assert message.startswith("invalid configuration:")
     assert variable in message
 

@@ -1,4 +1,4 @@
-"""The binding decision (SPEC §5), on the pure BindingBook."""
+"""The binding decision (docs/contract.md#binding-rules), on the pure BindingBook."""
 
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def seen(c: Claim, segment: str, vlan: int | None = None) -> Claim:
 
 
 def test_a_claim_is_decided_only_against_the_havips_of_its_segment() -> None:
-    """SPEC §4: two tenants use the same address on two segments; each claim concerns its own segment's HAVIP,
-    and is neither decided nor audited against the other's."""
+    """Segments (docs/contract.md#segments): two tenants use the same address on two segments; each claim concerns
+    its own segment's HAVIP, and is neither decided nor audited against the other's."""
     b = book()
     other_subnet = uuid.uuid4()
     twin = Havip(uuid.uuid4(), OTHER_VPC, other_subnet, VIP)
@@ -146,7 +146,9 @@ def test_a_claim_is_decided_only_against_the_havips_of_its_segment() -> None:
     assert moved.havip_id == twin.id
     # A segment no subnet is attached to: the address is nobody's there (counted, not stored).
     assert isinstance(b.apply_claim(seen(claim(CVM1.mac, 6), "green")), NotAHavip)
-    assert isinstance(b.apply_claim(claim(CVM1.mac, 7)), NotAHavip)  # the default segment, too, now
+    assert isinstance(
+        b.apply_claim(claim(CVM1.mac, 7)), NotAHavip
+    )  # the default segment too: both subnets left it
 
 
 def test_vlans_of_one_segment_separate_subnets_and_no_vlan_means_the_whole_segment() -> None:

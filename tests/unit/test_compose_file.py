@@ -1,7 +1,8 @@
 """docker-compose.yml, .env.example and the Dockerfile checked offline: docker-compose 1.29 accepts the file and
 refuses it without each secret; the resolved configuration has the start-up order, health checks, privileges,
-per-service database URLs, overridable images and the Grafana profile the deployment promises (SPEC §8 R6, §9).
-tests/deploy/test_compose.py brings the same file up for real."""
+per-service database URLs, overridable images and the Grafana profile the deployment promises
+(docs/contract.md#reliability R6, #deployment-and-observability). tests/deploy/test_compose.py brings the same file
+up for real."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """deploy/grafana: the checked-in dashboard is what the code generates, every query names a provisioned data
-source, the provisioning files are valid, every PromQL expression parses and reads a metric the services
-export, and the panels SPEC §9 lists are there. (Live queries: tests/e2e/test_prometheus.py and
-tests/integration/test_grafana_sql.py.)"""
+source, the provisioning files are valid, every PromQL expression parses and reads a metric the services export,
+and the panels docs/contract.md#deployment-and-observability lists are there. (Live queries:
+tests/e2e/test_prometheus.py and tests/integration/test_grafana_sql.py.)"""
 
 from __future__ import annotations
 

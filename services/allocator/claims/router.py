@@ -20,7 +20,7 @@ router = api_router("/v1/claims", "claims")
     "/rejected",
     summary="Audit of refused claims, newest first",
     description=(
-        "Every ARP claim the binding service refused (SPEC §5 rule 1): unknown MAC, an instance of another "
+        "Every ARP claim the binding service refused: unknown MAC, an instance of another "
         "subnet, not a candidate, or Ethernet/ARP MAC mismatch. Kept after the HAVIP is released. From the "
         "binding service's `havip.claim.rejected` events, kept by the allocator: eventually consistent, a few "
         "milliseconds behind the binding's commit."

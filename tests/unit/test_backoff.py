@@ -1,0 +1,90 @@
+"""shared.backoff.wait_until_available: a dependency waited for as long as it takes, what is wrong said once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from shared.backoff import wait_until_available
+
+
+def describe(exc: BaseException) -> str:
+    return f"it says {exc}"
+
+
+async def test_each_reason_is_said_once_and_the_answer_is_returned(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="shared.backoff")
+    failures = [
+        OSError("refused"),
+        OSError("refused"),
+        OSError("refused"),
+        TimeoutError("late"),
+        OSError("refused"),
+    ]
+
+    async def attempt() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "connection"
+
+    result = await asyncio.wait_for(
+        wait_until_available(
+            attempt, what="Dependency", unavailable=lambda _exc: True, describe=describe, max_delay_s=0.01
+        ),
+        10,
+    )
+    assert result == "connection"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    again = "; trying again with back-off (up to 0 s) until it answers"
+    assert said == [
+        ("WARNING", "it says refused" + again),
+        ("WARNING", "it says late" + again),
+        ("WARNING", "it says refused" + again),  # changed again: said again
+        ("INFO", "connected to dependency"),
+    ]
+
+
+async def test_an_answer_at_once_is_not_remarked_on(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="shared.backoff")
+
+    async def attempt() -> int:
+        return 1
+
+    assert await wait_until_available(attempt, what="X", unavailable=lambda _exc: True, describe=describe) == 1
+    assert caplog.records == []
+
+
+async def test_an_error_that_waiting_cannot_mend_is_raised_at_once() -> None:
+    attempts = 0
+
+    async def attempt() -> int:
+        nonlocal attempts
+        attempts += 1
+        raise ValueError("a URL that cannot be parsed")
+
+    with pytest.raises(ValueError, match="cannot be parsed"):
+        await wait_until_available(
+            attempt, what="X", unavailable=lambda exc: isinstance(exc, OSError), describe=describe
+        )
+    assert attempts == 1
+
+
+async def test_a_stop_ends_the_wait_even_during_an_attempt(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="shared.backoff")
+    stop = asyncio.Event()
+    started = asyncio.Event()
+
+    async def attempt() -> int:  # a host that accepts the connection and never answers
+        started.set()
+        await asyncio.Event().wait()
+        return 1
+
+    waiting = asyncio.create_task(
+        wait_until_available(attempt, what="X", unavailable=lambda _exc: True, describe=describe, stop=stop)
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    stop.set()
+    assert await asyncio.wait_for(waiting, 10) is None
+    assert [r.getMessage() for r in caplog.records] == ["stopped before X answered"]
