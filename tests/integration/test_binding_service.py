@@ -16,8 +16,9 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from services.binding.domain import ns_to_datetime
 from services.binding.main import QUEUE, run
-from services.binding.repository import Renewal, delete_old_refusals, ns_to_datetime, write_renewals
+from services.binding.repository import Renewal, delete_old_refusals, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.hops import BINDING_HOPS
