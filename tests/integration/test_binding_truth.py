@@ -1,4 +1,4 @@
-"""One truth (issue 8): whatever step of a batch fails — deciding it, or any statement of its transaction — the
+"""One truth: whatever step of a batch fails — deciding it, or any statement of its transaction — the
 binding service's in-memory book ends up equal to what Postgres holds, and a retry of the batch (as the
 consumer retries it) commits exactly what a run without the failure would have committed.
 
