@@ -77,6 +77,8 @@ from bench.common import (
 )
 from shared.messaging import declare_topology
 from shared.settings import CommonSettings
+from tests.metrics_text import value
+from tests.waiting import eventually
 
 GOAL_RATE = 300.0  # allocations/s
 GOAL_P99_MS = 100.0
@@ -234,17 +236,17 @@ async def tap_events(amqp_url: str) -> AsyncIterator[EventTap]:
 
 async def wait_drained(conn: asyncpg.Connection, tap: EventTap, n: int, since: float) -> dict[str, Any]:
     """How long after `since` (the last response) the outbox was empty and the n-th event had arrived."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
     outbox_empty_at: float | None = None
-    while True:
+
+    async def drained() -> bool:
+        nonlocal outbox_empty_at
         now = time.perf_counter()
         if outbox_empty_at is None and await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0:
             outbox_empty_at = now
-        if outbox_empty_at is not None and len(tap.received) >= n:
-            break
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.002)
+        return outbox_empty_at is not None and len(tap.received) >= n
+
+    with contextlib.suppress(TimeoutError):  # what did not drain in time is reported as NaN below
+        await eventually(drained, timeout=DRAIN_TIMEOUT_S, interval=0.002, what="the outbox drained")
     last_event = max((t for t, _, _ in tap.received), default=math.nan)
     return {
         "outbox_empty_after_ms": math.nan if outbox_empty_at is None else (outbox_empty_at - since) * 1000,
@@ -411,20 +413,13 @@ async def insert_reference(database_url: str, n: int, concurrency: int) -> dict[
 async def server_time(client: httpx.AsyncClient) -> dict[str, float]:
     """The allocator's own histogram of POST /v1/havips (time inside the ASGI app, not in the accept queue)."""
     text = (await client.get("/metrics")).text
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if 'route="/v1/havips"' in line and 'method="POST"' in line:
-            name, value = line.rsplit(" ", 1)
-            if name.startswith("havip_api_request_duration_seconds_sum"):
-                values["sum_s"] = float(value)
-            elif name.startswith("havip_api_request_duration_seconds_count"):
-                values["count"] = float(value)
-            elif 'le="0.1"' in name:
-                values["within_100ms"] = float(value)
-    count = values.get("count", 0.0)
+    post = {"method": "POST", "route": "/v1/havips"}
+    total_s = value(text, "havip_api_request_duration_seconds_sum", post)
+    count = value(text, "havip_api_request_duration_seconds_count", post) or 0.0
+    within_100ms = value(text, "havip_api_request_duration_seconds_bucket", {**post, "le": "0.1"})
     return {
-        "mean_ms": values.get("sum_s", math.nan) / count * 1000 if count else math.nan,
-        "share_within_100ms": values.get("within_100ms", math.nan) / count if count else math.nan,
+        "mean_ms": (math.nan if total_s is None else total_s) / count * 1000 if count else math.nan,
+        "share_within_100ms": (math.nan if within_100ms is None else within_100ms) / count if count else math.nan,
     }
 
 

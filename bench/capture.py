@@ -66,6 +66,7 @@ from services.arp_watcher.ring import (
 from tests.lab import CaptureNamespace, Lab, LabHost
 from tests.lab.arp_frames import build_arp_frame
 from tests.lab.proc import terminate_group
+from tests.waiting import eventually_sync
 
 HAVIPS = 10_000
 FIRST_HAVIP = int(ipaddress.IPv4Address("198.18.0.1"))
@@ -305,11 +306,17 @@ class TcpdumpReader:
             self.proc = self.namespace.popen(
                 "tcpdump", "-i", "eth0", "-n", "-w", "/dev/null", "-B", str(self.buffer_kib), "arp", stderr=err
             )
-        deadline = time.monotonic() + 15
-        while b"listening on" not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tcpdump did not start: {self.log_path.read_text(errors='replace')}")
-            time.sleep(0.02)
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tcpdump exited: {self.log_path.read_text(errors='replace')}")
+            return b"listening on" in self.log_path.read_bytes()
+
+        try:
+            eventually_sync(listening, timeout=15, what="tcpdump listening")
+        except TimeoutError as exc:
+            raise RuntimeError(f"tcpdump did not start: {self.log_path.read_text(errors='replace')}") from exc
 
     def _last(self, pattern: re.Pattern[bytes]) -> int:
         found = pattern.findall(self.log_path.read_bytes())
@@ -320,9 +327,10 @@ class TcpdumpReader:
             return None
         before = self.log_path.stat().st_size
         os.kill(self.proc.pid, signal.SIGUSR1)  # tcpdump prints "N packets captured" and carries on
-        deadline = time.monotonic() + 2
-        while self.log_path.stat().st_size == before and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with contextlib.suppress(TimeoutError):  # no new line: the last counters printed are still the latest
+            eventually_sync(
+                lambda: self.log_path.stat().st_size != before, timeout=2, interval=0.01, what="tcpdump's counters"
+            )
         return self._last(self.CAPTURED)
 
     def stop(self) -> tuple[int, int, int, set[tuple[int, bytes]], float]:

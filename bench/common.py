@@ -34,6 +34,7 @@ import httpx
 
 from tests.ports import free_port
 from tests.sandbox import temporary_database, temporary_vhost
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BASE = os.environ.get("HAVIP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -203,18 +204,20 @@ class AllocatorProcess:
             return "(no log)"
 
     async def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(timeout=1.0) as client:
-            while True:
+
+            async def ready() -> bool:
                 if self.process is None or self.process.poll() is not None:
                     code = None if self.process is None else self.process.returncode
                     raise RuntimeError(f"the allocator exited with {code}:\n{self.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{self.url}/readyz")).status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the allocator was not ready within {timeout_s} s:\n{self.log_tail()}")
-                await asyncio.sleep(0.05)
+                    return (await client.get(f"{self.url}/readyz")).status_code == 200
+                return False
+
+            try:
+                await eventually(ready, timeout=timeout_s, interval=0.05, what="the allocator ready")
+            except TimeoutError as exc:
+                raise TimeoutError(f"the allocator not ready within {timeout_s} s:\n{self.log_tail()}") from exc
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM (SIGINT when profiling) to the process group, SIGKILL after the grace period; idempotent."""

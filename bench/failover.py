@@ -72,6 +72,8 @@ from tests.e2e.system import System
 from tests.lab import Lab
 from tests.lab.proc import LabCommandError
 from tests.lab.raw import RawSender
+from tests.metrics_text import samples
+from tests.waiting import eventually, eventually_sync
 
 SUBNET = "198.18.0.0/15"
 HAVIP_BASE = IPv4Address("198.18.16.0")
@@ -118,11 +120,16 @@ def tcpdump(interface: str, workdir: Path) -> Iterator[Path]:
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 15
-        while b"listening on" not in (workdir / "tcpdump.err").read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tcpdump did not start: {(workdir / 'tcpdump.err').read_text()}")
-            time.sleep(0.02)
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tcpdump exited: {(workdir / 'tcpdump.err').read_text()}")
+            return b"listening on" in (workdir / "tcpdump.err").read_bytes()
+
+        try:
+            eventually_sync(listening, timeout=15, what="tcpdump listening")
+        except TimeoutError as exc:
+            raise RuntimeError(f"tcpdump did not start: {(workdir / 'tcpdump.err').read_text()}") from exc
         yield path
     finally:
         proc.terminate()
@@ -253,14 +260,18 @@ async def wait_until(
     conn: asyncpg.Connection, sql: str, args: tuple[object, ...], want: int, *, timeout_s: float, what: str
 ) -> tuple[int, asyncpg.Record]:
     """Poll `sql` (first column: a count) every 10 ms until it reaches `want`; returns (ns when seen, row)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    seen: list[tuple[int, asyncpg.Record]] = []
+
+    async def reached() -> bool:
         row = await fetch_one(conn, sql, *args)
-        if row[0] >= want:
-            return time.time_ns(), row
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: {row[0]} of {want} within {timeout_s} s")
-        await asyncio.sleep(0.01)
+        seen.append((time.time_ns(), row))
+        return bool(row[0] >= want)
+
+    try:
+        await eventually(reached, timeout=timeout_s, interval=0.01, what=what)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{what}: {seen[-1][1][0]} of {want} within {timeout_s} s") from exc
+    return seen[-1]
 
 
 async def claim_every_havip(
@@ -562,12 +573,8 @@ async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[
 def view_delay_buckets(allocator_url: str) -> list[tuple[float, float]]:
     """The allocator's havip_view_delay_seconds{event="transition"} buckets: (upper bound, cumulative count)."""
     text = httpx.get(f"{allocator_url}/metrics", timeout=10).text
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith('havip_view_delay_seconds_bucket{event="transition"'):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((math.inf if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-    return sorted(buckets)
+    found = samples(text, "havip_view_delay_seconds_bucket", {"event": "transition"})
+    return sorted((float(sample.labels["le"]), sample.value) for sample in found)
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:

@@ -61,6 +61,7 @@ from bench.common import (
     say,
     wait_for_quiet,
 )
+from tests.waiting import eventually
 
 GOAL_RATIO = 1.5
 DEFAULT_LEVELS = (0, 10_000, 50_000)
@@ -172,11 +173,13 @@ async def prefill_api(
             ok_json(await client.post("/v1/havips", json={"subnet_id": subnet_id}))
 
     await asyncio.gather(*(worker(c) for c in clients))
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while await conn.fetchval("SELECT count(*) FROM allocator.outbox"):
-        if time.monotonic() > deadline:
-            raise TimeoutError("the outbox did not drain after the API prefill")
-        await asyncio.sleep(0.05)
+
+    async def drained() -> bool:
+        return bool(await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0)
+
+    await eventually(
+        drained, timeout=DRAIN_TIMEOUT_S, interval=0.05, what="the outbox drained after the API prefill"
+    )
 
 
 async def timed_median_ms(call: Callable[[], Awaitable[Any]], repeat: int = REPLAYS) -> float:

@@ -59,6 +59,7 @@ from shared.hops import BINDING_HOPS, SIDE_HOPS, WATCHER_HOPS, datetime_ns
 from tests.e2e.system import System
 from tests.lab import Lab
 from tests.lab.raw import RawSender
+from tests.waiting import eventually
 
 # Every hop in path order: (label, where it starts, what ends it). `consumed` is the benchmark's own.
 HOPS: tuple[tuple[str, str, str], ...] = (
@@ -228,16 +229,16 @@ async def probe_once(
         timeout_s=30,
         what=f"probe {i} committed",
     )
-    deadline = time.monotonic() + 30
-    while True:  # the event at the consumer, and every hop observed (the relay's confirm is the last)
-        after = await scraper.scrape() if sequence in consumed else before
-        done = sequence in consumed and all(after[h].count > before[h].count for h in before)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"probe {i}: not every hop observed within 30 s")
-        await asyncio.sleep(0.005)
-    hops = one_observation(before, after)
+    scraped = [before]
+
+    async def every_hop_observed() -> bool:  # and the event at the consumer (the relay's confirm is the last hop)
+        if sequence not in consumed:
+            return False
+        scraped.append(await scraper.scrape())
+        return all(scraped[-1][h].count > before[h].count for h in before)
+
+    await eventually(every_hop_observed, timeout=30, interval=0.005, what=f"probe {i}: every hop observed")
+    hops = one_observation(before, scraped[-1])
     committed_at_ns = datetime_ns(row[1])
     relayed_end = hops_end(row[2], hops, "relayed")
     hops["consumed"] = None if relayed_end is None else (consumed[sequence] - relayed_end) / 1e9

@@ -1,34 +1,76 @@
-"""A test's own RabbitMQ queue on the event exchange, collecting what the services publish."""
+"""A test's own RabbitMQ queue on the event exchange, recording every event published there with the routing keys
+it is bound to."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
 
+from shared.events import Envelope, decode
 from shared.messaging import declare_topology
 from shared.settings import CommonSettings
+from tests.waiting import eventually
+
+EVENT_TIMEOUT_S = 5.0
+
+
+def about(env: Envelope) -> str | None:
+    """The resource an event is about: its `id`, or the HAVIP's of the events that carry no `id`."""
+    resource: str | None = env.data.get("id", env.data.get("havip_id"))
+    return resource
 
 
 class EventLog:
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
+    """The events received, in arrival order, each validated against its data's model."""
 
-    def of(self, event_type: str, havip_id: uuid.UUID | str | None = None) -> list[dict[str, Any]]:
-        """Data of the events of one type, optionally of one HAVIP, in arrival order."""
+    def __init__(self) -> None:
+        self.received: list[Envelope] = []
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        async with message.process():
+            decode(message.body)  # validates the data against its model
+            self.received.append(Envelope.model_validate_json(message.body))
+
+    def envelopes(self, event_type: str, resource_id: uuid.UUID | str | None = None) -> list[Envelope]:
+        """The events of one type, optionally only those about one resource (see `about`)."""
         return [
-            e["data"]
-            for e in self.received
-            if e["type"] == event_type and (havip_id is None or e["data"].get("havip_id") == str(havip_id))
+            env
+            for env in self.received
+            if env.type == event_type and (resource_id is None or about(env) == str(resource_id))
         ]
+
+    def of(self, event_type: str, resource_id: uuid.UUID | str | None = None) -> list[dict[str, Any]]:
+        """The data of the events of one type, optionally only those about one resource."""
+        return [env.data for env in self.envelopes(event_type, resource_id)]
+
+    async def wait_for(
+        self, event_type: str, resource_id: uuid.UUID | str | None, timeout_s: float = EVENT_TIMEOUT_S
+    ) -> Envelope:
+        """The first event of the type about the resource (any resource: None), once it has arrived."""
+
+        def arrived() -> bool:
+            return bool(self.envelopes(event_type, resource_id))
+
+        try:
+            await eventually(arrived, timeout=timeout_s, what=f"{event_type} about {resource_id}")
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"no {event_type} event for {resource_id}; got {[e.type for e in self.received]}"
+            ) from exc
+        return self.envelopes(event_type, resource_id)[0]
+
+    async def wait_for_type(self, event_type: str) -> Envelope:
+        return await self.wait_for(event_type, None)
 
 
 @asynccontextmanager
 async def listening(settings: CommonSettings, routing_keys: Iterable[str]) -> AsyncIterator[EventLog]:
+    """An EventLog of what arrives on an exclusive queue of `settings`' exchange, bound with `routing_keys`."""
     connection = await aio_pika.connect(settings.amqp_url)
     try:
         channel = await connection.channel()
@@ -37,12 +79,7 @@ async def listening(settings: CommonSettings, routing_keys: Iterable[str]) -> As
         for key in routing_keys:
             await queue.bind(exchange, key)
         log = EventLog()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            log.received.append(json.loads(message.body))
-            await message.ack()
-
-        await queue.consume(on_message)
+        await queue.consume(log.on_message)
         yield log
     finally:
         await connection.close()

@@ -1,7 +1,7 @@
-"""Access to Postgres for the services: a pool, transactions that carry their events, advisory locks.
+"""Access to Postgres for the allocator: a pool, transactions that carry their events, advisory locks.
 
-A `Transaction` collects the events of a change; they are written to the outbox inside the same
-transaction, just before it commits, and the relay is woken once it has committed (shared/outbox.py).
+A `Transaction` is a unit of work (shared/unit_of_work.py): the events of a change are written to the outbox
+inside the same transaction, at the latest just before it commits, and the relay is woken once it has committed.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.db import Connection
-from shared.events import Envelope, EventData, envelope
-from shared.outbox import OutboxRelay, add_to_outbox
+from shared.events import EventData, envelope
+from shared.outbox import OutboxRelay
+from shared.unit_of_work import UnitOfWork, unit_of_work
 
 SCHEMA = "allocator"
 SOURCE = "allocator"
@@ -26,20 +27,17 @@ EIP_POOL = "pool"  # the key of the one EIP pool lock
 
 
 class Transaction:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.events: list[Envelope] = []
-        self.written = 0
+    def __init__(self, work: UnitOfWork) -> None:
+        self._work = work
+        self.conn: Connection = work.conn
 
     def publish(self, event_type: str, data: EventData) -> None:
         """Queue an event; it is written to the outbox when the transaction commits."""
-        self.events.append(envelope(event_type, data, SOURCE))
+        self._work.publish([envelope(event_type, data, SOURCE)])
 
     async def flush_events(self) -> None:
         """Write the queued events to the outbox now (still inside the transaction), e.g. before a lock."""
-        await add_to_outbox(self.conn, SCHEMA, self.events)
-        self.written += len(self.events)
-        self.events = []
+        await self._work.flush()
 
     async def lock(self, scope: LockScope, key: uuid.UUID | str) -> None:
         """Serialise with every other transaction that locks the same VPC, subnet or the EIP pool, until commit.
@@ -61,9 +59,6 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            tx = Transaction(conn)
-            yield tx
-            await tx.flush_events()
-        if tx.written and self.relay is not None:
-            self.relay.wake()
+        wake = self.relay.wake if self.relay is not None else None
+        async with self.pool.acquire() as conn, unit_of_work(conn, SCHEMA, wake) as work:
+            yield Transaction(work)

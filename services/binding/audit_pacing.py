@@ -1,12 +1,12 @@
 """Pacing of the refusal audit (pure: time is passed in).
 
-SPEC §5.1 folds the repeats of one refusal (address, MAC, reason) into one audit row and one event per window,
-"so that a flood cannot grow the database or delay failovers". Folding per key is not enough when a spoofer
-claims many addresses at once: every key's window ends at the same moment, and a thousand audit rows, outbox
-rows, events and the allocator's copies of them land together, in front of whatever takeover arrives then
-(docs/benchmarks.md, the flood). The pacer spreads new audit rows over time: at most `rate` a second, in bites
-of at most `burst`. A refusal over budget waits, its frames still folded into its row, and is written later —
-the first refusal of a key before any repeat.
+The refusal audit folds the repeats of one refusal (address, MAC, reason) into one audit row and one event per
+window, so that a flood cannot grow the database or delay failovers (docs/contract.md#refusals-are-folded). Folding
+per key is not enough when a spoofer claims many addresses at once: every key's window ends at the same moment, and
+a thousand audit rows, outbox rows, events and the allocator's copies of them land together, in front of whatever
+takeover arrives then (docs/benchmarks.md, the flood). The pacer spreads new audit rows over time: at most `rate` a
+second, in bites of at most `burst`. A refusal over budget waits, its frames still folded into its row, and is
+written later — the first refusal of a key before any repeat.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from typing import Literal
 
@@ -26,6 +26,10 @@ REFRESH_WRITE_INTERVAL_NS = 1_000_000_000
 DEFAULT_MAX_CLOCK_SKEW_NS = 2_000_000_000
 # No claim can be older than the system (2020-01-01): a watcher whose clock is that far behind is refused too.
 EPOCH_NS = 1_577_836_800_000_000_000
+
+
+def ns_to_datetime(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
 
 
 @dataclass(frozen=True, slots=True)

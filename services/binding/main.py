@@ -14,9 +14,12 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from services.binding.clock import SystemClock
 from services.binding.hops import ClaimHops
+from services.binding.outgoing import SOURCE
+from services.binding.refusal_audit import MAX_SUMMARISED_CLAIMANTS
 from services.binding.repository import SCHEMA
-from services.binding.service import MAX_SUMMARISED_CLAIMANTS, SOURCE, SUBSCRIPTIONS, BindingService
+from services.binding.service import SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
 from shared.db import create_pool, database_or_network_away
 from shared.heap import freeze_startup_heap
@@ -91,6 +94,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         service = BindingService(
             pool,
             on_commit=relay.wake,
+            clock=SystemClock(),
             max_clock_skew_s=settings.max_clock_skew_s,
             policy=settings.condition_policy(),
             refusal_audit_rate=settings.refusal_audit_rate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
@@ -15,35 +15,22 @@ from services.binding.domain import (
     BindingBook,
     ConditionPolicy,
     Havip,
+    Holder,
     Instance,
-    RejectReason,
     Transition,
+    ns_to_datetime,
 )
-from shared import events
+from services.binding.outgoing import binding_replayed, claim_rejected
+from services.binding.refusal_audit import RejectedClaim
 from shared.events import Envelope, ReplayRequested
-from shared.outbox import add_to_outbox, outbox_rows
+from shared.outbox import outbox_rows
+from shared.unit_of_work import UnitOfWork
 
 SCHEMA = "binding"
 
 
-def ns_to_datetime(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, UTC)
-
-
 def _host(value: IPv4Address | IPv4Interface) -> IPv4Address:
     return value.ip if isinstance(value, IPv4Interface) else value
-
-
-@dataclass(slots=True)
-class RejectedClaim:
-    claim_id: uuid.UUID
-    havip_id: uuid.UUID | None
-    address: IPv4Address
-    mac: str
-    reason: RejectReason
-    captured_at: datetime
-    watcher_id: str
-    count: int = 1  # frames folded into this audit row
 
 
 @dataclass
@@ -257,10 +244,11 @@ class BatchWritten:
     last_event_id: int | None  # the decisions' last outbox row: their events are out once the relay is past it
 
 
-async def write_batch(conn: Any, batch: BatchWrite) -> BatchWritten:
-    """Write a batch; the caller holds the transaction. The decisions' bindings, history rows and events go last,
-    in one statement that stamps them (`_WRITE_DECISIONS`); the refusals' and replays' events are therefore
+async def write_batch(work: UnitOfWork, batch: BatchWrite) -> BatchWritten:
+    """Write a batch in the caller's unit of work. The decisions' bindings, history rows and events go last, in
+    one statement that stamps them (`_WRITE_DECISIONS`); the refusals' and replays' events are therefore
     published ahead of the decisions' of the same batch."""
+    conn = work.conn
     run: list[tuple[Any, ...]] = []
     run_sql = ""
     for sql, args in batch.inventory:
@@ -277,9 +265,10 @@ async def write_batch(conn: Any, batch: BatchWrite) -> BatchWritten:
         )
     if batch.refreshed:
         await write_renewals(conn, renewals_of(batch))
-    new_rejections = await write_refusals(conn, batch.rejected, batch.folded)
+    new_rejections = await write_refusals(work, batch.rejected, batch.folded)
     for request in batch.replays:
-        await add_to_outbox(conn, SCHEMA, await replayed_transitions(conn, request))
+        work.publish(await replayed_transitions(conn, request))
+        await work.flush()
     if not (batch.bindings or batch.transitions or batch.events):
         return BatchWritten(new_rejections, None, None)
     bindings = list(batch.bindings.values())
@@ -313,14 +302,16 @@ async def write_batch(conn: Any, batch: BatchWrite) -> BatchWritten:
         routing_keys,
         bodies,
     )
+    work.wrote_events(len(bodies))
     return BatchWritten(new_rejections, row["committed_at"], row["last_event_id"])
 
 
 async def write_refusals(
-    conn: Any, rejected: Sequence[RejectedClaim], folded: dict[uuid.UUID, int]
+    work: UnitOfWork, rejected: Sequence[RejectedClaim], folded: dict[uuid.UUID, int]
 ) -> list[RejectedClaim]:
     """Audit rows and their events, and frames folded into rows already committed; returns the refusals that
     were new (a redelivered claim's refusal is already stored: neither stored nor published again)."""
+    conn = work.conn
     new_rejections: list[RejectedClaim] = []
     if rejected:
         rows = await conn.fetch(
@@ -343,7 +334,8 @@ async def write_refusals(
             list(folded),
             list(folded.values()),
         )
-    await add_to_outbox(conn, SCHEMA, [refusal_event(r) for r in new_rejections])
+    work.publish([claim_rejected(r) for r in new_rejections])
+    await work.flush()
     return new_rejections
 
 
@@ -380,7 +372,7 @@ MAX_REPLAYED = 20_000
 
 _REPLAY_COLUMNS = """
     SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac::text AS mac,
-           p.mac::text AS from_mac, host(t.address) AS address, t.captured_at, t.committed_at, t.watcher_id,
+           p.mac::text AS from_mac, host(t.address) AS address, t.captured_ns, t.committed_at, t.watcher_id,
            t.reason, t.cause"""
 _REPLAY_RANGES = f"""{_REPLAY_COLUMNS}
     FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS r(havip_id, first_sequence, last_sequence)
@@ -411,45 +403,27 @@ async def replayed_transitions(conn: Any, request: ReplayRequested) -> list[Enve
         )
     if request.newest_of_every_havip:
         rows += await conn.fetch(_REPLAY_NEWEST, MAX_REPLAYED)
-    return [events.trusted_envelope("havip.binding.replayed", _replayed_data(row), "binding") for row in rows]
+    return [binding_replayed(transition_of_row(row), row["committed_at"]) for row in rows]
 
 
-def _replayed_data(row: Any) -> dict[str, Any]:
-    """JSON-ready BindingChanged data of a history row (tests/integration/test_binding_service.py validates
-    what comes out against the model)."""
+def transition_of_row(row: Any) -> Transition:
+    """A history row (_REPLAY_COLUMNS) as the transition that wrote it: its event is built again from it."""
     previous = None
     if row["from_instance_id"] is not None and row["from_mac"] is not None:
-        previous = {"instance_id": str(row["from_instance_id"]), "mac": row["from_mac"]}
+        previous = Holder(row["from_instance_id"], row["from_mac"])
     current = None
     if row["to_instance_id"] is not None:
-        current = {"instance_id": str(row["to_instance_id"]), "mac": row["mac"]}
-    return {
-        "havip_id": str(row["havip_id"]),
-        "address": row["address"],
-        "previous": previous,
-        "current": current,
-        "captured_at": events.rfc3339(row["captured_at"]) if row["captured_at"] is not None else None,
-        "committed_at": events.rfc3339(row["committed_at"]),
-        "watcher_id": row["watcher_id"],
-        "sequence": row["sequence"],
-        "reason": row["reason"],
-        "cause": row["cause"],
-    }
-
-
-def refusal_event(r: RejectedClaim) -> Envelope:
-    return events.envelope(
-        "havip.claim.rejected",
-        events.ClaimRejected(
-            address=r.address,
-            havip_id=r.havip_id,
-            mac=r.mac,
-            reason=r.reason,
-            captured_at=r.captured_at,
-            watcher_id=r.watcher_id,
-            count=r.count,
-        ),
-        "binding",
+        current = Holder(row["to_instance_id"], row["mac"])
+    return Transition(
+        row["havip_id"],
+        IPv4Address(row["address"]),
+        previous,
+        current,
+        row["sequence"],
+        row["reason"],
+        row["captured_ns"],
+        row["watcher_id"],
+        row["cause"],
     )
 
 

@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
 
 import httpx
+
+from tests.waiting import eventually_sync
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +75,22 @@ class PodmanService:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         transport = httpx.HTTPTransport(uds=str(self.socket_path))
         with httpx.Client(transport=transport, base_url="http://podman", timeout=5.0) as client:
-            while True:
+
+            def answering() -> bool:
                 assert self.process is not None
                 if self.process.poll() is not None:
                     raise PodmanError(f"podman system service exited: {self.log_path.read_text()[-2000:]}")
                 try:
-                    if client.get("/_ping").status_code == 200:
-                        return
+                    return client.get("/_ping").status_code == 200
                 except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise PodmanError(f"podman system service not answering on {self.socket_path}")
-                time.sleep(0.1)
+                    return False
+
+            try:
+                eventually_sync(answering, timeout=timeout, interval=0.1, what="podman system service answering")
+            except TimeoutError as exc:
+                raise PodmanError(f"podman system service not answering on {self.socket_path}") from exc
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

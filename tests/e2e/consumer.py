@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tests.lab.proc import ProcessRegistry, StartedInContext, terminate_group
+from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_CONSUMER = ROOT / "docs" / "events" / "example_consumer.py"
@@ -49,11 +49,16 @@ class ExampleConsumer(StartedInContext):
             self.registry.add(process)
         threading.Thread(target=self._read_records, args=(process,), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(process,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not self.records("ready"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the example consumer did not get ready: {self.stderr()}")
-            time.sleep(0.02)
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"the example consumer did not get ready (it exited): {self.stderr()}")
+            return bool(self.records("ready"))
+
+        try:
+            eventually_sync(ready, timeout=timeout, what="the example consumer ready")
+        except TimeoutError as exc:
+            raise RuntimeError(f"the example consumer did not get ready: {self.stderr()}") from exc
 
     def _read_records(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None

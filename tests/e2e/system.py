@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -17,7 +15,9 @@ import httpx
 
 from tests import service_logs
 from tests.lab.proc import StartedInContext
+from tests.metrics_text import value
 from tests.ports import free_port
+from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("binding", "arp_watcher", "allocator")
@@ -147,14 +147,14 @@ class System(StartedInContext):
         service.log_file.close()
 
     def wait_ready(self, timeout: float = 60.0, names: tuple[str, ...] = SERVICES) -> None:
-        deadline = time.monotonic() + timeout
         checks = {
             "allocator": f"{self.api_url}/readyz",
             "binding": f"http://127.0.0.1:{self.binding_metrics_port}/metrics",
             "arp_watcher": f"http://127.0.0.1:{self.watcher_metrics_port}/metrics",
         }
         pending = {name: url for name, url in checks.items() if name in names}
-        while pending:
+
+        def all_ready() -> bool:
             for name, url in list(pending.items()):
                 service = self.services[name]
                 if service.process.poll() is not None:
@@ -164,9 +164,12 @@ class System(StartedInContext):
                         del pending[name]
                 except httpx.HTTPError:
                     pass
-            if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"not ready within {timeout} s: {sorted(pending)}")
-            time.sleep(0.05)
+            return not pending
+
+        try:
+            eventually_sync(all_ready, timeout=timeout, interval=0.05, what="the services ready")
+        except TimeoutError as exc:
+            raise TimeoutError(f"not ready within {timeout} s: {sorted(pending)}") from exc
 
     def stop(self) -> None:
         for service in self.services.values():
@@ -192,7 +195,7 @@ class System(StartedInContext):
         """Current value of one sample scraped from a service's /metrics (0 when absent)."""
         port = self.binding_metrics_port if service == "binding" else self.watcher_metrics_port
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0).text
-        return scrape(text, name, labels or {})
+        return value(text, name, labels) or 0.0
 
 
 def ok(response: httpx.Response) -> Any:
@@ -216,14 +219,3 @@ def register_inventory(system: System, name: str, cidr: str, hosts: dict[str, tu
             for host, (ip, mac) in hosts.items()
         }
     return {"vpc": vpc, "subnet": subnet, "instances": instances}
-
-
-def scrape(text: str, name: str, labels: dict[str, str]) -> float:
-    for line in text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
-        if match is None or match.group(1) != name:
-            continue
-        found: dict[str, Any] = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(4))
-    return 0.0

@@ -26,18 +26,7 @@ from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
-SUBNET = "192.0.2.0/24"
 LATENCIES_MS: list[tuple[str, float]] = []
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(SUBNET) as lab:
-        lab.add_host("cvm1", "192.0.2.11")
-        lab.add_host("cvm2", "192.0.2.12")
-        lab.add_host("intruder", "192.0.2.66")
-        lab.add_capture_port("cap")
-        yield lab
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def system(
 def inventory(system: System, lab: Lab) -> dict[str, Any]:
     """A VPC, a subnet and the two CVMs, registered through the API."""
     hosts = {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvm1", "cvm2")}
-    return register_inventory(system, "e2e", SUBNET, hosts)
+    return register_inventory(system, "e2e", str(lab.network), hosts)
 
 
 @pytest.fixture

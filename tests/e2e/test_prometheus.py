@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,13 +28,14 @@ from tests import grafana, service_logs
 from tests.e2e.system import System, ok, register_inventory
 from tests.lab import Keepalived, Lab
 from tests.ports import free_port
+from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DEADLINE_S = 60.0  # generous: CI shares two cores with other test runs
-SUBNET = "192.0.2.0/24"
+POLL_S = 0.2
 SCRAPE_INTERVAL_S = 1.0  # config_for() below
 JOBS = ("allocator", "binding", "arp_watcher")  # deploy/prometheus/prometheus.yml's scrape jobs
 # Always exported, whatever happened (no labels, or collected from the capture's counters), and read by rules.
@@ -48,26 +50,9 @@ ALWAYS_EXPORTED = [
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = DEADLINE_S) -> T:
-    """Poll until `probe` returns something (not None); the last observation goes into the timeout message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(SUBNET) as lab:
-        lab.add_host("cvm1", "192.0.2.11")
-        lab.add_host("cvm2", "192.0.2.12")
-        lab.add_host("intruder", "192.0.2.66")
-        lab.add_capture_port("cap")
-        yield lab
+def wait_for(probe: Callable[[], T | None], what: str) -> T:
+    """What `probe` returns once it returns something, polled as often as Prometheus's answers may change."""
+    return eventually_sync(probe, timeout=DEADLINE_S, interval=POLL_S, what=what)
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +202,8 @@ def failover(system: System, lab: Lab, prometheus: str) -> Failover:
     wait_for(lambda: True if len(api(prometheus, "query", query="up == 1")["result"]) == 3 else None, "scraped")
     started = datetime.now(UTC)
     cvm1, cvm2 = lab.hosts["cvm1"], lab.hosts["cvm2"]
-    inventory = register_inventory(
-        system, "grafana", SUBNET, {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvm1", "cvm2")}
-    )
+    pair = {name: (lab.hosts[name].ip, lab.hosts[name].mac) for name in ("cvm1", "cvm2")}
+    inventory = register_inventory(system, "grafana", str(lab.network), pair)
     ids = {name: instance["id"] for name, instance in inventory["instances"].items()}
     with system.api() as client:
         havip = ok(client.post("/havips", json={"subnet_id": inventory["subnet"]["id"], "name": "dashboard"}))
@@ -313,19 +297,23 @@ def test_every_dashboard_variable_offers_the_failed_over_havip(prometheus: str, 
 def test_every_dashboard_query_returns_series_after_the_failover(prometheus: str, failover: Failover) -> None:
     queries = grafana.prometheus_queries(grafana.dashboard())
     variables = {"havip": [failover.havip["address"]], "subnet": [failover.subnet_id]}
-    deadline = time.monotonic() + DEADLINE_S
-    while True:  # poll until every panel has its data, within the deadline
+    panels = {q.panel for q in queries}
+    polled: list[tuple[dict[grafana.PanelQuery, Any], list[str], list[str]]] = []
+
+    def every_panel_has_data() -> bool:
         answers = {q: values_of(prometheus, q, variables, failover.started) for q in queries}
         without_data = sorted(q.name for q, (_, values) in answers.items() if not any(map(math.isfinite, values)))
-        panels = {q.panel for q in queries}
         flat = sorted(
             panel
             for panel in panels - ZERO_WHEN_HEALTHY
             if not any(v > 0 for q, (_, values) in answers.items() if q.panel == panel for v in values)
         )
-        if (not without_data and not flat) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        polled.append((answers, without_data, flat))
+        return not without_data and not flat
+
+    with suppress(TimeoutError):  # the assertions below, on the last answers, say what is missing
+        eventually_sync(every_panel_has_data, timeout=DEADLINE_S, interval=0.5, what="every panel's data")
+    answers, without_data, flat = polled[-1]
     assert without_data == [], "queries without a series or a value"
     assert flat == [], "panels that never rose above zero through a failover, a refusal and flapping"
     assert panels >= ZERO_WHEN_HEALTHY

@@ -15,10 +15,11 @@ from typing import Any
 
 from tests.e2e.consumer import ExampleConsumer, epoch_ns
 from tests.e2e.system import System, ok
-from tests.lab import Keepalived, Lab, LabHost, wait_for
+from tests.lab import Keepalived, Lab, LabHost
 from tests.lab.arp_guard import ArpGuard
 from tests.lab.traffic import Traffic
 from tests.lab.traffic_report import Arrival, PathChange, Silence, TrafficLog, first_arrival, misdirected, silence
+from tests.waiting import eventually_sync
 
 SUBNET = "192.0.2.0/24"
 STEADY_ANSWERS = 20  # answers from a holder before the next step: the path is established, not just touched
@@ -195,25 +196,29 @@ def run_failover(
         # elect the lower node first).
         ka1.start()
         say("keepalived started on cvm1 (priority 100); waiting for it to become master")
-        wait_for(lambda: bound_to(system, havip["id"], cvm1_id), timeout, what="HAVIP bound to cvm1")
-        wait_for(lambda: programmed(1), timeout, what="client programmed for cvm1")
-        wait_for(lambda: len(traffic.log().answers_from("cvm1")) >= STEADY_ANSWERS, timeout, what="cvm1 answers")
+        eventually_sync(lambda: bound_to(system, havip["id"], cvm1_id), timeout=timeout, what="bound to cvm1")
+        eventually_sync(lambda: programmed(1), timeout=timeout, what="client programmed for cvm1")
+        eventually_sync(
+            lambda: len(traffic.log().answers_from("cvm1")) >= STEADY_ANSWERS, timeout=timeout, what="cvm1 answers"
+        )
         say(f"HAVIP bound to cvm1; the consumer pointed the client at {cvm1.mac}; cvm1 answers")
         ka2.start()
         say("keepalived started on cvm2 (priority 80, BACKUP)")
         answered = len(traffic.log().answers_from("cvm1"))
-        wait_for(
+        eventually_sync(
             lambda: len(traffic.log().answers_from("cvm1")) >= answered + STEADY_ANSWERS,
-            timeout,
+            timeout=timeout,
             what="steady traffic to cvm1",
         )
 
         failed_at = time.time_ns()
         fail(cvm1, ka1, how)
         say(f"master failed ({how}); keepalived on cvm2 must notice, then we must follow")
-        wait_for(lambda: bound_to(system, havip["id"], cvm2_id), timeout, what="HAVIP bound to cvm2")
-        wait_for(lambda: programmed(2), timeout, what="client programmed for cvm2")
-        wait_for(lambda: len(traffic.log().answers_from("cvm2")) >= STEADY_ANSWERS, timeout, what="cvm2 answers")
+        eventually_sync(lambda: bound_to(system, havip["id"], cvm2_id), timeout=timeout, what="bound to cvm2")
+        eventually_sync(lambda: programmed(2), timeout=timeout, what="client programmed for cvm2")
+        eventually_sync(
+            lambda: len(traffic.log().answers_from("cvm2")) >= STEADY_ANSWERS, timeout=timeout, what="cvm2 answers"
+        )
         say(f"HAVIP bound to cvm2; the consumer pointed the client at {cvm2.mac}; cvm2 answers")
     finally:
         traffic.stop()

@@ -1,22 +1,20 @@
-"""Helpers of the allocator's integration tests: the in-process app, a client, makers of resources,
-an event log on the test vhost, and a stand-in for the binding service that publishes its events."""
+"""Helpers of the allocator's integration tests: the in-process app, a client, makers of resources
+and a stand-in for the binding service that publishes its events."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import httpx
-from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 
 from services.allocator.app import create_app
@@ -32,16 +30,15 @@ from shared.events import (
     Holder,
     ObservedClaim,
     RejectReason,
-    decode,
     envelope,
 )
 from shared.messaging import Broker
+from tests.listener import EVENT_TIMEOUT_S
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-EVENT_TIMEOUT_S = 5.0
 RFC3339_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 Json = dict[str, Any]
@@ -64,41 +61,6 @@ async def running_app(database_url: str, amqp_url: str, quota: int, **options: A
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         yield app
-
-
-class EventLog:
-    """Every event published on the test vhost's exchange, through a queue bound with '#'."""
-
-    def __init__(self) -> None:
-        self.received: list[Envelope] = []
-        self._arrived = asyncio.Event()
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        async with message.process():
-            decode(message.body)  # validates the data against its model
-            self.received.append(Envelope.model_validate_json(message.body))
-            self._arrived.set()
-
-    async def wait_for_type(self, event_type: str) -> Envelope:
-        return await self.wait_for(event_type, None)
-
-    async def wait_for(self, event_type: str, resource_id: uuid.UUID | str | None) -> Envelope:
-        """The first event of the type about the resource (any resource: None)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + EVENT_TIMEOUT_S
-        while True:
-            for env in self.received:
-                about = env.data.get("id", env.data.get("havip_id"))
-                if env.type == event_type and (resource_id is None or about == str(resource_id)):
-                    return env
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"no {event_type} event for {resource_id}; got {[e.type for e in self.received]}"
-                )
-            self._arrived.clear()
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------

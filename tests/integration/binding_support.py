@@ -98,6 +98,25 @@ def delivery(env: events.Envelope) -> Delivery:
     return Delivery(head, data, False)
 
 
+class FakeClock:
+    """The binding service's clock, moved by the test: it starts at the real time (claims are compared with it)
+    and stands still until `advance`."""
+
+    def __init__(self) -> None:
+        self._wall_ns = time.time_ns()
+        self._monotonic_s = 0.0
+
+    def wall_ns(self) -> int:
+        return self._wall_ns
+
+    def monotonic_s(self) -> float:
+        return self._monotonic_s
+
+    def advance(self, seconds: float) -> None:
+        self._wall_ns += int(seconds * 1e9)
+        self._monotonic_s += seconds
+
+
 STATEMENTS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
 
 

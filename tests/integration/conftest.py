@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -17,7 +16,8 @@ from services.binding.settings import BindingSettings
 from shared.db import create_pool
 from shared.messaging import Broker
 from shared.settings import CommonSettings
-from tests.integration.allocator_support import BindingStandIn, EventLog, http_client, running_app
+from tests.integration.allocator_support import BindingStandIn, http_client, running_app
+from tests.listener import EventLog, listening
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,15 @@ async def binding(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(scope="module")
+async def watcher(amqp_url: str) -> AsyncIterator[Broker]:
+    """Publishes claims as the arp_watcher would, on the module's vhost."""
+    broker = Broker(CommonSettings(amqp_url=amqp_url), "arp_watcher")
+    await broker.connect()
+    yield broker
+    await broker.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +70,9 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(scope="module")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """A small pool on the module's database, as a service builds one (a module may define its own)."""
-    pool = await create_pool(database_url, min_size=1, max_size=2)
+    """A small pool on the module's database, as a service builds one: room for a service's connection (the
+    outbox relay's) and a test's own beside it."""
+    pool = await create_pool(database_url, min_size=1, max_size=4)
     yield pool
     await pool.close()
 
@@ -79,17 +89,8 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def events(amqp_url: str) -> AsyncIterator[EventLog]:
     """A queue of this test's own on the test vhost's exchange, bound to every routing key."""
-    log = EventLog()
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange("havip.events", aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="#")
-        await queue.consume(log.on_message)
+    async with listening(CommonSettings(amqp_url=amqp_url), ["#"]) as log:
         yield log
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ from tests.integration.allocator_support import (
     ROOT,
     TOKEN,
     BindingStandIn,
-    EventLog,
     Headers,
     all_pages,
     error,
@@ -44,6 +43,7 @@ from tests.integration.allocator_support import (
     wait_history,
     wait_shown,
 )
+from tests.listener import EventLog
 
 # ---- open routes, auth -------------------------------------------------------------------------------------
 

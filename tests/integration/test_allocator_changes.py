@@ -9,7 +9,6 @@ where EIPs are concerned, its own app with its own EIP pool: the pool is shared 
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +21,6 @@ from shared.events import EipData, HavipData, RejectReason
 from tests.integration.allocator_support import (
     RFC3339_MICRO,
     BindingStandIn,
-    EventLog,
     Json,
     all_pages,
     error,
@@ -36,6 +34,8 @@ from tests.integration.allocator_support import (
     wait_history,
     wait_shown,
 )
+from tests.listener import EventLog
+from tests.metrics_text import value
 from tests.waiting import eventually
 
 
@@ -44,14 +44,6 @@ async def setup(client: httpx.AsyncClient, cidr: str) -> tuple[Json, Json]:
     vpc = await make_vpc(client, cidr)
     subnet_cidr = cidr.replace(".0.0/16", ".1.0/24")
     return vpc, await make_subnet(client, vpc["id"], subnet_cidr)
-
-
-def of_type(events: EventLog, event_type: str, resource_id: str) -> list[dict[str, Any]]:
-    return [
-        e.data
-        for e in events.received
-        if e.type == event_type and e.data.get("id", e.data.get("havip_id")) == resource_id
-    ]
 
 
 # ---- PATCH /v1/havips/{id} ---------------------------------------------------------------------------------
@@ -80,8 +72,8 @@ async def test_rename_and_replace_candidates(client: httpx.AsyncClient, events: 
 
     # every change is published with the whole HAVIP, in order
     await events.wait_for("havip.updated", havip["id"])
-    await eventually(lambda: len(of_type(events, "havip.updated", havip["id"])) == 3, what="three updates")
-    updates = of_type(events, "havip.updated", havip["id"])
+    await eventually(lambda: len(events.of("havip.updated", havip["id"])) == 3, what="three updates")
+    updates = events.of("havip.updated", havip["id"])
     assert [HavipData.model_validate(u).name for u in updates] == ["new", "new", None]
     assert updates[1] == {
         "id": havip["id"],
@@ -134,7 +126,7 @@ async def test_patch_without_a_change_publishes_nothing(client: httpx.AsyncClien
     ok(await client.patch(path, json={"name": "changed"}))
     # events leave in commit order: anything the no-ops had published would have arrived before this one
     await events.wait_for("havip.updated", havip["id"])
-    assert len(of_type(events, "havip.updated", havip["id"])) == 1
+    assert len(events.of("havip.updated", havip["id"])) == 1
 
 
 async def test_a_removed_candidate_can_be_deregistered(client: httpx.AsyncClient) -> None:
@@ -242,9 +234,7 @@ async def test_eip_association(database_url: str, amqp_url: str, events: EventLo
         assert [e.type for e in events.received if e.data.get("havip_id") == three["id"]] == [
             "havip.eip.associated"
         ]
-        assert of_type(events, "havip.eip.associated", two["id"]) == [
-            {"havip_id": two["id"], "eip": "203.0.113.20"}
-        ]
+        assert events.of("havip.eip.associated", two["id"]) == [{"havip_id": two["id"], "eip": "203.0.113.20"}]
 
 
 async def test_an_eip_is_never_shared(database_url: str, amqp_url: str) -> None:
@@ -520,8 +510,7 @@ async def test_unknown_query_parameters_are_refused(app: FastAPI, client: httpx.
 
 
 def free_addresses(text: str, subnet_id: str) -> float | None:
-    match = re.search(rf'^havip_subnet_free_addresses{{subnet_id="{subnet_id}"}} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else None
+    return value(text, "havip_subnet_free_addresses", {"subnet_id": subnet_id})
 
 
 async def test_subnet_free_addresses_metric(client: httpx.AsyncClient) -> None:

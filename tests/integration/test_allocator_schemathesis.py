@@ -23,7 +23,6 @@ import collections
 import secrets
 import socket
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +45,7 @@ from schemathesis.specs.openapi.checks import (
 
 from services.allocator.app import create_app
 from services.allocator.settings import AllocatorSettings
+from tests.waiting import eventually_sync
 
 TOKEN = "schemathesis-" + secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -108,11 +108,13 @@ def server(database_url: str, amqp_url: str) -> Iterator[str]:
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="allocator under test", daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not srv.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
+
+        def started() -> bool:
+            if not thread.is_alive():
                 raise RuntimeError("the allocator did not start")
-            time.sleep(0.02)
+            return srv.started
+
+        eventually_sync(started, timeout=STARTUP_TIMEOUT_S, what="the allocator started")
         yield f"http://127.0.0.1:{port}"
     finally:
         srv.should_exit = True

@@ -17,10 +17,8 @@ import httpx
 import pytest
 
 from shared.events import envelope
-from tests.e2e.system import scrape
 from tests.integration.allocator_support import (
     BindingStandIn,
-    EventLog,
     Json,
     error,
     http_client,
@@ -33,6 +31,8 @@ from tests.integration.allocator_support import (
     wait_history,
     wait_shown,
 )
+from tests.listener import EventLog
+from tests.metrics_text import value
 from tests.waiting import eventually
 
 
@@ -49,7 +49,7 @@ async def view_client(database_url: str, amqp_url: str) -> AsyncIterator[httpx.A
 
 
 async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
-    return scrape((await client.get("/metrics")).text, name, labels)
+    return value((await client.get("/metrics")).text, name, labels) or 0.0
 
 
 async def world(client: httpx.AsyncClient, cidr16: str) -> tuple[Json, Json, Json]:
@@ -162,6 +162,19 @@ async def test_a_message_that_can_never_be_taken_is_dead_lettered_and_the_view_g
         await connection.close()
 
 
+async def waiting_for_a_lock(database_url: str) -> bool:
+    """Whether a session of the database waits for a lock (asked on a connection of its own: a transaction sees
+    the activity of the others as it was at its first look)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        waiting: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+    finally:
+        await conn.close()
+    return waiting > 0
+
+
 async def test_release_decides_bound_on_the_view_under_its_lock(
     view_client: httpx.AsyncClient, database_url: str
 ) -> None:
@@ -180,8 +193,8 @@ async def test_release_decides_bound_on_the_view_under_its_lock(
                 "SELECT 1 FROM allocator.view_bindings WHERE havip_id = $1 FOR UPDATE", uuid.UUID(havip["id"])
             )
             release = asyncio.create_task(view_client.delete(f"/v1/havips/{havip['id']}"))
-            await asyncio.sleep(0.5)
-            assert not release.done()  # waiting for the record
+            await eventually(lambda: waiting_for_a_lock(database_url), what="the release waiting for the record")
+            assert not release.done()
             await conn.execute(
                 """UPDATE allocator.view_bindings SET sequence = 1, instance_id = $2, mac = $3::macaddr
                    WHERE havip_id = $1""",

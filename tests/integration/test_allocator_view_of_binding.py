@@ -5,20 +5,17 @@ API shows equals the binding's own."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import asyncpg
 import httpx
-import pytest
 
 from services.binding.settings import BindingSettings
 from shared.messaging import Broker
-from shared.settings import CommonSettings
 from tests.integration.allocator_support import (
+    Json,
     all_pages,
     http_client,
     make_havip,
@@ -38,15 +35,6 @@ FAST_REPAIR: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-async def watcher(amqp_url: str) -> AsyncIterator[Broker]:
-    """Publishes claims as the arp_watcher would."""
-    broker = Broker(CommonSettings(amqp_url=amqp_url), "arp_watcher")
-    await broker.connect()
-    yield broker
-    await broker.close()
-
-
 async def binding_history(database_url: str, havip_id: str) -> list[tuple[int, str | None, str | None]]:
     conn = await asyncpg.connect(database_url)
     try:
@@ -58,6 +46,19 @@ async def binding_history(database_url: str, havip_id: str) -> list[tuple[int, s
     finally:
         await conn.close()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def claim_until_bound(watcher: Broker, database_url: str, havip: Json, instance: Json) -> None:
+    """The instance claims the HAVIP until the binding has bound it: the binding learns the HAVIP from the
+    allocator's events, and claims before that name no HAVIP."""
+
+    async def bound() -> bool:
+        if await binding_history(database_url, havip["id"]):
+            return True
+        await publish_claim(watcher, havip, instance)
+        return False
+
+    await eventually(bound, interval=0.2, what=f"{instance['id']}'s claim bound once the binding knows the HAVIP")
 
 
 async def api_history(client: httpx.AsyncClient, havip_id: str) -> list[tuple[int, str | None, str | None]]:
@@ -75,26 +76,19 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
         cvm2 = await make_instance(client, subnet["id"], "10.90.1.12")
         havip = await make_havip(client, subnet["id"])
 
-        async def claimed_until_bound() -> bool:
-            # The binding learns the HAVIP from the allocator's events; claims before that name no HAVIP.
-            if len(await binding_history(database_url, havip["id"])) >= 1:
-                return True
-            await publish_claim(watcher, havip, cvm1)
-            return False
-
-        await eventually(claimed_until_bound, interval=0.2, what="cvm1's claim bound once the binding knows it")
+        await claim_until_bound(watcher, database_url, havip, cvm1)
         shown = await wait_shown(client, havip, "bound to cvm1", state="BOUND")
         assert shown["bound_instance_id"] == cvm1["id"]
 
     # The allocator is down; two failovers happen; an operator purges its queue: those events are lost to it.
+    # Each claim is taken once the one before has moved the HAVIP: claims decided together would be one move.
+    async def transitions(count: int) -> bool:
+        return len(await binding_history(database_url, havip["id"])) == count
+
     await publish_claim(watcher, havip, cvm2)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: transitions(2), what="the binding's move to cvm2")
     await publish_claim(watcher, havip, cvm1)
-
-    async def binding_moved_twice() -> bool:
-        return len(await binding_history(database_url, havip["id"])) == 3
-
-    await eventually(binding_moved_twice, what="the binding's two moves")
+    await eventually(lambda: transitions(3), what="the binding's move back to cvm1")
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
@@ -110,7 +104,6 @@ async def test_what_the_binding_commits_the_api_shows_and_lost_events_are_replay
         await connection.close()
 
     async with running_app(database_url, amqp_url, quota=10, **FAST_REPAIR) as app, http_client(app) as client:
-        await asyncio.sleep(0.05)
         await publish_claim(watcher, havip, cvm2)  # sequence 4: the allocator sees 2 and 3 are missing
         shown = await wait_shown(client, havip, "bound to cvm2", bound_instance_id=cvm2["id"])
         assert shown["state"] == "BOUND"
@@ -139,14 +132,7 @@ async def test_a_view_that_starts_after_the_binding_starts_from_its_state(
     async def bound_by_the_binding(count: int) -> bool:
         return len(await binding_history(database_url, havip["id"])) >= count
 
-    async def claimed_until_bound() -> bool:
-        # The binding learns the HAVIP from the allocator's events; claims before that name no HAVIP.
-        if await bound_by_the_binding(1):
-            return True
-        await publish_claim(watcher, havip, cvm1)
-        return False
-
-    await eventually(claimed_until_bound, interval=0.2, what="cvm1's claim bound once the binding knows the HAVIP")
+    await claim_until_bound(watcher, database_url, havip, cvm1)
     await publish_claim(watcher, havip, cvm2)
     await eventually(lambda: bound_by_the_binding(2), what="the binding's second transition")
     connection = await aio_pika.connect(amqp_url)

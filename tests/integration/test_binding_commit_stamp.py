@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from services.binding.clock import SystemClock
 from services.binding.repository import rfc3339_sql
 from services.binding.service import BindingService
 from shared import events
@@ -56,7 +57,7 @@ async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_
         id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=None, address=address, candidates=[]
     )
     clocked = ClockedPool(pool)
-    service = BindingService(clocked, refusal_audit_rate=1_000)
+    service = BindingService(clocked, clock=SystemClock(), refusal_audit_rate=1_000)
     await service.load()
     await service.handle(
         [

@@ -16,8 +16,9 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from services.binding.domain import ns_to_datetime
 from services.binding.main import QUEUE, run
-from services.binding.repository import Renewal, delete_old_refusals, ns_to_datetime, write_renewals
+from services.binding.repository import Renewal, delete_old_refusals, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.hops import BINDING_HOPS
@@ -315,7 +316,8 @@ async def test_a_candidate_list_without_the_holder_releases_the_binding(
 async def test_two_masters_raise_split_brain_and_flapping_and_both_end_when_quiet(
     database_url: str, amqp_url: str
 ) -> None:
-    """SPEC §5.5–5.6 with short windows: a service of its own (its own exchange and queue names)."""
+    """Flapping and split brain (docs/contract.md#flapping) with short windows: a service of its own (its own
+    exchange and queue names)."""
     settings = BindingSettings(
         database_url=database_url,
         amqp_url=amqp_url,
@@ -391,8 +393,8 @@ async def test_an_allocation_redelivered_after_the_release_changes_nothing(
 async def test_every_message_delivered_twice_changes_nothing_twice(
     binding: BindingSettings, publisher: Broker, listener: EventLog
 ) -> None:
-    """Issue 8 item 4: each message of a whole story — every inventory event type, a takeover, a refusal, a
-    narrowed candidate list, a deregistration, the release — arrives twice in a row (a redelivery after a lost
+    """Redelivery is idempotent: each message of a whole story — every inventory event type, a takeover, a refusal,
+    a narrowed candidate list, a deregistration, the release — arrives twice in a row (a redelivery after a lost
     acknowledgement); the history, the audit and the events are those of one delivery."""
     w = World()
     spoofer = "02:ee:ee:ee:ee:7b"
@@ -557,7 +559,7 @@ async def test_a_flood_through_both_lanes_counts_every_frame_once_while_takeover
     rows, frames = await audited()
     assert frames == sent
     # One row per second of capture time; two only where the lanes crossed at the start (a frame captured
-    # before the row's first one starts a row of its own, SPEC §5.1).
+    # before the row's first one starts a row of its own: docs/contract.md#refusals-are-folded).
     assert rows in (1, 2)
     assert len(listener.of("havip.claim.rejected", w.havip.id)) == rows
     assert len(listener.of("havip.claim.rejected", w.havip.id)) == 1

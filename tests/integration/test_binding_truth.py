@@ -1,4 +1,4 @@
-"""One truth (issue 8): whatever step of a batch fails — deciding it, or any statement of its transaction — the
+"""One truth: whatever step of a batch fails — deciding it, or any statement of its transaction — the
 binding service's in-memory book ends up equal to what Postgres holds, and a retry of the batch (as the
 consumer retries it) commits exactly what a run without the failure would have committed.
 
@@ -8,7 +8,6 @@ at one database call; after every batch the book is compared with the database."
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from services.binding.clock import SystemClock
 from services.binding.domain import BindingBook, Claim
 from services.binding.repository import load_book
 from services.binding.service import BindingService
 from shared import events
 from shared.messaging import Delivery
-from tests.integration.binding_support import InterceptingPool, delivery
-from tests.waiting import eventually
+from tests.integration.binding_support import FakeClock, InterceptingPool, delivery
 
 
 class InjectedFailure(ConnectionError):
@@ -114,7 +113,7 @@ async def test_the_book_always_equals_the_database(
             envs.append(events.envelope("havip.released", havips[which], "allocator"))
 
     faulty = FaultyPool(pool)
-    service = BindingService(faulty)
+    service = BindingService(faulty, clock=SystemClock())
     await service.load()
     decide = BindingBook.apply_claim
 
@@ -207,10 +206,11 @@ async def test_a_paced_refusal_whose_write_fails_waits_again_and_is_written_once
     ]  # fmt: skip
     spoofer = "02:" + uuid.uuid4().bytes[:5].hex(":")
     faulty = FaultyPool(pool)
-    service = BindingService(faulty, refusal_audit_rate=1)  # a burst of one, one more a second
+    clock = FakeClock()
+    service = BindingService(faulty, clock=clock, refusal_audit_rate=1)  # a burst of one, one more a second
     await service.load()
     await service.handle([delivery(events.envelope("havip.allocated", h, "allocator")) for h in havips])
-    t = time.time_ns()
+    t = clock.wall_ns()
 
     def spoofed(at: int, repeats: int) -> Delivery:
         claims = [
@@ -227,7 +227,7 @@ async def test_a_paced_refusal_whose_write_fails_waits_again_and_is_written_once
 
     await service.handle([spoofed(t, 1)])  # one row written now, two wait
     assert service.refusals_waiting == 2
-    await asyncio.sleep(1.1)  # the pacer's clock, not a condition: one token is back after a second
+    clock.advance(1.0)  # one token is back after a second
     faulty.arm(fail_at)
     with pytest.raises(InjectedFailure):
         await service.release_refusals()
@@ -241,11 +241,10 @@ async def test_a_paced_refusal_whose_write_fails_waits_again_and_is_written_once
             )
         return [(r["address"], r["count"]) for r in rows]
 
-    async def all_written() -> bool:
+    for _ in range(3):  # a second's budget each: one row
+        clock.advance(1.0)
         await service.release_refusals()
-        return service.refusals_waiting == 0
-
-    await eventually(all_written, timeout=30, what="every paced row written")
+    assert service.refusals_waiting == 0
     rows = await audited()
     assert sum(count for _, count in rows) == 3 * (1 + 2)  # every frame once
     assert {address for address, _ in rows} == {str(h.address) for h in havips}

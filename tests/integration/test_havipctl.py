@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from tests import service_logs
-from tests.lab import wait_for
 from tests.ports import free_port
+from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "cli-" + secrets.token_hex(16)
@@ -102,7 +102,7 @@ def allocator(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPat
                 except httpx.TransportError:
                     return False
 
-            wait_for(ready, START_DEADLINE_S, what=f"allocator ready at {url}")
+            eventually_sync(ready, timeout=START_DEADLINE_S, what=f"allocator ready at {url}")
             document = httpx.get(f"{url}/openapi.json", timeout=10.0).json()
             routes = frozenset(
                 (method.upper(), path) for path, item in document["paths"].items() for method in item
@@ -178,7 +178,7 @@ class Watch:
                 raise RuntimeError(f"watch exited with {self.proc.returncode}: {self.err_path.read_text()}")
             return "watching" in self.err_path.read_text()
 
-        wait_for(bound, EVENT_DEADLINE_S, what="havipctl watch bound its queue")
+        eventually_sync(bound, timeout=EVENT_DEADLINE_S, what="havipctl watch bound its queue")
 
     def finish(self) -> tuple[int, str, str]:
         try:

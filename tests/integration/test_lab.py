@@ -24,8 +24,8 @@ from tests.lab import (
     parse_tcpdump_hex,
     pid_alive,
     render_config,
-    wait_for,
 )
+from tests.waiting import eventually_sync
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the network lab needs root")
 
@@ -229,8 +229,8 @@ def test_keepalived_fails_over_and_backup_announces(
     ka1, ka2 = _keepalived_pair(lab)
     h1, h2 = ka1.host, ka2.host
 
-    wait_for(ka1.is_master, 10, what="host1 to become master")
-    wait_for(lambda: not ka2.is_master(), 3, what="host2 to stay (or fall back to) backup")
+    eventually_sync(ka1.is_master, timeout=10, what="host1 to become master")
+    eventually_sync(lambda: not ka2.is_master(), timeout=3, what="host2 to stay (or fall back to) backup")
 
     with ArpCapture(cap, bpf=garp_filter(VIP, eth_src=h2.mac), count=1, registry=lab.processes) as capture:
         failed_at = time.time()
@@ -240,7 +240,7 @@ def test_keepalived_fails_over_and_backup_announces(
             ka1.kill()
         else:
             h1.link_down()
-        wait_for(ka2.is_master, 10, what="the VIP to move to host2")
+        eventually_sync(ka2.is_master, timeout=10, what="the VIP to move to host2")
         [garp] = capture.wait(5)
 
     assert garp.is_garp

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
@@ -22,16 +21,10 @@ from shared.db import create_pool
 from shared.messaging import Broker
 from shared.outbox import OutboxRelay, add_to_outbox, relay_lock_key
 from shared.settings import CommonSettings
+from shared.unit_of_work import unit_of_work
 from tests.listener import EventLog, listening
 from tests.tcp_proxy import CuttableProxy
 from tests.waiting import eventually
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
-    pool = await create_pool(database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
 
 
 def vpc_event(name: str) -> events.Envelope:
@@ -64,10 +57,58 @@ async def test_events_committed_before_a_crash_are_published_in_commit_order_by_
         finally:
             await relay.stop()
             await broker.close()
-    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in committed]
-    assert str(rolled_back.event_id) not in {e["event_id"] for e in log.received}
+    assert [e.event_id for e in log.received] == [env.event_id for env in committed]
+    assert rolled_back.event_id not in {e.event_id for e in log.received}
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM allocator.outbox") == 0
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_a_unit_of_work_commits_its_events_in_order_and_wakes_the_relay_only_after_the_commit(
+    pool: Any, database_url: str
+) -> None:
+    observer = await asyncpg.connect(database_url)
+    wakes: list[None] = []
+
+    async def outbox_bodies() -> list[str]:
+        return [r["body"] for r in await observer.fetch("SELECT body FROM allocator.outbox ORDER BY id")]
+
+    def wake() -> None:
+        wakes.append(None)
+
+    async def failing_unit() -> None:
+        async with pool.acquire() as conn, unit_of_work(conn, "allocator", wake) as work:
+            work.publish([vpc_event("rolled-back")])
+            await work.flush()
+            raise Boom
+
+    try:
+        await observer.execute("DELETE FROM allocator.outbox")
+        first, second, third = (vpc_event(f"unit-{i}") for i in range(3))
+        async with pool.acquire() as conn, unit_of_work(conn, "allocator", wake) as work:
+            work.publish([first])
+            await work.flush()  # written now, inside the transaction: not visible outside it yet
+            assert await outbox_bodies() == []
+            work.publish([second, third])  # written at the commit at the latest
+            assert wakes == []
+        assert len(wakes) == 1  # once, after the commit
+        stored = [events.Envelope.model_validate_json(b).event_id for b in await outbox_bodies()]
+        assert stored == [first.event_id, second.event_id, third.event_id]
+
+        with pytest.raises(Boom):
+            await failing_unit()
+        assert len(wakes) == 1  # a rolled-back unit wakes nothing …
+        assert len(await outbox_bodies()) == 3  # … and leaves no event
+
+        async with pool.acquire() as conn, unit_of_work(conn, "allocator", wake):
+            pass
+        assert len(wakes) == 1  # no event written: no wake
+    finally:
+        await observer.execute("DELETE FROM allocator.outbox")
+        await observer.close()
 
 
 async def test_an_event_stays_in_the_outbox_until_the_broker_confirms_it(pool: Any, database_url: str) -> None:
@@ -129,7 +170,7 @@ class PausingBroker(Broker):
         self.publishing.set()
         if self.pause_s is None:
             await self.release.wait()
-        else:
+        else:  # a slow broker, not a synchronisation: the pass stays under way while the test acts
             await asyncio.sleep(self.pause_s)
         await super().publish_encoded(event_type, body, event_id, occurred_at)
 
@@ -153,7 +194,7 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
             await eventually(lambda: len(log.received) >= len(batch), what="the batch")
         finally:
             await broker.close()
-    assert [e["event_id"] for e in log.received] == [str(env.event_id) for env in batch]
+    assert [e.event_id for e in log.received] == [env.event_id for env in batch]
 
 
 async def test_a_stopped_relay_publishes_what_was_committed_before_the_stop(pool: Any, amqp_url: str) -> None:
@@ -251,8 +292,8 @@ async def all_arrived(broker: Broker, log: EventLog) -> list[str]:
     after them arrives after them (one queue), so duplicates published earlier cannot still be on the way."""
     marker = vpc_event("marker")
     await broker.publish(marker)
-    await eventually(lambda: str(marker.event_id) in {e["event_id"] for e in log.received}, what="the marker")
-    ids = [e["event_id"] for e in log.received]
+    await eventually(lambda: marker.event_id in {e.event_id for e in log.received}, what="the marker")
+    ids = [str(e.event_id) for e in log.received]
     return ids[: ids.index(str(marker.event_id))]
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from shared.messaging import Broker
 from tests.integration.allocator_support import (
-    EventLog,
     Json,
     error,
     make_havip,
@@ -23,16 +22,14 @@ from tests.integration.allocator_support import (
     shown,
     wait_shown,
 )
+from tests.listener import EventLog
 from tests.waiting import eventually
+
+# The real binding service decides on the claims the tests publish as the watcher.
+pytestmark = pytest.mark.usefixtures("binding")
 
 # The view is eventually consistent: generous deadlines, met in milliseconds on an idle machine.
 DEADLINE_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def watcher(publisher: Broker) -> Broker:
-    """Publishes claims as the arp_watcher would, to the module's binding service."""
-    return publisher
 
 
 class Cloud:

@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from ipaddress import IPv4Address
 
@@ -21,6 +20,7 @@ from services.arp_watcher.claims import Claim
 from services.arp_watcher.metrics import WatcherMetrics
 from services.arp_watcher.publisher import ClaimBuffer, ClaimPublisher, claimant, pack_rest, unpack_claim
 from shared.events import ClaimKind, ClaimsObserved, decode
+from tests.waiting import eventually
 
 MAC = bytes.fromhex("02000000000a")
 OTHER = bytes.fromhex("02000000000b")
@@ -70,13 +70,6 @@ class FakeBroker:
 def unstamped(claims: list[Claim]) -> list[Claim]:
     """Claims as put into the buffer: without the time it stamped on them (Claim.read_at)."""
     return [c._replace(read_at=0) for c in claims]
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @given(
@@ -201,13 +194,13 @@ async def test_publisher_sends_a_change_of_claimant_while_renewals_wait_for_thei
     task = asyncio.create_task(publisher.run())
     try:
         buffer.put_many([claim(i)._replace(renewal=True) for i in range(50)])
-        await wait_until(lambda: publisher.in_flight == 50)
+        await eventually(lambda: publisher.in_flight == 50, what="50 claims in flight")
         buffer.put_many([claim(99, OTHER)])
-        await wait_until(lambda: len(broker.events) == 1)
+        await eventually(lambda: len(broker.events) == 1, what="1 event published")
         assert [c.sender_mac for c in broker.events[0].claims] == [OTHER.hex(":")]
         assert broker.routine == [False]
         broker.release.set()
-        await wait_until(lambda: len(broker.events) == 2)
+        await eventually(lambda: len(broker.events) == 2, what="2 events published")
         assert broker.routine == [False, True]
         assert len(broker.events[1].claims) == 50
     finally:
@@ -247,7 +240,7 @@ async def test_publisher_sends_what_is_buffered_as_batch_events_then_stops_when_
     publisher = ClaimPublisher(broker, buffer, metrics, watcher_id="h/eth0", interface="eth0", batch_size=4)
     buffer.put_many([claim(i) for i in range(10)])
     task = asyncio.create_task(publisher.run())
-    await wait_until(lambda: len(broker.claims) == 10)
+    await eventually(lambda: len(broker.claims) == 10, what="10 claims published")
     publisher.close()
     async with asyncio.timeout(5):
         await task
@@ -272,7 +265,7 @@ async def test_a_single_claim_is_published_at_once_without_waiting_for_a_batch()
     task = asyncio.create_task(publisher.run())
     try:
         buffer.put_many([claim(1)])
-        await wait_until(lambda: len(broker.events) == 1)
+        await eventually(lambda: len(broker.events) == 1, what="1 event published")
         assert len(broker.events[0].claims) == 1
     finally:
         publisher.close()
@@ -290,9 +283,9 @@ async def test_publisher_retries_the_same_event_with_backoff() -> None:
     )
     task = asyncio.create_task(publisher.run())
     buffer.put_many([claim(1), claim(2)])
-    await wait_until(lambda: len(broker.claims) == 2)
+    await eventually(lambda: len(broker.claims) == 2, what="2 claims published")
     buffer.put_many([claim(3)])
-    await wait_until(lambda: len(broker.claims) == 3)
+    await eventually(lambda: len(broker.claims) == 3, what="3 claims published")
     publisher.close()
     async with asyncio.timeout(5):
         await task
@@ -374,9 +367,9 @@ async def test_the_publisher_times_the_hops_of_the_first_claim_of_each_urgent_ev
     task = asyncio.create_task(publisher.run())
     try:
         buffer.put_many([claim(1, at=captured), claim(2, at=captured - 1_000_000_000)])
-        await wait_until(lambda: len(broker.events) == 1)
+        await eventually(lambda: len(broker.events) == 1, what="1 event published")
         buffer.put_many([claim(3)._replace(renewal=True)])  # the routine lane: not on a takeover's path
-        await wait_until(lambda: len(broker.events) == 2)
+        await eventually(lambda: len(broker.events) == 2, what="2 events published")
     finally:
         publisher.close()
         async with asyncio.timeout(5):

@@ -12,9 +12,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from services.binding.domain import Holder, Transition
-from services.binding.repository import COMMITTED_AT_SLOT
-from services.binding.service import binding_changed
-from shared.events import BindingChanged, ReleaseCause, decode, encode, rfc3339
+from services.binding.outgoing import binding_changed, binding_replayed
+from services.binding.repository import COMMITTED_AT_SLOT, transition_of_row
+from services.binding.service import HANDLERS, SUBSCRIPTIONS
+from shared.events import EVENT_TYPES, BindingChanged, ReleaseCause, decode, encode, rfc3339
 
 holders = st.none() | st.builds(
     Holder, instance_id=st.uuids(), mac=st.binary(min_size=6, max_size=6).map(lambda b: b.hex(":"))
@@ -94,3 +95,45 @@ def test_binding_changed_validates_against_the_model(
         assert abs(data.captured_at.timestamp() * 1e9 - captured_ns) < 1e3 * max(1, captured_ns / 1e15)
     else:
         assert data.captured_at is None
+
+
+@given(
+    previous=holders,
+    current=holders,
+    sequence=st.integers(2, 2**62),
+    captured_ns=st.none() | st.integers(1, 2**62),
+    committed_at=st.datetimes(timezones=st.just(UTC)),
+)
+def test_a_replayed_transition_carries_the_data_it_was_first_published_with(
+    previous: Holder | None,
+    current: Holder | None,
+    sequence: int,
+    captured_ns: int | None,
+    committed_at: datetime,
+) -> None:
+    transition = Transition(
+        uuid.uuid4(), IPv4Address("192.0.2.7"), previous, current, sequence, "claim", captured_ns, "w1", None
+    )
+    history_row = {  # as the replay query reads it back (repository._REPLAY_COLUMNS)
+        "havip_id": transition.havip_id,
+        "sequence": sequence,
+        "from_instance_id": previous.instance_id if previous else None,
+        "from_mac": previous.mac if previous else None,
+        "to_instance_id": current.instance_id if current else None,
+        "mac": current.mac if current else None,
+        "address": str(transition.address),
+        "captured_ns": captured_ns,
+        "committed_at": committed_at,
+        "watcher_id": "w1",
+        "reason": "claim",
+        "cause": None,
+    }
+    replayed = binding_replayed(transition_of_row(history_row), committed_at)
+    first = binding_changed(transition)
+    assert replayed.type == "havip.binding.replayed"
+    assert replayed.data == {**first.data, "committed_at": rfc3339(committed_at)}
+
+
+def test_every_routing_key_the_binding_handles_is_an_event_of_the_contract() -> None:
+    assert set(SUBSCRIPTIONS) <= set(EVENT_TYPES)
+    assert set(SUBSCRIPTIONS) == set(HANDLERS)
