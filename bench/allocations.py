@@ -234,7 +234,7 @@ async def tap_events(amqp_url: str) -> AsyncIterator[EventTap]:
         await connection.close()
 
 
-async def wait_drained(conn: Any, tap: EventTap, n: int, since: float) -> dict[str, Any]:
+async def wait_drained(conn: asyncpg.Connection, tap: EventTap, n: int, since: float) -> dict[str, Any]:
     """How long after `since` (the last response) the outbox was empty and the n-th event had arrived."""
     outbox_empty_at: float | None = None
 
@@ -273,7 +273,9 @@ BACKEND_STATES = """
     GROUP BY 1"""
 
 
-async def sample_backends(conn: Any, until: asyncio.Event, interval_s: float = 0.02) -> dict[str, float]:
+async def sample_backends(
+    conn: asyncpg.Connection, until: asyncio.Event, interval_s: float = 0.02
+) -> dict[str, float]:
     """Mean number of the allocator's backends in each state while `until` is not set (pg_stat_activity).
 
     `in_transaction_waiting_for_allocator` is a transaction waiting for its next statement: time spent in
@@ -298,7 +300,12 @@ def reserved(block: IPv4Network) -> set[IPv4Address]:
 
 
 async def verify(
-    conn: Any, layout: Layout, subnet_ids: list[str], outcomes: Sequence[Outcome], tap: EventTap, n: int
+    conn: asyncpg.Connection,
+    layout: Layout,
+    subnet_ids: list[str],
+    outcomes: Sequence[Outcome],
+    tap: EventTap,
+    n: int,
 ) -> dict[str, Any]:
     rows = await conn.fetch("SELECT id, vpc_id, subnet_id, address FROM allocator.havips")
     blocks = {sid: block for sid, (_, block) in zip(subnet_ids, layout.subnets, strict=True)}

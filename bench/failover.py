@@ -65,6 +65,7 @@ import httpx
 
 from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say, wait_for_quiet
 from shared import events
+from shared.db import fetch_one
 from shared.messaging import Broker, declare_topology
 from shared.settings import CommonSettings
 from tests.e2e.system import System
@@ -256,13 +257,13 @@ async def announce_inventory(
 
 
 async def wait_until(
-    conn: Any, sql: str, args: tuple[Any, ...], want: int, *, timeout_s: float, what: str
-) -> tuple[int, Any]:
+    conn: asyncpg.Connection, sql: str, args: tuple[object, ...], want: int, *, timeout_s: float, what: str
+) -> tuple[int, asyncpg.Record]:
     """Poll `sql` (first column: a count) every 10 ms until it reaches `want`; returns (ns when seen, row)."""
-    seen: list[tuple[int, Any]] = []
+    seen: list[tuple[int, asyncpg.Record]] = []
 
     async def reached() -> bool:
-        row = await conn.fetchrow(sql, *args)
+        row = await fetch_one(conn, sql, *args)
         seen.append((time.time_ns(), row))
         return bool(row[0] >= want)
 
@@ -273,7 +274,9 @@ async def wait_until(
     return seen[-1]
 
 
-async def claim_every_havip(conn: Any, sender: RawSender, addresses: list[IPv4Address], holder: uuid.UUID) -> None:
+async def claim_every_havip(
+    conn: asyncpg.Connection, sender: RawSender, addresses: list[IPv4Address], holder: uuid.UUID
+) -> None:
     """Once the binding knows every HAVIP, one GARP each from `sender`; back when `holder` holds them all."""
     count = len(addresses)
     await wait_until(conn, "SELECT count(*) FROM binding.havips", (), count, timeout_s=120, what="inventory")
@@ -296,7 +299,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def bare_commit_s(conn: Any) -> float:
+async def bare_commit_s(conn: asyncpg.Connection) -> float:
     start = time.perf_counter()
     async with conn.transaction():
         await conn.execute(
@@ -394,7 +397,12 @@ async def run(
 
 
 async def mass_failover(
-    conn: Any, cap: str, workdir: Path, sender: RawSender, addresses: list[IPv4Address], to: uuid.UUID
+    conn: asyncpg.Connection,
+    cap: str,
+    workdir: Path,
+    sender: RawSender,
+    addresses: list[IPv4Address],
+    to: uuid.UUID,
 ) -> dict[str, Any]:
     frames = [sender.garp(address) for address in addresses]
     with tcpdump(cap, workdir) as pcap:
@@ -426,7 +434,7 @@ async def mass_failover(
 
 
 async def probes_under_load(
-    conn: Any,
+    conn: asyncpg.Connection,
     send_a: RawSender,
     send_b: RawSender,
     addresses: list[IPv4Address],
@@ -507,8 +515,8 @@ async def probes_under_load(
     histogram = [
         (le, count - dict(histogram_before).get(le, 0)) for le, count in view_delay_buckets(allocator_url)
     ]
-    audit = await conn.fetchrow(
-        "SELECT count(*) AS rows, coalesce(sum(count), 0) AS frames FROM binding.rejected_claims"
+    audit = await fetch_one(
+        conn, "SELECT count(*) AS rows, coalesce(sum(count), 0) AS frames FROM binding.rejected_claims"
     )
     return {
         "view_delay_ms": {k: round(v, 2) for k, v in latency_summary_ms(view_delays).items()},

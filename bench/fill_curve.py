@@ -140,13 +140,13 @@ async def create(client: httpx.AsyncClient, block: IPv4Network, name: str) -> tu
     return vpc["id"], subnet["id"]
 
 
-async def held(conn: Any, subnet_id: str) -> int:
+async def held(conn: asyncpg.Connection, subnet_id: str) -> int:
     return int(
         await conn.fetchval("SELECT count(*) FROM allocator.havips WHERE subnet_id = $1", uuid.UUID(subnet_id))
     )
 
 
-async def prefill_sql(conn: Any, vpc_id: str, subnet_id: str, count: int) -> None:
+async def prefill_sql(conn: asyncpg.Connection, vpc_id: str, subnet_id: str, count: int) -> None:
     """`count` HAVIPs at the lowest free addresses, in one INSERT through the allocator's own table."""
     await conn.execute(
         """INSERT INTO allocator.havips (id, vpc_id, subnet_id, address)
@@ -159,7 +159,9 @@ async def prefill_sql(conn: Any, vpc_id: str, subnet_id: str, count: int) -> Non
     )
 
 
-async def prefill_api(clients: Sequence[httpx.AsyncClient], conn: Any, subnet_id: str, count: int) -> None:
+async def prefill_api(
+    clients: Sequence[httpx.AsyncClient], conn: asyncpg.Connection, subnet_id: str, count: int
+) -> None:
     """`count` POST /v1/havips, API_PREFILL_IN_FLIGHT at a time; then the outbox drained."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(count):
@@ -189,7 +191,7 @@ async def timed_median_ms(call: Callable[[], Awaitable[Any]], repeat: int = REPL
     return statistics.median(times) * 1000
 
 
-async def replay_reads(conn: Any, vpc_id: str, subnet_id: str) -> dict[str, float]:
+async def replay_reads(conn: asyncpg.Connection, vpc_id: str, subnet_id: str) -> dict[str, float]:
     """Median ms of what allocation reads, before migration 0005 and now (database round trips only)."""
     vpc, subnet = uuid.UUID(vpc_id), uuid.UUID(subnet_id)
 
@@ -206,7 +208,7 @@ async def replay_reads(conn: Any, vpc_id: str, subnet_id: str) -> dict[str, floa
 
 
 async def measure_level(
-    client: httpx.AsyncClient, conn: Any, filled: str, empty: str, level: int, samples: int
+    client: httpx.AsyncClient, conn: asyncpg.Connection, filled: str, empty: str, level: int, samples: int
 ) -> dict[str, Any]:
     """`samples` rounds, one request at a time: a bare INSERT commit, an allocation in the empty subnet and one
     in the filled subnet (these two in alternating order), so that all three see the same moments of a noisy

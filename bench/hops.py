@@ -148,7 +148,7 @@ def bucket_delta(before: dict[str, Histogram], after: dict[str, Histogram], hop:
 # ---- the references ------------------------------------------------------------------------------------
 
 
-async def insert_s(conn: Any) -> float:
+async def insert_s(conn: asyncpg.Connection) -> float:
     """One one-row INSERT, autocommit, through asyncpg: P1's reference (docs/contract.md#figures)."""
     start = time.perf_counter()
     await conn.execute("INSERT INTO bench_insert (at) VALUES (now())")
@@ -210,7 +210,7 @@ class Probe:
 
 async def probe_once(
     i: int,
-    conn: Any,
+    conn: asyncpg.Connection,
     senders: tuple[RawSender, RawSender],
     probe_id: Any,
     sequence: int,
@@ -308,7 +308,7 @@ async def run(probes: int, n: int, background: int, workdir: Path, quiet_wait_s:
 
 async def probe_all(
     probes: int,
-    conn: Any,
+    conn: asyncpg.Connection,
     senders: tuple[RawSender, RawSender],
     probe_id: Any,
     scraper: Scraper,

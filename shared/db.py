@@ -1,20 +1,45 @@
-"""asyncpg connection pool, database creation, and which database errors are the environment's rather than
-the message's."""
+"""asyncpg connection pool, database creation, which database errors are the environment's rather than the
+message's, and the type of a connection that queries take."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
-from typing import Any
+from typing import TypeAlias, overload
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from yarl import URL
 
 from shared.backoff import wait_until_available
 from shared.messaging import is_transient
 
 log = logging.getLogger(__name__)
+
+# A connection of its own (asyncpg.connect) or one a pool lends (pool.acquire()): the same queries run on either.
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+
+
+async def fetch_one(conn: Connection, query: str, *args: object) -> asyncpg.Record:
+    """The first row of a statement that always returns one (INSERT … RETURNING without a conflict clause, an
+    aggregate, a row this transaction holds locked): its absence is a bug, said here rather than as a None."""
+    row = await conn.fetchrow(query, *args)
+    if row is None:
+        raise LookupError(f"no row from a statement that always returns one: {query.strip()[:200]}")
+    return row
+
+
+@overload
+async def create_pool(
+    dsn: str, *, role: str | None = None, min_size: int = 2, max_size: int = 10, stop: None = None
+) -> asyncpg.Pool: ...
+
+
+@overload
+async def create_pool(
+    dsn: str, *, role: str | None = None, min_size: int = 2, max_size: int = 10, stop: asyncio.Event
+) -> asyncpg.Pool | None: ...
 
 
 async def create_pool(
@@ -24,7 +49,7 @@ async def create_pool(
     min_size: int = 2,
     max_size: int = 10,
     stop: asyncio.Event | None = None,
-) -> Any:
+) -> asyncpg.Pool | None:
     """A pool, once Postgres answers: waited for as long as it takes (start-up order is not guaranteed, and an
     operator may still be creating the database or the role), what is wrong said once (shared.backoff). None
     only if `stop` was set first.
@@ -35,7 +60,7 @@ async def create_pool(
     """
     server_settings = {"role": role} if role else None
 
-    async def open_pool() -> Any:
+    async def open_pool() -> asyncpg.Pool:
         return await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
         )

@@ -19,9 +19,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
+
+from shared.db import Connection
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -67,7 +68,7 @@ def load_migrations(directory: Path) -> list[Migration]:
     return migrations
 
 
-async def ensure_role(conn: Any, role: str) -> None:
+async def ensure_role(conn: Connection, role: str) -> None:
     """Create the role if it is missing (without login) and let the connected user act as it."""
     if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
         # Created meanwhile by another runner? Roles are shared by every database of the cluster.
@@ -81,7 +82,7 @@ async def ensure_role(conn: Any, role: str) -> None:
         await conn.execute(f"GRANT {role} TO current_user")
 
 
-async def _hand_over(conn: Any, schema: str, role: str) -> None:
+async def _hand_over(conn: Connection, schema: str, role: str) -> None:
     """Make `role` the owner of the schema and of every table, view and sequence in it (objects created by another
     user, by hand or by a runner that did not switch roles, belong to whoever created them). A sequence owned by a
     table follows its table."""
@@ -107,7 +108,7 @@ async def apply_migrations(dsn: str, schema: str, directory: Path, role: str | N
     check_identifier("schema", schema)
     role = check_identifier("role", role or service_role(schema))
     migrations = load_migrations(directory)
-    conn: Any = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
     try:
         # A session lock: concurrent runners (several replicas starting) wait for each other.

@@ -9,8 +9,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal
+from typing import Literal
 
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from shared.db import Connection
 from shared.events import EventData, envelope
 from shared.outbox import OutboxRelay
 from shared.unit_of_work import UnitOfWork, unit_of_work
@@ -25,7 +29,7 @@ EIP_POOL = "pool"  # the key of the one EIP pool lock
 class Transaction:
     def __init__(self, work: UnitOfWork) -> None:
         self._work = work
-        self.conn = work.conn
+        self.conn: Connection = work.conn
 
     def publish(self, event_type: str, data: EventData) -> None:
         """Queue an event; it is written to the outbox when the transaction commits."""
@@ -45,14 +49,13 @@ class Transaction:
 
 
 class Database:
-    def __init__(self, pool: Any, relay: OutboxRelay | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, relay: OutboxRelay | None = None) -> None:
         self.pool = pool
         self.relay = relay
 
-    def connection(self) -> AbstractAsyncContextManager[Any]:
+    def connection(self) -> AbstractAsyncContextManager[PoolConnectionProxy]:
         """A connection for reads (each statement its own snapshot)."""
-        acquired: AbstractAsyncContextManager[Any] = self.pool.acquire()
-        return acquired
+        return self.pool.acquire()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

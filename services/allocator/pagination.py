@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 from services.allocator.errors import InvalidPageToken
 
 
@@ -113,7 +115,7 @@ class Where:
         return f"WHERE {' AND '.join(self.conditions)}" if self.conditions else ""
 
 
-def next_token(rows: list[Any], limit: int) -> tuple[list[Any], str | None]:
+def next_token(rows: list[asyncpg.Record], limit: int) -> tuple[list[asyncpg.Record], str | None]:
     """Rows were fetched with LIMIT limit + 1: trim, and give the token of the next page if there is one."""
     if len(rows) <= limit:
         return rows, None

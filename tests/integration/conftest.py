@@ -69,7 +69,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A small pool on the module's database, as a service builds one: room for a service's connection (the
     outbox relay's) and a test's own beside it."""
     pool = await create_pool(database_url, min_size=1, max_size=4)
@@ -78,7 +78,7 @@ async def pool(database_url: str) -> AsyncIterator[Any]:
 
 
 @pytest.fixture(scope="module")
-async def db(database_url: str) -> AsyncIterator[Any]:
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     try:
         yield conn

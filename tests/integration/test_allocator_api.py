@@ -609,7 +609,7 @@ async def test_havip_shows_its_binding(client: httpx.AsyncClient, binding_events
     assert (await client.delete(f"/v1/havips/{havip['id']}", params={"force": "true"})).status_code == 204
 
 
-async def test_eip_blocks_release(client: httpx.AsyncClient, db: Any) -> None:
+async def test_eip_blocks_release(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
     vpc = await make_vpc(client, "10.48.0.0/16")
     havip = await make_havip(client, (await make_subnet(client, vpc["id"], "10.48.1.0/24"))["id"])
     eip = f"203.0.113.{secrets.randbelow(250) + 1}"

@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 from fastapi import FastAPI
 
@@ -338,7 +339,7 @@ async def test_rejected_claims_newest_first(client: httpx.AsyncClient, binding_e
 # ---- idempotency keys expire -------------------------------------------------------------------------------
 
 
-async def test_an_expired_idempotency_key_is_forgotten(client: httpx.AsyncClient, db: Any) -> None:
+async def test_an_expired_idempotency_key_is_forgotten(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
     _vpc, subnet = await setup(client, "10.70.0.0/16")
     key = f"expiry-{uuid.uuid4()}"
     body = {"subnet_id": subnet["id"], "name": "first"}
@@ -379,7 +380,9 @@ async def test_an_expired_idempotency_key_is_forgotten(client: httpx.AsyncClient
     assert ok(await allocate(body), 201)["id"] not in (first["id"], second["id"])
 
 
-async def test_expired_idempotency_keys_are_purged(database_url: str, amqp_url: str, db: Any) -> None:
+async def test_expired_idempotency_keys_are_purged(
+    database_url: str, amqp_url: str, db: asyncpg.Connection
+) -> None:
     old, recent = f"old-{uuid.uuid4()}", f"recent-{uuid.uuid4()}"
     for key, hours in ((old, 30), (recent, 23)):
         await db.execute(

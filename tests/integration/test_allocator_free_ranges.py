@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from services.allocator.errors import AddressInUse, AddressNotInSubnet, AddressReserved, SubnetFull
 from services.allocator.subnets.schemas import SubnetRef
 from services.allocator.subnets.service import choose_address
-from shared.db import drop_database, ensure_database
+from shared.db import Connection, drop_database, ensure_database
 from shared.migrations import apply_migrations
 from tests.conftest import PG_BASE, RUN_ID
 from tests.integration.allocator_support import error, make_havip, make_instance, make_subnet, make_vpc, ok
@@ -67,12 +67,12 @@ def test_expected_ranges_reference() -> None:
     assert expected_ranges(net, range(base, base + 8)) == []
 
 
-async def stored_ranges(conn: Any, subnet_id: uuid.UUID) -> list[Range]:
+async def stored_ranges(conn: Connection, subnet_id: uuid.UUID) -> list[Range]:
     rows = await conn.fetch("SELECT lo, hi FROM allocator.free_ranges WHERE subnet_id = $1 ORDER BY lo", subnet_id)
     return [(r["lo"], r["hi"]) for r in rows]
 
 
-async def taken_addresses(conn: Any, subnet_id: uuid.UUID) -> set[int]:
+async def taken_addresses(conn: Connection, subnet_id: uuid.UUID) -> set[int]:
     rows = await conn.fetch(
         """SELECT address - '0.0.0.0'::inet AS a FROM allocator.havips WHERE subnet_id = $1
            UNION ALL SELECT private_ip - '0.0.0.0'::inet FROM allocator.instances WHERE subnet_id = $1""",
@@ -81,7 +81,7 @@ async def taken_addresses(conn: Any, subnet_id: uuid.UUID) -> set[int]:
     return {r["a"] for r in rows}
 
 
-async def counted_havips(conn: Any, vpc_id: uuid.UUID) -> int:
+async def counted_havips(conn: Connection, vpc_id: uuid.UUID) -> int:
     """The VPC's HAVIP count as the quota check reads it (no subnet: no row)."""
     count = await conn.fetchval("SELECT sum(havips) FROM allocator.subnet_havip_counts WHERE vpc_id = $1", vpc_id)
     return int(count or 0)
@@ -90,7 +90,9 @@ async def counted_havips(conn: Any, vpc_id: uuid.UUID) -> int:
 # ---- through the API -----------------------------------------------------------------------------------------
 
 
-async def test_allocation_with_holes_returns_the_lowest_free_address(client: httpx.AsyncClient, db: Any) -> None:
+async def test_allocation_with_holes_returns_the_lowest_free_address(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
     vpc = await make_vpc(client, "10.90.0.0/16")
     subnet = await make_subnet(client, vpc["id"], "10.90.1.0/24")
     sid = subnet["id"]
@@ -124,7 +126,9 @@ async def test_allocation_with_holes_returns_the_lowest_free_address(client: htt
     ]
 
 
-async def test_a_subnet_comes_and_goes_with_its_free_range(client: httpx.AsyncClient, db: Any) -> None:
+async def test_a_subnet_comes_and_goes_with_its_free_range(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
     vpc = await make_vpc(client, "10.91.0.0/16")
     subnet = await make_subnet(client, vpc["id"], "10.91.0.0/16")
     subnet_id = uuid.UUID(subnet["id"])
@@ -152,7 +156,7 @@ operations = st.lists(
 )
 
 
-async def new_subnet(conn: Any, net: IPv4Network) -> SubnetRef:
+async def new_subnet(conn: Connection, net: IPv4Network) -> SubnetRef:
     vpc_id, subnet_id = uuid.uuid4(), uuid.uuid4()
     await conn.execute("INSERT INTO allocator.vpcs (id, name, cidr) VALUES ($1, 'p', $2)", vpc_id, net)
     await conn.execute(
@@ -161,7 +165,7 @@ async def new_subnet(conn: Any, net: IPv4Network) -> SubnetRef:
     return SubnetRef(id=subnet_id, vpc_id=vpc_id, cidr=net)
 
 
-async def insert_havips(conn: Any, subnet: SubnetRef, addresses: list[IPv4Address]) -> None:
+async def insert_havips(conn: Connection, subnet: SubnetRef, addresses: list[IPv4Address]) -> None:
     await conn.execute(
         """INSERT INTO allocator.havips (id, vpc_id, subnet_id, address)
            SELECT gen_random_uuid(), $1, $2, a FROM unnest($3::inet[]) AS a""",
@@ -174,7 +178,7 @@ async def insert_havips(conn: Any, subnet: SubnetRef, addresses: list[IPv4Addres
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(story=operations, block=st.integers(0, 2**17 // 32 - 1))
 async def test_free_ranges_always_equal_the_complement_of_the_rows(
-    pool: Any, story: list[tuple[str, Any]], block: int
+    pool: asyncpg.Pool, story: list[tuple[str, Any]], block: int
 ) -> None:
     net = IPv4Network((int(IPv4Address("198.18.0.0")) + block * 32, SMALL))  # somewhere in 198.18.0.0/15
     base = int(net.network_address)
@@ -244,7 +248,7 @@ async def test_free_ranges_always_equal_the_complement_of_the_rows(
 # ---- the database's own guard ------------------------------------------------------------------------------
 
 
-async def test_an_address_cannot_be_taken_twice_even_bypassing_the_lock(pool: Any) -> None:
+async def test_an_address_cannot_be_taken_twice_even_bypassing_the_lock(pool: asyncpg.Pool) -> None:
     """A HAVIP and an instance at one address, in two transactions that skip the subnet's advisory lock: the
     second waits on the free range the first consumed, then is refused. The unique constraints alone could
     not catch this (they are per table)."""
@@ -282,7 +286,7 @@ async def test_an_address_cannot_be_taken_twice_even_bypassing_the_lock(pool: An
         assert await stored_ranges(a, subnet.id) == expected_ranges(net, await taken_addresses(a, subnet.id))
 
 
-async def test_an_address_cannot_change_in_place(pool: Any) -> None:
+async def test_an_address_cannot_change_in_place(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         subnet = await new_subnet(conn, IPv4Network("198.19.254.0/24"))
         await insert_havips(conn, subnet, [IPv4Address("198.19.254.7")])

@@ -3,8 +3,6 @@ can read another's tables, whatever user its URL names (tests/unit/test_schema_i
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 import pytest
 from fastapi import FastAPI
@@ -19,7 +17,7 @@ OWN_TABLES = {"allocator": "allocator.havips", "binding": "binding.bindings"}
 async def test_a_services_role_reaches_its_own_schema_and_nothing_else(
     database_url: str, service: str, other: str
 ) -> None:
-    pool: Any = await create_pool(database_url, role=service_role(service), min_size=1, max_size=1)
+    pool = await create_pool(database_url, role=service_role(service), min_size=1, max_size=1)
     try:
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT current_user") == f"havip_{service}"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+import asyncpg
 import pytest
 
 from tests import grafana
@@ -36,7 +36,7 @@ EXPECTED_COLUMNS = {
 
 
 @pytest.fixture(scope="module")
-async def history(db: Any) -> None:
+async def history(db: asyncpg.Connection) -> None:
     """Transitions and refusals inside the last hour, and one of each from two days ago."""
     await db.execute(
         "INSERT INTO binding.havips (id, vpc_id, subnet_id, address) VALUES ($1, $2, $3, '192.0.2.10/32')",
@@ -79,13 +79,13 @@ def test_every_sql_panel_is_covered_here() -> None:
 
 
 @pytest.mark.parametrize("title", sorted(EXPECTED_COLUMNS))
-async def test_sql_panel_returns_its_columns(db: Any, history: None, title: str) -> None:
+async def test_sql_panel_returns_its_columns(db: asyncpg.Connection, history: None, title: str) -> None:
     statement = await db.prepare(panel_sql(title))
     assert [attribute.name for attribute in statement.get_attributes()] == EXPECTED_COLUMNS[title]
     assert statement.get_attributes()[0].type.name == "timestamptz"  # Grafana's time column
 
 
-async def test_recent_transitions_lists_the_time_range_newest_first(db: Any, history: None) -> None:
+async def test_recent_transitions_lists_the_time_range_newest_first(db: asyncpg.Connection, history: None) -> None:
     rows = await db.fetch(panel_sql("Recent transitions"))
     assert [(r["havip_id"], r["sequence"], r["reason"]) for r in rows] == [
         (RELEASED_HAVIP, 2, "release"),
@@ -101,14 +101,14 @@ async def test_recent_transitions_lists_the_time_range_newest_first(db: Any, his
     assert failover["watcher_id"] == "host/cap"
 
 
-async def test_recent_refused_claims_lists_the_time_range(db: Any, history: None) -> None:
+async def test_recent_refused_claims_lists_the_time_range(db: asyncpg.Connection, history: None) -> None:
     rows = await db.fetch(panel_sql("Recent refused claims"))
     assert [(r["address"], r["mac"], r["reason"], r["frames"], r["havip_id"]) for r in rows] == [
         ("192.0.2.10", INTRUDER, "unknown_mac", 7, HAVIP)
     ]
 
 
-async def test_recent_transitions_reads_the_commit_time_index(db: Any, history: None) -> None:
+async def test_recent_transitions_reads_the_commit_time_index(db: asyncpg.Connection, history: None) -> None:
     """History is kept forever and the panel refreshes every few seconds: it must not scan it all."""
     async with db.transaction():
         await db.execute("SET LOCAL enable_seqscan = off")  # the planner's choice on a table this small is moot

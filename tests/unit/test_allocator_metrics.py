@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from types import SimpleNamespace
 from typing import Any
 
+from asyncpg.pool import PoolConnectionProxy
 from prometheus_client import generate_latest
 
 from services.allocator import health
@@ -32,7 +33,7 @@ def test_usage_is_replaced_as_a_whole() -> None:
 
 
 class BrokenDatabase:
-    def connection(self) -> AbstractAsyncContextManager[Any]:
+    def connection(self) -> AbstractAsyncContextManager[PoolConnectionProxy]:
         raise ConnectionRefusedError("database down")
 
 

@@ -11,11 +11,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
 from services.allocator.binding_view.domain import Change, SequenceRange, ViewRecord
+from shared.db import Connection
 from shared.events import ClaimRejected
 
 # One statement creates the missing records and locks them all (ON CONFLICT DO UPDATE locks the existing row),
@@ -61,12 +61,18 @@ def _multirange_text(missing: Sequence[SequenceRange]) -> str:
     return "{" + ",".join(f"[{first},{last + 1})" for first, last in missing) + "}"
 
 
-def _closed(ranges: Iterable[asyncpg.Range]) -> list[SequenceRange]:
+def _closed(ranges: Iterable[asyncpg.Range[int]]) -> list[SequenceRange]:
     """asyncpg's canonical int8 ranges [lower, upper) as closed (first, last)."""
-    return [(r.lower, r.upper - 1) for r in ranges]
+    return [_closed_range(r) for r in ranges]
 
 
-async def lock_records(conn: Any, havip_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ViewRecord]:
+def _closed_range(r: asyncpg.Range[int]) -> SequenceRange:
+    if r.lower is None or r.upper is None:
+        raise ValueError(f"a gap of sequence numbers is bounded on both sides, not {r}")
+    return (r.lower, r.upper - 1)
+
+
+async def lock_records(conn: Connection, havip_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ViewRecord]:
     """The records of these HAVIPs (created empty where missing), locked until the caller's commit."""
     ids = sorted(set(havip_ids))
     if not ids:
@@ -90,7 +96,7 @@ async def lock_records(conn: Any, havip_ids: Iterable[uuid.UUID]) -> dict[uuid.U
     }
 
 
-async def save(conn: Any, records: Sequence[ViewRecord], history: Sequence[Change]) -> None:
+async def save(conn: Connection, records: Sequence[ViewRecord], history: Sequence[Change]) -> None:
     """Write the records a batch changed and the transitions it added to the history (a transition already
     recorded is left as it is)."""
     if not records and not history:
@@ -122,7 +128,7 @@ async def save(conn: Any, records: Sequence[ViewRecord], history: Sequence[Chang
     )
 
 
-async def insert_refusals(conn: Any, refusals: Sequence[tuple[uuid.UUID, ClaimRejected]]) -> set[uuid.UUID]:
+async def insert_refusals(conn: Connection, refusals: Sequence[tuple[uuid.UUID, ClaimRejected]]) -> set[uuid.UUID]:
     """Store the refusals not stored yet (by event id); returns the event ids that were new."""
     if not refusals:
         return set()
@@ -148,7 +154,7 @@ class Gapped:
 
 
 async def gapped_records(
-    conn: Any, *, grace_s: float, retry_s: float, max_attempts: int, limit: int
+    conn: Connection, *, grace_s: float, retry_s: float, max_attempts: int, limit: int
 ) -> list[Gapped]:
     """Records whose history has had a gap for longer than `grace_s` (a late event may still fill a younger
     one) and for which no replay was asked within `retry_s`, oldest gap first; locked (others skipped)."""
@@ -166,7 +172,7 @@ async def gapped_records(
     return [Gapped(r["havip_id"], _closed(r["missing"]), r["repair_attempts"]) for r in rows]
 
 
-async def mark_repair_requested(conn: Any, havip_ids: Sequence[uuid.UUID]) -> None:
+async def mark_repair_requested(conn: Connection, havip_ids: Sequence[uuid.UUID]) -> None:
     await conn.execute(
         """UPDATE allocator.view_bindings SET repair_requested_at = now(), repair_attempts = repair_attempts + 1
            WHERE havip_id = ANY($1::uuid[])""",
@@ -174,12 +180,12 @@ async def mark_repair_requested(conn: Any, havip_ids: Sequence[uuid.UUID]) -> No
     )
 
 
-async def count_open_gaps(conn: Any) -> int:
+async def count_open_gaps(conn: Connection) -> int:
     count: int = await conn.fetchval("SELECT count(*) FROM allocator.view_bindings WHERE gap_since IS NOT NULL")
     return count
 
 
-async def holder_for_release(conn: Any, havip_id: uuid.UUID) -> uuid.UUID | None:
+async def holder_for_release(conn: Connection, havip_id: uuid.UUID) -> uuid.UUID | None:
     """The holder the view shows, with the HAVIP's record locked until the caller's commit: a batch of binding
     events touching it waits (or was committed before), so the release decides on one state."""
     holder: uuid.UUID | None = await conn.fetchval(
@@ -191,7 +197,7 @@ async def holder_for_release(conn: Any, havip_id: uuid.UUID) -> uuid.UUID | None
     return holder
 
 
-async def havips_held_by(conn: Any, instance_id: uuid.UUID) -> list[uuid.UUID]:
+async def havips_held_by(conn: Connection, instance_id: uuid.UUID) -> list[uuid.UUID]:
     """The HAVIPs the view shows the instance holding, their records locked until the caller's commit (in
     HAVIP-id order, as the view's consumer locks them)."""
     rows = await conn.fetch(
@@ -201,7 +207,7 @@ async def havips_held_by(conn: Any, instance_id: uuid.UUID) -> list[uuid.UUID]:
     return [row["havip_id"] for row in rows]
 
 
-async def delete_old_refusals(conn: Any, older_than: datetime, limit: int = 10_000) -> int:
+async def delete_old_refusals(conn: Connection, older_than: datetime, limit: int = 10_000) -> int:
     """Audit retention: remove refusals recorded before `older_than` (at most `limit` a call)."""
     status: str = await conn.execute(
         """DELETE FROM allocator.view_refusals WHERE id IN (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
 
+import asyncpg
 from pydantic import Field
 
 from services.allocator.schemas import ResponseModel, Timestamp
@@ -31,7 +31,7 @@ class RejectedClaim(ResponseModel):
     )
 
     @classmethod
-    def from_row(cls, row: Any) -> RejectedClaim:
+    def from_row(cls, row: asyncpg.Record) -> RejectedClaim:
         return cls(
             havip_id=row["havip_id"],
             address=ip_address(row["address"]),

@@ -6,8 +6,9 @@ import hashlib
 import json
 import uuid
 from ipaddress import IPv4Address
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
+import asyncpg
 from pydantic import AfterValidator, Field
 
 from services.allocator.schemas import Name, RequestAddress, RequestModel, ResponseModel, Timestamp
@@ -96,7 +97,7 @@ class Havip(ResponseModel):
     created_at: Timestamp
 
     @classmethod
-    def from_row(cls, row: Any) -> Havip:
+    def from_row(cls, row: asyncpg.Record) -> Havip:
         """A row of allocator.havips LEFT JOIN allocator.view_bindings (no row, or no holder = UNBOUND)."""
         bound = row["bound_instance_id"] is not None
         return cls(
@@ -144,7 +145,7 @@ class Transition(ResponseModel):
     )
 
     @classmethod
-    def from_row(cls, row: Any) -> Transition:
+    def from_row(cls, row: asyncpg.Record) -> Transition:
         return cls(
             sequence=row["sequence"],
             from_instance_id=row["from_instance_id"],

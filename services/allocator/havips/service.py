@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import uuid
 from ipaddress import IPv4Address
-from typing import Any
 
 from services.allocator.binding_view.repository import holder_for_release
 from services.allocator.database import EIP_POOL, Database, Transaction
@@ -34,6 +33,7 @@ from services.allocator.metrics import ALLOCATIONS
 from services.allocator.pagination import Where, decode_sequence, encode_sequence, next_token
 from services.allocator.schemas import Page
 from services.allocator.subnets.service import choose_address, fetch_subnet_ref
+from shared.db import Connection, fetch_one
 from shared.events import EipData
 
 DEFAULT_IDEMPOTENCY_TTL_HOURS = 24
@@ -48,12 +48,12 @@ _SELECT = """
     LEFT JOIN allocator.view_bindings b ON b.havip_id = h.id"""
 
 
-async def _find_havip(conn: Any, havip_id: uuid.UUID) -> Havip | None:
+async def _find_havip(conn: Connection, havip_id: uuid.UUID) -> Havip | None:
     row = await conn.fetchrow(f"{_SELECT} WHERE h.id = $1", havip_id)
     return None if row is None else Havip.from_row(row)
 
 
-async def _fetch_havip(conn: Any, havip_id: uuid.UUID) -> Havip:
+async def _fetch_havip(conn: Connection, havip_id: uuid.UUID) -> Havip:
     havip = await _find_havip(conn, havip_id)
     if havip is None:
         raise NotFound.of("havip", havip_id)
@@ -83,8 +83,8 @@ async def _replay(tx: Transaction, key: str, fingerprint: str, new_id: uuid.UUID
     )
     if claimed is not None:
         return None
-    earlier = await tx.conn.fetchrow(
-        "SELECT request_hash, havip_id FROM allocator.idempotency_keys WHERE key = $1", key
+    earlier = await fetch_one(
+        tx.conn, "SELECT request_hash, havip_id FROM allocator.idempotency_keys WHERE key = $1", key
     )
     if earlier["request_hash"] != fingerprint:
         raise Conflict(
@@ -100,7 +100,7 @@ async def _replay(tx: Transaction, key: str, fingerprint: str, new_id: uuid.UUID
     return havip
 
 
-async def _check_candidates(conn: Any, subnet_id: uuid.UUID, candidates: list[uuid.UUID]) -> None:
+async def _check_candidates(conn: Connection, subnet_id: uuid.UUID, candidates: list[uuid.UUID]) -> None:
     """Every candidate must be a registered instance of the subnet (call with the subnet locked)."""
     if not candidates:
         return
@@ -140,7 +140,8 @@ async def allocate_havip(
         subnet = await fetch_subnet_ref(tx.conn, subnet.id)  # it may have been deleted meanwhile
         await _check_candidates(tx.conn, subnet.id, request.candidates)
         address = await choose_address(tx.conn, subnet, request.address)
-        row = await tx.conn.fetchrow(
+        row = await fetch_one(
+            tx.conn,
             """INSERT INTO allocator.havips (id, vpc_id, subnet_id, name, address, candidates)
                VALUES ($1, $2, $3, $4, $5, $6)
                RETURNING id, name, vpc_id, subnet_id, address, candidates, eip, created_at,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 from ipaddress import IPv4Address
-from typing import Any
+
+import asyncpg
 
 from services.allocator.schemas import MacAddress, Name, RequestAddress, RequestModel, ResponseModel, Timestamp
 from shared.events import InstanceData
@@ -27,7 +28,7 @@ class Instance(ResponseModel):
     created_at: Timestamp
 
     @classmethod
-    def from_row(cls, row: Any) -> Instance:
+    def from_row(cls, row: asyncpg.Record) -> Instance:
         return cls(
             id=row["id"],
             vpc_id=row["vpc_id"],

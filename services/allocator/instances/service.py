@@ -7,7 +7,6 @@ address, nor the other way round.
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from services.allocator.binding_view.repository import havips_held_by
 from services.allocator.database import Database
@@ -16,11 +15,12 @@ from services.allocator.instances.schemas import Instance, InstanceCreate
 from services.allocator.pagination import Where, next_token
 from services.allocator.schemas import Page
 from services.allocator.subnets.service import check_address_free, fetch_subnet_ref
+from shared.db import Connection, fetch_one
 
 _COLUMNS = "id, vpc_id, subnet_id, name, private_ip, mac, created_at"
 
 
-async def _fetch_instance(conn: Any, instance_id: uuid.UUID) -> Instance:
+async def _fetch_instance(conn: Connection, instance_id: uuid.UUID) -> Instance:
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM allocator.instances WHERE id = $1", instance_id)
     if row is None:
         raise NotFound.of("instance", instance_id)
@@ -35,7 +35,8 @@ async def register_instance(db: Database, request: InstanceCreate) -> Instance:
         holder = await tx.conn.fetchval("SELECT id FROM allocator.instances WHERE mac = $1", request.mac)
         if holder is not None:
             raise Conflict(f"MAC {request.mac} is already registered (instance {holder})", code="MAC_IN_USE")
-        row = await tx.conn.fetchrow(
+        row = await fetch_one(
+            tx.conn,
             f"""INSERT INTO allocator.instances (id, vpc_id, subnet_id, name, private_ip, mac)
                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}""",
             uuid.uuid4(),

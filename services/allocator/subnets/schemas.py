@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
 
+import asyncpg
 from pydantic import Field
 
 from services.allocator.domain import addressing
@@ -41,7 +41,7 @@ class Subnet(ResponseModel):
     created_at: Timestamp
 
     @classmethod
-    def from_row(cls, row: Any, used: int) -> Subnet:
+    def from_row(cls, row: asyncpg.Record, used: int) -> Subnet:
         cidr: IPv4Network = row["cidr"]
         usable = addressing.usable_count(cidr)
         return cls(

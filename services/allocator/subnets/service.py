@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from ipaddress import IPv4Address
-from typing import Any
 
 from services.allocator.database import Database
 from services.allocator.domain import addressing
@@ -17,6 +16,7 @@ from services.allocator.pagination import Where, next_token
 from services.allocator.schemas import Page
 from services.allocator.subnets.schemas import Subnet, SubnetCreate, SubnetRef
 from services.allocator.vpcs.service import fetch_vpc
+from shared.db import Connection, fetch_one
 
 _SELECT = """
     SELECT s.id, s.vpc_id, s.name, s.cidr, s.segment, s.vlan, s.created_at,
@@ -25,7 +25,7 @@ _SELECT = """
     FROM allocator.subnets s"""
 
 
-async def fetch_subnet_ref(conn: Any, subnet_id: uuid.UUID) -> SubnetRef:
+async def fetch_subnet_ref(conn: Connection, subnet_id: uuid.UUID) -> SubnetRef:
     row = await conn.fetchrow("SELECT id, vpc_id, cidr FROM allocator.subnets WHERE id = $1", subnet_id)
     if row is None:
         raise NotFound.of("subnet", subnet_id)
@@ -39,7 +39,7 @@ _IS_FREE = """SELECT lo <= $2 FROM allocator.free_ranges WHERE subnet_id = $1 AN
               ORDER BY hi LIMIT 1"""
 
 
-async def check_address_free(conn: Any, subnet: SubnetRef, address: IPv4Address) -> None:
+async def check_address_free(conn: Connection, subnet: SubnetRef, address: IPv4Address) -> None:
     """A requested address must be usable in the subnet and held by no instance or HAVIP (call with the
     subnet locked). One index probe, whatever the subnet's fill."""
     addressing.check_requested_address(subnet.cidr, address)
@@ -47,7 +47,7 @@ async def check_address_free(conn: Any, subnet: SubnetRef, address: IPv4Address)
         raise AddressInUse(f"{address} is already in use in {subnet.cidr}")
 
 
-async def choose_address(conn: Any, subnet: SubnetRef, requested: IPv4Address | None) -> IPv4Address:
+async def choose_address(conn: Connection, subnet: SubnetRef, requested: IPv4Address | None) -> IPv4Address:
     """The requested address after checking it, or the lowest free one (call with the subnet locked)."""
     if requested is not None:
         await check_address_free(conn, subnet, requested)
@@ -58,7 +58,7 @@ async def choose_address(conn: Any, subnet: SubnetRef, requested: IPv4Address | 
     return IPv4Address(lowest)
 
 
-async def _fetch_subnet(conn: Any, subnet_id: uuid.UUID) -> Subnet:
+async def _fetch_subnet(conn: Connection, subnet_id: uuid.UUID) -> Subnet:
     row = await conn.fetchrow(f"{_SELECT} WHERE s.id = $1", subnet_id)
     if row is None:
         raise NotFound.of("subnet", subnet_id)
@@ -75,7 +75,8 @@ async def create_subnet(db: Database, request: SubnetCreate) -> Subnet:
             "SELECT id, cidr FROM allocator.subnets WHERE vpc_id = $1 ORDER BY cidr", vpc.id
         )
         addressing.check_no_overlap(request.cidr, [(r["id"], r["cidr"]) for r in siblings])
-        row = await tx.conn.fetchrow(
+        row = await fetch_one(
+            tx.conn,
             """INSERT INTO allocator.subnets (id, vpc_id, name, cidr, segment, vlan)
                VALUES ($1, $2, $3, $4, $5, $6)
                RETURNING id, vpc_id, name, cidr, segment, vlan, created_at""",
@@ -133,7 +134,8 @@ async def delete_subnet(db: Database, subnet_id: uuid.UUID) -> None:
         # Registration and allocation hold the same lock: nothing can move in between check and delete.
         await tx.lock("subnet", subnet_id)
         subnet = await _fetch_subnet(tx.conn, subnet_id)
-        counts = await tx.conn.fetchrow(
+        counts = await fetch_one(
+            tx.conn,
             """SELECT (SELECT count(*) FROM allocator.instances WHERE subnet_id = $1) AS instances,
                       (SELECT count(*) FROM allocator.havips WHERE subnet_id = $1) AS havips""",
             subnet_id,

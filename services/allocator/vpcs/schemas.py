@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 from ipaddress import IPv4Network
-from typing import Any
+
+import asyncpg
 
 from services.allocator.schemas import Cidr, Name, RequestModel, ResponseModel, Timestamp
 from shared.events import VpcData
@@ -22,7 +23,7 @@ class Vpc(ResponseModel):
     created_at: Timestamp
 
     @classmethod
-    def from_row(cls, row: Any) -> Vpc:
+    def from_row(cls, row: asyncpg.Record) -> Vpc:
         return cls(id=row["id"], name=row["name"], cidr=row["cidr"], created_at=row["created_at"])
 
     def event_data(self) -> VpcData:

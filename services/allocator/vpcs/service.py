@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from services.allocator.database import Database
 from services.allocator.errors import Conflict, NotFound
 from services.allocator.pagination import Where, next_token
 from services.allocator.schemas import Page
 from services.allocator.vpcs.schemas import Vpc, VpcCreate
+from shared.db import Connection, fetch_one
 
 _COLUMNS = "id, name, cidr, created_at"
 
 
-async def fetch_vpc(conn: Any, vpc_id: uuid.UUID) -> Vpc:
+async def fetch_vpc(conn: Connection, vpc_id: uuid.UUID) -> Vpc:
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM allocator.vpcs WHERE id = $1", vpc_id)
     if row is None:
         raise NotFound.of("vpc", vpc_id)
@@ -23,7 +23,8 @@ async def fetch_vpc(conn: Any, vpc_id: uuid.UUID) -> Vpc:
 
 async def create_vpc(db: Database, request: VpcCreate) -> Vpc:
     async with db.transaction() as tx:
-        row = await tx.conn.fetchrow(
+        row = await fetch_one(
+            tx.conn,
             f"INSERT INTO allocator.vpcs (id, name, cidr) VALUES ($1, $2, $3) RETURNING {_COLUMNS}",
             uuid.uuid4(),
             request.name,
