@@ -120,6 +120,7 @@ class WireCapture:
     path: Path
     count: int
     process: subprocess.Popen[bytes]
+    log: Path  # tcpdump's stderr: its counters once it has ended
 
     async def frames(self, timeout_s: float) -> list[tuple[int, bytes]]:
         """(kernel time in ns, sender MAC) of the frames captured: all `count` of them, or, when tcpdump has not
@@ -131,19 +132,26 @@ class WireCapture:
         if self.process.poll() is None:
             self.process.terminate()  # tcpdump writes every frame as it comes (-U): the file is complete
             await asyncio.to_thread(self.process.wait, 10)
-        return read_pcap(self.path)
+        frames = read_pcap(self.path)
+        if len(frames) < self.count:
+            counters = " ".join(self.log.read_text(errors="replace").splitlines()[1:])
+            say(f"tcpdump captured {len(frames)} of {self.count} frames within {timeout_s} s ({counters})")
+        return frames
 
 
 @contextmanager
 def tcpdump(interface: str, workdir: Path, sender_mac: bytes, count: int) -> Iterator[WireCapture]:
     """tcpdump writing the port's ARP frames from `sender_mac` with nanosecond kernel timestamps: the reference of
     the run. Immediate mode hands each frame to tcpdump as it arrives, instead of in blocks that the kernel
-    passes on only once full or a second old — a few frames, ended within that second, would never be read."""
+    passes on only once full or a second old — a few frames, ended within that second, would never be read. The
+    short snapshot (an ARP frame is 60 bytes at most) sizes the ring's slots to it: with the interface's offloads
+    on, libpcap's slots hold 256 KiB each, and a burst of thousands, while the services take the CPU, overflows
+    them."""
     path = workdir / "wire.pcap"
     err = (workdir / "tcpdump.err").open("wb")
     mac = ":".join(f"{byte:02x}" for byte in sender_mac)
     argv = [
-        "tcpdump", "-i", interface, "-n", "-B", "65536", "--immediate-mode", "-U", "-c", str(count),
+        "tcpdump", "-i", interface, "-n", "-B", "65536", "-s", "96", "--immediate-mode", "-U", "-c", str(count),
         "--time-stamp-precision=nano", "-w", str(path), f"arp and ether src {mac}",
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
@@ -158,7 +166,7 @@ def tcpdump(interface: str, workdir: Path, sender_mac: bytes, count: int) -> Ite
             eventually_sync(listening, timeout=15, what="tcpdump listening")
         except TimeoutError as exc:
             raise RuntimeError(f"tcpdump did not start: {(workdir / 'tcpdump.err').read_text()}") from exc
-        yield WireCapture(path, count, proc)
+        yield WireCapture(path, count, proc, workdir / "tcpdump.err")
     finally:
         proc.terminate()
         try:
