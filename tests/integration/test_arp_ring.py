@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import queue
 import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.arp_watcher.capture_thread import CaptureThread
-from services.arp_watcher.claims import Claim
 from services.arp_watcher.frames import ARP_REQUEST
 from services.arp_watcher.packet_socket import CaptureOpenError, network_namespace
 from services.arp_watcher.ring import open_ring_reader
+from tests.collected_claims import CollectedClaims
 from tests.lab import CaptureNamespace, Lab, LabHost
 from tests.lab.arp_frames import build_arp_frame
 from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw
+from tests.waiting import eventually_sync
 
 
 def ip4(address: str) -> int:
@@ -71,40 +71,9 @@ def world() -> Iterator[World]:
         yield World(lab, peer, replay, cap, port)
 
 
-class Collected:
-    def __init__(self) -> None:
-        self.queue: queue.Queue[Claim] = queue.Queue()
-        self.calls = 0
-
-    def sink(self, batch: list[Claim]) -> None:
-        self.calls += 1
-        for claim in batch:
-            self.queue.put(claim)
-
-    def take(self, count: int, timeout_s: float = 20.0) -> list[Claim]:
-        deadline = time.monotonic() + timeout_s
-        claims: list[Claim] = []
-        while len(claims) < count:
-            try:
-                claims.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                raise AssertionError(f"got {len(claims)} of {count} claims in {timeout_s} s") from None
-        return claims
-
-    def take_until(self, done: Callable[[Claim], bool], timeout_s: float = 30.0) -> list[Claim]:
-        deadline = time.monotonic() + timeout_s
-        claims: list[Claim] = []
-        while not claims or not done(claims[-1]):
-            try:
-                claims.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                raise AssertionError(f"marker not seen after {len(claims)} claims") from None
-        return claims
-
-
 @contextlib.contextmanager
-def ring_capture(world: World) -> Iterator[tuple[CaptureThread, Collected]]:
-    collected = Collected()
+def ring_capture(world: World) -> Iterator[tuple[CaptureThread, CollectedClaims]]:
+    collected = CollectedClaims()
     capture = CaptureThread(open_ring_reader("eth0", netns=world.cap.netns), collected.sink)
     capture.start()
     try:
@@ -115,12 +84,11 @@ def ring_capture(world: World) -> Iterator[tuple[CaptureThread, Collected]]:
 
 
 def wait_kernel_packets(capture: CaptureThread, count: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def counted() -> bool:
         capture.poll_kernel_stats()
-        if capture.stats.kernel_packets >= count or time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
+        return capture.stats.kernel_packets >= count
+
+    eventually_sync(counted, timeout=timeout_s, interval=0.05, what=f"the kernel's count of {count} packet(s)")
 
 
 def marker(mac: bytes = bytes.fromhex("02aaaaaaaaaa"), address: str = "203.0.113.254") -> bytes:
@@ -254,7 +222,7 @@ def test_a_burst_replayed_with_tcpreplay_is_seen_whole_without_kernel_drops(worl
 def test_stop_returns_while_nothing_arrives(world: World) -> None:
     """Woken through its eventfd: with a 120 s poll interval a missed wake-up would outlast stop()'s join."""
     ring = open_ring_reader("eth0", netns=world.cap.netns, poll_interval_s=120.0)
-    capture = CaptureThread(ring, Collected().sink, stats_interval_s=120.0)
+    capture = CaptureThread(ring, CollectedClaims().sink, stats_interval_s=120.0)
     capture.start()
     capture.stop(timeout_s=30)
     assert not capture.running
@@ -274,16 +242,15 @@ def test_opening_errors_name_the_cause(world: World) -> None:
 
 
 CAPTURE_SCRIPT = """
-import sys, time
+import sys
 from services.arp_watcher.capture_thread import CaptureThread
 from services.arp_watcher.ring import open_ring_reader
+from tests.waiting import eventually_sync
 got = []
 capture = CaptureThread(open_ring_reader(sys.argv[1]), got.extend)
 capture.start()
 print("ready", flush=True)
-deadline = time.monotonic() + 30
-while len(got) < 2 and time.monotonic() < deadline:
-    time.sleep(0.01)
+eventually_sync(lambda: len(got) >= 2, timeout=30, what="two claims")
 capture.stop()
 print(len(got), capture.stats.kernel_drops, capture.error)
 """

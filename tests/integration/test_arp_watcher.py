@@ -17,7 +17,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import queue
 import random
 import secrets
 import signal
@@ -42,10 +41,13 @@ from services.arp_watcher.packet_socket import network_namespace
 from services.arp_watcher.socket_reader import open_socket_reader
 from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
 from tests import service_logs
+from tests.collected_claims import CollectedClaims
 from tests.lab.arp_frames import build_arp_frame
+from tests.metrics_text import value
 from tests.ports import free_port
 from tests.tcp_proxy import CuttableProxy
 from tests.unprivileged import assert_nobody_with_net_raw_only, python_as_nobody_with_net_raw
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_NETWORKS = [ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
@@ -128,39 +130,9 @@ def lab() -> Iterator[Lab]:
     assert prefix not in sh("ip", "link").stdout
 
 
-class Collected:
-    def __init__(self) -> None:
-        self.queue: queue.Queue[Claim] = queue.Queue()
-
-    def sink(self, batch: list[Claim]) -> None:
-        for claim in batch:
-            self.queue.put(claim)
-
-    def take(self, count: int, timeout_s: float = 10.0) -> list[Claim]:
-        deadline = time.monotonic() + timeout_s
-        claims: list[Claim] = []
-        while len(claims) < count:
-            remaining = deadline - time.monotonic()
-            try:
-                claims.append(self.queue.get(timeout=max(0.0, remaining)))
-            except queue.Empty:
-                raise AssertionError(f"got {len(claims)} of {count} claims in {timeout_s} s") from None
-        return claims
-
-    def take_until(self, done: Callable[[Claim], bool], timeout_s: float = 20.0) -> list[Claim]:
-        deadline = time.monotonic() + timeout_s
-        claims: list[Claim] = []
-        while not claims or not done(claims[-1]):
-            try:
-                claims.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                raise AssertionError(f"marker not seen after {len(claims)} claims") from None
-        return claims
-
-
 @contextlib.contextmanager
-def capturing(lab: Lab) -> Iterator[tuple[CaptureThread, Collected]]:
-    collected = Collected()
+def capturing(lab: Lab) -> Iterator[tuple[CaptureThread, CollectedClaims]]:
+    collected = CollectedClaims()
     capture = CaptureThread(open_socket_reader("eth0", netns=lab.watch_ns), collected.sink)
     capture.start()
     try:
@@ -308,15 +280,28 @@ def test_fuzzed_frames_on_the_wire_never_stop_the_capture(lab: Lab) -> None:
 # ---- the whole watcher: capture + RabbitMQ -------------------------------------------------------------------
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int) -> str:
+    """The watcher's metrics, as its /metrics serves them."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+        exposition: str = response.read().decode()
+    return exposition
+
+
+async def scrape_until(port: int, holds: Callable[[str], bool], what: str) -> str:
+    """The first scrape of the watcher's metrics for which `holds` is true."""
+    exposition = ""
+
+    async def scraped() -> bool:
+        nonlocal exposition
+        exposition = await asyncio.to_thread(scrape, port)
+        return holds(exposition)
+
+    try:
+        await eventually(scraped, timeout=30, interval=0.05, what=what)
+    except TimeoutError as late:
+        late.add_note(f"the last scrape:\n{exposition}")
+        raise
+    return exposition
 
 
 def rss_kb(pid: int) -> int:
@@ -333,7 +318,6 @@ class WatcherProcess:
         self.proc = proc
         self.entries: list[dict[str, object]] = []
         self.text: list[str] = []
-        self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
         service_logs.follow("arp_watcher", lambda: "".join(self.text), per_test=True)
 
@@ -357,24 +341,23 @@ class WatcherProcess:
             self.text.append(line)
             with contextlib.suppress(ValueError):
                 self.entries.append(json.loads(line))
-            self._changed.set()
-        self._changed.set()
 
-    async def wait_for_log(self, message: str, timeout_s: float = 20) -> dict[str, object]:
+    async def wait_for_log(self, message: str, timeout_s: float = 30) -> dict[str, object]:
         """The first log entry whose message starts with `message`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._changed.clear()
-            for entry in self.entries:
-                if str(entry.get("msg", "")).startswith(message):
-                    return entry
-            if self._reader.done():
+        found: list[dict[str, object]] = []
+
+        def logged() -> bool:
+            found.extend(entry for entry in self.entries if str(entry.get("msg", "")).startswith(message))
+            if not found and self._reader.done():
                 raise AssertionError(f"watcher ended without logging {message!r}: {''.join(self.text)}")
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await self._changed.wait()
-            except TimeoutError:
-                raise AssertionError(f"no {message!r} logged in {timeout_s} s: {''.join(self.text)}") from None
+            return bool(found)
+
+        try:
+            await eventually(logged, timeout=timeout_s, what=f"the watcher logging {message!r}")
+        except TimeoutError as late:
+            late.add_note(f"the watcher's log:\n{''.join(self.text)}")
+            raise
+        return found[0]
 
     async def stop(self, timeout_s: float = 15) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -459,18 +442,16 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str, cap
             ("garp_request", "192.0.2.22", "192.0.2.22", "02:00:00:00:be:ef", 1),  # refused later: eth_mismatch
         ]
 
-        deadline = time.monotonic() + 10
-        while True:
-            samples = await asyncio.to_thread(scrape, metrics_port)
-            if samples.get("havip_watcher_claims_published_total") == 3:
-                break
-            assert time.monotonic() < deadline, samples
-            await asyncio.sleep(0.05)
-        assert samples['havip_watcher_frames_total{result="claim"}'] == 5
-        assert samples["havip_watcher_claims_coalesced_total"] == 2
-        assert samples["havip_watcher_kernel_drops_total"] == 0
-        assert samples["havip_watcher_publish_latency_seconds_count"] == 3
-        assert samples["havip_watcher_publish_failures_total"] == 0
+        metrics = await scrape_until(
+            metrics_port,
+            lambda exposition: value(exposition, "havip_watcher_claims_published_total") == 3,
+            what="three claims counted as published",
+        )
+        assert value(metrics, "havip_watcher_frames_total", {"result": "claim"}) == 5
+        assert value(metrics, "havip_watcher_claims_coalesced_total") == 2
+        assert value(metrics, "havip_watcher_kernel_drops_total") == 0
+        assert value(metrics, "havip_watcher_publish_latency_seconds_count") == 3
+        assert value(metrics, "havip_watcher_publish_failures_total") == 0
 
         rss = await asyncio.to_thread(rss_kb, watcher.proc.pid)
         assert rss < 80 * 1024, f"watcher RSS {rss} kB (docs/contract.md#figures, P5: ≤ 80 MB)"
@@ -525,20 +506,23 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
 
         async def next_claims(count: int, timeout_s: float) -> list[ObservedClaim]:
             got: list[ObservedClaim] = []
-            async with asyncio.timeout(timeout_s):
+
+            async def arrived() -> bool:
                 while len(got) < count:
                     message = await amqp_queue.get(fail=False)
                     if message is None:
-                        await asyncio.sleep(0.05)
-                        continue
+                        return False
                     await message.ack()
                     _env, data = decode(message.body)
                     assert isinstance(data, ClaimsObserved)
                     got.extend(data.claims)
+                return True
+
+            await eventually(arrived, timeout=timeout_s, interval=0.05, what=f"{count} claims from the broker")
             return got
 
         await asyncio.to_thread(lab.arping, "192.0.2.30")
-        (first,) = await next_claims(1, 10)
+        (first,) = await next_claims(1, 30)
         assert str(first.sender_ip) == "192.0.2.30"
 
         proxy.cut()
@@ -557,9 +541,9 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
             ("192.0.2.31", other, 2),
             ("192.0.2.32", lab.peer_mac, 3),
         ]
-        samples = await asyncio.to_thread(scrape, metrics_port)
-        assert samples["havip_watcher_publish_failures_total"] >= 1
-        assert samples["havip_watcher_claims_dropped_total"] == 0
+        metrics = await asyncio.to_thread(scrape, metrics_port)
+        assert (value(metrics, "havip_watcher_publish_failures_total") or 0) >= 1
+        assert value(metrics, "havip_watcher_claims_dropped_total") == 0
         assert await watcher.stop() == 0
     finally:
         if watcher is not None:
@@ -604,16 +588,15 @@ async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
             await asyncio.to_thread(assert_nobody_with_net_raw_only, proc.pid)
 
             await asyncio.to_thread(lab.arping, "198.51.100.20", count=2, iface=peer_name)
-            deadline = time.monotonic() + 10
-            while True:
-                samples = await asyncio.to_thread(scrape, metrics_port)
-                if samples.get('havip_watcher_frames_total{result="claim"}') == 2:
-                    break
-                assert time.monotonic() < deadline, samples
-                await asyncio.sleep(0.05)
-            assert samples["havip_watcher_claims_buffered"] == 1  # the second GARP is coalesced into the first
-            assert samples["havip_watcher_claims_coalesced_total"] == 1
-            assert samples["havip_watcher_kernel_drops_total"] == 0
+            metrics = await scrape_until(
+                metrics_port,
+                lambda exposition: value(exposition, "havip_watcher_frames_total", {"result": "claim"}) == 2,
+                what="two frames counted as claims",
+            )
+            # the second GARP is coalesced into the first
+            assert value(metrics, "havip_watcher_claims_buffered") == 1
+            assert value(metrics, "havip_watcher_claims_coalesced_total") == 1
+            assert value(metrics, "havip_watcher_kernel_drops_total") == 0
             assert await watcher.stop() == 0
         finally:
             if watcher is not None:

@@ -2,7 +2,8 @@
 
 Typical use::
 
-    from tests.lab import Keepalived, Lab, wait_for
+    from tests.lab import Keepalived, Lab
+    from tests.waiting import eventually_sync
 
     with Lab() as lab:
         h1 = lab.add_host("host1", "192.0.2.11")
@@ -26,7 +27,7 @@ from tests.lab.netns import (
     leftovers,
     list_netns,
 )
-from tests.lab.proc import LabCommandError, ProcessRegistry, pid_alive, wait_for
+from tests.lab.proc import LabCommandError, ProcessRegistry, pid_alive
 
 __all__ = [
     "ALLOWED_NETWORKS",
@@ -51,5 +52,4 @@ __all__ = [
     "parse_tcpdump_hex",
     "pid_alive",
     "render_config",
-    "wait_for",
 ]

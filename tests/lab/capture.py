@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Self
 
-from tests.lab.proc import ProcessRegistry, terminate_group, wait_for
+from tests.lab.proc import ProcessRegistry, terminate_group
+from tests.waiting import eventually_sync
 
 ETH_P_ARP = 0x0806
 ETH_P_8021Q = 0x8100
@@ -187,7 +188,7 @@ class ArpCapture:
             return False
 
         try:
-            wait_for(listening, timeout, what=f"tcpdump listening on {self.iface}")
+            eventually_sync(listening, timeout=timeout, what=f"tcpdump listening on {self.iface}")
         except BaseException:
             self.close()
             raise
@@ -213,9 +214,9 @@ class ArpCapture:
             raise RuntimeError("capture not started")
         proc = self.proc
         start = time.monotonic()
-        wait_for(
+        eventually_sync(
             lambda: proc.poll() is not None,
-            timeout,
+            timeout=timeout,
             what=f"{self.count} frame(s) matching {self.bpf!r} on {self.iface}",
         )
         for thread in self._threads:

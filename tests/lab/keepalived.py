@@ -16,7 +16,8 @@ from typing import Literal
 from tests import service_logs
 from tests.lab.names import check_lab_address
 from tests.lab.netns import LabHost
-from tests.lab.proc import group_members, pid_alive, signal_group, terminate_group, wait_for
+from tests.lab.proc import group_members, pid_alive, signal_group, terminate_group
+from tests.waiting import eventually_sync
 
 State = Literal["MASTER", "BACKUP"]
 
@@ -190,7 +191,7 @@ class Keepalived:
                 )
             return self.vrrp_pid() is not None
 
-        wait_for(vrrp_running, timeout, what=f"keepalived's VRRP child on {self.host.name}")
+        eventually_sync(vrrp_running, timeout=timeout, what=f"keepalived's VRRP child on {self.host.name}")
 
     def vrrp_pid(self) -> int | None:
         """The VRRP child's PID from its pid file, or None."""

@@ -11,10 +11,11 @@ import os
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
+
+from tests.waiting import eventually_sync
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +50,6 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = 10) -> subp
     if check and proc.returncode != 0:
         raise LabCommandError(argv, proc.returncode, proc.stdout, proc.stderr)
     return proc
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02, what: str = "") -> None:
-    """Poll ``predicate`` until it returns true; raise :class:`TimeoutError` naming ``what`` after ``timeout`` s.
-
-    The predicate is always evaluated at least once, and once more at the deadline.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        now = time.monotonic()
-        if now >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what or 'condition'}")
-        time.sleep(min(interval, max(deadline - now, 0.0)))
 
 
 def group_members(pgid: int) -> list[int]:
@@ -154,14 +140,15 @@ def terminate_group(proc: subprocess.Popen[bytes], timeout: float = 3.0, *, term
 
 
 def _wait_group_empty(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
+    def empty() -> bool:
         proc.poll()  # reap the leader as soon as it exits
-        if not group_members(proc.pid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
+        return not group_members(proc.pid)
+
+    try:
+        eventually_sync(empty, timeout=timeout, what=f"process group {proc.pid} empty")
+    except TimeoutError:
+        return False
+    return True
 
 
 class StartedInContext:

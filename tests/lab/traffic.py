@@ -11,8 +11,9 @@ from pathlib import Path
 from tests.lab import udp_probe
 from tests.lab.names import check_lab_address
 from tests.lab.netns import LabHost
-from tests.lab.proc import StartedInContext, terminate_group, wait_for
+from tests.lab.proc import StartedInContext, terminate_group
 from tests.lab.traffic_report import TrafficLog, read_log
+from tests.waiting import eventually_sync
 
 
 class Traffic(StartedInContext):
@@ -52,7 +53,7 @@ class Traffic(StartedInContext):
                 raise RuntimeError(f"udp_probe on {host.name} exited {proc.returncode}: {path.read_text()}")
             return '"ready"' in path.read_text()
 
-        wait_for(ready, 20, what=f"udp_probe {args[0]} on {host.name}")
+        eventually_sync(ready, timeout=20, what=f"udp_probe {args[0]} on {host.name}")
 
     def start(self) -> None:
         """Servers first (each ready to answer and to count), then the client."""

@@ -27,6 +27,7 @@ from services.arp_watcher.packet_socket import (
 )
 from services.arp_watcher.socket_reader import AUXDATA, PACKET_AUXDATA, SO_TIMESTAMPNS, TIMESPEC, SocketReader
 from tests.lab.arp_frames import build_arp_frame
+from tests.waiting import eventually_sync
 
 MAC = bytes.fromhex("02000000000a")
 VIP = int(IPv4Address("192.0.2.10"))
@@ -147,7 +148,7 @@ class FakeSocket:
                 return self.queue.pop(0)
         if flags & socket.MSG_DONTWAIT:
             raise BlockingIOError(11, "EAGAIN")
-        time.sleep(0.005)
+        time.sleep(0.005)  # the receive timeout a blocking socket spends before it expires
         raise BlockingIOError(11, "EAGAIN")  # what SO_RCVTIMEO expiry looks like
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
@@ -161,14 +162,6 @@ class FakeSocket:
 
     def close(self) -> None:
         self.closed = True
-
-
-def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.002)
 
 
 def test_capture_loop_classifies_counts_and_hands_off_batches() -> None:
@@ -187,7 +180,10 @@ def test_capture_loop_classifies_counts_and_hands_off_batches() -> None:
     fake.kernel = (6, 0)
     capture.start()
     try:
-        wait_until(lambda: capture.stats.frames == 6 and capture.stats.kernel_packets == 6)
+        eventually_sync(
+            lambda: capture.stats.frames == 6 and capture.stats.kernel_packets == 6,
+            what="six frames read and six kernel packets counted",
+        )
     finally:
         capture.stop()
     assert fake.closed
@@ -217,7 +213,7 @@ def test_capture_thread_error_is_reported() -> None:
         SocketReader(cast(socket.socket, Broken())), lambda batch: None, on_error=errors.append
     )
     capture.start()
-    wait_until(lambda: not capture.running)
+    eventually_sync(lambda: not capture.running, what="the capture thread ended by its error")
     capture.stop()
     assert isinstance(capture.error, OSError)
     assert errors == [capture.error]

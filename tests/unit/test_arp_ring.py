@@ -6,7 +6,6 @@ from __future__ import annotations
 import mmap
 import socket
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
 
@@ -31,6 +30,7 @@ from services.arp_watcher.ring import (
     release_block,
 )
 from tests.lab.arp_frames import build_arp_frame
+from tests.waiting import eventually_sync
 
 MAC = bytes.fromhex("02000000000a")
 VIP = int(IPv4Address("192.0.2.10"))
@@ -198,9 +198,7 @@ def test_capture_thread_reads_blocks_in_order_and_returns_them() -> None:
             write_block(ring.buffer, block * BLOCK, [(garp(VIP + 10 + block), 10 + block, None)])
         claims = sink.wait_claims(8)
         ring.kernel = (9, 1)
-        deadline = time.monotonic() + 20
-        while capture.stats.kernel_packets < 9 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually_sync(lambda: capture.stats.kernel_packets >= 9, what="the kernel's counters read")
     finally:
         capture.stop()
     assert [c.captured_at for c in claims] == [0, 1, 2, 3, 10, 11, 12, 13]
@@ -232,9 +230,7 @@ def test_stop_wakes_the_thread_without_waiting_for_the_poll_interval() -> None:
     ring.poll_interval_s = 120.0  # a missed wake-up would leave the thread asleep past stop()'s join
     capture = CaptureThread(ring, Sink(), stats_interval_s=120.0)
     capture.start()
-    deadline = time.monotonic() + 20
-    while not capture.running and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually_sync(lambda: capture.running, what="the capture thread running")
     capture.stop(timeout_s=30)
     assert not capture.running
     assert ring.closed
