@@ -1,15 +1,18 @@
 """asyncpg connection pool, database creation, which database errors are the environment's rather than the
-message's, and the type of a connection that queries take."""
+message's, and the types of a connection that queries take and of a pool that lends them."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
-from typing import TypeAlias, overload
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeAlias, overload
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction
 from yarl import URL
 
 from shared.backoff import wait_until_available
@@ -21,7 +24,44 @@ log = logging.getLogger(__name__)
 Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 
-async def fetch_one(conn: Connection, query: str, *args: object) -> asyncpg.Record:
+class Queries(Protocol):
+    """The statements and transactions of a connection: what a unit of work, the outbox and a repository use.
+    An asyncpg connection is one; so is a test's connection that sees each statement before it runs."""
+
+    async def execute(self, query: str, *args: object) -> str: ...
+
+    async def executemany(self, command: str, args: Iterable[Sequence[object]]) -> None: ...
+
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]: ...
+
+    async def fetchrow(self, query: str, *args: object) -> asyncpg.Record | None: ...
+
+    # A value of any column type: the caller says which it expects where it uses it. `timeout` is asyncpg's
+    # own argument, for the callers that bound a statement (the outbox counting its backlog).
+    async def fetchval(
+        self,
+        query: str,
+        *args: object,
+        column: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any: ...
+
+    def transaction(self) -> Transaction: ...
+
+
+class Row(Protocol):
+    """A row read by column name: an asyncpg record, or a mapping a test builds."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+class ConnectionPool(Protocol):
+    """What lends connections: an asyncpg pool, or a test's pool that sees each statement."""
+
+    def acquire(self) -> AbstractAsyncContextManager[Queries]: ...
+
+
+async def fetch_one(conn: Queries, query: str, *args: object) -> asyncpg.Record:
     """The first row of a statement that always returns one (INSERT … RETURNING without a conflict clause, an
     aggregate, a row this transaction holds locked): its absence is a bug, said here rather than as a None."""
     row = await conn.fetchrow(query, *args)

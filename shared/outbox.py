@@ -22,13 +22,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
 
+import asyncpg
 import msgspec
 from prometheus_client import Counter, Gauge
 from tenacity import RetryCallState, RetryError
 
 from shared.backoff import failure_of, retrying_with_backoff
+from shared.db import ConnectionPool, Queries
 from shared.events import Envelope, encode
 from shared.messaging import Broker
 from shared.tasks import cancel
@@ -45,7 +46,7 @@ def outbox_rows(envs: Sequence[Envelope]) -> tuple[list[str], list[str]]:
     return [env.type for env in envs], [encode(env).decode() for env in envs]
 
 
-async def add_to_outbox(conn: Any, schema: str, envs: Sequence[Envelope]) -> None:
+async def add_to_outbox(conn: Queries, schema: str, envs: Sequence[Envelope]) -> None:
     """Write events inside the caller's transaction."""
     if envs:
         # One set-based statement for the batch, ids in the order of `envs` (the order they are published in).
@@ -99,7 +100,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        pool: Any,
+        pool: ConnectionPool,
         broker: Broker,
         schema: str,
         *,
@@ -232,7 +233,7 @@ class OutboxRelay:
         OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
         return len(rows)
 
-    async def _publish(self, rows: Sequence[Any]) -> None:
+    async def _publish(self, rows: Sequence[asyncpg.Record]) -> None:
         """All confirms in flight at once, in id order on the broker's one publishing channel. Every publish
         settles before this returns or raises, so a failed pass leaves none in flight when it is retried."""
         # The stored bytes go out as they are: they were encoded (and validated) when committed.
@@ -248,7 +249,7 @@ class OutboxRelay:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _show_backlog(self, conn: Any) -> None:
+    async def _show_backlog(self, conn: Queries) -> None:
         """After a failed publish: the gauge shows every row still waiting, if Postgres answers."""
         try:
             pending = await conn.fetchval(f"SELECT count(*) FROM {self._schema}.outbox", timeout=5.0)

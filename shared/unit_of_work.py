@@ -6,17 +6,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Generic, TypeVar
 
+from shared.db import Queries
 from shared.events import Envelope
 from shared.outbox import add_to_outbox
 
+# The caller's own connection type, kept: an asyncpg connection stays one for the caller's queries.
+ConnectionT = TypeVar("ConnectionT", bound=Queries)
 
-class UnitOfWork:
+
+class UnitOfWork(Generic[ConnectionT]):
     """The caller's writes on `conn`, inside the transaction; events queued with `publish` are written to the
     outbox by `flush`, at the latest just before the commit."""
 
-    def __init__(self, conn: Any, schema: str) -> None:
+    def __init__(self, conn: ConnectionT, schema: str) -> None:
         self.conn = conn
         self._schema = schema
         self._queued: list[Envelope] = []
@@ -38,8 +42,8 @@ class UnitOfWork:
 
 @asynccontextmanager
 async def unit_of_work(
-    conn: Any, schema: str, wake: Callable[[], None] | None = None
-) -> AsyncIterator[UnitOfWork]:
+    conn: ConnectionT, schema: str, wake: Callable[[], None] | None = None
+) -> AsyncIterator[UnitOfWork[ConnectionT]]:
     """A transaction on `conn`; `wake` (the relay's) is called after it committed, if it wrote any event."""
     async with conn.transaction():
         work = UnitOfWork(conn, schema)

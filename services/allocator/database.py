@@ -14,7 +14,6 @@ from typing import Literal
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from shared.db import Connection
 from shared.events import EventData, envelope
 from shared.outbox import OutboxRelay
 from shared.unit_of_work import UnitOfWork, unit_of_work
@@ -27,9 +26,9 @@ EIP_POOL = "pool"  # the key of the one EIP pool lock
 
 
 class Transaction:
-    def __init__(self, work: UnitOfWork) -> None:
+    def __init__(self, work: UnitOfWork[PoolConnectionProxy]) -> None:
         self._work = work
-        self.conn: Connection = work.conn
+        self.conn = work.conn
 
     def publish(self, event_type: str, data: EventData) -> None:
         """Queue an event; it is written to the outbox when the transaction commits."""

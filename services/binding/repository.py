@@ -9,6 +9,8 @@ from datetime import datetime
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
+import asyncpg
+
 from services.binding.domain import (
     Attachment,
     Binding,
@@ -22,6 +24,7 @@ from services.binding.domain import (
 )
 from services.binding.outgoing import binding_replayed, claim_rejected
 from services.binding.refusal_audit import RejectedClaim
+from shared.db import Queries, Row, fetch_one
 from shared.events import Envelope, ReplayRequested
 from shared.outbox import outbox_rows
 from shared.unit_of_work import UnitOfWork
@@ -201,7 +204,7 @@ _INSERT_REJECTED = """
     RETURNING claim_id"""
 
 
-async def load_book(conn: Any, policy: ConditionPolicy | None = None) -> BindingBook:
+async def load_book(conn: Queries, policy: ConditionPolicy | None = None) -> BindingBook:
     book = BindingBook(policy=policy or ConditionPolicy())
     instances = [
         Instance(r["id"], r["vpc_id"], r["subnet_id"], str(r["mac"]), _host(r["private_ip"]))
@@ -244,7 +247,7 @@ class BatchWritten:
     last_event_id: int | None  # the decisions' last outbox row: their events are out once the relay is past it
 
 
-async def write_batch(work: UnitOfWork, batch: BatchWrite) -> BatchWritten:
+async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWritten:
     """Write a batch in the caller's unit of work. The decisions' bindings, history rows and events go last, in
     one statement that stamps them (`_WRITE_DECISIONS`); the refusals' and replays' events are therefore
     published ahead of the decisions' of the same batch."""
@@ -275,7 +278,8 @@ async def write_batch(work: UnitOfWork, batch: BatchWrite) -> BatchWritten:
     moved = {t.havip_id for t in batch.transitions}
     moves = batch.transitions
     routing_keys, bodies = outbox_rows(batch.events)
-    row = await conn.fetchrow(
+    row = await fetch_one(
+        conn,
         _WRITE_DECISIONS,
         [b.havip_id for b in bindings],
         [b.address for b in bindings],
@@ -307,7 +311,7 @@ async def write_batch(work: UnitOfWork, batch: BatchWrite) -> BatchWritten:
 
 
 async def write_refusals(
-    work: UnitOfWork, rejected: Sequence[RejectedClaim], folded: dict[uuid.UUID, int]
+    work: UnitOfWork[Queries], rejected: Sequence[RejectedClaim], folded: dict[uuid.UUID, int]
 ) -> list[RejectedClaim]:
     """Audit rows and their events, and frames folded into rows already committed; returns the refusals that
     were new (a redelivered claim's refusal is already stored: neither stored nor published again)."""
@@ -357,7 +361,7 @@ def renewals_of(batch: BatchWrite) -> list[Renewal]:
     ]
 
 
-async def write_renewals(conn: Any, renewals: Sequence[Renewal]) -> None:
+async def write_renewals(conn: Queries, renewals: Sequence[Renewal]) -> None:
     await conn.execute(
         _REFRESH_BINDINGS,
         [r.havip_id for r in renewals],
@@ -389,10 +393,10 @@ _REPLAY_NEWEST = f"""{_REPLAY_COLUMNS}
     ORDER BY t.havip_id LIMIT $1"""
 
 
-async def replayed_transitions(conn: Any, request: ReplayRequested) -> list[Envelope]:
+async def replayed_transitions(conn: Queries, request: ReplayRequested) -> list[Envelope]:
     """The `havip.binding.replayed` events a replay request asks for, from the history (read in the caller's
     transaction): the same data as the `havip.binding.changed` each transition was first published with."""
-    rows: list[Any] = []
+    rows: list[asyncpg.Record] = []
     if request.ranges:
         rows += await conn.fetch(
             _REPLAY_RANGES,
@@ -406,7 +410,7 @@ async def replayed_transitions(conn: Any, request: ReplayRequested) -> list[Enve
     return [binding_replayed(transition_of_row(row), row["committed_at"]) for row in rows]
 
 
-def transition_of_row(row: Any) -> Transition:
+def transition_of_row(row: Row) -> Transition:
     """A history row (_REPLAY_COLUMNS) as the transition that wrote it: its event is built again from it."""
     previous = None
     if row["from_instance_id"] is not None and row["from_mac"] is not None:
@@ -427,9 +431,9 @@ def transition_of_row(row: Any) -> Transition:
     )
 
 
-async def delete_old_refusals(conn: Any, older_than_days: float, limit: int = 10_000) -> int:
+async def delete_old_refusals(conn: Queries, older_than_days: float, limit: int = 10_000) -> int:
     """Audit retention: remove refusals recorded more than `older_than_days` ago (at most `limit` a call)."""
-    result: str = await conn.execute(
+    result = await conn.execute(
         """DELETE FROM binding.rejected_claims WHERE id IN (
                SELECT id FROM binding.rejected_claims WHERE recorded_at < now() - make_interval(secs => $1)
                ORDER BY id LIMIT $2)""",

@@ -53,6 +53,7 @@ from services.binding.repository import (
     write_renewals,
 )
 from shared import events
+from shared.db import ConnectionPool
 from shared.messaging import Delivery
 from shared.unit_of_work import unit_of_work
 
@@ -91,7 +92,7 @@ class _Deferred:
 class BindingService:
     def __init__(
         self,
-        pool: Any,
+        pool: ConnectionPool,
         on_commit: Callable[[], None] = lambda: None,
         *,
         clock: Clock,

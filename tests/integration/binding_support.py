@@ -6,17 +6,21 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction
 
 from shared import events
 from shared.messaging import Delivery
 
 _VIP_HOSTS = itertools.count()
+
+T = TypeVar("T")
 
 
 class World:
@@ -74,7 +78,7 @@ def claims_event(*claims: events.ObservedClaim) -> events.Envelope:
     )
 
 
-async def binding_row(dsn: str, havip_id: uuid.UUID) -> Any:
+async def binding_row_if_any(dsn: str, havip_id: uuid.UUID) -> asyncpg.Record | None:
     conn = await asyncpg.connect(dsn)
     try:
         return await conn.fetchrow("SELECT * FROM binding.bindings WHERE havip_id = $1", havip_id)
@@ -82,7 +86,15 @@ async def binding_row(dsn: str, havip_id: uuid.UUID) -> Any:
         await conn.close()
 
 
-async def transitions(dsn: str, havip_id: uuid.UUID) -> list[Any]:
+async def binding_row(dsn: str, havip_id: uuid.UUID) -> asyncpg.Record:
+    """The HAVIP's binding row, which the test expects to exist."""
+    row = await binding_row_if_any(dsn, havip_id)
+    if row is None:
+        raise AssertionError(f"HAVIP {havip_id} has no row in binding.bindings")
+    return row
+
+
+async def transitions(dsn: str, havip_id: uuid.UUID) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:
         return list(
@@ -117,42 +129,58 @@ class FakeClock:
         self._monotonic_s += seconds
 
 
-STATEMENTS = ("execute", "executemany", "fetch", "fetchrow", "fetchval")
-
-
 class InterceptingPool:
     """The real pool, every statement the service runs on its connections seen by `before` and `after` (which a
     test overrides: to break a call at a chosen step, to read the database's clock after each)."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
     def before(self) -> None:
         """Called before each statement; raising fails it."""
 
-    async def after(self, conn: Any, sql: str) -> None:
+    async def after(self, conn: PoolConnectionProxy, sql: str) -> None:
         """Called after each statement, with the real connection."""
 
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[_InterceptedConnection]:
+    async def acquire(self) -> AsyncIterator[InterceptedConnection]:
         async with self._pool.acquire() as conn:
-            yield _InterceptedConnection(conn, self)
+            yield InterceptedConnection(conn, self)
 
 
-class _InterceptedConnection:
-    def __init__(self, conn: Any, pool: InterceptingPool) -> None:
+class InterceptedConnection:
+    """A pool connection whose statements `pool` sees: the ones the binding service runs (shared.db.Queries)."""
+
+    def __init__(self, conn: PoolConnectionProxy, pool: InterceptingPool) -> None:
         self._conn = conn
         self._pool = pool
 
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._conn, name)
-        if name not in STATEMENTS:
-            return attribute
+    async def _seen(self, sql: str, statement: Callable[[], Awaitable[T]]) -> T:
+        self._pool.before()
+        result = await statement()
+        await self._pool.after(self._conn, sql)
+        return result
 
-        async def call(sql: str, *args: Any, **kwargs: Any) -> Any:
-            self._pool.before()
-            result = await attribute(sql, *args, **kwargs)
-            await self._pool.after(self._conn, sql)
-            return result
+    async def execute(self, query: str, *args: object) -> str:
+        return await self._seen(query, lambda: self._conn.execute(query, *args))
 
-        return call
+    async def executemany(self, command: str, args: Iterable[Sequence[object]]) -> None:
+        await self._seen(command, lambda: self._conn.executemany(command, args))
+
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        return await self._seen(query, lambda: self._conn.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
+        return await self._seen(query, lambda: self._conn.fetchrow(query, *args))
+
+    async def fetchval(
+        self,
+        query: str,
+        *args: object,
+        column: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 - asyncpg's own argument, passed on
+    ) -> Any:
+        return await self._seen(query, lambda: self._conn.fetchval(query, *args, column=column, timeout=timeout))
+
+    def transaction(self) -> Transaction:
+        return self._conn.transaction()

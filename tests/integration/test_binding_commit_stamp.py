@@ -9,25 +9,27 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from ipaddress import IPv4Address
-from typing import Any
 
+import asyncpg
 import pytest
+from asyncpg.pool import PoolConnectionProxy
 
 from services.binding.clock import SystemClock
 from services.binding.repository import rfc3339_sql
 from services.binding.service import BindingService
 from shared import events
+from shared.db import fetch_one
 from tests.integration.binding_support import InterceptingPool, delivery
 
 
 class ClockedPool(InterceptingPool):
     """The real pool; the database's clock read after each of the service's statements."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         super().__init__(pool)
         self.after_each: list[tuple[str, datetime]] = []  # (statement, the database's clock once it returned)
 
-    async def after(self, conn: Any, sql: str) -> None:
+    async def after(self, conn: PoolConnectionProxy, sql: str) -> None:
         self.after_each.append((sql, await conn.fetchval("SELECT clock_timestamp()")))
 
 
@@ -42,7 +44,7 @@ def claim(address: IPv4Address, mac: str) -> events.Envelope:
 
 
 async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_and_one_value_everywhere(
-    pool: Any,
+    pool: asyncpg.Pool,
 ) -> None:
     vpc, subnet = uuid.uuid4(), uuid.uuid4()
     address = IPv4Address("198.51.100.40")
@@ -82,11 +84,11 @@ async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_
     )
 
     async with pool.acquire() as conn:
-        history = await conn.fetchrow(
-            "SELECT committed_at FROM binding.transitions WHERE havip_id = $1 AND sequence = 2", havip.id
+        history = await fetch_one(
+            conn, "SELECT committed_at FROM binding.transitions WHERE havip_id = $1 AND sequence = 2", havip.id
         )
-        bound = await conn.fetchrow(
-            "SELECT last_transition_at FROM binding.bindings WHERE havip_id = $1", havip.id
+        bound = await fetch_one(
+            conn, "SELECT last_transition_at FROM binding.bindings WHERE havip_id = $1", havip.id
         )
         outbox = await conn.fetch("SELECT id, routing_key, body, created_at FROM binding.outbox ORDER BY id")
     committed_at: datetime = history["committed_at"]
@@ -128,7 +130,7 @@ async def test_committed_at_is_the_databases_clock_in_the_batchs_last_statement_
     ],
 )
 async def test_the_statement_prints_committed_at_as_every_event_time_is_printed(
-    pool: Any, moment: datetime
+    pool: asyncpg.Pool, moment: datetime
 ) -> None:
     async with pool.acquire() as conn:
         printed = await conn.fetchval(f"SELECT {rfc3339_sql('$1::timestamptz')}", moment)

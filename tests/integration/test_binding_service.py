@@ -21,9 +21,10 @@ from services.binding.main import QUEUE, run
 from services.binding.repository import Renewal, delete_old_refusals, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
+from shared.db import fetch_one
 from shared.hops import BINDING_HOPS
 from shared.messaging import Broker, declare_topology
-from tests.integration.binding_support import World, binding_row, claims_event, transitions
+from tests.integration.binding_support import World, binding_row, binding_row_if_any, claims_event, transitions
 from tests.listener import EventLog, listening
 from tests.waiting import eventually
 
@@ -47,7 +48,7 @@ async def test_failover_moves_the_binding_persists_history_and_publishes(
     await publisher.publish(w.claim(w.cvm1.mac))
 
     async def bound_to(instance: events.InstanceData) -> bool:
-        row = await binding_row(binding.database_url, w.havip.id)
+        row = await binding_row_if_any(binding.database_url, w.havip.id)
         return row is not None and row["instance_id"] == instance.id
 
     await eventually(lambda: bound_to(w.cvm1), what="HAVIP bound to cvm1")
@@ -166,7 +167,7 @@ async def test_deregistered_holder_and_released_havip_end_with_release_rows(
         (2, "release", None),
         (3, "release", None),
     ]
-    assert await binding_row(binding.database_url, w.havip.id) is None
+    assert await binding_row_if_any(binding.database_url, w.havip.id) is None
 
 
 async def test_unprocessable_messages_are_dead_lettered_and_consuming_goes_on(
@@ -381,7 +382,7 @@ async def test_an_allocation_redelivered_after_the_release_changes_nothing(
     await publisher.publish(marker.claim(marker.cvm1.mac))
     await eventually(lambda: len(listener.of("havip.binding.changed", marker.havip.id)) == 1, what="marker")
     assert len(listener.of("havip.binding.changed", w.havip.id)) == 2
-    assert await binding_row(binding.database_url, w.havip.id) is None
+    assert await binding_row_if_any(binding.database_url, w.havip.id) is None
     conn = await asyncpg.connect(binding.database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM binding.havips WHERE id = $1", w.havip.id) == 0
@@ -545,8 +546,10 @@ async def test_a_flood_through_both_lanes_counts_every_frame_once_while_takeover
     async def audited() -> tuple[int, int]:
         conn = await asyncpg.connect(binding.database_url)
         try:
-            row = await conn.fetchrow(
-                "SELECT count(*), coalesce(sum(count), 0) FROM binding.rejected_claims WHERE mac = $1", spoofer
+            row = await fetch_one(
+                conn,
+                "SELECT count(*), coalesce(sum(count), 0) FROM binding.rejected_claims WHERE mac = $1",
+                spoofer,
             )
             return int(row[0]), int(row[1])
         finally:
@@ -603,10 +606,12 @@ async def test_a_renewal_write_never_waits_never_goes_back_and_never_touches_a_n
             seen,
         )
 
-        async def renew(instance: uuid.UUID, claim_ns: int, at: datetime) -> Any:
+        async def renew(instance: uuid.UUID, claim_ns: int, at: datetime) -> asyncpg.Record:
             await write_renewals(conn, [Renewal(havip, instance, claim_ns, at)])
-            return await conn.fetchrow(
-                "SELECT instance_id, last_claim_ns, last_seen_at FROM binding.bindings WHERE havip_id = $1", havip
+            return await fetch_one(
+                conn,
+                "SELECT instance_id, last_claim_ns, last_seen_at FROM binding.bindings WHERE havip_id = $1",
+                havip,
             )
 
         later = seen.replace(hour=1)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -34,7 +35,7 @@ class InjectedFailure(ConnectionError):
 class FaultyPool(InterceptingPool):
     """The real pool; the `fail_at`-th step (database call or decision, counted from `arm`) raises."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         super().__init__(pool)
         self.calls = 0
         self.fail_at = 0
@@ -69,7 +70,7 @@ steps = st.lists(
 # The inventory and two claims in one batch; the second decision fails after the first moved the binding.
 @example(story=[("claim", 0, 0), ("claim", 1, 0)], cuts=[7], fail_at=2)
 async def test_the_book_always_equals_the_database(
-    pool: Any, story: list[tuple[str, int, int]], cuts: list[int], fail_at: int
+    pool: asyncpg.Pool, story: list[tuple[str, int, int]], cuts: list[int], fail_at: int
 ) -> None:
     vpc, subnet = uuid.uuid4(), uuid.uuid4()
     instances = [
@@ -140,7 +141,7 @@ async def run_batches(
     faulty: FaultyPool,
     batches: list[Sequence[events.Envelope]],
     havips: list[events.HavipData],
-    pool: Any,
+    pool: asyncpg.Pool,
     fail_at: int,
 ) -> None:
     failed_once = False
@@ -160,7 +161,9 @@ async def run_batches(
         await assert_book_equals_database(service, pool, havips)
 
 
-async def assert_book_equals_database(service: BindingService, pool: Any, havips: list[events.HavipData]) -> None:
+async def assert_book_equals_database(
+    service: BindingService, pool: asyncpg.Pool, havips: list[events.HavipData]
+) -> None:
     await service.ensure_current()  # what the service decides its next batch with
     async with pool.acquire() as conn:
         stored = await load_book(conn)
@@ -190,7 +193,7 @@ async def assert_book_equals_database(service: BindingService, pool: Any, havips
 
 @pytest.mark.parametrize("fail_at", [1, 2])  # the audit rows' INSERT, their events' INSERT
 async def test_a_paced_refusal_whose_write_fails_waits_again_and_is_written_once_with_every_frame(
-    pool: Any, fail_at: int
+    pool: asyncpg.Pool, fail_at: int
 ) -> None:
     """Refusals over the audit pace wait in memory; released into a write that fails (at any of its
     statements), they wait again and are written once the database answers: no frame lost, none counted twice

@@ -10,7 +10,6 @@ import time
 import uuid
 from datetime import datetime
 from ipaddress import IPv4Address
-from typing import Any
 
 import asyncpg
 import pytest
@@ -32,7 +31,7 @@ def vpc_event(name: str) -> events.Envelope:
 
 
 async def test_events_committed_before_a_crash_are_published_in_commit_order_by_the_next_relay(
-    pool: Any, amqp_url: str
+    pool: asyncpg.Pool, amqp_url: str
 ) -> None:
     settings = CommonSettings(amqp_url=amqp_url)
     committed = [vpc_event(f"committed-{i}") for i in range(5)]
@@ -68,7 +67,7 @@ class Boom(Exception):
 
 
 async def test_a_unit_of_work_commits_its_events_in_order_and_wakes_the_relay_only_after_the_commit(
-    pool: Any, database_url: str
+    pool: asyncpg.Pool, database_url: str
 ) -> None:
     observer = await asyncpg.connect(database_url)
     wakes: list[None] = []
@@ -111,7 +110,9 @@ async def test_a_unit_of_work_commits_its_events_in_order_and_wakes_the_relay_on
         await observer.close()
 
 
-async def test_an_event_stays_in_the_outbox_until_the_broker_confirms_it(pool: Any, database_url: str) -> None:
+async def test_an_event_stays_in_the_outbox_until_the_broker_confirms_it(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
     # A broker that refuses the connection: nothing can be confirmed, so nothing may be deleted.
     unreachable = CommonSettings(amqp_url="amqp://guest:guest@127.0.0.1:1/", publish_timeout_s=0.5)
     broker = Broker(unreachable, "test-relay")
@@ -123,16 +124,16 @@ async def test_an_event_stays_in_the_outbox_until_the_broker_confirms_it(pool: A
     relay = OutboxRelay(pool, broker, "allocator")
     with pytest.raises(RuntimeError):
         await relay.relay_once()  # never connected: publishing fails
-    conn = await asyncpg.connect(database_url)
+    reader = await asyncpg.connect(database_url)
     try:
-        bodies = await conn.fetch("SELECT body FROM allocator.outbox")
+        bodies = await reader.fetch("SELECT body FROM allocator.outbox")
         assert [events.Envelope.model_validate_json(r["body"]).event_id for r in bodies] == [env.event_id]
-        await conn.execute("DELETE FROM allocator.outbox")
+        await reader.execute("DELETE FROM allocator.outbox")
     finally:
-        await conn.close()
+        await reader.close()
 
 
-async def test_the_backlog_gauge_counts_what_is_left_after_a_pass(pool: Any, amqp_url: str) -> None:
+async def test_the_backlog_gauge_counts_what_is_left_after_a_pass(pool: asyncpg.Pool, amqp_url: str) -> None:
     settings = CommonSettings(amqp_url=amqp_url)
     async with pool.acquire() as conn, conn.transaction():
         await add_to_outbox(conn, "allocator", [vpc_event(f"backlog-{i}") for i in range(3)])
@@ -175,7 +176,7 @@ class PausingBroker(Broker):
         await super().publish_encoded(event_type, body, event_id, occurred_at)
 
 
-async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str) -> None:
+async def test_stopping_lets_the_pass_under_way_finish(pool: asyncpg.Pool, amqp_url: str) -> None:
     """A relay stopped between publishing and deleting would publish the same events again at the next start."""
     settings = CommonSettings(amqp_url=amqp_url)
     batch = [vpc_event(f"stop-{i}") for i in range(3)]
@@ -197,7 +198,9 @@ async def test_stopping_lets_the_pass_under_way_finish(pool: Any, amqp_url: str)
     assert [e.event_id for e in log.received] == [env.event_id for env in batch]
 
 
-async def test_a_stopped_relay_publishes_what_was_committed_before_the_stop(pool: Any, amqp_url: str) -> None:
+async def test_a_stopped_relay_publishes_what_was_committed_before_the_stop(
+    pool: asyncpg.Pool, amqp_url: str
+) -> None:
     """A service stopped right after its last commits publishes them before it exits, not whichever process
     starts next: here the relay is never woken for them and would not poll for a minute."""
     settings = CommonSettings(amqp_url=amqp_url)
@@ -220,7 +223,7 @@ async def test_a_stopped_relay_publishes_what_was_committed_before_the_stop(pool
 
 
 async def test_stopping_while_the_broker_is_away_is_bounded_and_keeps_the_events(
-    pool: Any, amqp_url: str, db: Any
+    pool: asyncpg.Pool, amqp_url: str, db: asyncpg.Connection
 ) -> None:
     with CuttableProxy() as proxy:
         broker = Broker(CommonSettings(amqp_url=proxy.url(amqp_url), publish_timeout_s=1.0), "test-relay")
@@ -242,7 +245,7 @@ async def test_stopping_while_the_broker_is_away_is_bounded_and_keeps_the_events
             await broker.close()
 
 
-async def commit_each(pool: Any, envs: list[events.Envelope]) -> None:
+async def commit_each(pool: asyncpg.Pool, envs: list[events.Envelope]) -> None:
     """One transaction per event, as the services commit their changes."""
     async with pool.acquire() as conn:
         for env in envs:
@@ -258,16 +261,16 @@ def failures() -> float:
     return REGISTRY.get_sample_value("havip_outbox_publish_failures_total", {"service": "allocator"}) or 0.0
 
 
-async def outbox_rows(db: Any) -> int:
+async def outbox_rows(db: asyncpg.Connection) -> int:
     count: int = await db.fetchval("SELECT count(*) FROM allocator.outbox")
     return count
 
 
-async def outbox_empty(db: Any) -> bool:
+async def outbox_empty(db: asyncpg.Connection) -> bool:
     return await outbox_rows(db) == 0
 
 
-async def lock_holders(db: Any) -> list[asyncpg.Record]:
+async def lock_holders(db: asyncpg.Connection) -> list[asyncpg.Record]:
     """The sessions holding the allocator outbox's relay lock, with their transaction state. A bigint advisory
     key shows in pg_locks as classid (high 32 bits) and objid (low 32 bits), objsubid 1."""
     key = relay_lock_key("allocator")
@@ -283,7 +286,7 @@ async def lock_holders(db: Any) -> list[asyncpg.Record]:
     return rows
 
 
-async def lock_holders_gone(db: Any) -> bool:
+async def lock_holders_gone(db: asyncpg.Connection) -> bool:
     return await lock_holders(db) == []
 
 
@@ -297,7 +300,9 @@ async def all_arrived(broker: Broker, log: EventLog) -> list[str]:
     return ids[: ids.index(str(marker.event_id))]
 
 
-async def test_no_transaction_is_open_while_the_broker_is_waited_for(pool: Any, amqp_url: str, db: Any) -> None:
+async def test_no_transaction_is_open_while_the_broker_is_waited_for(
+    pool: asyncpg.Pool, amqp_url: str, db: asyncpg.Connection
+) -> None:
     settings = CommonSettings(amqp_url=amqp_url)
     env = vpc_event("held")
     await commit_each(pool, [env])
@@ -324,7 +329,7 @@ async def test_no_transaction_is_open_while_the_broker_is_waited_for(pool: Any, 
 
 
 async def test_a_second_relay_publishes_nothing_while_the_first_holds_the_schema(
-    pool: Any, amqp_url: str, db: Any
+    pool: asyncpg.Pool, amqp_url: str, db: asyncpg.Connection
 ) -> None:
     settings = CommonSettings(amqp_url=amqp_url)
     first_batch = [vpc_event(f"first-{i}") for i in range(3)]
@@ -354,7 +359,7 @@ async def test_a_second_relay_publishes_nothing_while_the_first_holds_the_schema
 
 
 async def test_two_relays_on_one_schema_publish_every_event_once_in_commit_order(
-    pool: Any, amqp_url: str, db: Any
+    pool: asyncpg.Pool, amqp_url: str, db: asyncpg.Connection
 ) -> None:
     """Two replicas, each waking its own relay after its own commits, small batches: many passes race for the
     schema's lock."""
@@ -384,7 +389,7 @@ async def test_two_relays_on_one_schema_publish_every_event_once_in_commit_order
 
 
 async def test_the_backlog_gauge_follows_the_outbox_while_the_broker_is_away(
-    pool: Any, amqp_url: str, db: Any
+    pool: asyncpg.Pool, amqp_url: str, db: asyncpg.Connection
 ) -> None:
     listener_settings = CommonSettings(amqp_url=amqp_url)
     first, second = [vpc_event(f"outage-{i}") for i in range(3)], [vpc_event(f"outage-{i}") for i in range(3, 7)]
@@ -416,7 +421,7 @@ async def test_the_backlog_gauge_follows_the_outbox_while_the_broker_is_away(
 
 
 async def test_a_relay_whose_session_ended_mid_pass_takes_the_lock_again_and_carries_on(
-    pool: Any, database_url: str, amqp_url: str, db: Any
+    pool: asyncpg.Pool, database_url: str, amqp_url: str, db: asyncpg.Connection
 ) -> None:
     """Postgres goes away (for the relay's pool only) while a pass publishes: the session's lock goes with it,
     the confirmed rows cannot be deleted and are published again (at least once), and once Postgres is back the
