@@ -114,3 +114,24 @@ def retrying_with_backoff(
         sleep=interruptible_sleep(stop),
         before_sleep=before_sleep,
     )
+
+
+async def at_once_then_retrying(work: Callable[[], Awaitable[T]], retrying: Callable[[], AsyncRetrying]) -> T:
+    """`work()` once; only if that fails, under `retrying()`, whose first attempt is that same failure — the
+    same retries, logs and counts as `retrying()(work)`. Tenacity's bookkeeping costs tens of microseconds a
+    call, which a hot path (a claim's publish, a batch's handling) then pays only when something went wrong."""
+    first: BaseException | None = None
+    try:
+        return await work()
+    except Exception as exc:
+        first = exc
+
+    async def again() -> T:
+        nonlocal first
+        if first is not None:
+            failed, first = first, None
+            raise failed
+        return await work()
+
+    result: T = await retrying()(again)
+    return result

@@ -26,10 +26,16 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 from aio_pika.exceptions import ChannelInvalidStateError
-from tenacity import RetryCallState, RetryError
+from tenacity import AsyncRetrying, RetryCallState, RetryError
 from yarl import URL
 
-from shared.backoff import WAIT_MAX_S, failure_of, retrying_with_backoff, wait_until_available
+from shared.backoff import (
+    WAIT_MAX_S,
+    at_once_then_retrying,
+    failure_of,
+    retrying_with_backoff,
+    wait_until_available,
+)
 from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
 from shared.settings import CommonSettings
 from shared.tasks import cancel
@@ -467,15 +473,17 @@ class BatchConsumer:
             delay = state.next_action.sleep if state.next_action is not None else 0.0
             log.error("handler failed; retrying in %.1f s", delay, exc_info=failure_of(state))
 
-        retrying = retrying_with_backoff(
-            retry=lambda exc: not isinstance(exc, InvalidEvent),
-            initial_s=0.1,
-            max_s=5.0,
-            before_sleep=tell,
-            stop_on=enough,
-        )
+        def retrying() -> AsyncRetrying:
+            return retrying_with_backoff(
+                retry=lambda exc: not isinstance(exc, InvalidEvent),
+                initial_s=0.1,
+                max_s=5.0,
+                before_sleep=tell,
+                stop_on=enough,
+            )
+
         try:
-            await retrying(handler, deliveries)
+            await at_once_then_retrying(lambda: handler(deliveries), retrying)
         except RetryError as gave_up:
             exc = gave_up.last_attempt.exception()
             raise InvalidEvent(f"handler failed {failures} times: {exc!r}") from exc

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
-from tenacity import RetryCallState
+from tenacity import AsyncRetrying, RetryCallState
 
-from shared.backoff import failure_of, retrying_with_backoff
+from shared.backoff import at_once_then_retrying, failure_of, retrying_with_backoff
 from shared.events import DEFAULT_SEGMENT
 from shared.hops import datetime_ns
 
@@ -271,20 +271,20 @@ class ClaimPublisher:
             )
 
         # The same event again, for as long as it takes: the robust connection comes back by itself.
-        retrying = retrying_with_backoff(
-            retry=lambda _exc: True,
-            initial_s=self._backoff_initial_s,
-            max_s=self._backoff_max_s,
-            before_sleep=tell,
-        )
+        def retrying() -> AsyncRetrying:
+            return retrying_with_backoff(
+                retry=lambda _exc: True,
+                initial_s=self._backoff_initial_s,
+                max_s=self._backoff_max_s,
+                before_sleep=tell,
+            )
+
         self.in_flight += len(claims)
-        await retrying(
-            self._broker.publish_encoded,
-            "arp.claims.observed",
-            event.body,
-            event.event_id,
-            event.occurred_at,
-            routine=routine,
+        await at_once_then_retrying(
+            lambda: self._broker.publish_encoded(
+                "arp.claims.observed", event.body, event.event_id, event.occurred_at, routine=routine
+            ),
+            retrying,
         )
         now = time.time_ns()
         observe = self._metrics.publish_latency.observe

@@ -1,13 +1,16 @@
-"""shared.backoff.wait_until_available: a dependency waited for as long as it takes, what is wrong said once."""
+"""shared.backoff: a dependency waited for as long as it takes, what is wrong said once; work under way tried at
+once and retried only after it failed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import pytest
+from tenacity import AsyncRetrying, RetryError
 
-from shared.backoff import wait_until_available
+from shared.backoff import at_once_then_retrying, failure_of, retrying_with_backoff, wait_until_available
 
 
 def describe(exc: BaseException) -> str:
@@ -88,3 +91,72 @@ async def test_a_stop_ends_the_wait_even_during_an_attempt(caplog: pytest.LogCap
     stop.set()
     assert await asyncio.wait_for(waiting, 10) is None
     assert [r.getMessage() for r in caplog.records] == ["stopped before X answered"]
+
+
+def counting_retrying(told: list[str], attempts: int = 5) -> Callable[[], AsyncRetrying]:
+    """retrying_with_backoff that records each failure it is told of and gives up after `attempts` tries."""
+
+    def retrying() -> AsyncRetrying:
+        told.append("made")
+        return retrying_with_backoff(
+            retry=lambda exc: isinstance(exc, OSError),
+            initial_s=0.001,
+            max_s=0.001,
+            before_sleep=lambda state: told.append(f"failed: {failure_of(state)}"),
+            stop_on=lambda state: state.attempt_number >= attempts,
+        )
+
+    return retrying
+
+
+async def test_work_that_succeeds_at_once_never_builds_the_retrying() -> None:
+    told: list[str] = []
+
+    async def work() -> str:
+        return "done"
+
+    assert await at_once_then_retrying(work, counting_retrying(told)) == "done"
+    assert told == []
+
+
+async def test_the_first_failure_is_the_retryings_first_attempt() -> None:
+    told: list[str] = []
+    outcomes: list[Exception | str] = [OSError("one"), OSError("two"), "done"]
+    calls = 0
+
+    async def work() -> str:
+        nonlocal calls
+        calls += 1
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert await at_once_then_retrying(work, counting_retrying(told)) == "done"
+    assert calls == 3  # no extra call: the failure outside the retrying counts as its first attempt
+    assert told == ["made", "failed: one", "failed: two"]
+
+
+async def test_a_failure_the_retrying_does_not_retry_is_raised_as_it_is() -> None:
+    told: list[str] = []
+
+    async def work() -> str:
+        raise ValueError("not retried")
+
+    with pytest.raises(ValueError, match="not retried"):
+        await at_once_then_retrying(work, counting_retrying(told))
+    assert told == ["made"]
+
+
+async def test_the_retrying_still_gives_up_after_its_attempts_counting_the_first() -> None:
+    told: list[str] = []
+    calls = 0
+
+    async def work() -> str:
+        nonlocal calls
+        calls += 1
+        raise OSError(f"attempt {calls}")
+
+    with pytest.raises(RetryError):
+        await at_once_then_retrying(work, counting_retrying(told, attempts=3))
+    assert calls == 3
