@@ -52,6 +52,19 @@ def test_everything_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.exchange == "t1.havip.events"
 
 
+def test_the_default_watcher_id_names_the_host_the_namespace_and_the_interface(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HAVIP_INTERFACE", "eth0")
+    assert WatcherSettings().watcher_id == f"{socket.gethostname()}/eth0"
+    monkeypatch.setenv("HAVIP_NETNS", "lab-a")
+    assert WatcherSettings().watcher_id == f"{socket.gethostname()}/lab-a/eth0"
+    monkeypatch.setenv("HAVIP_NETNS", "lab-b")  # another watcher of the host: another id
+    assert WatcherSettings().watcher_id == f"{socket.gethostname()}/lab-b/eth0"
+    monkeypatch.setenv("HAVIP_WATCHER_ID", "rack-1-left")
+    assert WatcherSettings().watcher_id == "rack-1-left"
+
+
 def test_empty_netns_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HAVIP_INTERFACE", "eth0")
     monkeypatch.setenv("HAVIP_NETNS", "")
