@@ -127,7 +127,9 @@ class WatcherHeartbeat(EventData):
         gt=0, le=MAX_HEARTBEAT_INTERVAL_S, description="seconds until the next heartbeat from this watcher"
     )
     started_at: datetime = Field(description="when this watcher process started")
-    sequence: int = Field(ge=1, description="heartbeats this process has sent, this one included")
+    sequence: int = Field(
+        ge=1, description="numbers this process's heartbeats from 1: one that could not be published leaves a gap"
+    )
     kernel_drops: int = Field(
         ge=0, description="frames the kernel dropped since the start (capture buffer full): claims maybe missed"
     )
