@@ -52,6 +52,7 @@ from services.binding.repository import (
     write_refusals,
     write_renewals,
 )
+from services.binding.watchers import WatcherBook
 from shared import events
 from shared.db import ConnectionPool
 from shared.messaging import Delivery
@@ -119,6 +120,9 @@ class BindingService:
         metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
         metrics.CONSUMING.set_function(lambda: self.deciding)
         metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
+        # The watchers' heartbeats: in memory only, never written (services/binding/watchers.py).
+        self.watchers = WatcherBook()
+        metrics.export_watchers(self._watchers_now)
 
     async def load(self) -> None:
         async with self._pool.acquire() as conn:
@@ -168,6 +172,12 @@ class BindingService:
             await asyncio.sleep(0)  # let a change of holder that arrived meanwhile take the lock
         if pending:
             await self._write_deferred(_Deferred.merged(pending))
+
+    def _watchers_now(self) -> metrics.WatchersNow:
+        if not self.deciding:  # heartbeats go to the deciding process: a standby's would be stale
+            return {}, ()
+        now_s = self._clock.monotonic_s()
+        return self.watchers.alive_by_segment(now_s), self.watchers.watchers(now_s)
 
     @property
     def refusals_waiting(self) -> int:
@@ -319,6 +329,17 @@ class BindingService:
         for observed in data.claims:
             self._decide_claim(observed, data, decisions)
 
+    def _on_heartbeat(self, data: events.WatcherHeartbeat, _decisions: _Decisions) -> None:
+        # Nothing to write: a batch of heartbeats only commits nothing (an empty BatchWrite).
+        heard = self.watchers.heard(data, self._clock.monotonic_s(), self._clock.wall_ns() / 1e9)
+        if heard == "shared_id":
+            log.warning(
+                "two watchers send heartbeats as %r on segment %r: give each its own HAVIP_WATCHER_ID",
+                data.watcher_id,
+                data.segment,
+                extra={"watcher_id": data.watcher_id, "segment": data.segment},
+            )
+
     def _on_subnet_created(self, data: events.SubnetData, decisions: _Decisions) -> None:
         attachment = Attachment(data.segment, data.vlan)
         if self.book.attachments.get(data.id) != attachment:
@@ -432,6 +453,7 @@ _Handler = Callable[[BindingService, Any, _Decisions], None]
 # Every routing key the service's queue is bound to, and what handles it.
 HANDLERS: dict[str, _Handler] = {
     events.CLAIMS_EVENT: BindingService._on_claims,
+    events.WATCHER_HEARTBEAT_EVENT: BindingService._on_heartbeat,
     "subnet.created": BindingService._on_subnet_created,
     "subnet.deleted": BindingService._on_subnet_deleted,
     "instance.registered": BindingService._on_instance_registered,
