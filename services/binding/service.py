@@ -117,12 +117,8 @@ class BindingService:
         # True from take_over to stand_by: while another process decides (this one waits as a standby) its book
         # is not the truth, and its per-HAVIP gauges would show stale holders beside the deciding process's.
         self.deciding = False
-        metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
-        metrics.CONSUMING.set_function(lambda: self.deciding)
-        metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
         # The watchers' heartbeats: in memory only, never written (services/binding/watchers.py).
         self.watchers = WatcherBook()
-        metrics.export_watchers(self._watchers_now)
 
     async def load(self) -> None:
         async with self._pool.acquire() as conn:
@@ -138,12 +134,23 @@ class BindingService:
         """Another process decides: what this book holds goes stale from now on; reloaded before deciding."""
         self.deciding = False
         self._book_stale = True
+        self._export_metrics()
 
     async def take_over(self) -> None:
         """This process decides from now on: its book is what is committed, not what it loaded earlier."""
         async with self._lock:
             await self.ensure_current()
         self.deciding = True
+        self._export_metrics()
+
+    def _export_metrics(self) -> None:
+        """The process's gauges read this service from now on — as it decides, or as a standby that says it does
+        not (0, no per-HAVIP gauges); a service that is neither, e.g. one a test builds beside another, leaves
+        them alone."""
+        metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
+        metrics.CONSUMING.set_function(lambda: self.deciding)
+        metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
+        metrics.export_watchers(self._watchers_now)
 
     async def ensure_current(self) -> None:
         """After a failure the book may hold decisions that were never committed: rebuild it from Postgres."""

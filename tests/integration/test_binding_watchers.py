@@ -53,7 +53,7 @@ async def test_a_batch_of_heartbeats_only_touches_no_database_and_the_count_foll
     pool: asyncpg.Pool,
 ) -> None:
     counting, clock = CountingPool(pool), FakeClock()
-    # Its gauges take the process's registry until the module's binding service (next test) takes it back.
+    # It never takes over: the process's gauges stay with the deciding service (the module's binding fixture).
     service = BindingService(counting, clock=clock)
     await service.load()
     counting.statements = 0
