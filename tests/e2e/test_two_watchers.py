@@ -1,7 +1,7 @@
 """Two ARP watchers on one segment (docs/contract.md#order, #reliability): two capture taps of the lab's bridge,
 each with a watcher process of its own id and metrics port, both publishing every gratuitous ARP of a keepalived
 pair's failovers. Each failover is one transition, whichever watcher's claim comes first; one watcher killed
-with SIGKILL in the middle of a series loses none while its twin runs."""
+with SIGKILL in the middle of a series loses none while its twin runs; a refused frame is one audit row."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def lab() -> Iterator[Lab]:
     with Lab(SUBNET) as lab:
         lab.add_host("cvm1", "203.0.113.11")
         lab.add_host("cvm2", "203.0.113.12")
+        lab.add_host("intruder", "203.0.113.66")
         lab.add_capture_port("tap1")
         lab.add_capture_port("tap2")
         yield lab
@@ -47,6 +48,19 @@ def system(
         system.start_watcher("twin", tap2, free_port(), watcher_id=WATCHERS["twin"])
         system.wait_ready(names=("twin",))
         yield system
+
+
+@pytest.fixture
+def both_watchers(system: System, lab: Lab) -> None:
+    """Both watchers running (a test before may have killed one)."""
+    for name in WATCHERS:
+        if system.services[name].process.poll() is not None:
+            if name == "arp_watcher":
+                system.start_service(name)
+            else:
+                tap2 = lab.capture_ports["tap2"].iface
+                system.start_watcher(name, tap2, system.watcher_ports[name], watcher_id=WATCHERS[name])
+    system.wait_ready(names=tuple(WATCHERS))
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +133,46 @@ def published(system: System, watcher: str) -> float:
     return system.metric("havip_watcher_claims_published_total", service=watcher)
 
 
+async def test_a_refused_frame_seen_by_both_watchers_is_one_audit_row(
+    system: System, lab: Lab, inventory: dict[str, Any], database_url: str, both_watchers: None
+) -> None:
+    with system.api() as api:
+        havip = ok(api.post("/havips", json={"subnet_id": inventory["subnet"]["id"], "name": "spoofed"}))
+    refused_before = claims(system, "rejected")
+
+    lab.hosts["intruder"].arping(havip["address"], count=1)
+
+    await eventually(
+        lambda: claims(system, "rejected") >= refused_before + 2, what="both watchers' claims of the frame refused"
+    )
+
+    async def audit() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await conn.fetch(
+                "SELECT mac::text, reason, watcher_id, count FROM binding.rejected_claims WHERE havip_id = $1",
+                uuid.UUID(havip["id"]),
+            )
+        finally:
+            await conn.close()
+
+    async def both_counted() -> bool:
+        return sum(int(r["count"]) for r in await audit()) >= 2
+
+    await eventually(both_counted, what="the refused frame audited")
+    [row] = await audit()
+    assert (row["mac"], row["reason"], row["count"]) == (lab.hosts["intruder"].mac, "unknown_mac", 2)
+    assert row["watcher_id"] in WATCHERS.values()
+
+
 async def test_two_watchers_decide_each_failover_once_and_one_killed_loses_none(
-    system: System, lab: Lab, inventory: dict[str, Any], database_url: str
+    system: System, lab: Lab, inventory: dict[str, Any], database_url: str, both_watchers: None
 ) -> None:
     ids = {name: inventory["instances"][name]["id"] for name in ("cvm1", "cvm2")}
     with system.api() as api:
         havip = ok(api.post("/havips", json={"subnet_id": inventory["subnet"]["id"], "name": "twin-watched"}))
     pair = Pair(lab, havip["address"])
+    refused_before = claims(system, "rejected")
     holders: list[str] = []  # the holder after each change on the wire, in order
 
     async def fail_over(to: str) -> None:
@@ -195,4 +242,4 @@ async def test_two_watchers_decide_each_failover_once_and_one_killed_loses_none(
     # After the kill, the twin alone decided every failover.
     assert {r["watcher_id"] for r in rows[both + 1 :]} == {WATCHERS[survivor]}
     # Nothing refused, by either watcher's claims.
-    assert claims(system, "rejected") == 0
+    assert claims(system, "rejected") == refused_before
