@@ -1,7 +1,7 @@
-"""Two ARP watchers on one segment (docs/contract.md#order, #reliability): two capture taps of the lab's bridge,
-each with a watcher process of its own id and metrics port, both publishing every gratuitous ARP of a keepalived
-pair's failovers. Each failover is one transition, whichever watcher's claim comes first; one watcher killed
-with SIGKILL in the middle of a series loses none while its twin runs; a refused frame is one audit row."""
+"""R7, two ARP watchers on one segment (docs/contract.md#order, #reliability): two capture taps of the lab's
+bridge, each with a watcher process of its own id and metrics port, both publishing every gratuitous ARP of a
+keepalived pair's failovers. Each failover is one transition, whichever watcher's claim comes first; one watcher
+killed with SIGKILL in the middle of a series loses none while its twin runs; a refused frame is one audit row."""
 
 from __future__ import annotations
 
