@@ -98,7 +98,7 @@ def test_the_watcher_holds_net_raw_alone_on_the_host_network(stack: ComposeStack
 
 
 def test_the_services_run_as_the_images_unprivileged_user(stack: ComposeStack) -> None:
-    for service in ("allocator", "binding"):
+    for service in ("allocator", "allocator-2", "binding"):
         assert stack.exec(service, "id", "-u").strip() == "10001", service
         status = dict(
             line.split(":\t", 1) for line in stack.exec(service, "cat", "/proc/self/status").splitlines()
@@ -171,14 +171,22 @@ def prometheus_query(stack: ComposeStack, query: str) -> list[dict[str, Any]]:
 async def test_prometheus_scrapes_the_three_services_including_the_watcher_on_the_host(
     stack: ComposeStack,
 ) -> None:
-    def targets_up() -> dict[str, str]:
+    def targets_up() -> dict[tuple[str, str], str]:
         try:
-            return {series["metric"]["job"]: series["value"][1] for series in prometheus_query(stack, "up")}
+            return {
+                (series["metric"]["job"], series["metric"]["instance"].rsplit(":", 1)[0]): series["value"][1]
+                for series in prometheus_query(stack, "up")
+            }
         except httpx.HTTPError:
             return {}
 
     async def all_up() -> bool:
-        return targets_up() == {"allocator": "1", "binding": "1", "arp_watcher": "1"}
+        return targets_up() == {
+            ("allocator", "allocator"): "1",
+            ("allocator", "allocator-2"): "1",
+            ("binding", "binding"): "1",
+            ("arp_watcher", "host.docker.internal"): "1",
+        }
 
     try:
         await eventually(all_up, timeout=60, interval=0.5, what="every target up in the Prometheus container")
