@@ -207,40 +207,56 @@ async def test_one_key_with_two_bodies_at_once_allocates_for_one_and_refuses_the
 async def test_allocations_racing_for_the_last_quota_never_exceed_it(
     clients: tuple[httpx.AsyncClient, httpx.AsyncClient], db: Database
 ) -> None:
-    # Several rounds, each a VPC of its own whose subnets all race at once: the subnets' locks do not serialise
-    # them, only the quota's.
-    for round_ in range(3):
-        vpc, first = await vpc_and_subnet(clients[0], f"10.{20 + round_}.0.0/16", f"10.{20 + round_}.1.0/24")
-        subnets = [first["id"]]
-        for n in range(2, 7):
-            subnet = ok(
-                await clients[n % 2].post(
-                    "/v1/subnets",
-                    json={"vpc_id": vpc["id"], "name": f"sn{n}", "cidr": f"10.{20 + round_}.{n}.0/24"},
-                ),
-                201,
-            )
-            subnets.append(subnet["id"])
-        ok(await clients[0].post("/v1/havips", json={"subnet_id": first["id"]}), 201)  # one of the quota taken
-        requests = 4 * len(subnets)
-        answers = await asyncio.gather(
-            *(
-                c.post("/v1/havips", json={"subnet_id": subnets[i % len(subnets)]})
-                for i, c in enumerate(alternating(clients, requests))
-            )
+    # A VPC whose subnets all allocate at once, from both replicas: the subnets' locks do not serialise them,
+    # only the quota's. So that they meet at the quota together rather than one after the other, the test
+    # holds the subnets' free ranges locked until every request waits on a lock in Postgres (the first of each
+    # subnet on the ranges, inside its INSERT; the others on their subnet's lock), then lets them all go.
+    vpc, first = await vpc_and_subnet(clients[0], "10.20.0.0/16", "10.20.1.0/24")
+    subnets = [first["id"]]
+    for n in range(2, 8):
+        subnet = ok(
+            await clients[n % 2].post(
+                "/v1/subnets", json={"vpc_id": vpc["id"], "name": f"sn{n}", "cidr": f"10.20.{n}.0/24"}
+            ),
+            201,
         )
-        statuses = Counter(a.status_code for a in answers)
-        assert statuses == {201: QUOTA - 1, 403: requests - (QUOTA - 1)}, [a.text for a in answers]
-        for answer in answers:
-            if answer.status_code == 403:
-                error(answer, 403, "QUOTA_EXCEEDED")
-        async with db.connection() as conn:
-            rows = await conn.fetch("SELECT subnet_id, address FROM allocator.havips WHERE vpc_id = $1", vpc["id"])
-            counted = await conn.fetchval(
-                "SELECT sum(havips) FROM allocator.subnet_havip_counts WHERE vpc_id = $1", vpc["id"]
+        subnets.append(subnet["id"])
+    ok(await clients[0].post("/v1/havips", json={"subnet_id": first["id"]}), 201)  # one of the quota taken
+    requests = 2 * len(subnets)  # within each replica's pool, beside its relay's and consumer's connections
+    async with db.connection() as holder, holder.transaction():
+        await holder.execute(
+            "SELECT 1 FROM allocator.free_ranges WHERE subnet_id = ANY($1::uuid[]) FOR UPDATE",
+            [uuid.UUID(s) for s in subnets],
+        )
+        racing = [
+            asyncio.ensure_future(c.post("/v1/havips", json={"subnet_id": subnets[i % len(subnets)]}))
+            for i, c in enumerate(alternating(clients, requests))
+        ]
+
+        async def all_waiting() -> bool:
+            # The subnets' lock waits are in this database; the waits on the ranges, on this transaction.
+            waiting = await holder.fetchval(
+                """SELECT count(*) FROM pg_locks l
+                   WHERE NOT l.granted
+                     AND (l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                          OR pg_backend_pid() = ANY(pg_blocking_pids(l.pid)))"""
             )
-        assert len(rows) == QUOTA == counted
-        assert len({(r["subnet_id"], r["address"]) for r in rows}) == QUOTA
+            return bool(waiting == requests)
+
+        await eventually(all_waiting, timeout=30, interval=0.05, what="every allocation waiting on a lock")
+    answers = await asyncio.gather(*racing)
+    statuses = Counter(a.status_code for a in answers)
+    assert statuses == {201: QUOTA - 1, 403: requests - (QUOTA - 1)}, [a.text for a in answers]
+    for answer in answers:
+        if answer.status_code == 403:
+            error(answer, 403, "QUOTA_EXCEEDED")
+    async with db.connection() as conn:
+        rows = await conn.fetch("SELECT subnet_id, address FROM allocator.havips WHERE vpc_id = $1", vpc["id"])
+        counted = await conn.fetchval(
+            "SELECT sum(havips) FROM allocator.subnet_havip_counts WHERE vpc_id = $1", vpc["id"]
+        )
+    assert len(rows) == QUOTA == counted
+    assert len({(r["subnet_id"], r["address"]) for r in rows}) == QUOTA
 
 
 async def test_allocations_racing_for_the_last_free_addresses_take_each_once(
