@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 QUOTA = 5
 START_DEADLINE_S = 60.0
 VIEW_DEADLINE_S = 60.0
+SAME_KEY_REQUESTS = 6
 
 
 @dataclass(frozen=True)
@@ -163,14 +164,34 @@ async def test_one_idempotency_key_sent_to_both_replicas_at_once_allocates_one_h
     for attempt in range(QUOTA):
         key = f"replicas-{attempt}-{uuid.uuid4().hex}"
         body = {"subnet_id": subnet["id"], "name": f"vip-{attempt}"}
-        answers = await asyncio.gather(
-            *(c.post("/v1/havips", json=body, headers={"Idempotency-Key": key}) for c in alternating(clients, 6))
-        )
+        # Every request in Postgres at once: the test holds the subnet's lock (the allocator's name for it), so
+        # the request that claims the key waits there, and the five others wait on the key it claimed; then
+        # the lock goes, and the first commits.
+        async with db.connection() as holder:
+            subnet_lock = f"allocator.subnet.{subnet['id']}"
+            await holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", subnet_lock)
+            racing = [
+                asyncio.ensure_future(c.post("/v1/havips", json=body, headers={"Idempotency-Key": key}))
+                for c in alternating(clients, SAME_KEY_REQUESTS)
+            ]
+
+            async def all_waiting() -> bool:
+                waiting = await holder.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+                )
+                return bool(waiting == SAME_KEY_REQUESTS)
+
+            try:
+                await eventually(all_waiting, timeout=30, interval=0.05, what="every request waiting on a lock")
+            finally:
+                await holder.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", subnet_lock)
+        answers = await asyncio.gather(*racing)
         havips = [ok(answer, 201) for answer in answers]
         assert {h["id"] for h in havips} == {havips[0]["id"]}, havips
         assert all(h == havips[0] for h in havips)  # the same answer, whichever replica gave it
         replayed = [answer.headers.get("Idempotent-Replayed") for answer in answers]
-        assert Counter(replayed) == {None: 1, "true": 5}, replayed
+        assert Counter(replayed) == {None: 1, "true": SAME_KEY_REQUESTS - 1}, replayed
     async with db.connection() as conn:
         in_subnet = await conn.fetchval("SELECT count(*) FROM allocator.havips WHERE subnet_id = $1", subnet["id"])
     assert in_subnet == QUOTA
