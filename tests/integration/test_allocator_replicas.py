@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import subprocess
 import sys
 import uuid
@@ -38,6 +37,7 @@ from shared.advisory_lock import holding_advisory_lock, one_at_a_time
 from shared.db import create_pool
 from tests import service_logs
 from tests.integration.allocator_support import AUTH, TOKEN, BindingStandIn, Json, error, ok, random_mac
+from tests.lab.proc import terminate_group
 from tests.metrics_text import samples
 from tests.ports import free_port
 from tests.waiting import eventually, eventually_sync
@@ -56,17 +56,6 @@ class Replica:
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, headers=AUTH, timeout=30.0)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +109,7 @@ def replicas(
         yield started[0], started[1]
     finally:
         for proc in procs:
-            _stop(proc)
+            terminate_group(proc, timeout=15)
         for log_path in logs.iterdir():
             service_logs.forget(log_path)
 
