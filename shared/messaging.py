@@ -23,6 +23,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.connection import make_url
@@ -393,9 +394,13 @@ class BatchConsumer:
         self._idle = asyncio.Event()
         self._stopping = False
         self.dead_lettered = 0
+        self._channel_open = True
 
     async def start(self) -> None:
-        self._queue.channel.close_callbacks.add(self._channel_closed)
+        channel = self._queue.channel
+        channel.close_callbacks.add(self._channel_closed)
+        if isinstance(channel, AbstractRobustChannel):  # reopened (and the consumer registered again) on reconnect
+            channel.reopen_callbacks.add(self._channel_reopened)
         await self._queue.consume(self._on_message)
         name = f"consume {self._queue.name}"
         self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))
@@ -403,9 +408,14 @@ class BatchConsumer:
             lane = self._run(self._routine, self._routine_batch, self._routine_handler)
             self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
 
+    def _channel_reopened(self, *_args: object) -> None:
+        self._channel_open = True
+
     def _channel_closed(self, *_args: object) -> None:
-        if self._stopping:
+        # Told once per loss: the robust connection's failed attempts to reopen the channel call this again.
+        if self._stopping or not self._channel_open:
             return
+        self._channel_open = False
         # What arrived on that channel and waits here can no longer be acknowledged: RabbitMQ delivers it again,
         # to whichever consumer is active then.
         for inbox in (self._inbox, self._routine):
