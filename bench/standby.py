@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,7 +45,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from bench.common import machine, sandbox, say
+from bench.common import die_with_parent, machine, sandbox, say
 from bench.hops import round_trip
 from shared import events
 from shared.messaging import Broker
@@ -85,6 +86,7 @@ class BindingProcess:
                 [sys.executable, "-m", "services.binding"],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped by group, never by name
+                preexec_fn=die_with_parent,
             )  # fmt: skip
         return cls(name, process, port, log_path)
 
@@ -173,8 +175,8 @@ async def committed_to(conn: asyncpg.Connection, havip: events.HavipData, server
 
 async def run(n: int, rounds: int) -> dict[str, object]:
     envs, (cvm1, cvm2), havips = inventory(n)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-standby-"))  # the processes' logs: kept if the run fails
     async with sandbox("standby") as box, bindings() as started:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-standby-"))
         publisher = Broker(CommonSettings(amqp_url=box.amqp_url), "bench")
         await publisher.connect()
         conn = await asyncpg.connect(box.database_url)
@@ -247,6 +249,7 @@ async def run(n: int, rounds: int) -> dict[str, object]:
         finally:
             await conn.close()
             await publisher.close()
+    shutil.rmtree(workdir)
     return {
         "n": n,
         "rounds": rounds,
