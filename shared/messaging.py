@@ -298,8 +298,8 @@ class Broker:
         the queue is a quorum queue with a single active consumer (declare_consumer_queue): every process of the
         service registers, RabbitMQ delivers to one of them, and to a waiting one once that one's channel is
         gone — a consumer learns it is the active one from its first delivery. `on_channel_closed` is called
-        each time the consumer's channel closes (the robust connection reopens it and registers the consumer
-        again, waiting behind whichever took over meanwhile)."""
+        once each time the consumer's channel is lost (the robust connection reopens it and registers the
+        consumer again, waiting behind whichever took over meanwhile)."""
         name = self.settings.queue(queue)
         away = False
 

@@ -38,8 +38,8 @@ from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 60.0
-# What the test demands of a takeover after a connection drop; the figure printed is what it took (about 0.2 s
-# on an idle machine: RabbitMQ switches the active consumer when it sees the socket close).
+# What the test demands of a takeover after a connection drop; the figure printed is what it took (about 0.1 s
+# on the reference machine: RabbitMQ switches the active consumer when it sees the socket close).
 TAKEOVER_BOUND_S = 5.0
 
 
