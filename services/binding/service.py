@@ -45,6 +45,7 @@ from services.binding.repository import (
     SCHEMA,
     BatchWrite,
     Renewal,
+    WriteConflict,
     delete_old_refusals,
     load_book,
     renewals_of,
@@ -58,6 +59,10 @@ from shared.messaging import Delivery
 from shared.unit_of_work import unit_of_work
 
 log = logging.getLogger(__name__)
+
+# A batch whose write conflicts (another process committed for one of its HAVIPs meanwhile) is decided again from
+# what is committed, at most this many times in all; then it fails as a transient error and the consumer retries.
+MAX_DECISION_ATTEMPTS = 5
 
 
 @dataclass(slots=True)
@@ -208,7 +213,40 @@ class BindingService:
     ) -> _Deferred | None:
         """Decide, and commit what changed; if `defer` and the batch's writes commute (BatchWrite.commutes),
         return what to write instead of writing it. With `release`, audit rows waiting for the pacer that it
-        lets go are written too — never in a batch of claims, so that a takeover's transaction carries none."""
+        lets go are written too — never in a batch of claims, so that a takeover's transaction carries none.
+
+        A write that conflicts — another process committed for one of the batch's HAVIPs since this book was
+        loaded — is rolled back; the book is loaded again and the same batch decided again against it, so that
+        each claim is decided against what is committed (nothing dead-lettered, nothing published twice)."""
+        conflicting: set[uuid.UUID] = set()
+        try:
+            for attempt in range(1, MAX_DECISION_ATTEMPTS + 1):
+                try:
+                    return await self._decide_and_commit_once(
+                        deliveries, tick_ns=tick_ns, defer=defer, release=release
+                    )
+                except WriteConflict as conflict:
+                    metrics.WRITE_CONFLICTS.inc(len(conflict.havip_ids))
+                    conflicting.update(conflict.havip_ids)
+                    if attempt == MAX_DECISION_ATTEMPTS:
+                        raise
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        finally:
+            if conflicting:
+                log.warning(
+                    "another process wrote bindings this batch had decided; reloaded the committed state and "
+                    "decided the batch again",
+                    extra={"havips": len(conflicting), "example_havip": str(min(conflicting))},
+                )
+
+    async def _decide_and_commit_once(
+        self,
+        deliveries: Sequence[Delivery],
+        *,
+        tick_ns: int | None,
+        defer: bool,
+        release: bool,
+    ) -> _Deferred | None:
         await self.ensure_current()
         decisions = _Decisions(len(deliveries))
         batch = decisions.batch
@@ -245,6 +283,9 @@ class BindingService:
                 async with unit_of_work(conn, SCHEMA, self._on_commit) as work:
                     written = await write_batch(work, batch)
                 returned_ns = self._clock.wall_ns()  # COMMIT returned; the pool's reset on release is a round trip
+        except WriteConflict:
+            self._failed([audit])  # rolled back: the book is loaded again before the batch is decided again
+            raise
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
             # message at fault instead of blocking the queue behind it.
@@ -346,15 +387,17 @@ class BindingService:
         if put == "released":
             return
         if put == "new":
-            batch.touch(self.book.bindings[havip.id])
+            batch.create(self.book.bindings[havip.id])
         batch.put_havip(havip)
         released = self.book.release_unless_candidate(havip.id)
         if released is not None:
             self._record_transition(released, batch)
 
     def _on_havip_released(self, data: events.HavipData, decisions: _Decisions) -> None:
+        if data.id in self.book.released:
+            return  # a redelivery: the release is committed (or in this batch already)
         final = self.book.remove_havip(data.id)
-        decisions.batch.remove_havip(data.id)
+        decisions.batch.remove_havip(data.id, data.address, bound=final is not None)
         if final is not None:
             self._record_transition(final, decisions.batch)
 
@@ -411,13 +454,13 @@ class BindingService:
         if binding is not None:
             batch.touch(binding)
         batch.transitions.append(transition)
-        batch.events.append(binding_changed(transition))  # its committed_at is stamped as it is written
+        batch.publish(binding_changed(transition), transition.havip_id)  # committed_at stamped as it is written
 
     def _record_edge(self, edge: ConditionEdge, batch: BatchWrite) -> None:
         binding = self.book.bindings.get(edge.havip_id)
         if binding is not None:
             batch.touch(binding)
-        batch.events.append(condition_edge(edge))
+        batch.publish(condition_edge(edge), edge.havip_id)
 
     def _stamp_transitions(self, batch: BatchWrite, committed_at: datetime) -> None:
         """The book's bindings take the committed stamp of their transitions (repository._WRITE_DECISIONS)."""
