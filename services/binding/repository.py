@@ -173,14 +173,23 @@ _DELETE_HAVIP = """
 # instance still holds the HAVIP. Rows another transaction has locked are skipped, not waited for: every such
 # transaction was decided after these refreshes, from a book that already held them, and writes their times
 # itself — so a refresh write never waits and never deadlocks, and may run outside the decision lock.
+# A refresh that finds another holder committed with an older claim than its own was decided from a book that
+# missed another process's change: the statement returns those HAVIPs (the claim must be decided again — it may
+# move the binding back), and the caller treats them as a conflict.
 _REFRESH_BINDINGS = """
-    UPDATE binding.bindings AS b SET last_claim_ns = GREATEST(b.last_claim_ns, r.last_claim_ns),
-        last_seen_at = GREATEST(b.last_seen_at, r.last_seen_at)
-    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[])
-        AS r(havip_id, instance_id, last_claim_ns, last_seen_at)
-    WHERE b.havip_id = r.havip_id AND b.instance_id = r.instance_id
-        AND b.havip_id = ANY(ARRAY(SELECT havip_id FROM binding.bindings WHERE havip_id = ANY($1::uuid[])
-                                   FOR UPDATE SKIP LOCKED))"""
+    WITH r AS (
+        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[])
+            AS r(havip_id, instance_id, last_claim_ns, last_seen_at)),
+    held AS (
+        SELECT havip_id, instance_id, last_claim_ns FROM binding.bindings WHERE havip_id = ANY($1::uuid[])
+        FOR UPDATE SKIP LOCKED),
+    renewed AS (
+        UPDATE binding.bindings AS b SET last_claim_ns = GREATEST(b.last_claim_ns, r.last_claim_ns),
+            last_seen_at = GREATEST(b.last_seen_at, r.last_seen_at)
+        FROM r WHERE b.havip_id = r.havip_id AND b.instance_id = r.instance_id
+            AND b.havip_id IN (SELECT havip_id FROM held))
+    SELECT r.havip_id FROM r JOIN held AS h ON h.havip_id = r.havip_id
+    WHERE h.instance_id IS DISTINCT FROM r.instance_id AND h.last_claim_ns < r.last_claim_ns"""
 # A transition's `committed_at`, and its binding's `last_transition_at`: the database's clock when the batch's
 # last statement starts (clock_timestamp(); now() would be the transaction's start) — this statement, which writes
 # the decisions' bindings, history rows and events together, after everything else of the batch. Only the COMMIT
@@ -453,13 +462,17 @@ def renewals_of(batch: BatchWrite) -> list[Renewal]:
 
 
 async def write_renewals(conn: Queries, renewals: Sequence[Renewal]) -> None:
-    await conn.execute(
+    """Raises WriteConflict (the caller's transaction still open) if a renewal found another holder committed
+    with an older claim."""
+    overridden = await conn.fetch(
         _REFRESH_BINDINGS,
         [r.havip_id for r in renewals],
         [r.instance_id for r in renewals],
         [r.last_claim_ns for r in renewals],
         [r.last_seen_at for r in renewals],
     )
+    if overridden:
+        raise WriteConflict([row["havip_id"] for row in overridden])
 
 
 # At most this many transitions go out for one replay request: a reader asks again for what is still missing.

@@ -83,6 +83,7 @@ class _Deferred:
     renewals: list[Renewal]
     audits: list[AuditWrite]
     claim_ids: set[uuid.UUID]
+    deliveries: tuple[Delivery, ...]  # decided again if the write conflicts
 
     @staticmethod
     def merged(parts: Sequence[_Deferred]) -> _Deferred:
@@ -91,6 +92,7 @@ class _Deferred:
             list(renewals.values()),
             [audit for p in parts for audit in p.audits],
             set().union(*(p.claim_ids for p in parts)),
+            tuple(d for p in parts for d in p.deliveries),
         )
 
 
@@ -272,7 +274,7 @@ class BindingService:
             self._audit.forget_windows(tick_ns)
         if defer and batch.commutes():
             self._observe(decisions, edges, new_rejections=())
-            return _Deferred(renewals_of(batch), [audit], set(batch.claim_ids))
+            return _Deferred(renewals_of(batch), [audit], set(batch.claim_ids), tuple(deliveries))
         if not batch:  # nothing to write: what was decided holds as it is
             self._audit.committed(audit)
             self._recent_claims.remember(batch.claim_ids)
@@ -313,6 +315,18 @@ class BindingService:
                 if deferred.renewals:
                     await write_renewals(conn, deferred.renewals)
                 new_rejections = await write_refusals(work, rows, folded)
+        except WriteConflict as conflict:
+            # A refresh decided from a book that missed another process's change of holder: rolled back, and
+            # its claims decided again (under the lock) from what is committed.
+            self._failed(deferred.audits)
+            metrics.WRITE_CONFLICTS.inc(len(conflict.havip_ids))
+            log.warning(
+                "another process changed holders this batch had refreshed; deciding its claims again",
+                extra={"havips": len(conflict.havip_ids), "example_havip": str(min(conflict.havip_ids))},
+            )
+            async with self._lock:
+                await self._decide_and_commit(deferred.deliveries)
+            return
         except BaseException:
             self._failed(deferred.audits)
             raise
