@@ -57,6 +57,10 @@ class BatchWrite:
     # HAVIPs the book held no binding row for when the batch was decided (new, or released before this process
     # knew them): their rows are created first (`_CREATE_BINDINGS`), then written like any other.
     fresh: dict[uuid.UUID, IPv4Address] = field(default_factory=dict)
+    # Instances deregistered and HAVIPs given candidates: once the inventory is written, no binding the batch does
+    # not write may be held by an instance gone or no longer a candidate (`_UNRELEASED`).
+    holders_checked: set[uuid.UUID] = field(default_factory=set)
+    havips_checked: set[uuid.UUID] = field(default_factory=set)
     claim_ids: set[uuid.UUID] = field(default_factory=set)  # claims decided in this batch
     # Readers' requests to publish transitions again (havip.binding.replay_requested).
     replays: list[ReplayRequested] = field(default_factory=list)
@@ -66,6 +70,7 @@ class BatchWrite:
 
     def remove_instance(self, instance_id: uuid.UUID) -> None:
         self.inventory.append((_DELETE_INSTANCE, (instance_id,)))
+        self.holders_checked.add(instance_id)
 
     def attach_subnet(self, subnet_id: uuid.UUID, a: Attachment) -> None:
         self.inventory.append((_ATTACH_SUBNET, (subnet_id, a.segment, a.vlan)))
@@ -75,6 +80,8 @@ class BatchWrite:
 
     def put_havip(self, h: Havip) -> None:
         self.inventory.append((_PUT_HAVIP, (h.id, h.vpc_id, h.subnet_id, h.address, sorted(h.candidates))))
+        if h.candidates:
+            self.havips_checked.add(h.id)
 
     def remove_havip(self, havip_id: uuid.UUID, address: IPv4Address, *, bound: bool) -> None:
         """`bound`: the book held a binding for it (its release is a transition); if not, none is expected in
@@ -167,6 +174,15 @@ _PUT_HAVIP = """
 _DELETE_HAVIP = """
     WITH gone AS (INSERT INTO binding.released_havips (id) VALUES ($1) ON CONFLICT DO NOTHING)
     DELETE FROM binding.havips WHERE id = $1"""
+# A binding whose holder this batch's inventory deregistered, or left out of the HAVIP's candidates, is released
+# by the batch — unless the book did not know that holder (another process bound it meanwhile): then found here,
+# a conflict.
+_UNRELEASED = """
+    SELECT b.havip_id FROM binding.bindings AS b LEFT JOIN binding.havips AS h ON h.id = b.havip_id
+    WHERE b.instance_id IS NOT NULL AND (b.instance_id = ANY($1::uuid[]) OR b.havip_id = ANY($2::uuid[]))
+        AND NOT b.havip_id = ANY($3::uuid[])
+        AND (NOT EXISTS (SELECT 1 FROM binding.instances AS i WHERE i.id = b.instance_id)
+             OR cardinality(h.candidates) > 0 AND NOT b.instance_id = ANY(h.candidates))"""
 # Batches are written set-based, one statement per table (unnest of one array per column): at thousands of
 # rows a batch this is several times faster than executemany, which runs the statement once per row.
 # Refreshes commute with every other write: times only move forward (GREATEST), and only while the refreshing
@@ -358,6 +374,15 @@ async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWrit
         run.append(args)
     if run:
         await conn.executemany(run_sql, run)
+    if batch.holders_checked or batch.havips_checked:
+        unreleased = await conn.fetch(
+            _UNRELEASED,
+            list(batch.holders_checked),
+            list(batch.havips_checked),
+            list(expected),
+        )
+        if unreleased:
+            raise WriteConflict([row["havip_id"] for row in unreleased])
     if batch.refreshed:
         await write_renewals(conn, renewals_of(batch))
     new_rejections = await write_refusals(work, batch.rejected, batch.folded)

@@ -390,6 +390,8 @@ class BindingService:
             decisions.batch.put_instance(instance)
 
     def _on_instance_deregistered(self, data: events.InstanceData, decisions: _Decisions) -> None:
+        if data.id in self.book.deregistered:
+            return  # a redelivery: the deregistration is committed (or in this batch already)
         for transition in self.book.remove_instance(data.id):
             self._record_transition(transition, decisions.batch)
         decisions.batch.remove_instance(data.id)

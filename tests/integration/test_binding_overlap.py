@@ -164,6 +164,30 @@ async def test_a_release_committed_by_another_process_is_neither_undone_nor_foll
     assert w.havip.id not in b_unaware.book.bindings
 
 
+async def test_a_holder_unknown_to_a_stale_book_is_still_released_by_its_deregistration(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """B's book has the HAVIP unbound; A bound it to cvm1. B then handles cvm1's deregistration, and the narrowing
+    of the candidates to cvm1 after A moved the HAVIP to cvm2: each ends the binding A committed."""
+    w1, w2 = World(), World()
+    clock = FakeClock()
+    a = await replica(pool, clock)
+    await a.handle([delivery(e) for e in w1.inventory() + w2.inventory()])
+    b = await replica(pool, clock)
+    t = clock.wall_ns() - 30_000_000_000
+    await claim(a, w1, w1.cvm1.mac, t)
+    await claim(a, w2, w2.cvm2.mac, t)
+
+    await b.handle([delivery(events.envelope("instance.deregistered", w1.cvm1, "allocator"))])
+    narrowed = w2.havip.model_copy(update={"candidates": [w2.cvm1.id]})
+    await b.handle([delivery(events.envelope("havip.updated", narrowed, "allocator"))])
+
+    for w, cause in ((w1, "instance_deregistered"), (w2, "candidates_changed")):
+        history = await assert_history_is_whole(pool, database_url, w.havip.id)
+        assert [(h["reason"], h["cause"]) for h in history] == [("claim", None), ("release", cause)]
+        assert (await binding_row(database_url, w.havip.id))["instance_id"] is None
+
+
 async def test_a_batch_with_one_conflicting_havip_is_decided_again_whole(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
