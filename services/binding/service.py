@@ -288,6 +288,11 @@ class BindingService:
         except WriteConflict:
             self._failed([audit])  # rolled back: the book is loaded again before the batch is decided again
             raise
+        except asyncpg.TransactionRollbackError as exc:
+            # A deadlock with another process writing the same HAVIPs in another order: one of the two is rolled
+            # back by Postgres — a conflict like any other.
+            self._failed([audit])
+            raise WriteConflict(sorted(batch.expected_sequences())) from exc
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
             # message at fault instead of blocking the queue behind it.

@@ -5,6 +5,7 @@ no claim dead-lettered, no transition lost or written twice, one `havip.binding.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -208,6 +209,38 @@ async def test_a_batch_with_one_conflicting_havip_is_decided_again_whole(
         assert [h["to_instance_id"] for h in history] == holders
 
 
+async def test_two_services_writing_the_same_havips_at_the_same_time_commit_each_transition_once(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Both services decide at once, each a batch of claims for two HAVIPs (in opposite orders: their row locks
+    cross). Every claim is a change of holder from either book's view (four instances in turn); the later claim of
+    each round is B's. Whatever order the transactions commit in, each HAVIP ends with B's last claimant, and its
+    history and events are whole."""
+    world = _Small(instances=4)
+    clock = FakeClock()
+    a = await replica(pool, clock)
+    await a.handle([delivery(e) for e in world.inventory()])
+    b = await replica(pool, clock)
+    x, y = 0, 1
+    t = clock.wall_ns() - 60_000_000_000
+    rounds = 12
+    before = conflicts_counted()
+    for r in range(rounds):
+        at = t + r * 2_000_000_000
+        first, second = 2 * r % 4, (2 * r + 1) % 4
+        await asyncio.gather(
+            a.handle([delivery(claims_event(world.observed(first, x, at), world.observed(first, y, at + 1)))]),
+            b.handle(
+                [delivery(claims_event(world.observed(second, y, at + 10), world.observed(second, x, at + 11)))]
+            ),
+        )
+    assert conflicts_counted() >= before + rounds  # each round, the second write was decided from a stale book
+    last = (2 * (rounds - 1) + 1) % 4
+    for havip in world.havips:
+        await assert_history_is_whole(pool, database_url, havip.id)
+        assert (await binding_row(database_url, havip.id))["instance_id"] == world.instances[last].id
+
+
 # A story: (which service, which instance claims, which HAVIP), claims captured 0.7 s apart in this order.
 stories = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 2), st.integers(0, 1)), min_size=1, max_size=16)
 
@@ -247,16 +280,16 @@ async def test_two_services_taking_claims_in_turn_commit_what_one_service_would(
 
 
 class _Small:
-    """Three instances and two HAVIPs in one subnet."""
+    """Three instances (or as many as asked for) and two HAVIPs in one subnet."""
 
-    def __init__(self) -> None:
+    def __init__(self, instances: int = 3) -> None:
         vpc, subnet = uuid.uuid4(), uuid.uuid4()
         self.instances = [
             events.InstanceData(
                 id=uuid.uuid4(), vpc_id=vpc, subnet_id=subnet, name=f"cvm{i}",
                 private_ip=IPv4Address("192.0.2.10") + i, mac="02:" + uuid.uuid4().bytes[:5].hex(":"),
             )
-            for i in range(3)
+            for i in range(instances)
         ]  # fmt: skip
         self.havips = [
             events.HavipData(
