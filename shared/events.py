@@ -111,6 +111,31 @@ class ClaimsObserved(EventData):
     claims: list[ObservedClaim] = Field(min_length=1, max_length=MAX_CLAIMS_PER_EVENT)
 
 
+WATCHER_HEARTBEAT_EVENT = "arp.watcher.heartbeat"
+MAX_HEARTBEAT_INTERVAL_S = 3600.0
+
+
+class WatcherHeartbeat(EventData):
+    """A watcher says it is alive, every `interval_s` while it is connected to the broker: the binding service
+    counts the watchers of each segment heard within 3 intervals (docs/contract.md#watcher-heartbeats). Never
+    stored; a heartbeat that cannot be published is skipped, the next one says the same."""
+
+    watcher_id: str = Field(min_length=1, max_length=200, description="unique among the watchers of a segment")
+    interface: str = Field(min_length=1, max_length=15)
+    segment: SegmentName = Field(default=DEFAULT_SEGMENT, description="the layer-2 segment it watches")
+    interval_s: float = Field(
+        gt=0, le=MAX_HEARTBEAT_INTERVAL_S, description="seconds until the next heartbeat from this watcher"
+    )
+    started_at: datetime = Field(description="when this watcher process started")
+    sequence: int = Field(
+        ge=1, description="numbers this process's heartbeats from 1: one that could not be published leaves a gap"
+    )
+    kernel_drops: int = Field(
+        ge=0, description="frames the kernel dropped since the start (capture buffer full): claims maybe missed"
+    )
+    claims_published: int = Field(ge=0, description="claims published and confirmed since the start")
+
+
 # ---- allocator ---------------------------------------------------------------------------------------------
 
 
@@ -250,6 +275,7 @@ class ReplayRequested(EventData):
 
 EVENT_TYPES: dict[str, type[EventData]] = {
     CLAIMS_EVENT: ClaimsObserved,
+    WATCHER_HEARTBEAT_EVENT: WatcherHeartbeat,
     "vpc.created": VpcData,
     "vpc.deleted": VpcData,
     "subnet.created": SubnetData,

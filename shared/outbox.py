@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -28,6 +27,7 @@ import msgspec
 from prometheus_client import Counter, Gauge
 from tenacity import RetryCallState, RetryError
 
+from shared.advisory_lock import advisory_lock_key
 from shared.backoff import failure_of, retrying_with_backoff
 from shared.db import ConnectionPool, Queries
 from shared.events import Envelope, encode
@@ -74,8 +74,7 @@ def _with_head(body: str) -> tuple[bytes, _Head]:
 def relay_lock_key(schema: str) -> int:
     """The key of the advisory lock that lets one relay at a time publish `schema`'s outbox: the same in every
     process (unlike Python's hash), signed 64-bit as pg_try_advisory_lock(bigint) takes it."""
-    digest = hashlib.blake2b(f"havip outbox relay {schema}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return advisory_lock_key(f"havip outbox relay {schema}")
 
 
 # How soon a relay that found another one publishing looks again: that pass may have read the outbox before

@@ -326,6 +326,18 @@ def watcher(board: Dashboard) -> None:
             promql(rate_by("instance", "havip_watcher_publish_failures_total"), "publish retries {{instance}}"),
         ).thresholds(thresholds((None, "green"), (0.001, "red")))
     )
+    board.with_panel(
+        time_series(
+            "Watchers alive per segment",
+            "ARP watchers of each segment whose heartbeat the binding service heard within 3 of their intervals. "
+            "One left warns (HavipSegmentOneWatcher), none is critical (HavipSegmentNoWatcher).",
+            "short",
+            promql("max by (segment) (havip_watchers_alive)", "{{segment}}"),
+        )
+        .thresholds(thresholds((None, "red"), (1, "orange"), (2, "green")))
+        .decimals(0)
+        .span(24)
+    )
 
 
 def outbox_and_api(board: Dashboard) -> None:

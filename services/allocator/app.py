@@ -9,7 +9,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from functools import partial
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -30,6 +29,7 @@ from services.allocator.metrics import MetricsMiddleware
 from services.allocator.settings import AllocatorSettings
 from services.allocator.subnets.router import router as subnets_router
 from services.allocator.vpcs.router import router as vpcs_router
+from shared.advisory_lock import one_at_a_time
 from shared.db import create_pool, database_or_network_away
 from shared.heap import freeze_startup_heap
 from shared.messaging import Broker
@@ -64,31 +64,48 @@ class ConfigurationError(RuntimeError):
     pass
 
 
-async def purge_idempotency_keys(db: Database, ttl_hours: int) -> None:
-    """Forget expired Idempotency-Keys (expired keys are ignored even before they are deleted)."""
-    deleted = await havips_service.purge_idempotency_keys(db, ttl_hours)
-    if deleted:
-        log.info("expired idempotency keys deleted", extra={"deleted": deleted})
+# Advisory locks of the periodic passes: with several replicas, one runs a pass at a time and the others skip it.
+PURGE_LOCK = "havip allocator idempotency key purge"
+VIEW_MAINTENANCE_LOCK = "havip allocator view maintenance"
 
 
-def maintain_view(view: BindingView, settings: AllocatorSettings) -> Callable[[], Awaitable[None]]:
-    """What is run every few seconds: ask for the transitions missing from histories (sequence gaps), update the
-    open-gap gauge; about once an hour: age refused claims out of the audit."""
+def purge_idempotency_keys(db: Database, ttl_hours: int) -> Callable[[], Awaitable[bool]]:
+    """A pass that forgets expired Idempotency-Keys (expired keys are ignored even before they are deleted), run
+    by one replica at a time: True if this one ran it."""
+
+    async def purge() -> None:
+        deleted = await havips_service.purge_idempotency_keys(db, ttl_hours)
+        if deleted:
+            log.info("expired idempotency keys deleted", extra={"deleted": deleted})
+
+    return one_at_a_time(db.pool, PURGE_LOCK, purge)
+
+
+def maintain_view(view: BindingView, db: Database, settings: AllocatorSettings) -> Callable[[], Awaitable[bool]]:
+    """What is run every few seconds: ask for the transitions missing from histories (sequence gaps); about once
+    an hour: age refused claims out of the audit — by one replica at a time (True if this one did). Every replica
+    updates its own open-gap gauge at each pass, so that none exports a count that has gone stale."""
     last_expiry = -math.inf
 
-    async def maintain() -> None:
+    async def repair_and_expire() -> None:
         nonlocal last_expiry
         await view.request_repairs(
             grace_s=settings.view_gap_grace_s,
             retry_s=settings.view_repair_retry_s,
             max_attempts=settings.view_repair_attempts,
         )
-        await view.count_open_gaps()
         if time.monotonic() - last_expiry > AUDIT_EXPIRY_INTERVAL_S:
             last_expiry = time.monotonic()
             deleted = await view.expire_refusals(settings.audit_retention_days)
             if deleted:
                 log.info("refused claims past retention deleted", extra={"deleted": deleted})
+
+    exclusive = one_at_a_time(db.pool, VIEW_MAINTENANCE_LOCK, repair_and_expire)
+
+    async def maintain() -> bool:
+        ran = await exclusive()
+        await view.count_open_gaps()
+        return ran
 
     return maintain
 
@@ -127,7 +144,7 @@ def create_app(settings: AllocatorSettings, stop: asyncio.Event | None = None) -
             db = Database(pool, relay)
             purge = asyncio.create_task(
                 run_periodically(
-                    partial(purge_idempotency_keys, db, settings.idempotency_ttl_hours),
+                    purge_idempotency_keys(db, settings.idempotency_ttl_hours),
                     settings.idempotency_purge_interval_s,
                     what="purging expired idempotency keys",
                     at_start=True,
@@ -149,7 +166,7 @@ def create_app(settings: AllocatorSettings, stop: asyncio.Event | None = None) -
             await view.seed()
             maintenance = asyncio.create_task(
                 run_periodically(
-                    maintain_view(view, settings),
+                    maintain_view(view, db, settings),
                     settings.view_maintenance_interval_s,
                     what="maintaining the view of bindings",
                     at_start=True,

@@ -22,6 +22,7 @@ from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
 from shared.messaging import Broker
 from shared.metrics import serve_metrics
+from shared.periodic import run_periodically
 from shared.runtime import StartupError, serve
 from shared.settings import print_invalid_settings
 from shared.tasks import cancel
@@ -30,6 +31,7 @@ from .capture import Capture, ClaimSink
 from .capture_thread import CaptureThread, FrameReader
 from .claims import Claim
 from .coalesce import Coalescer
+from .heartbeat import Health, Heartbeat
 from .metrics import WatcherMetrics
 from .packet_socket import CaptureOpenError
 from .publisher import ClaimBuffer, ClaimPublisher
@@ -88,10 +90,37 @@ async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: Colle
         routine_linger_s=settings.routine_linger_s,
     )
 
+    heartbeat = Heartbeat(
+        broker,
+        lambda: Health(capture.stats.kernel_drops, publisher.published),
+        watcher_id=settings.watcher_id,
+        interface=settings.interface,
+        segment=settings.segment,
+        interval_s=settings.heartbeat_interval_s,
+        source=SOURCE,
+    )
+
     async def connect_and_publish() -> None:
-        if await broker.connect(stop):
-            log.info("publishing claims", extra={"exchange": settings.exchange})
+        if not await broker.connect(stop):
+            return
+        log.info("publishing claims", extra={"exchange": settings.exchange})
+        # Beside the claims, never in their way: a heartbeat that fails is logged by run_periodically and the
+        # next one comes at its time.
+        beating = asyncio.create_task(
+            run_periodically(
+                heartbeat.beat,
+                settings.heartbeat_interval_s,
+                what="heartbeat",
+                stop=stop,
+                at_start=True,
+                logger=log,
+            ),
+            name="heartbeat",
+        )
+        try:
             await publisher.run()
+        finally:
+            await cancel(beating)
 
     freeze_startup_heap()
     capture.start()

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.events import DEFAULT_SEGMENT, MAX_CLAIMS_PER_EVENT, SegmentName
+from shared.events import DEFAULT_SEGMENT, MAX_CLAIMS_PER_EVENT, MAX_HEARTBEAT_INTERVAL_S, SegmentName
 from shared.settings import CommonSettings
 
 _MIB = 1024 * 1024
@@ -21,8 +21,13 @@ class WatcherSettings(CommonSettings):
     # HAVIP_SEGMENT: the layer-2 segment the interface is on (docs/contract.md#segments): claims are decided only
     # against the HAVIPs of the subnets attached to it. One segment needs no configuration.
     segment: SegmentName = DEFAULT_SEGMENT
-    # HAVIP_WATCHER_ID: reported with every claim; default "<hostname>/<interface>".
+    # HAVIP_WATCHER_ID: reported with every claim and heartbeat; unique among a segment's watchers. Default
+    # "<hostname>/<interface>", "<hostname>/<netns>/<interface>" with HAVIP_NETNS (watchers in several namespaces
+    # of one host): stable across restarts.
     watcher_id: str = Field(default="", max_length=200)  # filled in below when empty
+    # HAVIP_HEARTBEAT_INTERVAL_S: an arp.watcher.heartbeat event this often while connected to the broker; the
+    # binding service counts a watcher alive for 3 intervals after its last one.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=MAX_HEARTBEAT_INTERVAL_S)
     # HAVIP_METRICS_PORT: Prometheus endpoint; 0 turns it off.
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
@@ -58,7 +63,10 @@ class WatcherSettings(CommonSettings):
     @classmethod
     def _default_watcher_id(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("watcher_id") and isinstance(data.get("interface"), str):
-            data = {**data, "watcher_id": f"{socket.gethostname()}/{data['interface']}"}
+            netns = data.get("netns")
+            where = f"{netns.strip('/')}/" if isinstance(netns, str) and netns.strip("/") else ""
+            # Its tail if too long (a long namespace path): the interface and the namespace's own name count most.
+            data = {**data, "watcher_id": f"{socket.gethostname()}/{where}{data['interface']}"[-200:]}
         return data
 
     @field_validator("netns")

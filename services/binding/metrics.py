@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.binding.domain import Binding
+from services.binding.watchers import HeardWatcher
 from shared.hops import BINDING_HOPS, claim_hops
 
 TRANSITIONS = Counter("havip_transitions_total", "Ownership transitions committed", ["reason"])
@@ -100,3 +101,50 @@ def export_book(bindings: Callable[[], Iterable[Binding]]) -> None:
         REGISTRY.unregister(_book_collector)
     _book_collector = BookCollector(bindings)
     REGISTRY.register(_book_collector)
+
+
+# What the book of watchers (services/binding/watchers.py) says now: alive per segment, and every watcher heard.
+WatchersNow = tuple[Mapping[str, int], Iterable[HeardWatcher]]
+
+
+class WatchersCollector(Collector):
+    """The watchers' heartbeats, read at scrape time:
+
+    * `havip_watchers_alive{segment}`: watchers of the segment heard within 3 of their intervals (every segment
+      a watcher ever spoke for since this process started deciding; 0 when all went silent);
+    * `havip_watcher_last_heartbeat_timestamp_seconds{segment, watcher}`: when each was heard last.
+    """
+
+    def __init__(self, now: Callable[[], WatchersNow]) -> None:
+        self._now = now
+
+    def collect(self) -> Iterable[Metric]:
+        alive_by_segment, watchers = self._now()
+        alive = GaugeMetricFamily(
+            "havip_watchers_alive",
+            "ARP watchers of the segment heard within 3 heartbeat intervals",
+            labels=["segment"],
+        )
+        for segment, count in sorted(alive_by_segment.items()):
+            alive.add_metric([segment], count)
+        yield alive
+        last = GaugeMetricFamily(
+            "havip_watcher_last_heartbeat_timestamp_seconds",
+            "When the binding service last heard the watcher's heartbeat (Unix time)",
+            labels=["segment", "watcher"],
+        )
+        for watcher in watchers:
+            last.add_metric([watcher.segment, watcher.watcher_id], watcher.heard_at_wall_s)
+        yield last
+
+
+_watchers_collector: WatchersCollector | None = None
+
+
+def export_watchers(now: Callable[[], WatchersNow]) -> None:
+    """Serve the watchers' gauges from `now` (replacing an earlier source: one per process)."""
+    global _watchers_collector
+    if _watchers_collector is not None:
+        REGISTRY.unregister(_watchers_collector)
+    _watchers_collector = WatchersCollector(now)
+    REGISTRY.register(_watchers_collector)

@@ -208,7 +208,9 @@ class RefusalAudit:
         key = refusal.key
         fold = self._folds.get(key)
         since = refusal.captured_ns - fold.first.captured_ns if fold is not None else -1
-        if fold is not None and (fold.waits or 0 <= since < fold.window_ns):
+        # A refusal stamped a little before the row's first is of the same burst too: the same frame seen by a
+        # second watcher on the segment whose clock is behind, or a frame that came late.
+        if fold is not None and (fold.waits or -fold.window_ns < since < fold.window_ns):
             draft.frames[fold] = draft.frames.get(fold, 0) + refusal.frames
             return
         window = REFUSAL_FOLD_NS

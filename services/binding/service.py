@@ -53,6 +53,7 @@ from services.binding.repository import (
     write_refusals,
     write_renewals,
 )
+from services.binding.watchers import WatcherBook
 from shared import events
 from shared.db import ConnectionPool
 from shared.messaging import Delivery
@@ -123,9 +124,8 @@ class BindingService:
         # True from take_over to stand_by: while another process decides (this one waits as a standby) its book
         # is not the truth, and its per-HAVIP gauges would show stale holders beside the deciding process's.
         self.deciding = False
-        metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
-        metrics.CONSUMING.set_function(lambda: self.deciding)
-        metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
+        # The watchers' heartbeats: in memory only, never written (services/binding/watchers.py).
+        self.watchers = WatcherBook()
 
     async def load(self) -> None:
         async with self._pool.acquire() as conn:
@@ -141,12 +141,23 @@ class BindingService:
         """Another process decides: what this book holds goes stale from now on; reloaded before deciding."""
         self.deciding = False
         self._book_stale = True
+        self._export_metrics()
 
     async def take_over(self) -> None:
         """This process decides from now on: its book is what is committed, not what it loaded earlier."""
         async with self._lock:
             await self.ensure_current()
         self.deciding = True
+        self._export_metrics()
+
+    def _export_metrics(self) -> None:
+        """The process's gauges read this service from now on — as it decides, or as a standby that says it does
+        not (0, no per-HAVIP gauges); a service that is neither, e.g. one a test builds beside another, leaves
+        them alone."""
+        metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
+        metrics.CONSUMING.set_function(lambda: self.deciding)
+        metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
+        metrics.export_watchers(self._watchers_now)
 
     async def ensure_current(self) -> None:
         """After a failure the book may hold decisions that were never committed: rebuild it from Postgres."""
@@ -175,6 +186,12 @@ class BindingService:
             await asyncio.sleep(0)  # let a change of holder that arrived meanwhile take the lock
         if pending:
             await self._write_deferred(_Deferred.merged(pending))
+
+    def _watchers_now(self) -> metrics.WatchersNow:
+        if not self.deciding:  # heartbeats go to the deciding process: a standby's would be stale
+            return {}, ()
+        now_s = self._clock.monotonic_s()
+        return self.watchers.alive_by_segment(now_s), self.watchers.watchers(now_s)
 
     @property
     def refusals_waiting(self) -> int:
@@ -379,6 +396,17 @@ class BindingService:
         for observed in data.claims:
             self._decide_claim(observed, data, decisions)
 
+    def _on_heartbeat(self, data: events.WatcherHeartbeat, _decisions: _Decisions) -> None:
+        # Nothing to write: a batch of heartbeats only commits nothing (an empty BatchWrite).
+        heard = self.watchers.heard(data, self._clock.monotonic_s(), self._clock.wall_ns() / 1e9)
+        if heard == "shared_id":
+            log.warning(
+                "two watchers send heartbeats as %r on segment %r: give each its own HAVIP_WATCHER_ID",
+                data.watcher_id,
+                data.segment,
+                extra={"watcher_id": data.watcher_id, "segment": data.segment},
+            )
+
     def _on_subnet_created(self, data: events.SubnetData, decisions: _Decisions) -> None:
         attachment = Attachment(data.segment, data.vlan)
         if self.book.attachments.get(data.id) != attachment:
@@ -496,6 +524,7 @@ _Handler = Callable[[BindingService, Any, _Decisions], None]
 # Every routing key the service's queue is bound to, and what handles it.
 HANDLERS: dict[str, _Handler] = {
     events.CLAIMS_EVENT: BindingService._on_claims,
+    events.WATCHER_HEARTBEAT_EVENT: BindingService._on_heartbeat,
     "subnet.created": BindingService._on_subnet_created,
     "subnet.deleted": BindingService._on_subnet_deleted,
     "instance.registered": BindingService._on_instance_registered,

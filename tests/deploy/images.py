@@ -57,6 +57,7 @@ class Images:
     postgres: str = ""
     rabbitmq: str = ""
     prometheus: str = ""
+    haproxy: str = ""
     steps: list[tuple[str, str, float]] = field(default_factory=list)  # (what, "built" | "cached", seconds)
 
 
@@ -245,6 +246,7 @@ def ensure_images() -> Images:
         images.postgres = ensure_standin(images, base, "postgres")
         images.rabbitmq = ensure_standin(images, base, "rabbitmq")
         images.prometheus = ensure_standin(images, base, "prometheus")
+        images.haproxy = ensure_standin(images, base, "haproxy")
         images.havip = ensure_app(images, images.python, ensure_wheelhouse(images))
     return images
 
@@ -257,4 +259,4 @@ if __name__ == "__main__":  # python -m tests.deploy.images: build (or find) the
         sys.exit(str(exc))
     for what, how, seconds in made.steps:
         print(f"{what:<22} {how:<7} {seconds:6.1f} s")
-    print(made.havip, made.python, made.postgres, made.rabbitmq, made.prometheus, sep="\n")
+    print(made.havip, made.python, made.postgres, made.rabbitmq, made.prometheus, made.haproxy, sep="\n")

@@ -28,7 +28,7 @@ from tests.ports import free_port
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 # The services that keep running (migrate is one-shot; grafana is off: its profile is not enabled).
-LONG_RUNNING = ("postgres", "rabbitmq", "allocator", "binding", "arp_watcher", "prometheus")
+LONG_RUNNING = ("postgres", "rabbitmq", "allocator", "allocator-2", "api", "binding", "arp_watcher", "prometheus")
 UP_TIMEOUT_S = 600.0  # generous: two shared cores, and RabbitMQ's first start
 
 
@@ -106,6 +106,7 @@ class ComposeStack:
             "HAVIP_POSTGRES_IMAGE": self.images.postgres,
             "HAVIP_RABBITMQ_IMAGE": self.images.rabbitmq,
             "HAVIP_PROMETHEUS_IMAGE": self.images.prometheus,
+            "HAVIP_HAPROXY_IMAGE": self.images.haproxy,
             "HAVIP_PUBLISH_ADDRESS": "127.0.0.1",
             "HAVIP_API_PORT": str(self.api_port),
             "HAVIP_AMQP_PORT": str(self.amqp_port),

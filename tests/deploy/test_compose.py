@@ -98,7 +98,7 @@ def test_the_watcher_holds_net_raw_alone_on_the_host_network(stack: ComposeStack
 
 
 def test_the_services_run_as_the_images_unprivileged_user(stack: ComposeStack) -> None:
-    for service in ("allocator", "binding"):
+    for service in ("allocator", "allocator-2", "binding"):
         assert stack.exec(service, "id", "-u").strip() == "10001", service
         status = dict(
             line.split(":\t", 1) for line in stack.exec(service, "cat", "/proc/self/status").splitlines()
@@ -171,14 +171,22 @@ def prometheus_query(stack: ComposeStack, query: str) -> list[dict[str, Any]]:
 async def test_prometheus_scrapes_the_three_services_including_the_watcher_on_the_host(
     stack: ComposeStack,
 ) -> None:
-    def targets_up() -> dict[str, str]:
+    def targets_up() -> dict[tuple[str, str], str]:
         try:
-            return {series["metric"]["job"]: series["value"][1] for series in prometheus_query(stack, "up")}
+            return {
+                (series["metric"]["job"], series["metric"]["instance"].rsplit(":", 1)[0]): series["value"][1]
+                for series in prometheus_query(stack, "up")
+            }
         except httpx.HTTPError:
             return {}
 
     async def all_up() -> bool:
-        return targets_up() == {"allocator": "1", "binding": "1", "arp_watcher": "1"}
+        return targets_up() == {
+            ("allocator", "allocator"): "1",
+            ("allocator", "allocator-2"): "1",
+            ("binding", "binding"): "1",
+            ("arp_watcher", "host.docker.internal"): "1",
+        }
 
     try:
         await eventually(all_up, timeout=60, interval=0.5, what="every target up in the Prometheus container")
@@ -188,3 +196,24 @@ async def test_prometheus_scrapes_the_three_services_including_the_watcher_on_th
     async with httpx.AsyncClient(timeout=10.0) as client:
         rules = (await client.get(f"{stack.prometheus_url}/api/v1/rules")).json()["data"]["groups"]
     assert rules, "no rule group loaded"
+
+
+async def test_the_api_answers_through_the_balancer_while_one_replica_is_stopped(stack: ComposeStack) -> None:
+    with stack.api() as api:
+        vpc = ok(api.post("/vpcs", json={"name": "replicas", "cidr": "198.18.0.0/16"}))
+    stack.compose("stop", "-t", "2", "allocator")
+    try:
+
+        def answered_by_the_other_replica() -> bool:
+            # Until the balancer's checks have taken the stopped replica out, a request that cannot connect to
+            # it is sent to the other one; once they have, every request goes there.
+            with stack.api() as api:
+                return all(api.get(f"/vpcs/{vpc['id']}").status_code == 200 for _ in range(6))
+
+        await eventually(answered_by_the_other_replica, timeout=60, interval=0.5, what="the API answering")
+        with stack.api() as api:
+            ok(api.post("/subnets", json={"vpc_id": vpc["id"], "name": "after", "cidr": "198.18.1.0/24"}))
+        assert stack.health()["allocator"].startswith("exited")
+        assert stack.health()["api"].endswith("(healthy)")
+    finally:
+        stack.compose("start", "allocator")

@@ -46,6 +46,7 @@ class System(StartedInContext):
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     netns: str | None = None
     segment: str | None = None  # the watcher's HAVIP_SEGMENT (default: the default segment)
+    watcher_id: str | None = None  # the watcher's HAVIP_WATCHER_ID (default: <hostname>/<interface>)
     # A service's own way to RabbitMQ or Postgres (e.g. through a proxy a test can cut); default the above.
     watcher_amqp_url: str | None = None
     binding_amqp_url: str | None = None
@@ -54,6 +55,7 @@ class System(StartedInContext):
     binding_metrics_port: int = field(default_factory=free_port)
     watcher_metrics_port: int = field(default_factory=free_port)
     services: dict[str, Service] = field(default_factory=dict)
+    watcher_ports: dict[str, int] = field(default_factory=dict)  # every watcher's metrics port, by service name
 
     @property
     def api_url(self) -> str:
@@ -118,16 +120,9 @@ class System(StartedInContext):
                 HAVIP_DATABASE_URL=self.binding_database_url or self.database_url,
             )
         if name == "arp_watcher":
-            watcher_env = {
-                "HAVIP_INTERFACE": self.interface,
-                "HAVIP_METRICS_PORT": str(self.watcher_metrics_port),
-                "HAVIP_AMQP_URL": self.watcher_amqp_url or self.amqp_url,
-            }
-            if self.netns:
-                watcher_env["HAVIP_NETNS"] = self.netns
-            if self.segment:
-                watcher_env["HAVIP_SEGMENT"] = self.segment
-            return self._spawn("arp_watcher", "services.arp_watcher", **watcher_env)
+            return self.start_watcher(
+                "arp_watcher", self.interface, self.watcher_metrics_port, watcher_id=self.watcher_id
+            )
         if name == "allocator":
             return self._spawn(
                 "allocator",
@@ -137,6 +132,25 @@ class System(StartedInContext):
                 HAVIP_PORT=str(self.api_port),
             )
         raise ValueError(f"no service {name!r}")
+
+    def start_watcher(
+        self, name: str, interface: str, metrics_port: int, *, watcher_id: str | None = None
+    ) -> Service:
+        """A watcher process called `name` capturing on `interface`: the system's own (`arp_watcher`), or another
+        one on the same segment (docs/contract.md#order), with its own id and metrics port."""
+        watcher_env = {
+            "HAVIP_INTERFACE": interface,
+            "HAVIP_METRICS_PORT": str(metrics_port),
+            "HAVIP_AMQP_URL": self.watcher_amqp_url or self.amqp_url,
+        }
+        if watcher_id:
+            watcher_env["HAVIP_WATCHER_ID"] = watcher_id
+        if self.netns:
+            watcher_env["HAVIP_NETNS"] = self.netns
+        if self.segment:
+            watcher_env["HAVIP_SEGMENT"] = self.segment
+        self.watcher_ports[name] = metrics_port
+        return self._spawn(name, "services.arp_watcher", **watcher_env)
 
     def kill(self, name: str) -> None:
         """SIGKILL a service's whole process group, as a crash would (R3, docs/contract.md#reliability)."""
@@ -150,8 +164,7 @@ class System(StartedInContext):
         checks = {
             "allocator": f"{self.api_url}/readyz",
             "binding": f"http://127.0.0.1:{self.binding_metrics_port}/metrics",
-            "arp_watcher": f"http://127.0.0.1:{self.watcher_metrics_port}/metrics",
-        }
+        } | {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.watcher_ports.items()}
         pending = {name: url for name, url in checks.items() if name in names}
 
         def all_ready() -> bool:
@@ -192,8 +205,12 @@ class System(StartedInContext):
         )
 
     def metric(self, name: str, labels: dict[str, str] | None = None, *, service: str = "binding") -> float:
-        """Current value of one sample scraped from a service's /metrics (0 when absent)."""
-        port = self.binding_metrics_port if service == "binding" else self.watcher_metrics_port
+        """Current value of one sample scraped from a service's /metrics (0 when absent); `service` is "binding",
+        "watcher" (the system's own) or the name of a watcher started with `start_watcher`."""
+        if service == "binding":
+            port = self.binding_metrics_port
+        else:
+            port = self.watcher_ports.get(service, self.watcher_metrics_port)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0).text
         return value(text, name, labels) or 0.0
 

@@ -28,6 +28,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -39,7 +40,14 @@ from services.arp_watcher.encoding import encode_claims
 from services.arp_watcher.frames import ARP_REQUEST
 from services.arp_watcher.packet_socket import network_namespace
 from services.arp_watcher.socket_reader import open_socket_reader
-from shared.events import CLAIMS_EVENT, ClaimsObserved, ObservedClaim, decode
+from shared.events import (
+    CLAIMS_EVENT,
+    WATCHER_HEARTBEAT_EVENT,
+    ClaimsObserved,
+    ObservedClaim,
+    WatcherHeartbeat,
+    decode,
+)
 from tests import service_logs
 from tests.collected_claims import CollectedClaims
 from tests.lab.arp_frames import build_arp_frame
@@ -544,6 +552,91 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
         metrics = await asyncio.to_thread(scrape, metrics_port)
         assert (value(metrics, "havip_watcher_publish_failures_total") or 0) >= 1
         assert value(metrics, "havip_watcher_claims_dropped_total") == 0
+        assert await watcher.stop() == 0
+    finally:
+        if watcher is not None:
+            await watcher.kill()
+        proxy.cut()
+        await connection.close()
+
+
+async def test_watcher_sends_heartbeats_and_skips_those_it_cannot_publish(lab: Lab, amqp_url: str) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    proxy = CuttableProxy()
+    proxy.start()
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    watcher: WatcherProcess | None = None
+    try:
+        exchange = await channel.declare_exchange(
+            f"{prefix}havip.events", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        amqp_queue = await channel.declare_queue(f"{prefix}test.heartbeats", durable=False, auto_delete=False)
+        await amqp_queue.bind(exchange, routing_key=WATCHER_HEARTBEAT_EVENT)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+        env.update(
+            HAVIP_INTERFACE="eth0",
+            HAVIP_NETNS=lab.watch_ns,
+            HAVIP_AMQP_URL=proxy.url(amqp_url),
+            HAVIP_AMQP_PREFIX=prefix,
+            HAVIP_PUBLISH_TIMEOUT_S="1",
+            HAVIP_WATCHER_ID=f"test/{lab.prefix}/hb",
+            HAVIP_SEGMENT="rack-7",
+            HAVIP_HEARTBEAT_INTERVAL_S="0.2",
+            HAVIP_METRICS_PORT="0",
+        )
+        before = datetime.now(UTC)
+        watcher = await WatcherProcess.start(env)
+        received: list[WatcherHeartbeat] = []
+
+        async def heard(holds: Callable[[WatcherHeartbeat], bool], what: str) -> WatcherHeartbeat:
+            """The first heartbeat from now on for which `holds` is true (the ones before it kept too)."""
+            found: list[WatcherHeartbeat] = []
+
+            async def arrived() -> bool:
+                while not found:
+                    message = await amqp_queue.get(fail=False)
+                    if message is None:
+                        return False
+                    await message.ack()
+                    head, data = decode(message.body)
+                    assert head.source == "arp_watcher"
+                    assert isinstance(data, WatcherHeartbeat)
+                    received.append(data)
+                    if holds(data):
+                        found.append(data)
+                return True
+
+            await eventually(arrived, timeout=30, interval=0.05, what=what)
+            return found[0]
+
+        await heard(lambda beat: len(received) >= 3, "three heartbeats")
+        first = received[0]
+        assert (first.watcher_id, first.interface, first.segment, first.interval_s) == (
+            f"test/{lab.prefix}/hb",
+            "eth0",
+            "rack-7",
+            0.2,
+        )
+        assert before - timedelta(seconds=1) <= first.started_at <= datetime.now(UTC)
+        assert [beat.sequence for beat in received[:3]] == [1, 2, 3]
+        assert {beat.started_at for beat in received} == {first.started_at}
+        assert first.kernel_drops == 0
+
+        await asyncio.to_thread(lab.arping, "192.0.2.40")
+        await heard(lambda beat: beat.claims_published == 1, "a heartbeat counting the claim published")
+
+        proxy.cut()
+        await watcher.wait_for_log("heartbeat failed", timeout_s=20)
+        proxy.start()
+        # Back: the heartbeats go on at their pace; those that failed are not sent late — their numbers are gone.
+
+        def after_a_gap(beat: WatcherHeartbeat) -> bool:
+            return beat.sequence > received[-2].sequence + 1
+
+        await heard(after_a_gap, "a heartbeat after the ones skipped during the outage")
+        sequences = [beat.sequence for beat in received]
+        assert sequences == sorted(set(sequences))
         assert await watcher.stop() == 0
     finally:
         if watcher is not None:

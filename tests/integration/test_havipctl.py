@@ -12,7 +12,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from tests import service_logs
+from tests.lab.proc import terminate_group
 from tests.ports import free_port
 from tests.waiting import eventually_sync
 
@@ -52,17 +52,6 @@ class Allocator:
 
     def has(self, method: str, path: str) -> bool:
         return (method, path) in self.routes
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +98,7 @@ def allocator(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPat
             )
             yield Allocator(url, amqp_url, routes)
         finally:
-            _stop(proc)
+            terminate_group(proc, timeout=15)
             service_logs.forget(log_path)
 
 
@@ -189,7 +178,7 @@ class Watch:
         return code, self.out_path.read_text(), self.err_path.read_text()
 
     def stop(self) -> None:
-        _stop(self.proc)
+        terminate_group(self.proc, timeout=15)
 
 
 # ---- the lifecycle ------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.watcher_id == f"{socket.gethostname()}/eth0"
     assert settings.metrics_port == 9102
     assert settings.batch_size >= 1
+    assert settings.heartbeat_interval_s == 5.0
 
 
 def test_everything_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,6 +50,19 @@ def test_everything_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         0,
     )
     assert settings.exchange == "t1.havip.events"
+
+
+def test_the_default_watcher_id_names_the_host_the_namespace_and_the_interface(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HAVIP_INTERFACE", "eth0")
+    assert WatcherSettings().watcher_id == f"{socket.gethostname()}/eth0"
+    monkeypatch.setenv("HAVIP_NETNS", "lab-a")
+    assert WatcherSettings().watcher_id == f"{socket.gethostname()}/lab-a/eth0"
+    monkeypatch.setenv("HAVIP_NETNS", "lab-b")  # another watcher of the host: another id
+    assert WatcherSettings().watcher_id == f"{socket.gethostname()}/lab-b/eth0"
+    monkeypatch.setenv("HAVIP_WATCHER_ID", "rack-1-left")
+    assert WatcherSettings().watcher_id == "rack-1-left"
 
 
 def test_empty_netns_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,6 +88,8 @@ def test_netns_may_be_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"HAVIP_INTERFACE": "eth0", "HAVIP_METRICS_PORT": "70000"}, "HAVIP_METRICS_PORT"),
         ({"HAVIP_INTERFACE": "eth0", "HAVIP_BATCH_SIZE": "0"}, "HAVIP_BATCH_SIZE"),
         ({"HAVIP_INTERFACE": "eth0", "HAVIP_LOG_LEVEL": "LOUD"}, "HAVIP_LOG_LEVEL"),
+        ({"HAVIP_INTERFACE": "eth0", "HAVIP_HEARTBEAT_INTERVAL_S": "0"}, "HAVIP_HEARTBEAT_INTERVAL_S"),
+        ({"HAVIP_INTERFACE": "eth0", "HAVIP_HEARTBEAT_INTERVAL_S": "-1"}, "HAVIP_HEARTBEAT_INTERVAL_S"),
     ],
 )
 def test_invalid_configuration_names_the_variable(

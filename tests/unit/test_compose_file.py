@@ -27,8 +27,20 @@ SECRETS = {
     "HAVIP_GRAFANA_DATABASE_PASSWORD": "grafana-db-secret",
 }
 REQUIRED = {**SECRETS, "HAVIP_INTERFACE": "eth0"}
-HAVIP_SERVICES = ("migrate", "allocator", "binding", "arp_watcher")
-LONG_RUNNING = ("postgres", "rabbitmq", "allocator", "binding", "arp_watcher", "prometheus", "grafana")
+HAVIP_SERVICES = ("migrate", "allocator", "allocator-2", "binding", "arp_watcher")
+ALLOCATORS = ("allocator", "allocator-2")
+BALANCER = "api"
+HAPROXY_CONFIG = ROOT / "deploy/haproxy/haproxy.cfg"
+LONG_RUNNING = (
+    "postgres",
+    "rabbitmq",
+    *ALLOCATORS,
+    BALANCER,
+    "binding",
+    "arp_watcher",
+    "prometheus",
+    "grafana",
+)
 
 
 def compose_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -65,6 +77,31 @@ def bind_mounts(service: dict[str, Any]) -> dict[str, str]:
     return mounts
 
 
+def targets_of(scrape: dict[str, Any]) -> list[tuple[str, str]]:
+    """(job, target) of every scrape target of a Prometheus configuration."""
+    return [
+        (job["job_name"], target)
+        for job in scrape["scrape_configs"]
+        for c in job["static_configs"]
+        for target in c["targets"]
+    ]
+
+
+def haproxy_config() -> dict[str, list[str]]:
+    """deploy/haproxy/haproxy.cfg as its sections ("backend allocators", …) and their lines, comments left out."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in HAPROXY_CONFIG.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line:
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(line, [])
+        else:
+            current.append(" ".join(line.split()))
+    return sections
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return resolved(tmp_path_factory.mktemp("compose"))
@@ -85,7 +122,7 @@ def test_an_empty_secret_is_no_secret(tmp_path: Path) -> None:
 
 def test_the_services_and_the_grafana_profile(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*HAVIP_SERVICES, "postgres", "rabbitmq", "prometheus", "grafana"}
+    assert set(services) == {*HAVIP_SERVICES, BALANCER, "postgres", "rabbitmq", "prometheus", "grafana"}
     assert {name for name, s in services.items() if s.get("profiles")} == {"grafana"}
     assert services["grafana"]["profiles"] == ["grafana"]
 
@@ -94,8 +131,10 @@ def test_start_up_order(config: dict[str, Any]) -> None:
     services = config["services"]
     healthy = {"condition": "service_healthy"}
     assert services["migrate"]["depends_on"] == {"postgres": healthy, "rabbitmq": healthy}
-    for name in ("allocator", "binding", "arp_watcher"):
+    for name in (*ALLOCATORS, "binding", "arp_watcher"):
         assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+    started = {"condition": "service_started"}
+    assert services[BALANCER]["depends_on"] == dict.fromkeys(ALLOCATORS, started)
     assert services["grafana"]["depends_on"] == {"prometheus": healthy, "postgres": healthy}
     assert services["migrate"]["restart"] == "no"
 
@@ -132,7 +171,7 @@ def test_the_services_run_from_one_image_without_privileges(config: dict[str, An
         assert "no-new-privileges:true" in service["security_opt"], name
         assert service.get("privileged") is not True, name
     commands = {name: services[name]["command"] for name in HAVIP_SERVICES}
-    assert commands["allocator"] == ["python", "-m", "services.allocator"]
+    assert commands["allocator"] == commands["allocator-2"] == ["python", "-m", "services.allocator"]
     assert commands["binding"] == ["python", "-m", "services.binding"]
     assert commands["arp_watcher"] == ["python", "-m", "services.arp_watcher"]
     assert "services.allocator migrate" in commands["migrate"][-1]
@@ -148,6 +187,7 @@ def test_each_service_reads_its_own_database_url(tmp_path: Path) -> None:
     config = resolved(tmp_path, **{f"HAVIP_{name.upper()}_DATABASE_URL": url for name, url in urls.items()})
     for name, url in urls.items():
         assert config["services"][name]["environment"]["HAVIP_DATABASE_URL"] == url
+    assert config["services"]["allocator-2"]["environment"]["HAVIP_DATABASE_URL"] == urls["allocator"]
     assert "HAVIP_DATABASE_URL" not in config["services"]["arp_watcher"]["environment"]
 
 
@@ -155,11 +195,12 @@ def test_secrets_reach_the_services_only_from_the_environment(config: dict[str, 
     services = config["services"]
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == SECRETS["HAVIP_POSTGRES_PASSWORD"]
     assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"] == SECRETS["HAVIP_RABBITMQ_PASSWORD"]
-    assert services["allocator"]["environment"]["HAVIP_API_TOKEN"] == SECRETS["HAVIP_API_TOKEN"]
+    for name in ALLOCATORS:
+        assert services[name]["environment"]["HAVIP_API_TOKEN"] == SECRETS["HAVIP_API_TOKEN"], name
     assert (
         services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["HAVIP_GRAFANA_ADMIN_PASSWORD"]
     )
-    for name in ("migrate", "allocator", "binding", "arp_watcher"):
+    for name in HAVIP_SERVICES:
         assert SECRETS["HAVIP_RABBITMQ_PASSWORD"] in services[name]["environment"]["HAVIP_AMQP_URL"], name
     # No default for a secret anywhere in the file: ${VAR:?…} for each, never ${VAR:-…}.
     text = COMPOSE_FILE.read_text(encoding="utf-8")
@@ -175,6 +216,7 @@ def test_images_are_the_official_names_and_overridable(tmp_path: Path, config: d
     assert defaults["rabbitmq"].startswith("rabbitmq:")
     assert defaults["prometheus"].startswith("prom/prometheus:")
     assert defaults["grafana"].startswith("grafana/grafana:")
+    assert defaults[BALANCER].startswith("haproxy:")
     assert config["services"]["migrate"]["build"]["args"]["PYTHON_IMAGE"].startswith("python:3.11")
     variables = {
         "postgres": "HAVIP_POSTGRES_IMAGE",
@@ -182,30 +224,29 @@ def test_images_are_the_official_names_and_overridable(tmp_path: Path, config: d
         "prometheus": "HAVIP_PROMETHEUS_IMAGE",
         "grafana": "HAVIP_GRAFANA_IMAGE",
         "allocator": "HAVIP_IMAGE",
+        "allocator-2": "HAVIP_IMAGE",
+        BALANCER: "HAVIP_HAPROXY_IMAGE",
     }
-    overridden = resolved(tmp_path, **{v: f"registry.example/{k}:1" for k, v in variables.items()})
-    for service, _ in variables.items():
-        assert overridden["services"][service]["image"] == f"registry.example/{service}:1"
+    images = {variable: f"registry.example/{variable.lower()}:1" for variable in variables.values()}
+    overridden = resolved(tmp_path, **images)
+    for service, variable in variables.items():
+        assert overridden["services"][service]["image"] == images[variable], service
 
 
 def test_prometheus_reaches_every_target_of_its_configuration(config: dict[str, Any]) -> None:
     prometheus = config["services"]["prometheus"]
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8"))
-    targets = {
-        job["job_name"]: target
-        for job in scrape["scrape_configs"]
-        for c in job["static_configs"]
-        for target in c["targets"]
-    }
     extra_hosts = {entry.split(":", 1)[0] for entry in prometheus["extra_hosts"]}
-    for job, target in targets.items():
+    for job, target in targets_of(scrape):
         host, port = target.rsplit(":", 1)
         if host in extra_hosts:  # the watcher, on the host network
             assert config["services"][job]["network_mode"] == "host"
             assert config["services"][job]["environment"]["HAVIP_METRICS_PORT"] == port
         else:
-            assert host == job, target
+            assert host == job or host.startswith(f"{job}-"), target  # a service of the job, or a replica of it
             assert host in config["services"], target
+    allocator_targets = {target for job, target in targets_of(scrape) if job == "allocator"}
+    assert allocator_targets == {f"{name}:8080" for name in ALLOCATORS}  # each replica, not the balancer
     assert prometheus["extra_hosts"] == ["host.docker.internal:host-gateway"]
     mounts = bind_mounts(prometheus)
     assert mounts["/etc/prometheus/prometheus.yml"] == str(ROOT / "deploy/prometheus/prometheus.yml")
@@ -240,3 +281,43 @@ def test_dockerfile_final_stage_is_unprivileged_and_offline() -> None:
     assert re.search(r"^USER havip$", final, re.M)
     for tool in ("pip ", "apt-get", "gcc", "build-essential"):
         assert tool not in final, tool
+
+
+def test_the_allocator_runs_as_two_identical_replicas_behind_the_balancer(config: dict[str, Any]) -> None:
+    services = config["services"]
+    first, second = (services[name] for name in ALLOCATORS)
+    assert first == second  # one definition: a replica differs only by its name
+    for name in ALLOCATORS:
+        assert "ports" not in services[name], name  # reached through the balancer only
+    balancer = services[BALANCER]
+    assert balancer["ports"] == ["127.0.0.1:8080:8080/tcp"]  # the API's port (docker-compose 1.29's notation)
+    assert balancer["cap_drop"] == ["ALL"]
+    assert balancer["read_only"] is True
+    assert "no-new-privileges:true" in balancer["security_opt"]
+    assert bind_mounts(balancer)["/usr/local/etc/haproxy/haproxy.cfg"] == str(HAPROXY_CONFIG)
+
+
+def test_the_balancer_sends_to_every_replica_that_answers_its_readiness_check(config: dict[str, Any]) -> None:
+    from services.allocator.health import router as health_routes
+
+    sections = haproxy_config()
+    frontend = sections["frontend api"]
+    backend = sections["backend allocators"]
+    assert "bind :8080" in frontend  # the port the compose file publishes
+    assert "default_backend allocators" in frontend
+    servers = {line.split()[1]: line.split()[2] for line in backend if line.startswith("server ")}
+    ports = {name: config["services"][name]["environment"]["HAVIP_PORT"] for name in ALLOCATORS}
+    assert servers == {name: f"{name}:{ports[name]}" for name in ALLOCATORS}
+    # Health-checked on the allocator's readiness route (its database and broker), every server.
+    assert "option httpchk" in backend
+    assert "http-check send meth GET uri /readyz" in backend
+    assert "/readyz" in {route.path for route in health_routes.routes}  # type: ignore[attr-defined]
+    assert "http-check expect status 200" in backend
+    [defaults] = [line for line in backend if line.startswith("default-server ")]
+    assert " check " in f"{defaults} "
+    # The balancer's own health check asks its monitor URI, which fails when no replica is up.
+    [monitor] = [line.split()[1] for line in frontend if line.startswith("monitor-uri ")]
+    assert "monitor fail if { nbsrv(allocators) lt 1 }" in frontend
+    test = config["services"][BALANCER]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    assert f"GET {monitor} HTTP/1.0" in test[1]

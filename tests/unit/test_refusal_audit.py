@@ -77,6 +77,25 @@ def test_repeats_within_the_window_fold_into_one_row_and_stored_rows_grow_by_upd
     assert (write.rows, write.folded) == ([], {first.claim_id: 1})
 
 
+def test_one_frame_seen_by_two_watchers_is_one_row_whichever_clock_is_behind() -> None:
+    """Two watchers on a segment refuse the same spoofed frame, their stamps a few µs apart either way: one row
+    (and one event) counting both claims — whether the later-arriving one is stamped later or earlier."""
+    for second_stamp in (5_000, -5_000):
+        audit, db = RefusalAudit(AuditPacer(100, 10)), Database()
+        first = refusal(10 * S)
+        audit.refuse(first, 0.0)
+        audit.refuse(
+            Refusal(uuid.uuid4(), None, ADDRESSES[0], SPOOFER, "unknown_mac", 10 * S + second_stamp, "w2"), 0.0
+        )
+        write = audit.take_write(0.0)
+        assert [(r.claim_id, r.count) for r in write.rows] == [(first.claim_id, 2)]
+        db.commit(write)
+        audit.committed(write)
+        # A refusal a whole window before the row's first is another burst: a row of its own.
+        audit.refuse(refusal(10 * S - REFUSAL_FOLD_NS), 0.0)
+        assert len(audit.take_write(0.0).rows) == 1
+
+
 def test_a_refusal_back_right_after_its_window_doubles_it_and_a_pause_resets_it() -> None:
     audit, db = RefusalAudit(AuditPacer(1000, 100)), Database()
     t, windows = 0, []

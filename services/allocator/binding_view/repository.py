@@ -132,6 +132,9 @@ async def insert_refusals(conn: Connection, refusals: Sequence[tuple[uuid.UUID, 
     """Store the refusals not stored yet (by event id); returns the event ids that were new."""
     if not refusals:
         return set()
+    # In event-id order: two replicas given the same redelivered refusals insert them in one order, so their
+    # waits on the unique index never cross.
+    refusals = sorted(refusals, key=lambda refusal: refusal[0])
     rows = await conn.fetch(
         _INSERT_REFUSALS,
         [event_id for event_id, _ in refusals],
