@@ -40,6 +40,11 @@ CONDITION_EDGES = Counter(
     "Flapping and split-brain conditions started and stopped",
     ["condition", "edge"],  # flapping | split_brain, started | stopped
 )
+WRITE_CONFLICTS = Counter(
+    "havip_binding_write_conflicts",
+    "HAVIPs whose decided write did not apply because another process had committed for them meanwhile "
+    "(the batch was decided again from the committed state)",
+)
 CLAIM_HOPS = claim_hops(BINDING_HOPS)  # services/binding/hops.py
 BATCH_SIZE = Histogram(
     "havip_binding_batch_messages",

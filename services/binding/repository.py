@@ -50,8 +50,17 @@ class BatchWrite:
     # Frames of later refusals folded into an audit row committed by an earlier batch: claim_id -> frames.
     folded: dict[uuid.UUID, int] = field(default_factory=dict)
     # Outgoing events of the decisions, in order (refusals' events are made when their rows are written: only a
-    # refusal that was new is published).
+    # refusal that was new is published), and the HAVIP each is about (it goes out only if that HAVIP's write
+    # applied).
     events: list[Envelope] = field(default_factory=list)
+    event_havips: list[uuid.UUID] = field(default_factory=list)
+    # HAVIPs the book held no binding row for when the batch was decided (new, or released before this process
+    # knew them): their rows are created first (`_CREATE_BINDINGS`), then written like any other.
+    fresh: dict[uuid.UUID, IPv4Address] = field(default_factory=dict)
+    # Instances deregistered and HAVIPs given candidates: once the inventory is written, no binding the batch does
+    # not write may be held by an instance gone or no longer a candidate (`_UNRELEASED`).
+    holders_checked: set[uuid.UUID] = field(default_factory=set)
+    havips_checked: set[uuid.UUID] = field(default_factory=set)
     claim_ids: set[uuid.UUID] = field(default_factory=set)  # claims decided in this batch
     # Readers' requests to publish transitions again (havip.binding.replay_requested).
     replays: list[ReplayRequested] = field(default_factory=list)
@@ -61,6 +70,7 @@ class BatchWrite:
 
     def remove_instance(self, instance_id: uuid.UUID) -> None:
         self.inventory.append((_DELETE_INSTANCE, (instance_id,)))
+        self.holders_checked.add(instance_id)
 
     def attach_subnet(self, subnet_id: uuid.UUID, a: Attachment) -> None:
         self.inventory.append((_ATTACH_SUBNET, (subnet_id, a.segment, a.vlan)))
@@ -70,9 +80,15 @@ class BatchWrite:
 
     def put_havip(self, h: Havip) -> None:
         self.inventory.append((_PUT_HAVIP, (h.id, h.vpc_id, h.subnet_id, h.address, sorted(h.candidates))))
+        if h.candidates:
+            self.havips_checked.add(h.id)
 
-    def remove_havip(self, havip_id: uuid.UUID) -> None:
+    def remove_havip(self, havip_id: uuid.UUID, address: IPv4Address, *, bound: bool) -> None:
+        """`bound`: the book held a binding for it (its release is a transition); if not, none is expected in
+        Postgres either — a row created in the meantime by another process makes the write conflict."""
         self.inventory.append((_DELETE_HAVIP, (havip_id,)))
+        if not bound:
+            self.fresh.setdefault(havip_id, address)
         self.bindings.pop(havip_id, None)
         self.refreshed.pop(havip_id, None)
         self.removed_bindings.add(havip_id)
@@ -85,6 +101,29 @@ class BatchWrite:
     def touch(self, binding: Binding) -> None:
         self.refreshed.pop(binding.havip_id, None)
         self.bindings[binding.havip_id] = binding
+
+    def create(self, binding: Binding) -> None:
+        """A HAVIP new to the book: its binding row does not exist yet."""
+        self.fresh[binding.havip_id] = binding.address
+        self.touch(binding)
+
+    def publish(self, event: Envelope, havip_id: uuid.UUID) -> None:
+        self.events.append(event)
+        self.event_havips.append(havip_id)
+
+    def expected_sequences(self) -> dict[uuid.UUID, int]:
+        """Every HAVIP whose binding row the batch writes or deletes, and the sequence it was decided from: the
+        one before its first transition in the batch, else the binding's own (a fresh row is created at 0)."""
+        expected = {havip_id: 0 for havip_id in self.fresh}
+        for t in self.transitions:
+            expected.setdefault(t.havip_id, t.sequence - 1)
+        for havip_id, binding in self.bindings.items():
+            expected.setdefault(havip_id, binding.sequence)
+        written = self.bindings.keys() | self.removed_bindings
+        unwritten = expected.keys() - written | (set(self.event_havips) - written)
+        if unwritten:
+            raise ValueError(f"events of HAVIPs whose binding the batch does not write: {unwritten}")
+        return expected
 
     def commutes(self) -> bool:
         """Only holders' refreshes and refusals: writes that commute with every other (a refresh only moves
@@ -113,8 +152,12 @@ class BatchWrite:
         )
 
 
+# Inventory writes are keyed (running one twice, from two processes, writes the same row) and never bring back what
+# was removed: a process whose book missed the removal must not restore a released HAVIP or deregistered instance.
 _PUT_INSTANCE = """
-    INSERT INTO binding.instances (id, vpc_id, subnet_id, mac, private_ip) VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO binding.instances (id, vpc_id, subnet_id, mac, private_ip)
+    SELECT $1::uuid, $2::uuid, $3::uuid, $4::macaddr, $5::inet
+    WHERE NOT EXISTS (SELECT 1 FROM binding.deregistered_instances WHERE id = $1::uuid)
     ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, mac = $4, private_ip = $5"""
 _DELETE_INSTANCE = """
     WITH gone AS (INSERT INTO binding.deregistered_instances (id) VALUES ($1) ON CONFLICT DO NOTHING)
@@ -124,25 +167,45 @@ _ATTACH_SUBNET = """
     ON CONFLICT (id) DO UPDATE SET segment = $2, vlan = $3"""
 _DETACH_SUBNET = "DELETE FROM binding.subnets WHERE id = $1"
 _PUT_HAVIP = """
-    INSERT INTO binding.havips (id, vpc_id, subnet_id, address, candidates) VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO binding.havips (id, vpc_id, subnet_id, address, candidates)
+    SELECT $1::uuid, $2::uuid, $3::uuid, $4::inet, $5::uuid[]
+    WHERE NOT EXISTS (SELECT 1 FROM binding.released_havips WHERE id = $1::uuid)
     ON CONFLICT (id) DO UPDATE SET vpc_id = $2, subnet_id = $3, address = $4, candidates = $5"""
 _DELETE_HAVIP = """
     WITH gone AS (INSERT INTO binding.released_havips (id) VALUES ($1) ON CONFLICT DO NOTHING)
     DELETE FROM binding.havips WHERE id = $1"""
+# A binding whose holder this batch's inventory deregistered, or left out of the HAVIP's candidates, is released
+# by the batch — unless the book did not know that holder (another process bound it meanwhile): then found here,
+# a conflict.
+_UNRELEASED = """
+    SELECT b.havip_id FROM binding.bindings AS b LEFT JOIN binding.havips AS h ON h.id = b.havip_id
+    WHERE b.instance_id IS NOT NULL AND (b.instance_id = ANY($1::uuid[]) OR b.havip_id = ANY($2::uuid[]))
+        AND NOT b.havip_id = ANY($3::uuid[])
+        AND (NOT EXISTS (SELECT 1 FROM binding.instances AS i WHERE i.id = b.instance_id)
+             OR cardinality(h.candidates) > 0 AND NOT b.instance_id = ANY(h.candidates))"""
 # Batches are written set-based, one statement per table (unnest of one array per column): at thousands of
 # rows a batch this is several times faster than executemany, which runs the statement once per row.
 # Refreshes commute with every other write: times only move forward (GREATEST), and only while the refreshing
 # instance still holds the HAVIP. Rows another transaction has locked are skipped, not waited for: every such
 # transaction was decided after these refreshes, from a book that already held them, and writes their times
 # itself — so a refresh write never waits and never deadlocks, and may run outside the decision lock.
+# A refresh that finds another holder committed with an older claim than its own was decided from a book that
+# missed another process's change: the statement returns those HAVIPs (the claim must be decided again — it may
+# move the binding back), and the caller treats them as a conflict.
 _REFRESH_BINDINGS = """
-    UPDATE binding.bindings AS b SET last_claim_ns = GREATEST(b.last_claim_ns, r.last_claim_ns),
-        last_seen_at = GREATEST(b.last_seen_at, r.last_seen_at)
-    FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[])
-        AS r(havip_id, instance_id, last_claim_ns, last_seen_at)
-    WHERE b.havip_id = r.havip_id AND b.instance_id = r.instance_id
-        AND b.havip_id = ANY(ARRAY(SELECT havip_id FROM binding.bindings WHERE havip_id = ANY($1::uuid[])
-                                   FOR UPDATE SKIP LOCKED))"""
+    WITH r AS (
+        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[])
+            AS r(havip_id, instance_id, last_claim_ns, last_seen_at)),
+    held AS (
+        SELECT havip_id, instance_id, last_claim_ns FROM binding.bindings WHERE havip_id = ANY($1::uuid[])
+        FOR UPDATE SKIP LOCKED),
+    renewed AS (
+        UPDATE binding.bindings AS b SET last_claim_ns = GREATEST(b.last_claim_ns, r.last_claim_ns),
+            last_seen_at = GREATEST(b.last_seen_at, r.last_seen_at)
+        FROM r WHERE b.havip_id = r.havip_id AND b.instance_id = r.instance_id
+            AND b.havip_id IN (SELECT havip_id FROM held))
+    SELECT r.havip_id FROM r JOIN held AS h ON h.havip_id = r.havip_id
+    WHERE h.instance_id IS DISTINCT FROM r.instance_id AND h.last_claim_ns < r.last_claim_ns"""
 # A transition's `committed_at`, and its binding's `last_transition_at`: the database's clock when the batch's
 # last statement starts (clock_timestamp(); now() would be the transaction's start) — this statement, which writes
 # the decisions' bindings, history rows and events together, after everything else of the batch. Only the COMMIT
@@ -160,41 +223,74 @@ def rfc3339_sql(column: str) -> str:
     return f"""replace(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), '.000000Z', 'Z')"""
 
 
+# Two processes may briefly decide for one HAVIP (one frozen and thawed, a replica whose queue moved on while its
+# batch was under way): every write of a decision is conditional on the state it was decided from, and a batch with
+# a condition that did not hold is rolled back whole and decided again from what is committed (WriteConflict).
+# A fresh row is created first, in a statement of its own: its INSERT waits for a concurrent transaction that
+# deletes or inserts the same key, so the decisions' statement, whose snapshot is taken later, sees that
+# transaction's release (tombstone, history) and does not apply to a row that should not exist.
+_CREATE_BINDINGS = """
+    INSERT INTO binding.bindings AS b (havip_id, address)
+    SELECT f.havip_id, f.address FROM unnest($1::uuid[], $2::inet[]) AS f(havip_id, address)
+    WHERE NOT EXISTS (SELECT 1 FROM binding.released_havips r WHERE r.id = f.havip_id)
+    ORDER BY f.havip_id
+    ON CONFLICT (havip_id) DO NOTHING
+    RETURNING b.havip_id"""
+# A binding is written only where the stored row still has the sequence the book decided from, and no newer claim
+# than the book's (another process's refresh) — a fresh row only if the HAVIP has no history and, unless this batch
+# removes it, no tombstone; a removal only where the sequence is the expected one. The history rows and the events
+# of a HAVIP go out only with its binding write that applied; the statement returns the HAVIPs whose write did not
+# apply (`conflicts`), and the caller then rolls the whole batch back.
 _WRITE_DECISIONS = f"""
     WITH stamp AS (
         SELECT at, '"committed_at":"' || {rfc3339_sql("at")} || '"' AS field
         FROM (SELECT clock_timestamp() AS at) AS clock),
+    decided AS (
+        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::macaddr[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+                             $7::boolean[], $8::timestamptz[], $9::boolean[], $10::boolean[], $11::bigint[],
+                             $12::boolean[])
+            AS u(havip_id, instance_id, mac, sequence, last_claim_ns, last_transition_at, moved, last_seen_at,
+                 flapping, split_brain, expected, fresh)),
     put_bindings AS (
-        INSERT INTO binding.bindings AS b
-            (havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, last_seen_at,
-             flapping, split_brain)
-        SELECT u.havip_id, u.address, u.instance_id, u.mac, u.sequence, u.last_claim_ns,
-               CASE WHEN u.moved THEN stamp.at ELSE u.last_transition_at END, u.last_seen_at, u.flapping,
-               u.split_brain
-        FROM unnest($1::uuid[], $2::inet[], $3::uuid[], $4::macaddr[], $5::bigint[], $6::bigint[],
-                    $7::timestamptz[], $8::boolean[], $9::timestamptz[], $10::boolean[], $11::boolean[])
-            AS u(havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at, moved,
-                 last_seen_at, flapping, split_brain), stamp
-        ON CONFLICT (havip_id) DO UPDATE SET instance_id = EXCLUDED.instance_id, mac = EXCLUDED.mac,
-            sequence = EXCLUDED.sequence, last_claim_ns = EXCLUDED.last_claim_ns,
-            last_transition_at = EXCLUDED.last_transition_at, last_seen_at = EXCLUDED.last_seen_at,
-            flapping = EXCLUDED.flapping, split_brain = EXCLUDED.split_brain),
+        UPDATE binding.bindings AS b SET instance_id = u.instance_id, mac = u.mac, sequence = u.sequence,
+            last_claim_ns = u.last_claim_ns,
+            last_transition_at = CASE WHEN u.moved THEN stamp.at ELSE u.last_transition_at END,
+            last_seen_at = u.last_seen_at, flapping = u.flapping, split_brain = u.split_brain
+        FROM decided AS u, stamp
+        WHERE b.havip_id = u.havip_id AND b.sequence = u.expected AND b.last_claim_ns <= u.last_claim_ns
+            AND NOT (u.fresh AND (EXISTS (SELECT 1 FROM binding.released_havips r WHERE r.id = u.havip_id)
+                                  OR EXISTS (SELECT 1 FROM binding.transitions t WHERE t.havip_id = u.havip_id)))
+        RETURNING b.havip_id),
+    removing AS (
+        SELECT * FROM unnest($13::uuid[], $14::bigint[], $15::boolean[]) AS r(havip_id, expected, fresh)),
+    removed AS (
+        DELETE FROM binding.bindings AS b USING removing AS r
+        WHERE b.havip_id = r.havip_id AND b.sequence = r.expected
+            AND NOT (r.fresh AND EXISTS (SELECT 1 FROM binding.transitions t WHERE t.havip_id = r.havip_id))
+        RETURNING b.havip_id),
+    applied AS (SELECT havip_id FROM put_bindings UNION ALL SELECT havip_id FROM removed),
     history AS (
         INSERT INTO binding.transitions (havip_id, sequence, from_instance_id, to_instance_id, mac,
             captured_at, captured_ns, committed_at, watcher_id, reason, address, cause)
         SELECT t.havip_id, t.sequence, t.from_instance_id, t.to_instance_id, t.mac, t.captured_at, t.captured_ns,
                stamp.at, t.watcher_id, t.reason, t.address, t.cause
-        FROM unnest($12::uuid[], $13::bigint[], $14::uuid[], $15::uuid[], $16::macaddr[], $17::timestamptz[],
-                    $18::bigint[], $19::text[], $20::text[], $21::inet[], $22::text[])
+        FROM unnest($16::uuid[], $17::bigint[], $18::uuid[], $19::uuid[], $20::macaddr[], $21::timestamptz[],
+                    $22::bigint[], $23::text[], $24::text[], $25::inet[], $26::text[])
             AS t(havip_id, sequence, from_instance_id, to_instance_id, mac, captured_at, captured_ns, watcher_id,
-                 reason, address, cause), stamp),
+                 reason, address, cause), stamp
+        WHERE t.havip_id IN (SELECT havip_id FROM applied)),
     outbox AS (
         INSERT INTO binding.outbox (routing_key, body)
         SELECT e.routing_key, replace(e.body, '{COMMITTED_AT_SLOT}', stamp.field)
-        FROM unnest($23::text[], $24::text[]) WITH ORDINALITY AS e(routing_key, body, n), stamp
+        FROM unnest($27::text[], $28::text[], $29::uuid[]) WITH ORDINALITY AS e(routing_key, body, havip_id, n),
+             stamp
+        WHERE e.havip_id IN (SELECT havip_id FROM applied)
         ORDER BY e.n
         RETURNING id)
-    SELECT stamp.at AS committed_at, (SELECT max(id) FROM outbox) AS last_event_id FROM stamp"""
+    SELECT stamp.at AS committed_at, (SELECT max(id) FROM outbox) AS last_event_id,
+           ARRAY(SELECT havip_id FROM decided UNION ALL SELECT havip_id FROM removing
+                 EXCEPT SELECT havip_id FROM applied) AS conflicts
+    FROM stamp"""
 _INSERT_REJECTED = """
     INSERT INTO binding.rejected_claims
         (claim_id, havip_id, address, mac, reason, captured_at, watcher_id, count)
@@ -247,11 +343,27 @@ class BatchWritten:
     last_event_id: int | None  # the decisions' last outbox row: their events are out once the relay is past it
 
 
+class WriteConflict(Exception):
+    """A batch's write found a HAVIP's stored binding other than the one its decisions were made from (another
+    process committed in between): nothing of the batch is written; it is to be decided again from what is
+    committed."""
+
+    def __init__(self, havip_ids: Sequence[uuid.UUID]) -> None:
+        super().__init__(f"{len(havip_ids)} HAVIP(s) changed by another process since they were decided")
+        self.havip_ids = list(havip_ids)
+
+
 async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWritten:
     """Write a batch in the caller's unit of work. The decisions' bindings, history rows and events go last, in
     one statement that stamps them (`_WRITE_DECISIONS`); the refusals' and replays' events are therefore
-    published ahead of the decisions' of the same batch."""
+    published ahead of the decisions' of the same batch. Raises WriteConflict, the unit of work still open, if a
+    binding was not the one decided from: the caller rolls back."""
     conn = work.conn
+    expected = batch.expected_sequences()
+    if batch.fresh:
+        created = await conn.fetch(_CREATE_BINDINGS, list(batch.fresh), list(batch.fresh.values()))
+        if len(created) != len(batch.fresh):
+            raise WriteConflict(sorted(batch.fresh.keys() - {row["havip_id"] for row in created}))
     run: list[tuple[Any, ...]] = []
     run_sql = ""
     for sql, args in batch.inventory:
@@ -262,19 +374,25 @@ async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWrit
         run.append(args)
     if run:
         await conn.executemany(run_sql, run)
-    if batch.removed_bindings:
-        await conn.execute(
-            "DELETE FROM binding.bindings WHERE havip_id = ANY($1::uuid[])", list(batch.removed_bindings)
+    if batch.holders_checked or batch.havips_checked:
+        unreleased = await conn.fetch(
+            _UNRELEASED,
+            list(batch.holders_checked),
+            list(batch.havips_checked),
+            list(expected),
         )
+        if unreleased:
+            raise WriteConflict([row["havip_id"] for row in unreleased])
     if batch.refreshed:
         await write_renewals(conn, renewals_of(batch))
     new_rejections = await write_refusals(work, batch.rejected, batch.folded)
     for request in batch.replays:
         work.publish(await replayed_transitions(conn, request))
         await work.flush()
-    if not (batch.bindings or batch.transitions or batch.events):
+    if not expected:
         return BatchWritten(new_rejections, None, None)
     bindings = list(batch.bindings.values())
+    removed = list(batch.removed_bindings)
     moved = {t.havip_id for t in batch.transitions}
     moves = batch.transitions
     routing_keys, bodies = outbox_rows(batch.events)
@@ -282,7 +400,6 @@ async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWrit
         conn,
         _WRITE_DECISIONS,
         [b.havip_id for b in bindings],
-        [b.address for b in bindings],
         [b.instance_id for b in bindings],
         [b.mac for b in bindings],
         [b.sequence for b in bindings],
@@ -292,6 +409,11 @@ async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWrit
         [ns_to_datetime(b.last_seen_written_ns) if b.last_seen_written_ns else None for b in bindings],
         [b.flapping for b in bindings],
         [b.split_brain for b in bindings],
+        [expected[b.havip_id] for b in bindings],
+        [b.havip_id in batch.fresh for b in bindings],
+        removed,
+        [expected[havip_id] for havip_id in removed],
+        [havip_id in batch.fresh for havip_id in removed],
         [t.havip_id for t in moves],
         [t.sequence for t in moves],
         [t.previous.instance_id if t.previous else None for t in moves],
@@ -305,7 +427,10 @@ async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWrit
         [t.cause for t in moves],
         routing_keys,
         bodies,
+        batch.event_havips,
     )
+    if row["conflicts"]:
+        raise WriteConflict(row["conflicts"])
     work.wrote_events(len(bodies))
     return BatchWritten(new_rejections, row["committed_at"], row["last_event_id"])
 
@@ -362,13 +487,17 @@ def renewals_of(batch: BatchWrite) -> list[Renewal]:
 
 
 async def write_renewals(conn: Queries, renewals: Sequence[Renewal]) -> None:
-    await conn.execute(
+    """Raises WriteConflict (the caller's transaction still open) if a renewal found another holder committed
+    with an older claim."""
+    overridden = await conn.fetch(
         _REFRESH_BINDINGS,
         [r.havip_id for r in renewals],
         [r.instance_id for r in renewals],
         [r.last_claim_ns for r in renewals],
         [r.last_seen_at for r in renewals],
     )
+    if overridden:
+        raise WriteConflict([row["havip_id"] for row in overridden])
 
 
 # At most this many transitions go out for one replay request: a reader asks again for what is still missing.

@@ -45,6 +45,7 @@ from services.binding.repository import (
     SCHEMA,
     BatchWrite,
     Renewal,
+    WriteConflict,
     delete_old_refusals,
     load_book,
     renewals_of,
@@ -59,6 +60,10 @@ from shared.messaging import Delivery
 from shared.unit_of_work import unit_of_work
 
 log = logging.getLogger(__name__)
+
+# A batch whose write conflicts (another process committed for one of its HAVIPs meanwhile) is decided again from
+# what is committed, at most this many times in all; then it fails as a transient error and the consumer retries.
+MAX_DECISION_ATTEMPTS = 5
 
 
 @dataclass(slots=True)
@@ -79,6 +84,7 @@ class _Deferred:
     renewals: list[Renewal]
     audits: list[AuditWrite]
     claim_ids: set[uuid.UUID]
+    deliveries: tuple[Delivery, ...]  # decided again if the write conflicts
 
     @staticmethod
     def merged(parts: Sequence[_Deferred]) -> _Deferred:
@@ -87,6 +93,7 @@ class _Deferred:
             list(renewals.values()),
             [audit for p in parts for audit in p.audits],
             set().union(*(p.claim_ids for p in parts)),
+            tuple(d for p in parts for d in p.deliveries),
         )
 
 
@@ -252,7 +259,40 @@ class BindingService:
     ) -> _Deferred | None:
         """Decide, and commit what changed; if `defer` and the batch's writes commute (BatchWrite.commutes),
         return what to write instead of writing it. With `release`, audit rows waiting for the pacer that it
-        lets go are written too — never in a batch of claims, so that a takeover's transaction carries none."""
+        lets go are written too — never in a batch of claims, so that a takeover's transaction carries none.
+
+        A write that conflicts — another process committed for one of the batch's HAVIPs since this book was
+        loaded — is rolled back; the book is loaded again and the same batch decided again against it, so that
+        each claim is decided against what is committed (nothing dead-lettered, nothing published twice)."""
+        conflicting: set[uuid.UUID] = set()
+        try:
+            for attempt in range(1, MAX_DECISION_ATTEMPTS + 1):
+                try:
+                    return await self._decide_and_commit_once(
+                        deliveries, tick_ns=tick_ns, defer=defer, release=release
+                    )
+                except WriteConflict as conflict:
+                    metrics.WRITE_CONFLICTS.inc(len(conflict.havip_ids))
+                    conflicting.update(conflict.havip_ids)
+                    if attempt == MAX_DECISION_ATTEMPTS:
+                        raise
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        finally:
+            if conflicting:
+                log.warning(
+                    "another process wrote bindings this batch had decided; reloaded the committed state and "
+                    "decided the batch again",
+                    extra={"havips": len(conflicting), "example_havip": str(min(conflicting))},
+                )
+
+    async def _decide_and_commit_once(
+        self,
+        deliveries: Sequence[Delivery],
+        *,
+        tick_ns: int | None,
+        defer: bool,
+        release: bool,
+    ) -> _Deferred | None:
         await self.ensure_current()
         decisions = _Decisions(len(deliveries))
         batch = decisions.batch
@@ -278,7 +318,7 @@ class BindingService:
             self._audit.forget_windows(tick_ns)
         if defer and batch.commutes():
             self._observe(decisions, edges, new_rejections=())
-            return _Deferred(renewals_of(batch), [audit], set(batch.claim_ids))
+            return _Deferred(renewals_of(batch), [audit], set(batch.claim_ids), tuple(deliveries))
         if not batch:  # nothing to write: what was decided holds as it is
             self._audit.committed(audit)
             self._recent_claims.remember(batch.claim_ids)
@@ -289,6 +329,14 @@ class BindingService:
                 async with unit_of_work(conn, SCHEMA, self._on_commit) as work:
                     written = await write_batch(work, batch)
                 returned_ns = self._clock.wall_ns()  # COMMIT returned; the pool's reset on release is a round trip
+        except WriteConflict:
+            self._failed([audit])  # rolled back: the book is loaded again before the batch is decided again
+            raise
+        except asyncpg.TransactionRollbackError as exc:
+            # A deadlock with another process writing the same HAVIPs in another order: one of the two is rolled
+            # back by Postgres — a conflict like any other.
+            self._failed([audit])
+            raise WriteConflict(sorted(batch.expected_sequences())) from exc
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             # Not transient: retrying cannot help. Refusing it lets the consumer isolate and dead-letter the
             # message at fault instead of blocking the queue behind it.
@@ -316,6 +364,18 @@ class BindingService:
                 if deferred.renewals:
                     await write_renewals(conn, deferred.renewals)
                 new_rejections = await write_refusals(work, rows, folded)
+        except WriteConflict as conflict:
+            # A refresh decided from a book that missed another process's change of holder: rolled back, and
+            # its claims decided again (under the lock) from what is committed.
+            self._failed(deferred.audits)
+            metrics.WRITE_CONFLICTS.inc(len(conflict.havip_ids))
+            log.warning(
+                "another process changed holders this batch had refreshed; deciding its claims again",
+                extra={"havips": len(conflict.havip_ids), "example_havip": str(min(conflict.havip_ids))},
+            )
+            async with self._lock:
+                await self._decide_and_commit(deferred.deliveries)
+            return
         except BaseException:
             self._failed(deferred.audits)
             raise
@@ -390,6 +450,8 @@ class BindingService:
             decisions.batch.put_instance(instance)
 
     def _on_instance_deregistered(self, data: events.InstanceData, decisions: _Decisions) -> None:
+        if data.id in self.book.deregistered:
+            return  # a redelivery: the deregistration is committed (or in this batch already)
         for transition in self.book.remove_instance(data.id):
             self._record_transition(transition, decisions.batch)
         decisions.batch.remove_instance(data.id)
@@ -401,15 +463,17 @@ class BindingService:
         if put == "released":
             return
         if put == "new":
-            batch.touch(self.book.bindings[havip.id])
+            batch.create(self.book.bindings[havip.id])
         batch.put_havip(havip)
         released = self.book.release_unless_candidate(havip.id)
         if released is not None:
             self._record_transition(released, batch)
 
     def _on_havip_released(self, data: events.HavipData, decisions: _Decisions) -> None:
+        if data.id in self.book.released:
+            return  # a redelivery: the release is committed (or in this batch already)
         final = self.book.remove_havip(data.id)
-        decisions.batch.remove_havip(data.id)
+        decisions.batch.remove_havip(data.id, data.address, bound=final is not None)
         if final is not None:
             self._record_transition(final, decisions.batch)
 
@@ -466,13 +530,13 @@ class BindingService:
         if binding is not None:
             batch.touch(binding)
         batch.transitions.append(transition)
-        batch.events.append(binding_changed(transition))  # its committed_at is stamped as it is written
+        batch.publish(binding_changed(transition), transition.havip_id)  # committed_at stamped as it is written
 
     def _record_edge(self, edge: ConditionEdge, batch: BatchWrite) -> None:
         binding = self.book.bindings.get(edge.havip_id)
         if binding is not None:
             batch.touch(binding)
-        batch.events.append(condition_edge(edge))
+        batch.publish(condition_edge(edge), edge.havip_id)
 
     def _stamp_transitions(self, batch: BatchWrite, committed_at: datetime) -> None:
         """The book's bindings take the committed stamp of their transitions (repository._WRITE_DECISIONS)."""

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from services.binding.domain import ns_to_datetime
 from services.binding.main import QUEUE, run
-from services.binding.repository import Renewal, delete_old_refusals, write_renewals
+from services.binding.repository import Renewal, WriteConflict, delete_old_refusals, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.db import fetch_one
@@ -627,8 +627,18 @@ async def test_a_renewal_write_never_waits_never_goes_back_and_never_touches_a_n
                 havip,
                 newcomer,
             )
-        # The old holder's late refresh does not touch the new holder's row.
-        assert tuple(await renew(holder, 500, later.replace(hour=3))) == (newcomer, 400, later)
+        # The old holder's late refresh does not touch the new holder's row: one older than the new holder's claim
+        # passes unnoticed; one newer was decided from a book that missed the change, and says so (its claim is
+        # to be decided again: it may move the binding back).
+        assert tuple(await renew(holder, 350, later.replace(hour=3))) == (newcomer, 400, later)
+        with pytest.raises(WriteConflict):
+            await renew(holder, 500, later.replace(hour=3))
+        row = await fetch_one(
+            conn,
+            "SELECT instance_id, last_claim_ns, last_seen_at FROM binding.bindings WHERE havip_id = $1",
+            havip,
+        )
+        assert tuple(row) == (newcomer, 400, later)
     finally:
         await other.close()
         await conn.close()
