@@ -131,7 +131,7 @@ async def _exited(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
     return True
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux only)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -194,7 +194,7 @@ class AllocatorProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stopped by group, never by name
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def log_tail(self, lines: int = 30) -> str:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -22,6 +23,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.connection import make_url
@@ -37,6 +39,7 @@ from shared.backoff import (
     wait_until_available,
 )
 from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
+from shared.runtime import StartupError
 from shared.settings import CommonSettings
 from shared.tasks import cancel
 
@@ -63,6 +66,15 @@ ROUTINE_LANE = "routine"
 
 def is_routine(message: AbstractIncomingMessage) -> bool:
     return message.headers.get(LANE_HEADER) == ROUTINE_LANE
+
+
+def _settleable(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel the message came on is still open (its ack can reach the broker)."""
+    try:
+        message.channel  # noqa: B018 — aio-pika raises here once that channel is closed
+    except ChannelInvalidStateError:
+        return False
+    return True
 
 
 def is_broker_unavailable(exc: BaseException) -> bool:
@@ -127,15 +139,47 @@ async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -
     return exchange
 
 
+# A queue that one consumer at a time takes from (RabbitMQ's single active consumer): the others wait, registered,
+# and the broker hands the queue to one of them as soon as the active one's channel or connection is gone. Only a
+# quorum queue keeps that state through the loss of a broker node.
+SINGLE_ACTIVE_CONSUMER = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+
+
+class QueueArgumentsDiffer(StartupError):
+    """The queue exists with other arguments than the ones asked for (RabbitMQ's PRECONDITION_FAILED)."""
+
+    EXIT_CODE = 2
+
+    def __init__(self, name: str, vhost: str, cause: BaseException) -> None:
+        super().__init__(
+            f"RabbitMQ already holds queue {name!r} (virtual host {vhost!r}) with other arguments than this "
+            "version declares (a quorum queue with a single active consumer; an older deployment made it a "
+            "classic queue). Stop every process of the service, delete the queue (rabbitmqctl delete_queue "
+            f"{name} -p {vhost}) and start them again, which declares it anew — or point HAVIP_AMQP_URL at a new "
+            f"virtual host. RabbitMQ said: {cause}",
+            self.EXIT_CODE,
+        )
+
+
 async def declare_consumer_queue(
-    channel: AbstractChannel, settings: CommonSettings, name: str, routing_keys: Iterable[str]
+    channel: AbstractChannel,
+    settings: CommonSettings,
+    name: str,
+    routing_keys: Iterable[str],
+    *,
+    single_active: bool = False,
 ) -> AbstractQueue:
+    """Declare a consumer's durable queue, bound to the exchange, dead-lettering to the DLX. With `single_active`
+    it is a quorum queue with a single active consumer (SINGLE_ACTIVE_CONSUMER); raises QueueArgumentsDiffer if
+    the queue exists with other arguments."""
     exchange = await declare_topology(channel, settings)
-    queue = await channel.declare_queue(
-        settings.queue(name),
-        durable=True,
-        arguments={"x-dead-letter-exchange": settings.dead_letter_exchange},
-    )
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": settings.dead_letter_exchange}
+    if single_active:
+        arguments |= SINGLE_ACTIVE_CONSUMER
+    try:
+        queue = await channel.declare_queue(settings.queue(name), durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise QueueArgumentsDiffer(settings.queue(name), URL(settings.amqp_url).path[1:] or "/", exc) from exc
     for key in routing_keys:
         await queue.bind(exchange, routing_key=key)
     return queue
@@ -247,25 +291,27 @@ class Broker:
         transient: Callable[[BaseException], bool] = is_transient,
         routine_batch: int | None = None,
         routine_handler: BatchHandler | None = None,
-        exclusive: bool = False,
-        on_standby: Callable[[], None] = lambda: None,
-        standby_retry_s: float = 2.0,
+        single_active: bool = False,
+        on_channel_closed: Callable[[], None] = lambda: None,
     ) -> BatchConsumer:
-        """Consume `queue` on a channel of its own. With `exclusive`, this process is the queue's only consumer:
-        while another one holds it (the broker refuses an exclusive consumer beside any other), this waits as a
-        standby — says so once, calls `on_standby`, and asks again — and returns once
-        it consumes. An exclusive consumer is not restored by the robust connection after a reconnect (another
-        process may hold the queue by then, and the restore would fail the whole connection): the consumer's
-        `lost` event is set instead, and the caller asks for the queue again. Asking again backs off with jitter
-        up to `standby_retry_s`, so that standbys do not ask in step."""
+        """Consume `queue` on a channel of its own; returns once the consumer is registered. With `single_active`
+        the queue is a quorum queue with a single active consumer (declare_consumer_queue): every process of the
+        service registers, RabbitMQ delivers to one of them, and to a waiting one once that one's channel is
+        gone — a consumer learns it is the active one from its first delivery. `on_channel_closed` is called
+        once each time the consumer's channel is lost (the robust connection reopens it and registers the
+        consumer again, waiting behind whichever took over meanwhile)."""
         name = self.settings.queue(queue)
-        waited = away = False
+        away = False
 
         async def consume() -> BatchConsumer:
             try:
                 channel = await self.connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
-                amqp_queue = await declare_consumer_queue(channel, self.settings, queue, routing_keys)
+                amqp_queue = await declare_consumer_queue(
+                    channel, self.settings, queue, routing_keys, single_active=single_active
+                )
+            except QueueArgumentsDiffer:
+                raise
             except Exception as exc:
                 if is_broker_unavailable(exc) or isinstance(exc, RuntimeError | ChannelInvalidStateError):
                     raise _BrokerAway(exc) from exc
@@ -278,42 +324,23 @@ class Broker:
                 transient=transient,
                 routine_batch=routine_batch,
                 routine_handler=routine_handler,
+                on_channel_closed=on_channel_closed,
             )
-            try:
-                await consumer.start(exclusive=exclusive)
-            except aiormq.exceptions.ChannelAccessRefused:
-                with contextlib.suppress(Exception):
-                    await channel.close()
-                raise
+            await consumer.start()
             return consumer
 
         def tell(state: RetryCallState) -> None:
-            nonlocal waited, away
+            nonlocal away
             exc = failure_of(state)
-            if isinstance(exc, _BrokerAway):
-                if not away:  # the robust connection is reconnecting: ask again once it is back
-                    log.warning("cannot consume %s while RabbitMQ is away (%s); asking again", name, exc.cause)
+            if isinstance(exc, _BrokerAway) and not away:  # the robust connection is reconnecting
+                log.warning("cannot consume %s while RabbitMQ is away (%s); asking again", name, exc.cause)
                 away = True
-            elif not waited:
-                log.warning(
-                    "queue %s has a consumer already (another process of this service): waiting as a "
-                    "standby, asking again at intervals of up to %.0f s",
-                    name,
-                    standby_retry_s,
-                )
-                on_standby()
-                waited = True
 
         retrying = retrying_with_backoff(
-            retry=lambda exc: isinstance(exc, _BrokerAway | aiormq.exceptions.ChannelAccessRefused),
-            initial_s=min(0.1, standby_retry_s),
-            max_s=standby_retry_s,
-            before_sleep=tell,
+            retry=lambda exc: isinstance(exc, _BrokerAway), initial_s=0.1, max_s=2.0, before_sleep=tell
         )
         consumer: BatchConsumer = await retrying(consume)
-        if waited:
-            log.info("queue %s is free: consuming it now (no longer a standby)", name)
-        elif away:
+        if away:
             log.info("consuming %s again", name)
         return consumer
 
@@ -348,8 +375,10 @@ class BatchConsumer:
         transient: Callable[[BaseException], bool] = is_transient,
         routine_batch: int | None = None,
         routine_handler: BatchHandler | None = None,
+        on_channel_closed: Callable[[], None] = lambda: None,
     ) -> None:
         self._queue = queue
+        self._on_channel_closed = on_channel_closed
         self._handler = handler
         self._routine_handler = routine_handler or handler
         self._max_batch = max_batch
@@ -365,26 +394,35 @@ class BatchConsumer:
         self._idle = asyncio.Event()
         self._stopping = False
         self.dead_lettered = 0
-        # Set when an exclusive consumer's channel closed: it consumes no more (Broker.consumer).
-        self.lost = asyncio.Event()
+        self._channel_open = True
 
-    async def start(self, *, exclusive: bool = False) -> None:
-        if exclusive:
-            # Not restored on reconnect (see Broker.consumer): the owner learns of the loss instead.
-            self._queue.channel.close_callbacks.add(self._on_channel_closed)
-            await self._queue.consume(self._on_message, exclusive=True, robust=False)  # type: ignore[call-arg]
-        else:
-            await self._queue.consume(self._on_message)
+    async def start(self) -> None:
+        channel = self._queue.channel
+        channel.close_callbacks.add(self._channel_closed)
+        if isinstance(channel, AbstractRobustChannel):  # reopened (and the consumer registered again) on reconnect
+            channel.reopen_callbacks.add(self._channel_reopened)
+        await self._queue.consume(self._on_message)
         name = f"consume {self._queue.name}"
         self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))
         if self._routine_batch is not None:
             lane = self._run(self._routine, self._routine_batch, self._routine_handler)
             self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
 
-    def _on_channel_closed(self, *_args: object) -> None:
-        if not self.lost.is_set() and not self._stopping:
-            log.warning("consuming %s ended: its channel closed (RabbitMQ away, or the channel failed)", self.name)
-        self.lost.set()
+    def _channel_reopened(self, *_args: object) -> None:
+        self._channel_open = True
+
+    def _channel_closed(self, *_args: object) -> None:
+        # Told once per loss: the robust connection's failed attempts to reopen the channel call this again.
+        if self._stopping or not self._channel_open:
+            return
+        self._channel_open = False
+        # What arrived on that channel and waits here can no longer be acknowledged: RabbitMQ delivers it again,
+        # to whichever consumer is active then.
+        for inbox in (self._inbox, self._routine):
+            while not inbox.empty():
+                inbox.get_nowait()
+        log.warning("consuming %s paused: its channel closed (RabbitMQ away, or the channel failed)", self.name)
+        self._on_channel_closed()
 
     @property
     def name(self) -> str:
@@ -417,6 +455,9 @@ class BatchConsumer:
             batch = [await inbox.get()]
             while len(batch) < max_batch and not inbox.empty():
                 batch.append(inbox.get_nowait())
+            batch = [arrived for arrived in batch if _settleable(arrived[0])]
+            if not batch:
+                continue
             self._busy += 1
             try:
                 await self._process(batch, handler)

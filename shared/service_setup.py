@@ -24,8 +24,9 @@ async def migrate_service(
     migrations: Path,
     queue: str,
     subscriptions: Iterable[str],
+    single_active: bool = False,
 ) -> list[str]:
-    """Returns the migrations applied now."""
+    """Returns the migrations applied now. `single_active`: the queue's kind (declare_consumer_queue)."""
     if await ensure_database(settings.database_url):
         log.info("created the database")
     applied = await apply_migrations(settings.database_url, schema, migrations, settings.database_role)
@@ -34,7 +35,7 @@ async def migrate_service(
     await broker.connect()
     try:
         channel = await broker.connection.channel()
-        await declare_consumer_queue(channel, settings, queue, subscriptions)
+        await declare_consumer_queue(channel, settings, queue, subscriptions, single_active=single_active)
     finally:
         await broker.close()
     return applied

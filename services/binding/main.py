@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -24,12 +24,12 @@ from services.binding.settings import BindingSettings
 from shared.db import create_pool, database_or_network_away
 from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
-from shared.messaging import Broker
+from shared.messaging import BatchHandler, Broker, Delivery
 from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.periodic import run_periodically
-from shared.runtime import serve
+from shared.runtime import StartupError, serve
 from shared.service_setup import migrate_service
 from shared.settings import print_invalid_settings
 from shared.tasks import cancel, until_stopped
@@ -46,7 +46,13 @@ QUEUE = "binding.events"
 async def migrate(settings: BindingSettings) -> None:
     """Database schema, and the service's queue, so that no event published before its first start is lost."""
     await migrate_service(
-        settings, source=SOURCE, schema=SCHEMA, migrations=MIGRATIONS, queue=QUEUE, subscriptions=SUBSCRIPTIONS
+        settings,
+        source=SOURCE,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        queue=QUEUE,
+        subscriptions=SUBSCRIPTIONS,
+        single_active=True,
     )
 
 
@@ -106,48 +112,60 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         stack.push_async_callback(relay.stop)  # after the consumer's last batch: what it committed leaves too
         if settings.metrics_port:
             serve_metrics(settings.metrics_port, settings.metrics_host)
-        # One process decides: its queue's only consumer. Inventory and claims share that one ordered queue, so
-        # a second consumer beside it would take half of them and refuse claims of instances only the first
-        # learnt about; it waits as a standby instead, and takes over when the first is gone. A process that
-        # loses the queue (its connection to RabbitMQ lost: another may take it meanwhile) stops deciding —
-        # ticks included — and asks for it again like a standby.
-        while await _decide_while_consuming(settings, broker, service, stop, ready):
-            service.stand_by()
-        log.info("stopped")
-
-
-async def _decide_while_consuming(
-    settings: BindingSettings,
-    broker: Broker,
-    service: BindingService,
-    stop: asyncio.Event,
-    ready: asyncio.Event | None,
-) -> bool:
-    """Get the queue, decide until stopped (False) or until the queue is lost (True)."""
-    consumer = await until_stopped(
-        broker.consumer(
-            QUEUE,
-            SUBSCRIPTIONS,
-            service.handle,
-            prefetch=settings.prefetch,
-            max_batch=settings.max_batch,
-            transient=database_or_network_away,
-            routine_batch=settings.routine_batch,
-            routine_handler=service.handle_routine,
-            exclusive=True,
-            on_standby=service.stand_by,
-        ),
-        stop,
-    )
-    if consumer is None:
-        log.info("stopped while a standby")
-        return False
-    async with contextlib.AsyncExitStack() as stack:
+        # One process decides: the queue's active consumer. Inventory and claims share that one ordered queue, so
+        # a second consumer taking half of them would refuse claims of instances only the first learnt about.
+        # Every process registers at once; RabbitMQ delivers to one (single active consumer) and, when that
+        # one's channel or connection is gone, to another at once. A process learns it is the active one from
+        # a delivery (takes over: reloads its book, then decides); it stops deciding — ticks included — when
+        # its channel closes, until RabbitMQ delivers to it again.
+        service.stand_by()  # until a delivery: the book loaded above may be behind another process's decisions
+        consumer = await until_stopped(
+            broker.consumer(
+                QUEUE,
+                SUBSCRIPTIONS,
+                partial(_decide_as_the_active_consumer, service, service.handle),
+                prefetch=settings.prefetch,
+                max_batch=settings.max_batch,
+                transient=database_or_network_away,
+                routine_batch=settings.routine_batch,
+                routine_handler=partial(_decide_as_the_active_consumer, service, service.handle_routine),
+                single_active=True,
+                on_channel_closed=service.stand_by,
+            ),
+            stop,
+        )
+        if consumer is None:
+            log.info("stopped before consuming")
+            return
         stack.push_async_callback(consumer.stop)
-        await service.take_over()
-        log.info("binding service running", extra={"queue": settings.queue(QUEUE)})
+        log.info(
+            "binding service running: deciding once RabbitMQ delivers to this process",
+            extra={"queue": settings.queue(QUEUE)},
+        )
         if ready is not None:
             ready.set()
+        while await until_stopped(service.until_deciding(), stop) is not None:
+            if not await _decide_until_standing_by(settings, service, stop):
+                break
+        log.info("stopping: the batch under way is committed, then the outbox is published")
+    log.info("stopped")
+
+
+async def _decide_as_the_active_consumer(
+    service: BindingService, handler: BatchHandler, deliveries: Sequence[Delivery]
+) -> None:
+    """RabbitMQ delivers to the queue's active consumer only: a delivery to a process that is not deciding
+    makes it the one that decides, from what is committed."""
+    if not service.deciding:
+        await service.take_over()
+    await handler(deliveries)
+
+
+async def _decide_until_standing_by(
+    settings: BindingSettings, service: BindingService, stop: asyncio.Event
+) -> bool:
+    """Run the periodic work of the deciding process until it stands by (True) or is stopped (False)."""
+    async with contextlib.AsyncExitStack() as stack:
         interval = settings.refusal_log_interval_s
         for work, interval_s, what in (
             # A failed tick (database away) is retried at the next.
@@ -158,12 +176,7 @@ async def _decide_while_consuming(
         ):
             periodic = asyncio.create_task(run_periodically(work, interval_s, what=what, logger=log), name=what)
             stack.push_async_callback(cancel, periodic)
-        lost = await until_stopped(consumer.lost.wait(), stop)
-        if lost is None:
-            log.info("stopping: the batch under way is committed, then the outbox is published")
-            return False
-        log.warning("lost %s: deciding nothing until it is this process's again", settings.queue(QUEUE))
-        return True
+        return await until_stopped(service.until_standing_by(), stop) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         return print_invalid_settings(BindingSettings, exc)
     configure_logging(SOURCE, settings.log_level)
     if args == ["migrate"]:
-        asyncio.run(migrate(settings))
+        try:
+            asyncio.run(migrate(settings))
+        except StartupError as exc:
+            log.error("%s", exc)
+            return exc.exit_code
         return 0
     if args:
         print("usage: python -m services.binding [migrate]", file=sys.stderr)

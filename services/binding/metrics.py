@@ -33,7 +33,7 @@ REFUSALS_UNAUDITED = Counter(
 )
 CONSUMING = Gauge(
     "havip_binding_consuming",
-    "1 while this process consumes binding.events and decides; 0 while it waits as a standby beside another",
+    "1 while this process decides (RabbitMQ delivers binding.events to it); 0 while it waits or lost its channel",
 )
 CONDITION_EDGES = Counter(
     "havip_condition_edges_total",

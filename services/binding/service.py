@@ -121,9 +121,12 @@ class BindingService:
         self._audit = RefusalAudit(AuditPacer(refusal_audit_rate, now_s=clock.monotonic_s()))
         self._recent_claims = RecentClaims()
         self._book_stale = True
-        # True from take_over to stand_by: while another process decides (this one waits as a standby) its book
-        # is not the truth, and its per-HAVIP gauges would show stale holders beside the deciding process's.
-        self.deciding = False
+        # Set from take_over to stand_by: while another process decides (this one waits, registered on the queue)
+        # its book is not the truth, and its per-HAVIP gauges would show stale holders beside the deciding one's.
+        self._deciding = asyncio.Event()
+        self._standing_by = asyncio.Event()
+        self._standing_by.set()
+        self._stood_by = 0  # stand_by's calls: a take_over that one overtook does not start deciding
         # The watchers' heartbeats: in memory only, never written (services/binding/watchers.py).
         self.watchers = WatcherBook()
 
@@ -137,18 +140,42 @@ class BindingService:
             extra={"havips": len(self.book.havips_by_id), "instances": len(self.book.instances_by_id)},
         )
 
+    @property
+    def deciding(self) -> bool:
+        return self._deciding.is_set()
+
+    async def until_deciding(self) -> bool:
+        return await self._deciding.wait()
+
+    async def until_standing_by(self) -> bool:
+        return await self._standing_by.wait()
+
     def stand_by(self) -> None:
-        """Another process decides: what this book holds goes stale from now on; reloaded before deciding."""
-        self.deciding = False
+        """This process's consumer channel closed (or it has not been delivered to yet): RabbitMQ hands the queue
+        to another consumer, whose decisions this book does not see; reloaded before deciding again."""
+        was_deciding = self.deciding
+        self._deciding.clear()
+        self._standing_by.set()
+        self._stood_by += 1
         self._book_stale = True
         self._export_metrics()
+        if was_deciding:
+            log.warning("deciding nothing until RabbitMQ delivers binding.events to this process again")
 
     async def take_over(self) -> None:
-        """This process decides from now on: its book is what is committed, not what it loaded earlier."""
+        """This process decides from now on (RabbitMQ delivered to it): its book is what is committed — another
+        process may have decided since it was loaded — not what it loaded earlier."""
         async with self._lock:
-            await self.ensure_current()
-        self.deciding = True
+            if self.deciding:
+                return
+            stood_by = self._stood_by
+            await self.load()
+            if stood_by != self._stood_by:  # the channel closed meanwhile: what it delivered goes to another
+                return
+            self._standing_by.clear()
+            self._deciding.set()
         self._export_metrics()
+        log.info("deciding: RabbitMQ delivers binding.events to this process")
 
     def _export_metrics(self) -> None:
         """The process's gauges read this service from now on — as it decides, or as a standby that says it does

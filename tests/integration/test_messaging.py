@@ -8,14 +8,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aio_pika
 import pytest
 from yarl import URL
 
 from shared import events
-from shared.messaging import Broker, Delivery
+from shared.messaging import Broker, Delivery, QueueArgumentsDiffer, declare_consumer_queue
 from shared.settings import CommonSettings
 from tests.ports import free_port
 from tests.tcp_proxy import CuttableProxy
@@ -206,3 +206,75 @@ async def test_a_broker_that_comes_back_is_used_and_said_so(
         finally:
             await broker.close()
     assert "connected to rabbitmq" in caplog.text
+
+
+async def test_a_single_active_consumer_queue_delivers_to_one_then_to_the_next_and_dead_letters(
+    settings: CommonSettings,
+) -> None:
+    """Two processes' consumers on one single-active-consumer queue: only the first registered is delivered to;
+    when its connection drops without a clean close (a cut), the waiting one gets the next messages at once, the
+    first is told its channel closed, and a message refused by the handler still goes to the dead-letter queue."""
+    seen: dict[str, list[str]] = {"first": [], "second": []}
+    closed: list[str] = []
+
+    def closing(who: str) -> Callable[[], None]:
+        return lambda: closed.append(who)
+
+    def handler_of(who: str) -> Callable[[Sequence[Delivery]], Awaitable[None]]:
+        async def handler(deliveries: Sequence[Delivery]) -> None:
+            names = [d.data.name for d in deliveries if isinstance(d.data, events.VpcData)]
+            if "poison" in names:
+                raise events.InvalidEvent("refused by the handler")
+            seen[who].extend(names)
+
+        return handler
+
+    publisher = Broker(settings, "test")
+    await publisher.connect()
+    with CuttableProxy() as proxy:
+        first_broker = Broker(settings.model_copy(update={"amqp_url": proxy.url(settings.amqp_url)}), "first")
+        second_broker = Broker(settings, "second")
+        await first_broker.connect()
+        await second_broker.connect()
+        try:
+            first, second = [
+                await broker.consumer(
+                    "test.single",
+                    ["vpc.created"],
+                    handler_of(who),
+                    single_active=True,
+                    on_channel_closed=closing(who),
+                )
+                for broker, who in ((first_broker, "first"), (second_broker, "second"))
+            ]
+            await publisher.publish_many([vpc(f"m{i}") for i in range(20)])
+            await eventually(lambda: len(seen["first"]) == 20, what="every message to the first")
+            assert seen["second"] == []
+
+            proxy.cut()
+            await eventually(lambda: closed == ["first"], what="the first told its channel closed")
+            await publisher.publish_many([vpc("after"), vpc("poison")])
+            await eventually(lambda: seen["second"] == ["after"], what="the next message to the second")
+            await eventually(lambda: second.dead_lettered == 1, what="the refused message dead-lettered")
+            assert await dead_letters(settings) == ["poison"]
+            await first.stop()
+            await second.stop()
+        finally:
+            await first_broker.close()
+            await second_broker.close()
+            await publisher.close()
+
+
+async def test_a_queue_of_another_kind_already_there_is_refused_in_words(settings: CommonSettings) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(settings.queue("test.older"), durable=True)
+        with pytest.raises(QueueArgumentsDiffer, match="delete the queue") as refused:
+            await declare_consumer_queue(
+                await connection.channel(), settings, "test.older", ["vpc.created"], single_active=True
+            )
+        assert refused.value.exit_code == 2
+        assert "PRECONDITION_FAILED" in str(refused.value)
+    finally:
+        await connection.close()
