@@ -154,9 +154,10 @@ class QueueArgumentsDiffer(StartupError):
         super().__init__(
             f"RabbitMQ already holds queue {name!r} (virtual host {vhost!r}) with other arguments than this "
             "version declares (a quorum queue with a single active consumer; an older deployment made it a "
-            "classic queue). Stop every process of the service, delete the queue (rabbitmqctl delete_queue "
-            f"{name} -p {vhost}) and start them again, which declares it anew — or point HAVIP_AMQP_URL at a new "
-            f"virtual host. RabbitMQ said: {cause}",
+            "classic queue). Stop every process of the service and run its `migrate`, which replaces the queue "
+            "while it is empty and unused; if it holds messages, let the older version drain it first, or delete "
+            f"the queue (rabbitmqctl delete_queue {name} -p {vhost}) — or point HAVIP_AMQP_URL at a new virtual "
+            f"host. RabbitMQ said: {cause}",
             self.EXIT_CODE,
         )
 

@@ -23,8 +23,9 @@ import httpx
 import pytest
 from yarl import URL
 
-from services.binding.main import QUEUE
-from shared.messaging import Broker
+from services.binding.main import QUEUE, migrate
+from services.binding.settings import BindingSettings
+from shared.messaging import Broker, QueueArgumentsDiffer, declare_consumer_queue
 from shared.settings import CommonSettings
 from tests import service_logs
 from tests.conftest import AMQP_BASE
@@ -240,8 +241,56 @@ async def test_a_queue_declared_otherwise_by_an_older_deployment_is_explained_in
         vhost = URL(amqp_url).path[1:]
         assert len(errors) == 1, errors
         assert f"RabbitMQ already holds queue '{QUEUE}' (virtual host '{vhost}') with other arguments" in errors[0]
+        assert "run its `migrate`, which replaces the queue while it is empty and unused" in errors[0]
         assert f"delete the queue (rabbitmqctl delete_queue {QUEUE} -p {vhost})" in errors[0]
         assert "Traceback" not in process.log_path.read_text()
+
+
+async def declare_classic_queue(amqp_url: str, messages: int) -> None:
+    """The service's queue as an older deployment declared it (classic), holding `messages` messages."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(QUEUE, durable=True, arguments={"x-dead-letter-exchange": "havip.dlx"})
+        for n in range(messages):
+            await channel.default_exchange.publish(aio_pika.Message(f"{n}".encode()), routing_key=QUEUE)
+    finally:
+        await connection.close()
+
+
+async def queue_as_declared_now(amqp_url: str) -> int:
+    """Declare the queue as this version does (raises if it exists otherwise); the messages it holds."""
+    settings = CommonSettings(amqp_url=amqp_url)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await declare_consumer_queue(channel, settings, QUEUE, (), single_active=True)
+        return queue.declaration_result.message_count or 0
+    finally:
+        await connection.close()
+
+
+async def test_migrate_replaces_an_older_deployments_queue_while_it_is_empty_and_unused(database_url: str) -> None:
+    with temporary_vhost(AMQP_BASE, f"havip-test-upgrade-{os.getpid()}-{time.monotonic_ns()}") as amqp_url:
+        await declare_classic_queue(amqp_url, messages=0)
+        with pytest.raises(QueueArgumentsDiffer):
+            await queue_as_declared_now(amqp_url)
+        await migrate(BindingSettings(database_url=database_url, amqp_url=amqp_url))
+        assert await queue_as_declared_now(amqp_url) == 0  # a quorum queue with a single active consumer now
+
+
+async def test_migrate_keeps_an_older_deployments_queue_that_holds_messages(database_url: str) -> None:
+    with temporary_vhost(AMQP_BASE, f"havip-test-upgrade-{os.getpid()}-{time.monotonic_ns()}") as amqp_url:
+        await declare_classic_queue(amqp_url, messages=3)
+        with pytest.raises(QueueArgumentsDiffer, match="let the older version drain it first"):
+            await migrate(BindingSettings(database_url=database_url, amqp_url=amqp_url))
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+            kept = await channel.declare_queue(QUEUE, passive=True)
+            assert kept.declaration_result.message_count == 3  # nothing lost
+        finally:
+            await connection.close()
 
 
 async def _sorted_gauges(a: BindingProcess, b: BindingProcess, expected: list[float]) -> bool:
