@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeAlias, overload
 
@@ -72,13 +72,25 @@ async def fetch_one(conn: Queries, query: str, *args: object) -> asyncpg.Record:
 
 @overload
 async def create_pool(
-    dsn: str, *, role: str | None = None, min_size: int = 2, max_size: int = 10, stop: None = None
+    dsn: str,
+    *,
+    role: str | None = None,
+    min_size: int = 2,
+    max_size: int = 10,
+    settings: Mapping[str, str] | None = None,
+    stop: None = None,
 ) -> asyncpg.Pool: ...
 
 
 @overload
 async def create_pool(
-    dsn: str, *, role: str | None = None, min_size: int = 2, max_size: int = 10, stop: asyncio.Event
+    dsn: str,
+    *,
+    role: str | None = None,
+    min_size: int = 2,
+    max_size: int = 10,
+    settings: Mapping[str, str] | None = None,
+    stop: asyncio.Event,
 ) -> asyncpg.Pool | None: ...
 
 
@@ -88,6 +100,7 @@ async def create_pool(
     role: str | None = None,
     min_size: int = 2,
     max_size: int = 10,
+    settings: Mapping[str, str] | None = None,
     stop: asyncio.Event | None = None,
 ) -> asyncpg.Pool | None:
     """A pool, once Postgres answers: waited for as long as it takes (start-up order is not guaranteed, and an
@@ -96,9 +109,10 @@ async def create_pool(
 
     With `role`, every connection acts as that role from its start (the `role` setting, as `SET ROLE`): a
     service then has the rights of its own schema's role only, whichever user the URL names — the same user
-    for every service in a development set-up, or the role itself where it may log in.
+    for every service in a development set-up, or the role itself where it may log in. `settings`: more
+    server settings for every connection of the pool.
     """
-    server_settings = {"role": role} if role else None
+    server_settings = {**(settings or {}), **({"role": role} if role else {})} or None
 
     async def open_pool() -> asyncpg.Pool:
         return await asyncpg.create_pool(
