@@ -319,6 +319,11 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def watcher_env(**settings: str) -> dict[str, str]:
+    """A watcher process's environment: this one's without any HAVIP_ setting of its own, and `settings`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")} | settings
+
+
 class WatcherProcess:
     """`python -m services.arp_watcher` as a child process, its JSON log lines collected as they come."""
 
@@ -398,8 +403,7 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str, cap
         amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
         await amqp_queue.bind(exchange, routing_key=CLAIMS_EVENT)
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-        env.update(
+        env = watcher_env(
             HAVIP_INTERFACE="eth0",
             HAVIP_NETNS=lab.watch_ns,
             HAVIP_AMQP_URL=amqp_url,
@@ -498,8 +502,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
         exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
         amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
         await amqp_queue.bind(exchange, routing_key=CLAIMS_EVENT)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-        env.update(
+        env = watcher_env(
             HAVIP_INTERFACE="eth0",
             HAVIP_NETNS=lab.watch_ns,
             HAVIP_AMQP_URL=proxy.url(amqp_url),
@@ -573,8 +576,7 @@ async def test_watcher_sends_heartbeats_and_skips_those_it_cannot_publish(lab: L
         )
         amqp_queue = await channel.declare_queue(f"{prefix}test.heartbeats", durable=False, auto_delete=False)
         await amqp_queue.bind(exchange, routing_key=WATCHER_HEARTBEAT_EVENT)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-        env.update(
+        env = watcher_env(
             HAVIP_INTERFACE="eth0",
             HAVIP_NETNS=lab.watch_ns,
             HAVIP_AMQP_URL=proxy.url(amqp_url),
@@ -663,8 +665,7 @@ async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
             sh("ip", "-n", lab.peer_ns, "addr", "add", "198.51.100.2/24", "dev", peer_name)
             sh("ip", "-n", lab.peer_ns, "link", "set", peer_name, "up")
 
-            env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-            env.update(
+            env = watcher_env(
                 HAVIP_INTERFACE=port_name,
                 # nobody listens there: the claims stay buffered
                 HAVIP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
@@ -698,8 +699,7 @@ async def test_watcher_needs_only_cap_net_raw(lab: Lab) -> None:
 
 
 def test_unknown_interface_exits_2(lab: Lab) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-    env.update(HAVIP_INTERFACE="nosuch0", HAVIP_NETNS=lab.watch_ns, HAVIP_METRICS_PORT="0")
+    env = watcher_env(HAVIP_INTERFACE="nosuch0", HAVIP_NETNS=lab.watch_ns, HAVIP_METRICS_PORT="0")
     result = subprocess.run(
         [sys.executable, "-m", "services.arp_watcher"],
         cwd=ROOT,
