@@ -70,6 +70,7 @@ class EventData(BaseModel):
 
 ClaimKind = Literal["garp_request", "arp_reply"]
 CLAIMS_EVENT = "arp.claims.observed"
+REPLAY_REQUESTED = "havip.binding.replay_requested"
 MAX_CLAIMS_PER_EVENT = 10_000
 
 
@@ -290,7 +291,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
     "havip.binding.changed": BindingChanged,
     # Transitions published again on request (same data as havip.binding.changed, older sequences).
     "havip.binding.replayed": BindingChanged,
-    "havip.binding.replay_requested": ReplayRequested,
+    REPLAY_REQUESTED: ReplayRequested,
     "havip.claim.rejected": ClaimRejected,
     "havip.flapping.started": HavipCondition,
     "havip.flapping.stopped": HavipCondition,
@@ -300,7 +301,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
 
 
 class Envelope(BaseModel):
-    """What travels on `havip.events`: the routing key equals `type`."""
+    """What travels on `havip.events`: the routing key equals `type` (a claims event: `type` and its partition,
+    shared.partitions)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

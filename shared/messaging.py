@@ -11,9 +11,10 @@ import errno
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from ipaddress import IPv4Address
 from typing import Any
 
 import aio_pika
@@ -38,7 +39,8 @@ from shared.backoff import (
     retrying_with_backoff,
     wait_until_available,
 )
-from shared.events import Envelope, EventData, EventHead, InvalidEvent, decode, encode
+from shared.events import CLAIMS_EVENT, Envelope, EventData, EventHead, InvalidEvent, decode, encode
+from shared.partitions import claims_routing_key, partition_of
 from shared.runtime import StartupError
 from shared.settings import CommonSettings
 from shared.tasks import cancel
@@ -143,6 +145,17 @@ async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -
 # and the broker hands the queue to one of them as soon as the active one's channel or connection is gone. Only a
 # quorum queue keeps that state through the loss of a broker node.
 SINGLE_ACTIVE_CONSUMER = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+QUORUM = {"x-queue-type": "quorum"}
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A consumer's queue as `migrate` declares it ahead of the service's first start (declare_consumer_queue)."""
+
+    name: str
+    routing_keys: tuple[str, ...]
+    single_active: bool = False
+    arguments: Mapping[str, Any] | None = None
 
 
 class QueueArgumentsDiffer(StartupError):
@@ -169,12 +182,13 @@ async def declare_consumer_queue(
     routing_keys: Iterable[str],
     *,
     single_active: bool = False,
+    arguments: Mapping[str, Any] | None = None,
 ) -> AbstractQueue:
     """Declare a consumer's durable queue, bound to the exchange, dead-lettering to the DLX. With `single_active`
-    it is a quorum queue with a single active consumer (SINGLE_ACTIVE_CONSUMER); raises QueueArgumentsDiffer if
-    the queue exists with other arguments."""
+    it is a quorum queue with a single active consumer (SINGLE_ACTIVE_CONSUMER); `arguments` adds others (e.g.
+    QUORUM); raises QueueArgumentsDiffer if the queue exists with other arguments."""
     exchange = await declare_topology(channel, settings)
-    arguments: dict[str, Any] = {"x-dead-letter-exchange": settings.dead_letter_exchange}
+    arguments = {"x-dead-letter-exchange": settings.dead_letter_exchange, **(arguments or {})}
     if single_active:
         arguments |= SINGLE_ACTIVE_CONSUMER
     try:
@@ -244,9 +258,22 @@ class Broker:
             raise RuntimeError("Broker.connect() was not called")
         return self._connection
 
-    async def publish(self, env: Envelope) -> None:
-        """Publish one event and wait for the broker's confirm (bounded by publish_timeout_s)."""
-        await self.publish_encoded(env.type, encode(env), env.event_id, env.occurred_at)
+    async def publish(self, env: Envelope, *, routing_key: str | None = None, routine: bool = False) -> None:
+        """Publish one event and wait for the broker's confirm (bounded by publish_timeout_s). A claims event
+        goes to its claims' partition (shared.partitions) unless a routing key is given; `routine`: as in
+        publish_encoded."""
+        if routing_key is None and env.type == CLAIMS_EVENT:
+            routing_key = claims_routing_key(self._partition_of(env.data))
+        await self.publish_encoded(
+            env.type, encode(env), env.event_id, env.occurred_at, routing_key=routing_key, routine=routine
+        )
+
+    def _partition_of(self, data: dict[str, Any]) -> int:
+        claims = data.get("claims") or ()
+        partitions = {partition_of(IPv4Address(str(c["sender_ip"])), self.settings.partitions) for c in claims}
+        if len(partitions) > 1:
+            raise ValueError("a claims event carries the claims of one partition: publish one per partition")
+        return partitions.pop() if partitions else 0
 
     async def publish_encoded(
         self,
@@ -256,9 +283,11 @@ class Broker:
         occurred_at: datetime | None = None,
         *,
         routine: bool = False,
+        routing_key: str | None = None,
     ) -> None:
         """Publish an envelope already encoded (hot paths encode without pydantic) and wait for its confirm;
-        `routine` marks it for a consumer's routine lane (LANE_HEADER)."""
+        `routine` marks it for a consumer's routine lane (LANE_HEADER); the routing key is the event's type
+        unless given (a partition's claims: shared.partitions)."""
         if self._exchange is None:
             raise RuntimeError("Broker.connect() was not called")
         message = aio_pika.Message(
@@ -273,7 +302,10 @@ class Broker:
         )
         # mandatory=False: an event nobody subscribes to is not an error for the publisher.
         await self._exchange.publish(
-            message, routing_key=event_type, mandatory=False, timeout=self.settings.publish_timeout_s
+            message,
+            routing_key=routing_key or event_type,
+            mandatory=False,
+            timeout=self.settings.publish_timeout_s,
         )
 
     async def publish_many(self, envs: Sequence[Envelope]) -> None:
@@ -293,6 +325,7 @@ class Broker:
         routine_batch: int | None = None,
         routine_handler: BatchHandler | None = None,
         single_active: bool = False,
+        arguments: Mapping[str, Any] | None = None,
         on_channel_closed: Callable[[], None] = lambda: None,
     ) -> BatchConsumer:
         """Consume `queue` on a channel of its own; returns once the consumer is registered. With `single_active`
@@ -309,7 +342,7 @@ class Broker:
                 channel = await self.connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
                 amqp_queue = await declare_consumer_queue(
-                    channel, self.settings, queue, routing_keys, single_active=single_active
+                    channel, self.settings, queue, routing_keys, single_active=single_active, arguments=arguments
                 )
             except QueueArgumentsDiffer:
                 raise
@@ -436,6 +469,37 @@ class BatchConsumer:
         else:
             self._inbox.put_nowait(arrived)
 
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet handled, and batches under way."""
+        return self._inbox.qsize() + self._routine.qsize() + self._busy
+
+    async def until_idle(self, timeout_s: float = 1.0) -> None:
+        """Wait (at most `timeout_s`) until everything received so far is handled."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending and not self._stopping:
+            self._idle.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), min(remaining, 0.05))
+
+    async def until_drained(self, timeout_s: float = 1.0) -> None:
+        """Wait (at most `timeout_s`) until the queue holds nothing ready for this consumer and everything it
+        received is handled: whatever was in the queue when this was called has then been handled (bar the
+        messages on the wire at that moment, which the broker had already handed to this consumer)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stopping:
+            try:
+                declared = await self._queue.channel.declare_queue(self._queue.name, passive=True)
+                ready = declared.declaration_result.message_count or 0
+            except Exception:
+                return
+            if not ready and not self.pending:
+                return
+            await self.until_idle(max(0.0, min(deadline - time.monotonic(), 0.02)))
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop consuming; a batch under way may finish (and be acknowledged) within `grace_s`."""
         self._stopping = True
@@ -448,6 +512,12 @@ class BatchConsumer:
         for task in self._tasks:
             await cancel(task)
         self._tasks = []
+        # Closing the channel cancels the consumer: RabbitMQ hands a single-active-consumer queue to the next one
+        # at once, and gives what this one held but did not acknowledge to it.
+        with contextlib.suppress(Exception):
+            channel = self._queue.channel
+            if not channel.is_closed:
+                await channel.close()
 
     async def _run(
         self, inbox: asyncio.Queue[tuple[AbstractIncomingMessage, int]], max_batch: int, handler: BatchHandler

@@ -5,13 +5,13 @@ service first runs, so that no event published before then is lost."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiormq
 
 from shared.db import ensure_database
-from shared.messaging import Broker, QueueArgumentsDiffer, declare_consumer_queue
+from shared.messaging import Broker, QueueArgumentsDiffer, QueueSpec, declare_consumer_queue
 from shared.migrations import apply_migrations
 from shared.settings import CommonSettings
 
@@ -24,11 +24,12 @@ async def migrate_service(
     source: str,
     schema: str,
     migrations: Path,
-    queue: str,
-    subscriptions: Iterable[str],
-    single_active: bool = False,
+    queues: Sequence[QueueSpec],
+    retired: Sequence[str] = (),
 ) -> list[str]:
-    """Returns the migrations applied now. `single_active`: the queue's kind (declare_consumer_queue)."""
+    """Returns the migrations applied now. `queues`: the service's queues, declared (an older deployment's queue
+    of the same name with other arguments is replaced while it is empty and unused); `retired`: queues an older
+    version consumed and this one does not, deleted while they are empty and unused (else said, and kept)."""
     if await ensure_database(settings.database_url):
         log.info("created the database")
     applied = await apply_migrations(settings.database_url, schema, migrations, settings.database_role)
@@ -36,27 +37,60 @@ async def migrate_service(
     broker = Broker(settings, f"{source}-migrate")
     await broker.connect()
     try:
-        channel = await broker.connection.channel()
-        try:
-            await declare_consumer_queue(channel, settings, queue, subscriptions, single_active=single_active)
-        except QueueArgumentsDiffer:
-            # The refused declaration closed the channel; the replacement works on a channel of its own.
-            if not await replace_unused_empty_queue(broker, settings.queue(queue)):
-                raise
-            channel = await broker.connection.channel()
-            await declare_consumer_queue(channel, settings, queue, subscriptions, single_active=single_active)
+        await declare_queues(broker, settings, queues)
+        for name in retired:
+            await delete_unused_empty_queue(broker, settings.queue(name), replaced=False)
     finally:
         await broker.close()
     return applied
 
 
-async def replace_unused_empty_queue(broker: Broker, name: str) -> bool:
+async def declare_queues(broker: Broker, settings: CommonSettings, queues: Sequence[QueueSpec]) -> None:
+    """Declare each queue (idempotent); one an older deployment declared with other arguments is replaced while
+    it is empty and unused, else QueueArgumentsDiffer."""
+    for spec in queues:
+        await _declare(broker, settings, spec)
+
+
+async def _declare(broker: Broker, settings: CommonSettings, spec: QueueSpec) -> None:
+    channel = await broker.connection.channel()
+    try:
+        await declare_consumer_queue(
+            channel,
+            settings,
+            spec.name,
+            spec.routing_keys,
+            single_active=spec.single_active,
+            arguments=spec.arguments,
+        )
+    except QueueArgumentsDiffer:
+        # The refused declaration closed the channel; the replacement works on a channel of its own.
+        if not await delete_unused_empty_queue(broker, settings.queue(spec.name)):
+            raise
+        channel = await broker.connection.channel()
+        await declare_consumer_queue(
+            channel,
+            settings,
+            spec.name,
+            spec.routing_keys,
+            single_active=spec.single_active,
+            arguments=spec.arguments,
+        )
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def delete_unused_empty_queue(broker: Broker, name: str, *, replaced: bool = True) -> bool:
     """Delete the queue `name` if nothing consumes it and it holds no message, so that it can be declared anew
     with this version's arguments (an older deployment's classic queue); False, and nothing deleted, otherwise.
     RabbitMQ checks both conditions as it deletes: a message or a consumer arriving meanwhile keeps the queue."""
     channel = await broker.connection.channel()
     try:
-        existing = await channel.declare_queue(name, passive=True)
+        try:
+            existing = await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return True  # nothing to delete
         result = existing.declaration_result
         if result.message_count or result.consumer_count:
             log.error(
@@ -74,5 +108,8 @@ async def replace_unused_empty_queue(broker: Broker, name: str) -> bool:
     finally:
         if not channel.is_closed:
             await channel.close()
-    log.warning("replaced queue %s, empty and unused, by one with this version's arguments", name)
+    if replaced:
+        log.warning("replaced queue %s, empty and unused, by one with this version's arguments", name)
+    else:
+        log.warning("deleted queue %s, empty and unused: this version no longer consumes it", name)
     return True

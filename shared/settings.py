@@ -8,6 +8,8 @@ from typing import TextIO
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS
+
 # The exit status of a service started with a configuration it cannot run with.
 EXIT_INVALID_SETTINGS = 2
 
@@ -24,6 +26,10 @@ class CommonSettings(BaseSettings):
     database_role: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     publish_timeout_s: float = Field(default=5.0, gt=0)
+    # Claims are decided in this many partitions (shared.partitions): the watchers and every binding replica
+    # must agree on it (an alert fires when they do not). Changing it moves HAVIPs between partitions: change it
+    # on every process at once.
+    partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1, le=MAX_PARTITIONS)
 
     @property
     def exchange(self) -> str:

@@ -23,6 +23,7 @@ from services.allocator.binding_view.service import SUBSCRIPTIONS as VIEW_SUBSCR
 from services.allocator.database import SCHEMA, SOURCE
 from services.allocator.settings import AllocatorSettings
 from shared.logging import configure_logging
+from shared.messaging import QueueSpec
 from shared.runtime import serve
 from shared.service_setup import migrate_service
 from shared.settings import EXIT_INVALID_SETTINGS, CommonSettings, print_invalid_settings
@@ -39,8 +40,7 @@ async def migrate(settings: CommonSettings) -> None:
         source=SOURCE,
         schema=SCHEMA,
         migrations=MIGRATIONS,
-        queue=VIEW_QUEUE,
-        subscriptions=VIEW_SUBSCRIPTIONS,
+        queues=[QueueSpec(VIEW_QUEUE, tuple(VIEW_SUBSCRIPTIONS))],
     )
 
 

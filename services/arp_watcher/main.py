@@ -88,6 +88,7 @@ async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: Colle
         source=SOURCE,
         batch_size=settings.batch_size,
         routine_linger_s=settings.routine_linger_s,
+        partitions=settings.partitions,
     )
 
     heartbeat = Heartbeat(

@@ -30,8 +30,9 @@ from typing import Final, Protocol
 from tenacity import AsyncRetrying, RetryCallState
 
 from shared.backoff import at_once_then_retrying, failure_of, retrying_with_backoff
-from shared.events import DEFAULT_SEGMENT
+from shared.events import CLAIMS_EVENT, DEFAULT_SEGMENT
 from shared.hops import datetime_ns
+from shared.partitions import DEFAULT_PARTITIONS, claims_routing_key, partition_of
 
 from .claims import Claim
 from .encoding import EncodedEvent, encode_claims
@@ -49,6 +50,7 @@ class EncodedPublisher(Protocol):
         occurred_at: datetime | None = None,
         *,
         routine: bool = False,
+        routing_key: str | None = None,
     ) -> None: ...
 
 
@@ -208,8 +210,10 @@ class ClaimPublisher:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
         routine_linger_s: float = 0.0,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         self._broker = broker
+        self._partitions = partitions
         self._buffer = buffer
         self._metrics = metrics
         self._watcher_id = watcher_id
@@ -246,18 +250,29 @@ class ClaimPublisher:
                     return
                 await self._buffer.wait(routine=routine)
                 continue
-            event = encode_claims(
-                claims,
-                watcher_id=self._watcher_id,
-                interface=self._interface,
-                segment=self._segment,
-                source=self._source,
+            # One event per partition: each goes to the binding replica deciding that partition's addresses.
+            by_partition: dict[int, list[Claim]] = {}
+            for claim in claims:
+                by_partition.setdefault(partition_of(claim.sender_ip, self._partitions), []).append(claim)
+            await asyncio.gather(
+                *(self._publish_partition(partition, part, routine) for partition, part in by_partition.items())
             )
-            await self._publish_with_retry(event, claims, routine=routine)
             if linger and not self._closing:
                 await asyncio.sleep(linger)
 
-    async def _publish_with_retry(self, event: EncodedEvent, claims: list[Claim], *, routine: bool) -> None:
+    async def _publish_partition(self, partition: int, claims: list[Claim], routine: bool) -> None:
+        event = encode_claims(
+            claims,
+            watcher_id=self._watcher_id,
+            interface=self._interface,
+            segment=self._segment,
+            source=self._source,
+        )
+        await self._publish_with_retry(event, claims, routine=routine, routing_key=claims_routing_key(partition))
+
+    async def _publish_with_retry(
+        self, event: EncodedEvent, claims: list[Claim], *, routine: bool, routing_key: str
+    ) -> None:
         def tell(state: RetryCallState) -> None:
             exc = failure_of(state)
             self._metrics.publish_failures.inc()
@@ -282,7 +297,12 @@ class ClaimPublisher:
         self.in_flight += len(claims)
         await at_once_then_retrying(
             lambda: self._broker.publish_encoded(
-                "arp.claims.observed", event.body, event.event_id, event.occurred_at, routine=routine
+                CLAIMS_EVENT,
+                event.body,
+                event.event_id,
+                event.occurred_at,
+                routine=routine,
+                routing_key=routing_key,
             ),
             retrying,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
@@ -201,6 +201,9 @@ class BindingBook:
     _activity: dict[uuid.UUID, _Activity] = field(default_factory=dict)
     _flagged: set[uuid.UUID] = field(default_factory=set)  # HAVIPs flapping or in split brain
     _edges: list[ConditionEdge] = field(default_factory=list)
+    # HAVIPs the last `load` found with no binding row yet: created by the first write of their partition's
+    # decider (a replica creates the rows of its own partitions only).
+    rowless: set[uuid.UUID] = field(default_factory=set)
 
     # ---- inventory -----------------------------------------------------------------------------------------
 
@@ -314,7 +317,48 @@ class BindingBook:
         for binding in bindings:
             self.bindings[binding.havip_id] = binding
         for havip in havips:
-            self.put_havip(havip)
+            if self.put_havip(havip) == "new":
+                self.rowless.add(havip.id)
+
+    def replace_bindings(self, taken: Callable[[IPv4Address], bool], bindings: Iterable[Binding]) -> list[Binding]:
+        """The bindings of the partitions `taken` tells, as read from Postgres (another replica decided them until
+        now): they replace this book's, whose recent claims are forgotten with them. A HAVIP of these partitions
+        with no row yet gets a fresh binding (`rowless`). Returns the bindings now in the book for them."""
+        for havip_id, binding in list(self.bindings.items()):
+            if taken(binding.address):
+                del self.bindings[havip_id]
+                self._activity.pop(havip_id, None)
+                self._flagged.discard(havip_id)
+        placed = []
+        for binding in bindings:
+            self.bindings[binding.havip_id] = binding
+            placed.append(binding)
+        for havip in self.havips_by_id.values():
+            if havip.id not in self.bindings and taken(havip.address):
+                binding = self.bindings[havip.id] = Binding(havip.id, havip.address)
+                self.rowless.add(havip.id)
+                placed.append(binding)
+        return placed
+
+    def strays(self, owns: Callable[[IPv4Address], bool]) -> list[Transition]:
+        """After a load, in the partitions `owns` tells: the bindings that inventory changes decided while no
+        replica decided their partition should have ended — their HAVIP released, their holder deregistered or no
+        longer a candidate (docs/contract.md#release). Ends them (the transitions to write) and forgets them."""
+        ended: list[Transition] = []
+        for havip_id, binding in list(self.bindings.items()):
+            if not owns(binding.address):
+                continue
+            if havip_id not in self.havips_by_id:  # released (a binding row outlived its HAVIP)
+                final = self.remove_havip(havip_id)
+                if final is not None:
+                    ended.append(final)
+            elif binding.instance_id is not None and binding.instance_id not in self.instances_by_id:
+                ended.append(self._release(binding, "instance_deregistered"))
+            else:
+                released = self.release_unless_candidate(havip_id)
+                if released is not None:
+                    ended.append(released)
+        return ended
 
     # ---- claims --------------------------------------------------------------------------------------------
 
@@ -440,10 +484,10 @@ class BindingBook:
                 continue
             self._evaluate(binding, activity, now_ns)
 
-    def hold_conditions(self, now_ns: int) -> None:
-        """After a restart: a HAVIP stored as flapping or in split brain stays so until a window from now
-        passed quietly (the history of claims that set the flag is not kept)."""
-        for binding in self.bindings.values():
+    def hold_conditions(self, now_ns: int, bindings: Iterable[Binding] | None = None) -> None:
+        """After a restart (or for `bindings` just read): a HAVIP stored as flapping or in split brain stays so
+        until a window from now passed quietly (the history of claims that set the flag is not kept)."""
+        for binding in self.bindings.values() if bindings is None else bindings:
             if binding.flapping or binding.split_brain:
                 activity = self._activity.setdefault(binding.havip_id, _Activity())
                 if binding.flapping:

@@ -7,30 +7,35 @@ import contextlib
 import itertools
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
 
+from services.binding import metrics
 from services.binding.clock import SystemClock
 from services.binding.hops import ClaimHops
+from services.binding.leases import LeaseSettings, PartitionLeases
 from services.binding.outgoing import SOURCE
 from services.binding.refusal_audit import MAX_SUMMARISED_CLAIMANTS
 from services.binding.repository import SCHEMA
-from services.binding.service import SUBSCRIPTIONS, BindingService
+from services.binding.service import INVENTORY_SUBSCRIPTIONS, BindingService
 from services.binding.settings import BindingSettings
 from shared.db import create_pool, database_or_network_away
+from shared.events import REPLAY_REQUESTED
 from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
-from shared.messaging import BatchHandler, Broker, Delivery
+from shared.messaging import QUORUM, BatchConsumer, Broker, QueueSpec
 from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
+from shared.partitions import claims_routing_key
 from shared.periodic import run_periodically
 from shared.runtime import StartupError, serve
-from shared.service_setup import migrate_service
+from shared.service_setup import declare_queues, migrate_service
 from shared.settings import print_invalid_settings
 from shared.tasks import cancel, until_stopped
 
@@ -44,19 +49,39 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # to choose, Postgres planned the decisions' statement anew on every execution (a generic plan's estimate never won
 # over a custom one): 0.4–0.5 ms of planning for a statement that runs in 0.4 ms (docs/benchmarks.md).
 DATABASE_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
-QUEUE = "binding.events"
+# Older versions consumed everything from this one queue; `migrate` deletes it once it is empty and unused.
+RETIRED_QUEUE = "binding.events"
+_DAY_MS = 86_400_000
+
+
+def partition_queue(partition: int) -> QueueSpec:
+    """A partition's queue: its claims (and, for partition 0, readers' replay requests). A quorum queue with a
+    single active consumer: the replica holding the partition's lock consumes it; a replica that lost the lock
+    but not yet its channel (frozen) keeps the broker from delivering to two."""
+    keys = (claims_routing_key(partition),) + ((REPLAY_REQUESTED,) if partition == 0 else ())
+    return QueueSpec(f"binding.partition.{partition}", keys, single_active=True)
+
+
+def inventory_queue(settings: BindingSettings) -> QueueSpec:
+    """This replica's own queue of inventory events and watchers' heartbeats: every replica receives every one.
+    RabbitMQ deletes it once it has had no consumer for the configured days (a replica retired for good)."""
+    expiry_ms = int(settings.inventory_queue_expiry_days * _DAY_MS)
+    return QueueSpec(
+        f"binding.inventory.{settings.replica_id}",
+        INVENTORY_SUBSCRIPTIONS,
+        arguments={**QUORUM, "x-expires": expiry_ms},
+    )
 
 
 async def migrate(settings: BindingSettings) -> None:
-    """Database schema, and the service's queue, so that no event published before its first start is lost."""
+    """Database schema, and the service's queues, so that no event published before its first start is lost."""
     await migrate_service(
         settings,
         source=SOURCE,
         schema=SCHEMA,
         migrations=MIGRATIONS,
-        queue=QUEUE,
-        subscriptions=SUBSCRIPTIONS,
-        single_active=True,
+        queues=[*(partition_queue(p) for p in range(settings.partitions)), inventory_queue(settings)],
+        retired=[RETIRED_QUEUE],
     )
 
 
@@ -102,6 +127,8 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         stack.push_async_callback(broker.close)
         if not await broker.connect(stop):
             return
+        # Every partition's queue exists before any replica holds it: claims published meanwhile wait there.
+        await declare_queues(broker, settings, [partition_queue(p) for p in range(settings.partitions)])
         hops = ClaimHops()
         relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
         service = BindingService(
@@ -112,60 +139,105 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
             policy=settings.condition_policy(),
             refusal_audit_rate=settings.refusal_audit_rate,
             hops=hops,
+            partitions=settings.partitions,
+            owned=(),
         )
-        await service.load()
-        freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
-        relay.start()
-        stack.push_async_callback(relay.stop)  # after the consumer's last batch: what it committed leaves too
-        if settings.metrics_port:
-            serve_metrics(settings.metrics_port, settings.metrics_host)
-        # One process decides: the queue's active consumer. Inventory and claims share that one ordered queue, so
-        # a second consumer taking half of them would refuse claims of instances only the first learnt about.
-        # Every process registers at once; RabbitMQ delivers to one (single active consumer) and, when that
-        # one's channel or connection is gone, to another at once. A process learns it is the active one from
-        # a delivery (takes over: reloads its book, then decides); it stops deciding — ticks included — when
-        # its channel closes, until RabbitMQ delivers to it again.
-        service.stand_by()  # until a delivery: the book loaded above may be behind another process's decisions
-        consumer = await until_stopped(
+        metrics.PARTITIONS.set(settings.partitions)
+        # Every replica receives every inventory event on a queue of its own, declared before the book is loaded:
+        # what is published from then on reaches this book; what was before is in what the load reads.
+        queue = inventory_queue(settings)
+        inventory = await until_stopped(
             broker.consumer(
-                QUEUE,
-                SUBSCRIPTIONS,
-                partial(_decide_as_the_active_consumer, service, service.handle),
+                queue.name,
+                queue.routing_keys,
+                service.handle_inventory,
                 prefetch=settings.prefetch,
                 max_batch=settings.max_batch,
                 transient=database_or_network_away,
-                routine_batch=settings.routine_batch,
-                routine_handler=partial(_decide_as_the_active_consumer, service, service.handle_routine),
-                single_active=True,
-                on_channel_closed=service.stand_by,
+                arguments=queue.arguments,
+                on_channel_closed=service.channel_lost,
             ),
             stop,
         )
-        if consumer is None:
+        if inventory is None:
             log.info("stopped before consuming")
             return
-        stack.push_async_callback(consumer.stop)
+        stack.push_async_callback(inventory.stop)
+        service.drain_inventory = inventory.until_drained
+        await service.load()
+        freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
+        relay.start()
+        stack.push_async_callback(relay.stop)  # after the consumers' last batch: what they committed leaves too
+        if settings.metrics_port:
+            serve_metrics(settings.metrics_port, settings.metrics_host)
+        partitions = _PartitionConsumers(settings, broker, service)
+        stack.push_async_callback(partitions.stop_all)
+        leases = PartitionLeases(
+            LeaseSettings(
+                settings.database_url,
+                settings.partitions,
+                start=zlib.crc32(settings.replica_id.encode()) % settings.partitions,
+                interval_s=settings.lease_interval_s,
+                timeout_s=settings.lease_timeout_s,
+                scope=settings.amqp_prefix,
+            ),
+            acquired=partitions.start,
+            releasing=partitions.stop,
+        )
+        metrics.REPLICAS.set_function(lambda: leases.replicas)
+        metrics.PARTITION_COUNTS.set_function(lambda: leases.partition_counts)
+        lease_task = asyncio.create_task(leases.run(stop), name="partition leases")
+        stack.push_async_callback(cancel, lease_task)  # first on the way out, should the loop below fail
         log.info(
-            "binding service running: deciding once RabbitMQ delivers to this process",
-            extra={"queue": settings.queue(QUEUE)},
+            "binding service running: deciding the partitions whose advisory locks it holds",
+            extra={"replica": settings.replica_id, "partitions": settings.partitions},
         )
         if ready is not None:
             ready.set()
         while await until_stopped(service.until_deciding(), stop) is not None:
             if not await _decide_until_standing_by(settings, service, stop):
                 break
-        log.info("stopping: the batch under way is committed, then the outbox is published")
+        log.info("stopping: handing the partitions over, then the outbox is published")
+        await lease_task  # `stop` is set: it drains (each partition's batch under way committed, its lock freed)
     log.info("stopped")
 
 
-async def _decide_as_the_active_consumer(
-    service: BindingService, handler: BatchHandler, deliveries: Sequence[Delivery]
-) -> None:
-    """RabbitMQ delivers to the queue's active consumer only: a delivery to a process that is not deciding
-    makes it the one that decides, from what is committed."""
-    if not service.deciding:
-        await service.take_over()
-    await handler(deliveries)
+class _PartitionConsumers:
+    """The consumers of the partitions this replica holds: started once a lock is taken, stopped (the batch under
+    way committed and acknowledged, the channel closed so that RabbitMQ hands the queue on) before it is freed."""
+
+    def __init__(self, settings: BindingSettings, broker: Broker, service: BindingService) -> None:
+        self._settings = settings
+        self._broker = broker
+        self._service = service
+        self._consumers: dict[int, BatchConsumer] = {}
+
+    async def start(self, partition: int) -> None:
+        await self._service.own(partition)
+        spec = partition_queue(partition)
+        settings = self._settings
+        self._consumers[partition] = await self._broker.consumer(
+            spec.name,
+            spec.routing_keys,
+            self._service.handle,
+            prefetch=settings.prefetch,
+            max_batch=settings.max_batch,
+            transient=database_or_network_away,
+            routine_batch=settings.routine_batch,
+            routine_handler=self._service.handle_routine,
+            single_active=True,
+            on_channel_closed=self._service.channel_lost,
+        )
+
+    async def stop(self, partition: int) -> None:
+        consumer = self._consumers.pop(partition, None)
+        if consumer is not None:
+            await consumer.stop()
+        await self._service.disown(partition)
+
+    async def stop_all(self) -> None:
+        for partition in list(self._consumers):
+            await self.stop(partition)
 
 
 async def _decide_until_standing_by(

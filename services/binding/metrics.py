@@ -33,7 +33,20 @@ REFUSALS_UNAUDITED = Counter(
 )
 CONSUMING = Gauge(
     "havip_binding_consuming",
-    "1 while this process decides (RabbitMQ delivers binding.events to it); 0 while it waits or lost its channel",
+    "1 while this replica decides at least one partition; 0 while it holds none",
+)
+PARTITIONS_OWNED = Gauge(
+    "havip_binding_partitions_owned", "Partitions this replica decides (holds the advisory lock of)"
+)
+PARTITIONS = Gauge(
+    "havip_binding_partitions", "P, the partition count this replica is configured with (HAVIP_PARTITIONS)"
+)
+REPLICAS = Gauge(
+    "havip_binding_replicas", "Binding replicas Postgres counts alive (sessions holding the membership lock)"
+)
+PARTITION_COUNTS = Gauge(
+    "havip_binding_partition_counts",
+    "Distinct partition counts (P) among the binding replicas alive: more than 1 is a misconfiguration",
 )
 CONDITION_EDGES = Counter(
     "havip_condition_edges_total",

@@ -27,6 +27,7 @@ from services.binding.refusal_audit import RejectedClaim
 from shared.db import Queries, Row, fetch_one
 from shared.events import Envelope, ReplayRequested
 from shared.outbox import outbox_rows
+from shared.partitions import partition_sql
 from shared.unit_of_work import UnitOfWork
 
 SCHEMA = "binding"
@@ -64,6 +65,9 @@ class BatchWrite:
     claim_ids: set[uuid.UUID] = field(default_factory=set)  # claims decided in this batch
     # Readers' requests to publish transitions again (havip.binding.replay_requested).
     replays: list[ReplayRequested] = field(default_factory=list)
+    # (P, the partitions the writing replica decides): the bindings it checks after the inventory (`_UNRELEASED`)
+    # are its own partitions' — the others' are ended by their own replicas.
+    owned: tuple[int, list[int]] = (1, [0])
 
     def put_instance(self, i: Instance) -> None:
         self.inventory.append((_PUT_INSTANCE, (i.id, i.vpc_id, i.subnet_id, i.mac, i.private_ip)))
@@ -92,6 +96,11 @@ class BatchWrite:
         self.bindings.pop(havip_id, None)
         self.refreshed.pop(havip_id, None)
         self.removed_bindings.add(havip_id)
+
+    def forget_havip(self, havip_id: uuid.UUID) -> None:
+        """A HAVIP released in a partition another replica decides: its record goes (the first replica to apply
+        the release writes it), its binding is that replica's to end."""
+        self.inventory.append((_DELETE_HAVIP, (havip_id,)))
 
     def refresh(self, binding: Binding) -> None:
         """Only the holder's last claim and last-seen time changed (a refresh): a narrow update."""
@@ -177,10 +186,10 @@ _DELETE_HAVIP = """
 # A binding whose holder this batch's inventory deregistered, or left out of the HAVIP's candidates, is released
 # by the batch — unless the book did not know that holder (another process bound it meanwhile): then found here,
 # a conflict.
-_UNRELEASED = """
+_UNRELEASED = f"""
     SELECT b.havip_id FROM binding.bindings AS b LEFT JOIN binding.havips AS h ON h.id = b.havip_id
     WHERE b.instance_id IS NOT NULL AND (b.instance_id = ANY($1::uuid[]) OR b.havip_id = ANY($2::uuid[]))
-        AND NOT b.havip_id = ANY($3::uuid[])
+        AND NOT b.havip_id = ANY($3::uuid[]) AND {partition_sql("b.address", "$4")} = ANY($5::int[])
         AND (NOT EXISTS (SELECT 1 FROM binding.instances AS i WHERE i.id = b.instance_id)
              OR cardinality(h.candidates) > 0 AND NOT b.instance_id = ANY(h.candidates))"""
 # Batches are written set-based, one statement per table (unnest of one array per column): at thousands of
@@ -300,6 +309,35 @@ _INSERT_REJECTED = """
     RETURNING claim_id"""
 
 
+_BINDING_COLUMNS = """havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at,
+    last_seen_at, flapping, split_brain"""
+
+
+def _binding_of_row(r: Row) -> Binding:
+    return Binding(
+        havip_id=r["havip_id"],
+        address=_host(r["address"]),
+        instance_id=r["instance_id"],
+        mac=str(r["mac"]) if r["mac"] is not None else None,
+        sequence=r["sequence"],
+        last_claim_ns=r["last_claim_ns"],
+        last_seen_written_ns=int(r["last_seen_at"].timestamp() * 1e9) if r["last_seen_at"] else 0,
+        last_transition_at=r["last_transition_at"],
+        flapping=r["flapping"],
+        split_brain=r["split_brain"],
+    )
+
+
+async def load_bindings(conn: Queries, partitions: int, which: Sequence[int]) -> list[Binding]:
+    """The bindings of the partitions `which` (of `partitions`), as committed."""
+    rows = await conn.fetch(
+        f"SELECT {_BINDING_COLUMNS} FROM binding.bindings WHERE {partition_sql('address', '$1')} = ANY($2::int[])",
+        partitions,
+        list(which),
+    )
+    return [_binding_of_row(r) for r in rows]
+
+
 async def load_book(conn: Queries, policy: ConditionPolicy | None = None) -> BindingBook:
     book = BindingBook(policy=policy or ConditionPolicy())
     instances = [
@@ -310,24 +348,7 @@ async def load_book(conn: Queries, policy: ConditionPolicy | None = None) -> Bin
         Havip(r["id"], r["vpc_id"], r["subnet_id"], _host(r["address"]), frozenset(r["candidates"]))
         for r in await conn.fetch("SELECT id, vpc_id, subnet_id, address, candidates FROM binding.havips")
     ]
-    bindings = [
-        Binding(
-            havip_id=r["havip_id"],
-            address=_host(r["address"]),
-            instance_id=r["instance_id"],
-            mac=str(r["mac"]) if r["mac"] is not None else None,
-            sequence=r["sequence"],
-            last_claim_ns=r["last_claim_ns"],
-            last_seen_written_ns=int(r["last_seen_at"].timestamp() * 1e9) if r["last_seen_at"] else 0,
-            last_transition_at=r["last_transition_at"],
-            flapping=r["flapping"],
-            split_brain=r["split_brain"],
-        )
-        for r in await conn.fetch(
-            """SELECT havip_id, address, instance_id, mac, sequence, last_claim_ns, last_transition_at,
-                      last_seen_at, flapping, split_brain FROM binding.bindings"""
-        )
-    ]
+    bindings = [_binding_of_row(r) for r in await conn.fetch(f"SELECT {_BINDING_COLUMNS} FROM binding.bindings")]
     released = [r["id"] for r in await conn.fetch("SELECT id FROM binding.released_havips")]
     deregistered = [r["id"] for r in await conn.fetch("SELECT id FROM binding.deregistered_instances")]
     book.load(instances, havips, bindings, released, deregistered)
@@ -380,6 +401,8 @@ async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWrit
             list(batch.holders_checked),
             list(batch.havips_checked),
             list(expected),
+            batch.owned[0],
+            batch.owned[1],
         )
         if unreleased:
             raise WriteConflict([row["havip_id"] for row in unreleased])

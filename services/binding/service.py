@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from ipaddress import IPv4Address
 from typing import Any
 
 import asyncpg
@@ -47,6 +49,7 @@ from services.binding.repository import (
     Renewal,
     WriteConflict,
     delete_old_refusals,
+    load_bindings,
     load_book,
     renewals_of,
     write_batch,
@@ -57,6 +60,7 @@ from services.binding.watchers import WatcherBook
 from shared import events
 from shared.db import ConnectionPool
 from shared.messaging import Delivery
+from shared.partitions import DEFAULT_PARTITIONS, partition_of
 from shared.unit_of_work import unit_of_work
 
 log = logging.getLogger(__name__)
@@ -108,8 +112,27 @@ class BindingService:
         policy: ConditionPolicy | None = None,
         refusal_audit_rate: float = DEFAULT_REFUSAL_AUDIT_RATE,
         hops: ClaimHops | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
+        owned: Iterable[int] | None = None,
     ) -> None:
         self._pool = pool
+        self.partitions = partitions
+        # The partitions this replica decides (services/binding/leases.py): claims come from their queues only,
+        # and of what the inventory changes, this replica writes the bindings of these partitions only (their
+        # releases, their new rows) — the projection of the inventory itself is written by whichever replica
+        # applies a change first. Its book holds every HAVIP; the others' bindings in it are not the truth, and are
+        # reloaded when a partition is taken over.
+        self.owned: set[int] = set(range(partitions) if owned is None else owned)
+        # Partitions taken over whose bindings are still to be read from Postgres, and partitions read (or the
+        # whole book loaded) whose strays are still to be ended (`_end_strays`) — both before the next decision.
+        self._unread: set[int] = set()
+        self._reconcile: set[int] = set()
+        # Claims and inventory come on different queues: a claim naming an address or MAC this book does not know
+        # may be of a registration still on its way here. Before such a claim is decided, this replica's inventory
+        # queue is drained (main wires the inventory consumer's `until_drained`); once per moment: a claim that
+        # arrived before the last drain began needs none.
+        self.drain_inventory: Callable[[], Awaitable[None]] = _nothing
+        self._drained_ns = 0
         self._clock = clock
         self._hops = hops or ClaimHops()
         self._on_commit = on_commit  # after a commit that wrote events: wakes the outbox relay
@@ -121,20 +144,23 @@ class BindingService:
         self._audit = RefusalAudit(AuditPacer(refusal_audit_rate, now_s=clock.monotonic_s()))
         self._recent_claims = RecentClaims()
         self._book_stale = True
-        # Set from take_over to stand_by: while another process decides (this one waits, registered on the queue)
-        # its book is not the truth, and its per-HAVIP gauges would show stale holders beside the deciding one's.
+        # Set while this replica decides some partition (own/disown): the periodic work of a decider runs then.
         self._deciding = asyncio.Event()
         self._standing_by = asyncio.Event()
         self._standing_by.set()
-        self._stood_by = 0  # stand_by's calls: a take_over that one overtook does not start deciding
         # The watchers' heartbeats: in memory only, never written (services/binding/watchers.py).
         self.watchers = WatcherBook()
+
+    def owns(self, address: IPv4Address) -> bool:
+        return partition_of(address, self.partitions) in self.owned
 
     async def load(self) -> None:
         async with self._pool.acquire() as conn:
             self.book = await load_book(conn, self._policy)
         self.book.hold_conditions(self._clock.wall_ns())
         self._book_stale = False
+        self._unread.clear()
+        self._reconcile = set(self.owned)
         log.info(
             "binding state loaded",
             extra={"havips": len(self.book.havips_by_id), "instances": len(self.book.instances_by_id)},
@@ -144,44 +170,48 @@ class BindingService:
     def deciding(self) -> bool:
         return self._deciding.is_set()
 
+    async def own(self, partition: int) -> None:
+        """This replica decides `partition` from now on (its lock is taken; its queue is consumed next): its
+        bindings are read from Postgres before the next decision — another replica decided them until now. The
+        other partitions' state (recent claims, flags' windows) is kept."""
+        async with self._lock:
+            self.owned.add(partition)
+            self._unread.add(partition)
+            self._standing_by.clear()
+            self._deciding.set()
+        self._export_metrics()
+
+    async def disown(self, partition: int) -> None:
+        """This replica no longer decides `partition` (its consumer is stopped: the batch under way, if any, is
+        committed): its bindings leave this replica's gauges and writes."""
+        async with self._lock:
+            self.owned.discard(partition)
+            self._unread.discard(partition)
+            self._reconcile.discard(partition)
+            if not self.owned:
+                self._deciding.clear()
+                self._standing_by.set()
+        self._export_metrics()
+
     async def until_deciding(self) -> bool:
         return await self._deciding.wait()
 
     async def until_standing_by(self) -> bool:
         return await self._standing_by.wait()
 
-    def stand_by(self) -> None:
-        """This process's consumer channel closed (or it has not been delivered to yet): RabbitMQ hands the queue
-        to another consumer, whose decisions this book does not see; reloaded before deciding again."""
-        was_deciding = self.deciding
-        self._deciding.clear()
-        self._standing_by.set()
-        self._stood_by += 1
+    def channel_lost(self) -> None:
+        """A partition's consumer channel closed (RabbitMQ away): what it delivered and this replica had not yet
+        acknowledged goes out again; decide from what is committed when it comes back."""
         self._book_stale = True
-        self._export_metrics()
-        if was_deciding:
-            log.warning("deciding nothing until RabbitMQ delivers binding.events to this process again")
-
-    async def take_over(self) -> None:
-        """This process decides from now on (RabbitMQ delivered to it): its book is what is committed — another
-        process may have decided since it was loaded — not what it loaded earlier."""
-        async with self._lock:
-            if self.deciding:
-                return
-            stood_by = self._stood_by
-            await self.load()
-            if stood_by != self._stood_by:  # the channel closed meanwhile: what it delivered goes to another
-                return
-            self._standing_by.clear()
-            self._deciding.set()
-        self._export_metrics()
-        log.info("deciding: RabbitMQ delivers binding.events to this process")
 
     def _export_metrics(self) -> None:
         """The process's gauges read this service from now on — as it decides, or as a standby that says it does
         not (0, no per-HAVIP gauges); a service that is neither, e.g. one a test builds beside another, leaves
         them alone."""
-        metrics.export_book(lambda: self.book.bindings.values() if self.deciding else ())
+        metrics.export_book(
+            lambda: [b for b in self.book.bindings.values() if self.owns(b.address)] if self.owned else ()
+        )
+        metrics.PARTITIONS_OWNED.set_function(lambda: len(self.owned))
         metrics.CONSUMING.set_function(lambda: self.deciding)
         metrics.REFUSALS_WAITING.set_function(lambda: self.refusals_waiting)
         metrics.export_watchers(self._watchers_now)
@@ -195,16 +225,38 @@ class BindingService:
         """Decide and commit a batch. A batch whose writes commute with every other — holders' refreshes and
         refusals only — is written after the decision lock is released: a change of holder decided meanwhile
         never waits for it (a spoofer's flood or a wave of refreshes costs a takeover nothing but CPU)."""
+        await self._inventory_first(deliveries)
         async with self._lock:
             deferred = await self._decide_and_commit(deliveries, defer=True)
         if deferred is not None:
             await self._write_deferred(deferred)
+
+    async def _inventory_first(self, deliveries: Sequence[Delivery]) -> None:
+        """A claim for an address or from a MAC this book does not know is decided only once the inventory this
+        replica's queue held when it arrived is applied: a registration committed before the claim was captured
+        is never missed because it came by the other queue."""
+        havips, instances = self.book.havips_by_address, self.book.instances_by_mac
+        for delivery in deliveries:
+            data = delivery.data
+            if not isinstance(data, events.ClaimsObserved) or delivery.received_ns <= self._drained_ns:
+                continue  # a drain that began after this message arrived covered what was published before it
+            if any(claim.sender_ip not in havips or claim.sender_mac not in instances for claim in data.claims):
+                started_ns = time.time_ns()  # the consumer's clock, as Delivery.received_ns (not the injected one)
+                await self.drain_inventory()
+                self._drained_ns = started_ns
+                return
+
+    async def handle_inventory(self, deliveries: Sequence[Delivery]) -> None:
+        """Decide and commit a batch of this replica's inventory queue (inventory changes, heartbeats)."""
+        async with self._lock:
+            await self._decide_and_commit(deliveries)
 
     async def handle_routine(self, deliveries: Sequence[Delivery]) -> None:
         """The routine lane (messages a watcher marked as renewals): decided one message at a time, letting any
         other batch in between, and what commutes written together at the end. A message of the lane that does
         change something (the watcher's view is not the binding's) is committed at once, as in `handle`."""
         pending: list[_Deferred] = []
+        await self._inventory_first(deliveries)
         for delivery in deliveries:
             async with self._lock:
                 deferred = await self._decide_and_commit((delivery,), defer=True)
@@ -294,16 +346,22 @@ class BindingService:
         release: bool,
     ) -> _Deferred | None:
         await self.ensure_current()
+        if self._unread:
+            await self._read_partitions()
         decisions = _Decisions(len(deliveries))
         batch = decisions.batch
         # The book takes each decision as it is made; if anything fails before the commit — deciding a message
         # or writing the batch — the book is rebuilt from what is really committed (one truth).
+        reconciled = self._reconcile
         try:
+            if reconciled:
+                self._end_strays(batch, reconciled)
             for delivery in deliveries:
                 self._apply(delivery, decisions)
             if tick_ns is not None:
                 self.book.tick(tick_ns)
-            edges = self.book.take_edges()
+            # Edges of HAVIPs another replica decides are that replica's to write (this book is not their truth).
+            edges = [edge for edge in self.book.take_edges() if self.owns(edge.address)]
             for edge in edges:
                 self._record_edge(edge, batch)
         except BaseException:
@@ -319,7 +377,9 @@ class BindingService:
         if defer and batch.commutes():
             self._observe(decisions, edges, new_rejections=())
             return _Deferred(renewals_of(batch), [audit], set(batch.claim_ids), tuple(deliveries))
+        batch.owned = (self.partitions, sorted(self.owned))
         if not batch:  # nothing to write: what was decided holds as it is
+            self._reconcile = set()
             self._audit.committed(audit)
             self._recent_claims.remember(batch.claim_ids)
             self._observe(decisions, edges, new_rejections=())
@@ -345,6 +405,8 @@ class BindingService:
         except BaseException:
             self._failed([audit])
             raise
+        if reconciled:
+            self._reconcile = set()
         self._audit.committed(audit)
         self._recent_claims.remember(batch.claim_ids)
         if written.committed_at is not None:
@@ -453,7 +515,8 @@ class BindingService:
         if data.id in self.book.deregistered:
             return  # a redelivery: the deregistration is committed (or in this batch already)
         for transition in self.book.remove_instance(data.id):
-            self._record_transition(transition, decisions.batch)
+            if self.owns(transition.address):
+                self._record_transition(transition, decisions.batch)
         decisions.batch.remove_instance(data.id)
 
     def _on_havip_put(self, data: events.HavipData, decisions: _Decisions) -> None:
@@ -462,9 +525,11 @@ class BindingService:
         put = self.book.put_havip(havip)
         if put == "released":
             return
+        batch.put_havip(havip)
+        if not self.owns(havip.address):
+            return
         if put == "new":
             batch.create(self.book.bindings[havip.id])
-        batch.put_havip(havip)
         released = self.book.release_unless_candidate(havip.id)
         if released is not None:
             self._record_transition(released, batch)
@@ -473,6 +538,9 @@ class BindingService:
         if data.id in self.book.released:
             return  # a redelivery: the release is committed (or in this batch already)
         final = self.book.remove_havip(data.id)
+        if not self.owns(data.address):
+            decisions.batch.forget_havip(data.id)  # its binding is ended by the replica deciding its partition
+            return
         decisions.batch.remove_havip(data.id, data.address, bound=final is not None)
         if final is not None:
             self._record_transition(final, decisions.batch)
@@ -525,6 +593,40 @@ class BindingService:
             assert isinstance(outcome, NotAHavip)
             decisions.outcomes["not_havip"] += 1
 
+    async def _read_partitions(self) -> None:
+        """The bindings of the partitions just taken over, as committed, in place of this book's."""
+        unread = set(self._unread)
+
+        def taken(address: IPv4Address) -> bool:
+            return partition_of(address, self.partitions) in unread
+
+        async with self._pool.acquire() as conn:
+            rows = await load_bindings(conn, self.partitions, sorted(unread))
+        placed = self.book.replace_bindings(taken, rows)
+        self.book.hold_conditions(self._clock.wall_ns(), placed)
+        self._unread -= unread
+        self._reconcile |= unread
+        log.info(
+            "partitions taken over: their bindings read",
+            extra={"partitions": sorted(unread), "bindings": len(rows)},
+        )
+
+    def _end_strays(self, batch: BatchWrite, partitions: set[int]) -> None:
+        """For partitions just read: create the rows of their HAVIPs that have none, and end the bindings that
+        inventory changes ended while nobody decided them (BindingBook.strays)."""
+
+        def reconciled(address: IPv4Address) -> bool:
+            return partition_of(address, self.partitions) in partitions
+
+        for havip_id in sorted(self.book.rowless):
+            binding = self.book.bindings.get(havip_id)
+            if binding is not None and reconciled(binding.address):
+                batch.create(binding)
+        for transition in self.book.strays(reconciled):
+            if transition.reason == "release" and transition.cause == "released":
+                batch.remove_havip(transition.havip_id, transition.address, bound=True)
+            self._record_transition(transition, batch)
+
     def _record_transition(self, transition: Transition, batch: BatchWrite) -> None:
         binding = self.book.bindings.get(transition.havip_id)
         if binding is not None:
@@ -546,6 +648,10 @@ class BindingService:
                 binding.last_transition_at = committed_at
 
 
+async def _nothing() -> None:
+    return None
+
+
 _Handler = Callable[[BindingService, Any, _Decisions], None]
 
 # Every routing key the service's queue is bound to, and what handles it.
@@ -559,6 +665,8 @@ HANDLERS: dict[str, _Handler] = {
     "havip.allocated": BindingService._on_havip_put,
     "havip.updated": BindingService._on_havip_put,
     "havip.released": BindingService._on_havip_released,
-    "havip.binding.replay_requested": BindingService._on_replay_requested,
+    events.REPLAY_REQUESTED: BindingService._on_replay_requested,
 }
-SUBSCRIPTIONS = tuple(HANDLERS)
+# What every replica receives on its own queue (services/binding/main.py): all but the claims and the replay
+# requests, which go to the partitions' queues.
+INVENTORY_SUBSCRIPTIONS = tuple(k for k in HANDLERS if k not in (events.CLAIMS_EVENT, events.REPLAY_REQUESTED))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import socket
+
+from pydantic import Field, model_validator
 
 from services.binding.audit_pacing import DEFAULT_REFUSAL_AUDIT_RATE
 from services.binding.domain import ConditionPolicy
@@ -10,6 +12,17 @@ from shared.settings import CommonSettings
 
 
 class BindingSettings(CommonSettings):
+    # This replica's name, unique among the replicas (its own inventory queue is binding.inventory.<id>) and the
+    # same across its restarts (the queue keeps what was published while it was down). Default: the host name.
+    replica_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    # How often a replica looks at the partitions' advisory locks (it also wakes when another hands one over),
+    # and after how long Postgres ends the session of a replica that stopped speaking (frozen): its partitions
+    # are then free for the others (services/binding/leases.py).
+    lease_interval_s: float = Field(default=0.2, gt=0, le=60)
+    lease_timeout_s: float = Field(default=3.0, ge=1, le=3600)
+    # A replica's inventory queue is deleted by RabbitMQ after it had no consumer for this long (a replica
+    # retired for good); one that returns within it finds what was published meanwhile.
+    inventory_queue_expiry_days: float = Field(default=7.0, gt=0, le=365)
     metrics_port: int = Field(default=9103, ge=0, le=65535)  # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
     prefetch: int = Field(default=2000, ge=1, le=65535)
@@ -35,6 +48,15 @@ class BindingSettings(CommonSettings):
     # (docs/contract.md#split-brain).
     split_brain_changes: int = Field(default=3, ge=2, le=10_000)
     split_brain_window_s: float = Field(default=10.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _lease_outlives_polls(self) -> BindingSettings:
+        if self.lease_timeout_s < 3 * self.lease_interval_s:
+            raise ValueError(
+                "HAVIP_LEASE_TIMEOUT_S must be at least 3 × HAVIP_LEASE_INTERVAL_S: a replica that is alive would "
+                "otherwise lose its partitions between two looks"
+            )
+        return self
 
     def condition_policy(self) -> ConditionPolicy:
         return ConditionPolicy(

@@ -48,6 +48,7 @@ from shared.events import (
     WatcherHeartbeat,
     decode,
 )
+from shared.partitions import ALL_CLAIMS, DEFAULT_PARTITIONS, claims_routing_key, partition_of
 from tests import service_logs
 from tests.collected_claims import CollectedClaims
 from tests.lab.arp_frames import build_arp_frame
@@ -401,7 +402,7 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str, cap
     try:
         exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
         amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
-        await amqp_queue.bind(exchange, routing_key=CLAIMS_EVENT)
+        await amqp_queue.bind(exchange, routing_key=ALL_CLAIMS)
 
         env = watcher_env(
             HAVIP_INTERFACE="eth0",
@@ -435,8 +436,11 @@ async def test_watcher_publishes_claims_to_rabbitmq(lab: Lab, amqp_url: str, cap
                     envelope, data = decode(message.body)
                     assert envelope.type == CLAIMS_EVENT
                     assert envelope.source == "arp_watcher"
-                    assert message.routing_key == CLAIMS_EVENT
                     assert isinstance(data, ClaimsObserved)
+                    # each event is its partition's, and routed to it
+                    assert {
+                        claims_routing_key(partition_of(c.sender_ip, DEFAULT_PARTITIONS)) for c in data.claims
+                    } == {message.routing_key}
                     assert data.watcher_id == f"test/{lab.prefix}"
                     assert data.interface == "eth0"
                     received.extend(data.claims)
@@ -501,7 +505,7 @@ async def test_watcher_keeps_claims_through_a_broker_outage(lab: Lab, amqp_url: 
     try:
         exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
         amqp_queue = await channel.declare_queue(queue_name, durable=False, auto_delete=False)
-        await amqp_queue.bind(exchange, routing_key=CLAIMS_EVENT)
+        await amqp_queue.bind(exchange, routing_key=ALL_CLAIMS)
         env = watcher_env(
             HAVIP_INTERFACE="eth0",
             HAVIP_NETNS=lab.watch_ns,

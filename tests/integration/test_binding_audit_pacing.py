@@ -19,6 +19,9 @@ from tests.integration.binding_support import World, claims_event
 from tests.listener import EventLog, listening
 from tests.waiting import eventually
 
+# One partition: the flood comes as one event carrying the claims of many addresses.
+BINDING_SETTINGS = {"partitions": 1}
+
 
 @pytest.fixture
 async def listener(binding: BindingSettings) -> AsyncIterator[EventLog]:

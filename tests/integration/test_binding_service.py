@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,13 +17,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.binding.domain import ns_to_datetime
-from services.binding.main import QUEUE, run
+from services.binding.main import run
 from services.binding.repository import Renewal, WriteConflict, delete_old_refusals, write_renewals
 from services.binding.settings import BindingSettings
 from shared import events
 from shared.db import fetch_one
 from shared.hops import BINDING_HOPS
 from shared.messaging import Broker, declare_topology
+from shared.partitions import claims_routing_key
 from tests.integration.binding_support import World, binding_row, binding_row_if_any, claims_event, transitions
 from tests.listener import EventLog, listening
 from tests.waiting import eventually
@@ -36,8 +37,9 @@ async def listener(binding: BindingSettings) -> AsyncIterator[EventLog]:
 
 
 # The refusal audit's pace out of the way: these tests decide many refusals in one instant (capture times
-# compressed into one message); pacing has its module, test_binding_audit_pacing.py.
-BINDING_SETTINGS = {"refusal_audit_rate": 100_000}
+# compressed into one message); pacing has its module, test_binding_audit_pacing.py. One partition: these tests
+# are of the decisions, some with one event carrying claims of many addresses (test_binding_replicas.py has P > 1).
+BINDING_SETTINGS = {"refusal_audit_rate": 100_000, "partitions": 1}
 
 
 async def test_failover_moves_the_binding_persists_history_and_publishes(
@@ -81,7 +83,7 @@ async def test_the_routine_lane_renews_the_holder_and_still_decides_whatever_els
     await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="bound")
 
     async def routine(env: events.Envelope) -> None:
-        await publisher.publish_encoded(env.type, events.encode(env), env.event_id, routine=True)
+        await publisher.publish(env, routine=True)
 
     await routine(w.claim(w.cvm1.mac, t=t + 2_000_000_000))  # a refresh, two seconds on
 
@@ -155,6 +157,7 @@ async def test_deregistered_holder_and_released_havip_end_with_release_rows(
     w = World()
     await publisher.publish_many(w.inventory())
     await publisher.publish(w.claim(w.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="bound")
     await publisher.publish(events.envelope("instance.deregistered", w.cvm1, "allocator"))
     await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="release event")
     row = await binding_row(binding.database_url, w.havip.id)
@@ -179,7 +182,7 @@ async def test_unprocessable_messages_are_dead_lettered_and_consuming_goes_on(
         exchange = await declare_topology(channel, binding)
         dead = await channel.declare_queue(binding.dead_letter_queue, durable=True)
         for body in (b"not json", b'{"type": "arp.claims.observed"}', json.dumps({"x": 1}).encode()):
-            await exchange.publish(aio_pika.Message(body), routing_key="arp.claims.observed")
+            await exchange.publish(aio_pika.Message(body), routing_key=claims_routing_key(0))
         bad_type = events.envelope("havip.allocated", World().havip, "allocator").model_copy(
             update={"type": "havip.unheard_of"}
         )
@@ -202,7 +205,6 @@ async def test_unprocessable_messages_are_dead_lettered_and_consuming_goes_on(
     await publisher.publish_many(w.inventory())
     await publisher.publish(w.claim(w.cvm1.mac))
     await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="still consuming")
-    assert QUEUE == "binding.events"
 
 
 async def test_a_message_conflicting_with_stored_state_is_dead_lettered_not_blocking(
@@ -372,6 +374,7 @@ async def test_an_allocation_redelivered_after_the_release_changes_nothing(
     registered = events.envelope("instance.registered", w.cvm2, "allocator")
     await publisher.publish_many(w.inventory())
     await publisher.publish(w.claim(w.cvm1.mac))
+    await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 1, what="bound")
     await publisher.publish(events.envelope("havip.released", w.havip, "allocator"))
     await publisher.publish(events.envelope("instance.deregistered", w.cvm2, "allocator"))
     await eventually(lambda: len(listener.of("havip.binding.changed", w.havip.id)) == 2, what="bound, released")
@@ -401,19 +404,42 @@ async def test_every_message_delivered_twice_changes_nothing_twice(
     spoofer = "02:ee:ee:ee:ee:7b"
     t = time.time_ns()
     subnet = events.SubnetData(id=w.subnet, vpc_id=w.vpc, name="s", cidr="192.0.2.0/24")
-    story = [
-        events.envelope("subnet.created", subnet, "allocator"),
-        *w.inventory(),
-        w.claim(w.cvm1.mac, t=t),
-        claims_event(w.observed(spoofer, t=t + 1)),
-        w.claim(w.cvm2.mac, t=t + 2),
-        events.envelope("havip.updated", w.havip.model_copy(update={"candidates": [w.cvm1.id]}), "allocator"),
-        w.claim(w.cvm1.mac, t=t + 3),
-        events.envelope("instance.deregistered", w.cvm1, "allocator"),
-        events.envelope("havip.released", w.havip, "allocator"),
+    conn = await asyncpg.connect(binding.database_url)
+
+    async def stored(sql: str, *args: object) -> bool:
+        return bool(await conn.fetchval(sql, *args))
+
+    def changes(n: int) -> Callable[[], bool]:
+        return lambda: len(listener.of("havip.binding.changed", w.havip.id)) == n
+
+    def refused() -> bool:
+        return bool(listener.of("havip.claim.rejected", w.havip.id))
+
+    narrowed = w.havip.model_copy(update={"candidates": [w.cvm1.id]})
+
+    # Inventory and claims come by different queues: each step is published (twice) once the last has been
+    # decided, as a watcher's claims follow the inventory they rely on.
+    story: list[tuple[list[events.Envelope], Callable[[], Awaitable[bool] | bool]]] = [
+        (
+            [events.envelope("subnet.created", subnet, "allocator")],
+            lambda: stored("SELECT count(*) FROM binding.subnets WHERE id = $1", w.subnet),
+        ),
+        (w.inventory(), lambda: stored("SELECT count(*) FROM binding.bindings WHERE havip_id = $1", w.havip.id)),
+        ([w.claim(w.cvm1.mac, t=t)], changes(1)),
+        ([claims_event(w.observed(spoofer, t=t + 1))], refused),
+        ([w.claim(w.cvm2.mac, t=t + 2)], changes(2)),
+        ([events.envelope("havip.updated", narrowed, "allocator")], changes(3)),
+        ([w.claim(w.cvm1.mac, t=t + 3)], changes(4)),
+        ([events.envelope("instance.deregistered", w.cvm1, "allocator")], changes(5)),
+        ([events.envelope("havip.released", w.havip, "allocator")], changes(6)),
     ]
-    for message in story:
-        await publisher.publish_many([message, message])
+    try:
+        for step, (messages, done) in enumerate(story):
+            for message in messages:
+                await publisher.publish_many([message, message])
+            await eventually(done, what=f"step {step} decided")
+    finally:
+        await conn.close()
     marker = World()
     await publisher.publish_many(marker.inventory())
     await publisher.publish(marker.claim(marker.cvm1.mac))
@@ -534,7 +560,7 @@ async def test_a_flood_through_both_lanes_counts_every_frame_once_while_takeover
         ]
         sent += sum(c.repeats for c in claims)
         env = claims_event(*claims)
-        await publisher.publish_encoded(env.type, events.encode(env), env.event_id, routine=i % 2 == 0)
+        await publisher.publish(env, routine=i % 2 == 0)
 
     for i in range(60):  # 60 ms of capture time: all within one second
         await flood(i)
@@ -656,6 +682,8 @@ async def test_transitions_asked_for_again_are_replayed_as_first_published(
         for mac in (w.cvm1.mac, w.cvm2.mac, w.cvm1.mac):
             await publisher.publish(w.claim(mac))
             await asyncio.sleep(0.01)  # each claim newer than the last
+        # the release comes by another queue than the claims: once they are decided
+        await eventually(lambda: len(log.of("havip.binding.changed", w.havip.id)) == 3, what="three moves")
         await publisher.publish(events.envelope("havip.released", w.havip, "allocator"))
         await eventually(
             lambda: len(log.of("havip.binding.changed", w.havip.id)) == 4, what="three moves, a release"

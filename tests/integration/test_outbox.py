@@ -167,13 +167,14 @@ class PausingBroker(Broker):
         occurred_at: datetime | None = None,
         *,
         routine: bool = False,
+        routing_key: str | None = None,
     ) -> None:
         self.publishing.set()
         if self.pause_s is None:
             await self.release.wait()
         else:  # a slow broker, not a synchronisation: the pass stays under way while the test acts
             await asyncio.sleep(self.pause_s)
-        await super().publish_encoded(event_type, body, event_id, occurred_at)
+        await super().publish_encoded(event_type, body, event_id, occurred_at, routing_key=routing_key)
 
 
 async def test_stopping_lets_the_pass_under_way_finish(pool: asyncpg.Pool, amqp_url: str) -> None:

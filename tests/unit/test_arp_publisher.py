@@ -20,6 +20,7 @@ from services.arp_watcher.claims import Claim
 from services.arp_watcher.metrics import WatcherMetrics
 from services.arp_watcher.publisher import ClaimBuffer, ClaimPublisher, claimant, pack_rest, unpack_claim
 from shared.events import ClaimKind, ClaimsObserved, decode
+from shared.partitions import claims_routing_key, partition_of
 from tests.waiting import eventually
 
 MAC = bytes.fromhex("02000000000a")
@@ -40,6 +41,8 @@ class FakeBroker:
         self.events: list[ClaimsObserved] = []
         self.event_ids: list[uuid.UUID] = []
         self.routine: list[bool] = []  # the lane of each confirmed event
+        self.routing_keys: list[str] = []
+        self.partitions = 1  # the tests of batching and lanes use one partition; one of partitions sets its own
 
     async def publish_encoded(
         self,
@@ -49,6 +52,7 @@ class FakeBroker:
         occurred_at: datetime | None = None,
         *,
         routine: bool = False,
+        routing_key: str | None = None,
     ) -> None:
         assert event_type == "arp.claims.observed"
         self.attempts.append(body)
@@ -58,9 +62,15 @@ class FakeBroker:
         env, data = decode(body)  # the pydantic contract
         assert env.event_id == event_id
         assert isinstance(data, ClaimsObserved)
+        # One event per partition, routed to it (shared.partitions).
+        assert routing_key is not None
+        assert {claims_routing_key(partition_of(c.sender_ip, self.partitions)) for c in data.claims} == {
+            routing_key
+        }
         self.events.append(data)
         self.event_ids.append(event_id)
         self.routine.append(routine)
+        self.routing_keys.append(routing_key)
 
     @property
     def claims(self) -> list[tuple[IPv4Address, str, int]]:
@@ -181,15 +191,24 @@ async def test_publisher_sends_a_change_of_claimant_while_renewals_wait_for_thei
             occurred_at: datetime | None = None,
             *,
             routine: bool = False,
+            routing_key: str | None = None,
         ) -> None:
             if routine:
                 await self.release.wait()  # the broker's confirm of the routine batch is slow
-            await super().publish_encoded(event_type, body, event_id, occurred_at, routine=routine)
+            await super().publish_encoded(
+                event_type, body, event_id, occurred_at, routine=routine, routing_key=routing_key
+            )
 
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = SlowRoutine()
     publisher = ClaimPublisher(
-        broker, buffer, WatcherMetrics(CollectorRegistry()), watcher_id="w", interface="eth0", batch_size=500
+        broker,
+        buffer,
+        WatcherMetrics(CollectorRegistry()),
+        watcher_id="w",
+        interface="eth0",
+        partitions=1,
+        batch_size=500,
     )
     task = asyncio.create_task(publisher.run())
     try:
@@ -237,7 +256,9 @@ async def test_publisher_sends_what_is_buffered_as_batch_events_then_stops_when_
     metrics = WatcherMetrics(registry)
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = FakeBroker()
-    publisher = ClaimPublisher(broker, buffer, metrics, watcher_id="h/eth0", interface="eth0", batch_size=4)
+    publisher = ClaimPublisher(
+        broker, buffer, metrics, watcher_id="h/eth0", interface="eth0", partitions=1, batch_size=4
+    )
     buffer.put_many([claim(i) for i in range(10)])
     task = asyncio.create_task(publisher.run())
     await eventually(lambda: len(broker.claims) == 10, what="10 claims published")
@@ -260,7 +281,13 @@ async def test_a_single_claim_is_published_at_once_without_waiting_for_a_batch()
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = FakeBroker()
     publisher = ClaimPublisher(
-        broker, buffer, WatcherMetrics(CollectorRegistry()), watcher_id="w", interface="eth0", batch_size=500
+        broker,
+        buffer,
+        WatcherMetrics(CollectorRegistry()),
+        watcher_id="w",
+        interface="eth0",
+        partitions=1,
+        batch_size=500,
     )
     task = asyncio.create_task(publisher.run())
     try:
@@ -279,7 +306,14 @@ async def test_publisher_retries_the_same_event_with_backoff() -> None:
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = FakeBroker(failures=3)
     publisher = ClaimPublisher(
-        broker, buffer, metrics, watcher_id="w", interface="eth0", backoff_initial_s=0.01, backoff_max_s=0.02
+        broker,
+        buffer,
+        metrics,
+        watcher_id="w",
+        interface="eth0",
+        partitions=1,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.02,
     )
     task = asyncio.create_task(publisher.run())
     buffer.put_many([claim(1), claim(2)])
@@ -299,7 +333,13 @@ async def test_close_drains_what_is_buffered() -> None:
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = FakeBroker()
     publisher = ClaimPublisher(
-        broker, buffer, WatcherMetrics(CollectorRegistry()), watcher_id="w", interface="eth0", batch_size=2
+        broker,
+        buffer,
+        WatcherMetrics(CollectorRegistry()),
+        watcher_id="w",
+        interface="eth0",
+        partitions=1,
+        batch_size=2,
     )
     buffer.put_many([claim(i) for i in range(5)])
     publisher.close()
@@ -362,7 +402,9 @@ async def test_the_publisher_times_the_hops_of_the_first_claim_of_each_urgent_ev
     registry = CollectorRegistry()
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = FakeBroker()
-    publisher = ClaimPublisher(broker, buffer, WatcherMetrics(registry), watcher_id="w", interface="eth0")
+    publisher = ClaimPublisher(
+        broker, buffer, WatcherMetrics(registry), watcher_id="w", interface="eth0", partitions=1
+    )
     captured = time.time_ns() - 3_000_000  # 3 ms before it is handed over
     task = asyncio.create_task(publisher.run())
     try:
@@ -384,3 +426,25 @@ async def test_the_publisher_times_the_hops_of_the_first_claim_of_each_urgent_ev
     assert 0.003 <= read < 1  # the first claim's, not the one captured a second earlier
     total = sum(hop(name, "sum") or 0 for name in ("read", "sent", "confirmed"))
     assert total <= (time.time_ns() - captured) / 1e9
+
+
+async def test_claims_are_published_one_event_per_partition() -> None:
+    """The binding replica deciding a partition receives its claims only: a batch over many addresses leaves as
+    one event per partition, each routed by its partition's key."""
+    buffer = ClaimBuffer(1000, asyncio.get_running_loop())
+    broker = FakeBroker()
+    broker.partitions = 4
+    publisher = ClaimPublisher(
+        broker, buffer, WatcherMetrics(CollectorRegistry()), watcher_id="w", interface="eth0", partitions=4
+    )
+    addresses = [VIP + i for i in range(40)]
+    buffer.put_many([claim(i) for i in range(40)])
+    task = asyncio.create_task(publisher.run())
+    try:
+        await eventually(lambda: len(broker.claims) == len(addresses), what="every claim published")
+    finally:
+        publisher.close()
+        await asyncio.wait_for(task, 5)
+    expected = {claims_routing_key(partition_of(address, 4)) for address in addresses}
+    assert len(expected) == 4  # forty consecutive addresses reach every partition
+    assert sorted(broker.routing_keys) == sorted(expected)
