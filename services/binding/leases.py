@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import asyncpg
@@ -66,15 +66,27 @@ class PartitionLeases:
     lock is taken (start deciding it), `releasing(p)` before its lock is given up or once it was lost with the
     session (stop deciding it)."""
 
-    def __init__(self, settings: LeaseSettings, acquired: PartitionChange, releasing: PartitionChange) -> None:
+    def __init__(
+        self,
+        settings: LeaseSettings,
+        acquired: PartitionChange,
+        releasing: PartitionChange,
+        *,
+        able: Callable[[], bool] = lambda: True,
+        listen: Mapping[str, Callable[[], None]] | None = None,
+    ) -> None:
         self._settings = settings
+        # Whether this replica can decide now (its broker connection is up): a replica that cannot consume hands
+        # its partitions over rather than hold them while the claims wait.
+        self._able = able
+        self._wake = asyncio.Event()
+        self._listen = {CHANNEL: self._wake.set, **(listen or {})}  # NOTIFY channels heard on the lease session
         self._acquired = acquired
         self._releasing = releasing
         self.held: set[int] = set()
         self.replicas = 0
         self.partition_counts = 0  # distinct P among the replicas: more than 1 is a misconfiguration
         self._conn: asyncpg.Connection | None = None
-        self._wake = asyncio.Event()
         self._partition_locks = lock_class("partitions", settings.scope)  # (this, partition)
         self._membership = lock_class("replicas", settings.scope)  # (this, P), shared by every replica
 
@@ -108,7 +120,8 @@ class PartitionLeases:
             )
             try:
                 await conn.execute("SELECT pg_advisory_lock_shared($1, $2)", self._membership, s.partitions)
-                await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
+                for channel, heard in self._listen.items():
+                    await conn.add_listener(channel, lambda *_, heard=heard: heard())
             except BaseException:
                 await conn.close()
                 raise
@@ -132,6 +145,13 @@ class PartitionLeases:
         row = await conn.fetchrow(_MEMBERS, self._membership)
         assert row is not None
         self.replicas, self.partition_counts = row["replicas"], row["partition_counts"]
+        if not self._able():
+            if self.held:
+                log.warning("cannot consume (RabbitMQ away): handing the partitions over until it is back")
+                for partition in sorted(self.held):
+                    await self._give_up(conn, partition)
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return
         step = next_step(self.held, s.partitions, self.replicas, s.start)
         for partition in step.release:
             await self._give_up(conn, partition)

@@ -8,7 +8,7 @@ import itertools
 import logging
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -21,14 +21,14 @@ from services.binding.hops import ClaimHops
 from services.binding.leases import LeaseSettings, PartitionLeases
 from services.binding.outgoing import SOURCE
 from services.binding.refusal_audit import MAX_SUMMARISED_CLAIMANTS
-from services.binding.repository import SCHEMA
-from services.binding.service import INVENTORY_SUBSCRIPTIONS, BindingService
+from services.binding.repository import INVENTORY_CHANNEL, SCHEMA, log_inventory
+from services.binding.service import INVENTORY_EVENTS, BindingService
 from services.binding.settings import BindingSettings
-from shared.db import create_pool, database_or_network_away
-from shared.events import REPLAY_REQUESTED
+from shared.db import ConnectionPool, create_pool, database_or_network_away
+from shared.events import REPLAY_REQUESTED, WATCHER_HEARTBEAT_EVENT
 from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
-from shared.messaging import QUORUM, BatchConsumer, Broker, QueueSpec
+from shared.messaging import BatchConsumer, Broker, Delivery, QueueSpec
 from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
@@ -51,26 +51,34 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 DATABASE_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 # Older versions consumed everything from this one queue; `migrate` deletes it once it is empty and unused.
 RETIRED_QUEUE = "binding.events"
-_DAY_MS = 86_400_000
+# The inventory events, for the one replica at a time that logs them (single active consumer).
+INVENTORY_QUEUE = QueueSpec("binding.inventory", INVENTORY_EVENTS, single_active=True)
+# How long the inventory log keeps a row: far beyond any replica's lag (one starting loads a snapshot instead).
+INVENTORY_LOG_RETENTION_S = 86_400.0
 
 
 def partition_queue(partition: int) -> QueueSpec:
-    """A partition's queue: its claims (and, for partition 0, readers' replay requests). A quorum queue with a
-    single active consumer: the replica holding the partition's lock consumes it; a replica that lost the lock
-    but not yet its channel (frozen) keeps the broker from delivering to two."""
-    keys = (claims_routing_key(partition),) + ((REPLAY_REQUESTED,) if partition == 0 else ())
-    return QueueSpec(f"binding.partition.{partition}", keys, single_active=True)
-
-
-def inventory_queue(settings: BindingSettings) -> QueueSpec:
-    """This replica's own queue of inventory events and watchers' heartbeats: every replica receives every one.
-    RabbitMQ deletes it once it has had no consumer for the configured days (a replica retired for good)."""
-    expiry_ms = int(settings.inventory_queue_expiry_days * _DAY_MS)
+    """A partition's queue: its claims, the watchers' heartbeats (so that every replica deciding a partition hears
+    them) and, for partition 0, readers' replay requests. A quorum queue with a single active consumer: the
+    replica holding the partition's lock consumes it; a replica that lost the lock but not yet its channel
+    (frozen) keeps the broker from delivering to two."""
+    keys = (claims_routing_key(partition), WATCHER_HEARTBEAT_EVENT)
     return QueueSpec(
-        f"binding.inventory.{settings.replica_id}",
-        INVENTORY_SUBSCRIPTIONS,
-        arguments={**QUORUM, "x-expires": expiry_ms},
+        f"binding.partition.{partition}",
+        keys + ((REPLAY_REQUESTED,) if partition == 0 else ()),
+        single_active=True,
     )
+
+
+def queues(settings: BindingSettings) -> list[QueueSpec]:
+    return [INVENTORY_QUEUE, *(partition_queue(p) for p in range(settings.partitions))]
+
+
+async def log_inventory_events(pool: ConnectionPool, deliveries: Sequence[Delivery]) -> None:
+    """The active consumer of binding.inventory: each event's projection and its row in the inventory log, in one
+    transaction (the replicas follow the log, woken at the commit)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await log_inventory(conn, [(d.envelope, d.data) for d in deliveries])
 
 
 async def migrate(settings: BindingSettings) -> None:
@@ -80,7 +88,7 @@ async def migrate(settings: BindingSettings) -> None:
         source=SOURCE,
         schema=SCHEMA,
         migrations=MIGRATIONS,
-        queues=[*(partition_queue(p) for p in range(settings.partitions)), inventory_queue(settings)],
+        queues=queues(settings),
         retired=[RETIRED_QUEUE],
     )
 
@@ -110,6 +118,7 @@ async def tick(service: BindingService, ticks: Iterator[int], audit_retention_da
     expired = await service.expire_audit(audit_retention_days)
     if expired:
         log.info("refused claims past retention deleted", extra={"deleted": expired})
+    await service.expire_inventory_log(INVENTORY_LOG_RETENTION_S)
 
 
 async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -127,8 +136,8 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         stack.push_async_callback(broker.close)
         if not await broker.connect(stop):
             return
-        # Every partition's queue exists before any replica holds it: claims published meanwhile wait there.
-        await declare_queues(broker, settings, [partition_queue(p) for p in range(settings.partitions)])
+        # Every queue exists before any replica consumes it: what is published meanwhile waits there.
+        await declare_queues(broker, settings, queues(settings))
         hops = ClaimHops()
         relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
         service = BindingService(
@@ -143,19 +152,16 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
             owned=(),
         )
         metrics.PARTITIONS.set(settings.partitions)
-        # Every replica receives every inventory event on a queue of its own, declared before the book is loaded:
-        # what is published from then on reaches this book; what was before is in what the load reads.
-        queue = inventory_queue(settings)
+        # Every replica registers on binding.inventory; RabbitMQ delivers to one at a time, which logs the events.
         inventory = await until_stopped(
             broker.consumer(
-                queue.name,
-                queue.routing_keys,
-                service.handle_inventory,
+                INVENTORY_QUEUE.name,
+                INVENTORY_QUEUE.routing_keys,
+                partial(log_inventory_events, pool),
                 prefetch=settings.prefetch,
                 max_batch=settings.max_batch,
                 transient=database_or_network_away,
-                arguments=queue.arguments,
-                on_channel_closed=service.channel_lost,
+                single_active=True,
             ),
             stop,
         )
@@ -163,13 +169,16 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
             log.info("stopped before consuming")
             return
         stack.push_async_callback(inventory.stop)
-        service.drain_inventory = inventory.until_drained
+        service.drain_inventory = partial(_drain_inventory, service, inventory)
         await service.load()
         freeze_startup_heap()  # the modules and the book loaded: out of the collector's reach
         relay.start()
         stack.push_async_callback(relay.stop)  # after the consumers' last batch: what they committed leaves too
         if settings.metrics_port:
             serve_metrics(settings.metrics_port, settings.metrics_host)
+        following = asyncio.Event()  # set by NOTIFY havip_binding_inventory
+        follower = asyncio.create_task(_follow_inventory(service, following), name="following the inventory log")
+        stack.push_async_callback(cancel, follower)
         partitions = _PartitionConsumers(settings, broker, service)
         stack.push_async_callback(partitions.stop_all)
         leases = PartitionLeases(
@@ -183,6 +192,8 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
             ),
             acquired=partitions.start,
             releasing=partitions.stop,
+            able=broker.connection.connected.is_set,
+            listen={INVENTORY_CHANNEL: following.set},
         )
         metrics.REPLICAS.set_function(lambda: leases.replicas)
         metrics.PARTITION_COUNTS.set_function(lambda: leases.partition_counts)
@@ -200,6 +211,28 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         log.info("stopping: handing the partitions over, then the outbox is published")
         await lease_task  # `stop` is set: it drains (each partition's batch under way committed, its lock freed)
     log.info("stopped")
+
+
+async def _follow_inventory(service: BindingService, woken: asyncio.Event) -> None:
+    """Apply the inventory log as it grows: at each commit's NOTIFY, and every second should one be missed."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), 1.0)
+        woken.clear()
+        try:
+            while await service.follow_inventory():
+                pass
+        except Exception:
+            log.exception("following the inventory log failed; trying again")
+
+
+async def _drain_inventory(service: BindingService, inventory: BatchConsumer) -> None:
+    """Before a claim naming what this book does not know: the inventory published so far is logged (by whichever
+    replica consumes binding.inventory) and applied here — bounded: a registration never published waits no
+    longer."""
+    await inventory.until_drained(timeout_s=1.0)
+    while await service.follow_inventory():
+        pass
 
 
 class _PartitionConsumers:

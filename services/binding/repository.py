@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
@@ -25,7 +25,16 @@ from services.binding.domain import (
 from services.binding.outgoing import binding_replayed, claim_rejected
 from services.binding.refusal_audit import RejectedClaim
 from shared.db import Queries, Row, fetch_one
-from shared.events import Envelope, ReplayRequested
+from shared.events import (
+    Envelope,
+    EventData,
+    EventHead,
+    HavipData,
+    InstanceData,
+    ReplayRequested,
+    SubnetData,
+    encode,
+)
 from shared.outbox import outbox_rows
 from shared.partitions import partition_sql
 from shared.unit_of_work import UnitOfWork
@@ -374,6 +383,20 @@ class WriteConflict(Exception):
         self.havip_ids = list(havip_ids)
 
 
+async def _execute_in_runs(conn: Queries, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+    """Statements in order, consecutive runs of one statement as one executemany."""
+    run: list[tuple[Any, ...]] = []
+    run_sql = ""
+    for sql, args in statements:
+        if sql != run_sql and run:
+            await conn.executemany(run_sql, run)
+            run = []
+        run_sql = sql
+        run.append(args)
+    if run:
+        await conn.executemany(run_sql, run)
+
+
 async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWritten:
     """Write a batch in the caller's unit of work. The decisions' bindings, history rows and events go last, in
     one statement that stamps them (`_WRITE_DECISIONS`); the refusals' and replays' events are therefore
@@ -385,16 +408,7 @@ async def write_batch(work: UnitOfWork[Queries], batch: BatchWrite) -> BatchWrit
         created = await conn.fetch(_CREATE_BINDINGS, list(batch.fresh), list(batch.fresh.values()))
         if len(created) != len(batch.fresh):
             raise WriteConflict(sorted(batch.fresh.keys() - {row["havip_id"] for row in created}))
-    run: list[tuple[Any, ...]] = []
-    run_sql = ""
-    for sql, args in batch.inventory:
-        if sql != run_sql and run:
-            await conn.executemany(run_sql, run)
-            run = []
-        run_sql = sql
-        run.append(args)
-    if run:
-        await conn.executemany(run_sql, run)
+    await _execute_in_runs(conn, batch.inventory)
     if batch.holders_checked or batch.havips_checked:
         unreleased = await conn.fetch(
             _UNRELEASED,
@@ -593,3 +607,66 @@ async def delete_old_refusals(conn: Queries, older_than_days: float, limit: int 
         limit,
     )
     return int(result.rsplit(" ", 1)[-1])
+
+
+# ---- the inventory log (migrations/0010_inventory_log.sql) ---------------------------------------------------
+
+INVENTORY_CHANNEL = "havip_binding_inventory"  # NOTIFY'd after each commit that logged inventory
+_INVENTORY_LOCK = 0x48415649  # pg_advisory_xact_lock: one writer at a time, so that seq grows in commit order
+_LOG = """
+    INSERT INTO binding.inventory_log (event_id, body)
+    SELECT event_id, body FROM unnest($1::uuid[], $2::bytea[]) WITH ORDINALITY AS e(event_id, body, n) ORDER BY n
+    ON CONFLICT (event_id) DO NOTHING RETURNING event_id"""
+
+
+def projection_of(event_type: str, data: EventData) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements that write an inventory event into the binding's projection (keyed, idempotent)."""
+    batch = BatchWrite()
+    if isinstance(data, SubnetData):
+        if event_type == "subnet.deleted":
+            batch.detach_subnet(data.id)
+        else:
+            batch.attach_subnet(data.id, Attachment(data.segment, data.vlan))
+    elif isinstance(data, InstanceData):
+        if event_type == "instance.deregistered":
+            batch.remove_instance(data.id)
+        else:
+            batch.put_instance(Instance(data.id, data.vpc_id, data.subnet_id, data.mac, data.private_ip))
+    elif isinstance(data, HavipData):
+        if event_type == "havip.released":
+            batch.forget_havip(data.id)
+        else:
+            batch.put_havip(Havip(data.id, data.vpc_id, data.subnet_id, data.address, frozenset(data.candidates)))
+    return batch.inventory
+
+
+async def log_inventory(conn: Queries, logged: Sequence[tuple[EventHead, EventData]]) -> int:
+    """In the caller's transaction: append the events not logged yet (a redelivery is not) and write their
+    projection; the followers are notified at the commit. Returns how many were new."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _INVENTORY_LOCK)
+    bodies = [encode(Envelope(**asdict(head), data=data.model_dump(mode="json"))) for head, data in logged]
+    new = {r["event_id"] for r in await conn.fetch(_LOG, [head.event_id for head, _ in logged], bodies)}
+    statements = [s for head, data in logged if head.event_id in new for s in projection_of(head.type, data)]
+    await _execute_in_runs(conn, statements)
+    if new:
+        await conn.execute("SELECT pg_notify($1, '')", INVENTORY_CHANNEL)
+    return len(new)
+
+
+async def inventory_since(conn: Queries, seq: int, limit: int = 2000) -> list[tuple[int, bytes]]:
+    """The logged inventory events after `seq`, oldest first: (seq, the envelope as published)."""
+    rows = await conn.fetch(
+        "SELECT seq, body FROM binding.inventory_log WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
+    )
+    return [(r["seq"], bytes(r["body"])) for r in rows]
+
+
+async def last_inventory_seq(conn: Queries) -> int:
+    return int(await conn.fetchval("SELECT coalesce(max(seq), 0) FROM binding.inventory_log"))
+
+
+async def delete_old_inventory_log(conn: Queries, older_than_s: float) -> int:
+    result = await conn.execute(
+        "DELETE FROM binding.inventory_log WHERE logged_at < now() - make_interval(secs => $1)", older_than_s
+    )
+    return int(result.split()[-1])

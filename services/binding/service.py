@@ -48,7 +48,10 @@ from services.binding.repository import (
     BatchWrite,
     Renewal,
     WriteConflict,
+    delete_old_inventory_log,
     delete_old_refusals,
+    inventory_since,
+    last_inventory_seq,
     load_bindings,
     load_book,
     renewals_of,
@@ -133,6 +136,7 @@ class BindingService:
         # arrived before the last drain began needs none.
         self.drain_inventory: Callable[[], Awaitable[None]] = _nothing
         self._drained_ns = 0
+        self._inventory_seq = 0  # the last row of the inventory log this book has applied
         self._clock = clock
         self._hops = hops or ClaimHops()
         self._on_commit = on_commit  # after a commit that wrote events: wakes the outbox relay
@@ -155,8 +159,12 @@ class BindingService:
         return partition_of(address, self.partitions) in self.owned
 
     async def load(self) -> None:
-        async with self._pool.acquire() as conn:
+        """The book as committed: the projection and the bindings, and the inventory log's last row, in one
+        snapshot — the log is followed from there (follow_inventory)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             self.book = await load_book(conn, self._policy)
+            self._inventory_seq = await last_inventory_seq(conn)
         self.book.hold_conditions(self._clock.wall_ns())
         self._book_stale = False
         self._unread.clear()
@@ -246,10 +254,24 @@ class BindingService:
                 self._drained_ns = started_ns
                 return
 
-    async def handle_inventory(self, deliveries: Sequence[Delivery]) -> None:
-        """Decide and commit a batch of this replica's inventory queue (inventory changes, heartbeats)."""
+    async def follow_inventory(self) -> bool:
+        """Apply the inventory log's rows past the last one applied (another replica, or this one as the log's
+        writer, wrote their projection): the book learns them, and this replica writes what they change in its
+        own partitions (releases, new bindings). True if there were any."""
         async with self._lock:
-            await self._decide_and_commit(deliveries)
+            await self.ensure_current()
+            async with self._pool.acquire() as conn:
+                logged = await inventory_since(conn, self._inventory_seq)
+            if not logged:
+                return False
+            now_ns = time.time_ns()
+            deliveries = []
+            for _seq, body in logged:
+                head, data = events.decode(body)
+                deliveries.append(Delivery(head, data, False, now_ns))
+            await self._decide_and_commit(deliveries, projection_written=True)
+            self._inventory_seq = max(self._inventory_seq, logged[-1][0])
+        return True
 
     async def handle_routine(self, deliveries: Sequence[Delivery]) -> None:
         """The routine lane (messages a watcher marked as renewals): decided one message at a time, letting any
@@ -296,6 +318,11 @@ class BindingService:
         """The refusals decided since the last call (None if there were none), for one log line."""
         return self._audit.take_summary()
 
+    async def expire_inventory_log(self, older_than_s: float) -> int:
+        """The inventory log's rows older than that (every replica has applied them long since)."""
+        async with self._pool.acquire() as conn:
+            return await delete_old_inventory_log(conn, older_than_s)
+
     async def expire_audit(self, older_than_days: float) -> int:
         """Audit retention: delete refusals older than that (a bounded number per call)."""
         async with self._pool.acquire() as conn:
@@ -308,6 +335,7 @@ class BindingService:
         tick_ns: int | None = None,
         defer: bool = False,
         release: bool = False,
+        projection_written: bool = False,
     ) -> _Deferred | None:
         """Decide, and commit what changed; if `defer` and the batch's writes commute (BatchWrite.commutes),
         return what to write instead of writing it. With `release`, audit rows waiting for the pacer that it
@@ -321,7 +349,11 @@ class BindingService:
             for attempt in range(1, MAX_DECISION_ATTEMPTS + 1):
                 try:
                     return await self._decide_and_commit_once(
-                        deliveries, tick_ns=tick_ns, defer=defer, release=release
+                        deliveries,
+                        tick_ns=tick_ns,
+                        defer=defer,
+                        release=release,
+                        projection_written=projection_written,
                     )
                 except WriteConflict as conflict:
                     metrics.WRITE_CONFLICTS.inc(len(conflict.havip_ids))
@@ -344,6 +376,7 @@ class BindingService:
         tick_ns: int | None,
         defer: bool,
         release: bool,
+        projection_written: bool = False,
     ) -> _Deferred | None:
         await self.ensure_current()
         if self._unread:
@@ -378,6 +411,8 @@ class BindingService:
             self._observe(decisions, edges, new_rejections=())
             return _Deferred(renewals_of(batch), [audit], set(batch.claim_ids), tuple(deliveries))
         batch.owned = (self.partitions, sorted(self.owned))
+        if projection_written:
+            batch.inventory.clear()  # the log's writer wrote it with the log's row
         if not batch:  # nothing to write: what was decided holds as it is
             self._reconcile = set()
             self._audit.committed(audit)
@@ -667,6 +702,7 @@ HANDLERS: dict[str, _Handler] = {
     "havip.released": BindingService._on_havip_released,
     events.REPLAY_REQUESTED: BindingService._on_replay_requested,
 }
-# What every replica receives on its own queue (services/binding/main.py): all but the claims and the replay
-# requests, which go to the partitions' queues.
-INVENTORY_SUBSCRIPTIONS = tuple(k for k in HANDLERS if k not in (events.CLAIMS_EVENT, events.REPLAY_REQUESTED))
+# The inventory events: logged by the active consumer of binding.inventory, followed by every replica from the log.
+INVENTORY_EVENTS = tuple(
+    k for k in HANDLERS if k not in (events.CLAIMS_EVENT, events.REPLAY_REQUESTED, events.WATCHER_HEARTBEAT_EVENT)
+)

@@ -12,17 +12,14 @@ from shared.settings import CommonSettings
 
 
 class BindingSettings(CommonSettings):
-    # This replica's name, unique among the replicas (its own inventory queue is binding.inventory.<id>) and the
-    # same across its restarts (the queue keeps what was published while it was down). Default: the host name.
+    # This replica's name in logs and its connections' names; it also spreads the replicas' first tries over the
+    # partitions. Default: the host name.
     replica_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]{1,100}$")
     # How often a replica looks at the partitions' advisory locks (it also wakes when another hands one over),
     # and after how long Postgres ends the session of a replica that stopped speaking (frozen): its partitions
     # are then free for the others (services/binding/leases.py).
     lease_interval_s: float = Field(default=0.2, gt=0, le=60)
     lease_timeout_s: float = Field(default=3.0, ge=1, le=3600)
-    # A replica's inventory queue is deleted by RabbitMQ after it had no consumer for this long (a replica
-    # retired for good); one that returns within it finds what was published meanwhile.
-    inventory_queue_expiry_days: float = Field(default=7.0, gt=0, le=365)
     metrics_port: int = Field(default=9103, ge=0, le=65535)  # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
     prefetch: int = Field(default=2000, ge=1, le=65535)

@@ -17,6 +17,7 @@ from asyncpg.transaction import Transaction
 
 from shared import events
 from shared.messaging import Delivery
+from shared.partitions import partition_of
 
 _VIP_HOSTS = itertools.count()
 
@@ -26,11 +27,11 @@ T = TypeVar("T")
 class World:
     """A VPC with one subnet, two instances and one HAVIP, announced as the allocator would."""
 
-    def __init__(self) -> None:
+    def __init__(self, vip: IPv4Address | None = None) -> None:
         self.vpc, self.subnet, self.other_subnet = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         # Each world's HAVIP address is its own: a random pick could repeat one of an earlier world (other
         # VPC, same module), and an unknown MAC's claim for an address two VPCs use names no HAVIP.
-        self.vip = IPv4Address("192.0.2.20") + next(_VIP_HOSTS)
+        self.vip = vip or IPv4Address("192.0.2.20") + next(_VIP_HOSTS)
         suffix = uuid.uuid4().hex[:8]
 
         def mac(i: int) -> str:
@@ -68,6 +69,17 @@ class World:
             claim_id=uuid.uuid4(), kind="garp_request", sender_mac=mac, eth_src=eth_src or mac,
             sender_ip=self.vip, target_ip=self.vip, captured_at=t or time.time_ns(),
         )  # fmt: skip
+
+
+def worlds_in_partitions(partitions: int) -> dict[int, World]:
+    """A world whose HAVIP is in each partition (addresses of 203.0.113.0/24, never on a wire here)."""
+    found: dict[int, World] = {}
+    for host in range(1, 255):
+        vip = IPv4Address("203.0.113.0") + host
+        found.setdefault(partition_of(vip, partitions), World(vip))
+        if len(found) == partitions:
+            return found
+    raise AssertionError(f"203.0.113.0/24 does not reach all {partitions} partitions")
 
 
 def claims_event(*claims: events.ObservedClaim) -> events.Envelope:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from services.binding.domain import Holder, Transition
 from services.binding.outgoing import binding_changed, binding_replayed
 from services.binding.repository import COMMITTED_AT_SLOT, transition_of_row
-from services.binding.service import HANDLERS, INVENTORY_SUBSCRIPTIONS
+from services.binding.service import HANDLERS, INVENTORY_EVENTS
 from shared import events
 from shared.events import EVENT_TYPES, BindingChanged, ReleaseCause, decode, encode, rfc3339
 
@@ -137,4 +137,8 @@ def test_a_replayed_transition_carries_the_data_it_was_first_published_with(
 
 def test_every_routing_key_the_binding_handles_is_an_event_of_the_contract() -> None:
     assert set(HANDLERS) <= set(EVENT_TYPES)
-    assert set(INVENTORY_SUBSCRIPTIONS) | {events.CLAIMS_EVENT, events.REPLAY_REQUESTED} == set(HANDLERS)
+    assert set(INVENTORY_EVENTS) | {
+        events.CLAIMS_EVENT,
+        events.REPLAY_REQUESTED,
+        events.WATCHER_HEARTBEAT_EVENT,
+    } == set(HANDLERS)
