@@ -514,10 +514,11 @@ class BatchConsumer:
         self._tasks = []
         # Closing the channel cancels the consumer: RabbitMQ hands a single-active-consumer queue to the next one
         # at once, and gives what this one held but did not acknowledge to it.
+        # Closed even if the broker closed it already: a robust channel closed by us is never reopened, so the
+        # robust connection does not register this consumer again after a reconnect (a consumer whose batches
+        # nobody runs, holding a single-active-consumer queue).
         with contextlib.suppress(Exception):
-            channel = self._queue.channel
-            if not channel.is_closed:
-                await channel.close()
+            await self._queue.channel.close()
 
     async def _run(
         self, inbox: asyncio.Queue[tuple[AbstractIncomingMessage, int]], max_batch: int, handler: BatchHandler

@@ -332,6 +332,7 @@ class BindingBook:
         placed = []
         for binding in bindings:
             self.bindings[binding.havip_id] = binding
+            self.rowless.discard(binding.havip_id)
             placed.append(binding)
         for havip in self.havips_by_id.values():
             if havip.id not in self.bindings and taken(havip.address):

@@ -20,6 +20,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
@@ -55,10 +56,11 @@ class LeaseSettings:
     start: int  # where this replica's first tries begin (spread.next_step)
     scope: str = ""  # the deployment (lock_class)
     interval_s: float = 0.2
-    timeout_s: float = 3.0  # idle_session_timeout: a frozen replica's locks are free after this
+    timeout_s: float = 10.0  # idle_session_timeout: a frozen replica's locks are free after this
 
 
 PartitionChange = Callable[[int], Awaitable[None]]
+T = TypeVar("T")
 
 
 class PartitionLeases:
@@ -87,6 +89,9 @@ class PartitionLeases:
         self.replicas = 0
         self.partition_counts = 0  # distinct P among the replicas: more than 1 is a misconfiguration
         self._conn: asyncpg.Connection | None = None
+        self._session_lock = asyncio.Lock()
+        self._keepalive: asyncio.Task[None] | None = None
+        self._session_lost: BaseException | None = None
         self._partition_locks = lock_class("partitions", settings.scope)  # (this, partition)
         self._membership = lock_class("replicas", settings.scope)  # (this, P), shared by every replica
 
@@ -94,9 +99,13 @@ class PartitionLeases:
         """Take and keep a share until `stop`; then hand every partition over (drain)."""
         try:
             while not stop.is_set():
-                if self._conn is None and not await self._connect(stop):
-                    return
+                if self._conn is None:
+                    if not await self._connect(stop):
+                        return
+                    self._keepalive = asyncio.create_task(self._keep_alive(), name="partition lease keep-alive")
                 try:
+                    if self._session_lost is not None:
+                        raise self._session_lost
                     await self._balance()
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     await self._lost(exc)
@@ -107,10 +116,32 @@ class PartitionLeases:
         finally:
             await self._drain()
 
+    async def _keep_alive(self) -> None:
+        """Speak on the session every interval, whatever the balancing does meanwhile (starting a consumer, waiting
+        for a batch to commit): only a replica that is really silent — frozen, or its event loop stuck for the
+        whole timeout — loses its session."""
+        conn = self._conn
+        while conn is not None and not conn.is_closed():
+            try:
+                await self._on_session(lambda c: c.execute("SELECT 1"))
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                self._session_lost = exc
+                self._wake.set()
+                return
+            await asyncio.sleep(self._settings.interval_s)
+
+    async def _on_session(self, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """One statement on the lease session (asyncpg runs one at a time per connection)."""
+        conn = self._conn
+        if conn is None:
+            raise asyncpg.InterfaceError("the lease session is closed")
+        async with self._session_lock:
+            return await query(conn)
+
     async def _connect(self, stop: asyncio.Event) -> bool:
         s = self._settings
 
-        async def connect() -> asyncpg.Connection:
+        async def open_session() -> asyncpg.Connection:
             conn = await asyncpg.connect(
                 s.database_url,
                 server_settings={
@@ -127,6 +158,16 @@ class PartitionLeases:
                 raise
             return conn
 
+        async def connect() -> asyncpg.Connection:
+            # A stop ends the wait, not the attempt under way: asyncpg cancelled mid-handshake leaves a future
+            # whose error nobody retrieves. The attempt finishes on its own, and its session is closed.
+            attempt = asyncio.ensure_future(open_session())
+            try:
+                return await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(_close_if_opened)
+                raise
+
         conn = await wait_until_available(
             connect,
             what="Postgres (partition leases)",
@@ -139,36 +180,47 @@ class PartitionLeases:
         return conn is not None
 
     async def _balance(self) -> None:
-        conn = self._conn
-        assert conn is not None
         s = self._settings
-        row = await conn.fetchrow(_MEMBERS, self._membership)
+        row = await self._on_session(lambda c: c.fetchrow(_MEMBERS, self._membership))
         assert row is not None
         self.replicas, self.partition_counts = row["replicas"], row["partition_counts"]
         if not self._able():
             if self.held:
                 log.warning("cannot consume (RabbitMQ away): handing the partitions over until it is back")
                 for partition in sorted(self.held):
-                    await self._give_up(conn, partition)
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+                    await self._give_up(partition)
+                await self._notify()
             return
         step = next_step(self.held, s.partitions, self.replicas, s.start)
         for partition in step.release:
-            await self._give_up(conn, partition)
+            await self._give_up(partition)
         if step.release:
-            await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            await self._notify()
         if step.wanted > 0 and step.try_lock:
-            taken = await conn.fetch(_TRY, self._partition_locks, list(step.try_lock), step.wanted)
+            taken = await self._on_session(
+                lambda c: c.fetch(_TRY, self._partition_locks, list(step.try_lock), step.wanted)
+            )
             for record in taken:
                 partition = record["p"]
                 self.held.add(partition)
                 log.info("deciding partition %d", partition, extra={"partition": partition})
-                await self._acquired(partition)
+                try:
+                    await self._acquired(partition)
+                except Exception:
+                    # Never hold a lock for a partition nobody consumes: another replica takes it.
+                    log.exception("could not start deciding partition %d: handing it over", partition)
+                    await self._give_up(partition)
+                    await self._notify()
 
-    async def _give_up(self, conn: asyncpg.Connection, partition: int) -> None:
+    async def _notify(self) -> None:
+        await self._on_session(lambda c: c.execute("SELECT pg_notify($1, '')", CHANNEL))
+
+    async def _give_up(self, partition: int) -> None:
         await self._releasing(partition)
         self.held.discard(partition)
-        await conn.execute("SELECT pg_advisory_unlock($1, $2)", self._partition_locks, partition)
+        await self._on_session(
+            lambda c: c.execute("SELECT pg_advisory_unlock($1, $2)", self._partition_locks, partition)
+        )
         log.info("handed partition %d over", partition, extra={"partition": partition})
 
     async def _lost(self, exc: BaseException) -> None:
@@ -187,29 +239,41 @@ class PartitionLeases:
 
     async def _drain(self) -> None:
         """Planned stop: stop deciding each partition, then free its lock and tell the others at once."""
-        conn = self._conn
+        usable = self._conn is not None and self._session_lost is None
         try:
             for partition in sorted(self.held):
-                if conn is not None and not conn.is_closed():
+                if usable:
                     try:
-                        await self._give_up(conn, partition)
+                        await self._give_up(partition)
                         continue
                     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                         log.warning("handing partitions over: %s", exc)
-                        conn = None
+                        usable = False
                 await self._releasing(partition)
             self.held.clear()
-            if conn is not None and not conn.is_closed():
+            if usable:
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+                    await self._notify()
         finally:
             await self._close()
 
     async def _close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._keepalive
+            self._keepalive = None
+        self._session_lost = None
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 2.0)
+
+
+def _close_if_opened(attempt: asyncio.Future[asyncpg.Connection]) -> None:
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    attempt.result().terminate()
 
 
 async def _first(*events: asyncio.Event) -> None:

@@ -21,7 +21,7 @@ from services.binding.hops import ClaimHops
 from services.binding.leases import LeaseSettings, PartitionLeases
 from services.binding.outgoing import SOURCE
 from services.binding.refusal_audit import MAX_SUMMARISED_CLAIMANTS
-from services.binding.repository import INVENTORY_CHANNEL, SCHEMA, log_inventory
+from services.binding.repository import INVENTORY_CHANNEL, SCHEMA, WriteConflict, log_inventory
 from services.binding.service import INVENTORY_EVENTS, BindingService
 from services.binding.settings import BindingSettings
 from shared.db import ConnectionPool, create_pool, database_or_network_away
@@ -235,6 +235,12 @@ async def _drain_inventory(service: BindingService, inventory: BatchConsumer) ->
         pass
 
 
+def _transient(exc: BaseException) -> bool:
+    """What the consumer retries for as long as it lasts: the database or network away, and a write that kept
+    conflicting with another replica's (two replicas overlapping on a partition: it ends when one lets go)."""
+    return database_or_network_away(exc) or isinstance(exc, WriteConflict)
+
+
 class _PartitionConsumers:
     """The consumers of the partitions this replica holds: started once a lock is taken, stopped (the batch under
     way committed and acknowledged, the channel closed so that RabbitMQ hands the queue on) before it is freed."""
@@ -255,7 +261,7 @@ class _PartitionConsumers:
             self._service.handle,
             prefetch=settings.prefetch,
             max_batch=settings.max_batch,
-            transient=database_or_network_away,
+            transient=_transient,
             routine_batch=settings.routine_batch,
             routine_handler=self._service.handle_routine,
             single_active=True,

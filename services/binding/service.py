@@ -657,6 +657,7 @@ class BindingService:
             binding = self.book.bindings.get(havip_id)
             if binding is not None and reconciled(binding.address):
                 batch.create(binding)
+                self.book.rowless.discard(havip_id)  # should the write fail, the book is loaded again
         for transition in self.book.strays(reconciled):
             if transition.reason == "release" and transition.cause == "released":
                 batch.remove_havip(transition.havip_id, transition.address, bound=True)

@@ -19,7 +19,7 @@ class BindingSettings(CommonSettings):
     # and after how long Postgres ends the session of a replica that stopped speaking (frozen): its partitions
     # are then free for the others (services/binding/leases.py).
     lease_interval_s: float = Field(default=0.2, gt=0, le=60)
-    lease_timeout_s: float = Field(default=3.0, ge=1, le=3600)
+    lease_timeout_s: float = Field(default=10.0, ge=1, le=3600)
     metrics_port: int = Field(default=9103, ge=0, le=65535)  # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
     prefetch: int = Field(default=2000, ge=1, le=65535)

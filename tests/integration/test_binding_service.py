@@ -25,8 +25,10 @@ from shared.db import fetch_one
 from shared.hops import BINDING_HOPS
 from shared.messaging import Broker, declare_topology
 from shared.partitions import claims_routing_key
+from tests.conftest import PG_BASE
 from tests.integration.binding_support import World, binding_row, binding_row_if_any, claims_event, transitions
 from tests.listener import EventLog, listening
+from tests.sandbox import temporary_database
 from tests.waiting import eventually
 
 
@@ -316,11 +318,14 @@ async def test_a_candidate_list_without_the_holder_releases_the_binding(
     ]
 
 
-async def test_two_masters_raise_split_brain_and_flapping_and_both_end_when_quiet(
-    database_url: str, amqp_url: str
-) -> None:
-    """Flapping and split brain (docs/contract.md#flapping) with short windows: a service of its own (its own
-    exchange and queue names)."""
+async def test_two_masters_raise_split_brain_and_flapping_and_both_end_when_quiet(amqp_url: str) -> None:
+    """Flapping and split brain (docs/contract.md#flapping) with short windows: a deployment of its own (its own
+    database, exchange and queue names)."""
+    async with temporary_database(PG_BASE, f"havip_test_flags_{uuid.uuid4().hex[:8]}") as database_url:
+        await _two_masters(database_url, amqp_url)
+
+
+async def _two_masters(database_url: str, amqp_url: str) -> None:
     settings = BindingSettings(
         database_url=database_url,
         amqp_url=amqp_url,
