@@ -247,6 +247,13 @@ async def test_the_binding_replicas_share_every_partition_out_and_hand_them_over
         return set(gauges) == {"binding"} and gauges["binding"].get("partitions_owned") == p
 
     await until(shared_out, f"the {p} partitions shared out by both replicas")
+    # The binding service's queues: the inventory's, shared by the replicas, and one per partition.
+    queues = set(stack.exec("rabbitmq", "rabbitmqctl", "-q", "list_queues", "name").split())
+    partition_queues = {f"binding.partition.{n}" for n in range(p)}
+    assert {q for q in queues if q.startswith("binding.")} == {"binding.inventory", *partition_queues}
+    # The watcher routes claims by the same count.
+    [watcher] = prometheus_query(stack, 'havip_watcher_partitions{job="arp_watcher"}')
+    assert float(watcher["value"][1]) == p
     # One replica stopped: it hands its partitions over, and the other decides all of them; started again, it
     # takes its share back.
     stack.compose("stop", "-t", "10", "binding-2")
