@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grafana_foundation_sdk.builders.bargauge import Panel as BarGauge
-from grafana_foundation_sdk.builders.common import GraphThresholdsStyleConfig, ReduceDataOptions, VizLegendOptions
+from grafana_foundation_sdk.builders.common import (
+    GraphThresholdsStyleConfig,
+    ReduceDataOptions,
+    StackingConfig,
+    VizLegendOptions,
+)
 from grafana_foundation_sdk.builders.dashboard import Dashboard, QueryVariable, Row, ThresholdsConfig
 from grafana_foundation_sdk.builders.prometheus import Dataquery as PrometheusQuery
 from grafana_foundation_sdk.builders.stat import Panel as Stat
@@ -30,6 +35,7 @@ from grafana_foundation_sdk.models.common import (
     GraphThresholdsStyleMode,
     LegendDisplayMode,
     LegendPlacement,
+    StackingMode,
     VizOrientation,
 )
 from grafana_foundation_sdk.models.dashboard import (
@@ -302,6 +308,37 @@ def failovers(board: Dashboard) -> None:
     )
 
 
+def binding_replicas(board: Dashboard) -> None:
+    board.with_row(Row("Binding replicas"))
+    board.with_panel(
+        stat(
+            "Binding replicas alive",
+            "Binding replicas alive as Postgres counts them (sessions holding the replicas' membership lock). "
+            "With one left, nothing takes its partitions over should it fail.",
+            "max(havip_binding_replicas)",
+            (None, "red"),
+            (1, "orange"),
+            (2, "green"),
+        )
+        .decimals(0)
+        .height(8)
+        .span(6)
+    )
+    board.with_panel(
+        time_series(
+            "Partitions per binding replica",
+            "Partitions each binding replica decides (holds the advisory lock of), stacked: the top is "
+            "HAVIP_PARTITIONS while every partition has a replica (alert HavipPartitionUndecided below it). A "
+            "replica that stops hands its partitions to the others.",
+            "short",
+            promql("sum by (instance) (havip_binding_partitions_owned)", "{{instance}}"),
+        )
+        .stacking(StackingConfig().mode(StackingMode.NORMAL))
+        .decimals(0)
+        .span(18)
+    )
+
+
 def watcher(board: Dashboard) -> None:
     board.with_row(Row("ARP watcher"))
     board.with_panel(
@@ -457,7 +494,7 @@ def build() -> Dashboard:
         .with_variable(variable("havip", "HAVIP", "havip_owner_info", "address"))
         .with_variable(variable("subnet", "subnet", "havip_subnet_usable_addresses", "subnet_id"))
     )
-    for row in (ownership, failovers, watcher, outbox_and_api, subnets, history):
+    for row in (ownership, failovers, binding_replicas, watcher, outbox_and_api, subnets, history):
         row(board)
     return board
 

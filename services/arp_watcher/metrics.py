@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -127,6 +127,11 @@ class WatcherMetrics:
             "havip_watcher_publish_latency_seconds",
             "Kernel receive time of a claim to its publish confirmed by RabbitMQ",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.partitions = Gauge(
+            "havip_watcher_partitions",
+            "P, the partition count claims are routed by (HAVIP_PARTITIONS): the binding replicas' must be equal",
             registry=registry,
         )
         hops = claim_hops(WATCHER_HOPS, registry)

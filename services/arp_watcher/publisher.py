@@ -216,6 +216,7 @@ class ClaimPublisher:
         self._partitions = partitions
         self._buffer = buffer
         self._metrics = metrics
+        metrics.partitions.set(partitions)
         self._watcher_id = watcher_id
         self._interface = interface
         self._segment = segment

@@ -28,7 +28,18 @@ from tests.ports import free_port
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 # The services that keep running (migrate is one-shot; grafana is off: its profile is not enabled).
-LONG_RUNNING = ("postgres", "rabbitmq", "allocator", "allocator-2", "api", "binding", "arp_watcher", "prometheus")
+LONG_RUNNING = (
+    "postgres",
+    "rabbitmq",
+    "allocator",
+    "allocator-2",
+    "api",
+    "binding",
+    "binding-2",
+    "arp_watcher",
+    "prometheus",
+)
+BINDINGS = ("binding", "binding-2")  # the binding service's replicas, each its own HAVIP_REPLICA_ID
 UP_TIMEOUT_S = 600.0  # generous: two shared cores, and RabbitMQ's first start
 
 
@@ -56,6 +67,8 @@ class ComposeStack:
     postgres_port: int = field(default_factory=free_port)
     prometheus_port: int = field(default_factory=free_port)
     watcher_metrics_port: int = field(default_factory=free_port)
+    # Not the default (8): the value the file passes on reaches every replica and the watcher.
+    partitions: int = 6
     up_seconds: float = 0.0
     down_seconds: float = 0.0
     _service: PodmanService | None = None
@@ -114,6 +127,7 @@ class ComposeStack:
             "HAVIP_PROMETHEUS_PORT": str(self.prometheus_port),
             "HAVIP_WATCHER_METRICS_PORT": str(self.watcher_metrics_port),
             "HAVIP_WATCHER_ID": f"{self.project}/{self.interface}",
+            "HAVIP_PARTITIONS": str(self.partitions),
             "HAVIP_HOST_GATEWAY": host_address(),
             "HAVIP_PROMETHEUS_CONFIG": str(self._prometheus_config()),
         }

@@ -1,14 +1,14 @@
 """docker-compose.yml for real: the stack comes up (Grafana's profile off) from local equivalents of the images
 it names, with its health checks and start-up order, and a keepalived failover in the lab moves the HAVIP —
-seen by the watcher container on the host network, decided by the binding container, shown by the allocator's
-API and scraped by the Prometheus container."""
+seen by the watcher container on the host network, decided by the binding containers (two replicas sharing the
+partitions out), shown by the allocator's API and scraped by the Prometheus container."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.deploy.images import Images, ensure_images
-from tests.deploy.stack import LONG_RUNNING, ComposeStack
+from tests.deploy.stack import BINDINGS, LONG_RUNNING, ComposeStack
 from tests.e2e.system import ok
 from tests.lab import Keepalived, Lab
 from tests.waiting import eventually
@@ -98,7 +98,7 @@ def test_the_watcher_holds_net_raw_alone_on_the_host_network(stack: ComposeStack
 
 
 def test_the_services_run_as_the_images_unprivileged_user(stack: ComposeStack) -> None:
-    for service in ("allocator", "allocator-2", "binding"):
+    for service in ("allocator", "allocator-2", *BINDINGS):
         assert stack.exec(service, "id", "-u").strip() == "10001", service
         status = dict(
             line.split(":\t", 1) for line in stack.exec(service, "cat", "/proc/self/status").splitlines()
@@ -185,6 +185,7 @@ async def test_prometheus_scrapes_the_three_services_including_the_watcher_on_th
             ("allocator", "allocator"): "1",
             ("allocator", "allocator-2"): "1",
             ("binding", "binding"): "1",
+            ("binding", "binding-2"): "1",
             ("arp_watcher", "host.docker.internal"): "1",
         }
 
@@ -196,6 +197,71 @@ async def test_prometheus_scrapes_the_three_services_including_the_watcher_on_th
     async with httpx.AsyncClient(timeout=10.0) as client:
         rules = (await client.get(f"{stack.prometheus_url}/api/v1/rules")).json()["data"]["groups"]
     assert rules, "no rule group loaded"
+
+
+# What each binding replica says of the partitions (services/binding/metrics.py), without the prefix.
+BINDING_GAUGES = ("partitions_owned", "partitions", "replicas", "partition_counts", "consuming")
+
+
+def binding_gauges(stack: ComposeStack) -> dict[str, dict[str, float]]:
+    """Replica (the target's host) -> the binding gauges of its last scrape, by name without the prefix."""
+    gauges: dict[str, dict[str, float]] = {}
+    names = "|".join(BINDING_GAUGES)
+    try:
+        series = prometheus_query(stack, f'{{job="binding", __name__=~"havip_binding_({names})"}}')
+    except httpx.HTTPError:
+        return {}
+    for one in series:
+        replica = one["metric"]["instance"].rsplit(":", 1)[0]
+        name = one["metric"]["__name__"].removeprefix("havip_binding_")
+        gauges.setdefault(replica, {})[name] = float(one["value"][1])
+    return gauges
+
+
+async def test_the_binding_replicas_share_every_partition_out_and_hand_them_over(stack: ComposeStack) -> None:
+    p = stack.partitions
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        try:
+            await eventually(condition, timeout=60, interval=0.5, what=what)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: {binding_gauges(stack)}") from None
+
+    def shared_out() -> bool:
+        gauges = binding_gauges(stack)
+        return (
+            set(gauges) == set(BINDINGS)
+            and all(
+                g.get("partitions") == p
+                and g.get("replicas") == len(BINDINGS)
+                and g.get("partition_counts") == 1
+                and g.get("consuming") == 1
+                and g.get("partitions_owned", 0) >= 1
+                for g in gauges.values()
+            )
+            and sum(g["partitions_owned"] for g in gauges.values()) == p
+        )
+
+    def held_by_binding_alone() -> bool:
+        gauges = binding_gauges(stack)
+        return set(gauges) == {"binding"} and gauges["binding"].get("partitions_owned") == p
+
+    await until(shared_out, f"the {p} partitions shared out by both replicas")
+    # The binding service's queues: the inventory's, shared by the replicas, and one per partition.
+    queues = set(stack.exec("rabbitmq", "rabbitmqctl", "-q", "list_queues", "name").split())
+    partition_queues = {f"binding.partition.{n}" for n in range(p)}
+    assert {q for q in queues if q.startswith("binding.")} == {"binding.inventory", *partition_queues}
+    # The watcher routes claims by the same count.
+    [watcher] = prometheus_query(stack, 'havip_watcher_partitions{job="arp_watcher"}')
+    assert float(watcher["value"][1]) == p
+    # One replica stopped: it hands its partitions over, and the other decides all of them; started again, it
+    # takes its share back.
+    stack.compose("stop", "-t", "10", "binding-2")
+    try:
+        await until(held_by_binding_alone, f"the {p} partitions held by binding alone")
+    finally:
+        stack.compose("start", "binding-2")
+    await until(shared_out, f"the {p} partitions shared out again")
 
 
 async def test_the_api_answers_through_the_balancer_while_one_replica_is_stopped(stack: ComposeStack) -> None:

@@ -434,9 +434,11 @@ async def test_claims_are_published_one_event_per_partition() -> None:
     buffer = ClaimBuffer(1000, asyncio.get_running_loop())
     broker = FakeBroker()
     broker.partitions = 4
+    registry = CollectorRegistry()
     publisher = ClaimPublisher(
-        broker, buffer, WatcherMetrics(CollectorRegistry()), watcher_id="w", interface="eth0", partitions=4
+        broker, buffer, WatcherMetrics(registry), watcher_id="w", interface="eth0", partitions=4
     )
+    assert registry.get_sample_value("havip_watcher_partitions") == 4  # compared with the binding replicas' P
     addresses = [VIP + i for i in range(40)]
     buffer.put_many([claim(i) for i in range(40)])
     task = asyncio.create_task(publisher.run())

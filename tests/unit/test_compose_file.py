@@ -27,8 +27,9 @@ SECRETS = {
     "HAVIP_GRAFANA_DATABASE_PASSWORD": "grafana-db-secret",
 }
 REQUIRED = {**SECRETS, "HAVIP_INTERFACE": "eth0"}
-HAVIP_SERVICES = ("migrate", "allocator", "allocator-2", "binding", "arp_watcher")
 ALLOCATORS = ("allocator", "allocator-2")
+BINDINGS = ("binding", "binding-2")
+HAVIP_SERVICES = ("migrate", *ALLOCATORS, *BINDINGS, "arp_watcher")
 BALANCER = "api"
 HAPROXY_CONFIG = ROOT / "deploy/haproxy/haproxy.cfg"
 LONG_RUNNING = (
@@ -36,7 +37,7 @@ LONG_RUNNING = (
     "rabbitmq",
     *ALLOCATORS,
     BALANCER,
-    "binding",
+    *BINDINGS,
     "arp_watcher",
     "prometheus",
     "grafana",
@@ -131,7 +132,7 @@ def test_start_up_order(config: dict[str, Any]) -> None:
     services = config["services"]
     healthy = {"condition": "service_healthy"}
     assert services["migrate"]["depends_on"] == {"postgres": healthy, "rabbitmq": healthy}
-    for name in (*ALLOCATORS, "binding", "arp_watcher"):
+    for name in (*ALLOCATORS, *BINDINGS, "arp_watcher"):
         assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
     started = {"condition": "service_started"}
     assert services[BALANCER]["depends_on"] == dict.fromkeys(ALLOCATORS, started)
@@ -172,7 +173,7 @@ def test_the_services_run_from_one_image_without_privileges(config: dict[str, An
         assert service.get("privileged") is not True, name
     commands = {name: services[name]["command"] for name in HAVIP_SERVICES}
     assert commands["allocator"] == commands["allocator-2"] == ["python", "-m", "services.allocator"]
-    assert commands["binding"] == ["python", "-m", "services.binding"]
+    assert commands["binding"] == commands["binding-2"] == ["python", "-m", "services.binding"]
     assert commands["arp_watcher"] == ["python", "-m", "services.arp_watcher"]
     assert "services.allocator migrate" in commands["migrate"][-1]
     assert "services.binding migrate" in commands["migrate"][-1]
@@ -188,6 +189,7 @@ def test_each_service_reads_its_own_database_url(tmp_path: Path) -> None:
     for name, url in urls.items():
         assert config["services"][name]["environment"]["HAVIP_DATABASE_URL"] == url
     assert config["services"]["allocator-2"]["environment"]["HAVIP_DATABASE_URL"] == urls["allocator"]
+    assert config["services"]["binding-2"]["environment"]["HAVIP_DATABASE_URL"] == urls["binding"]
     assert "HAVIP_DATABASE_URL" not in config["services"]["arp_watcher"]["environment"]
 
 
@@ -225,6 +227,8 @@ def test_images_are_the_official_names_and_overridable(tmp_path: Path, config: d
         "grafana": "HAVIP_GRAFANA_IMAGE",
         "allocator": "HAVIP_IMAGE",
         "allocator-2": "HAVIP_IMAGE",
+        "binding": "HAVIP_IMAGE",
+        "binding-2": "HAVIP_IMAGE",
         BALANCER: "HAVIP_HAPROXY_IMAGE",
     }
     images = {variable: f"registry.example/{variable.lower()}:1" for variable in variables.values()}
@@ -247,6 +251,9 @@ def test_prometheus_reaches_every_target_of_its_configuration(config: dict[str, 
             assert host in config["services"], target
     allocator_targets = {target for job, target in targets_of(scrape) if job == "allocator"}
     assert allocator_targets == {f"{name}:8080" for name in ALLOCATORS}  # each replica, not the balancer
+    binding_targets = {target for job, target in targets_of(scrape) if job == "binding"}
+    ports = {config["services"][name]["environment"]["HAVIP_METRICS_PORT"] for name in BINDINGS}
+    assert binding_targets == {f"{name}:{port}" for name in BINDINGS for port in ports}  # every replica
     assert prometheus["extra_hosts"] == ["host.docker.internal:host-gateway"]
     mounts = bind_mounts(prometheus)
     assert mounts["/etc/prometheus/prometheus.yml"] == str(ROOT / "deploy/prometheus/prometheus.yml")
@@ -321,3 +328,24 @@ def test_the_balancer_sends_to_every_replica_that_answers_its_readiness_check(co
     test = config["services"][BALANCER]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL"
     assert f"GET {monitor} HTTP/1.0" in test[1]
+
+
+def test_the_binding_runs_as_replicas_with_ids_of_their_own_and_one_partition_count(tmp_path: Path) -> None:
+    config = resolved(tmp_path)
+    services = config["services"]
+    first, second = (services[name] for name in BINDINGS)
+    # One definition: a replica differs only by its id, which is stable (not the container's host name).
+    assert {k: v for k, v in first.items() if k != "environment"} == {
+        k: v for k, v in second.items() if k != "environment"
+    }
+    environments = [dict(services[name]["environment"]) for name in BINDINGS]
+    ids = [environment.pop("HAVIP_REPLICA_ID") for environment in environments]
+    assert ids == list(BINDINGS)
+    assert environments[0] == environments[1]
+    for name in BINDINGS:
+        assert "ports" not in services[name], name  # metrics inside the network only
+    # The watcher computes a claim's partition with the same count; migrate declares that many partition queues.
+    partitioned = (*BINDINGS, "arp_watcher", "migrate")
+    assert {services[name]["environment"]["HAVIP_PARTITIONS"] for name in partitioned} == {"8"}
+    overridden = resolved(tmp_path, HAVIP_PARTITIONS="16")["services"]
+    assert {overridden[name]["environment"]["HAVIP_PARTITIONS"] for name in partitioned} == {"16"}

@@ -160,6 +160,8 @@ def test_every_promql_expression_parses(tmp_path: Path) -> None:
         ("refused claims by reason", r"by \(reason\) \(rate\(havip_claims_rejected_total"),
         ("flapping", r"havip_flapping\b"),
         ("split brain", r"havip_split_brain\b"),
+        ("partitions per binding replica", r"by \(instance\) \(havip_binding_partitions_owned\b"),
+        ("binding replicas alive", r"havip_binding_replicas\b"),
         ("watcher packet rate", r"rate\(havip_watcher_kernel_packets_total"),
         ("watcher drop rate", r"rate\(havip_watcher_kernel_drops_total"),
         ("outbox backlog", r"havip_outbox_pending_events\b"),
