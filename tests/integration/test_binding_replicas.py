@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aio_pika
+import asyncpg
 import httpx
 import pytest
 from yarl import URL
@@ -203,6 +204,12 @@ async def test_replicas_share_the_partitions_and_a_killed_ones_partitions_are_ta
         expected = [w.cvm1.id, w.cvm2.id, w.cvm1.id] if _partition_of(worlds, w) in victim_partitions else None
         await eventually(history_becomes(database_url, w, expected), timeout=DEADLINE_S, what="last")
     assert b2.said("partitions taken over: their bindings read") >= 1
+    # The inventory came by its own queue, the claims by theirs: none was refused for an instance not yet known.
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM binding.rejected_claims") == 0
+    finally:
+        await conn.close()
 
 
 async def test_a_replica_stopped_with_sigterm_hands_its_partitions_over_without_losing_a_claim(
