@@ -259,10 +259,11 @@ def replayed_flood(
 
 
 async def announce_inventory(
-    box: Sandbox, lab: Lab, addresses: list[IPv4Address]
+    box: Sandbox, lab: Lab, addresses: list[IPv4Address], servers: tuple[str, ...] = ("cvma", "cvmb")
 ) -> tuple[dict[str, uuid.UUID], dict[IPv4Address, uuid.UUID]]:
+    """One VPC and subnet, the lab servers `servers` as its instances and `addresses` as its HAVIPs."""
     vpc, subnet = uuid.uuid4(), uuid.uuid4()
-    instances = {name: uuid.uuid4() for name in ("cvma", "cvmb")}
+    instances = {name: uuid.uuid4() for name in servers}
     envs = [
         events.envelope(
             "instance.registered",
