@@ -1,6 +1,7 @@
 """P2 — mass failover — with 1 and with K binding replicas in one run: the delay, CPU and memory per replica.
 
-    .venv/bin/python -m bench.scale [--n 10000] [--replicas 1 3] [--commits 50] [--quiet-wait 30] [--json]
+    .venv/bin/python -m bench.scale [--n 10000] [--replicas 1 3] [--refresh 0] [--refresh-s 10] [--commits 50]
+                                    [--quiet-wait 30] [--json]
 
 What one run does, on a database and RabbitMQ virtual host of its own (bench/common.py `sandbox`), with the pieces
 of bench/failover.py (the lab, the inventory as the allocator announces it, tcpdump as the reference, the mass
@@ -9,7 +10,8 @@ failover itself):
 1. a lab on the benchmarking range 198.18.0.0/15: one server more than there are phases (`cvma`, `cvmb`, …) on one
    bridge, a capture port in the root namespace; the three services start as processes (tests/e2e/system.py),
    the watcher capturing the port, the binding service as its first replica;
-2. N HAVIPs (198.18.16.0 onwards) reach the binding as the allocator announces them; `cvma` claims them all;
+2. N HAVIPs (198.18.16.0 onwards) reach the binding as the allocator announces them; `cvma` claims them all
+   (5 GARPs each);
 3. one phase per `--replicas` count, in order, each moving the N HAVIPs to the next server:
    a. the binding service is scaled to that many replicas (`python -m services.binding`, each its own
       `HAVIP_REPLICA_ID`, SIGTERM to scale down) and the run waits until every partition is owned and each replica
@@ -23,7 +25,11 @@ failover itself):
       burst to the N-th commit seen, and to the binding's outbox drained (every `havip.binding.changed` of the
       storm published): each replica, the watcher, the allocator, this database's Postgres backends, the rest of
       Postgres, RabbitMQ (`beam.smp`, shared by every virtual host on the machine), the benchmark itself and the
-      rest of the machine; and each replica's resident memory (VmRSS) at the end of the phase.
+      rest of the machine; and each replica's resident memory (VmRSS) at the end of the phase;
+   e. with `--refresh R`: the new holder refreshes its N HAVIPs at R GARPs/s (bench/failover.py `PacedSender`)
+      and, after 2 s to settle, the CPU of every process over `--refresh-s` seconds is taken beside the claims
+      the watcher published and the refreshes the replicas decided in that window (their counters): the
+      steady-state cost of a claim in each tier.
 
 Everything it started is stopped and removed at the end, also on failure or Ctrl-C: processes by their process
 group, the lab's namespaces, the database and the virtual host.
@@ -58,8 +64,10 @@ from bench.common import (
     wait_for_quiet,
 )
 from bench.failover import (
+    BURST,
     HAVIP_BASE,
     SUBNET,
+    PacedSender,
     announce_inventory,
     bare_commit_s,
     claim_every_havip,
@@ -129,7 +137,30 @@ async def scale_to(
     return dict(shares)
 
 
+async def counter_sum(client: httpx.AsyncClient, ports: Sequence[int], name: str, labels: dict[str, str]) -> float:
+    """A counter summed over several processes' /metrics."""
+    total = 0.0
+    for port in ports:
+        page = await client.get(f"http://127.0.0.1:{port}/metrics")
+        total += value(page.text, name, labels) or 0.0
+    return total
+
+
 # ---- CPU by tier --------------------------------------------------------------------------------------------
+
+
+async def database_counts(conn: asyncpg.Connection) -> dict[str, int]:
+    """This database's commits and rows written so far (pg_stat_database; backends report at most ~1 s late)."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = await conn.fetchrow(
+        "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted FROM pg_stat_database"
+        " WHERE datname = current_database()"
+    )
+    return {key: int(count) for key, count in dict(row).items()} if row else {}
+
+
+def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {key: after[key] - before.get(key, 0) for key in after}
 
 
 async def backend_pids(conn: asyncpg.Connection) -> set[int]:
@@ -200,7 +231,15 @@ def server_names(count: int) -> tuple[str, ...]:
     return tuple(f"cvm{chr(ord('a') + i)}" for i in range(count))
 
 
-async def run(n: int, counts: list[int], commits: int, workdir: Path, quiet_wait_s: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Options:
+    commits: int  # bare Postgres commits before each phase
+    quiet_wait_s: float
+    refresh: int  # refreshes/s after each phase's failover (0: none)
+    refresh_s: float
+
+
+async def run(n: int, counts: list[int], workdir: Path, options: Options) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
     servers = server_names(len(counts) + 1)
     result: dict[str, Any] = {"n": n, "partitions": PARTITIONS, "machine": machine(), "phases": []}
@@ -215,7 +254,9 @@ async def run(n: int, counts: list[int], commits: int, workdir: Path, quiet_wait
                 senders = [RawSender(h.netns, h.mac) for h in hosts]
                 try:
                     async with bindings() as extra:
-                        await claim_every_havip(conn, senders[0], addresses, instances[servers[0]])
+                        holder = instances[servers[0]]
+                        wait = 120 + n / 500
+                        await claim_every_havip(conn, senders[0], addresses, holder, rounds=BURST, timeout_s=wait)
                         for phase, count in enumerate(counts, start=1):
                             target = servers[phase]
                             say(f"phase {phase}: {count} replica(s); the HAVIPs move to {target}")
@@ -226,7 +267,7 @@ async def run(n: int, counts: list[int], commits: int, workdir: Path, quiet_wait
                             phase_dir.mkdir(parents=True)
                             figures = await one_phase(
                                 conn, system, extra, shares, cap, phase_dir,
-                                senders[phase], addresses, instances[target], commits, quiet_wait_s,
+                                senders[phase], addresses, instances[target], options,
                             )  # fmt: skip
                             result["phases"].append(figures)
                             say(json.dumps(result["phases"][-1]))
@@ -247,17 +288,17 @@ async def one_phase(
     sender: RawSender,
     addresses: list[IPv4Address],
     to: Any,
-    commits: int,
-    quiet_wait_s: float,
+    options: Options,
 ) -> dict[str, Any]:
     replicas = replicas_of(system, extra)
     services = {
         "arp_watcher": system.services["arp_watcher"].process.pid,
         "allocator": system.services["allocator"].process.pid,
     }
-    busy_before = await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s)
-    bare = [await bare_commit_s(conn) for _ in range(commits)]
+    busy_before = await wait_for_quiet(below=0.2, timeout_s=options.quiet_wait_s)
+    bare = [await bare_commit_s(conn) for _ in range(options.commits)]
     backends = await backend_pids(conn)
+    written = await database_counts(conn)
     start = Snapshot.take()
     p2 = await mass_failover(conn, cap, workdir, sender, addresses, to)
     at_last_commit = Snapshot.take()
@@ -266,6 +307,11 @@ async def one_phase(
         conn, "SELECT (count(*) = 0)::int FROM binding.outbox", (), 1, timeout_s=300, what="outbox drained"
     )
     drained = Snapshot.take()
+    await asyncio.sleep(1.2)  # the backends' statistics of the storm reported
+    written = counts_since(written, await database_counts(conn))
+    refreshing = None
+    if options.refresh:
+        refreshing = await steady_refreshes(conn, system, sender, addresses, replicas, services, backends, options)
     return {
         "replicas": len(replicas),
         "partitions_owned": shares,
@@ -274,8 +320,54 @@ async def one_phase(
         "p2": p2,
         "cpu_to_last_commit": cpu_by_tier(start, at_last_commit, replicas, services, backends),
         "cpu_to_outbox_drained": cpu_by_tier(start, drained, replicas, services, backends),
+        "postgres_to_outbox_drained": written,
         "rss_mb": {r.name: round(rss_mb(r.pid), 1) for r in replicas}
         | {name: round(rss_mb(pid), 1) for name, pid in services.items()},
+        "refreshing": refreshing,
+    }
+
+
+async def steady_refreshes(
+    conn: asyncpg.Connection,
+    system: System,
+    sender: RawSender,
+    addresses: list[IPv4Address],
+    replicas: list[Replica],
+    services: dict[str, int],
+    backends: set[int],
+    options: Options,
+) -> dict[str, Any]:
+    """The holder refreshes its HAVIPs at `options.refresh` GARPs/s: CPU by tier per claim over a window."""
+    loader = PacedSender(sender, [sender.garp(a) for a in addresses], options.refresh, options.refresh_s + 10)
+    ports = [r.metrics_port for r in replicas]
+    watcher = [system.watcher_metrics_port]
+    async with httpx.AsyncClient(timeout=5.0) as client:
+
+        async def counters() -> tuple[float, float]:
+            published = await counter_sum(client, watcher, "havip_watcher_claims_published_total", {})
+            decided = await counter_sum(client, ports, "havip_claims_total", {"outcome": "refresh"})
+            return published, decided
+
+        loader.start()
+        try:
+            await asyncio.sleep(2)  # the load in its stride
+            published0, decided0 = await counters()
+            written = await database_counts(conn)
+            sent0, before = loader.sent, Snapshot.take()
+            await asyncio.sleep(options.refresh_s)
+            after, sent1 = Snapshot.take(), loader.sent
+            written = counts_since(written, await database_counts(conn))
+            published1, decided1 = await counters()
+        finally:
+            loader.stopping.set()
+            await asyncio.to_thread(loader.join, 10)
+    return {
+        "rate": options.refresh,
+        "garps_sent": sent1 - sent0,
+        "claims_published": int(published1 - published0),
+        "refreshes_decided": int(decided1 - decided0),
+        "postgres": written,
+        "cpu": cpu_by_tier(before, after, replicas, services, backends),
     }
 
 
@@ -327,7 +419,20 @@ def report(result: dict[str, Any]) -> None:
                 f"{part['postgres_other_s']}; rabbitmq {part['rabbitmq_s']}; benchmark {part['benchmark_s']}; "
                 f"rest {part['rest_s']} {part['rest_top']}; machine busy {part['machine_busy_s']}"
             )
+        print(f"    Postgres, this database, to the outbox drained: {phase['postgres_to_outbox_drained']}")
         print(f"    RSS MB: {phase['rss_mb']}")
+        refreshing = phase["refreshing"]
+        if refreshing:
+            part = refreshing["cpu"]
+            print(
+                f"    refreshes at {refreshing['rate']}/s: {refreshing['garps_sent']} GARPs sent, "
+                f"{refreshing['claims_published']} claims published by the watcher, "
+                f"{refreshing['refreshes_decided']} refreshes decided in {part['wall_s']} s; CPU s: replicas "
+                f"{part['replicas_s']}; {part['services_s']}; postgres backends {part['postgres_backends_s']}, "
+                f"postgres other {part['postgres_other_s']}; rabbitmq {part['rabbitmq_s']}; benchmark "
+                f"{part['benchmark_s']}; rest {part['rest_s']} {part['rest_top']}; machine busy "
+                f"{part['machine_busy_s']} ({part['machine_busy_share']:.0%}); Postgres {refreshing['postgres']}"
+            )
     for line in verdict(result):
         print(line)
 
@@ -338,6 +443,8 @@ def main() -> int:
     parser.add_argument(
         "--replicas", type=int, nargs="+", default=[1, 3], help="binding replicas of each phase, in order"
     )
+    parser.add_argument("--refresh", type=int, default=0, help="refreshes/s of the N HAVIPs after each failover")
+    parser.add_argument("--refresh-s", type=float, default=10, help="seconds of refreshes measured")
     parser.add_argument("--commits", type=int, default=50, help="bare Postgres commits before each phase")
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -347,7 +454,8 @@ def main() -> int:
     if not all(1 <= k <= PARTITIONS for k in args.replicas) or len(args.replicas) > 8:
         parser.error(f"--replicas: at most 8 phases of 1 to {PARTITIONS} replicas")
     with tempfile.TemporaryDirectory(prefix="havip-bench-scale-") as tmp:
-        result = asyncio.run(run(args.n, args.replicas, args.commits, Path(tmp), args.quiet_wait))
+        options = Options(args.commits, args.quiet_wait, args.refresh, args.refresh_s)
+        result = asyncio.run(run(args.n, args.replicas, Path(tmp), options))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
