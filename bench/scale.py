@@ -154,11 +154,13 @@ async def counter_sum(client: httpx.AsyncClient, ports: Sequence[int], name: str
 
 
 async def database_counts(conn: asyncpg.Connection) -> dict[str, int]:
-    """This database's commits and rows written so far (pg_stat_database; backends report at most ~1 s late)."""
+    """This database's commits and rows written so far (pg_stat_database; backends report at most ~1 s late), and
+    the WAL written by the whole cluster (every database on it: an upper bound for this one)."""
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     row = await conn.fetchrow(
-        "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted FROM pg_stat_database"
-        " WHERE datname = current_database()"
+        "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS cluster_wal_bytes"
+        " FROM pg_stat_database WHERE datname = current_database()"
     )
     return {key: int(count) for key, count in dict(row).items()} if row else {}
 
