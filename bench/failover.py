@@ -259,10 +259,11 @@ def replayed_flood(
 
 
 async def announce_inventory(
-    box: Sandbox, lab: Lab, addresses: list[IPv4Address]
+    box: Sandbox, lab: Lab, addresses: list[IPv4Address], servers: tuple[str, ...] = ("cvma", "cvmb")
 ) -> tuple[dict[str, uuid.UUID], dict[IPv4Address, uuid.UUID]]:
+    """One VPC and subnet, the lab servers `servers` as its instances and `addresses` as its HAVIPs."""
     vpc, subnet = uuid.uuid4(), uuid.uuid4()
-    instances = {name: uuid.uuid4() for name in ("cvma", "cvmb")}
+    instances = {name: uuid.uuid4() for name in servers}
     envs = [
         events.envelope(
             "instance.registered",
@@ -312,19 +313,29 @@ async def wait_until(
 
 
 async def claim_every_havip(
-    conn: asyncpg.Connection, sender: RawSender, addresses: list[IPv4Address], holder: uuid.UUID
+    conn: asyncpg.Connection,
+    sender: RawSender,
+    addresses: list[IPv4Address],
+    holder: uuid.UUID,
+    *,
+    rounds: int = 1,
+    timeout_s: float = 120,
 ) -> None:
-    """Once the binding knows every HAVIP, one GARP each from `sender`; back when `holder` holds them all."""
+    """Once the binding knows every HAVIP, `rounds` GARPs each from `sender` (one round of all addresses after
+    another: a burst of 100,000 single GARPs may lose a few frames on the lab's wire, as on any); back when
+    `holder` holds them all."""
     count = len(addresses)
-    await wait_until(conn, "SELECT count(*) FROM binding.havips", (), count, timeout_s=120, what="inventory")
+    await wait_until(conn, "SELECT count(*) FROM binding.havips", (), count, timeout_s=timeout_s, what="inventory")
     say(f"inventory of {count} HAVIPs loaded; the first server claims them")
-    sender.send([sender.garp(address) for address in addresses])
+    frames = [sender.garp(address) for address in addresses]
+    for _ in range(rounds):
+        sender.send(frames)
     await wait_until(
         conn,
         "SELECT count(*) FROM binding.bindings WHERE instance_id = $1",
         (holder,),
         count,
-        timeout_s=120,
+        timeout_s=timeout_s,
         what="the first server holds every HAVIP",
     )
 

@@ -79,6 +79,7 @@ class BindingProcess:
             HAVIP_AMQP_URL=amqp_url,
             HAVIP_METRICS_PORT=str(port),
             HAVIP_METRICS_HOST="127.0.0.1",
+            HAVIP_REPLICA_ID=name,  # unique among the replicas (logs, connection names)
             PYTHONPATH=str(ROOT),
         )
         with log_path.open("ab") as log:
