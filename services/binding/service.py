@@ -129,7 +129,10 @@ class BindingService:
         # Partitions taken over whose bindings are still to be read from Postgres, and partitions read (or the
         # whole book loaded) whose strays are still to be ended (`_end_strays`) — both before the next decision.
         self._unread: set[int] = set()
-        self._reconcile: set[int] = set()
+        # partition -> the inventory log's row this book must have applied before its strays are ended: only then
+        # is the book as new as the bindings read (a binding of a HAVIP the book has not learnt yet is not a
+        # stray, a holder it has not learnt yet not a deregistered one).
+        self._reconcile: dict[int, int] = {}
         # Claims and inventory come on different queues: a claim naming an address or MAC this book does not know
         # may be of a registration still on its way here. Before such a claim is decided, this replica's inventory
         # queue is drained (main wires the inventory consumer's `until_drained`); once per moment: a claim that
@@ -168,7 +171,7 @@ class BindingService:
         self.book.hold_conditions(self._clock.wall_ns())
         self._book_stale = False
         self._unread.clear()
-        self._reconcile = set(self.owned)
+        self._reconcile = dict.fromkeys(self.owned, self._inventory_seq)
         log.info(
             "binding state loaded",
             extra={"havips": len(self.book.havips_by_id), "instances": len(self.book.instances_by_id)},
@@ -195,7 +198,7 @@ class BindingService:
         async with self._lock:
             self.owned.discard(partition)
             self._unread.discard(partition)
-            self._reconcile.discard(partition)
+            self._reconcile.pop(partition, None)
             if not self.owned:
                 self._deciding.clear()
                 self._standing_by.set()
@@ -385,7 +388,7 @@ class BindingService:
         batch = decisions.batch
         # The book takes each decision as it is made; if anything fails before the commit — deciding a message
         # or writing the batch — the book is rebuilt from what is really committed (one truth).
-        reconciled = self._reconcile
+        reconciled = {p for p, seq in self._reconcile.items() if seq <= self._inventory_seq}
         try:
             if reconciled:
                 self._end_strays(batch, reconciled)
@@ -414,7 +417,7 @@ class BindingService:
         if projection_written:
             batch.inventory.clear()  # the log's writer wrote it with the log's row
         if not batch:  # nothing to write: what was decided holds as it is
-            self._reconcile = set()
+            self._reconciled(reconciled)
             self._audit.committed(audit)
             self._recent_claims.remember(batch.claim_ids)
             self._observe(decisions, edges, new_rejections=())
@@ -440,8 +443,7 @@ class BindingService:
         except BaseException:
             self._failed([audit])
             raise
-        if reconciled:
-            self._reconcile = set()
+        self._reconciled(reconciled)
         self._audit.committed(audit)
         self._recent_claims.remember(batch.claim_ids)
         if written.committed_at is not None:
@@ -635,16 +637,22 @@ class BindingService:
         def taken(address: IPv4Address) -> bool:
             return partition_of(address, self.partitions) in unread
 
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             rows = await load_bindings(conn, self.partitions, sorted(unread))
+            seq = await last_inventory_seq(conn)
         placed = self.book.replace_bindings(taken, rows)
         self.book.hold_conditions(self._clock.wall_ns(), placed)
         self._unread -= unread
-        self._reconcile |= unread
+        self._reconcile.update(dict.fromkeys(unread, seq))
         log.info(
             "partitions taken over: their bindings read",
             extra={"partitions": sorted(unread), "bindings": len(rows)},
         )
+
+    def _reconciled(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            self._reconcile.pop(partition, None)
 
     def _end_strays(self, batch: BatchWrite, partitions: set[int]) -> None:
         """For partitions just read: create the rows of their HAVIPs that have none, and end the bindings that
