@@ -429,6 +429,7 @@ class BatchConsumer:
         self._stopping = False
         self.dead_lettered = 0
         self._channel_open = True
+        self._closing: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         channel = self._queue.channel
@@ -443,6 +444,11 @@ class BatchConsumer:
             self._tasks.append(asyncio.create_task(lane, name=f"{name} (routine)"))
 
     def _channel_reopened(self, *_args: object) -> None:
+        if self._stopping:
+            # Reopened by the robust connection after this consumer was stopped (its close came while the channel
+            # was away): closed again, so that a consumer nobody runs holds no queue.
+            self._closing = asyncio.ensure_future(self._queue.channel.close())
+            return
         self._channel_open = True
 
     def _channel_closed(self, *_args: object) -> None:
@@ -463,6 +469,8 @@ class BatchConsumer:
         return self._queue.name
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping:
+            return  # left unacknowledged: RabbitMQ delivers it again once this channel is closed
         arrived = (message, time.time_ns())
         if self._routine_batch is not None and is_routine(message):
             self._routine.put_nowait(arrived)

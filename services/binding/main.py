@@ -230,7 +230,8 @@ async def _drain_inventory(service: BindingService, inventory: BatchConsumer) ->
     """Before a claim naming what this book does not know: the inventory published so far is logged (by whichever
     replica consumes binding.inventory) and applied here — bounded: a registration never published waits no
     longer."""
-    await inventory.until_drained(timeout_s=1.0)
+    await inventory.until_drained(timeout_s=1.0)  # every event published so far taken by the writer
+    await service.until_inventory_written()  # and the writer's transaction under way committed
     while await service.follow_inventory():
         pass
 

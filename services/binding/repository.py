@@ -653,6 +653,13 @@ async def log_inventory(conn: Queries, logged: Sequence[tuple[EventHead, EventDa
     return len(new)
 
 
+async def until_inventory_written(conn: Queries) -> None:
+    """Returns once no inventory write is under way (the writer's transaction lock is free): what the writer had
+    taken from binding.inventory is then in the log."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _INVENTORY_LOCK)
+
+
 async def inventory_since(conn: Queries, seq: int, limit: int = 2000) -> list[tuple[int, bytes]]:
     """The logged inventory events after `seq`, oldest first: (seq, the envelope as published)."""
     rows = await conn.fetch(

@@ -55,6 +55,7 @@ from services.binding.repository import (
     load_bindings,
     load_book,
     renewals_of,
+    until_inventory_written,
     write_batch,
     write_refusals,
     write_renewals,
@@ -256,6 +257,11 @@ class BindingService:
                 await self.drain_inventory()
                 self._drained_ns = started_ns
                 return
+
+    async def until_inventory_written(self) -> None:
+        """Once the inventory write under way, if any (by whichever replica), has committed."""
+        async with self._pool.acquire() as conn:
+            await until_inventory_written(conn)
 
     async def follow_inventory(self) -> bool:
         """Apply the inventory log's rows past the last one applied (another replica, or this one as the log's
