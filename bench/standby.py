@@ -42,7 +42,8 @@ What one run does, on a database and RabbitMQ virtual host of its own (bench/com
    SIGKILLed. The figure: GARPs sent from the kill on, transitions committed for them, lost = the difference
    (and the same before the kill), and which watcher's claims decided them.
 
-The reference, measured in the same run before each part: a bare publish → consume round trip through the same
+The parts run in the order 1, 3, 2: what a frozen replica leaves behind stays for what follows. The reference,
+measured in the same run before each part: a bare publish → consume round trip through the same
 RabbitMQ (bench/hops.py `round_trip`). At the end the run checks every history (sequences contiguous from 1, each
 transition from the previous holder, at most one transition per claim, the binding row agreeing with the last
 transition) and the `havip.binding.changed` events a consumer of the benchmark's own received (one content per
@@ -962,16 +963,18 @@ async def run(
                         if "kill" in parts:
                             result["kill_reference"] = await reference(box.amqp_url)
                             result["kill"] = [await sigkill_round(here, r) for r in range(rounds)]
-                        if "freeze" in parts:
-                            result["freeze_reference"] = await reference(box.amqp_url)
-                            result["freeze"] = [
-                                await sigstop_round(here, r, box.database_url) for r in range(freezes)
-                            ]
                         if lab is not None:
                             result["watcher_reference"] = await reference(box.amqp_url)
                             result["watcher"] = await watcher_part(
                                 here, lab, box.database_url, box.amqp_url, workdir / "services", garp_rate
                             )
+                            await here.move(inventory.havips, here.cvma)  # cvmb holds them all now
+                            await wait_held(conn, here.cvma, inventory.havips, f"{n} HAVIPs back to cvma")
+                        if "freeze" in parts:  # last: what a frozen replica leaves behind stays
+                            result["freeze_reference"] = await reference(box.amqp_url)
+                            result["freeze"] = [
+                                await sigstop_round(here, r, box.database_url) for r in range(freezes)
+                            ]
                         result["histories"] = await check_histories(conn)
                         result["events"] = await check_events(conn, received)
                 finally:
