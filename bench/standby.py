@@ -1136,8 +1136,11 @@ def main() -> int:
     except BaseException:
         say(f"the processes' logs are in {workdir}")
         raise
-    shutil.rmtree(workdir)
     lines, good = report(result)
+    if good:
+        shutil.rmtree(workdir)
+    else:
+        say(f"the processes' logs are in {workdir}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
