@@ -855,8 +855,8 @@ async def watcher_part(
             )
         committed_before, committed_after_kill = await moved(before), await moved(after)
         decided = {
-            group: await decided_by(run, started_ns, havips)
-            for group, havips in (("before", before), ("after", after))
+            "before": await decided_by(run, started_ns, before),
+            "after": await decided_by(run, started_ns, after),
         }
         result = {
             "garps_sent": len(frames),
