@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -55,6 +56,7 @@ import asyncpg
 import httpx
 
 from bench.common import (
+    ROOT,
     all_processes_cpu_s,
     latency_summary_ms,
     machine,
@@ -76,7 +78,7 @@ from bench.failover import (
     rss_mb,
     wait_until,
 )
-from bench.standby import BindingProcess, bindings
+from bench.standby import Replica as BindingProcess
 from tests.e2e.system import System
 from tests.lab import Lab
 from tests.lab.raw import RawSender
@@ -97,11 +99,33 @@ class Replica:
     metrics_port: int
 
 
+def replica_env(database_url: str, amqp_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
+    env.update(
+        HAVIP_DATABASE_URL=database_url,
+        HAVIP_AMQP_URL=amqp_url,
+        HAVIP_METRICS_HOST="127.0.0.1",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+@contextlib.asynccontextmanager
+async def stopped_at_the_end() -> AsyncIterator[list[BindingProcess]]:
+    """The extra replicas started by a run, each stopped (SIGTERM, then by its process group) at its end."""
+    started: list[BindingProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            await process.stop()
+
+
 def replicas_of(system: System, extra: list[BindingProcess]) -> list[Replica]:
     """The binding's replicas alive: the system's own first, then those the run added."""
     first = system.services["binding"].process
     found = [Replica("binding-1", first.pid, system.binding_metrics_port)]
-    found += [Replica(p.name, p.process.pid, p.metrics_port) for p in extra if p.process.poll() is None]
+    found += [Replica(p.name, p.pid, p.metrics_port) for p in extra if p.alive()]
     return found
 
 
@@ -119,10 +143,11 @@ async def scale_to(
     """`count` replicas alive, the partitions shared out evenly among them; returns name → partitions owned."""
     while len(replicas_of(system, extra)) < count:
         name = f"binding-{len(extra) + 2}"
-        extra.append(BindingProcess.spawn(name, *box_urls, workdir))
+        extra.append(BindingProcess(name, replica_env(*box_urls), workdir))
+        extra[-1].spawn()
         await extra[-1].running()
     while len(replicas_of(system, extra)) > count:
-        await [p for p in extra if p.process.poll() is None][-1].stop()  # SIGTERM: it hands its partitions over
+        await [p for p in extra if p.alive()][-1].stop()  # SIGTERM: it hands its partitions over
     alive = replicas_of(system, extra)
     shares: dict[str, int] = {}
     async with httpx.AsyncClient(timeout=5.0) as client:
@@ -259,7 +284,7 @@ async def run(n: int, counts: list[int], workdir: Path, options: Options) -> dic
                 await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
                 senders = [RawSender(h.netns, h.mac) for h in hosts]
                 try:
-                    async with bindings() as extra:
+                    async with stopped_at_the_end() as extra:
                         holder = instances[servers[0]]
                         wait = 120 + n / 500
                         await claim_every_havip(conn, senders[0], addresses, holder, rounds=BURST, timeout_s=wait)
