@@ -9,6 +9,7 @@ where EIPs are concerned, its own app with its own EIP pool: the pool is shared 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -288,10 +289,17 @@ async def test_rejected_claims_newest_first(client: httpx.AsyncClient, binding_e
     other = await make_havip(client, subnet["id"])
     base = datetime(2025, 3, 1, 9, 0, 0, 250, tzinfo=UTC)
     reasons: list[RejectReason] = ["unknown_mac", "other_subnet", "not_candidate", "eth_mismatch", "unknown_mac"]
+
+    async def audited(n: int) -> bool:
+        return len(await all_pages(client, "/v1/claims/rejected", limit=1000)) >= n
+
     for i, reason in enumerate(reasons):
         mac = f"02:00:00:00:01:{i:02x}"
         await binding_events.refuse(havip["id"], havip["address"], mac, reason, base + timedelta(i))
         await binding_events.refuse(other["id"], other["address"], "02:00:00:00:02:00", "not_candidate", base)
+        # The audit lists in the order the view recorded them; the view's consumers may take two messages
+        # published back to back in either order: each refusal is recorded before the next is published.
+        await eventually(functools.partial(audited, 2 * (i + 1)), what=f"refusal {i} recorded")
     last = await binding_events.refuse(None, "10.69.1.200", "02:00:00:00:03:00", "unknown_mac", base, count=7)
     await binding_events.broker.publish(last)  # delivered twice (a publisher's retry): stored once
 
