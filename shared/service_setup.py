@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiormq
+from aio_pika.abc import AbstractChannel
 
 from shared.db import ensure_database
 from shared.messaging import Broker, QueueArgumentsDiffer, QueueSpec, declare_consumer_queue
@@ -53,8 +54,7 @@ async def declare_queues(broker: Broker, settings: CommonSettings, queues: Seque
 
 
 async def _declare(broker: Broker, settings: CommonSettings, spec: QueueSpec) -> None:
-    channel = await broker.connection.channel()
-    try:
+    async def declare_on(channel: AbstractChannel) -> None:
         await declare_consumer_queue(
             channel,
             settings,
@@ -63,19 +63,16 @@ async def _declare(broker: Broker, settings: CommonSettings, spec: QueueSpec) ->
             single_active=spec.single_active,
             arguments=spec.arguments,
         )
+
+    channel = await broker.connection.channel()
+    try:
+        await declare_on(channel)
     except QueueArgumentsDiffer:
         # The refused declaration closed the channel; the replacement works on a channel of its own.
         if not await delete_unused_empty_queue(broker, settings.queue(spec.name)):
             raise
         channel = await broker.connection.channel()
-        await declare_consumer_queue(
-            channel,
-            settings,
-            spec.name,
-            spec.routing_keys,
-            single_active=spec.single_active,
-            arguments=spec.arguments,
-        )
+        await declare_on(channel)
     finally:
         if not channel.is_closed:
             await channel.close()
