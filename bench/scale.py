@@ -56,7 +56,6 @@ import asyncpg
 import httpx
 
 from bench.common import (
-    ROOT,
     all_processes_cpu_s,
     latency_summary_ms,
     machine,
@@ -79,6 +78,7 @@ from bench.failover import (
     wait_until,
 )
 from bench.standby import Replica as BindingProcess
+from bench.standby import replica_env
 from tests.e2e.system import System
 from tests.lab import Lab
 from tests.lab.raw import RawSender
@@ -97,17 +97,6 @@ class Replica:
     name: str
     pid: int
     metrics_port: int
-
-
-def replica_env(database_url: str, amqp_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
-    env.update(
-        HAVIP_DATABASE_URL=database_url,
-        HAVIP_AMQP_URL=amqp_url,
-        HAVIP_METRICS_HOST="127.0.0.1",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
 
 
 @contextlib.asynccontextmanager

@@ -235,8 +235,8 @@ def log_ns(line: dict[str, Any]) -> int:
     return int(datetime.fromisoformat(str(line["ts"])).timestamp() * 1e9)
 
 
-@asynccontextmanager
-async def replicas(database_url: str, amqp_url: str, workdir: Path) -> AsyncIterator[list[Replica]]:
+def replica_env(database_url: str, amqp_url: str) -> dict[str, str]:
+    """The environment of a binding replica on this database and virtual host (Replica adds its id and port)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAVIP_")}
     env.update(
         HAVIP_DATABASE_URL=database_url,
@@ -245,6 +245,12 @@ async def replicas(database_url: str, amqp_url: str, workdir: Path) -> AsyncIter
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
     )
+    return env
+
+
+@asynccontextmanager
+async def replicas(database_url: str, amqp_url: str, workdir: Path) -> AsyncIterator[list[Replica]]:
+    env = replica_env(database_url, amqp_url)
     # The partitions' queues exist before any replica consumes: what is published meanwhile waits there.
     with (workdir / "migrate.log").open("ab") as log:
         await asyncio.to_thread(
