@@ -6,8 +6,10 @@ dead-letter exchange for messages that can never be processed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
+import itertools
 import logging
 import time
 import uuid
@@ -15,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
 import aiormq
@@ -68,6 +70,12 @@ ROUTINE_LANE = "routine"
 
 def is_routine(message: AbstractIncomingMessage) -> bool:
     return message.headers.get(LANE_HEADER) == ROUTINE_LANE
+
+
+class _Arrival(NamedTuple):
+    message: AbstractIncomingMessage
+    received_ns: int  # when it arrived (Delivery.received_ns)
+    number: int  # in arrival order, across both lanes
 
 
 def _settleable(message: AbstractIncomingMessage) -> bool:
@@ -396,7 +404,9 @@ class BatchConsumer:
     With `routine_batch` set, messages marked routine (LANE_HEADER) take a lane of their own: they are handled
     in batches of at most that many messages, by a second task and `routine_handler` (default: `handler`), so
     that a routine batch under way never holds up the other messages (the handlers must then accept calls at
-    the same time). Order holds within each lane.
+    the same time). Order holds within each lane, and a routine message is handled only after every other
+    message delivered before it: a renewal never overtakes an older change (after a backlog, a holder's later
+    refresh decided first would make the changes of holder captured before it stale).
     """
 
     def __init__(
@@ -421,8 +431,13 @@ class BatchConsumer:
         self._routine_batch = routine_batch
         # aio-pika runs one callback task per message; putting without awaiting keeps arrival order. Each message
         # waits with the time it arrived (Delivery.received_ns).
-        self._inbox: asyncio.Queue[tuple[AbstractIncomingMessage, int]] = asyncio.Queue()
-        self._routine: asyncio.Queue[tuple[AbstractIncomingMessage, int]] = asyncio.Queue()
+        self._inbox: asyncio.Queue[_Arrival] = asyncio.Queue()
+        self._routine: asyncio.Queue[_Arrival] = asyncio.Queue()
+        # Arrival numbers of the main lane's messages not yet handled, oldest first (the lane handles in order);
+        # a routine batch waits until none older than its newest message is left.
+        self._arrivals = itertools.count()
+        self._unhandled: collections.deque[int] = collections.deque()
+        self._main_lane_moved = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = 0  # batches under way
         self._idle = asyncio.Event()
@@ -461,6 +476,8 @@ class BatchConsumer:
         for inbox in (self._inbox, self._routine):
             while not inbox.empty():
                 inbox.get_nowait()
+        self._unhandled.clear()
+        self._main_lane_moved.set()
         log.warning("consuming %s paused: its channel closed (RabbitMQ away, or the channel failed)", self.name)
         self._on_channel_closed()
 
@@ -471,10 +488,11 @@ class BatchConsumer:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if self._stopping:
             return  # left unacknowledged: RabbitMQ delivers it again once this channel is closed
-        arrived = (message, time.time_ns())
+        arrived = _Arrival(message, time.time_ns(), next(self._arrivals))
         if self._routine_batch is not None and is_routine(message):
             self._routine.put_nowait(arrived)
         else:
+            self._unhandled.append(arrived.number)
             self._inbox.put_nowait(arrived)
 
     @property
@@ -528,27 +546,41 @@ class BatchConsumer:
         with contextlib.suppress(Exception):
             await self._queue.channel.close()
 
-    async def _run(
-        self, inbox: asyncio.Queue[tuple[AbstractIncomingMessage, int]], max_batch: int, handler: BatchHandler
-    ) -> None:
+    async def _run(self, inbox: asyncio.Queue[_Arrival], max_batch: int, handler: BatchHandler) -> None:
+        routine = inbox is self._routine
         while not self._stopping:
             batch = [await inbox.get()]
             while len(batch) < max_batch and not inbox.empty():
                 batch.append(inbox.get_nowait())
-            batch = [arrived for arrived in batch if _settleable(arrived[0])]
-            if not batch:
-                continue
             self._busy += 1
             try:
-                await self._process(batch, handler)
+                if routine:
+                    await self._after_older_messages(batch[-1].number)
+                settleable = [arrived for arrived in batch if _settleable(arrived.message)]
+                if settleable:
+                    await self._process(settleable, handler)
             finally:
+                if not routine:
+                    self._handled_up_to(batch[-1].number)
                 self._busy -= 1
                 if not self._busy:
                     self._idle.set()
 
-    async def _process(self, messages: list[tuple[AbstractIncomingMessage, int]], handler: BatchHandler) -> None:
+    async def _after_older_messages(self, number: int) -> None:
+        """Wait until the main lane has handled every message that arrived before message `number`."""
+        while self._unhandled and self._unhandled[0] < number:
+            self._main_lane_moved.clear()
+            await self._main_lane_moved.wait()
+
+    def _handled_up_to(self, number: int) -> None:
+        # Whatever became of them (handled, dead-lettered, left on a closed channel), they no longer wait.
+        while self._unhandled and self._unhandled[0] <= number:
+            self._unhandled.popleft()
+        self._main_lane_moved.set()
+
+    async def _process(self, messages: list[_Arrival], handler: BatchHandler) -> None:
         good: list[tuple[AbstractIncomingMessage, Delivery]] = []
-        for message, received_ns in messages:
+        for message, received_ns, _number in messages:
             try:
                 env, data = decode(message.body)
             except InvalidEvent as exc:

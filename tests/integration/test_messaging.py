@@ -153,6 +153,49 @@ async def test_a_routine_batch_under_way_never_holds_up_another_message(settings
         await connection.close()
 
 
+async def test_a_routine_message_is_handled_only_after_the_messages_delivered_before_it(
+    settings: CommonSettings,
+) -> None:
+    """A renewal must not overtake an older change still waiting in the main lane (after a backlog, the
+    holder's later refresh decided first would make the changes of holder captured before it stale); the
+    main lane is never held back by the routine one."""
+    handled: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        names = [d.data.name for d in deliveries if isinstance(d.data, events.VpcData)]
+        if "change" in names:
+            await release.wait()  # e.g. a slow commit of a change of holder
+        handled.extend(names)
+
+    async def routine(deliveries: Sequence[Delivery]) -> None:
+        handled.extend(f"routine {d.data.name}" for d in deliveries if isinstance(d.data, events.VpcData))
+
+    broker = Broker(settings, "test")
+    await broker.connect()
+    try:
+        consumer = await broker.consumer(
+            "test.order", ["vpc.created"], handler, max_batch=1, routine_batch=4, routine_handler=routine
+        )
+        try:
+            await broker.publish(vpc("change"))
+            env = vpc("renewal")
+            await broker.publish_encoded(env.type, events.encode(env), env.event_id, routine=True)
+            await broker.publish(vpc("later"))
+            # Received: the change under way, the renewal waiting for it, the later message queued behind it.
+            await eventually(lambda: consumer.pending == 3, what="the three messages received")
+            assert handled == []
+            release.set()
+            await eventually(lambda: len(handled) == 3, what="all three handled")
+            assert handled.index("change") < handled.index("routine renewal")
+        finally:
+            release.set()
+            await consumer.stop()
+    finally:
+        await broker.close()
+    assert consumer.dead_lettered == 0
+
+
 def wrong_password(url: URL) -> URL:
     return url.with_password("not-" + (url.password or ""))
 
