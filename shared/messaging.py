@@ -11,6 +11,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -90,11 +91,13 @@ def _settleable(message: AbstractIncomingMessage) -> bool:
 def is_broker_unavailable(exc: BaseException) -> bool:
     """A broker that cannot be used now — away, or refusing this login or virtual host (which an operator may
     fix on the broker's side while the service waits)."""
-    return isinstance(exc, OSError | TimeoutError | aiormq.exceptions.AMQPError)
+    return isinstance(exc, OSError | TimeoutError | aiormq.exceptions.AMQPError | NoBrokerNode)
 
 
 def describe_broker_error(exc: BaseException, amqp_url: str) -> str:
-    """What is wrong, in an operator's words rather than the AMQP library's."""
+    """What is wrong, in an operator's words rather than the AMQP library's (each node's, for a cluster)."""
+    if isinstance(exc, NoBrokerNode):
+        return "no RabbitMQ node can be used: " + "; ".join(describe_broker_error(e, u) for u, e in exc.failures)
     url = URL(amqp_url)
     where = f"RabbitMQ at {url.host}:{url.port}"
     user = url.user or "guest"
@@ -202,10 +205,50 @@ async def declare_consumer_queue(
     try:
         queue = await channel.declare_queue(settings.queue(name), durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        raise QueueArgumentsDiffer(settings.queue(name), URL(settings.amqp_url).path[1:] or "/", exc) from exc
+        raise QueueArgumentsDiffer(settings.queue(name), settings.amqp_vhost, exc) from exc
     for key in routing_keys:
         await queue.bind(exchange, routing_key=key)
     return queue
+
+
+RECONNECT_INTERVAL_S = 1.0
+
+
+class ClusterConnection(aio_pika.RobustConnection):
+    """A robust connection to one of several broker nodes: each attempt to connect — the first, and every one
+    after the connection is lost — goes to the next node in turn, so that a process whose node died or froze
+    moves to a live one (aio-pika's own robust connection only ever reconnects to its one URL).
+
+    The turn is taken in RobustConnection's attempt to connect (its private `__connect_transport`), the one
+    place every attempt goes through; tests/integration/test_broker_nodes.py pins that behaviour to the
+    aio-pika version in requirements.lock."""
+
+    def __init__(self, urls: Sequence[str], first: int = 0, **kwargs: Any) -> None:
+        self._nodes = [make_url(url) for url in urls]
+        self._next = first % len(self._nodes)
+        if len(self._nodes) > 1 and "reconnect_interval" not in self._nodes[0].query:
+            # aio-pika waits this long after a failed attempt (5 s by default) before the next: with other nodes
+            # to try, sooner.
+            kwargs.setdefault("reconnect_interval", RECONNECT_INTERVAL_S)
+        super().__init__(self._nodes[self._next], **kwargs)
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        self.url = self._nodes[self._next]
+        self._next = (self._next + 1) % len(self._nodes)
+        await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+
+    @property
+    def node(self) -> str:
+        """host:port of the node this connection goes (or last went) to."""
+        return f"{self.url.host}:{self.url.port}"
+
+
+class NoBrokerNode(Exception):
+    """None of a cluster's nodes could be used; `failures` holds each node's URL and error."""
+
+    def __init__(self, failures: Sequence[tuple[str, BaseException]]) -> None:
+        super().__init__("; ".join(f"{URL(url).host}:{URL(url).port}: {exc!r}" for url, exc in failures))
+        self.failures = list(failures)
 
 
 class _BrokerAway(Exception):
@@ -225,6 +268,7 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
         self.connect_attempts = 0
+        self._first_node = random.randrange(len(settings.amqp_urls))
 
     async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = WAIT_MAX_S) -> bool:
         """Connect at start-up, for as long as it takes (False: `stop` was set first); later reconnects are the
@@ -235,7 +279,7 @@ class Broker:
                 self._open,
                 what="RabbitMQ",
                 unavailable=is_broker_unavailable,
-                describe=lambda exc: describe_broker_error(exc, self.settings.amqp_url),
+                describe=lambda exc: describe_broker_error(exc, self.settings.amqp_urls[0]),
                 stop=stop,
                 max_delay_s=max_delay_s,
                 logger=log,
@@ -243,22 +287,38 @@ class Broker:
         return connected is not None
 
     async def _open(self) -> bool:
+        """One try of every node, from a different one at each call (the processes of a deployment spread
+        over the nodes); raises the one node's error, or NoBrokerNode with every node's."""
         self.connect_attempts += 1
-        # connect_robust, unrolled: a failed attempt's connection is closed here, not left to the collector
-        # (whose close() may find no loop to run on: "coroutine 'RobustConnection.close' was never awaited").
-        connection = aio_pika.RobustConnection(
-            make_url(self.settings.amqp_url), client_properties={"connection_name": self.source}
-        )
-        try:
-            await connection.connect()
-            channel = await connection.channel(publisher_confirms=True)
-            self._exchange = await declare_topology(channel, self.settings)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await connection.close()
-            raise
-        self._connection = connection
-        return True
+        urls = self.settings.amqp_urls
+        failures: list[tuple[str, BaseException]] = []
+        for turn in range(len(urls)):
+            first = (self._first_node + turn) % len(urls)
+            # connect_robust, unrolled: a failed attempt's connection is closed here, not left to the collector
+            # (whose close() may find no loop to run on: "coroutine 'RobustConnection.close' was never awaited").
+            connection = ClusterConnection(urls, first, client_properties={"connection_name": self.source})
+            try:
+                await connection.connect()
+                channel = await connection.channel(publisher_confirms=True)
+                self._exchange = await declare_topology(channel, self.settings)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                if len(urls) == 1 or not is_broker_unavailable(exc):
+                    raise
+                failures.append((urls[first], exc))
+                continue
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                raise
+            self._first_node = first + 1
+            self._connection = connection
+            if len(urls) > 1:
+                log.info("connected to RabbitMQ node %s", connection.node)
+            return True
+        self._first_node += 1
+        raise NoBrokerNode(sorted(failures, key=lambda failure: urls.index(failure[0])))  # said the same each time
 
     @property
     def connection(self) -> AbstractRobustConnection:

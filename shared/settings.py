@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 from shared.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS
 
@@ -17,7 +18,13 @@ EXIT_INVALID_SETTINGS = 2
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HAVIP_", extra="ignore", frozen=True)
 
+    # One broker, or the nodes of a RabbitMQ cluster as several URLs separated by commas (the same user and
+    # virtual host on each): a process connects to one of them and moves to the next when its node dies or
+    # stops answering (amqp_heartbeat_s).
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The AMQP heartbeat asked of the broker, in seconds: how soon a frozen broker node is noticed (about three
+    # heartbeats). Unset: the broker's own (RabbitMQ suggests 60 s). A heartbeat given in the URL wins.
+    amqp_heartbeat_s: int | None = Field(default=None, ge=1, le=600)
     # Prefix for every exchange and queue name, so that tests and parallel deployments never share them.
     amqp_prefix: str = ""
     database_url: str = "postgresql://postgres@127.0.0.1:5432/havip"
@@ -30,6 +37,25 @@ class CommonSettings(BaseSettings):
     # must agree on it (an alert fires when they do not). Changing it moves HAVIPs between partitions: change it
     # on every process at once.
     partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1, le=MAX_PARTITIONS)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _broker_addresses(cls, value: str) -> str:
+        broker_urls(value)  # raises ValueError, in words, for a list it cannot use
+        return value
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker nodes, in the order given, each with the heartbeat asked for."""
+        urls = broker_urls(self.amqp_url)
+        if self.amqp_heartbeat_s is None:
+            return urls
+        asked = {"heartbeat": self.amqp_heartbeat_s}
+        return tuple(url if "heartbeat" in URL(url).query else str(URL(url) % asked) for url in urls)
+
+    @property
+    def amqp_vhost(self) -> str:
+        return URL(broker_urls(self.amqp_url)[0]).path[1:] or "/"
 
     @property
     def exchange(self) -> str:
@@ -45,6 +71,26 @@ class CommonSettings(BaseSettings):
 
     def queue(self, name: str) -> str:
         return f"{self.amqp_prefix}{name}"
+
+
+def broker_urls(value: str) -> tuple[str, ...]:
+    """The broker URLs of HAVIP_AMQP_URL (comma-separated); ValueError saying what is wrong, without the
+    passwords."""
+    urls = tuple(part.strip() for part in value.split(",") if part.strip())
+    if not urls:
+        raise ValueError("no broker URL given")
+    users_and_vhosts = set()
+    for n, url in enumerate(urls, start=1):
+        try:
+            parsed = URL(url)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {n} cannot be read: {exc}") from None
+        if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+            raise ValueError(f"broker URL {n} is not amqp://host[:port]/vhost or amqps://…")
+        users_and_vhosts.add((parsed.user, parsed.path))
+    if len(users_and_vhosts) > 1:
+        raise ValueError("the broker URLs name different users or virtual hosts: they must be one cluster's nodes")
+    return urls
 
 
 def print_invalid_settings(

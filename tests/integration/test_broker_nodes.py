@@ -1,0 +1,107 @@
+"""Several broker nodes in HAVIP_AMQP_URL: a process connects to one, moves to another when its node goes away
+(the connection reset, new ones refused), passes over a node that does not answer at start-up, and says in
+words what each node answered when none can be used. Two cuttable proxies in front of the test RabbitMQ play the
+nodes: what is checked is the client's choice of node, which a real cluster's failover relies on (a killed
+cluster node is in tests/integration/test_rabbitmq_cluster.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+
+import pytest
+from yarl import URL
+
+from shared import events
+from shared.messaging import Broker, ClusterConnection, Delivery
+from shared.settings import CommonSettings
+from tests.ports import free_port
+from tests.tcp_proxy import CuttableProxy
+from tests.waiting import eventually
+
+
+def vpc(name: str) -> events.Envelope:
+    return events.envelope("vpc.created", events.VpcData(id=uuid.uuid4(), name=name, cidr="192.0.2.0/24"), "test")
+
+
+def nobody_at(amqp_url: str) -> str:
+    return str(URL(amqp_url).with_port(free_port()))
+
+
+async def test_a_process_moves_to_another_node_when_its_node_goes_and_consumes_there(amqp_url: str) -> None:
+    with CuttableProxy() as first, CuttableProxy() as second:
+        settings = CommonSettings(
+            amqp_url=f"{first.url(amqp_url)},{second.url(amqp_url)}", amqp_prefix=f"t{uuid.uuid4().hex[:8]}."
+        )
+        received: list[str] = []
+
+        async def handler(deliveries: Sequence[Delivery]) -> None:
+            received.extend(d.data.name for d in deliveries if isinstance(d.data, events.VpcData))
+
+        broker = Broker(settings, "test")
+        assert await broker.connect()
+        try:
+            connection = broker.connection
+            assert isinstance(connection, ClusterConnection)
+            nodes = {first.port: first, second.port: second}
+            used = nodes[URL(f"amqp://{connection.node}").port or 0]
+            other = second if used is first else first
+            consumer = await broker.consumer("test.nodes", ["vpc.created"], handler, single_active=True)
+            try:
+                await broker.publish(vpc("before"))
+                await eventually(lambda: received == ["before"], what="consumed on the first node")
+
+                used.cut()  # the node dies: its connections reset, new ones refused
+                await eventually(lambda: other.connections >= 1, what="a connection to the other node")
+                await eventually(lambda: not connection.reconnecting and connection.connected.is_set(), what="up")
+                assert connection.node == f"127.0.0.1:{other.port}"
+
+                async def published_after() -> bool:
+                    try:
+                        await broker.publish(vpc("after"))
+                    except Exception:
+                        return False
+                    return True
+
+                await eventually(published_after, what="a publish confirmed through the other node")
+                await eventually(lambda: "after" in received, what="consumed again, through the other node")
+            finally:
+                await consumer.stop()
+        finally:
+            await broker.close()
+
+
+async def test_a_node_that_does_not_answer_at_start_is_passed_over(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="shared.messaging")
+    for _ in range(3):  # whichever node the process tries first
+        broker = Broker(CommonSettings(amqp_url=f"{nobody_at(amqp_url)},{amqp_url}"), "test")
+        assert await asyncio.wait_for(broker.connect(max_delay_s=0.1), 30)
+        try:
+            assert broker.connect_attempts == 1
+            await broker.publish(vpc("started"))
+        finally:
+            await broker.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_no_usable_node_is_explained_once_naming_each_node(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    nodes = [nobody_at(amqp_url), str(URL(amqp_url).with_password("not-the-password"))]
+    broker = Broker(CommonSettings(amqp_url=",".join(nodes)), "test")
+    stop = asyncio.Event()
+    connecting = asyncio.create_task(broker.connect(stop, max_delay_s=0.1))
+    await eventually(lambda: broker.connect_attempts >= 4, what="four rounds of the nodes")
+    stop.set()
+    assert await asyncio.wait_for(connecting, 30) is False
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, said
+    assert "no RabbitMQ node can be used" in said[0]
+    assert f"nothing accepts connections at 127.0.0.1:{URL(nodes[0]).port}" in said[0]
+    assert "refused the login of user 'guest': wrong user name or password" in said[0]
+    assert "not-the-password" not in caplog.text

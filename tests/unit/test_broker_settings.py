@@ -1,0 +1,57 @@
+"""HAVIP_AMQP_URL as one broker or a cluster's nodes, and the heartbeat asked of them."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import CommonSettings, print_invalid_settings
+
+ONE = "amqp://havip:secret@10.0.0.1:5672/havip"
+
+
+def test_one_url_is_one_node() -> None:
+    settings = CommonSettings(amqp_url=ONE)
+    assert settings.amqp_urls == (ONE,)
+    assert settings.amqp_vhost == "havip"
+
+
+def test_a_cluster_is_its_nodes_in_the_order_given() -> None:
+    nodes = [ONE, "amqp://havip:secret@10.0.0.2:5672/havip", " amqps://havip:secret@10.0.0.3:5671/havip "]
+    settings = CommonSettings(amqp_url=",".join(nodes))
+    assert settings.amqp_urls == tuple(node.strip() for node in nodes)
+
+
+def test_the_heartbeat_asked_for_goes_to_every_node_unless_a_url_sets_its_own() -> None:
+    urls = CommonSettings(
+        amqp_url=f"{ONE},amqp://havip:secret@10.0.0.2:5672/havip?heartbeat=3", amqp_heartbeat_s=5
+    ).amqp_urls
+    assert urls == (f"{ONE}?heartbeat=5", "amqp://havip:secret@10.0.0.2:5672/havip?heartbeat=3")
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("", "no broker URL given"),
+        (f"{ONE},http://10.0.0.2/havip", "broker URL 2 is not amqp://"),
+        (
+            f"{ONE},amqp://havip:secret@10.0.0.2:5672/other",
+            "the broker URLs name different users or virtual hosts",
+        ),
+        (
+            f"{ONE},amqp://guest:secret@10.0.0.2:5672/havip",
+            "the broker URLs name different users or virtual hosts",
+        ),
+    ],
+)
+def test_a_list_that_cannot_be_one_cluster_is_refused_in_words_not_showing_the_password(
+    value: str, words: str
+) -> None:
+    with pytest.raises(ValidationError) as raised:
+        CommonSettings(amqp_url=value)
+    out = io.StringIO()
+    print_invalid_settings(CommonSettings, raised.value, out)
+    assert f"HAVIP_AMQP_URL: {words}" in out.getvalue()
+    assert "secret" not in out.getvalue()
