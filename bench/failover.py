@@ -464,7 +464,7 @@ async def mass_failover(
             "WHERE to_instance_id = $1",
             (to,),
             len(addresses),
-            timeout_s=120,
+            timeout_s=120 + len(addresses) / 500,
             what="every HAVIP moved",
         )
         wire = [t for t, mac in await capture.frames(timeout_s=30) if mac == sender.mac]

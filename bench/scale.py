@@ -1,7 +1,7 @@
 """P2 — mass failover — with 1 and with K binding replicas in one run: the delay, CPU and memory per replica.
 
     .venv/bin/python -m bench.scale [--n 10000] [--replicas 1 3] [--refresh 0] [--refresh-s 10] [--commits 50]
-                                    [--quiet-wait 30] [--json]
+                                    [--quiet-wait 30] [--ring-blocks B] [--json]
 
 What one run does, on a database and RabbitMQ virtual host of its own (bench/common.py `sandbox`), with the pieces
 of bench/failover.py (the lab, the inventory as the allocator announces it, tcpdump as the reference, the mass
@@ -257,17 +257,25 @@ class Options:
     quiet_wait_s: float
     refresh: int  # refreshes/s after each phase's failover (0: none)
     refresh_s: float
+    ring_blocks: int | None  # the watcher's HAVIP_RING_BLOCKS (None: its default)
 
 
 async def run(n: int, counts: list[int], workdir: Path, options: Options) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
     servers = server_names(len(counts) + 1)
-    result: dict[str, Any] = {"n": n, "partitions": PARTITIONS, "machine": machine(), "phases": []}
+    result: dict[str, Any] = {
+        "n": n,
+        "partitions": PARTITIONS,
+        "ring_blocks": options.ring_blocks,
+        "machine": machine(),
+        "phases": [],
+    }
     async with sandbox("scale") as box:
         with Lab(SUBNET, workdir=workdir / "lab") as lab:
             hosts = [lab.add_host(name, str(IPv4Address("198.18.0.11") + i)) for i, name in enumerate(servers)]
             cap = lab.add_capture_port("cap")
-            with System(box.database_url, box.amqp_url, cap, workdir / "services") as system:
+            ring = {"HAVIP_RING_BLOCKS": str(options.ring_blocks)} if options.ring_blocks else {}
+            with System(box.database_url, box.amqp_url, cap, workdir / "services", watcher_env=ring) as system:
                 instances, _ = await announce_inventory(box, lab, addresses, servers)
                 conn = await asyncpg.connect(box.database_url)
                 await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id int PRIMARY KEY, at timestamptz)")
@@ -468,6 +476,9 @@ def main() -> int:
     parser.add_argument("--refresh-s", type=float, default=10, help="seconds of refreshes measured")
     parser.add_argument("--commits", type=int, default=50, help="bare Postgres commits before each phase")
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
+    parser.add_argument(
+        "--ring-blocks", type=int, help="the watcher's ring blocks (HAVIP_RING_BLOCKS; a burst of 5 × N GARPs)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if not 1 <= args.n <= MAX_N:
@@ -475,7 +486,7 @@ def main() -> int:
     if not all(1 <= k <= PARTITIONS for k in args.replicas) or len(args.replicas) > 8:
         parser.error(f"--replicas: at most 8 phases of 1 to {PARTITIONS} replicas")
     with tempfile.TemporaryDirectory(prefix="havip-bench-scale-") as tmp:
-        options = Options(args.commits, args.quiet_wait, args.refresh, args.refresh_s)
+        options = Options(args.commits, args.quiet_wait, args.refresh, args.refresh_s, args.ring_blocks)
         result = asyncio.run(run(args.n, args.replicas, Path(tmp), options))
     if args.json:
         print(json.dumps(result, indent=2))

@@ -56,6 +56,7 @@ class System(StartedInContext):
     watcher_metrics_port: int = field(default_factory=free_port)
     services: dict[str, Service] = field(default_factory=dict)
     watcher_ports: dict[str, int] = field(default_factory=dict)  # every watcher's metrics port, by service name
+    watcher_env: dict[str, str] = field(default_factory=dict)  # more settings for every watcher (e.g. its ring)
 
     @property
     def api_url(self) -> str:
@@ -138,7 +139,7 @@ class System(StartedInContext):
     ) -> Service:
         """A watcher process called `name` capturing on `interface`: the system's own (`arp_watcher`), or another
         one on the same segment (docs/contract.md#order), with its own id and metrics port."""
-        watcher_env = {
+        watcher_env = self.watcher_env | {
             "HAVIP_INTERFACE": interface,
             "HAVIP_METRICS_PORT": str(metrics_port),
             "HAVIP_AMQP_URL": self.watcher_amqp_url or self.amqp_url,
