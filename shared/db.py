@@ -8,12 +8,13 @@ import errno
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, overload
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
-from yarl import URL
 
 from shared.backoff import wait_until_available
 from shared.messaging import is_transient
@@ -130,18 +131,55 @@ async def create_pool(
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
-    """A database that cannot be used now — away, starting, full, or refusing this login, database or role
-    (which an operator may fix on the database's side while the service waits)."""
-    return isinstance(exc, OSError | TimeoutError | asyncpg.PostgresError)
+    """A database that cannot be used now — away, starting, full, between primaries, or refusing this login,
+    database or role (which an operator may fix on the database's side while the service waits)."""
+    return isinstance(
+        exc, OSError | TimeoutError | asyncpg.PostgresError | asyncpg.TargetServerAttributeNotMatched
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseAddress:
+    """What a DSN names, for messages: its hosts (host:port, several for a primary with standbys), user and
+    database — never its password."""
+
+    hosts: tuple[str, ...]
+    user: str
+    database: str
+
+    @property
+    def where(self) -> str:
+        return " or ".join(self.hosts)
+
+
+def database_address(dsn: str) -> DatabaseAddress:
+    """Read a libpq-style URL, multi-host ones included (postgresql://u@h1:5432,h2:5432/db?…), which URL
+    parsers refuse."""
+    parts = urlsplit(dsn)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    user = unquote(userinfo.partition(":")[0]) or "postgres"
+    query = parse_qs(parts.query)
+    if not hostlist:
+        hostlist = ",".join(query.get("host", ["localhost"]))
+    hosts = tuple(
+        host if _has_port(host) else f"{host}:{query.get('port', ['5432'])[0]}" for host in hostlist.split(",")
+    )
+    return DatabaseAddress(hosts, user, unquote(parts.path[1:]) or user)
+
+
+def _has_port(host: str) -> bool:
+    return host.rpartition(":")[2].isdigit() and not host.endswith("]")
 
 
 def describe_database_error(exc: BaseException, dsn: str, role: str | None = None) -> str:
     """What is wrong, in an operator's words rather than the driver's."""
-    url = URL(dsn)
-    address = f"{url.host or url.query.get('host', 'localhost')}:{url.port or 5432}"
+    named = database_address(dsn)
+    address, user, database = named.where, named.user, named.database
     where = f"PostgreSQL at {address}"
-    user = url.user or "postgres"
-    database = url.path[1:] or user
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        return f"none of {address} is a primary (read-write): a failover under way, or every node a standby"
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+        return f"{where} is read-only (a standby): a failover under way"
     if isinstance(exc, ConnectionRefusedError) or (isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED):
         return f"nothing accepts connections at {address} (is PostgreSQL running?)"
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
@@ -171,22 +209,26 @@ def database_or_network_away(exc: BaseException) -> bool:
         | asyncpg.InterfaceError
         | asyncpg.CannotConnectNowError
         | asyncpg.TooManyConnectionsError
-        | asyncpg.AdminShutdownError,
+        | asyncpg.AdminShutdownError
+        # A failover: no node is the primary yet, or a connection opened before it now reaches a standby.
+        | asyncpg.TargetServerAttributeNotMatched
+        | asyncpg.ReadOnlySQLTransactionError,
     )
 
 
-def _split(dsn: str) -> tuple[str, str]:
-    """('postgresql://host/maintenance-db', 'dbname') for a DSN whose path names the database."""
-    base, _, name = dsn.rpartition("/")
-    name = name.split("?", 1)[0]
+def maintenance_dsn(dsn: str) -> tuple[str, str]:
+    """('postgresql://host/postgres?…', 'dbname') for a DSN whose path names the database: the maintenance
+    database on the same hosts, with the same parameters (target_session_attrs: the primary's)."""
+    parts = urlsplit(dsn)
+    name = unquote(parts.path[1:])
     if not name or not name.replace("_", "").isalnum():
-        raise ValueError(f"database name in {dsn!r} must be letters, digits and underscores")
-    return f"{base}/postgres", name
+        raise ValueError(f"the database name {name!r} must be letters, digits and underscores")
+    return urlunsplit(parts._replace(path="/postgres")), name
 
 
 async def ensure_database(dsn: str) -> bool:
     """Create the database the DSN names if it does not exist; True if it was created."""
-    admin_dsn, name = _split(dsn)
+    admin_dsn, name = maintenance_dsn(dsn)
     conn = await asyncpg.connect(admin_dsn)
     try:
         if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
@@ -198,7 +240,7 @@ async def ensure_database(dsn: str) -> bool:
 
 
 async def drop_database(dsn: str) -> None:
-    admin_dsn, name = _split(dsn)
+    admin_dsn, name = maintenance_dsn(dsn)
     conn = await asyncpg.connect(admin_dsn)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
