@@ -147,7 +147,11 @@ async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -
     """Declare the event exchange and the dead-letter path; idempotent."""
     exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     dlx = await channel.declare_exchange(settings.dead_letter_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    dead = await channel.declare_queue(settings.dead_letter_queue, durable=True)
+    kind: dict[str, Any] | None = dict(QUORUM) if settings.quorum_queues else None
+    try:
+        dead = await channel.declare_queue(settings.dead_letter_queue, durable=True, arguments=kind)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise QueueArgumentsDiffer(settings.dead_letter_queue, settings.amqp_vhost, exc) from exc
     await dead.bind(dlx, routing_key="#")
     return exchange
 
@@ -157,6 +161,10 @@ async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -
 # quorum queue keeps that state through the loss of a broker node.
 SINGLE_ACTIVE_CONSUMER = {"x-queue-type": "quorum", "x-single-active-consumer": True}
 QUORUM = {"x-queue-type": "quorum"}
+# A quorum queue dead-letters a message delivered this many times without an acknowledgement: one that makes
+# every consumer it reaches crash (a process, not a handler's error, which BatchConsumer counts itself) stops
+# going round. Every failover of a consumer redelivers what it held, so the limit leaves room for many.
+DELIVERY_LIMIT = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +185,9 @@ class QueueArgumentsDiffer(StartupError):
     def __init__(self, name: str, vhost: str, cause: BaseException) -> None:
         super().__init__(
             f"RabbitMQ already holds queue {name!r} (virtual host {vhost!r}) with other arguments than this "
-            "version declares (a quorum queue with a single active consumer; an older deployment made it a "
-            "classic queue). Stop every process of the service and run its `migrate`, which replaces the queue "
+            "version and configuration declare (a classic queue where a quorum queue is declared now: "
+            "HAVIP_AMQP_QUEUE_TYPE, or a cluster named in HAVIP_AMQP_URL; or an older version's arguments). "
+            "Stop every process of the service and run its `migrate`, which replaces the queue "
             "while it is empty and unused; if it holds messages, let the older version drain it first, or delete "
             f"the queue (rabbitmqctl delete_queue {name} -p {vhost}) — or point HAVIP_AMQP_URL at a new virtual "
             f"host. RabbitMQ said: {cause}",
@@ -201,7 +210,12 @@ async def declare_consumer_queue(
     exchange = await declare_topology(channel, settings)
     arguments = {"x-dead-letter-exchange": settings.dead_letter_exchange, **(arguments or {})}
     if single_active:
+        # No delivery limit here: these queues were quorum queues before there was one, and RabbitMQ 3.10 can
+        # neither change a quorum queue's arguments nor delete one only if it is empty and unused (migrate's
+        # way of replacing a queue). A policy gives them one (docs/operations.md).
         arguments |= SINGLE_ACTIVE_CONSUMER
+    elif settings.quorum_queues:
+        arguments |= QUORUM | {"x-delivery-limit": DELIVERY_LIMIT}
     try:
         queue = await channel.declare_queue(settings.queue(name), durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:

@@ -9,10 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared.db import ensure_database
-from shared.messaging import Broker, QueueArgumentsDiffer, QueueSpec, declare_consumer_queue
+from shared.messaging import (
+    Broker,
+    ClusterConnection,
+    QueueArgumentsDiffer,
+    QueueSpec,
+    declare_consumer_queue,
+    declare_topology,
+)
 from shared.migrations import apply_migrations
 from shared.settings import CommonSettings
 
@@ -35,12 +42,13 @@ async def migrate_service(
         log.info("created the database")
     applied = await apply_migrations(settings.database_url, schema, migrations, settings.database_role)
     log.info("migrations applied", extra={"applied": applied})
+    await _replace_differing_dead_letter_queue(settings, f"{source}-migrate")
     broker = Broker(settings, f"{source}-migrate")
     await broker.connect()
     try:
         await declare_queues(broker, settings, queues)
         for name in retired:
-            await delete_unused_empty_queue(broker, settings.queue(name), replaced=False)
+            await delete_unused_empty_queue(broker.connection, settings.queue(name), replaced=False)
     finally:
         await broker.close()
     return applied
@@ -69,7 +77,7 @@ async def _declare(broker: Broker, settings: CommonSettings, spec: QueueSpec) ->
         await declare_on(channel)
     except QueueArgumentsDiffer:
         # The refused declaration closed the channel; the replacement works on a channel of its own.
-        if not await delete_unused_empty_queue(broker, settings.queue(spec.name)):
+        if not await delete_unused_empty_queue(broker.connection, settings.queue(spec.name)):
             raise
         channel = await broker.connection.channel()
         await declare_on(channel)
@@ -78,11 +86,31 @@ async def _declare(broker: Broker, settings: CommonSettings, spec: QueueSpec) ->
             await channel.close()
 
 
-async def delete_unused_empty_queue(broker: Broker, name: str, *, replaced: bool = True) -> bool:
+async def _replace_differing_dead_letter_queue(settings: CommonSettings, source: str) -> None:
+    """The dead-letter queue is declared by every process as it connects: one of another kind (a classic queue
+    where quorum queues are configured now) would stop the connection itself, so it is replaced first, while it
+    is empty and unused."""
+    connection = ClusterConnection(settings.amqp_urls, client_properties={"connection_name": source})
+    await connection.connect()
+    try:
+        channel = await connection.channel()
+        try:
+            await declare_topology(channel, settings)
+        except QueueArgumentsDiffer:
+            if not await delete_unused_empty_queue(connection, settings.dead_letter_queue):
+                raise
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+    finally:
+        await connection.close()
+
+
+async def delete_unused_empty_queue(connection: AbstractConnection, name: str, *, replaced: bool = True) -> bool:
     """Delete the queue `name` if nothing consumes it and it holds no message, so that it can be declared anew
     with this version's arguments (an older deployment's classic queue); False, and nothing deleted, otherwise.
     RabbitMQ checks both conditions as it deletes: a message or a consumer arriving meanwhile keeps the queue."""
-    channel = await broker.connection.channel()
+    channel = await connection.channel()
     try:
         try:
             existing = await channel.declare_queue(name, passive=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Literal, TextIO
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +25,10 @@ class CommonSettings(BaseSettings):
     # The AMQP heartbeat asked of the broker, in seconds: how soon a frozen broker node is noticed (about three
     # heartbeats). Unset: the broker's own (RabbitMQ suggests 60 s). A heartbeat given in the URL wins.
     amqp_heartbeat_s: int | None = Field(default=None, ge=1, le=600)
+    # The kind of every queue the services declare: quorum queues are replicated on a majority of a cluster's
+    # nodes and survive the loss of one; classic ones live on one node. `auto`: quorum when HAVIP_AMQP_URL
+    # names several nodes. (Queues with a single active consumer are quorum queues in every case.)
+    amqp_queue_type: Literal["auto", "classic", "quorum"] = "auto"
     # Prefix for every exchange and queue name, so that tests and parallel deployments never share them.
     amqp_prefix: str = ""
     database_url: str = "postgresql://postgres@127.0.0.1:5432/havip"
@@ -52,6 +56,12 @@ class CommonSettings(BaseSettings):
             return urls
         asked = {"heartbeat": self.amqp_heartbeat_s}
         return tuple(url if "heartbeat" in URL(url).query else str(URL(url) % asked) for url in urls)
+
+    @property
+    def quorum_queues(self) -> bool:
+        if self.amqp_queue_type == "auto":
+            return len(broker_urls(self.amqp_url)) > 1
+        return self.amqp_queue_type == "quorum"
 
     @property
     def amqp_vhost(self) -> str:
