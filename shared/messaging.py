@@ -32,6 +32,7 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 from aio_pika.exceptions import ChannelInvalidStateError
+from prometheus_client import Gauge
 from tenacity import AsyncRetrying, RetryCallState, RetryError
 from yarl import URL
 
@@ -227,6 +228,12 @@ async def declare_consumer_queue(
 
 RECONNECT_INTERVAL_S = 1.0
 
+BROKER_CONNECTED = Gauge(
+    "havip_broker_connected",
+    "1 while the process's connection to RabbitMQ (to one of the cluster's nodes) is up, 0 while it is away",
+    ["connection"],
+)
+
 
 class ClusterConnection(aio_pika.RobustConnection):
     """A robust connection to one of several broker nodes: each attempt to connect — the first, and every one
@@ -328,6 +335,7 @@ class Broker:
                 raise
             self._first_node = first + 1
             self._connection = connection
+            BROKER_CONNECTED.labels(self.source).set_function(connection.connected.is_set)
             if len(urls) > 1:
                 log.info("connected to RabbitMQ node %s", connection.node)
             return True

@@ -31,7 +31,13 @@ class CommonSettings(BaseSettings):
     amqp_queue_type: Literal["auto", "classic", "quorum"] = "auto"
     # Prefix for every exchange and queue name, so that tests and parallel deployments never share them.
     amqp_prefix: str = ""
+    # One Postgres, or a primary and its standbys as libpq's multi-host URL with target_session_attrs=read-write
+    # (postgresql://user@host1:5432,host2:5432/havip?target_session_attrs=read-write): every new connection goes
+    # to whichever is the primary, so that the services follow a failover by themselves.
     database_url: str = "postgresql://postgres@127.0.0.1:5432/havip"
+    # The failover manager's monitor (pg_auto_failover), asked every few seconds for its nodes' states: exported as
+    # havip_database_monitor_up and havip_database_monitor_nodes. Unset: not asked.
+    database_monitor_url: str | None = None
     # The database role the service acts as (it owns the service's schema and nothing else); unset: the
     # service's own, havip_<service>. `migrate` creates it when it is missing.
     database_role: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")

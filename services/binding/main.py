@@ -24,6 +24,7 @@ from services.binding.refusal_audit import MAX_SUMMARISED_CLAIMANTS
 from services.binding.repository import INVENTORY_CHANNEL, SCHEMA, WriteConflict, log_inventory
 from services.binding.service import INVENTORY_EVENTS, BindingService
 from services.binding.settings import BindingSettings
+from shared.database_health import DATABASE_HEALTH_INTERVAL_S, DatabaseHealth
 from shared.db import ConnectionPool, create_pool, database_or_network_away
 from shared.events import REPLAY_REQUESTED, WATCHER_HEARTBEAT_EVENT
 from shared.heap import freeze_startup_heap
@@ -176,6 +177,12 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         stack.push_async_callback(relay.stop)  # after the consumers' last batch: what they committed leaves too
         if settings.metrics_port:
             serve_metrics(settings.metrics_port, settings.metrics_host)
+        health = DatabaseHealth(pool, settings.database_url, settings.database_monitor_url)
+        watching = asyncio.create_task(
+            run_periodically(health.check, DATABASE_HEALTH_INTERVAL_S, what="database health", at_start=True),
+            name="database health",
+        )
+        stack.push_async_callback(cancel, watching)
         following = asyncio.Event()  # set by NOTIFY havip_binding_inventory
         follower = asyncio.create_task(_follow_inventory(service, following), name="following the inventory log")
         stack.push_async_callback(cancel, follower)
