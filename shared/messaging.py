@@ -60,6 +60,9 @@ class Delivery:
     data: EventData
     redelivered: bool
     received_ns: int = 0  # when the consumer got the message (wall clock, ns since the epoch)
+    # The broker user that published it, where the publisher said (RabbitMQ refuses a user_id that is not the
+    # publishing connection's user): what a consumer may trust about who sent it.
+    user_id: str | None = None
 
 
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
@@ -290,6 +293,7 @@ class Broker:
         self._exchange: AbstractExchange | None = None
         self.connect_attempts = 0
         self._first_node = random.randrange(len(settings.amqp_urls))
+        self._user = URL(settings.amqp_urls[0]).user or "guest"  # the user a URL without one logs in as
 
     async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = WAIT_MAX_S) -> bool:
         """Connect at start-up, for as long as it takes (False: `stop` was set first); later reconnects are the
@@ -389,6 +393,7 @@ class Broker:
             type=event_type,
             timestamp=occurred_at,
             app_id=self.source,
+            user_id=self._user,  # checked by RabbitMQ against this connection's user: consumers may rely on it
         )
         # mandatory=False: an event nobody subscribes to is not an error for the publisher.
         await self._exchange.publish(
@@ -668,7 +673,7 @@ class BatchConsumer:
             except InvalidEvent as exc:
                 await self._dead_letter(message, str(exc))
                 continue
-            good.append((message, Delivery(env, data, bool(message.redelivered), received_ns)))
+            good.append((message, Delivery(env, data, bool(message.redelivered), received_ns, message.user_id)))
         if not good:
             return
         try:

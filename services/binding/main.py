@@ -151,6 +151,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
             hops=hops,
             partitions=settings.partitions,
             owned=(),
+            watcher_user_template=settings.watcher_user_template,
         )
         metrics.PARTITIONS.set(settings.partitions)
         # Every replica registers on binding.inventory; RabbitMQ delivers to one at a time, which logs the events.

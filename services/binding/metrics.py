@@ -24,6 +24,12 @@ CLAIMS = Counter(
     ["outcome"],  # transition, refresh, stale, rejected, not_havip, duplicate
 )
 CLAIMS_REJECTED = Counter("havip_claims_rejected_total", "Refused claims", ["reason"])
+WATCHER_MESSAGES_REFUSED = Counter(
+    "havip_watcher_messages_refused_total",
+    "Claims and heartbeat events of a segment published by a broker user not entitled to it "
+    "(HAVIP_WATCHER_USER_TEMPLATE), dropped",
+    ["segment"],
+)
 REFUSALS_WAITING = Gauge(
     "havip_refusals_waiting", "Refusal audit rows waiting for the audit pacer's budget (a flood is being paced)"
 )

@@ -60,6 +60,7 @@ from services.binding.repository import (
     write_refusals,
     write_renewals,
 )
+from services.binding.watcher_users import publishers, sort_by_publisher, watcher_user
 from services.binding.watchers import WatcherBook
 from shared import events
 from shared.db import ConnectionPool
@@ -118,8 +119,12 @@ class BindingService:
         hops: ClaimHops | None = None,
         partitions: int = DEFAULT_PARTITIONS,
         owned: Iterable[int] | None = None,
+        watcher_user_template: str | None = None,
     ) -> None:
         self._pool = pool
+        # Who may publish a segment's claims and heartbeats (watcher_users.py); None: anyone the broker lets in.
+        self._watcher_user_template = watcher_user_template
+        self._impostors_told: set[tuple[str | None, str]] = set()
         self.partitions = partitions
         # The partitions this replica decides (services/binding/leases.py): claims come from their queues only,
         # and of what the inventory changes, this replica writes the bindings of these partitions only (their
@@ -237,11 +242,31 @@ class BindingService:
         """Decide and commit a batch. A batch whose writes commute with every other — holders' refreshes and
         refusals only — is written after the decision lock is released: a change of holder decided meanwhile
         never waits for it (a spoofer's flood or a wave of refreshes costs a takeover nothing but CPU)."""
+        deliveries = self._entitled(deliveries)
         await self._inventory_first(deliveries)
         async with self._lock:
             deferred = await self._decide_and_commit(deliveries, defer=True)
         if deferred is not None:
             await self._write_deferred(deferred)
+
+    def _entitled(self, deliveries: Sequence[Delivery]) -> Sequence[Delivery]:
+        """The deliveries whose publisher may speak for their segment; the others are dropped (acknowledged with
+        the batch: redelivering them could not make them entitled), counted, and said once per user and
+        segment."""
+        entitled, impostors = sort_by_publisher(deliveries, self._watcher_user_template)
+        for impostor in impostors:
+            metrics.WATCHER_MESSAGES_REFUSED.labels(impostor.segment).inc()
+        for user, segment in publishers(impostors) - self._impostors_told:
+            self._impostors_told.add((user, segment))
+            log.error(
+                "refusing the claims and heartbeats of segment %r published by broker user %r: only %r may "
+                "publish them (HAVIP_WATCHER_USER_TEMPLATE)",
+                segment,
+                user,
+                watcher_user(self._watcher_user_template or "", segment),
+                extra={"segment": segment, "user": user},
+            )
+        return entitled
 
     async def _inventory_first(self, deliveries: Sequence[Delivery]) -> None:
         """A claim for an address or from a MAC this book does not know is decided only once the inventory this
@@ -287,6 +312,7 @@ class BindingService:
         other batch in between, and what commutes written together at the end. A message of the lane that does
         change something (the watcher's view is not the binding's) is committed at once, as in `handle`."""
         pending: list[_Deferred] = []
+        deliveries = self._entitled(deliveries)
         await self._inventory_first(deliveries)
         for delivery in deliveries:
             async with self._lock:

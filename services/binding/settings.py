@@ -10,6 +10,9 @@ from services.binding.audit_pacing import DEFAULT_REFUSAL_AUDIT_RATE
 from services.binding.domain import ConditionPolicy
 from shared.settings import CommonSettings
 
+# A user name with `{segment}` in it once.
+WATCHER_USER_TEMPLATE = r"^[A-Za-z0-9_.@-]*\{segment\}[A-Za-z0-9_.@-]*$"
+
 
 class BindingSettings(CommonSettings):
     # This replica's name in logs and its connections' names; it also spreads the replicas' first tries over the
@@ -45,6 +48,11 @@ class BindingSettings(CommonSettings):
     # (docs/contract.md#split-brain).
     split_brain_changes: int = Field(default=3, ge=2, le=10_000)
     split_brain_window_s: float = Field(default=10.0, gt=0, le=86_400)
+    # The RabbitMQ user each segment's watchers publish as, `{segment}` standing for the segment's name (e.g.
+    # `havip-watcher-{segment}`): claims and heartbeats of a segment from any other user are dropped, counted
+    # (havip_watcher_messages_refused_total) and logged, so that a watcher's credentials speak for its own segment
+    # only. RabbitMQ vouches for the user (a message's user_id must be its connection's). Unset: not checked.
+    watcher_user_template: str | None = Field(default=None, pattern=WATCHER_USER_TEMPLATE)
 
     @model_validator(mode="after")
     def _lease_outlives_polls(self) -> BindingSettings:

@@ -116,11 +116,12 @@ async def transitions(dsn: str, havip_id: uuid.UUID) -> list[asyncpg.Record]:
         await conn.close()
 
 
-def delivery(env: events.Envelope) -> Delivery:
+def delivery(env: events.Envelope, user_id: str | None = None) -> Delivery:
     """An event as the binding's consumer hands it to the service: encoded, decoded, validated, and stamped with
-    the time it arrived (the service times its hops from it; 0 would add decades to the process's histograms)."""
+    the time it arrived (the service times its hops from it; 0 would add decades to the process's histograms)
+    and with the broker user that published it."""
     head, data = events.decode(events.encode(env))
-    return Delivery(head, data, False, time.time_ns())
+    return Delivery(head, data, False, time.time_ns(), user_id)
 
 
 class FakeClock:

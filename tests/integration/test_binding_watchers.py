@@ -72,6 +72,27 @@ async def test_a_batch_of_heartbeats_only_touches_no_database_and_the_count_foll
     assert counting.statements == 0
 
 
+async def test_a_segments_heartbeats_count_only_from_the_broker_user_entitled_to_it(pool: asyncpg.Pool) -> None:
+    clock = FakeClock()
+    service = BindingService(pool, clock=clock, watcher_user_template="havip-watcher-{segment}")
+    await service.load()
+    refused_before = refused("rack-9")
+
+    await service.handle(
+        [
+            delivery(heartbeat("a", "rack-9", 1, 5.0), user_id="havip-watcher-rack-9"),
+            delivery(heartbeat("b", "rack-9", 1, 5.0), user_id="havip-watcher-rack-8"),  # another segment's
+            delivery(heartbeat("c", "rack-9", 1, 5.0)),  # a publisher that did not say who it is
+        ]
+    )
+    assert service.watchers.alive_by_segment(clock.monotonic_s()) == {"rack-9": 1}
+    assert refused("rack-9") == refused_before + 2
+
+
+def refused(segment: str) -> float:
+    return REGISTRY.get_sample_value("havip_watcher_messages_refused_total", {"segment": segment}) or 0.0
+
+
 def alive(segment: str) -> float | None:
     return REGISTRY.get_sample_value("havip_watchers_alive", {"segment": segment})
 
