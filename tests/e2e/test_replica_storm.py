@@ -489,7 +489,7 @@ async def check_the_outcome(
         planned = storm.instance_of(address).holders
         assert len(planned) == len(storm.failovers) + 1
         on_the_wire = [host_of_mac[mac] for mac in claimants[address]]
-        assert on_the_wire == planned, f"{address}: the wire's claimants are not the failovers caused"
+        assert on_the_wire == planned, f"{address}: on the wire {on_the_wire}, caused {planned}"
         assert [r["sequence"] for r in rows] == list(range(1, len(rows) + 1)), f"{address}: gap or repeat"
         assert [r["to_instance_id"] for r in rows] == [instances[h] for h in on_the_wire], (
             f"{address}: history {[r['to_instance_id'] for r in rows]}, the wire's {on_the_wire}, "
