@@ -50,6 +50,17 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # to choose, Postgres planned the decisions' statement anew on every execution (a generic plan's estimate never won
 # over a custom one): 0.4–0.5 ms of planning for a statement that runs in 0.4 ms (docs/benchmarks.md).
 DATABASE_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+
+
+def database_settings(settings: BindingSettings) -> dict[str, str]:
+    """The pool's server settings. A replica frozen (SIGSTOP, a stalled VM) inside a write transaction would keep
+    its row locks, and the replica that took its partitions over would wait on them until it thawed: Postgres
+    ends such a transaction once it has been idle as long as a lease lasts — by then its partitions are another
+    replica's, and its write, conditional on sequences, could not have committed anyway."""
+    idle_ms = int(settings.lease_timeout_s * 1000)
+    return DATABASE_SETTINGS | {"idle_in_transaction_session_timeout": str(idle_ms)}
+
+
 # Older versions consumed everything from this one queue; `migrate` deletes it once it is empty and unused.
 RETIRED_QUEUE = "binding.events"
 # The inventory events, for the one replica at a time that logs them (single active consumer).
@@ -127,7 +138,7 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         pool = await create_pool(
             settings.database_url,
             role=settings.database_role or service_role(SCHEMA),
-            settings=DATABASE_SETTINGS,
+            settings=database_settings(settings),
             stop=stop,
         )
         if pool is None:

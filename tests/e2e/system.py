@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -23,6 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("binding", "arp_watcher", "allocator")
 
 
+@dataclass(frozen=True)
+class Spawn:
+    """How a service was started: its module, arguments and its own environment (on top of the system's)."""
+
+    module: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+
+
 @dataclass
 class Service:
     name: str
@@ -34,10 +44,16 @@ class Service:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-tail:])
 
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
 
 @dataclass
 class System(StartedInContext):
-    """allocator + arp_watcher + binding, wired to one database and one RabbitMQ virtual host."""
+    """allocator + arp_watcher + binding, wired to one database and one RabbitMQ virtual host; more binding
+    replicas, watchers and allocators can be started beside them (`start_binding`, `start_watcher`,
+    `start_allocator`), each under a name of its own, and any of them signalled and started again by that name."""
 
     database_url: str
     amqp_url: str
@@ -47,16 +63,22 @@ class System(StartedInContext):
     netns: str | None = None
     segment: str | None = None  # the watcher's HAVIP_SEGMENT (default: the default segment)
     watcher_id: str | None = None  # the watcher's HAVIP_WATCHER_ID (default: <hostname>/<interface>)
+    binding_replica_id: str | None = None  # the binding's HAVIP_REPLICA_ID (default: the host name)
     # A service's own way to RabbitMQ or Postgres (e.g. through a proxy a test can cut); default the above.
     watcher_amqp_url: str | None = None
     binding_amqp_url: str | None = None
     binding_database_url: str | None = None
+    # HAVIP_ settings given to every service and to the migrations (e.g. HAVIP_PARTITIONS, HAVIP_LEASE_TIMEOUT_S).
+    settings: dict[str, str] = field(default_factory=dict)
     api_port: int = field(default_factory=free_port)
     binding_metrics_port: int = field(default_factory=free_port)
     watcher_metrics_port: int = field(default_factory=free_port)
     services: dict[str, Service] = field(default_factory=dict)
+    spawns: dict[str, Spawn] = field(default_factory=dict)  # how each service was first started, by name
     watcher_ports: dict[str, int] = field(default_factory=dict)  # every watcher's metrics port, by service name
     watcher_env: dict[str, str] = field(default_factory=dict)  # more settings for every watcher (e.g. its ring)
+    binding_ports: dict[str, int] = field(default_factory=dict)  # every binding replica's metrics port
+    allocator_ports: dict[str, int] = field(default_factory=dict)  # every allocator's API port
 
     @property
     def api_url(self) -> str:
@@ -70,10 +92,12 @@ class System(StartedInContext):
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.settings)
         env.update(extra)
         return env
 
     def _spawn(self, name: str, module: str, *args: str, **env: str) -> Service:
+        self.spawns[name] = Spawn(module, args, dict(env))
         log_path = self.workdir / f"{name}.log"
         log_file = log_path.open("ab")
         process = subprocess.Popen(
@@ -111,28 +135,37 @@ class System(StartedInContext):
         self.wait_ready()
 
     def start_service(self, name: str) -> Service:
-        """Start one service (again, after `kill`), with the same configuration and ports."""
+        """Start one service (again, after `kill` or `terminate`) exactly as it was first started: the same
+        module, configuration and ports. The system's own three start with their defaults the first time."""
+        if self.services.get(name) is not None and self.services[name].running:
+            raise RuntimeError(f"{name} is running")
+        spawn = self.spawns.get(name)
+        if spawn is not None:
+            return self._spawn(name, spawn.module, *spawn.args, **spawn.env)
         if name == "binding":
-            return self._spawn(
-                "binding",
-                "services.binding",
-                HAVIP_METRICS_PORT=str(self.binding_metrics_port),
-                HAVIP_AMQP_URL=self.binding_amqp_url or self.amqp_url,
-                HAVIP_DATABASE_URL=self.binding_database_url or self.database_url,
-            )
+            return self.start_binding("binding", self.binding_metrics_port, replica_id=self.binding_replica_id)
         if name == "arp_watcher":
             return self.start_watcher(
                 "arp_watcher", self.interface, self.watcher_metrics_port, watcher_id=self.watcher_id
             )
         if name == "allocator":
-            return self._spawn(
-                "allocator",
-                "services.allocator",
-                HAVIP_API_TOKEN=self.token,
-                HAVIP_HOST="127.0.0.1",
-                HAVIP_PORT=str(self.api_port),
-            )
+            return self.start_allocator("allocator", self.api_port)
         raise ValueError(f"no service {name!r}")
+
+    def start_binding(self, name: str, metrics_port: int, *, replica_id: str | None = None) -> Service:
+        """A binding replica called `name` (the system's own is `binding`), with its own metrics port and
+        HAVIP_REPLICA_ID (default: the host name), on the system's database and broker (services/binding
+        README: any number of replicas share the partitions)."""
+        binding_env = {
+            "HAVIP_METRICS_PORT": str(metrics_port),
+            "HAVIP_METRICS_HOST": "127.0.0.1",
+            "HAVIP_AMQP_URL": self.binding_amqp_url or self.amqp_url,
+            "HAVIP_DATABASE_URL": self.binding_database_url or self.database_url,
+        }
+        if replica_id:
+            binding_env["HAVIP_REPLICA_ID"] = replica_id
+        self.binding_ports[name] = metrics_port
+        return self._spawn(name, "services.binding", **binding_env)
 
     def start_watcher(
         self, name: str, interface: str, metrics_port: int, *, watcher_id: str | None = None
@@ -142,6 +175,7 @@ class System(StartedInContext):
         watcher_env = self.watcher_env | {
             "HAVIP_INTERFACE": interface,
             "HAVIP_METRICS_PORT": str(metrics_port),
+            "HAVIP_METRICS_HOST": "127.0.0.1",
             "HAVIP_AMQP_URL": self.watcher_amqp_url or self.amqp_url,
         }
         if watcher_id:
@@ -153,20 +187,65 @@ class System(StartedInContext):
         self.watcher_ports[name] = metrics_port
         return self._spawn(name, "services.arp_watcher", **watcher_env)
 
+    def start_allocator(self, name: str, port: int) -> Service:
+        """An allocator called `name` (the system's own is `allocator`) serving the API on `port`, with the
+        system's token (services/allocator README: any number of replicas behind one address)."""
+        self.allocator_ports[name] = port
+        return self._spawn(
+            name,
+            "services.allocator",
+            HAVIP_API_TOKEN=self.token,
+            HAVIP_HOST="127.0.0.1",
+            HAVIP_PORT=str(port),
+        )
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        """`sig` to a service's whole process group (while it has one)."""
+        service = self.services[name]
+        if service.running:
+            with contextlib.suppress(ProcessLookupError):  # it ended just now
+                os.killpg(service.process.pid, sig)
+
     def kill(self, name: str) -> None:
         """SIGKILL a service's whole process group, as a crash would (R3, docs/contract.md#reliability)."""
         service = self.services[name]
-        if service.process.poll() is None:
-            os.killpg(service.process.pid, signal.SIGKILL)
+        self.signal(name, signal.SIGKILL)
         service.process.wait(timeout=10)
         service.log_file.close()
 
-    def wait_ready(self, timeout: float = 60.0, names: tuple[str, ...] = SERVICES) -> None:
-        checks = {
-            "allocator": f"{self.api_url}/readyz",
-            "binding": f"http://127.0.0.1:{self.binding_metrics_port}/metrics",
-        } | {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.watcher_ports.items()}
-        pending = {name: url for name, url in checks.items() if name in names}
+    def terminate(self, name: str, timeout: float = 30.0) -> int:
+        """SIGTERM a service's process group, as an orchestrator stops it, and wait until it has exited (it
+        finishes what is under way first); returns its exit status. SIGKILL if it outlives `timeout`."""
+        service = self.services[name]
+        self.signal(name, signal.SIGTERM)
+        try:
+            service.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(name, signal.SIGKILL)
+            service.process.wait(timeout=10)
+        service.log_file.close()
+        return service.process.returncode
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP: the process stays, with its sockets open, and does nothing (a stalled host, a long pause)."""
+        self.signal(name, signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        self.signal(name, signal.SIGCONT)
+
+    def _ready_url(self, name: str) -> str | None:
+        if name in self.allocator_ports:
+            return f"http://127.0.0.1:{self.allocator_ports[name]}/readyz"
+        if name in self.binding_ports:
+            return f"http://127.0.0.1:{self.binding_ports[name]}/metrics"
+        if name in self.watcher_ports:
+            return f"http://127.0.0.1:{self.watcher_ports[name]}/metrics"
+        return None
+
+    def wait_ready(self, timeout: float = 60.0, names: tuple[str, ...] | None = None) -> None:
+        """Until each named service (default: every one started) answers on its port."""
+        wanted = tuple(self.services) if names is None else names
+        pending = {name: url for name in wanted if (url := self._ready_url(name)) is not None}
 
         def all_ready() -> bool:
             for name, url in list(pending.items()):
@@ -186,30 +265,37 @@ class System(StartedInContext):
             raise TimeoutError(f"not ready within {timeout} s: {sorted(pending)}") from exc
 
     def stop(self) -> None:
-        for service in self.services.values():
-            if service.process.poll() is None:
-                os.killpg(service.process.pid, signal.SIGTERM)
+        for name in self.services:
+            self.signal(name, signal.SIGTERM)
+            self.signal(name, signal.SIGCONT)  # a frozen one would never see the SIGTERM
         for service in self.services.values():
             try:
                 service.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(service.process.pid, signal.SIGKILL)
+                self.signal(service.name, signal.SIGKILL)
                 service.process.wait(timeout=10)
             service.log_file.close()
             service_logs.forget(service.log_path)
 
     # ---- talking to it -----------------------------------------------------------------------------------
 
-    def api(self) -> httpx.Client:
+    def api(self, allocator: str | None = None) -> httpx.Client:
+        """A client of the API: the system's own allocator, or the one started as `allocator`."""
+        port = self.api_port if allocator is None else self.allocator_ports[allocator]
         return httpx.Client(
-            base_url=f"{self.api_url}/v1", headers={"Authorization": f"Bearer {self.token}"}, timeout=10.0
+            base_url=f"http://127.0.0.1:{port}/v1", headers={"Authorization": f"Bearer {self.token}"}, timeout=10.0
         )
 
     def metric(self, name: str, labels: dict[str, str] | None = None, *, service: str = "binding") -> float:
-        """Current value of one sample scraped from a service's /metrics (0 when absent); `service` is "binding",
-        "watcher" (the system's own) or the name of a watcher started with `start_watcher`."""
+        """Current value of one sample scraped from a service's /metrics (0 when absent); `service` is "binding"
+        (the system's own), "watcher" (idem), or the name of a binding replica, watcher or allocator started
+        with `start_binding`, `start_watcher` or `start_allocator`."""
         if service == "binding":
             port = self.binding_metrics_port
+        elif service in self.binding_ports:
+            port = self.binding_ports[service]
+        elif service in self.allocator_ports:
+            port = self.allocator_ports[service]
         else:
             port = self.watcher_ports.get(service, self.watcher_metrics_port)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0).text
