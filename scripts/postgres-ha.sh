@@ -8,7 +8,7 @@
 #   postgres-ha.sh start DIR          create (first time) or start again, wait until healthy, print DSN and monitor
 #   postgres-ha.sh stop DIR           stop what start started; the data stays in DIR (remove DIR to start afresh)
 #   postgres-ha.sh status DIR         processes and the monitor's view; exit 0 when healthy
-#   postgres-ha.sh wait DIR           until healthy: a primary, a secondary, the synchronous standby in place
+#   postgres-ha.sh wait DIR           until healthy: primary, secondary, synchronous standby, failover armed
 #   postgres-ha.sh state DIR [ARGS]   pg_autoctl show state (ARGS: e.g. --json)
 #   postgres-ha.sh nodes DIR          one line a node: name port reported-state assigned-state health
 #   postgres-ha.sh kill DIR NODE      kill -9 a whole node, keeper and Postgres (NODE: node1, node2 or primary)
@@ -189,9 +189,15 @@ hurry_base_backups() {
         fi
     done
 }
-# Healthy: one node primary and the other secondary (reported and assigned alike), and the primary with a
+# The monitor fails nothing over in its first pgautofailover.startup_grace_period (10 s) after it starts: a node it
+# finds down meanwhile counts as unhealthy only after that.
+failover_armed() {
+    [ "$(sql "$MONITOR_PORT" pg_auto_failover -c "SELECT now() - pg_postmaster_start_time() > setting::int
+        * interval '1 ms' FROM pg_settings WHERE name = 'pgautofailover.startup_grace_period'")" = t ]
+}
+# Replicating: one node primary and the other secondary (reported and assigned alike), the primary with a
 # synchronous standby set and streaming to it.
-healthy() {
+replicating() {
     local view primary
     view=$(nodes) || return 1
     primary=$(awk '$3 == "primary" && $4 == "primary" { print $1 }' <<< "$view")
@@ -200,16 +206,24 @@ healthy() {
     [ "$(sql "$(port_of "$primary")" postgres -c "SELECT current_setting('synchronous_standby_names') <> ''
         AND EXISTS (SELECT 1 FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))")" = t ]
 }
-wait_healthy() {
-    local deadline last="" view
+# Healthy: replicating, and the monitor ready to fail over.
+healthy() { replicating && failover_armed; }
+wait_healthy() { # [T0: a start time, for the log]
+    local t0=${1:-$(now)} deadline last="" view said=""
     deadline=$(($(date +%s) + timeout))
-    while ! healthy; do
+    until healthy; do
+        if [ -z "$said" ] && replicating; then
+            log "primary $(primary_name) with its synchronous standby ($(since "$t0") s)"
+            said=1
+        fi
         view=$(nodes 2> /dev/null | awk '{ printf "%s%s %s/%s", sep, $1, $3, $4; sep = ", " }' || true)
+        failover_armed || view="$view; monitor in its start-up grace period"
         if [ -n "$view" ] && [ "$view" != "$last" ]; then log "monitor: $view"; last=$view; fi
         [ "$(date +%s)" -lt "$deadline" ] || die "not healthy within ${timeout} s (state: ${view:-monitor unreachable})"
         hurry_base_backups
         sleep 0.2
     done
+    log "healthy: primary $(primary_name) with its synchronous standby, failover armed ($(since "$t0") s)"
 }
 
 # --- sub-commands -----------------------------------------------------------------------------------------------
@@ -298,25 +312,21 @@ cmd_start() {
         log "node1 registered ($(since "$t0") s)"
     fi
     start_node node2
-    wait_healthy
-    log "healthy: primary $(primary_name), synchronous standby in place ($(since "$t0") s from start)"
+    wait_healthy "$t0"
     echo "DSN=$(dsn)"
     echo "MONITOR=$MONITOR_URI"
 }
 
 cmd_stop() {
-    local name order=() primary
-    # The standby first, then the primary: stopping the primary first would have the monitor fail over to the
-    # standby being stopped.
-    primary=$(primary_name 2> /dev/null || true)
-    for name in "${NODES[@]}"; do [ "$name" = "$primary" ] || order+=("$name"); done
-    [ -z "$primary" ] || order+=("$primary")
-    order+=(monitor)
-    for name in "${order[@]}"; do
-        [ -d "$(pgdata "$name")" ] || continue
-        if running "$name" > /dev/null; then
+    local name
+    # All three at once: the monitor stops with the nodes, so it never sees the primary gone with the standby
+    # still up (it would start a failover to a standby being stopped).
+    for name in "${NODES[@]}" monitor; do
+        if [ -d "$(pgdata "$name")" ] && running "$name" > /dev/null; then
             as_postgres pg_autoctl stop --pgdata "$(pgdata "$name")" > /dev/null 2>&1 || true
         fi
+    done
+    for name in "${NODES[@]}" monitor; do
         if ! wait_gone "$name" 30; then
             log "$name did not stop within 30 s: SIGINT, then SIGKILL, to its processes"
             signal_node INT "$name"
@@ -395,7 +405,7 @@ case $cmd in
     start) cmd_start ;;
     stop) [ -f "$dir/cluster.env" ] || die "no cluster in $dir"; cmd_stop ;;
     status) cmd_status ;;
-    wait) wait_healthy; log "healthy: primary $(primary_name)" ;;
+    wait) wait_healthy ;;
     state) as_postgres pg_autoctl show state --pgdata "$(pgdata monitor)" "$@" ;;
     nodes) nodes ;;
     kill) cmd_kill "$@" ;;
