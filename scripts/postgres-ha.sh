@@ -30,7 +30,8 @@ NODES=(node1 node2)
 
 # Monitor timings: the defaults (5 s health checks, 20 s before a node counts as unhealthy, 30 s for an unreachable
 # primary to demote itself) give about 50 s without writes when the primary's machine dies. These give seconds.
-# The price: a primary that is alive but stalls for ~3 s is failed over.
+# The price: a primary that is alive but stalls for ~3 s is failed over. PGHA_MONITOR_TIMINGS=default (at any
+# start) keeps pg_auto_failover's own instead, to compare.
 MONITOR_SETTINGS=(
     "pgautofailover.health_check_period = 1000"
     "pgautofailover.health_check_timeout = 1000"
@@ -257,7 +258,13 @@ start_monitor() {
         sleep 0.1
     done
     local setting args=()
-    for setting in "${MONITOR_SETTINGS[@]}"; do args+=(-c "ALTER SYSTEM SET $setting"); done
+    for setting in "${MONITOR_SETTINGS[@]}"; do
+        if [ "${PGHA_MONITOR_TIMINGS:-tuned}" = default ]; then
+            args+=(-c "ALTER SYSTEM RESET ${setting%% =*}")
+        else
+            args+=(-c "ALTER SYSTEM SET $setting")
+        fi
+    done
     sql "$MONITOR_PORT" pg_auto_failover "${args[@]}" -c "SELECT pg_reload_conf()" > /dev/null
     log "monitor up ($(since "$t0") s)"
 }

@@ -13,6 +13,7 @@ client that reconnects with it after an error reaches whichever node is the prim
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -158,6 +159,8 @@ class PostgresHA:
             "PGHA_NODE2_PORT": str(self.ports["node2"]),
             "PGHA_DBNAME": self.database,
             "PGHA_TIMEOUT": str(int(self.timeout)),
+            # pg_auto_failover's own monitor timings instead of the script's, to compare (see the script)
+            **{k: v for k, v in os.environ.items() if k == "PGHA_MONITOR_TIMINGS"},
             **(env or {}),
         }
         done = subprocess.run(
