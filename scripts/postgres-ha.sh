@@ -210,9 +210,12 @@ replicating() {
 # Healthy: replicating, and the monitor ready to fail over.
 healthy() { replicating && failover_armed; }
 wait_healthy() { # [T0: a start time, for the log]
-    local t0=${1:-$(now)} deadline last="" view said=""
+    local t0=${1:-$(now)} deadline last="" view said="" name
     deadline=$(($(date +%s) + timeout))
     until healthy; do
+        for name in monitor "${NODES[@]}"; do
+            running "$name" > /dev/null || die "$name is not running (see $dir/log/$name.log; \`restart\` it)"
+        done
         if [ -z "$said" ] && replicating; then
             log "primary $(primary_name) with its synchronous standby ($(since "$t0") s)"
             said=1
