@@ -187,6 +187,24 @@ async def _check_nothing_lost(ha: PostgresHA, writer: Writer, table: str) -> dic
     return rows
 
 
+async def _rejoin(ha: PostgresHA, killed: str, writer: Writer, table: str) -> float:
+    """The killed node, run again, rejoins as the standby and replays every acknowledged commit; returns how long
+    it took until the cluster was healthy again."""
+    restarted_at = time.monotonic()
+    await asyncio.to_thread(ha.restart_node, killed)
+    await asyncio.to_thread(ha.wait_healthy)
+    rejoined = time.monotonic() - restarted_at
+    primary = ha.other(killed)
+    reported = {n.name: n.reported for n in await asyncio.to_thread(ha.state)}
+    assert reported == {primary: "primary", killed: "secondary"}
+
+    async def standby_has_everything() -> bool:
+        return set(writer.acked) <= set(await _rows(ha.node_dsn(killed), table))
+
+    await eventually(standby_has_everything, timeout=60, interval=0.2, what=f"{killed} replays every commit")
+    return rejoined
+
+
 async def test_the_primary_s_node_killed_loses_no_acknowledged_commit_and_rejoins(
     postgres_ha: PostgresHA, record_property: Callable[[str, object], None]
 ) -> None:
@@ -210,18 +228,7 @@ async def test_the_primary_s_node_killed_loses_no_acknowledged_commit_and_rejoin
     assert {rows[key] for key in before} == {ha.ports[old]}
     assert {rows[key] for key in since} == {ha.ports[new]}
 
-    # The killed node, run again, rejoins as the standby of the new primary and replays every acknowledged commit.
-    restarted_at = time.monotonic()
-    await asyncio.to_thread(ha.restart_node, old)
-    await asyncio.to_thread(ha.wait_healthy)
-    rejoined = time.monotonic() - restarted_at
-    assert ha.primary() == new
-    assert {n.name: n.reported for n in await asyncio.to_thread(ha.state)} == {new: "primary", old: "secondary"}
-
-    async def standby_has_everything() -> bool:
-        return set(writer.acked) <= set(await _rows(ha.node_dsn(old), table))
-
-    await eventually(standby_has_everything, timeout=60, interval=0.2, what=f"{old} replays every commit")
+    rejoined = await _rejoin(ha, old, writer, table)
 
     record_property("bring_up_s", round(ha.bring_up_s or 0, 1))
     record_property("failover_gap_s", round(gap, 2))
@@ -230,6 +237,40 @@ async def test_the_primary_s_node_killed_loses_no_acknowledged_commit_and_rejoin
         f"\npg_auto_failover: bring-up {ha.bring_up_s or 0:.1f} s; {old} killed -> longest gap between"
         f" acknowledged commits {gap:.2f} s, first commit on {new} {resumed:.2f} s after the kill;"
         f" {writer.tally()}; {old} back as secondary {rejoined:.1f} s after its restart"
+    )
+
+
+async def test_the_standby_s_node_killed_stalls_commits_until_the_monitor_lets_the_primary_go_on_alone(
+    postgres_ha: PostgresHA, record_property: Callable[[str, object], None]
+) -> None:
+    """With two data nodes, a commit waits for the standby; when the standby dies, commits wait until the monitor
+    moves the primary to wait_primary, which drops the synchronous standby: from then on an acknowledged commit
+    exists on one node only, until the standby is back."""
+    ha = postgres_ha
+    await asyncio.to_thread(ha.wait_healthy)
+    primary = ha.primary()
+    assert primary is not None
+    standby = ha.other(primary)
+    table = "standby_loss_writes"
+    await _fresh_table(ha.dsn(), table)
+
+    writer, killed_at = await _write_through(ha, table, lambda: ha.kill_node(standby), primary)
+
+    stall = writer.longest_gap_since(killed_at)
+    await _check_nothing_lost(ha, writer, table)
+    assert {n.name: n.reported for n in await asyncio.to_thread(ha.state)}[primary] == "wait_primary"
+    conn = await asyncpg.connect(ha.node_dsn(primary), timeout=10)
+    try:
+        assert await conn.fetchval("SHOW synchronous_standby_names") == ""
+    finally:
+        await conn.close()
+
+    rejoined = await _rejoin(ha, standby, writer, table)
+
+    record_property("standby_loss_stall_s", round(stall, 2))
+    print(
+        f"\npg_auto_failover: standby {standby} killed -> longest gap between acknowledged commits on {primary}"
+        f" {stall:.2f} s; {writer.tally()}; {standby} back as secondary {rejoined:.1f} s after its restart"
     )
 
 
