@@ -86,13 +86,12 @@ port_of() {
 dsn() { echo "postgresql://postgres@127.0.0.1:$NODE1_PORT,127.0.0.1:$NODE2_PORT/$DBNAME?target_session_attrs=read-write"; }
 
 # --- running things as postgres ---------------------------------------------------------------------------------
-# A clean environment: no PG* variable of the caller's reaches pg_autoctl.
-as_postgres() {
-    setpriv --reuid=postgres --regid=postgres --init-groups -- env -i \
-        PATH="$PGBIN:/usr/bin:/bin" HOME="$dir" LANG=C.UTF-8 \
-        XDG_CONFIG_HOME="$dir/xdg/config" XDG_DATA_HOME="$dir/xdg/data" XDG_RUNTIME_DIR="$dir/xdg/runtime" \
-        "$@"
-}
+# As user postgres, in a clean environment (no PG* variable of the caller's reaches pg_autoctl); pg_autoctl keeps
+# its configuration, state and PID files under the XDG directories.
+AS_POSTGRES=(setpriv --reuid=postgres --regid=postgres --init-groups -- env -i
+    PATH="$PGBIN:/usr/bin:/bin" HOME="$dir" LANG=C.UTF-8
+    XDG_CONFIG_HOME="$dir/xdg/config" XDG_DATA_HOME="$dir/xdg/data" XDG_RUNTIME_DIR="$dir/xdg/runtime")
+as_postgres() { "${AS_POSTGRES[@]}" "$@"; }
 # SQL as the superuser over loopback (trust); prints rows unaligned, fails when the server does not answer.
 sql() {
     local port=$1 db=$2
@@ -113,7 +112,7 @@ running() { # the recorded pg_autoctl of $1, if alive
     f=$(pidfile "$1")
     [ -f "$f" ] || return 1
     read -r pid t < "$f"
-    [ -n "$pid" ] && [ "$(start_time "$pid")" = "$t" ] && echo "$pid"
+    [ -n "$pid" ] && [ -n "$t" ] && [ "$(start_time "$pid")" = "$t" ] && echo "$pid"
 }
 postmaster() { # the Postgres of $1, if alive: postmaster.pid's PID, checked against the process's data directory
     local pid
@@ -123,10 +122,7 @@ postmaster() { # the Postgres of $1, if alive: postmaster.pid's PID, checked aga
 launch() { # launch NAME ARGS...: pg_autoctl ARGS in the background, its output appended to DIR/log/NAME.log
     local name=$1
     shift
-    setsid setpriv --reuid=postgres --regid=postgres --init-groups -- env -i \
-        PATH="$PGBIN:/usr/bin:/bin" HOME="$dir" LANG=C.UTF-8 \
-        XDG_CONFIG_HOME="$dir/xdg/config" XDG_DATA_HOME="$dir/xdg/data" XDG_RUNTIME_DIR="$dir/xdg/runtime" \
-        pg_autoctl "$@" >> "$dir/log/$name.log" 2>&1 < /dev/null &
+    setsid "${AS_POSTGRES[@]}" pg_autoctl "$@" >> "$dir/log/$name.log" 2>&1 < /dev/null &
     local pid=$!
     local t=""
     for _ in 1 2 3 4 5 6 7 8 9 10; do t=$(start_time "$pid") && [ -n "$t" ] && break; sleep 0.01; done
