@@ -20,9 +20,11 @@ wait_port() {
 # docker-compose: validates docker-compose.yml offline, and brings it up on podman in tests/deploy (with runc,
 # netavark and aardvark-dns for service names — netavark 1.4 drives iptables, which a fresh Debian lacks: without
 # it every container network fails with "netavark: No such file or directory" —, catatonit for `init: true`,
-# debootstrap for the base image).
+# debootstrap for the base image); postgresql-15-auto-failover and pg-auto-failover-cli: the Postgres primary with
+# a synchronous standby of scripts/postgres-ha.sh (the monitor's extension and pg_autoctl; installing them leaves
+# the system cluster alone).
 packages=(keepalived arping tcpdump tcpreplay iproute2 nftables procps prometheus docker-compose python3-venv
-    podman runc netavark aardvark-dns iptables catatonit debootstrap)
+    podman runc netavark aardvark-dns iptables catatonit debootstrap postgresql-15-auto-failover pg-auto-failover-cli)
 answers 5432 || command -v pg_ctlcluster >/dev/null || packages+=(postgresql)
 command -v psql >/dev/null || packages+=(postgresql-client)
 answers 5672 || command -v rabbitmq-server >/dev/null || packages+=(rabbitmq-server)

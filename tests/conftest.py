@@ -16,6 +16,9 @@ import pytest
 from tests import service_logs
 from tests.sandbox import temporary_database, temporary_vhost
 
+# Fixtures of clusters started on this machine (only for the tests that ask for them).
+pytest_plugins = ["tests.clusters.postgres"]
+
 PG_BASE = os.environ.get("HAVIP_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 AMQP_BASE = os.environ.get("HAVIP_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
 RUN_ID = uuid.uuid4().hex[:10]
