@@ -232,7 +232,8 @@ class AllocatorClient:
                 reason = f"the server speaks TLS on this port: use https://{self._netloc()}"
             raise Unreachable(f"cannot reach the allocator at {display_url(self.url)}: {reason}") from None
         except httpx.TransportError as exc:
-            tls_error = _ssl_error(exc)
+            # A TLS error while connecting is the handshake's: the certificate, or the protocol.
+            tls_error = _ssl_error(exc) if isinstance(exc, httpx.ConnectError) else None
             if isinstance(tls_error, ssl.SSLCertVerificationError):
                 problem = self._certificate_problem(tls_error)
                 url = display_url(self.url)
