@@ -77,6 +77,10 @@ def test_https_with_both_files_and_tls_1_2_at_the_oldest(monkeypatch: pytest.Mon
     assert isinstance(config.ssl, ssl.SSLContext)
     assert config.ssl.minimum_version == ssl.TLSVersion.TLSv1_2
     assert config.ssl.verify_mode == ssl.CERT_NONE  # no client certificates asked: the API has its token
+    # Python's default suites (uvicorn's own default once restricted TLS 1.2 to "TLSv1", NULL ciphers included).
+    names = [cipher["name"] for cipher in config.ssl.get_ciphers()]
+    assert names
+    assert not [n for n in names if "NULL" in n or n.startswith(("ADH", "AECDH")) or "-RC4-" in n], names
 
 
 def test_the_certificate_alone_is_refused(monkeypatch: pytest.MonkeyPatch, files: Files) -> None:
