@@ -3,12 +3,17 @@ errors.py).
 
 It speaks only HTTP: it does not import the allocator's server modules. Every method returns the decoded JSON
 together with the text exactly as received (`--json` prints that untouched), or None for 204 No Content.
+
+An https:// allocator is verified — its certificate chain against the system's CAs, or against the CA file given
+(`--cacert`, `HAVIP_CA_FILE`), and its host name — with TLS 1.2 at the oldest; there is no way to switch that off.
+A failed verification is said in words (errors.certificate_problem) and nothing is sent.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +22,15 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 
 from havipctl.errors import (
+    HOST_MISMATCH,
     ApiError,
     AuthenticationFailed,
+    ServerNotTrusted,
     UnexpectedResponse,
     Unreachable,
     UsageError,
+    certificate_problem,
+    tls_problem,
 )
 
 Json = dict[str, Any]
@@ -92,18 +101,57 @@ def _params(**values: object) -> dict[str, str]:
     return params
 
 
-def _oserror_reason(exc: BaseException) -> str | None:
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """The context havipctl verifies an https:// allocator with: the chain against the CA file given, else the
+    system's CAs (OpenSSL's default locations; SSL_CERT_FILE and SSL_CERT_DIR move them), the host name, TLS 1.2 or
+    later. ValueError in words when the CA file cannot be read or holds no certificate."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        raise ValueError(f"{ca_file} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{ca_file} is a directory, not a file") from None
+    except PermissionError:
+        raise ValueError(f"{ca_file} cannot be read: permission denied") from None
+    except ssl.SSLError:
+        raise ValueError(f"{ca_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+    except OSError as exc:
+        raise ValueError(f"{ca_file} cannot be read: {exc.strerror or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _certificate_names(certificate: dict[str, Any]) -> list[str]:
+    """The names and addresses a certificate (as SSLSocket.getpeercert decodes it) is for: its subjectAltName, else
+    its subject's common name."""
+    names = [str(value) for _, value in certificate.get("subjectAltName", ())]
+    if names:
+        return names
+    return [str(value) for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+
+
+def _chain_of(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and its causes (httpx → httpcore → the socket's or ssl's own)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    return next((e for e in _chain_of(exc) if isinstance(e, ssl.SSLError)), None)
+
+
+def _oserror_reason(exc: BaseException) -> str | None:
+    for current in _chain_of(exc):
         if isinstance(current, ConnectionRefusedError):
             return "connection refused"
         if isinstance(current, socket.gaierror):
             return f"unknown host ({current.strerror or current})"
         if isinstance(current, OSError) and current.strerror:
             return current.strerror[0].lower() + current.strerror[1:]
-        current = current.__cause__ or current.__context__
     return None
 
 
@@ -117,11 +165,15 @@ class AllocatorClient:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+        ca_file: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.ca_file = ca_file
+        # A transport given (tests: a mock) makes no connection of its own, so it needs no TLS context.
+        verify = self.verifying_context() if transport is None else True
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -132,9 +184,17 @@ class AllocatorClient:
                 timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
                 transport=transport,
                 follow_redirects=False,
+                verify=verify,
             )
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
             raise UsageError(f"invalid allocator URL {display_url(url)!r}: {exc}") from None
+
+    def verifying_context(self) -> ssl.SSLContext:
+        """The context the allocator's certificate is verified with (chain, host name, TLS 1.2 or later)."""
+        try:
+            return tls_context(self.ca_file)
+        except ValueError as exc:
+            raise UsageError(f"CA file: {exc}") from None
 
     def close(self) -> None:
         self._http.close()
@@ -168,11 +228,68 @@ class AllocatorClient:
             raise UsageError(f"invalid allocator URL {display_url(self.url)!r}: {exc}") from None
         except httpx.RemoteProtocolError as exc:
             reason = _oserror_reason(exc) or f"the connection broke without an answer ({exc})"
+            if self._address()[0] == "http" and self._speaks_tls():
+                reason = f"the server speaks TLS on this port: use https://{self._netloc()}"
             raise Unreachable(f"cannot reach the allocator at {display_url(self.url)}: {reason}") from None
         except httpx.TransportError as exc:
-            reason = _oserror_reason(exc) or str(exc) or type(exc).__name__
+            # A TLS error while connecting is the handshake's: the certificate, or the protocol.
+            tls_error = _ssl_error(exc) if isinstance(exc, httpx.ConnectError) else None
+            if isinstance(tls_error, ssl.SSLCertVerificationError):
+                problem = self._certificate_problem(tls_error)
+                url = display_url(self.url)
+                raise ServerNotTrusted(f"cannot verify the allocator at {url}: {problem}") from None
+            if tls_error is not None:
+                reason = tls_problem(tls_error)
+            else:
+                reason = _oserror_reason(exc) or str(exc) or type(exc).__name__
             raise Unreachable(f"cannot reach the allocator at {display_url(self.url)}: {reason}") from None
         return self._reply(response)
+
+    # ---- TLS diagnostics ----------------------------------------------------------------------------------
+    # Only to say what went wrong, after a request failed: each opens a connection of its own, completes the
+    # handshake (or not) and closes it. No request is sent on them, no token, nothing of the user's.
+
+    def _address(self) -> tuple[str, str, int]:
+        parts = urlsplit(self.url)
+        scheme = parts.scheme.lower()
+        return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+
+    def _netloc(self) -> str:
+        _, host, port = self._address()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _handshake(self, context: ssl.SSLContext) -> dict[str, Any] | None:
+        """The peer's certificate, decoded when `context` verifies it ({} when it does not); None when no TLS
+        handshake completes."""
+        _, host, port = self._address()
+        try:
+            with (
+                socket.create_connection((host, port), timeout=self.connect_timeout) as raw,
+                context.wrap_socket(raw, server_hostname=host) as tls,
+            ):
+                return tls.getpeercert() or {}
+        except (OSError, ValueError):  # ssl.SSLError is an OSError
+            return None
+
+    def _speaks_tls(self) -> bool:
+        """Whether the server at an http:// URL answers a TLS handshake instead (its certificate unverified: only
+        the protocol is asked)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return self._handshake(context) is not None
+
+    def _certificate_problem(self, error: ssl.SSLCertVerificationError) -> str:
+        """What is wrong with the server's certificate; for a host name that does not match, the names it is for
+        (read from a handshake that verifies the chain as before, but not the name)."""
+        _, host, _ = self._address()
+        names: list[str] | None = None
+        if error.verify_code in HOST_MISMATCH:
+            context = self.verifying_context()
+            context.check_hostname = False
+            certificate = self._handshake(context)
+            names = _certificate_names(certificate) if certificate else None
+        return certificate_problem(error, host=host, ca_file=self.ca_file, names=names)
 
     def _reply(self, response: httpx.Response) -> Reply | None:
         status = response.status_code

@@ -37,6 +37,7 @@ class Context:
             self.config.token,
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
+            ca_file=self.config.ca_file,
             transport=self.transport,
         )
 

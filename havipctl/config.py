@@ -6,8 +6,12 @@
 | `--token` | `HAVIP_API_TOKEN` | none (the allocator then answers 401) |
 | `--connect-timeout` | `HAVIP_CONNECT_TIMEOUT` | 5 s |
 | `--request-timeout` | `HAVIP_REQUEST_TIMEOUT` | 30 s |
+| `--cacert FILE` | `HAVIP_CA_FILE` | none: an https:// allocator is verified against the system's CAs |
 | `--amqp-url` | `HAVIP_AMQP_URL` | amqp://guest:guest@127.0.0.1:5672/ |
 | `--amqp-prefix` | `HAVIP_AMQP_PREFIX` | empty (as the services' own setting) |
+
+An https:// allocator's certificate is always verified, against the CA certificates (PEM) of `--cacert` when given;
+a CA file that cannot be read or holds no certificate is a usage error.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from havipctl.client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_URL
+from havipctl.client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_URL, tls_context
 from havipctl.errors import UsageError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -27,6 +31,7 @@ ENV_URL = "HAVIP_URL"
 ENV_TOKEN = "HAVIP_API_TOKEN"
 ENV_CONNECT_TIMEOUT = "HAVIP_CONNECT_TIMEOUT"
 ENV_REQUEST_TIMEOUT = "HAVIP_REQUEST_TIMEOUT"
+ENV_CA_FILE = "HAVIP_CA_FILE"
 ENV_AMQP_URL = "HAVIP_AMQP_URL"
 ENV_AMQP_PREFIX = "HAVIP_AMQP_PREFIX"
 
@@ -39,6 +44,7 @@ class Config:
     token: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
+    ca_file: str | None = None  # None: the system's CAs
     amqp_url: str = DEFAULT_AMQP_URL
     amqp_prefix: str = ""
 
@@ -51,10 +57,12 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-def _pick(flag: str | None, env: Mapping[str, str], variable: str) -> tuple[str | None, str]:
+def _pick(
+    flag: str | None, env: Mapping[str, str], variable: str, flag_name: str | None = None
+) -> tuple[str | None, str]:
     """The flag's value, else the variable's (empty = unset); and where it came from, for messages."""
     if flag is not None:
-        return flag, "--" + variable.removeprefix("HAVIP_").lower().replace("_", "-")
+        return flag, flag_name or "--" + variable.removeprefix("HAVIP_").lower().replace("_", "-")
     value = env.get(variable)
     return (value if value else None), variable
 
@@ -76,6 +84,7 @@ def resolve(
     token: str | None = None,
     connect_timeout: str | None = None,
     request_timeout: str | None = None,
+    cacert: str | None = None,
     amqp_url: str | None = None,
     amqp_prefix: str | None = None,
 ) -> Config:
@@ -96,6 +105,13 @@ def resolve(
         if not _TOKEN.match(chosen_token):
             raise UsageError(f"{token_source}: the token must be printable ASCII without spaces")
 
+    ca_file, ca_source = _pick(cacert, env, ENV_CA_FILE, "--cacert")
+    if ca_file is not None:
+        try:
+            tls_context(ca_file)
+        except ValueError as exc:
+            raise UsageError(f"{ca_source}: {exc}") from None
+
     chosen_amqp, amqp_source = _pick(amqp_url, env, ENV_AMQP_URL)
     chosen_amqp = (chosen_amqp or DEFAULT_AMQP_URL).strip()
     if urlsplit(chosen_amqp).scheme not in ("amqp", "amqps"):
@@ -107,6 +123,7 @@ def resolve(
         token=chosen_token or None,
         connect_timeout=_seconds(connect_timeout, env, ENV_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT_S),
         request_timeout=_seconds(request_timeout, env, ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S),
+        ca_file=ca_file,
         amqp_url=chosen_amqp,
         amqp_prefix=prefix or "",
     )

@@ -31,11 +31,13 @@ environment (a flag wins over its variable):
   HAVIP_API_TOKEN         bearer token of the /v1 API
   HAVIP_CONNECT_TIMEOUT   seconds to connect (default 5)
   HAVIP_REQUEST_TIMEOUT   seconds for a whole request (default 30)
+  HAVIP_CA_FILE           CA certificates (PEM) an https:// allocator is verified against (default: the system's)
   HAVIP_AMQP_URL          RabbitMQ URL for `watch` (default amqp://guest:guest@127.0.0.1:5672/)
   HAVIP_AMQP_PREFIX       prefix of the exchange name, as the services use it (default empty)
 
 exit status:
-  0 ok   1 API error (code and message shown)   2 bad usage   3 cannot reach the allocator / RabbitMQ
+  0 ok   1 API error (code and message shown)   2 bad usage
+  3 cannot reach the allocator / RabbitMQ, or the allocator's certificate does not verify
   4 authentication failed   5 watch: --timeout before --count events   70 internal error   130 interrupted
 """
 
@@ -114,6 +116,13 @@ def _global_options() -> _Parser:
     )
     group.add_argument(
         "--request-timeout", metavar="S", default=argparse.SUPPRESS, help="seconds per request (default 30)"
+    )
+    group.add_argument(
+        "--cacert",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="verify an https:// allocator against these CA certificates, PEM (env HAVIP_CA_FILE; default: the "
+        "system's CAs)",
     )
     group.add_argument("--amqp-url", default=argparse.SUPPRESS, help="RabbitMQ URL for watch (env HAVIP_AMQP_URL)")
     group.add_argument(
@@ -373,6 +382,7 @@ def run(
             token=getattr(args, "token", None),
             connect_timeout=getattr(args, "connect_timeout", None),
             request_timeout=getattr(args, "request_timeout", None),
+            cacert=getattr(args, "cacert", None),
             amqp_url=getattr(args, "amqp_url", None),
             amqp_prefix=getattr(args, "amqp_prefix", None),
         )

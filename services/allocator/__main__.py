@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 import uvloop
@@ -22,12 +23,16 @@ from services.allocator.binding_view.service import QUEUE as VIEW_QUEUE
 from services.allocator.binding_view.service import SUBSCRIPTIONS as VIEW_SUBSCRIPTIONS
 from services.allocator.database import SCHEMA, SOURCE
 from services.allocator.settings import AllocatorSettings
+from services.allocator.tls import uvicorn_options
 from shared.logging import configure_logging
 from shared.messaging import QueueSpec
 from shared.runtime import serve
 from shared.service_setup import migrate_service
 from shared.settings import EXIT_INVALID_SETTINGS, CommonSettings, print_invalid_settings
 from shared.tasks import cancel
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -54,18 +59,27 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def run(settings: AllocatorSettings, stop: asyncio.Event) -> None:
-    from services.allocator.app import create_app
-
-    config = uvicorn.Config(
-        create_app(settings, stop),
+def server_config(settings: AllocatorSettings, app: FastAPI) -> uvicorn.Config:
+    """uvicorn's configuration: HTTPS with the certificate and key of the settings (TLS 1.2 at the oldest), plain
+    HTTP without them. Forwarded headers (X-Forwarded-For, -Proto) are not trusted: nothing in the API reads the
+    client's address or the scheme, and a proxy in front terminates TLS itself (docs/deploy.md)."""
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         proxy_headers=False,
         server_header=False,
+        **uvicorn_options(settings.tls_cert_file, settings.tls_key_file),
     )
-    server = _Server(config)
+
+
+async def run(settings: AllocatorSettings, stop: asyncio.Event) -> None:
+    from services.allocator.app import create_app
+
+    server = _Server(server_config(settings, create_app(settings, stop)))
+    scheme = "https" if settings.https else "http"
+    log.info("serving %s on %s:%d", scheme.upper(), settings.host, settings.port, extra={"scheme": scheme})
 
     async def exit_when_stopped() -> None:
         await stop.wait()
