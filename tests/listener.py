@@ -4,7 +4,7 @@ it is bound to."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,7 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from shared.events import Envelope, decode
-from shared.messaging import declare_topology
+from shared.messaging import Broker, Delivery, declare_topology
 from shared.settings import CommonSettings
 from tests.waiting import eventually
 
@@ -83,3 +83,42 @@ async def listening(settings: CommonSettings, routing_keys: Iterable[str]) -> As
         yield log
     finally:
         await connection.close()
+
+
+@asynccontextmanager
+async def listening_through_failovers(
+    settings: CommonSettings, routing_keys: Iterable[str], name: str | None = None
+) -> AsyncIterator[EventLog]:
+    """An EventLog fed as a service's consumer is: a durable queue of the test's own (a quorum queue where
+    `settings` name a cluster), consumed through the services' own Broker, so that it outlives the loss of a
+    broker node; deleted at the end. Redeliveries after a failover are recorded again (same event ids)."""
+    broker = Broker(settings, "test-listener")
+    await broker.connect()
+    queue = name or f"test-listener-{uuid.uuid4().hex[:8]}"
+    log = EventLog()
+
+    async def record(deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            head = delivery.envelope
+            log.received.append(
+                Envelope(
+                    event_id=head.event_id,
+                    type=head.type,
+                    schema_version=head.schema_version,
+                    occurred_at=head.occurred_at,
+                    source=head.source,
+                    data=delivery.data.model_dump(mode="json"),
+                )
+            )
+
+    try:
+        consumer = await broker.consumer(queue, routing_keys, record)
+        try:
+            yield log
+        finally:
+            await consumer.stop()
+            channel = await broker.connection.channel()
+            await channel.queue_delete(settings.queue(queue))
+            await channel.close()
+    finally:
+        await broker.close()
