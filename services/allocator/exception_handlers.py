@@ -200,6 +200,10 @@ def install_exception_handlers(app: FastAPI) -> None:
         asyncpg.CannotConnectNowError,
         asyncpg.TooManyConnectionsError,
         asyncpg.InterfaceError,
+        asyncpg.AdminShutdownError,
+        # A failover under way: no node is the primary yet, or a pooled connection reaches the demoted one.
+        asyncpg.TargetServerAttributeNotMatched,
+        asyncpg.ReadOnlySQLTransactionError,
         ConnectionError,
         TimeoutError,
     ):
