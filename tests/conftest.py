@@ -17,7 +17,7 @@ from tests import service_logs
 from tests.sandbox import temporary_database, temporary_vhost
 
 # Fixtures of clusters started on this machine (only for the tests that ask for them).
-pytest_plugins = ["tests.clusters.postgres"]
+pytest_plugins = ["tests.clusters.postgres", "tests.clusters.rabbitmq"]
 
 PG_BASE = os.environ.get("HAVIP_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 AMQP_BASE = os.environ.get("HAVIP_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")

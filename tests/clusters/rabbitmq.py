@@ -1,0 +1,190 @@
+"""A three-node RabbitMQ cluster on this machine, driven through scripts/rabbitmq-cluster.sh.
+
+`with RabbitCluster(workdir) as cluster:` starts the nodes havip1..3@localhost (or reuses the cluster already
+running in `workdir`), and stops them on exit, also when the start or the body failed. Nodes are numbered 1 to 3,
+as in `cluster.urls[n - 1]`. The `rabbit_cluster` fixture is one such cluster for the whole test session, in a
+temporary directory removed afterwards; only the tests that ask for it start it. The methods block: signalling a
+node takes milliseconds, a `rabbitmqctl` call a second or two, a restart several; asynchronous tests call the slow
+ones through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import pytest
+
+from tests import service_logs
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "rabbitmq-cluster.sh"
+NODES = (1, 2, 3)
+# The script's own deadlines are 180 s (start, restart) and 60 s (stop, then SIGKILL): these catch a hung script.
+WAITING_TIMEOUT_S = 300.0
+COMMAND_TIMEOUT_S = 60.0
+
+
+class ClusterCommandError(RuntimeError):
+    """The script exited non-zero; its stderr is in the message."""
+
+
+@dataclass(frozen=True)
+class QueueReplicas:
+    """Where a quorum queue's replicas are: node numbers."""
+
+    leader: int | None
+    members: tuple[int, ...]
+    online: tuple[int, ...]
+
+
+def node_number(name: str) -> int:
+    """`havip2@localhost` → 2."""
+    match = re.fullmatch(r"havip([123])@localhost", name)
+    if match is None:
+        raise ValueError(f"not a node of the cluster: {name!r}")
+    return int(match.group(1))
+
+
+class RabbitCluster:
+    """The cluster whose config, data, logs and PID files are in `workdir` (see scripts/rabbitmq-cluster.sh)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.urls: list[str] = []
+        self.started_in_s = 0.0  # from `start` until the three nodes ran in one cluster
+        self._frozen: set[int] = set()
+
+    def __enter__(self) -> Self:
+        began = time.monotonic()
+        try:
+            out = self._run("start", timeout=WAITING_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the start's own error is the one to see
+                self.stop()
+            raise
+        self.started_in_s = time.monotonic() - began
+        self.urls = [line for line in out.splitlines() if line.startswith("amqp://")]
+        if len(self.urls) != len(NODES):
+            self.stop()
+            raise ClusterCommandError(f"start printed {self.urls!r}, not three AMQP URLs")
+        for n in NODES:
+            service_logs.follow(f"rabbitmq node {n}", self.log(n))
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Every process the script started in `workdir`, by the PIDs it recorded."""
+        for n in NODES:
+            service_logs.forget(self.log(n))
+        self._frozen.clear()
+        self._run("stop", timeout=WAITING_TIMEOUT_S)
+
+    def log(self, n: int) -> Path:
+        return self.workdir / f"node{n}" / "log" / f"havip{n}@localhost.log"
+
+    def pid(self, n: int) -> int | None:
+        """Node n's Erlang VM (beam.smp), or None when it does not run."""
+        done = self._script("pid", str(n))
+        return int(done.stdout) if done.returncode == 0 else None
+
+    def kill(self, n: int) -> None:
+        """SIGKILL node n's VM and wait until it is gone (its data stays for `restart`)."""
+        self._run("kill", str(n))
+        self._frozen.discard(n)
+
+    def freeze(self, n: int) -> None:
+        """SIGSTOP node n's VM: a hung node, whose sockets stay open."""
+        self._run("freeze", str(n))
+        self._frozen.add(n)
+
+    def thaw(self, n: int) -> None:
+        """SIGCONT node n's VM. Frozen longer than about 10 s (net_ticktime), it was declared down and stays
+        partitioned from the others until `restart(n)`."""
+        self._run("thaw", str(n))
+        self._frozen.discard(n)
+
+    def restart(self, n: int) -> None:
+        """Stop node n if it runs, start it, and wait until it runs in the cluster with the other running nodes."""
+        self._run("restart", str(n), timeout=WAITING_TIMEOUT_S)
+        self._frozen.discard(n)
+
+    def ctl(self, *args: str, via: int | None = None) -> str:
+        """`rabbitmqctl ARGS` against node `via` (by default the first node that runs and is not frozen)."""
+        n = via if via is not None else self._answering_node()
+        return self._run("ctl", str(n), *args)
+
+    def running_nodes(self, via: int | None = None) -> list[int]:
+        """The nodes running in the cluster, as `rabbitmqctl cluster_status` on node `via` shows them."""
+        status = json.loads(self.ctl("-q", "cluster_status", "--formatter", "json", via=via))
+        return sorted(node_number(name) for name in status["running_nodes"])
+
+    def replicas(self, queue: str, vhost: str = "/", via: int | None = None) -> QueueReplicas:
+        rows = json.loads(
+            self.ctl("-q", "list_queues", "-p", vhost, "name", "leader", "members", "online",
+                     "--formatter", "json", via=via)
+        )  # fmt: skip
+        for row in rows:
+            if row["name"] == queue:
+                return QueueReplicas(
+                    leader=node_number(row["leader"]) if row.get("leader") else None,
+                    members=tuple(sorted(node_number(m) for m in row.get("members") or [])),
+                    online=tuple(sorted(node_number(m) for m in row.get("online") or [])),
+                )
+        raise LookupError(f"no queue {queue!r} in vhost {vhost!r}")
+
+    def leader_of(self, queue: str, vhost: str = "/") -> int:
+        """The node holding the quorum queue's leader (`rabbitmqctl list_queues name leader members`)."""
+        leader = self.replicas(queue, vhost).leader
+        if leader is None:
+            raise LookupError(f"queue {queue!r} has no leader now")
+        return leader
+
+    def _answering_node(self) -> int:
+        for n in NODES:
+            if n not in self._frozen and self.pid(n) is not None:
+                return n
+        raise ClusterCommandError("no node of the cluster runs")
+
+    def _script(
+        self, command: str, *args: str, timeout: float = COMMAND_TIMEOUT_S
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPT), command, str(self.workdir), *args],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def _run(self, command: str, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> str:
+        done = self._script(command, *args, timeout=timeout)
+        if done.returncode != 0:
+            raise ClusterCommandError(
+                f"rabbitmq-cluster.sh {command} {' '.join(args)} exited {done.returncode}: "
+                f"{done.stderr.strip()[-2000:]}"
+            )
+        return done.stdout
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    """The three nodes for the whole session, in a temporary directory, stopped and removed at the end. Tests
+    share them: each uses names of its own and deletes what it declares, and one that kills, freezes or restarts
+    a node leaves the three running in one cluster when it ends."""
+    workdir = Path(tempfile.mkdtemp(prefix="havip-rabbit-cluster-"))
+    try:
+        with RabbitCluster(workdir) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
