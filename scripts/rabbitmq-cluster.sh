@@ -41,9 +41,9 @@
 # The cluster forms by classic_config peer discovery, the same three names listed on every node, as a compose
 # file would configure it. The first node to take the discovery lock waits discovery_retry_limit × 0.5 s for
 # a peer that is further along, then starts alone; the others take the lock after it and join it. Measured
-# here (2 busy cores, load 4-5.5, three runs each, from launch to all three running in one cluster):
-# classic_config with discovery_retry_limit = 2: 10.1-11.3 s; with the default limit of 10: 15.7-19.5 s;
-# three standalone nodes, then `rabbitmqctl join_cluster` of nodes 2 and 3: 12.9-18.0 s.
+# here (2 cores busy with other work, load 4-6.6; from launch to all three running in one cluster):
+# classic_config with discovery_retry_limit = 2: 8.7-12.8 s (8 runs); with the default limit of 10: 15.7-19.5 s
+# (3 runs); three standalone nodes, then `rabbitmqctl join_cluster` of nodes 2 and 3: 12.9-18.0 s (3 runs).
 set -euo pipefail
 
 SBIN=/usr/lib/rabbitmq/bin
