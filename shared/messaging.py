@@ -32,7 +32,7 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 from aio_pika.exceptions import ChannelInvalidStateError
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from tenacity import AsyncRetrying, RetryCallState, RetryError
 from yarl import URL
 
@@ -231,6 +231,11 @@ async def declare_consumer_queue(
 
 RECONNECT_INTERVAL_S = 1.0
 
+PUBLISHES_NACKED = Counter(
+    "havip_broker_publishes_nacked_total",
+    "Publishes RabbitMQ refused (nack); each time the publishing channel is replaced by a new one",
+    ["connection"],
+)
 BROKER_CONNECTED = Gauge(
     "havip_broker_connected",
     "1 while the process's connection to RabbitMQ (to one of the cluster's nodes) is up, 0 while it is away",
@@ -294,6 +299,8 @@ class Broker:
         self.connect_attempts = 0
         self._first_node = random.randrange(len(settings.amqp_urls))
         self._user = URL(settings.amqp_urls[0]).user or "guest"  # the user a URL without one logs in as
+        self._replacing = asyncio.Lock()
+        self._publishing: AbstractChannel | None = None
 
     async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = WAIT_MAX_S) -> bool:
         """Connect at start-up, for as long as it takes (False: `stop` was set first); later reconnects are the
@@ -326,6 +333,7 @@ class Broker:
                 await connection.connect()
                 channel = await connection.channel(publisher_confirms=True)
                 self._exchange = await declare_topology(channel, self.settings)
+                self._publishing = channel
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -395,13 +403,37 @@ class Broker:
             app_id=self.source,
             user_id=self._user,  # checked by RabbitMQ against this connection's user: consumers may rely on it
         )
-        # mandatory=False: an event nobody subscribes to is not an error for the publisher.
-        await self._exchange.publish(
-            message,
-            routing_key=routing_key or event_type,
-            mandatory=False,
-            timeout=self.settings.publish_timeout_s,
-        )
+        exchange = self._exchange
+        try:
+            # mandatory=False: an event nobody subscribes to is not an error for the publisher.
+            await exchange.publish(
+                message,
+                routing_key=routing_key or event_type,
+                mandatory=False,
+                timeout=self.settings.publish_timeout_s,
+            )
+        except aiormq.exceptions.DeliveryError as exc:
+            if not isinstance(exc, aiormq.exceptions.PublishError):  # a nack, not a returned message
+                PUBLISHES_NACKED.labels(self.source).inc()
+                await self._replace_publishing_channel(exchange)
+            raise
+
+    async def _replace_publishing_channel(self, nacked: AbstractExchange) -> None:
+        """RabbitMQ (3.10) nacks every publish of a channel whose first publish to a quorum queue came while the
+        queue elected a new leader (its node died), for as long as the channel lives: after a nack the channel is
+        replaced by a new one, so that the caller's next try can succeed. Once per channel, however many
+        publishes were nacked on it."""
+        async with self._replacing:
+            if self._exchange is not nacked:
+                return  # another publish replaced it already
+            old = self._publishing
+            channel = await self.connection.channel(publisher_confirms=True)
+            self._exchange = await declare_topology(channel, self.settings)
+            self._publishing = channel
+            log.warning("a publish was refused (nack): publishing on a new channel")
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
 
     async def publish_many(self, envs: Sequence[Envelope]) -> None:
         """Publish with all confirms in flight at once; raises if any was not confirmed."""

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import uuid
 from collections.abc import Sequence
 
+import aio_pika
 import pytest
+from prometheus_client import REGISTRY
 from yarl import URL
 
 from shared import events
@@ -24,6 +27,10 @@ from tests.waiting import eventually
 
 def vpc(name: str) -> events.Envelope:
     return events.envelope("vpc.created", events.VpcData(id=uuid.uuid4(), name=name, cidr="192.0.2.0/24"), "test")
+
+
+def nacked(connection: str) -> float:
+    return REGISTRY.get_sample_value("havip_broker_publishes_nacked_total", {"connection": connection}) or 0.0
 
 
 def nobody_at(amqp_url: str) -> str:
@@ -105,3 +112,50 @@ async def test_no_usable_node_is_explained_once_naming_each_node(
     assert f"nothing accepts connections at 127.0.0.1:{URL(nodes[0]).port}" in said[0]
     assert "refused the login of user 'guest': wrong user name or password" in said[0]
     assert "not-the-password" not in caplog.text
+
+
+async def test_after_a_nack_the_next_publish_goes_out_on_a_new_channel(amqp_url: str) -> None:
+    """RabbitMQ 3.10 may nack every publish of a channel that met a quorum queue's leader election (its node
+    killed): a nack makes the Broker publish on a new channel. A full queue that rejects publishes (reject-publish)
+    plays the nack here."""
+    settings = CommonSettings(amqp_url=amqp_url, amqp_prefix=f"t{uuid.uuid4().hex[:8]}.")
+    broker = Broker(settings, "test")
+    nacked_before = nacked("test")
+    assert await broker.connect()
+    vhost = settings.amqp_vhost
+
+    def publishing_channels() -> list[str]:
+        """The numbers of the connection's channels in confirm mode, as RabbitMQ lists them."""
+        listed = subprocess.run(
+            ["rabbitmqctl", "-q", "list_channels", "--no-table-headers", "vhost", "number", "confirm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        rows = [line.split("\t") for line in listed.splitlines()]
+        return sorted(row[1] for row in rows if len(row) == 3 and row[0] == vhost and row[2] == "true")
+
+    try:
+        channel = await broker.connection.channel(publisher_confirms=False)  # not to be counted as publishing
+        full = await channel.declare_queue(
+            settings.queue("test.full"), arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await full.bind(settings.exchange, "vpc.created")
+        await broker.publish(vpc("fills the queue"))
+        channels_before = publishing_channels()
+        with pytest.raises(aio_pika.exceptions.DeliveryError):
+            await broker.publish(vpc("nacked"))
+        assert nacked("test") == nacked_before + 1
+        await eventually(
+            lambda: len(now := publishing_channels()) == 1 and now != channels_before,
+            timeout=30,
+            interval=0.5,
+            what=f"the nacked channel closed, another publishing (before {channels_before})",
+        )
+        await full.purge()
+        await broker.publish(vpc("confirmed on the new channel"))
+        await full.delete(if_unused=False, if_empty=False)
+        await channel.close()
+    finally:
+        await broker.close()
