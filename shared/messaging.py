@@ -767,9 +767,10 @@ class BatchConsumer:
 
     @staticmethod
     async def _settle(action: Awaitable[None]) -> None:
-        # After a reconnect the old channel is gone: the broker redelivers those messages, and the handlers
-        # are idempotent, so a lost ack only costs a repeat.
+        # After a reconnect the old channel is gone, or the connection died under the ack (its broker node
+        # killed): the broker redelivers those messages, and the handlers are idempotent, so a lost ack only
+        # costs a repeat — never the consumer's task.
         try:
             await action
-        except ChannelInvalidStateError as exc:
-            log.warning("could not settle message on a closed channel: %s", exc)
+        except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            log.warning("could not settle message on a closed channel or connection: %r", exc)
