@@ -32,6 +32,7 @@ from yarl import URL
 
 from shared import events
 from shared.messaging import Broker, BrokerAccessRefused
+from shared.periodic import run_periodically
 from shared.settings import CommonSettings
 from tests.conftest import AMQP_BASE, RUN_ID
 from tests.ports import free_port
@@ -545,6 +546,37 @@ async def test_a_publish_refused_is_said_in_words_and_the_next_one_goes_out(migr
         await eventually(goes_out, timeout=DEADLINE_S, what="a heartbeat published after the refusal")
     finally:
         await broker.close()
+
+
+async def test_a_periodic_publish_refused_is_logged_in_words_without_a_trace(
+    migrated: Users, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A heartbeat published with the allocator's user (as a watcher's heartbeats would be with a wrong user).
+    users = migrated
+    broker = Broker(users.settings("allocator"), "arp_watcher")
+    await broker.connect()
+    stop = asyncio.Event()
+    logger = logging.getLogger("test.periodic")
+    caplog.set_level(logging.ERROR, logger="test.periodic")
+    beating = asyncio.create_task(
+        run_periodically(lambda: broker.publish(heartbeat()), 0.05, what="heartbeat", stop=stop, logger=logger)
+    )
+    try:
+        await eventually(
+            lambda: any(r.name == "test.periodic" for r in caplog.records), timeout=DEADLINE_S, what="the refusal"
+        )
+        await asyncio.sleep(0.3)  # failing again meanwhile: not logged again
+    finally:
+        stop.set()
+        await asyncio.wait_for(beating, DEADLINE_S)
+        await broker.close()
+    [record] = [r for r in caplog.records if r.name == "test.periodic"]
+    assert record.exc_info is None
+    assert record.getMessage().startswith(
+        "heartbeat failed; trying again every 0.05 s: RabbitMQ refused to let user "
+        f"'{users.name('allocator')}' publish to exchange '{PREFIX}havip.events' with routing key "
+        "'arp.watcher.heartbeat'"
+    )
 
 
 # ---- the script ------------------------------------------------------------------------------------------------
