@@ -615,27 +615,31 @@ class Broker:
                 amqp_queue = await declare_consumer_queue(
                     channel, self.settings, queue, routing_keys, single_active=single_active, arguments=arguments
                 )
-                consumer = BatchConsumer(
-                    amqp_queue,
-                    handler,
-                    max_batch=max_batch,
-                    max_attempts=max_attempts,
-                    transient=transient,
-                    routine_batch=routine_batch,
-                    routine_handler=routine_handler,
-                    on_channel_closed=on_channel_closed,
-                )
-                with _refused_as(self.settings, f"consume from queue {name!r}", "read on it"):
-                    await consumer.start()
             except QueueArgumentsDiffer:
                 raise
             except BrokerAccessRefused:
                 if channel is not None:
-                    await close_quietly(channel)  # else reopened by the robust connection, refused again
+                    await close_quietly(channel)  # else reopened by the robust connection, and refused again
                 raise
             except Exception as exc:
                 if is_broker_unavailable(exc) or isinstance(exc, RuntimeError | ChannelInvalidStateError):
                     raise _BrokerAway(exc) from exc
+                raise
+            consumer = BatchConsumer(
+                amqp_queue,
+                handler,
+                max_batch=max_batch,
+                max_attempts=max_attempts,
+                transient=transient,
+                routine_batch=routine_batch,
+                routine_handler=routine_handler,
+                on_channel_closed=on_channel_closed,
+            )
+            try:
+                with _refused_as(self.settings, f"consume from queue {name!r}", "read on it"):
+                    await consumer.start()
+            except BrokerAccessRefused:
+                await close_quietly(channel)
                 raise
             return consumer
 
@@ -727,7 +731,11 @@ class BatchConsumer:
         channel.close_callbacks.add(self._channel_closed)
         if isinstance(channel, AbstractRobustChannel):  # reopened (and the consumer registered again) on reconnect
             channel.reopen_callbacks.add(self._channel_reopened)
-        await self._queue.consume(self._on_message)
+        try:
+            await self._queue.consume(self._on_message)
+        except BaseException:
+            self._stopping = True  # it never consumed: what becomes of its channel now is nobody's pause
+            raise
         self._consuming = True
         name = f"consume {self._queue.name}"
         self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))

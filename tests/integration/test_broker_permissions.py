@@ -11,13 +11,14 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
@@ -31,7 +32,7 @@ import pytest
 from yarl import URL
 
 from shared import events
-from shared.messaging import Broker, BrokerAccessRefused
+from shared.messaging import Broker, BrokerAccessRefused, Delivery
 from shared.periodic import run_periodically
 from shared.settings import CommonSettings
 from tests.conftest import AMQP_BASE, RUN_ID
@@ -546,6 +547,60 @@ async def test_a_publish_refused_is_said_in_words_and_the_next_one_goes_out(migr
         await eventually(goes_out, timeout=DEADLINE_S, what="a heartbeat published after the refusal")
     finally:
         await broker.close()
+
+
+async def test_a_consumer_refused_its_read_right_says_so_and_consumes_once_it_is_granted(
+    migrated: Users, caplog: pytest.LogCaptureFixture
+) -> None:
+    users = migrated
+    name, password = users.name("noread"), secrets.token_hex(16)  # removed with the others (its prefix)
+    rabbitmqctl("add_user", name, password)
+    queue, events_exchange = re.escape(f"{PREFIX}test.noread"), re.escape(f"{PREFIX}havip.events")
+    rabbitmqctl("set_permissions", "-p", users.vhost, name, f"^{queue}$", f"^{queue}$", f"^{events_exchange}$")
+    guest = Broker(CommonSettings(amqp_url=users.guest_url, amqp_prefix=PREFIX), "test")
+    await guest.connect()
+    # The queue exists (declared as migrate would): declaring it again takes configure only.
+    await (await guest.connection.channel()).declare_queue(
+        f"{PREFIX}test.noread", durable=True, arguments={"x-dead-letter-exchange": f"{PREFIX}havip.dlx"}
+    )
+    settings = CommonSettings(amqp_url=str(URL(users.guest_url).with_user(name).with_password(password)))
+    broker = Broker(settings.model_copy(update={"amqp_prefix": PREFIX}), "test")
+    await broker.connect()
+    received: list[str] = []
+    lost: list[str] = []
+
+    async def handler(deliveries: Sequence[Delivery]) -> None:
+        received.extend(d.data.name for d in deliveries if isinstance(d.data, events.VpcData))
+
+    caplog.set_level(logging.INFO, logger="shared.messaging")
+    consuming = asyncio.create_task(
+        broker.consumer("test.noread", ["vpc.created"], handler, on_channel_closed=lambda: lost.append("lost"))
+    )
+    try:
+        words = (
+            f"RabbitMQ refused to let user '{name}' consume from queue '{PREFIX}test.noread' in virtual host "
+            f"'{users.vhost}': that takes read on it."
+        )
+        await eventually(lambda: words in caplog.text, timeout=DEADLINE_S, what="the refusal said")
+        assert not consuming.done()
+        read = re.escape(f"{PREFIX}test.noread")
+        rabbitmqctl(
+            "set_permissions", "-p", users.vhost, name, f"^{queue}$", f"^{queue}$", f"^({read}|{events_exchange})$"
+        )
+        consumer = await asyncio.wait_for(consuming, DEADLINE_S)
+        try:
+            await guest.publish(vpc_created())
+            await eventually(lambda: received == ["x"], timeout=DEADLINE_S, what="the message consumed")
+        finally:
+            await consumer.stop()
+    finally:
+        consuming.cancel()
+        await broker.close()
+        await guest.close()
+    assert caplog.text.count("RabbitMQ refused") == 1  # said once
+    assert "RabbitMQ granted what was refused: going on" in caplog.text
+    assert lost == []  # a consume refused is no channel lost
+    assert "consuming p.x-test.noread paused" not in caplog.text
 
 
 async def test_a_periodic_publish_refused_is_logged_in_words_without_a_trace(
