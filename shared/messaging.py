@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import aio_pika
 import aiormq
@@ -37,6 +37,7 @@ from tenacity import AsyncRetrying, RetryCallState, RetryError
 from yarl import URL
 
 from shared.backoff import (
+    WAIT_INITIAL_S,
     WAIT_MAX_S,
     at_once_then_retrying,
     failure_of,
@@ -50,6 +51,11 @@ from shared.settings import CommonSettings
 from shared.tasks import cancel
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Where an operator reads which rights each process's broker user needs, and how to give them.
+RIGHTS_DOC = 'scripts/rabbitmq-users.sh; docs/operations.md, "Broker users and their rights"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +99,19 @@ def _settleable(message: AbstractIncomingMessage) -> bool:
 
 
 def is_broker_unavailable(exc: BaseException) -> bool:
-    """A broker that cannot be used now — away, or refusing this login or virtual host (which an operator may
-    fix on the broker's side while the service waits)."""
-    return isinstance(exc, OSError | TimeoutError | aiormq.exceptions.AMQPError | NoBrokerNode)
+    """A broker that cannot be used now — away, refusing this login or virtual host, or without the exchanges
+    `migrate` declares (which an operator may fix on the broker's side while the service waits)."""
+    return isinstance(exc, OSError | TimeoutError | aiormq.exceptions.AMQPError | NoBrokerNode | TopologyMissing)
 
 
 def describe_broker_error(exc: BaseException, amqp_url: str) -> str:
     """What is wrong, in an operator's words rather than the AMQP library's (each node's, for a cluster)."""
     if isinstance(exc, NoBrokerNode):
         return "no RabbitMQ node can be used: " + "; ".join(describe_broker_error(e, u) for u, e in exc.failures)
+    if isinstance(exc, TopologyMissing | BrokerAccessRefused):
+        return str(exc)  # already in words, naming the user, the virtual host and the resource
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return f"RabbitMQ refused a right the user needs ({RIGHTS_DOC}): {exc}"
     url = URL(amqp_url)
     where = f"RabbitMQ at {url.host}:{url.port}"
     user = url.user or "guest"
@@ -147,17 +157,120 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | aio_pika.exceptions.AMQPConnectionError)
 
 
-async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -> AbstractExchange:
-    """Declare the event exchange and the dead-letter path; idempotent."""
-    exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    dlx = await channel.declare_exchange(settings.dead_letter_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    kind: dict[str, Any] | None = dict(QUORUM) if settings.quorum_queues else None
+class BrokerAccessRefused(StartupError):
+    """RabbitMQ refused this process's broker user a right it needs (ACCESS_REFUSED), said in words: the user, the
+    virtual host, what it was doing to which exchange or queue, and the right that takes. A service says it once
+    and asks again (an operator may grant the right meanwhile: until_granted); `migrate` ends with it."""
+
+    EXIT_CODE = 2
+
+    def __init__(self, settings: CommonSettings, doing: str, needs: str, cause: BaseException) -> None:
+        super().__init__(
+            f"RabbitMQ refused to let user {settings.amqp_user!r} {doing} in virtual host "
+            f"{settings.amqp_vhost!r}: that takes {needs}. Grant it ({RIGHTS_DOC}) or use a user that has it. "
+            f"RabbitMQ said: {cause}",
+            self.EXIT_CODE,
+        )
+
+
+class TopologyMissing(StartupError):
+    """An exchange or queue that every process relies on is not there, and this process's user may not declare it
+    (a service's own user: `migrate` declares them)."""
+
+    def __init__(self, settings: CommonSettings, kind: str, name: str) -> None:
+        super().__init__(
+            f"RabbitMQ has no {kind} {name!r} in virtual host {settings.amqp_vhost!r}, and user "
+            f"{settings.amqp_user!r} may not declare it: run `migrate` with a user that may declare the exchanges "
+            f"and queues ({RIGHTS_DOC})",
+            2,
+        )
+
+
+@contextlib.contextmanager
+def _refused_as(settings: CommonSettings, doing: str, needs: str) -> Iterator[None]:
+    """RabbitMQ's ACCESS_REFUSED for what the block does, as BrokerAccessRefused."""
     try:
-        dead = await channel.declare_queue(settings.dead_letter_queue, durable=True, arguments=kind)
+        yield
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise BrokerAccessRefused(settings, doing, needs, exc) from exc
+
+
+async def close_quietly(channel: AbstractChannel) -> None:
+    """Close a channel whatever its state: a robust channel the broker closed (a refused right) reopens itself
+    unless closed by us."""
+    with contextlib.suppress(Exception):
+        await channel.close()
+
+
+async def declare_topology(channel: AbstractChannel, settings: CommonSettings) -> AbstractExchange:
+    """Declare the event exchange and the dead-letter path; idempotent. A user that may not declare them (a
+    service's own, which has no configure right on them: docs/operations.md) gets BrokerAccessRefused — and
+    `channel` is closed; Broker.connect then only checks that they exist (check_topology)."""
+    with _refused_as(settings, f"declare exchange {settings.exchange!r}", "configure on it"):
+        exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx_name = settings.dead_letter_exchange
+    with _refused_as(settings, f"declare exchange {dlx_name!r}", "configure on it"):
+        dlx = await channel.declare_exchange(dlx_name, aio_pika.ExchangeType.TOPIC, durable=True)
+    kind: dict[str, Any] | None = dict(QUORUM) if settings.quorum_queues else None
+    dead_name = settings.dead_letter_queue
+    try:
+        with _refused_as(settings, f"declare queue {dead_name!r}", "configure on it"):
+            dead = await channel.declare_queue(dead_name, durable=True, arguments=kind)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        raise QueueArgumentsDiffer(settings.dead_letter_queue, settings.amqp_vhost, exc) from exc
-    await dead.bind(dlx, routing_key="#")
+        raise QueueArgumentsDiffer(dead_name, settings.amqp_vhost, exc) from exc
+    with _refused_as(
+        settings,
+        f"bind queue {dead_name!r} to exchange {dlx_name!r}",
+        "write on the queue and read on the exchange",
+    ):
+        await dead.bind(dlx, routing_key="#")
     return exchange
+
+
+async def check_topology(channel: AbstractChannel, settings: CommonSettings) -> AbstractExchange:
+    """For a user that may not declare them: the event exchange and the dead-letter path exist (`migrate`
+    declared them) — passive declarations, which take no right; TopologyMissing names the first one missing.
+    Returns the event exchange on `channel`."""
+    for kind, name in (("exchange", settings.exchange), ("exchange", settings.dead_letter_exchange)):
+        try:
+            checked = await channel.declare_exchange(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyMissing(settings, kind, name) from exc
+        if name == settings.exchange:
+            exchange = checked
+    try:
+        await channel.declare_queue(settings.dead_letter_queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise TopologyMissing(settings, "queue", settings.dead_letter_queue) from exc
+    return exchange
+
+
+async def until_granted(attempt: Callable[[], Awaitable[T]], *, stop: asyncio.Event | None = None) -> T | None:
+    """`attempt()`'s result (never None) once RabbitMQ grants the rights it takes: while it refuses one
+    (BrokerAccessRefused) that is said once, in words, and asked again with back-off up to 30 s — an operator may
+    grant it meanwhile, as a wrong password is waited out at the start; None if `stop` was set first."""
+    said: list[str] = []
+
+    def tell(state: RetryCallState) -> None:
+        reason = str(failure_of(state))
+        if said[-1:] != [reason]:
+            log.error("%s; asking again with back-off (up to %.0f s) until it is granted", reason, WAIT_MAX_S)
+            said.append(reason)
+
+    retrying = retrying_with_backoff(
+        retry=lambda exc: isinstance(exc, BrokerAccessRefused),
+        initial_s=WAIT_INITIAL_S,
+        max_s=WAIT_MAX_S,
+        before_sleep=tell,
+        stop=stop,
+    )
+    try:
+        result: T = await retrying(attempt)
+    except RetryError:  # stopped while refused
+        return None
+    if said:
+        log.info("RabbitMQ granted what was refused: going on")
+    return result
 
 
 # A queue that one consumer at a time takes from (RabbitMQ's single active consumer): the others wait, registered,
@@ -208,10 +321,10 @@ async def declare_consumer_queue(
     single_active: bool = False,
     arguments: Mapping[str, Any] | None = None,
 ) -> AbstractQueue:
-    """Declare a consumer's durable queue, bound to the exchange, dead-lettering to the DLX. With `single_active`
-    it is a quorum queue with a single active consumer (SINGLE_ACTIVE_CONSUMER); `arguments` adds others (e.g.
-    QUORUM); raises QueueArgumentsDiffer if the queue exists with other arguments."""
-    exchange = await declare_topology(channel, settings)
+    """Declare a consumer's durable queue, bound to the event exchange (which exists: Broker.connect declared or
+    checked it), dead-lettering to the DLX. With `single_active` it is a quorum queue with a single active consumer
+    (SINGLE_ACTIVE_CONSUMER); `arguments` adds others (e.g. QUORUM); raises QueueArgumentsDiffer if the queue
+    exists with other arguments, BrokerAccessRefused if the user may not declare or bind it."""
     arguments = {"x-dead-letter-exchange": settings.dead_letter_exchange, **(arguments or {})}
     if single_active:
         # No delivery limit here: these queues were quorum queues before there was one, and RabbitMQ 3.10 can
@@ -220,12 +333,21 @@ async def declare_consumer_queue(
         arguments |= SINGLE_ACTIVE_CONSUMER
     elif settings.quorum_queues:
         arguments |= QUORUM | {"x-delivery-limit": DELIVERY_LIMIT}
+    full_name = settings.queue(name)
+    # RabbitMQ checks a dead-letter exchange's right only as it creates the queue.
+    needs = f"configure on it (and, to create it, read on it and write on {settings.dead_letter_exchange!r})"
     try:
-        queue = await channel.declare_queue(settings.queue(name), durable=True, arguments=arguments)
+        with _refused_as(settings, f"declare queue {full_name!r}", needs):
+            queue = await channel.declare_queue(full_name, durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        raise QueueArgumentsDiffer(settings.queue(name), settings.amqp_vhost, exc) from exc
+        raise QueueArgumentsDiffer(full_name, settings.amqp_vhost, exc) from exc
     for key in routing_keys:
-        await queue.bind(exchange, routing_key=key)
+        with _refused_as(
+            settings,
+            f"bind queue {full_name!r} to exchange {settings.exchange!r} with routing key {key!r}",
+            "write on the queue and read on the exchange (and the key's read, if it has topic permissions there)",
+        ):
+            await queue.bind(settings.exchange, routing_key=key)
     return queue
 
 
@@ -298,7 +420,8 @@ class Broker:
         self._exchange: AbstractExchange | None = None
         self.connect_attempts = 0
         self._first_node = random.randrange(len(settings.amqp_urls))
-        self._user = URL(settings.amqp_urls[0]).user or "guest"  # the user a URL without one logs in as
+        self._user = settings.amqp_user
+        self._checks_topology = False  # its user may not declare the exchanges (said once)
         self._replacing = asyncio.Lock()
         self._publishing: AbstractChannel | None = None
 
@@ -331,9 +454,7 @@ class Broker:
             connection = ClusterConnection(urls, first, client_properties={"connection_name": self.source})
             try:
                 await connection.connect()
-                channel = await connection.channel(publisher_confirms=True)
-                self._exchange = await declare_topology(channel, self.settings)
-                self._publishing = channel
+                self._publishing, self._exchange = await self._topology(connection)
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -353,6 +474,25 @@ class Broker:
             return True
         self._first_node += 1
         raise NoBrokerNode(sorted(failures, key=lambda failure: urls.index(failure[0])))  # said the same each time
+
+    async def _topology(self, connection: AbstractRobustConnection) -> tuple[AbstractChannel, AbstractExchange]:
+        """A publishing channel and the event exchange on it: the exchanges and the dead-letter queue declared,
+        or — for a user that may not declare them (a service's own: docs/operations.md) — checked, as `migrate`
+        declared them."""
+        if not self._checks_topology:
+            channel = await connection.channel(publisher_confirms=True)
+            try:
+                return channel, await declare_topology(channel, self.settings)
+            except BrokerAccessRefused:
+                await close_quietly(channel)  # the broker closed it; a robust channel would reopen
+            self._checks_topology = True
+            log.info(
+                "user %r may not declare the exchanges: checking that they exist",
+                self.settings.amqp_user,
+                extra={"exchange": self.settings.exchange},
+            )
+        channel = await connection.channel(publisher_confirms=True)
+        return channel, await check_topology(channel, self.settings)
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -403,15 +543,20 @@ class Broker:
             app_id=self.source,
             user_id=self._user,  # checked by RabbitMQ against this connection's user: consumers may rely on it
         )
+        key = routing_key or event_type
         exchange = self._exchange
         try:
             # mandatory=False: an event nobody subscribes to is not an error for the publisher.
             await exchange.publish(
-                message,
-                routing_key=routing_key or event_type,
-                mandatory=False,
-                timeout=self.settings.publish_timeout_s,
+                message, routing_key=key, mandatory=False, timeout=self.settings.publish_timeout_s
             )
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise BrokerAccessRefused(
+                self.settings,
+                f"publish to exchange {self.settings.exchange!r} with routing key {key!r}",
+                "write on the exchange (and the key's write, if it has topic permissions there)",
+                exc,
+            ) from exc
         except aiormq.exceptions.DeliveryError as exc:
             if not isinstance(exc, aiormq.exceptions.PublishError):  # a nack, not a returned message
                 PUBLISHES_NACKED.labels(self.source).inc()
@@ -427,9 +572,7 @@ class Broker:
             if self._exchange is not nacked:
                 return  # another publish replaced it already
             old = self._publishing
-            channel = await self.connection.channel(publisher_confirms=True)
-            self._exchange = await declare_topology(channel, self.settings)
-            self._publishing = channel
+            self._publishing, self._exchange = await self._topology(self.connection)
             log.warning("a publish was refused (nack): publishing on a new channel")
             if old is not None:
                 with contextlib.suppress(Exception):
@@ -465,6 +608,7 @@ class Broker:
         away = False
 
         async def consume() -> BatchConsumer:
+            channel: AbstractChannel | None = None
             try:
                 channel = await self.connection.channel()
                 await channel.set_qos(prefetch_count=prefetch)
@@ -472,6 +616,10 @@ class Broker:
                     channel, self.settings, queue, routing_keys, single_active=single_active, arguments=arguments
                 )
             except QueueArgumentsDiffer:
+                raise
+            except BrokerAccessRefused:
+                if channel is not None:
+                    await close_quietly(channel)  # else reopened by the robust connection, and refused again
                 raise
             except Exception as exc:
                 if is_broker_unavailable(exc) or isinstance(exc, RuntimeError | ChannelInvalidStateError):
@@ -487,7 +635,12 @@ class Broker:
                 routine_handler=routine_handler,
                 on_channel_closed=on_channel_closed,
             )
-            await consumer.start()
+            try:
+                with _refused_as(self.settings, f"consume from queue {name!r}", "read on it"):
+                    await consumer.start()
+            except BrokerAccessRefused:
+                await close_quietly(channel)
+                raise
             return consumer
 
         def tell(state: RetryCallState) -> None:
@@ -500,7 +653,14 @@ class Broker:
         retrying = retrying_with_backoff(
             retry=lambda exc: isinstance(exc, _BrokerAway), initial_s=0.1, max_s=2.0, before_sleep=tell
         )
-        consumer: BatchConsumer = await retrying(consume)
+
+        async def consume_while_away() -> BatchConsumer:
+            consumer: BatchConsumer = await retrying(consume)
+            return consumer
+
+        # A right the user lacks (declaring, binding or reading the queue) is said once and asked again, slower.
+        consumer = await until_granted(consume_while_away)
+        assert consumer is not None  # no stop event: only a consumer or an exception ends the wait
         if away:
             log.info("consuming %s again", name)
         return consumer
@@ -563,6 +723,7 @@ class BatchConsumer:
         self._stopping = False
         self.dead_lettered = 0
         self._channel_open = True
+        self._consuming = False  # set once the broker accepted the consumer
         self._closing: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -570,7 +731,12 @@ class BatchConsumer:
         channel.close_callbacks.add(self._channel_closed)
         if isinstance(channel, AbstractRobustChannel):  # reopened (and the consumer registered again) on reconnect
             channel.reopen_callbacks.add(self._channel_reopened)
-        await self._queue.consume(self._on_message)
+        try:
+            await self._queue.consume(self._on_message)
+        except BaseException:
+            self._stopping = True  # it never consumed: what becomes of its channel now is nobody's pause
+            raise
+        self._consuming = True
         name = f"consume {self._queue.name}"
         self._tasks.append(asyncio.create_task(self._run(self._inbox, self._max_batch, self._handler), name=name))
         if self._routine_batch is not None:
@@ -585,7 +751,9 @@ class BatchConsumer:
             return
         self._channel_open = True
 
-    def _channel_closed(self, *_args: object) -> None:
+    def _channel_closed(self, _sender: object = None, exc: BaseException | None = None, *_args: object) -> None:
+        if not self._consuming and isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+            return  # the consume itself was refused (no read right): its caller says so; nothing was paused
         # Told once per loss: the robust connection's failed attempts to reopen the channel call this again.
         if self._stopping or not self._channel_open:
             return

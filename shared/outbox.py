@@ -31,7 +31,7 @@ from shared.advisory_lock import advisory_lock_key
 from shared.backoff import failure_of, retrying_with_backoff
 from shared.db import ConnectionPool, Queries
 from shared.events import Envelope, encode
-from shared.messaging import Broker
+from shared.messaging import Broker, BrokerAccessRefused
 from shared.tasks import cancel
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,11 @@ class OutboxRelay:
     async def _relay_until_stopped(self) -> None:
         def tell(state: RetryCallState) -> None:
             delay = state.next_action.sleep if state.next_action is not None else 0.0
-            log.error("outbox relay failed; retrying in %.1f s", delay, exc_info=failure_of(state))
+            exc = failure_of(state)
+            if isinstance(exc, BrokerAccessRefused):  # a right its broker user lacks: in words, no trace
+                log.error("outbox relay failed: %s; retrying in %.1f s", exc, delay)
+                return
+            log.error("outbox relay failed; retrying in %.1f s", delay, exc_info=exc)
 
         # A stop ends the back-off at once.
         retrying = retrying_with_backoff(

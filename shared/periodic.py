@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from shared.backoff import interruptible_sleep
+from shared.runtime import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ async def run_periodically(
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if reason != failing:
-                logger.error("%s failed; trying again every %g s", what, interval_s, exc_info=exc)
+                if isinstance(exc, StartupError):  # already in words (a right the broker refuses): no trace
+                    logger.error("%s failed; trying again every %g s: %s", what, interval_s, exc)
+                else:
+                    logger.error("%s failed; trying again every %g s", what, interval_s, exc_info=exc)
                 failing, repeats = reason, 0
             else:
                 repeats += 1

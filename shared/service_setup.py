@@ -17,6 +17,7 @@ from shared.messaging import (
     ClusterConnection,
     QueueArgumentsDiffer,
     QueueSpec,
+    close_quietly,
     declare_consumer_queue,
     declare_topology,
 )
@@ -77,13 +78,14 @@ async def _declare(broker: Broker, settings: CommonSettings, spec: QueueSpec) ->
         await declare_on(channel)
     except QueueArgumentsDiffer:
         # The refused declaration closed the channel; the replacement works on a channel of its own.
+        await close_quietly(channel)
         if not await delete_unused_empty_queue(broker.connection, settings.queue(spec.name)):
             raise
         channel = await broker.connection.channel()
         await declare_on(channel)
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        # Whatever its state: a robust channel the broker closed (a refused right) would reopen by itself.
+        await close_quietly(channel)
 
 
 async def _replace_differing_dead_letter_queue(settings: CommonSettings, source: str) -> None:
@@ -95,13 +97,12 @@ async def _replace_differing_dead_letter_queue(settings: CommonSettings, source:
     try:
         channel = await connection.channel()
         try:
-            await declare_topology(channel, settings)
+            await declare_topology(channel, settings)  # BrokerAccessRefused, in words, for a user that may not
         except QueueArgumentsDiffer:
             if not await delete_unused_empty_queue(connection, settings.dead_letter_queue):
                 raise
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await close_quietly(channel)
     finally:
         await connection.close()
 
@@ -131,8 +132,7 @@ async def delete_unused_empty_queue(connection: AbstractConnection, name: str, *
         log.error("queue %s could not be replaced: %s", name, exc)
         return False
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await close_quietly(channel)
     if replaced:
         log.warning("replaced queue %s, empty and unused, by one with this version's arguments", name)
     else:

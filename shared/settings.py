@@ -74,6 +74,12 @@ class CommonSettings(BaseSettings):
         return URL(broker_urls(self.amqp_url)[0]).path[1:] or "/"
 
     @property
+    def amqp_user(self) -> str:
+        """The broker user the process logs in as (a URL without one logs in as guest): named in messages about
+        its rights, and stamped on every message it publishes (RabbitMQ checks it)."""
+        return URL(broker_urls(self.amqp_url)[0]).user or "guest"
+
+    @property
     def exchange(self) -> str:
         return f"{self.amqp_prefix}havip.events"
 

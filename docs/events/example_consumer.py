@@ -4,7 +4,12 @@ It owns a durable queue bound to the routing key, handles one message at a time 
 acknowledges a message only after its work is done. Delivery is at-least-once, so it drops event ids it has
 already seen; `sequence` is strictly increasing per HAVIP, so it also drops stale transitions and notices gaps
 (a missed event: read `GET /v1/havips/{id}/transitions` to repair). A message it can never process is rejected
-without requeue and lands in the dead-letter queue.
+without requeue and lands in its own dead-letter queue, `<queue>.dead` (through the fanout exchange `<queue>.dlx`).
+
+It runs as a broker user of its own that may publish nothing: one that may declare, bind and read only queues and
+exchanges named after it (`consumer-<name>.…`, given by `scripts/rabbitmq-users.sh --consumer <name>`;
+docs/operations.md), and read `havip.events`, which the services' `migrate` declares — so name its queue
+`consumer-<name>.<what>`. (A user that may declare `havip.events` declares it, as any other user of it does.)
 
 Its work, by default, is to remember each HAVIP's current holder. With `--program-neighbour NETNS IFACE` it does
 what a cloud network does with the event: it makes the HAVIP's address resolve to the new holder's MAC in the
@@ -15,8 +20,8 @@ whatever ARP says. A failed `ip` call is work not done: the message is returned 
 Each outcome is printed as one JSON line. Configuration: HAVIP_AMQP_URL, HAVIP_AMQP_PREFIX (prepended to every
 exchange and queue name, as the services do).
 
-    python docs/events/example_consumer.py --queue my-app.bindings --count 10 --timeout 30
-    python docs/events/example_consumer.py --queue lab.neighbours --program-neighbour client-ns eth0
+    python docs/events/example_consumer.py --queue consumer-my-app.bindings --count 10 --timeout 30
+    python docs/events/example_consumer.py --queue consumer-lab.neighbours --program-neighbour client-ns eth0
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
+import aiormq
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 ROUTING_KEY = "havip.binding.changed"
 SCHEMA_VERSION = 1
@@ -43,6 +49,10 @@ RETRY_DELAY_S = 1.0  # before a message whose work failed is returned to the que
 
 # The work done for one applied transition: (address, holder's MAC or None) -> details for the printed line.
 Work = Callable[[str, "str | None"], Awaitable[dict[str, Any]]]
+
+
+class NoExchange(RuntimeError):
+    """The event exchange is not there, and this user may not declare it."""
 
 
 class WorkFailed(RuntimeError):
@@ -150,6 +160,23 @@ def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
 
+async def event_exchange(connection: AbstractRobustConnection, name: str) -> AbstractExchange:
+    """The services' event exchange: declared (idempotent) by a user that may, else only looked up — a consumer's
+    own user may not declare it, and needs not: the services' `migrate` did."""
+    channel = await connection.channel()
+    try:
+        return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    except aiormq.exceptions.ChannelAccessRefused:
+        await channel.close()  # the broker closed it; closed by us, a robust channel is not reopened
+    channel = await connection.channel()
+    try:
+        return await channel.declare_exchange(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise NoExchange(
+            f"RabbitMQ has no exchange {name!r}, and this user may not declare it: run the services' migrate first"
+        ) from None
+
+
 async def consume(args: argparse.Namespace) -> int:
     prefix = os.environ.get("HAVIP_AMQP_PREFIX", "")
     connection = await aio_pika.connect_robust(
@@ -160,19 +187,22 @@ async def consume(args: argparse.Namespace) -> int:
     consumer = Consumer(os.environ.get("HAVIP_API_URL", "http://127.0.0.1:8080"), args.seen_capacity, work)
     handled = 0
     async with connection:
+        try:
+            exchange = await event_exchange(connection, f"{prefix}havip.events")
+        except NoExchange as exc:
+            print(exc, file=sys.stderr)
+            return 2
         channel = await connection.channel()
         # Order matters per HAVIP, so messages are handled one by one; a small prefetch only saves round trips.
         await channel.set_qos(prefetch_count=16)
-        exchange = await channel.declare_exchange(
-            f"{prefix}havip.events", aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        dead_letters = await channel.declare_exchange(
-            f"{prefix}havip.dlx", aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        dead = await channel.declare_queue(f"{prefix}havip.dead", durable=True)
-        await dead.bind(dead_letters, routing_key="#")
+        # Dead letters of its own: RabbitMQ lets a queue dead-letter only to an exchange its user may publish to,
+        # and this one publishes nowhere else.
+        name = f"{prefix}{args.queue}"
+        dead_letters = await channel.declare_exchange(f"{name}.dlx", aio_pika.ExchangeType.FANOUT, durable=True)
+        dead = await channel.declare_queue(f"{name}.dead", durable=True)
+        await dead.bind(dead_letters)
         queue = await channel.declare_queue(
-            f"{prefix}{args.queue}", durable=True, arguments={"x-dead-letter-exchange": f"{prefix}havip.dlx"}
+            name, durable=True, arguments={"x-dead-letter-exchange": dead_letters.name}
         )
         await queue.bind(exchange, routing_key=ROUTING_KEY)
         emit({"outcome": "ready", "queue": queue.name})
@@ -220,7 +250,11 @@ async def settle(consumer: Consumer, message: AbstractIncomingMessage) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Example consumer of havip.binding.changed events.")
-    parser.add_argument("--queue", default="example-consumer.bindings", help="queue name (after the prefix)")
+    parser.add_argument(
+        "--queue",
+        default="consumer-example.bindings",
+        help="queue name (after the prefix): consumer-<name>.<what>",
+    )
     parser.add_argument(
         "--count", type=int, default=None, help="stop after N messages (acknowledged or dead-lettered)"
     )

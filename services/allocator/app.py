@@ -36,7 +36,7 @@ from shared.messaging import Broker
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
 from shared.periodic import run_periodically
-from shared.tasks import cancel
+from shared.tasks import cancel, until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,22 @@ def create_app(settings: AllocatorSettings, stop: asyncio.Event | None = None) -
             )
             stack.push_async_callback(cancel, purge)
             view = BindingView(db)
-            consumer = await broker.consumer(
-                VIEW_QUEUE,
-                VIEW_SUBSCRIPTIONS,
-                view.handle,
-                prefetch=settings.view_prefetch,
-                max_batch=settings.view_max_batch,
-                transient=database_or_network_away,
+            # Waited for while RabbitMQ is away or refuses its user a right on the queue (said once, in words).
+            consumer = await until_stopped(
+                broker.consumer(
+                    VIEW_QUEUE,
+                    VIEW_SUBSCRIPTIONS,
+                    view.handle,
+                    prefetch=settings.view_prefetch,
+                    max_batch=settings.view_max_batch,
+                    transient=database_or_network_away,
+                ),
+                stopped,
             )
+            if consumer is None:
+                log.info("stopped before consuming")
+                yield
+                return
             stack.push_async_callback(consumer.stop)
             await view.seed()
             maintenance = asyncio.create_task(

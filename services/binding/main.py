@@ -29,7 +29,7 @@ from shared.db import ConnectionPool, create_pool, database_or_network_away
 from shared.events import REPLAY_REQUESTED, WATCHER_HEARTBEAT_EVENT
 from shared.heap import freeze_startup_heap
 from shared.logging import configure_logging
-from shared.messaging import BatchConsumer, Broker, Delivery, QueueSpec
+from shared.messaging import BatchConsumer, Broker, Delivery, QueueSpec, until_granted
 from shared.metrics import serve_metrics
 from shared.migrations import service_role
 from shared.outbox import OutboxRelay
@@ -148,8 +148,11 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         stack.push_async_callback(broker.close)
         if not await broker.connect(stop):
             return
-        # Every queue exists before any replica consumes it: what is published meanwhile waits there.
-        await declare_queues(broker, settings, queues(settings))
+        # Every queue exists before any replica consumes it: what is published meanwhile waits there. A right its
+        # broker user lacks is said once, in words, and waited for (docs/operations.md).
+        if await until_granted(partial(_declare_queues, broker, settings), stop=stop) is None:
+            log.info("stopped before its queues were declared")
+            return
         hops = ClaimHops()
         relay = OutboxRelay(pool, broker, SCHEMA, on_published=hops.published)
         service = BindingService(
@@ -230,6 +233,11 @@ async def run(settings: BindingSettings, stop: asyncio.Event, ready: asyncio.Eve
         log.info("stopping: handing the partitions over, then the outbox is published")
         await lease_task  # `stop` is set: it drains (each partition's batch under way committed, its lock freed)
     log.info("stopped")
+
+
+async def _declare_queues(broker: Broker, settings: BindingSettings) -> bool:
+    await declare_queues(broker, settings, queues(settings))
+    return True
 
 
 async def _follow_inventory(service: BindingService, woken: asyncio.Event) -> None:

@@ -110,6 +110,11 @@ class ComposeStack:
         values = {
             "HAVIP_POSTGRES_PASSWORD": secrets.token_hex(16),
             "HAVIP_RABBITMQ_PASSWORD": secrets.token_hex(16),
+            # The broker users of migrate and of each service (scripts/rabbitmq-users.sh, as the stack runs it).
+            "HAVIP_RABBITMQ_MIGRATE_PASSWORD": secrets.token_hex(16),
+            "HAVIP_RABBITMQ_ALLOCATOR_PASSWORD": secrets.token_hex(16),
+            "HAVIP_RABBITMQ_BINDING_PASSWORD": secrets.token_hex(16),
+            "HAVIP_RABBITMQ_WATCHER_PASSWORD": secrets.token_hex(16),
             "HAVIP_API_TOKEN": self.token,
             "HAVIP_GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16),
             "HAVIP_GRAFANA_DATABASE_PASSWORD": secrets.token_hex(16),

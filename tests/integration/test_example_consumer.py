@@ -1,7 +1,8 @@
 """docs/events/example_consumer.py against the real RabbitMQ: it applies transitions in order, drops a
 redelivered event, reports a gap in `sequence` with the history to read, dead-letters a message it cannot
-process and goes on, and stops by itself after --count messages; with --program-neighbour it programs a lab
-namespace's neighbour table and retries work that failed."""
+process (to a dead-letter queue of its own) and goes on, and stops by itself after --count messages; with
+--program-neighbour it programs a lab namespace's neighbour table and retries work that failed. Under a consumer's
+own broker user: tests/integration/test_broker_permissions.py."""
 
 from __future__ import annotations
 
@@ -107,11 +108,11 @@ async def test_example_consumer_drops_duplicates_reports_gaps_and_dead_letters_p
     assert records[3]["gap"]["missing"] == [3]
     assert records[3]["gap"]["repair"].endswith(f"/v1/havips/{havip}/transitions")
 
-    # The poison message was rejected to the dead-letter queue, not requeued or lost.
+    # The poison message was rejected to the consumer's own dead-letter queue, not requeued or lost.
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
-        dead = await channel.declare_queue(f"{prefix}havip.dead", durable=True, passive=True)
+        dead = await channel.declare_queue(f"{prefix}bindings.dead", durable=True, passive=True)
         dead_bodies: list[bytes] = []
 
         async def one_dead_letter() -> bool:

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from yarl import URL
 
+from services.binding.watcher_users import watcher_user
 from shared.events import DEFAULT_SEGMENT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +24,10 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECRETS = {
     "HAVIP_POSTGRES_PASSWORD": "pg-secret",
     "HAVIP_RABBITMQ_PASSWORD": "amqp-secret",
+    "HAVIP_RABBITMQ_MIGRATE_PASSWORD": "amqp-migrate-secret",
+    "HAVIP_RABBITMQ_ALLOCATOR_PASSWORD": "amqp-allocator-secret",
+    "HAVIP_RABBITMQ_BINDING_PASSWORD": "amqp-binding-secret",
+    "HAVIP_RABBITMQ_WATCHER_PASSWORD": "amqp-watcher-secret",
     "HAVIP_API_TOKEN": "api-token-0123456789",
     "HAVIP_GRAFANA_ADMIN_PASSWORD": "grafana-secret",
     "HAVIP_GRAFANA_DATABASE_PASSWORD": "grafana-db-secret",
@@ -31,6 +37,14 @@ ALLOCATORS = ("allocator", "allocator-2")
 BINDINGS = ("binding", "binding-2")
 HAVIP_SERVICES = ("migrate", *ALLOCATORS, *BINDINGS, "arp_watcher")
 BALANCER = "api"
+BROKER_USERS = "rabbitmq-users"  # the one-shot that makes the processes' broker users
+# Each HAVIP service's broker user (scripts/rabbitmq-users.sh) and the secret of its password.
+AMQP_USERS = {
+    "migrate": ("havip-migrate", "HAVIP_RABBITMQ_MIGRATE_PASSWORD"),
+    **dict.fromkeys(ALLOCATORS, ("havip-allocator", "HAVIP_RABBITMQ_ALLOCATOR_PASSWORD")),
+    **dict.fromkeys(BINDINGS, ("havip-binding", "HAVIP_RABBITMQ_BINDING_PASSWORD")),
+    "arp_watcher": (f"havip-watcher-{DEFAULT_SEGMENT}", "HAVIP_RABBITMQ_WATCHER_PASSWORD"),
+}
 HAPROXY_CONFIG = ROOT / "deploy/haproxy/haproxy.cfg"
 LONG_RUNNING = (
     "postgres",
@@ -123,7 +137,9 @@ def test_an_empty_secret_is_no_secret(tmp_path: Path) -> None:
 
 def test_the_services_and_the_grafana_profile(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*HAVIP_SERVICES, BALANCER, "postgres", "rabbitmq", "prometheus", "grafana"}
+    assert set(services) == {
+        *HAVIP_SERVICES, BALANCER, BROKER_USERS, "postgres", "rabbitmq", "prometheus", "grafana"
+    }  # fmt: skip
     assert {name for name, s in services.items() if s.get("profiles")} == {"grafana"}
     assert services["grafana"]["profiles"] == ["grafana"]
 
@@ -131,13 +147,15 @@ def test_the_services_and_the_grafana_profile(config: dict[str, Any]) -> None:
 def test_start_up_order(config: dict[str, Any]) -> None:
     services = config["services"]
     healthy = {"condition": "service_healthy"}
-    assert services["migrate"]["depends_on"] == {"postgres": healthy, "rabbitmq": healthy}
+    completed = {"condition": "service_completed_successfully"}
+    assert services[BROKER_USERS]["depends_on"] == {"rabbitmq": healthy}
+    assert services["migrate"]["depends_on"] == {"postgres": healthy, BROKER_USERS: completed}
     for name in (*ALLOCATORS, *BINDINGS, "arp_watcher"):
         assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
     started = {"condition": "service_started"}
     assert services[BALANCER]["depends_on"] == dict.fromkeys(ALLOCATORS, started)
     assert services["grafana"]["depends_on"] == {"prometheus": healthy, "postgres": healthy}
-    assert services["migrate"]["restart"] == "no"
+    assert services["migrate"]["restart"] == services[BROKER_USERS]["restart"] == "no"
 
 
 def test_every_long_running_service_has_a_health_check_podman_can_run(config: dict[str, Any]) -> None:
@@ -202,8 +220,13 @@ def test_secrets_reach_the_services_only_from_the_environment(config: dict[str, 
     assert (
         services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["HAVIP_GRAFANA_ADMIN_PASSWORD"]
     )
-    for name in HAVIP_SERVICES:
-        assert SECRETS["HAVIP_RABBITMQ_PASSWORD"] in services[name]["environment"]["HAVIP_AMQP_URL"], name
+    for name in HAVIP_SERVICES:  # each as its own broker user; the administrator's password nowhere
+        user, password = AMQP_USERS[name]
+        url = URL(services[name]["environment"]["HAVIP_AMQP_URL"])
+        assert (url.user, url.password) == (user, SECRETS[password]), name
+    for password in ("HAVIP_RABBITMQ_MIGRATE_PASSWORD", "HAVIP_RABBITMQ_ALLOCATOR_PASSWORD",
+                     "HAVIP_RABBITMQ_BINDING_PASSWORD", "HAVIP_RABBITMQ_WATCHER_PASSWORD"):  # fmt: skip
+        assert services[BROKER_USERS]["environment"][password] == SECRETS[password], password
     # No default for a secret anywhere in the file: ${VAR:?…} for each, never ${VAR:-…}.
     text = COMPOSE_FILE.read_text(encoding="utf-8")
     for variable in SECRETS:
@@ -235,6 +258,9 @@ def test_images_are_the_official_names_and_overridable(tmp_path: Path, config: d
     overridden = resolved(tmp_path, **images)
     for service, variable in variables.items():
         assert overridden["services"][service]["image"] == images[variable], service
+    # The broker users are made with the broker's own rabbitmqctl.
+    assert defaults[BROKER_USERS] == defaults["rabbitmq"]
+    assert overridden["services"][BROKER_USERS]["image"] == images["HAVIP_RABBITMQ_IMAGE"]
 
 
 def test_prometheus_reaches_every_target_of_its_configuration(config: dict[str, Any]) -> None:
@@ -349,3 +375,39 @@ def test_the_binding_runs_as_replicas_with_ids_of_their_own_and_one_partition_co
     assert {services[name]["environment"]["HAVIP_PARTITIONS"] for name in partitioned} == {"8"}
     overridden = resolved(tmp_path, HAVIP_PARTITIONS="16")["services"]
     assert {overridden[name]["environment"]["HAVIP_PARTITIONS"] for name in partitioned} == {"16"}
+
+
+def test_each_process_logs_in_as_a_broker_user_the_one_shot_makes(tmp_path: Path) -> None:
+    config = resolved(tmp_path, HAVIP_SEGMENT="edge-1")
+    services = config["services"]
+    users = services[BROKER_USERS]
+    # The script, with the segment of the watcher, on the broker's default virtual host (the services' URLs').
+    assert users["entrypoint"] == ["sh", "/usr/local/lib/havip/rabbitmq-users.sh"]
+    assert users["command"] == ["--segment", "edge-1", "/"]
+    assert "--node rabbit@rabbitmq" in users["environment"]["RABBITMQCTL"]
+    assert services["rabbitmq"]["hostname"] == "rabbitmq"  # the node rabbitmqctl reaches: rabbit@rabbitmq
+    mounts = dict(volume.split(":", 1) for volume in users["volumes"])
+    assert mounts[str(ROOT / "scripts/rabbitmq-users.sh")] == "/usr/local/lib/havip/rabbitmq-users.sh:ro"
+    # The node's cookie, from its data volume, read-only; and no privilege.
+    [data] = [volume for volume in services["rabbitmq"]["volumes"] if volume.endswith(":/var/lib/rabbitmq:rw")]
+    assert f"{data.split(':')[0]}:/var/lib/rabbitmq:ro" in users["volumes"]
+    assert users["environment"]["HOME"] == "/var/lib/rabbitmq"
+    assert users["cap_drop"] == ["ALL"]
+    assert users["read_only"] is True
+    assert users["user"] == "rabbitmq"
+    for name in HAVIP_SERVICES:
+        assert URL(services[name]["environment"]["HAVIP_AMQP_URL"]).path == "/", name
+    # The watcher logs in as its segment's user, the one the binding replicas take that segment's claims from.
+    watcher = URL(services["arp_watcher"]["environment"]["HAVIP_AMQP_URL"]).user
+    assert watcher == "havip-watcher-edge-1"
+    for name in BINDINGS:
+        template = services[name]["environment"]["HAVIP_WATCHER_USER_TEMPLATE"]
+        assert watcher_user(template, "edge-1") == watcher, name
+    # The script makes exactly these users (its dry run: the same command, no broker).
+    script_env = {k: v for k, v in users["environment"].items() if k.startswith("HAVIP_")}
+    dry = subprocess.run(
+        ["sh", str(ROOT / "scripts/rabbitmq-users.sh"), "--dry-run", *users["command"]],
+        env={"PATH": "/usr/bin:/bin", **script_env}, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    made = {line.split()[2].strip("'") for line in dry.stdout.splitlines() if line.split()[1] == "'add_user'"}
+    assert made == {URL(services[name]["environment"]["HAVIP_AMQP_URL"]).user for name in HAVIP_SERVICES}
