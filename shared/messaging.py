@@ -89,6 +89,13 @@ class _Arrival(NamedTuple):
     number: int  # in arrival order, across both lanes
 
 
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (rather than an awaited future of the AMQP library's,
+    which it cancels when a connection closes)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _settleable(message: AbstractIncomingMessage) -> bool:
     """Whether the channel the message came on is still open (its ack can reach the broker)."""
     try:
@@ -562,6 +569,12 @@ class Broker:
                 PUBLISHES_NACKED.labels(self.source).inc()
                 await self._replace_publishing_channel(exchange)
             raise
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise
+            # aiormq cancels the confirms it waits for when the connection closes under them: to the caller that
+            # is a lost connection (retried), not a cancellation of its own task (which would end it).
+            raise ConnectionError("the connection closed before RabbitMQ confirmed the publish") from exc
 
     async def _replace_publishing_channel(self, nacked: AbstractExchange) -> None:
         """RabbitMQ (3.10) nacks every publish of a channel whose first publish to a quorum queue came while the
@@ -572,7 +585,17 @@ class Broker:
             if self._exchange is not nacked:
                 return  # another publish replaced it already
             old = self._publishing
-            self._publishing, self._exchange = await self._topology(self.connection)
+            try:
+                async with asyncio.timeout(self.settings.publish_timeout_s):
+                    self._publishing, self._exchange = await self._topology(self.connection)
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+                log.warning("no new publishing channel (the connection closed meanwhile): the next publish tries")
+                return
+            except Exception as exc:  # the broker away again: the next nack or publish tries again
+                log.warning("no new publishing channel (%r): the next publish tries again", exc)
+                return
             log.warning("a publish was refused (nack): publishing on a new channel")
             if old is not None:
                 with contextlib.suppress(Exception):
@@ -942,3 +965,7 @@ class BatchConsumer:
             await action
         except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             log.warning("could not settle message on a closed channel or connection: %r", exc)
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            log.warning("could not settle message: its connection closed under the acknowledgement")
