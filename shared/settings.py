@@ -11,6 +11,10 @@ from yarl import URL
 
 from shared.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS
 
+# The AMQP heartbeat asked of a cluster's nodes unless one is configured: with RabbitMQ's net_ticktime = 10 a
+# frozen node's clients leave it within about 15 s (60 s by RabbitMQ's own suggestion).
+CLUSTER_HEARTBEAT_S = 5
+
 # The exit status of a service started with a configuration it cannot run with.
 EXIT_INVALID_SETTINGS = 2
 
@@ -23,7 +27,8 @@ class CommonSettings(BaseSettings):
     # stops answering (amqp_heartbeat_s).
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     # The AMQP heartbeat asked of the broker, in seconds: how soon a frozen broker node is noticed (about three
-    # heartbeats). Unset: the broker's own (RabbitMQ suggests 60 s). A heartbeat given in the URL wins.
+    # heartbeats). Unset: 5 s with several nodes, else the broker's own (RabbitMQ suggests 60 s). A heartbeat
+    # given in the URL wins.
     amqp_heartbeat_s: int | None = Field(default=None, ge=1, le=600)
     # The kind of every queue the services declare: quorum queues are replicated on a majority of a cluster's
     # nodes and survive the loss of one; classic ones live on one node. `auto`: quorum when HAVIP_AMQP_URL
@@ -58,9 +63,12 @@ class CommonSettings(BaseSettings):
     def amqp_urls(self) -> tuple[str, ...]:
         """The broker nodes, in the order given, each with the heartbeat asked for."""
         urls = broker_urls(self.amqp_url)
-        if self.amqp_heartbeat_s is None:
+        heartbeat = self.amqp_heartbeat_s
+        if heartbeat is None and len(urls) > 1:
+            heartbeat = CLUSTER_HEARTBEAT_S  # a frozen node is left within seconds, not a minute
+        if heartbeat is None:
             return urls
-        asked = {"heartbeat": self.amqp_heartbeat_s}
+        asked = {"heartbeat": heartbeat}
         return tuple(url if "heartbeat" in URL(url).query else str(URL(url) % asked) for url in urls)
 
     @property

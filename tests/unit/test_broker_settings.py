@@ -55,3 +55,10 @@ def test_a_list_that_cannot_be_one_cluster_is_refused_in_words_not_showing_the_p
     print_invalid_settings(CommonSettings, raised.value, out)
     assert f"HAVIP_AMQP_URL: {words}" in out.getvalue()
     assert "secret" not in out.getvalue()
+
+
+def test_a_cluster_asks_a_short_heartbeat_unless_told_otherwise() -> None:
+    two = f"{ONE},amqp://havip:secret@10.0.0.2:5672/havip"
+    assert CommonSettings(amqp_url=two).amqp_urls[0] == f"{ONE}?heartbeat=5"
+    assert CommonSettings(amqp_url=two, amqp_heartbeat_s=30).amqp_urls[0] == f"{ONE}?heartbeat=30"
+    assert CommonSettings(amqp_url=ONE).amqp_urls == (ONE,)
