@@ -18,6 +18,10 @@
 #                                                 cluster with the other running nodes
 #   scripts/rabbitmq-cluster.sh ctl     DIR N ARGS...   rabbitmqctl against node N, e.g.
 #                                                 `ctl DIR 1 list_queues name leader members`
+#   scripts/rabbitmq-cluster.sh upgrade DIR N ARGS...   rabbitmq-upgrade against node N (drain, revive,
+#                                                 await_online_quorum_plus_one: planned maintenance)
+#   scripts/rabbitmq-cluster.sh queues  DIR N ARGS...   rabbitmq-queues against node N
+#                                                 (check_if_node_is_quorum_critical)
 #
 # Nodes havip1@localhost, havip2@localhost, havip3@localhost, on 127.0.0.1 only, on ports counted from a base
 # (HAVIP_RABBIT_CLUSTER_PORT_BASE, default 25700; written to DIR/ports at the first start and read from there):
@@ -66,7 +70,7 @@ dir=$2
 shift 2
 case "$command" in
     start | stop | status | urls) [ $# -eq 0 ] || usage ;;
-    pid | kill | freeze | thaw | restart | ctl)
+    pid | kill | freeze | thaw | restart | ctl | upgrade | queues)
         if [ $# -lt 1 ] || ! [[ $1 =~ ^[123]$ ]]; then die "$command needs a node number, 1 to 3"; fi
         node=$1
         shift
@@ -348,4 +352,6 @@ case "$command" in
     thaw) cmd_signal CONT "$node" ;;
     restart) cmd_restart "$node" ;;
     ctl) ctl "$node" "$@" ;;
+    upgrade) (node_env "$node" && exec "$SBIN/rabbitmq-upgrade" -n "$(name_of "$node")" "$@") ;;
+    queues) (node_env "$node" && exec "$SBIN/rabbitmq-queues" -n "$(name_of "$node")" "$@") ;;
 esac

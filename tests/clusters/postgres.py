@@ -185,8 +185,11 @@ def postgres_ha() -> Iterator[PostgresHA]:
     """A primary with a synchronous standby for the whole session, in a temporary directory (under /tmp, which
     user postgres can reach), stopped and removed at the end."""
     workdir = Path(tempfile.mkdtemp(prefix="havip-pg-ha-"))
+    # Another run on this machine (a benchmark) may hold the default ports: HAVIP_PG_HA_PORT_BASE moves them.
+    base = os.environ.get("HAVIP_PG_HA_PORT_BASE")
+    ports = None if base is None else {"monitor": int(base) + 1, "node1": int(base) + 11, "node2": int(base) + 12}
     try:
-        with PostgresHA(workdir) as cluster:
+        with PostgresHA(workdir, ports=ports) as cluster:
             yield cluster
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

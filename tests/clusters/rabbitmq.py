@@ -127,6 +127,14 @@ class RabbitCluster:
         n = via if via is not None else self._answering_node()
         return self._run("ctl", str(n), *args)
 
+    def upgrade(self, n: int, *args: str) -> str:
+        """`rabbitmq-upgrade ARGS` against node n: `drain`, `revive`, `await_online_quorum_plus_one`."""
+        return self._run("upgrade", str(n), *args, timeout=WAITING_TIMEOUT_S)
+
+    def queues(self, n: int, *args: str) -> str:
+        """`rabbitmq-queues ARGS` against node n, e.g. `check_if_node_is_quorum_critical`."""
+        return self._run("queues", str(n), *args, timeout=WAITING_TIMEOUT_S)
+
     def running_nodes(self, via: int | None = None) -> list[int]:
         """The nodes running in the cluster, as `rabbitmqctl cluster_status` on node `via` shows them."""
         status = json.loads(self.ctl("-q", "cluster_status", "--formatter", "json", via=via))
