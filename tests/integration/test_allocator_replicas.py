@@ -501,7 +501,8 @@ async def test_the_key_purge_skips_a_pass_while_another_replica_runs_one(db: Dat
         assert await left() == len(keys)
     finally:
         await other.close()
-    assert await purge() is True
+    # Once the closed session's backend has let the lock go (and the module's own allocator is not in a pass).
+    await eventually(purge, what="a purge once the lock is free")
     assert await left() == 0
 
 
@@ -528,7 +529,10 @@ async def test_the_view_maintenance_skips_the_repairs_while_another_replica_runs
         assert await attempts() == [0, 0]
     finally:
         await other.close()
-    assert await maintain() is True
+    # The closed session's lock goes as its backend ends, and the module's own allocator may be in a pass of its
+    # own meanwhile: a pass of this one's runs once the lock is free. A repair asked is not asked again for an
+    # hour (view_repair_retry_s), whichever replica asked.
+    await eventually(maintain, what="a maintenance pass once the lock is free")
     assert await attempts() == [1, 1]
 
 
