@@ -18,10 +18,12 @@ import os
 import platform
 import resource
 import secrets
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -32,6 +34,9 @@ from typing import IO, Any
 
 import httpx
 
+from shared.db import drop_database
+from tests.clusters.postgres import PostgresHA
+from tests.clusters.rabbitmq import RabbitCluster
 from tests.ports import free_port
 from tests.sandbox import temporary_database, temporary_vhost
 from tests.waiting import eventually
@@ -64,6 +69,53 @@ async def sandbox(label: str) -> AsyncIterator[Sandbox]:
     async with temporary_database(PG_BASE, f"havip_bench_{label.replace('-', '_')}_{run}") as dsn:
         with temporary_vhost(AMQP_BASE, f"havip-bench-{label}-{run}") as amqp_url:
             yield Sandbox(dsn, amqp_url)
+
+
+@asynccontextmanager
+async def clustered_sandbox(label: str) -> AsyncIterator[Sandbox]:
+    """The engines clustered, for this run only: a three-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh; its
+    default vhost, quorum queues) and a Postgres primary with a synchronous standby under pg_auto_failover
+    (scripts/postgres-ha.sh), on port blocks of their own (HAVIP_BENCH_RABBIT_PORT_BASE, default 27700;
+    HAVIP_BENCH_PG_PORT_BASE, default 27800); the services' `migrate` creates the database. Everything is stopped
+    and removed on exit."""
+    rabbit_base = os.environ.get("HAVIP_BENCH_RABBIT_PORT_BASE", "27700")
+    pg_base = int(os.environ.get("HAVIP_BENCH_PG_PORT_BASE", "27800"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"havip-bench-{label}-engines-"))
+    workdir.chmod(0o755)  # Postgres runs as user postgres, under it
+    previous = os.environ.get("HAVIP_RABBIT_CLUSTER_PORT_BASE")
+    os.environ["HAVIP_RABBIT_CLUSTER_PORT_BASE"] = rabbit_base
+    try:
+        with (
+            RabbitCluster(workdir / "rabbit") as rabbit,
+            PostgresHA(
+                workdir / "pg", ports={"monitor": pg_base + 1, "node1": pg_base + 11, "node2": pg_base + 12}
+            ) as postgres,
+        ):
+            say(f"engines clustered: RabbitMQ in {rabbit.started_in_s:.1f} s, Postgres in {postgres.bring_up_s} s")
+            dsn = postgres.dsn(f"havip_bench_{label.replace('-', '_')}_{uuid.uuid4().hex[:10]}")
+            try:
+                yield Sandbox(dsn, ",".join(rabbit.urls))
+            finally:
+                with contextlib.suppress(Exception):
+                    await drop_database(dsn)
+    finally:
+        if previous is None:
+            os.environ.pop("HAVIP_RABBIT_CLUSTER_PORT_BASE", None)
+        else:
+            os.environ["HAVIP_RABBIT_CLUSTER_PORT_BASE"] = previous
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def engines(clustered: bool) -> str:
+    """How the run's engines were set up, for its result."""
+    if clustered:
+        return "RabbitMQ 3-node cluster (quorum queues), Postgres primary + synchronous standby (pg_auto_failover)"
+    return "one RabbitMQ node (classic queues but the binding's), one Postgres"
+
+
+def first_node(amqp_url: str) -> str:
+    """One broker node's URL, for the benchmark's own connections (a cluster's nodes are comma-separated)."""
+    return amqp_url.split(",", 1)[0]
 
 
 def raise_open_files_limit(needed: int) -> None:

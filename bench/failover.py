@@ -63,7 +63,18 @@ import aio_pika
 import asyncpg
 import httpx
 
-from bench.common import Sandbox, latency_summary_ms, machine, percentile, sandbox, say, wait_for_quiet
+from bench.common import (
+    Sandbox,
+    clustered_sandbox,
+    engines,
+    first_node,
+    latency_summary_ms,
+    machine,
+    percentile,
+    sandbox,
+    say,
+    wait_for_quiet,
+)
 from shared import events
 from shared.db import fetch_one
 from shared.messaging import Broker, declare_topology
@@ -380,10 +391,11 @@ async def run(
     flood: int = 0,
     *,
     confine_flood: bool = True,
+    clustered: bool = False,
 ) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
-    result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine()}
-    async with sandbox("failover") as box:
+    result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine(), "engines": engines(clustered)}
+    async with clustered_sandbox("failover") if clustered else sandbox("failover") as box:
         with Lab(SUBNET, workdir=workdir / "lab") as lab:
             a = lab.add_host("cvma", "198.18.0.11")
             b = lab.add_host("cvmb", "198.18.0.12")
@@ -602,7 +614,7 @@ async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[
     """When a consumer of havip.binding.changed (a queue of the benchmark's own) receives each transition of the
     probe: sequence → wall-clock time in ns. Beside the view's figure it shows the binding service's own share."""
     received: dict[int, int] = {}
-    connection = await aio_pika.connect(box.amqp_url)
+    connection = await aio_pika.connect(first_node(box.amqp_url))
     try:
         channel = await connection.channel()
         exchange = await declare_topology(channel, CommonSettings(amqp_url=box.amqp_url))
@@ -657,6 +669,11 @@ def main() -> int:
         "the other servers' ARP processing)",
     )
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
+    parser.add_argument(
+        "--clustered",
+        action="store_true",
+        help="on a three-node RabbitMQ cluster and a Postgres primary with a synchronous standby of the run's own",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if not 1 <= args.n <= 60_000:
@@ -671,6 +688,7 @@ def main() -> int:
                 args.quiet_wait,
                 args.flood,
                 confine_flood=not args.flood_everywhere,
+                clustered=args.clustered,
             )
         )
     if args.json:

@@ -43,7 +43,7 @@ import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import machine, percentile, sandbox, say, wait_for_quiet
+from bench.common import clustered_sandbox, engines, first_node, machine, percentile, sandbox, say, wait_for_quiet
 from bench.failover import (
     HAVIP_BASE,
     PROBE,
@@ -160,8 +160,8 @@ async def round_trip(amqp_url: str) -> AsyncIterator[Callable[[], Awaitable[tupl
     """A bare publish → consume round trip: a persistent message with a confirm on a durable classic queue of the
     benchmark's own, from one connection to another. Yields a function timing one: (to the consumer, to the
     confirm) in seconds."""
-    publishing = await aio_pika.connect(amqp_url)
-    consuming = await aio_pika.connect(amqp_url)
+    publishing = await aio_pika.connect(first_node(amqp_url))
+    consuming = await aio_pika.connect(first_node(amqp_url))
     try:
         channel = await publishing.channel(publisher_confirms=True)
         queue = await (await consuming.channel()).declare_queue("bench.round_trip", durable=True)
@@ -258,10 +258,18 @@ def hops_end(captured_ns: int, hops: dict[str, float | None], last: str) -> floa
     raise ValueError(last)
 
 
-async def run(probes: int, n: int, background: int, workdir: Path, quiet_wait_s: float) -> dict[str, Any]:
+async def run(
+    probes: int, n: int, background: int, workdir: Path, quiet_wait_s: float, *, clustered: bool = False
+) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
-    result: dict[str, Any] = {"probes": probes, "n": n, "background": background, "machine": machine()}
-    async with sandbox("hops") as box:
+    result: dict[str, Any] = {
+        "probes": probes,
+        "n": n,
+        "background": background,
+        "machine": machine(),
+        "engines": engines(clustered),
+    }
+    async with clustered_sandbox("hops") if clustered else sandbox("hops") as box:
         with Lab(SUBNET, workdir=workdir / "lab") as lab:
             a = lab.add_host("cvma", "198.18.0.11")
             b = lab.add_host("cvmb", "198.18.0.12")
@@ -414,13 +422,20 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=0, help="other HAVIPs (held by cvma)")
     parser.add_argument("--background", type=int, default=0, help="refreshes/s of the --n HAVIPs by their holder")
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
+    parser.add_argument(
+        "--clustered",
+        action="store_true",
+        help="on a three-node RabbitMQ cluster and a Postgres primary with a synchronous standby of the run's own",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if args.background and not args.n:
         parser.error("--background needs --n HAVIPs to refresh")
     with tempfile.TemporaryDirectory(prefix="havip-bench-hops-") as tmp:
         say("setting up the lab and the services")
-        result = asyncio.run(run(args.probes, args.n, args.background, Path(tmp), args.quiet_wait))
+        result = asyncio.run(
+            run(args.probes, args.n, args.background, Path(tmp), args.quiet_wait, clustered=args.clustered)
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
