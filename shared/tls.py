@@ -121,11 +121,13 @@ async def names_for(host: str, port: int, context: ssl.SSLContext, *, postgres: 
     """The names (subjectAltName, else the common name) of the certificate the server at host:port presents,
     its chain verified with `context`'s CAs, its host name not; `postgres`: ask for TLS the Postgres way first.
     Empty if it cannot be read."""
-    lenient = client_context(None)
+    lenient = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain (CERT_REQUIRED)
     lenient.check_hostname = False
     cadata = _ca_pem(context)
     if cadata:
         lenient.load_verify_locations(cadata=cadata)
+    else:  # the system's CAs, from a directory (which get_ca_certs does not list)
+        lenient.load_default_certs()
     with contextlib.suppress(OSError, TimeoutError, ValueError, EOFError, asyncio.IncompleteReadError):
         async with asyncio.timeout(NAMES_TIMEOUT_S):
             if postgres:
