@@ -21,7 +21,14 @@
 # (25801), PGHA_NODE1_PORT (25811), PGHA_NODE2_PORT (25812); database PGHA_DBNAME (havip); deadline of a wait
 # PGHA_TIMEOUT seconds (180). The system PostgreSQL (5432) is never touched.
 #
-# TESTS ONLY: every node trusts every connection from loopback (--auth trust) and nothing is encrypted (--no-ssl).
+# TESTS ONLY: every node trusts every connection from loopback (--auth trust).
+#
+# Encryption: none (--no-ssl), unless PGHA_TLS_DIR=D is given when the cluster is created: D/ca.pem (a CA),
+# D/server.pem (a certificate it signed for 127.0.0.1, used by the monitor and both nodes) and D/server-key.pem
+# (its unencrypted key) are copied to DIR/tls, and the monitor and the nodes are created with TLS (--ssl-ca-file,
+# --server-cert, --server-key) and --ssl-mode verify-full: pg_autoctl's own connections (to the monitor, and the
+# standby's replication) verify the certificate and its host name. The DSN printed then carries
+# sslmode=verify-full&sslrootcert=DIR/tls/ca.pem. Postgres accepts plain connections too (pg_hba's `host` lines).
 set -euo pipefail
 
 PGBIN=/usr/lib/postgresql/15/bin
@@ -41,11 +48,27 @@ MONITOR_SETTINGS=(
     "pgautofailover.primary_demote_timeout = 5000"
 )
 
-# Network encryption: none for now. For TLS, replace with
-#   --ssl-mode verify-full --ssl-ca-file CA.crt --server-cert NODE.crt --server-key NODE.key
-# (on the monitor and on each node, a certificate for 127.0.0.1 each); the monitor URI handed to the nodes is read
-# back from pg_autoctl, so its sslmode follows.
-ssl_args() { printf '%s\n' --no-ssl; }
+# Network encryption: none, or TLS with the files in DIR/tls (PGHA_TLS_DIR, above), on the monitor and each node;
+# the monitor URI handed to the nodes is read back from pg_autoctl, so its sslmode follows.
+with_tls() { [ -f "$dir/tls/server.pem" ]; }
+ssl_args() {
+    if with_tls; then
+        printf '%s\n' --ssl-mode verify-full --ssl-ca-file "$dir/tls/ca.pem" \
+            --server-cert "$dir/tls/server.pem" --server-key "$dir/tls/server-key.pem"
+    else
+        printf '%s\n' --no-ssl
+    fi
+}
+# PGHA_TLS_DIR's files, copied into DIR/tls for user postgres (only when the cluster is created).
+take_tls_files() {
+    local from=${PGHA_TLS_DIR:-} f
+    [ -n "$from" ] || return 0
+    for f in ca.pem server.pem server-key.pem; do
+        [ -r "$from/$f" ] || die "PGHA_TLS_DIR: no readable $from/$f"
+    done
+    install -d -m 700 -o postgres -g postgres "$dir/tls"
+    for f in ca.pem server.pem server-key.pem; do install -m 600 -o postgres -g postgres "$from/$f" "$dir/tls/$f"; done
+}
 
 log() { printf '[postgres-ha] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -83,7 +106,11 @@ port_of() {
         *) die "no node $1 (node1, node2)" ;;
     esac
 }
-dsn() { echo "postgresql://postgres@127.0.0.1:$NODE1_PORT,127.0.0.1:$NODE2_PORT/$DBNAME?target_session_attrs=read-write"; }
+dsn() {
+    local tls=""
+    with_tls && tls="&sslmode=verify-full&sslrootcert=$dir/tls/ca.pem"
+    echo "postgresql://postgres@127.0.0.1:$NODE1_PORT,127.0.0.1:$NODE2_PORT/$DBNAME?target_session_attrs=read-write$tls"
+}
 
 # --- running things as postgres ---------------------------------------------------------------------------------
 # As user postgres, in a clean environment (no PG* variable of the caller's reaches pg_autoctl); pg_autoctl keeps
@@ -295,6 +322,7 @@ cmd_start() {
     as_postgres mkdir -p "$dir/xdg/config" "$dir/xdg/data" "$dir/xdg/runtime" "$dir/log" "$dir/run"
     chmod 700 "$dir/xdg/runtime"
     chown root:root "$dir/run" # the recorded PIDs are this script's, not postgres's
+    if ! created monitor; then take_tls_files; fi
     if [ ! -f "$dir/cluster.env" ]; then
         if [ "$MONITOR_PORT" = "$NODE1_PORT" ] || [ "$MONITOR_PORT" = "$NODE2_PORT" ] || [ "$NODE1_PORT" = "$NODE2_PORT" ]; then
             die "the three ports must differ"

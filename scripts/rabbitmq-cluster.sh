@@ -7,7 +7,8 @@
 #                                                 nodes run in one cluster, print their AMQP URLs
 #   scripts/rabbitmq-cluster.sh stop    DIR       stop what was started in DIR, by the PIDs recorded there
 #   scripts/rabbitmq-cluster.sh status  DIR       which nodes run (exit status 0 only when all three do)
-#   scripts/rabbitmq-cluster.sh urls    DIR       the three AMQP URLs, one a line
+#   scripts/rabbitmq-cluster.sh urls    DIR       the three AMQP URLs, one a line (then the three amqps:// ones
+#                                                 of a cluster started with TLS)
 #   scripts/rabbitmq-cluster.sh pid     DIR N     the PID of node N's Erlang VM (beam.smp) while it runs
 #   scripts/rabbitmq-cluster.sh kill    DIR N     SIGKILL node N's VM (its data stays: `restart` brings it back)
 #   scripts/rabbitmq-cluster.sh freeze  DIR N     SIGSTOP node N's VM: a hung node, its sockets stay open
@@ -29,6 +30,13 @@
 #   Erlang distribution     base+11 .. base+13   25711-25713
 #   epmd, the cluster's own base+20              25720
 #   rabbitmqctl's own node  base+21 .. base+40   25721-25740 (each CLI call holds one while it runs)
+#   AMQP over TLS           base+4 .. base+6     25704-25706 (only with TLS, below)
+#
+# TLS: HAVIP_RABBIT_CLUSTER_TLS_DIR=D at `start` (or `restart`) gives each node a TLS listener too, with D/ca.pem
+# (the CA), D/server.pem (the nodes' certificate, for 127.0.0.1: every node uses it) and D/server-key.pem (its
+# unencrypted key), copied to DIR/tls and used from there at every later start; `start` then prints the amqps://
+# URLs after the amqp:// ones. The nodes ask no certificate of their clients (verify_none, fail_if_no_peer_cert
+# false): clients verify the nodes, and log in with a password as over plain AMQP.
 # The system broker (rabbit@localhost: 5672, 25672, epmd 4369, /etc/rabbitmq, /var/lib/rabbitmq, its cookie) is
 # left alone: the real scripts in /usr/lib/rabbitmq/bin are run directly (the /usr/sbin wrappers switch to the
 # rabbitmq user, its HOME and its cookie), /etc/rabbitmq/rabbitmq-env.conf is replaced by an empty file of DIR's,
@@ -94,6 +102,25 @@ epmd_port=$((base + 20))
 name_of() { echo "havip$1@localhost"; }
 amqp_port() { echo $((base + $1)); }
 url_of() { echo "amqp://guest:guest@127.0.0.1:$(amqp_port "$1")/"; }
+tls_port() { echo $((base + 3 + $1)); }
+tls_url_of() { echo "amqps://guest:guest@127.0.0.1:$(tls_port "$1")/"; }
+with_tls() { [ -f "$dir/tls/server.pem" ]; }
+# HAVIP_RABBIT_CLUSTER_TLS_DIR's files, copied into DIR/tls (read from there by the nodes at every start).
+take_tls_files() {
+    local from=${HAVIP_RABBIT_CLUSTER_TLS_DIR:-} f
+    [ -n "$from" ] || return 0
+    for f in ca.pem server.pem server-key.pem; do
+        [ -r "$from/$f" ] || die "HAVIP_RABBIT_CLUSTER_TLS_DIR: no readable $from/$f"
+    done
+    mkdir -p "$dir/tls"
+    chmod 700 "$dir/tls"
+    for f in ca.pem server.pem server-key.pem; do install -m 600 "$from/$f" "$dir/tls/$f"; done
+}
+all_urls() {
+    local n
+    for n in "${NODES[@]}"; do url_of "$n"; done
+    if with_tls; then for n in "${NODES[@]}"; do tls_url_of "$n"; done; fi
+}
 node_dir() { echo "$dir/node$1"; }
 
 # The environment of node N's server and of every CLI call about it (in a subshell).
@@ -168,6 +195,16 @@ prepare() {
             echo "cluster_formation.peer_discovery_backend = classic_config"
             for m in "${NODES[@]}"; do echo "cluster_formation.classic_config.nodes.$m = $(name_of "$m")"; done
             echo "cluster_formation.discovery_retry_limit = 2"
+            if with_tls; then
+                echo "listeners.ssl.default = 127.0.0.1:$(tls_port "$n")"
+                echo "ssl_options.cacertfile = $dir/tls/ca.pem"
+                echo "ssl_options.certfile = $dir/tls/server.pem"
+                echo "ssl_options.keyfile = $dir/tls/server-key.pem"
+                echo "ssl_options.verify = verify_none"
+                echo "ssl_options.fail_if_no_peer_cert = false"
+                echo "ssl_options.versions.1 = tlsv1.3"
+                echo "ssl_options.versions.2 = tlsv1.2"
+            fi
         } > "$d/rabbitmq.conf"
     done
 }
@@ -192,6 +229,9 @@ launch() {
     local n=$1 d
     d=$(node_dir "$n")
     answers "$(amqp_port "$n")" && die "127.0.0.1:$(amqp_port "$n") is taken by a process not started for $dir"
+    if with_tls && answers "$(tls_port "$n")"; then
+        die "127.0.0.1:$(tls_port "$n") is taken by a process not started for $dir"
+    fi
     rm -f "$d/pid"
     (
         node_env "$n"
@@ -216,6 +256,10 @@ await_cluster() {
             past "$until" && die "node $n does not answer on 127.0.0.1:$(amqp_port "$n") within ${TIMEOUT_S} s"
             sleep 0.2
         done
+        while with_tls && ! answers "$(tls_port "$n")"; do
+            past "$until" && die "node $n does not answer on 127.0.0.1:$(tls_port "$n") (TLS) within ${TIMEOUT_S} s"
+            sleep 0.2
+        done
     done
     # Each node's own view, as `rabbitmqctl cluster_status` shows it under "Running Nodes".
     check="Want = lists:sort([$names]),
@@ -234,6 +278,7 @@ cmd_start() {
     t0=$(now_ms)
     until=$(deadline "$TIMEOUT_S")
     lock
+    take_tls_files
     prepare
     start_epmd
     for n in "${NODES[@]}"; do
@@ -246,7 +291,7 @@ cmd_start() {
     for n in "${to_start[@]}"; do launch "$n"; done
     await_cluster "$until" "${NODES[@]}"
     log "cluster running, $(($(now_ms) - t0)) ms after this start (nodes started now: ${to_start[*]:-none})"
-    for n in "${NODES[@]}"; do url_of "$n"; done
+    all_urls
 }
 
 # SIGTERM (RabbitMQ stops gracefully on it) to node N's VM, or to its launcher while the VM has not written its
@@ -330,6 +375,7 @@ cmd_restart() {
     lock
     terminate "$n"
     await_gone "$n" "$until"
+    take_tls_files
     prepare
     start_epmd
     launch "$n"
@@ -345,7 +391,7 @@ case "$command" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    urls) for n in "${NODES[@]}"; do url_of "$n"; done ;;
+    urls) all_urls ;;
     pid) vm_pid "$node" ;;
     kill) cmd_signal KILL "$node" ;;
     freeze) cmd_signal STOP "$node" ;;

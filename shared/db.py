@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from asyncpg.transaction import Transaction
 
 from shared.backoff import wait_until_available
 from shared.messaging import is_transient
+from shared.tls import client_context, describe_tls_failure, naming_the_certificate
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +119,15 @@ async def create_pool(
     server_settings = {**(settings or {}), **({"role": role} if role else {})} or None
 
     async def open_pool() -> asyncpg.Pool:
-        return await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
-        )
+        try:
+            return await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
+            )
+        except Exception as exc:
+            named = await naming_the_server_certificate(exc, dsn)
+            if named is exc:
+                raise
+            raise named from exc
 
     return await wait_until_available(
         open_pool,
@@ -138,14 +147,37 @@ def is_database_unavailable(exc: BaseException) -> bool:
     )
 
 
+async def naming_the_server_certificate(exc: Exception, dsn: str) -> Exception:
+    """For a server certificate for other host names than the DSN's (sslmode=verify-full): CertificateNotForHost,
+    naming those it is for (read from the first of the DSN's hosts that answers); else `exc`."""
+    named = database_address(dsn)
+    if named.tls_ca is None:
+        return exc
+    try:
+        context = _verifying(named.tls_ca)
+    except OSError:  # a missing file: asyncpg says so already
+        return exc
+    for host in named.hosts:
+        name, _, port = host.rpartition(":")
+        result = await naming_the_certificate(exc, name.strip("[]"), int(port), context, postgres=True)
+        if result is not exc and isinstance(result, Exception):
+            return result
+    return exc
+
+
+def _verifying(ca_file: str) -> ssl.SSLContext:
+    return client_context(os.path.expanduser(ca_file))
+
+
 @dataclass(frozen=True)
 class DatabaseAddress:
     """What a DSN names, for messages: its hosts (host:port, several for a primary with standbys), user and
-    database — never its password."""
+    database — never its password; and the CA file its servers' certificates are verified against, if any."""
 
     hosts: tuple[str, ...]
     user: str
     database: str
+    tls_ca: str | None = None  # sslrootcert (or PGSSLROOTCERT) with sslmode verify-ca or verify-full
 
     @property
     def where(self) -> str:
@@ -164,7 +196,11 @@ def database_address(dsn: str) -> DatabaseAddress:
     hosts = tuple(
         host if _has_port(host) else f"{host}:{query.get('port', ['5432'])[0]}" for host in hostlist.split(",")
     )
-    return DatabaseAddress(hosts, user, unquote(parts.path[1:]) or user)
+    sslmode = query.get("sslmode", [os.environ.get("PGSSLMODE", "")])[0]
+    ca = None
+    if sslmode.startswith("verify"):  # libpq's and asyncpg's default: the user's ~/.postgresql/root.crt
+        ca = query.get("sslrootcert", [os.environ.get("PGSSLROOTCERT") or "~/.postgresql/root.crt"])[0]
+    return DatabaseAddress(hosts, user, unquote(parts.path[1:]) or user, ca)
 
 
 def _has_port(host: str) -> bool:
@@ -176,6 +212,11 @@ def describe_database_error(exc: BaseException, dsn: str, role: str | None = Non
     named = database_address(dsn)
     address, user, database = named.where, named.user, named.database
     where = f"PostgreSQL at {address}"
+    tls = describe_tls_failure(exc, "PostgreSQL", address, named.tls_ca)
+    if tls is not None:
+        return tls
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return f"{where} does not accept TLS, which the URL's sslmode requires (its ssl setting is off)"
     if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
         return f"none of {address} is a primary (read-write): a failover under way, or every node a standby"
     if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):

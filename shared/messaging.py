@@ -12,6 +12,7 @@ import errno
 import itertools
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -49,6 +50,7 @@ from shared.partitions import claims_routing_key, partition_of
 from shared.runtime import StartupError
 from shared.settings import CommonSettings
 from shared.tasks import cancel
+from shared.tls import client_context, describe_tls_failure, naming_the_certificate
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +113,14 @@ def is_broker_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | aiormq.exceptions.AMQPError | NoBrokerNode | TopologyMissing)
 
 
-def describe_broker_error(exc: BaseException, amqp_url: str) -> str:
-    """What is wrong, in an operator's words rather than the AMQP library's (each node's, for a cluster)."""
+def describe_broker_error(exc: BaseException, amqp_url: str, ca_file: str | None = None) -> str:
+    """What is wrong, in an operator's words rather than the AMQP library's (each node's, for a cluster).
+    `ca_file`: the CA an amqps:// node is verified against (HAVIP_AMQP_CA_FILE), named when it does not vouch
+    for the node's certificate."""
     if isinstance(exc, NoBrokerNode):
-        return "no RabbitMQ node can be used: " + "; ".join(describe_broker_error(e, u) for u, e in exc.failures)
+        return "no RabbitMQ node can be used: " + "; ".join(
+            describe_broker_error(e, u, ca_file) for u, e in exc.failures
+        )
     if isinstance(exc, TopologyMissing | BrokerAccessRefused):
         return str(exc)  # already in words, naming the user, the virtual host and the resource
     if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
@@ -122,6 +128,9 @@ def describe_broker_error(exc: BaseException, amqp_url: str) -> str:
     url = URL(amqp_url)
     where = f"RabbitMQ at {url.host}:{url.port}"
     user = url.user or "guest"
+    tls = describe_tls_failure(exc, "RabbitMQ", f"{url.host}:{url.port}", ca_file)
+    if tls is not None:
+        return tls
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return f"{where} refused the login of user {user!r}: wrong user name or password"
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
@@ -360,6 +369,28 @@ async def declare_consumer_queue(
 
 RECONNECT_INTERVAL_S = 1.0
 
+
+def broker_tls_context(settings: CommonSettings) -> ssl.SSLContext | None:
+    """For amqps:// nodes: verifies each node's certificate chain against HAVIP_AMQP_CA_FILE (else the system's
+    CAs) and its host name against the URL's, TLS 1.2 or later; None for amqp://."""
+    if not settings.amqp_tls:
+        return None
+    return client_context(settings.amqp_ca_file)
+
+
+def cluster_connection(
+    settings: CommonSettings, source: str, first: int = 0, context: ssl.SSLContext | None = None
+) -> ClusterConnection:
+    """A ClusterConnection to the configured nodes, over TLS for amqps:// ones (`context`, else
+    broker_tls_context's), named `source` on the broker."""
+    return ClusterConnection(
+        settings.amqp_urls,
+        first,
+        ssl_context=context or broker_tls_context(settings),
+        client_properties={"connection_name": source},
+    )
+
+
 PUBLISHES_NACKED = Counter(
     "havip_broker_publishes_nacked_total",
     "Publishes RabbitMQ refused (nack); each time the publishing channel is replaced by a new one",
@@ -431,6 +462,7 @@ class Broker:
         self._checks_topology = False  # its user may not declare the exchanges (said once)
         self._replacing = asyncio.Lock()
         self._publishing: AbstractChannel | None = None
+        self._tls = broker_tls_context(settings)  # one context for every connection (its CAs read once)
 
     async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = WAIT_MAX_S) -> bool:
         """Connect at start-up, for as long as it takes (False: `stop` was set first); later reconnects are the
@@ -441,7 +473,7 @@ class Broker:
                 self._open,
                 what="RabbitMQ",
                 unavailable=is_broker_unavailable,
-                describe=lambda exc: describe_broker_error(exc, self.settings.amqp_urls[0]),
+                describe=lambda exc: describe_broker_error(exc, self.settings.amqp_urls[0], self._ca_file),
                 stop=stop,
                 max_delay_s=max_delay_s,
                 logger=log,
@@ -458,15 +490,18 @@ class Broker:
             first = (self._first_node + turn) % len(urls)
             # connect_robust, unrolled: a failed attempt's connection is closed here, not left to the collector
             # (whose close() may find no loop to run on: "coroutine 'RobustConnection.close' was never awaited").
-            connection = ClusterConnection(urls, first, client_properties={"connection_name": self.source})
+            connection = cluster_connection(self.settings, self.source, first, self._tls)
             try:
                 await connection.connect()
                 self._publishing, self._exchange = await self._topology(connection)
-            except Exception as exc:
+            except Exception as failed:
                 with contextlib.suppress(Exception):
                     await connection.close()
+                exc = await self._named(failed, urls[first])
                 if len(urls) == 1 or not is_broker_unavailable(exc):
-                    raise
+                    if exc is failed:
+                        raise
+                    raise exc from failed
                 failures.append((urls[first], exc))
                 continue
             except BaseException:
@@ -481,6 +516,18 @@ class Broker:
             return True
         self._first_node += 1
         raise NoBrokerNode(sorted(failures, key=lambda failure: urls.index(failure[0])))  # said the same each time
+
+    @property
+    def _ca_file(self) -> str | None:
+        return None if self.settings.amqp_ca_file is None else str(self.settings.amqp_ca_file)
+
+    async def _named(self, exc: Exception, url: str) -> Exception:
+        """A certificate for other host names than the node's, as CertificateNotForHost naming them."""
+        if self._tls is None:
+            return exc
+        node = URL(url)
+        named = await naming_the_certificate(exc, node.host, node.port, self._tls)
+        return named if isinstance(named, Exception) else exc
 
     async def _topology(self, connection: AbstractRobustConnection) -> tuple[AbstractChannel, AbstractExchange]:
         """A publishing channel and the event exchange on it: the exchanges and the dead-letter queue declared,

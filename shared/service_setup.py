@@ -14,10 +14,10 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from shared.db import ensure_database
 from shared.messaging import (
     Broker,
-    ClusterConnection,
     QueueArgumentsDiffer,
     QueueSpec,
     close_quietly,
+    cluster_connection,
     declare_consumer_queue,
     declare_topology,
 )
@@ -92,7 +92,7 @@ async def _replace_differing_dead_letter_queue(settings: CommonSettings, source:
     """The dead-letter queue is declared by every process as it connects: one of another kind (a classic queue
     where quorum queues are configured now) would stop the connection itself, so it is replaced first, while it
     is empty and unused."""
-    connection = ClusterConnection(settings.amqp_urls, client_properties={"connection_name": source})
+    connection = cluster_connection(settings, source)
     await connection.connect()
     try:
         channel = await connection.channel()

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal, TextIO
+from pathlib import Path
+from typing import Literal, Self, TextIO
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
 from shared.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS
+from shared.tls import check_ca_file
 
 # The AMQP heartbeat asked of a cluster's nodes unless one is configured: with RabbitMQ's net_ticktime = 10 a
 # frozen node's clients leave it within about 15 s (60 s by RabbitMQ's own suggestion).
 CLUSTER_HEARTBEAT_S = 5
+
+# aiormq's TLS options in a URL's query: the services take TLS from HAVIP_AMQP_CA_FILE instead, the same for every
+# node, and never switch verification off.
+URL_TLS_OPTIONS = ("cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl")
 
 # The exit status of a service started with a configuration it cannot run with.
 EXIT_INVALID_SETTINGS = 2
@@ -34,6 +41,9 @@ class CommonSettings(BaseSettings):
     # nodes and survive the loss of one; classic ones live on one node. `auto`: quorum when HAVIP_AMQP_URL
     # names several nodes. (Queues with a single active consumer are quorum queues in every case.)
     amqp_queue_type: Literal["auto", "classic", "quorum"] = "auto"
+    # The CA certificates (PEM) that amqps:// nodes are verified against — the chain and the host name in the
+    # URL; unset: the system's. Only with amqps:// URLs; verification cannot be switched off.
+    amqp_ca_file: Path | None = None
     # Prefix for every exchange and queue name, so that tests and parallel deployments never share them.
     amqp_prefix: str = ""
     # One Postgres, or a primary and its standbys as libpq's multi-host URL with target_session_attrs=read-write
@@ -58,6 +68,37 @@ class CommonSettings(BaseSettings):
     def _broker_addresses(cls, value: str) -> str:
         broker_urls(value)  # raises ValueError, in words, for a list it cannot use
         return value
+
+    @field_validator("database_url", "database_monitor_url")
+    @classmethod
+    def _database_ca(cls, value: str | None) -> str | None:
+        """The CA file a URL names (sslrootcert), checked at start rather than at the first connection."""
+        if value is not None:
+            root = parse_qs(urlsplit(value).query).get("sslrootcert")
+            if root and root[0] != "system":
+                check_ca_file(root[0])
+        return value
+
+    @field_validator("amqp_ca_file")
+    @classmethod
+    def _readable_ca(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            check_ca_file(value)
+        return value
+
+    @model_validator(mode="after")
+    def _ca_only_with_tls(self) -> Self:
+        if self.amqp_ca_file is not None and not self.amqp_tls:
+            raise ValueError(
+                "HAVIP_AMQP_CA_FILE is set but HAVIP_AMQP_URL names amqp:// nodes (no TLS): use amqps:// "
+                "(RabbitMQ's TLS port, 5671 by default), or unset HAVIP_AMQP_CA_FILE"
+            )
+        return self
+
+    @property
+    def amqp_tls(self) -> bool:
+        """Whether the nodes are reached over TLS (amqps://: all of them, or none — broker_urls)."""
+        return URL(broker_urls(self.amqp_url)[0]).scheme == "amqps"
 
     @property
     def amqp_urls(self) -> tuple[str, ...]:
@@ -110,6 +151,7 @@ def broker_urls(value: str) -> tuple[str, ...]:
     if not urls:
         raise ValueError("no broker URL given")
     users_and_vhosts = set()
+    schemes = set()
     for n, url in enumerate(urls, start=1):
         try:
             parsed = URL(url)
@@ -118,6 +160,16 @@ def broker_urls(value: str) -> tuple[str, ...]:
         if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
             raise ValueError(f"broker URL {n} is not amqp://host[:port]/vhost or amqps://…")
         users_and_vhosts.add((parsed.user, parsed.path))
+        schemes.add(parsed.scheme)
+        options = [option for option in URL_TLS_OPTIONS if option in parsed.query]
+        if options:
+            raise ValueError(
+                f"broker URL {n} sets {', '.join(options)}: TLS is configured by amqps:// and HAVIP_AMQP_CA_FILE "
+                "(the CA the nodes are verified against), the same for every node; verification cannot be "
+                "switched off"
+            )
+    if len(schemes) > 1:
+        raise ValueError("some broker URLs are amqps:// and others amqp://: TLS to every node, or to none")
     if len(users_and_vhosts) > 1:
         raise ValueError("the broker URLs name different users or virtual hosts: they must be one cluster's nodes")
     return urls

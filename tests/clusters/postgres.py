@@ -53,10 +53,14 @@ class PostgresHA:
         ports: dict[str, int] | None = None,
         database: str = "havip",
         timeout: float = 180.0,
+        tls_dir: Path | None = None,
     ) -> None:
         """`ports`: monitor, node1 and node2 (25801, 25811, 25812 unless given); `database` is created on the
-        first start; `timeout`: the deadline of every wait until healthy, in seconds."""
+        first start; `timeout`: the deadline of every wait until healthy, in seconds; `tls_dir`: ca.pem,
+        server.pem (for 127.0.0.1) and server-key.pem, to create the cluster with TLS (the script's
+        PGHA_TLS_DIR), its DSNs then asking sslmode=verify-full against that CA."""
         self.workdir = Path(workdir).resolve()
+        self.tls_dir = tls_dir
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
         self.database = database
         self.timeout = timeout
@@ -97,11 +101,23 @@ class PostgresHA:
     def dsn(self, database: str | None = None) -> str:
         """Both nodes, the writable one wherever it is: for clients that reconnect on error."""
         hosts = ",".join(f"127.0.0.1:{self.ports[name]}" for name in NODES)
-        return f"postgresql://postgres@{hosts}/{database or self.database}?target_session_attrs=read-write"
+        dsn = f"postgresql://postgres@{hosts}/{database or self.database}?target_session_attrs=read-write"
+        return dsn + (f"&{self.tls_query}" if self.tls_query else "")
 
     def node_dsn(self, name: str, database: str | None = None) -> str:
         """One node, whatever its role (to read what a standby has)."""
-        return f"postgresql://postgres@127.0.0.1:{self.ports[name]}/{database or self.database}"
+        dsn = f"postgresql://postgres@127.0.0.1:{self.ports[name]}/{database or self.database}"
+        return dsn + (f"?{self.tls_query}" if self.tls_query else "")
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA the nodes' certificate is verified against, as the script keeps it (None without TLS)."""
+        return self.workdir / "tls" / "ca.pem" if self.tls_dir is not None else None
+
+    @property
+    def tls_query(self) -> str:
+        """`sslmode=verify-full&sslrootcert=…` with TLS, else empty."""
+        return f"sslmode=verify-full&sslrootcert={self.ca_file}" if self.ca_file is not None else ""
 
     def monitor_dsn(self) -> str:
         return f"postgresql://autoctl_node@127.0.0.1:{self.ports['monitor']}/pg_auto_failover"
@@ -159,6 +175,7 @@ class PostgresHA:
             "PGHA_NODE2_PORT": str(self.ports["node2"]),
             "PGHA_DBNAME": self.database,
             "PGHA_TIMEOUT": str(int(self.timeout)),
+            **({"PGHA_TLS_DIR": str(self.tls_dir)} if self.tls_dir is not None else {}),
             # pg_auto_failover's own monitor timings instead of the script's, to compare (see the script)
             **{k: v for k, v in os.environ.items() if k == "PGHA_MONITOR_TIMINGS"},
             **(env or {}),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -58,9 +59,15 @@ def node_number(name: str) -> int:
 class RabbitCluster:
     """The cluster whose config, data, logs and PID files are in `workdir` (see scripts/rabbitmq-cluster.sh)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, port_base: int | None = None, tls_dir: Path | None = None) -> None:
+        """`port_base`: the script's HAVIP_RABBIT_CLUSTER_PORT_BASE (its default, 25700, unless given; kept in
+        `workdir` after the first start); `tls_dir`: ca.pem, server.pem and server-key.pem, for a TLS listener on
+        each node (HAVIP_RABBIT_CLUSTER_TLS_DIR), whose amqps:// URLs are `tls_urls`."""
         self.workdir = workdir
+        self.port_base = port_base
+        self.tls_dir = tls_dir
         self.urls: list[str] = []
+        self.tls_urls: list[str] = []
         self.started_in_s = 0.0  # from `start` until the three nodes ran in one cluster
         self._frozen: set[int] = set()
 
@@ -74,9 +81,10 @@ class RabbitCluster:
             raise
         self.started_in_s = time.monotonic() - began
         self.urls = [line for line in out.splitlines() if line.startswith("amqp://")]
-        if len(self.urls) != len(NODES):
+        self.tls_urls = [line for line in out.splitlines() if line.startswith("amqps://")]
+        if len(self.urls) != len(NODES) or len(self.tls_urls) != (len(NODES) if self.tls_dir else 0):
             self.stop()
-            raise ClusterCommandError(f"start printed {self.urls!r}, not three AMQP URLs")
+            raise ClusterCommandError(f"start printed {out.splitlines()!r}, not the URLs of three nodes")
         for n in NODES:
             service_logs.follow(f"rabbitmq node {n}", self.log(n))
         return self
@@ -170,9 +178,14 @@ class RabbitCluster:
     def _script(
         self, command: str, *args: str, timeout: float = COMMAND_TIMEOUT_S
     ) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ)
+        if self.port_base is not None:
+            env["HAVIP_RABBIT_CLUSTER_PORT_BASE"] = str(self.port_base)
+        if self.tls_dir is not None:
+            env["HAVIP_RABBIT_CLUSTER_TLS_DIR"] = str(self.tls_dir)
         return subprocess.run(
             [str(SCRIPT), command, str(self.workdir), *args],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            capture_output=True, text=True, timeout=timeout, check=False, env=env,
         )  # fmt: skip
 
     def _run(self, command: str, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> str:

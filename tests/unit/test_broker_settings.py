@@ -19,7 +19,7 @@ def test_one_url_is_one_node() -> None:
 
 
 def test_a_cluster_is_its_nodes_in_the_order_given() -> None:
-    nodes = [ONE, "amqp://havip:secret@10.0.0.2:5672/havip", " amqps://havip:secret@10.0.0.3:5671/havip "]
+    nodes = [ONE, "amqp://havip:secret@10.0.0.2:5672/havip", " amqp://havip:secret@10.0.0.3:5672/havip "]
     settings = CommonSettings(amqp_url=",".join(nodes))
     assert settings.amqp_urls == tuple(f"{node.strip()}?heartbeat=5" for node in nodes)
 
