@@ -81,7 +81,7 @@ async def clustered_sandbox(label: str) -> AsyncIterator[Sandbox]:
     rabbit_base = os.environ.get("HAVIP_BENCH_RABBIT_PORT_BASE", "27700")
     pg_base = int(os.environ.get("HAVIP_BENCH_PG_PORT_BASE", "27800"))
     workdir = Path(tempfile.mkdtemp(prefix=f"havip-bench-{label}-engines-"))
-    workdir.chmod(0o755)  # Postgres runs as user postgres, under it
+    os.chmod(workdir, 0o755)  # Postgres runs as user postgres, under it
     previous = os.environ.get("HAVIP_RABBIT_CLUSTER_PORT_BASE")
     os.environ["HAVIP_RABBIT_CLUSTER_PORT_BASE"] = rabbit_base
     try:
