@@ -524,6 +524,7 @@ async def the_outcome(soak: Soak, system: System, events: EventLog) -> dict[str,
     }
     expected_bindings = {h: ("BOUND", last) for h in ids}
     views: dict[str, dict[str, int]] = {}
+    wrong_in_views: set[str] = set()
     for allocator in ALLOCATORS:
 
         def agrees(name: str = allocator) -> bool:
@@ -535,6 +536,7 @@ async def the_outcome(soak: Soak, system: System, events: EventLog) -> dict[str,
                 lambda: asyncio.to_thread(agrees), timeout=60, interval=1.0, what=f"{allocator}'s view"
             )
         bindings, shown_histories = await asyncio.to_thread(shown, system, allocator, soak.havips)
+        wrong_in_views.update(h for h in ids if bindings[h] != expected_bindings[h])
         views[allocator] = {
             "holders_not_the_last_claimant": sum(bindings[h] != expected_bindings[h] for h in ids),
             "histories_unlike_the_binding's": sum(shown_histories[h] != binding_histories[h] for h in ids),
@@ -550,7 +552,7 @@ async def the_outcome(soak: Soak, system: System, events: EventLog) -> dict[str,
         "lost_examples": [f"{h} round {n}" for h, n in lost[:10]],
         "duplicated_transitions": len(duplicated_rounds),
         "duplicated_events": sum(len(v) > 1 for v in by_sequence.values()),
-        "wrong_final_holder": len(set(wrong_holder) | set(wrong_rows)),
+        "wrong_final_holder": len(set(wrong_holder) | set(wrong_rows) | wrong_in_views),
         "transitions_outside_every_round": stray,
         "histories": histories,
         "events": {
@@ -908,6 +910,7 @@ def main() -> int:
     parser.add_argument("--max-minutes", type=float, default=90.0, help="rounds stop after this long (90)")
     parser.add_argument("--rabbit-port-base", type=int, default=25900, help="the broker cluster's ports (25900)")
     parser.add_argument("--pg-port-base", type=int, default=25850, help="the Postgres nodes' ports (25850)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs of a run that passed")
     parser.add_argument("--json", action="store_true", help="the result as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -929,6 +932,8 @@ def main() -> int:
         pg_port_base=args.pg_port_base,
     )
     workdir = Path(tempfile.mkdtemp(prefix="havip-bench-soak-"))  # the services' logs: kept if the run fails
+    for sub in ("lab", "services"):
+        (workdir / sub).mkdir()
     try:
         result = asyncio.run(interruptible(run(options, workdir)))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -939,11 +944,12 @@ def main() -> int:
         say(f"the soak failed: {exc!r}; everything it made was torn down; the services' logs are in {workdir}")
         return 2
     lines, good = report(result)
-    if good:
+    if good and not args.keep_logs:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         say(f"the services' logs are in {workdir}")
     if args.json:
+        say("\n".join(lines))
         print(json.dumps(result, indent=2, default=str))
     else:
         print("\n".join(lines))
