@@ -917,8 +917,8 @@ def main() -> int:
         parser.error("run as root: the lab's namespaces and both engines' scripts need it")
     if not 2 <= args.havips <= 4000:
         parser.error("--havips must be 2..4000")
-    if args.failovers < args.havips:
-        parser.error("--failovers must be at least --havips (one round)")
+    if not args.havips <= args.failovers <= 999 * args.havips:
+        parser.error("--failovers must be 1 to 999 rounds of --havips (the API shows 1,000 transitions a page)")
     options = Options(
         havips=args.havips,
         failovers=args.failovers,
