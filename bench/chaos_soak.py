@@ -28,7 +28,9 @@ What one run does — tests/e2e/test_chaos.py scaled up, on engines and a lab of
      restarted if it stays cut off (partition handling `ignore`), mended once the three run in one cluster;
    - *Postgres primary killed*: kill -9 the primary's whole node; once the standby is promoted the node is
      started again, mended once `wait_healthy` passes (primary, secondary, synchronous standby);
-   - *binding replica*, *watcher*, *allocator killed*: kill -9 one (in turn), started again, mended when ready;
+   - *binding replica*, *watcher*, *allocator killed*: kill -9 one (in turn), started again, mended when ready
+   (`--faults` takes a part of the cycle: broker-kill, postgres-kill, binding-kill, broker-freeze, watcher-kill,
+   allocator-kill);
 5. the outcome, checked as test_chaos checks it: each transition is attributed to the round whose burst its
    claim was captured in (`captured_ns`, the watcher's kernel time); **lost** = a round that should have moved a
    HAVIP and committed no transition for it, **duplicated** = more than one transition of a HAVIP in one round,
@@ -112,6 +114,15 @@ FAULTS = (
     ("watcher killed", "watcher"),
     ("allocator killed", "allocator"),
 )
+
+FAULT_NAMES = {
+    "broker node killed": "broker-kill",
+    "Postgres primary killed": "postgres-kill",
+    "binding replica killed": "binding-kill",
+    "broker node frozen": "broker-freeze",
+    "watcher killed": "watcher-kill",
+    "allocator killed": "allocator-kill",
+}
 
 FAILOVER_ERRORS = (
     OSError,
@@ -226,8 +237,10 @@ class Chaos:
         every_s: float,
         freeze_s: float,
         max_faults: int,
+        kinds: tuple[str, ...],
     ) -> None:
         self.system, self.rabbit, self.postgres, self.prefix = system, rabbit, postgres, prefix
+        self.cycle = tuple((kind, tier) for kind, tier in FAULTS if kind in kinds)
         self.every_s, self.freeze_s, self.max_faults = every_s, freeze_s, max_faults
         self.faults: list[Fault] = []
         self.next_kind = 0
@@ -239,7 +252,7 @@ class Chaos:
     def due(self) -> bool:
         if len(self.faults) >= self.max_faults or time.monotonic() - self.last_at < self.every_s:
             return False
-        _, tier = FAULTS[self.next_kind % len(FAULTS)]
+        _, tier = self.cycle[self.next_kind % len(self.cycle)]
         task = self.busy.get(tier)
         return task is None or task.done()
 
@@ -253,7 +266,7 @@ class Chaos:
         return name
 
     async def inject(self, round_: int) -> Fault:
-        kind, tier = FAULTS[self.next_kind % len(FAULTS)]
+        kind, tier = self.cycle[self.next_kind % len(self.cycle)]
         self.next_kind += 1
         fault = Fault(kind, tier, round=round_)
         if kind == "broker node killed":
@@ -680,6 +693,7 @@ class Options:
     max_minutes: float
     round_every_s: float
     reference_rounds: int
+    faults: tuple[str, ...]
     rabbit_port_base: int
     pg_port_base: int
 
@@ -777,6 +791,7 @@ async def with_services(
             every_s=options.fault_every_s,
             freeze_s=options.freeze_s,
             max_faults=options.max_faults,
+            kinds=options.faults,
         )
         try:
 
@@ -915,6 +930,11 @@ def main() -> int:
     parser.add_argument(
         "--reference-rounds", type=int, default=5, help="rounds before the first fault: the reference (5)"
     )
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULT_NAMES.values()),
+        help=f"which faults, in the cycle's order, of {','.join(FAULT_NAMES.values())} (all)",
+    )
     parser.add_argument("--round-deadline", type=float, default=180.0, help="a round's deadline, s (180)")
     parser.add_argument("--max-faults", type=int, default=2_000, help="at most this many faults (2,000)")
     parser.add_argument("--max-minutes", type=float, default=90.0, help="rounds stop after this long (90)")
@@ -929,6 +949,10 @@ def main() -> int:
         parser.error("--havips must be 2..4000")
     if not args.havips <= args.failovers <= 999 * args.havips:
         parser.error("--failovers must be 1 to 999 rounds of --havips (the API shows 1,000 transitions a page)")
+    names = args.faults.split(",")
+    if not set(names) <= set(FAULT_NAMES.values()):
+        parser.error(f"--faults: choose among {','.join(FAULT_NAMES.values())}")
+    faults = tuple(kind for kind, _ in FAULTS if FAULT_NAMES[kind] in names)
     options = Options(
         havips=args.havips,
         failovers=args.failovers,
@@ -939,6 +963,7 @@ def main() -> int:
         max_minutes=args.max_minutes,
         round_every_s=args.round_every,
         reference_rounds=args.reference_rounds,
+        faults=faults,
         rabbit_port_base=args.rabbit_port_base,
         pg_port_base=args.pg_port_base,
     )
