@@ -450,6 +450,57 @@ def shown(system: System, allocator: str, havips: dict[str, str]) -> tuple[dict[
     return bindings, histories
 
 
+@dataclass(frozen=True)
+class Committed:
+    """One committed transition: its claim's kernel capture time, its new holder, its commit time."""
+
+    captured_ns: int
+    to_id: str
+    committed_ns: int
+
+
+@dataclass
+class Attribution:
+    lost: list[tuple[str, int]] = field(default_factory=list)  # (HAVIP, round) moved by nothing
+    duplicated: list[tuple[str, int]] = field(default_factory=list)  # (HAVIP, round) moved twice or more
+    foreign: list[tuple[str, int]] = field(default_factory=list)  # a transition to another than the claimant
+    wrong_holder: list[str] = field(default_factory=list)  # the last transition not to the last claimant
+    caused: int = 0  # a round's claimant not the holder before it (the first round excluded)
+    stray: int = 0  # transitions captured before the first round
+    commits: dict[int, list[int]] = field(default_factory=dict)  # round index -> its transitions' commit times
+
+
+def attribute(starts: list[int], claimants: list[str], history: dict[str, list[Committed]]) -> Attribution:
+    """Each transition to the round whose burst its claim was captured in (round i: from `starts[i]` to the next
+    start; `claimants[i]` sent it); per HAVIP, a round that should have moved it (its claimant not the holder
+    after the rounds before) and moved nothing is lost, one that moved it more than once duplicated."""
+    found = Attribution()
+    for havip, transitions in history.items():
+        per_round: dict[int, list[Committed]] = {}
+        for t in transitions:
+            index = bisect.bisect_right(starts, t.captured_ns) - 1
+            if index < 0:
+                found.stray += 1
+                continue
+            per_round.setdefault(index, []).append(t)
+            found.commits.setdefault(index, []).append(t.committed_ns)
+        holder: str | None = None
+        for index, claimant in enumerate(claimants):
+            moved = per_round.get(index, [])
+            if holder != claimant:
+                found.caused += index > 0
+                if not moved:
+                    found.lost.append((havip, index))
+            if len(moved) > 1:
+                found.duplicated.append((havip, index))
+            found.foreign.extend((havip, index) for t in moved if t.to_id != claimant)
+            if moved:
+                holder = moved[-1].to_id
+        if holder != claimants[-1]:
+            found.wrong_holder.append(havip)
+    return found
+
+
 async def the_outcome(soak: Soak, system: System, events: EventLog) -> dict[str, Any]:
     db = soak.db
     ids = set(soak.havips.values())
@@ -463,41 +514,15 @@ async def the_outcome(soak: Soak, system: System, events: EventLog) -> dict[str,
     for r in rows:
         history.setdefault(r["havip"], []).append(r)
     rounds = soak.rounds
-    starts = [r.sent_ns for r in rounds]
-
-    def round_of(captured_ns: int) -> int | None:
-        index = bisect.bisect_right(starts, captured_ns) - 1
-        return None if index < 0 else index
-
-    per_round: dict[tuple[str, int], list[asyncpg.Record]] = {}
-    stray = 0
-    for havip, found in history.items():
-        for r in found:
-            index = round_of(int(r["captured_ns"]))
-            if index is None:
-                stray += 1
-            else:
-                per_round.setdefault((havip, index), []).append(r)
-    lost: list[tuple[str, int]] = []
-    duplicated_rounds: list[tuple[str, int]] = []
-    wrong_holder: list[str] = []
-    caused = 0
-    for havip in ids:
-        holder: str | None = None
-        for index, rnd in enumerate(rounds):
-            claimant = soak.instances[rnd.claimant]
-            moved = per_round.get((havip, index), [])
-            if holder != claimant:
-                if index > 0:
-                    caused += 1
-                if not moved:
-                    lost.append((havip, rnd.number))
-            if len(moved) > 1:
-                duplicated_rounds.append((havip, rnd.number))
-            if moved:
-                holder = moved[-1]["to_id"]
-        if holder != soak.instances[rounds[-1].claimant]:
-            wrong_holder.append(havip)
+    found_per_round = attribute(
+        [r.sent_ns for r in rounds],
+        [soak.instances[r.claimant] for r in rounds],
+        {
+            h: [Committed(int(r["captured_ns"]), r["to_id"], int(r["committed_ns"])) for r in found]
+            for h, found in history.items()
+            if h in ids
+        },
+    )
     # The binding rows: each HAVIP held by the last claimant.
     bound = {
         r["havip"]: r["instance"]
@@ -556,18 +581,16 @@ async def the_outcome(soak: Soak, system: System, events: EventLog) -> dict[str,
             "histories_unlike_the_binding's": sum(shown_histories[h] != binding_histories[h] for h in ids),
         }
     refused = int(await db.fetchval("SELECT count(*) FROM binding.rejected_claims"))
-    per_round_commits: dict[int, list[int]] = {}
-    for (_, index), found in per_round.items():
-        per_round_commits.setdefault(index, []).extend(int(r["committed_ns"]) for r in found)
     return {
         "transitions": sum(len(found) for found in history.values()),
-        "failovers_caused": caused,
-        "lost": len(lost),
-        "lost_examples": [f"{h} round {n}" for h, n in lost[:10]],
-        "duplicated_transitions": len(duplicated_rounds),
+        "failovers_caused": found_per_round.caused,
+        "lost": len(found_per_round.lost),
+        "lost_examples": [f"{h} round {n}" for h, n in found_per_round.lost[:10]],
+        "duplicated_transitions": len(found_per_round.duplicated),
+        "transitions_to_another_than_the_claimant": len(found_per_round.foreign),
         "duplicated_events": sum(len(v) > 1 for v in by_sequence.values()),
-        "wrong_final_holder": len(set(wrong_holder) | set(wrong_rows) | wrong_in_views),
-        "transitions_outside_every_round": stray,
+        "wrong_final_holder": len(set(found_per_round.wrong_holder) | set(wrong_rows) | wrong_in_views),
+        "transitions_outside_every_round": found_per_round.stray,
         "histories": histories,
         "events": {
             "received": sum(len(v) for v in by_sequence.values()),
@@ -579,7 +602,7 @@ async def the_outcome(soak: Soak, system: System, events: EventLog) -> dict[str,
         "allocator_outbox_left": int(await db.fetchval("SELECT count(*) FROM allocator.outbox")),
         "views": views,
         "refused_claims_audited": refused,
-        "per_round_commits": per_round_commits,
+        "per_round_commits": found_per_round.commits,
         "captured_committed": [(int(r["captured_ns"]), int(r["committed_ns"])) for r in rows],
     }
 
@@ -879,6 +902,7 @@ def report(result: dict[str, Any]) -> tuple[list[str], bool]:
         and out["duplicated_events"] == 0
         and out["wrong_final_holder"] == 0
         and out["transitions_outside_every_round"] == 0
+        and out["transitions_to_another_than_the_claimant"] == 0
         and histories_ok(out["histories"])
         and all(v == 0 for k, v in out["events"].items() if k != "received")
         and out["outbox_left"] == 0
