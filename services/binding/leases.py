@@ -49,6 +49,10 @@ _TRY = """
     WHERE pg_try_advisory_lock($1, p) ORDER BY n LIMIT $3"""
 
 
+# The longest wait between two attempts to open the lease session again.
+LEASE_RECONNECT_MAX_S = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseSettings:
     database_url: str
@@ -174,6 +178,9 @@ class PartitionLeases:
             unavailable=database_or_network_away,
             describe=lambda exc: describe_database_error(exc, s.database_url),
             stop=stop,
+            # Without its lease session a replica decides nothing: after a Postgres failover it must be back as
+            # soon as the standby is promoted, not up to half a minute later.
+            max_delay_s=LEASE_RECONNECT_MAX_S,
             logger=log,
         )
         self._conn = conn
