@@ -4,11 +4,15 @@ service first runs, so that no event published before then is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import aiormq
+import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared.db import ensure_database
@@ -23,6 +27,8 @@ from shared.messaging import (
 )
 from shared.migrations import apply_migrations
 from shared.settings import CommonSettings
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,9 @@ async def migrate_service(
     version consumed and this one does not, deleted while they are empty and unused (else said, and kept)."""
     if await ensure_database(settings.database_url):
         log.info("created the database")
-    applied = await apply_migrations(settings.database_url, schema, migrations, settings.database_role)
+    applied = await _once_the_database_is_there(
+        lambda: apply_migrations(settings.database_url, schema, migrations, settings.database_role)
+    )
     log.info("migrations applied", extra={"applied": applied})
     await _replace_differing_dead_letter_queue(settings, f"{source}-migrate")
     broker = Broker(settings, f"{source}-migrate")
@@ -53,6 +61,24 @@ async def migrate_service(
     finally:
         await broker.close()
     return applied
+
+
+# How long a database just created may stay out of sight of a standby listed first in a multi-host URL.
+DATABASE_VISIBLE_WITHIN_S = 30.0
+
+
+async def _once_the_database_is_there(attempt: Callable[[], Awaitable[T]]) -> T:
+    """A multi-host URL's first host may be a standby that has not replayed the CREATE DATABASE yet: the driver
+    stops at its "does not exist" (a refusal of the database, not of the host) instead of trying the next host,
+    the primary. Tried again until the standby has it (bounded)."""
+    deadline = time.monotonic() + DATABASE_VISIBLE_WITHIN_S
+    while True:
+        try:
+            return await attempt()
+        except asyncpg.InvalidCatalogNameError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def declare_queues(broker: Broker, settings: CommonSettings, queues: Sequence[QueueSpec]) -> None:
