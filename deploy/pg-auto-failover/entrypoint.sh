@@ -108,10 +108,10 @@ SQL
 
 if [ "$role" = monitor ]; then
     set -- pg_autoctl create monitor --pgdata "$PGDATA" --pgport 5432 --hostname "$host" \
-        --auth trust --skip-pg-hba --no-ssl --pgctl "$(command -v pg_ctl)" --run
+        --skip-pg-hba --no-ssl --pgctl "$(command -v pg_ctl)" --run
 else
     set -- pg_autoctl create postgres --pgdata "$PGDATA" --pgport 5432 --hostname "$host" --name "$host" \
-        --listen '*' --dbname "$PG_AUTOCTL_DBNAME" --auth trust --skip-pg-hba --no-ssl \
+        --listen '*' --dbname "$PG_AUTOCTL_DBNAME" --skip-pg-hba --no-ssl \
         --pgctl "$(command -v pg_ctl)" --monitor "$PG_AUTOCTL_MONITOR" --run
 fi
 "$@" &
