@@ -58,6 +58,7 @@ class Images:
     rabbitmq: str = ""
     prometheus: str = ""
     haproxy: str = ""
+    pg_auto_failover: str = ""  # the ha profile's Postgres tier (deploy/pg-auto-failover), when asked for
     steps: list[tuple[str, str, float]] = field(default_factory=list)  # (what, "built" | "cached", seconds)
 
 
@@ -171,14 +172,20 @@ def ensure_base(images: Images) -> str:
     return name
 
 
-def ensure_standin(images: Images, base: str, standin: str) -> str:
+def ensure_standin(images: Images, base: str, standin: str, directory: Path | None = None) -> str:
+    """The image built from DIRECTORY's Containerfile (a stand-in of tests/deploy/standins by default) on the
+    Debian base, named after STANDIN."""
     started = time.monotonic()
-    directory = STANDINS / standin
+    directory = STANDINS / standin if directory is None else directory
     key = _digest([base, *_files_digest(directory, (p for p in directory.iterdir() if p.is_file()))])
     name = f"{REPOSITORY}/{standin}:{key}"
     cached = image_exists(name)
     if not cached:
-        podman("build", "--layers=false", "--build-arg", f"BASE={base}", "-t", name, str(directory), timeout=900)
+        podman(
+            "build", "--layers=false", "--build-arg", f"BASE={base}",
+            "-f", str(directory / "Containerfile"), "-t", name, str(directory),
+            timeout=900,
+        )  # fmt: skip
         _prune_other_tags(f"{REPOSITORY}/{standin}", name)
     _timed(images, f"{standin} stand-in", cached, started)
     return name
@@ -237,8 +244,10 @@ def ensure_app(images: Images, python: str, wheelhouse: Path) -> str:
     return name
 
 
-def ensure_images() -> Images:
-    """Every image the compose test needs, built only when missing."""
+def ensure_images(ha: bool = False) -> Images:
+    """Every image the compose test needs, built only when missing; with `ha`, also the image of the ha profile's
+    Postgres tier, from deploy/pg-auto-failover itself (its Containerfile takes the Debian base as BASE, as the
+    stand-ins do)."""
     images = Images()
     with _cache_lock():
         base = ensure_base(images)
@@ -247,16 +256,22 @@ def ensure_images() -> Images:
         images.rabbitmq = ensure_standin(images, base, "rabbitmq")
         images.prometheus = ensure_standin(images, base, "prometheus")
         images.haproxy = ensure_standin(images, base, "haproxy")
+        if ha:
+            images.pg_auto_failover = ensure_standin(
+                images, base, "pg-auto-failover", ROOT / "deploy/pg-auto-failover"
+            )
         images.havip = ensure_app(images, images.python, ensure_wheelhouse(images))
     return images
 
 
-if __name__ == "__main__":  # python -m tests.deploy.images: build (or find) them, and say what it cost
+if __name__ == "__main__":  # python -m tests.deploy.images [--ha]: build (or find) them, and say what it cost
     logging.basicConfig(level=logging.INFO)
     try:
-        made = ensure_images()
+        made = ensure_images(ha="--ha" in sys.argv[1:])
     except (PodmanError, RuntimeError) as exc:
         sys.exit(str(exc))
     for what, how, seconds in made.steps:
         print(f"{what:<22} {how:<7} {seconds:6.1f} s")
     print(made.havip, made.python, made.postgres, made.rabbitmq, made.prometheus, made.haproxy, sep="\n")
+    if made.pg_auto_failover:
+        print(made.pg_auto_failover)

@@ -27,6 +27,7 @@ from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+HA_COMPOSE_FILE = ROOT / "docker-compose.ha.yml"  # the ha profile's wiring (docs/deploy.md)
 # The services that keep running (migrate is one-shot; grafana is off: its profile is not enabled).
 LONG_RUNNING = (
     "postgres",
@@ -38,6 +39,15 @@ LONG_RUNNING = (
     "binding-2",
     "arp_watcher",
     "prometheus",
+)
+# With the ha profile: a RabbitMQ cluster and a pg_auto_failover pair in place of rabbitmq and postgres.
+RABBITMQ_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
+POSTGRES_NODES = ("pg-1", "pg-2")
+LONG_RUNNING_HA = (
+    *(service for service in LONG_RUNNING if service not in ("postgres", "rabbitmq")),
+    *RABBITMQ_NODES,
+    "pg-monitor",
+    *POSTGRES_NODES,
 )
 BINDINGS = ("binding", "binding-2")  # the binding service's replicas, each its own HAVIP_REPLICA_ID
 UP_TIMEOUT_S = 600.0  # generous: two shared cores, and RabbitMQ's first start
@@ -69,6 +79,10 @@ class ComposeStack:
     watcher_metrics_port: int = field(default_factory=free_port)
     # Not the default (8): the value the file passes on reaches every replica and the watcher.
     partitions: int = 6
+    # The ha profile (docker-compose.ha.yml too): the broker nodes' other two published ports.
+    ha: bool = False
+    amqp_port_2: int = field(default_factory=free_port)
+    amqp_port_3: int = field(default_factory=free_port)
     up_seconds: float = 0.0
     down_seconds: float = 0.0
     _service: PodmanService | None = None
@@ -93,7 +107,8 @@ class ComposeStack:
     def _prometheus_config(self) -> Path:
         """deploy/prometheus/prometheus.yml with the watcher's port of this run (host.docker.internal kept) and a
         1 s scrape interval, so that the test waits less."""
-        config: dict[str, Any] = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+        source = "prometheus-ha.yml" if self.ha else "prometheus.yml"
+        config: dict[str, Any] = yaml.safe_load((ROOT / "deploy/prometheus" / source).read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         for job in config["scrape_configs"]:
             if job["job_name"] == "arp_watcher":
@@ -136,6 +151,13 @@ class ComposeStack:
             "HAVIP_HOST_GATEWAY": host_address(),
             "HAVIP_PROMETHEUS_CONFIG": str(self._prometheus_config()),
         }
+        if self.ha:
+            values.update(
+                HAVIP_RABBITMQ_ERLANG_COOKIE=secrets.token_hex(24),
+                HAVIP_AMQP_PORT_2=str(self.amqp_port_2),
+                HAVIP_AMQP_PORT_3=str(self.amqp_port_3),
+                HAVIP_PG_AUTO_FAILOVER_IMAGE=self.images.pg_auto_failover,
+            )
         path = self.workdir / "compose.env"
         path.write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
         path.chmod(0o600)
@@ -146,10 +168,13 @@ class ComposeStack:
     def compose(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         assert self._service is not None, "the podman service is not running"
         # Nothing from the caller's environment decides what the stack gets: only the env file does (no
-        # COMPOSE_PROFILES: Grafana stays off).
+        # COMPOSE_PROFILES but the ha profile's when asked for: Grafana stays off).
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HAVIP_", "COMPOSE_", "DOCKER_"))}
         env.update(DOCKER_HOST=self._service.docker_host, COMPOSE_HTTP_TIMEOUT="300")
         argv = ["docker-compose", "--ansi", "never", "-p", self.project, "-f", str(COMPOSE_FILE)]
+        if self.ha:
+            env["COMPOSE_PROFILES"] = "ha"
+            argv += ["-f", str(HA_COMPOSE_FILE)]
         argv += ["--env-file", str(self.workdir / "compose.env"), *args]
         result = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
@@ -193,6 +218,16 @@ class ComposeStack:
 
     def exec(self, service: str, *argv: str) -> str:
         return podman("exec", self.inspect(service)["Id"], *argv, timeout=60).stdout
+
+    def kill(self, service: str) -> None:
+        """SIGKILL to the service's container (its processes die at once, as with a machine lost)."""
+        podman("kill", "--signal", "KILL", self.inspect(service)["Id"])
+
+    def start(self, service: str) -> None:
+        """Its container started again, unless its restart policy already did."""
+        container = self.inspect(service)
+        if not container["State"]["Running"]:
+            podman("start", container["Id"], check=False)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 

@@ -11,16 +11,19 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
 from yarl import URL
 
 from services.binding.watcher_users import watcher_user
+from shared.db import database_address
 from shared.events import DEFAULT_SEGMENT
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+HA_COMPOSE_FILE = ROOT / "docker-compose.ha.yml"  # the ha profile's wiring
 SECRETS = {
     "HAVIP_POSTGRES_PASSWORD": "pg-secret",
     "HAVIP_RABBITMQ_PASSWORD": "amqp-secret",
@@ -46,6 +49,11 @@ AMQP_USERS = {
     "arp_watcher": (f"havip-watcher-{DEFAULT_SEGMENT}", "HAVIP_RABBITMQ_WATCHER_PASSWORD"),
 }
 HAPROXY_CONFIG = ROOT / "deploy/haproxy/haproxy.cfg"
+# The ha profile's engines, in place of rabbitmq and postgres.
+RABBITMQ_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
+POSTGRES_NODES = ("pg-1", "pg-2")
+HA_ENGINES = (*RABBITMQ_NODES, "pg-monitor", *POSTGRES_NODES)
+HA_SECRET = "HAVIP_RABBITMQ_ERLANG_COOKIE"
 LONG_RUNNING = (
     "postgres",
     "rabbitmq",
@@ -58,16 +66,20 @@ LONG_RUNNING = (
 )
 
 
-def compose_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def compose_config(tmp_path: Path, env: dict[str, str], ha: bool = False) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` with exactly `env` as its variables (an env file of its own: never a .env lying
-    in the checkout, nor the caller's HAVIP_* variables)."""
+    in the checkout, nor the caller's HAVIP_* variables); with `ha`, docker-compose.ha.yml and the ha profile."""
     executable = shutil.which("docker-compose")
     assert executable is not None, "docker-compose not found: install the Debian package (scripts/setup.sh)"
     env_file = tmp_path / "compose.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()), encoding="utf-8")
     clean = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    files = ["-f", str(COMPOSE_FILE)]
+    if ha:
+        clean["COMPOSE_PROFILES"] = "ha"
+        files += ["-f", str(HA_COMPOSE_FILE)]
     return subprocess.run(
-        [executable, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config"],
+        [executable, *files, "--env-file", str(env_file), "config"],
         env=clean,
         capture_output=True,
         text=True,
@@ -138,10 +150,12 @@ def test_an_empty_secret_is_no_secret(tmp_path: Path) -> None:
 def test_the_services_and_the_grafana_profile(config: dict[str, Any]) -> None:
     services = config["services"]
     assert set(services) == {
-        *HAVIP_SERVICES, BALANCER, BROKER_USERS, "postgres", "rabbitmq", "prometheus", "grafana"
+        *HAVIP_SERVICES, BALANCER, BROKER_USERS, "postgres", "rabbitmq", "prometheus", "grafana", *HA_ENGINES
     }  # fmt: skip
-    assert {name for name, s in services.items() if s.get("profiles")} == {"grafana"}
+    assert {name for name, s in services.items() if s.get("profiles")} == {"grafana", *HA_ENGINES}
     assert services["grafana"]["profiles"] == ["grafana"]
+    for name in HA_ENGINES:  # off unless the ha profile is on
+        assert services[name]["profiles"] == ["ha"], name
 
 
 def test_start_up_order(config: dict[str, Any]) -> None:
@@ -294,7 +308,8 @@ def test_grafana_mounts_the_provisioning(config: dict[str, Any]) -> None:
 
 def test_env_example_names_every_variable_and_no_secret() -> None:
     # ${VAR…} is compose's; $${VAR} is left to the container's shell.
-    used = set(re.findall(r"(?<!\$)\$\{(\w+)", COMPOSE_FILE.read_text(encoding="utf-8")))
+    text = COMPOSE_FILE.read_text(encoding="utf-8") + HA_COMPOSE_FILE.read_text(encoding="utf-8")
+    used = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
     example = (ROOT / ".env.example").read_text(encoding="utf-8")
     named = set(re.findall(r"^#?(\w+)=", example, re.M))
     assert used - named == set(), "variables of docker-compose.yml that .env.example does not mention"
@@ -411,3 +426,115 @@ def test_each_process_logs_in_as_a_broker_user_the_one_shot_makes(tmp_path: Path
     )  # fmt: skip
     made = {line.split()[2].strip("'") for line in dry.stdout.splitlines() if line.split()[1] == "'add_user'"}
     assert made == {URL(services[name]["environment"]["HAVIP_AMQP_URL"]).user for name in HAVIP_SERVICES}
+
+
+# ---- the ha profile (docker-compose.yml's profile `ha` with docker-compose.ha.yml) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def ha_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    result = compose_config(tmp_path_factory.mktemp("compose-ha"), {**REQUIRED, HA_SECRET: "cookie-0123"}, ha=True)
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config
+
+
+def test_the_ha_profile_refuses_to_start_without_the_erlang_cookie(tmp_path: Path) -> None:
+    result = compose_config(tmp_path, REQUIRED, ha=True)
+    assert result.returncode != 0
+    assert HA_SECRET in result.stderr
+    # Without the profile nobody needs it: the default stack is as it was.
+    assert f"${{{HA_SECRET}" not in COMPOSE_FILE.read_text(encoding="utf-8")
+    assert compose_config(tmp_path, REQUIRED).returncode == 0
+
+
+def test_the_ha_profile_runs_a_broker_cluster_and_a_postgres_pair_in_place_of_one_each(
+    ha_config: dict[str, Any],
+) -> None:
+    services = ha_config["services"]
+    # Compose cannot remove a service in an override: scaled to 0, no container; depending on them is then met.
+    assert services["rabbitmq"]["scale"] == services["postgres"]["scale"] == 0
+    assert all(services[name].get("scale", 1) == 1 for name in (*HA_ENGINES, *HAVIP_SERVICES, BALANCER))
+    for name in RABBITMQ_NODES:
+        node = services[name]
+        assert node["hostname"] == name  # rabbit@<name>, as cluster.conf lists them
+        assert node["environment"][HA_SECRET] == "cookie-0123", name
+        mounts = bind_mounts(node)
+        assert mounts["/etc/rabbitmq/conf.d/20-havip-cluster.conf"] == str(ROOT / "deploy/rabbitmq/cluster.conf")
+        assert mounts["/etc/rabbitmq/enabled_plugins"] == str(ROOT / "deploy/rabbitmq/enabled_plugins")
+        assert mounts["/var/lib/rabbitmq"] == f"{name}-data", name  # a volume of its own
+        assert node["entrypoint"] == ["sh", "/usr/local/lib/havip/cluster-node.sh"]
+    published = {services[name]["ports"][0].split(":")[1] for name in RABBITMQ_NODES}
+    assert published == {"5672", "5673", "5674"}
+    conf = dict(
+        line.split(" = ", 1)
+        for line in (ROOT / "deploy/rabbitmq/cluster.conf").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    )
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == {f"rabbit@{name}" for name in RABBITMQ_NODES}
+    assert conf["net_ticktime"] == "10"
+    assert "rabbitmq_prometheus" in (ROOT / "deploy/rabbitmq/enabled_plugins").read_text(encoding="utf-8")
+    for name in ("pg-monitor", *POSTGRES_NODES):
+        assert services[name]["hostname"] == name
+        assert bind_mounts(services[name])["/var/lib/postgresql"] == f"{name}-data", name
+    assert services["pg-monitor"]["command"] == ["monitor"]
+    for name in POSTGRES_NODES:
+        environment = services[name]["environment"]
+        assert services[name]["command"] == ["node"]
+        assert URL(environment["PG_AUTOCTL_MONITOR"]).host == "pg-monitor"
+        assert environment["POSTGRES_PASSWORD"] == SECRETS["HAVIP_POSTGRES_PASSWORD"]
+        assert services[name]["depends_on"] == {"pg-monitor": {"condition": "service_healthy"}}
+        assert "ports" not in services[name]  # not published
+    for name in HA_ENGINES:
+        test = services[name]["healthcheck"]["test"]
+        assert (test[0] == "CMD-SHELL" and len(test) == 2) or not any(" " in arg for arg in test[1:]), name
+
+
+def test_in_the_ha_profile_every_service_has_every_node(ha_config: dict[str, Any]) -> None:
+    services = ha_config["services"]
+    healthy = {"condition": "service_healthy"}
+    for name in HAVIP_SERVICES:
+        environment = services[name]["environment"]
+        user, password = AMQP_USERS[name]
+        urls = [URL(url) for url in environment["HAVIP_AMQP_URL"].split(",")]
+        assert {(url.user, url.password, url.path) for url in urls} == {(user, SECRETS[password], "/")}, name
+        if name == "arp_watcher":  # on the host network: the nodes' published ports
+            assert [(url.host, url.port) for url in urls] == [("127.0.0.1", p) for p in (5672, 5673, 5674)]
+            assert "HAVIP_DATABASE_URL" not in environment
+        else:
+            assert [(url.host, url.port) for url in urls] == [(node, 5672) for node in RABBITMQ_NODES], name
+            database = environment["HAVIP_DATABASE_URL"]
+            assert database_address(database).hosts == ("pg-1:5432", "pg-2:5432"), name
+            assert parse_qs(urlsplit(database).query)["target_session_attrs"] == ["read-write"], name
+        assert environment["HAVIP_AMQP_HEARTBEAT_S"] == "5", name
+    for name in BINDINGS:
+        assert URL(services[name]["environment"]["HAVIP_DATABASE_MONITOR_URL"]).host == "pg-monitor", name
+    assert services[ALLOCATORS[0]] == services[ALLOCATORS[1]]
+    # migrate waits for a primary with its synchronous standby (both nodes healthy) and for the broker users.
+    assert services["migrate"]["depends_on"] == {
+        "postgres": healthy, "pg-1": healthy, "pg-2": healthy,
+        BROKER_USERS: {"condition": "service_completed_successfully"},
+    }  # fmt: skip
+    # The broker users are the cluster's: made through rabbitmq-1 with its cookie, once the three run as one.
+    users = services[BROKER_USERS]
+    assert users["depends_on"] == dict.fromkeys(("rabbitmq", *RABBITMQ_NODES), healthy)
+    assert users["environment"]["RABBITMQCTL"] == "rabbitmqctl --node rabbit@rabbitmq-1"
+    assert "rabbitmq-1-data:/var/lib/rabbitmq:ro" in users["volumes"]
+    assert "await_online_nodes 3" in users["entrypoint"][2]
+    assert "rabbitmq-users.sh" in users["entrypoint"][2]
+
+
+def test_in_the_ha_profile_prometheus_scrapes_the_broker_nodes_too(ha_config: dict[str, Any]) -> None:
+    prometheus = ha_config["services"]["prometheus"]
+    ha = ROOT / "deploy/prometheus/prometheus-ha.yml"
+    assert bind_mounts(prometheus)["/etc/prometheus/prometheus.yml"] == str(ha)
+    scrape = yaml.safe_load(ha.read_text(encoding="utf-8"))
+    single = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    assert set(targets_of(scrape)) == {
+        *targets_of(single), *(("rabbitmq", f"{name}:15692") for name in RABBITMQ_NODES)
+    }  # fmt: skip
+    assert {k: v for k, v in scrape.items() if k != "scrape_configs"} == {
+        k: v for k, v in single.items() if k != "scrape_configs"
+    }

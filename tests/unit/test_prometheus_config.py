@@ -38,10 +38,11 @@ def rules() -> list[dict[str, Any]]:
     "args",
     [
         ("check", "config", "prometheus.yml"),
+        ("check", "config", "prometheus-ha.yml"),
         ("check", "rules", "rules/havip.yml"),
         ("test", "rules", "tests/havip_test.yml"),
     ],
-    ids=["check config", "check rules", "test rules"],
+    ids=["check config", "check config (ha)", "check rules", "test rules"],
 )
 def test_promtool_accepts(args: tuple[str, ...]) -> None:
     result = promtool(*args)
