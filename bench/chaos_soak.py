@@ -67,7 +67,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
@@ -82,6 +82,7 @@ from shared.partitions import DEFAULT_PARTITIONS
 from shared.settings import CommonSettings
 from tests.clusters.postgres import PostgresHA
 from tests.clusters.rabbitmq import RabbitCluster, node_number
+from tests.e2e.clustered import OnThePrimary
 from tests.e2e.system import System, ok, register_inventory
 from tests.lab import Lab
 from tests.lab.raw import RawSender
@@ -124,62 +125,9 @@ FAULT_NAMES = {
     "allocator killed": "allocator-kill",
 }
 
-FAILOVER_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # TargetServerAttributeNotMatched: no node read-write yet
-)
-
 
 def now_ns() -> int:
     return time.time_ns()
-
-
-# ---- the run's own reads, on whichever node is the primary ------------------------------------------------------
-
-
-class OnThePrimary:
-    """Reads of the services' tables through the multi-host DSN: a read that finds its connection gone (the
-    primary killed) connects again and reads again, until a deadline (as tests/e2e/test_chaos.py reads)."""
-
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._conn: asyncpg.Connection | None = None
-
-    async def _read(self, how: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        deadline = time.monotonic() + READ_TIMEOUT_S
-        while True:
-            try:
-                if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(self._dsn, timeout=5)
-                return await how(self._conn)
-            except FAILOVER_ERRORS:
-                if time.monotonic() > deadline:
-                    raise
-                await self.close()
-                await asyncio.sleep(0.2)
-
-    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
-        return await self._read(lambda conn: conn.fetch(query, *args))
-
-    async def fetchval(self, query: str, *args: object) -> Any:
-        return await self._read(lambda conn: conn.fetchval(query, *args))
-
-    async def connection(self) -> asyncpg.Connection:
-        """The connection itself, for checks that take one (bench.standby's)."""
-
-        async def connected(conn: asyncpg.Connection) -> asyncpg.Connection:
-            await conn.fetchval("SELECT 1")
-            return conn
-
-        return await self._read(connected)
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.terminate()
 
 
 # ---- the faults -----------------------------------------------------------------------------------------------
@@ -801,7 +749,7 @@ async def with_services(
         inventory = await asyncio.to_thread(register_inventory, system, "soak", SUBNET, hosts)
         instances = {name: inventory["instances"][name]["id"] for name in SERVERS}
         havips = await asyncio.to_thread(allocate, system, inventory, instances, options.havips)
-        db = OnThePrimary(pg.dsn(database))
+        db = OnThePrimary(pg.dsn(database), timeout_s=READ_TIMEOUT_S)
         senders = {name: RawSender(lab.hosts[name].netns, lab.hosts[name].mac) for name in SERVERS}
         listener_settings = CommonSettings(
             amqp_url=amqp_url, amqp_prefix=prefix, amqp_heartbeat_s=AMQP_HEARTBEAT_S, partitions=PARTITIONS

@@ -116,12 +116,13 @@ class OnThePrimary:
     connection gone (the primary killed, or switched over) connects again through the multi-host URL and reads
     again, until a deadline."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, timeout_s: float = FAULT_TIMEOUT_S) -> None:
         self._dsn = dsn
+        self._timeout_s = timeout_s
         self._conn: asyncpg.Connection | None = None
 
     async def _read(self, how: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        deadline = time.monotonic() + FAULT_TIMEOUT_S
+        deadline = time.monotonic() + self._timeout_s
         while True:
             try:
                 if self._conn is None or self._conn.is_closed():
@@ -138,6 +139,15 @@ class OnThePrimary:
 
     async def fetchval(self, query: str, *args: object) -> Any:
         return await self._read(lambda conn: conn.fetchval(query, *args))
+
+    async def connection(self) -> asyncpg.Connection:
+        """The connection itself, once it answers, for checks that take one."""
+
+        async def connected(conn: asyncpg.Connection) -> asyncpg.Connection:
+            await conn.fetchval("SELECT 1")
+            return conn
+
+        return await self._read(connected)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
