@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from tests import service_logs
+from tests.lab.proc import StartedInContext
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "postgres-ha.sh"
 NODES = ("node1", "node2")
@@ -45,7 +45,7 @@ class NodeState:
     health: int  # 1 healthy, 0 unhealthy, -1 unknown (the monitor's health checks)
 
 
-class PostgresHA:
+class PostgresHA(StartedInContext):
     def __init__(
         self,
         workdir: Path | str,
@@ -67,19 +67,6 @@ class PostgresHA:
         self.bring_up_s: float | None = None  # how long the last start took, until healthy
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
-
-    def __enter__(self) -> PostgresHA:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Create the cluster (first time) or start what is not running; return once healthy."""
