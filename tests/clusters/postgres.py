@@ -185,7 +185,7 @@ class PostgresHA(StartedInContext):
 
 
 @pytest.fixture(scope="session")
-def postgres_ha() -> Iterator[PostgresHA]:
+def postgres_ha_of_the_session() -> Iterator[PostgresHA]:
     """A primary with a synchronous standby for the whole session, in a temporary directory (under /tmp, which
     user postgres can reach), stopped and removed at the end."""
     workdir = Path(tempfile.mkdtemp(prefix="havip-pg-ha-"))
@@ -197,3 +197,12 @@ def postgres_ha() -> Iterator[PostgresHA]:
             yield cluster
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_ha(postgres_ha_of_the_session: PostgresHA) -> Iterator[PostgresHA]:
+    """The session's pair, for one test module; a node the module killed or stopped is started again when it
+    ends, passed or failed, and the pair is healthy before the next module (`start` starts only what does not
+    run)."""
+    yield postgres_ha_of_the_session
+    postgres_ha_of_the_session.start()

@@ -70,6 +70,7 @@ class RabbitCluster:
         self.tls_urls: list[str] = []
         self.started_in_s = 0.0  # from `start` until the three nodes ran in one cluster
         self._frozen: set[int] = set()
+        self._cut_off: set[int] = set()  # frozen since their last start: partitioned from the others once thawed
 
     def __enter__(self) -> Self:
         began = time.monotonic()
@@ -99,6 +100,7 @@ class RabbitCluster:
         for n in NODES:
             service_logs.forget(self.log(n))
         self._frozen.clear()
+        self._cut_off.clear()
         self._run("stop", timeout=WAITING_TIMEOUT_S)
 
     def log(self, n: int) -> Path:
@@ -113,11 +115,13 @@ class RabbitCluster:
         """SIGKILL node n's VM and wait until it is gone (its data stays for `restart`)."""
         self._run("kill", str(n))
         self._frozen.discard(n)
+        self._cut_off.discard(n)
 
     def freeze(self, n: int) -> None:
         """SIGSTOP node n's VM: a hung node, whose sockets stay open."""
         self._run("freeze", str(n))
         self._frozen.add(n)
+        self._cut_off.add(n)
 
     def thaw(self, n: int) -> None:
         """SIGCONT node n's VM. Frozen longer than about 10 s (net_ticktime), it was declared down and stays
@@ -129,6 +133,17 @@ class RabbitCluster:
         """Stop node n if it runs, start it, and wait until it runs in the cluster with the other running nodes."""
         self._run("restart", str(n), timeout=WAITING_TIMEOUT_S)
         self._frozen.discard(n)
+        self._cut_off.discard(n)
+
+    def mend(self) -> None:
+        """The three nodes running in one cluster again, whatever a test left (also a test that failed half-way
+        through a fault): frozen nodes thawed, nodes frozen since their last start restarted, nodes killed or
+        stopped started."""
+        for n in sorted(self._frozen):
+            self.thaw(n)
+        for n in sorted(self._cut_off):
+            self.restart(n)
+        self._run("start", timeout=WAITING_TIMEOUT_S)
 
     def ctl(self, *args: str, via: int | None = None) -> str:
         """`rabbitmqctl ARGS` against node `via` (by default the first node that runs and is not frozen)."""
@@ -161,6 +176,35 @@ class RabbitCluster:
                     online=tuple(sorted(node_number(m) for m in row.get("online") or [])),
                 )
         raise LookupError(f"no queue {queue!r} in vhost {vhost!r}")
+
+    def queues_short_of_replicas(self, vhost: str = "/", via: int | None = None) -> list[str]:
+        """The quorum queues with a member not online (a restarted node's replicas still starting, say)."""
+        rows = json.loads(
+            self.ctl("-q", "list_queues", "-p", vhost, "name", "type", "members", "online",
+                     "--formatter", "json", via=via)
+        )  # fmt: skip
+        return [
+            row["name"]
+            for row in rows
+            if row.get("type") == "quorum" and len(row.get("online") or []) < len(row.get("members") or [])
+        ]
+
+    def describe(self, vhost: str = "/") -> str:
+        """What the broker says of its nodes, quorum queues and consumers, from a node that answers: printed by a
+        test whose step stalled, to see where."""
+        parts = []
+        for args in (
+            ("cluster_status",),
+            ("list_queues", "-p", vhost, "name", "leader", "members", "online", "consumers", "messages_ready",
+             "messages_unacknowledged"),
+            ("list_consumers", "-p", vhost, "queue_name", "channel_pid", "active", "activity_status"),
+            ("list_connections", "name", "pid", "state"),
+        ):  # fmt: skip
+            try:
+                parts.append(self.ctl("-q", *args))
+            except Exception as exc:  # a node that stopped answering meanwhile: say so and go on
+                parts.append(f"rabbitmqctl {args[0]}: {exc}")
+        return "\n".join(parts)
 
     def leader_of(self, queue: str, vhost: str = "/") -> int:
         """The node holding the quorum queue's leader (`rabbitmqctl list_queues name leader members`)."""
@@ -199,13 +243,20 @@ class RabbitCluster:
 
 
 @pytest.fixture(scope="session")
-def rabbit_cluster() -> Iterator[RabbitCluster]:
-    """The three nodes for the whole session, in a temporary directory, stopped and removed at the end. Tests
-    share them: each uses names of its own and deletes what it declares, and one that kills, freezes or restarts
-    a node leaves the three running in one cluster when it ends."""
+def rabbit_cluster_of_the_session() -> Iterator[RabbitCluster]:
+    """The three nodes for the whole session, in a temporary directory, stopped and removed at the end."""
     workdir = Path(tempfile.mkdtemp(prefix="havip-rabbit-cluster-"))
     try:
         with RabbitCluster(workdir) as cluster:
             yield cluster
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster(rabbit_cluster_of_the_session: RabbitCluster) -> Iterator[RabbitCluster]:
+    """The session's cluster, for one test module. Tests share it: each uses names of its own and deletes what it
+    declares; a module that kills, freezes or restarts nodes gets them mended when it ends, passed or failed, so
+    that a failure stays its own and is not also the next module's."""
+    yield rabbit_cluster_of_the_session
+    rabbit_cluster_of_the_session.mend()

@@ -18,7 +18,7 @@ import asyncpg
 from shared.db import drop_database
 from shared.settings import CommonSettings
 from tests.clusters.postgres import PostgresHA
-from tests.clusters.rabbitmq import RabbitCluster
+from tests.clusters.rabbitmq import NODES, RabbitCluster
 from tests.e2e.storm import (
     ADDRESSES,
     HOSTS,
@@ -156,9 +156,12 @@ class OnThePrimary:
 
 
 def cluster_whole(cluster: RabbitCluster) -> bool:
-    """The three nodes running in one cluster (False while no node answers the question)."""
+    """The three nodes running in one cluster, as each of them sees it, and every quorum queue with all its
+    replicas online — a node back in the cluster whose queue replicas are still starting cannot yet stand in for
+    the next node to fail (False while a node does not answer the question)."""
     try:
-        return len(cluster.running_nodes()) == 3
+        every_node_sees_three = all(len(cluster.running_nodes(via=n)) == 3 for n in NODES)
+        return every_node_sees_three and not cluster.queues_short_of_replicas()
     except Exception:
         return False
 

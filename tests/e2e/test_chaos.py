@@ -69,14 +69,20 @@ class Faults:
     """The faults of the run, and for each the recovery: from the fault to the last commit of the failover that
     keepalived starts at once after it (the first failover that must go through the fault's consequences)."""
 
-    def __init__(self, storm: Storm) -> None:
+    def __init__(self, storm: Storm, rabbit: RabbitCluster) -> None:
         self.storm = storm
+        self.rabbit = rabbit
         self.recovery_s: dict[str, float] = {}
 
     async def then_failover(self, name: str, fault: Callable[[], object]) -> None:
         at = time.time()
         await asyncio.to_thread(fault)
-        await self.storm.fail_over(name)
+        try:
+            await self.storm.fail_over(name)
+        except TimeoutError:
+            print(f"{name}: stalled; the broker {time.time() - at:.1f} s after the fault:")
+            print(await asyncio.to_thread(self.rabbit.describe))
+            raise
         last = await self.storm.db.fetchval(
             "SELECT extract(epoch FROM max(committed_at)) FROM binding.transitions"
         )
@@ -93,7 +99,7 @@ async def test_a_failover_storm_survives_each_engine_node_killed_or_frozen(
     rabbit_cluster: RabbitCluster,
 ) -> None:
     async with the_storm(lab, system, inventory, database) as storm:
-        faults = Faults(storm)
+        faults = Faults(storm, rabbit_cluster)
         await break_each_engine(storm, faults, system, postgres_ha, rabbit_cluster)
     print("recovery, fault -> the next failover's last commit:", faults.recovery_s)
 
