@@ -298,7 +298,8 @@ def watch(args: argparse.Namespace, ctx: Context) -> int:
     from havipctl import watch as stream  # aio-pika is loaded only for this command
 
     options = stream.WatchOptions(
-        amqp_url=ctx.config.amqp_url,
+        amqp_urls=ctx.config.amqp_urls,
+        amqp_ca_file=ctx.config.amqp_ca_file,
         exchange=stream.exchange_name(ctx.config.amqp_prefix),
         routing_keys=tuple(args.keys) or (stream.ALL_EVENTS,),
         count=args.count,

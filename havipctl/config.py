@@ -7,11 +7,14 @@
 | `--connect-timeout` | `HAVIP_CONNECT_TIMEOUT` | 5 s |
 | `--request-timeout` | `HAVIP_REQUEST_TIMEOUT` | 30 s |
 | `--cacert FILE` | `HAVIP_CA_FILE` | none: an https:// allocator is verified against the system's CAs |
-| `--amqp-url` | `HAVIP_AMQP_URL` | amqp://guest:guest@127.0.0.1:5672/ |
+| `--amqp-url` | `HAVIP_AMQP_URL` | amqp://guest:guest@127.0.0.1:5672/; a cluster's nodes comma-separated |
+| `--amqp-cacert FILE` | `HAVIP_AMQP_CA_FILE` | none: an amqps:// node is verified against the system's CAs |
 | `--amqp-prefix` | `HAVIP_AMQP_PREFIX` | empty (as the services' own setting) |
 
-An https:// allocator's certificate is always verified, against the CA certificates (PEM) of `--cacert` when given;
-a CA file that cannot be read or holds no certificate is a usage error.
+An https:// allocator's certificate is always verified, against the CA certificates (PEM) of `--cacert` when given,
+and so is an amqps:// broker node's, against those of `--amqp-cacert`; a CA file that cannot be read or holds no
+certificate is a usage error. The variables are the services' own, so that a shell configured for them (a cluster's
+nodes comma-separated in HAVIP_AMQP_URL, the broker's CA in HAVIP_AMQP_CA_FILE) works for havipctl as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ ENV_CONNECT_TIMEOUT = "HAVIP_CONNECT_TIMEOUT"
 ENV_REQUEST_TIMEOUT = "HAVIP_REQUEST_TIMEOUT"
 ENV_CA_FILE = "HAVIP_CA_FILE"
 ENV_AMQP_URL = "HAVIP_AMQP_URL"
+ENV_AMQP_CA_FILE = "HAVIP_AMQP_CA_FILE"
 ENV_AMQP_PREFIX = "HAVIP_AMQP_PREFIX"
 
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
@@ -45,8 +49,19 @@ class Config:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
     ca_file: str | None = None  # None: the system's CAs
-    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_url: str = DEFAULT_AMQP_URL  # as given: one node, or a cluster's nodes comma-separated
     amqp_prefix: str = ""
+    amqp_ca_file: str | None = None  # None: the system's CAs, for amqps:// nodes
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker nodes, in the order given."""
+        return split_amqp_urls(self.amqp_url)
+
+
+def split_amqp_urls(text: str) -> tuple[str, ...]:
+    """`amqp://a/,amqp://b/` → both URLs; blanks around the commas ignored."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def parse_seconds(text: str) -> float:
@@ -87,6 +102,7 @@ def resolve(
     cacert: str | None = None,
     amqp_url: str | None = None,
     amqp_prefix: str | None = None,
+    amqp_cacert: str | None = None,
 ) -> Config:
     """Flags over environment over defaults; a value that cannot work is a UsageError (exit 2)."""
     chosen_url, url_source = _pick(url, env, ENV_URL)
@@ -114,8 +130,25 @@ def resolve(
 
     chosen_amqp, amqp_source = _pick(amqp_url, env, ENV_AMQP_URL)
     chosen_amqp = (chosen_amqp or DEFAULT_AMQP_URL).strip()
-    if urlsplit(chosen_amqp).scheme not in ("amqp", "amqps"):
-        raise UsageError(f"{amqp_source}: expected an amqp:// or amqps:// URL")
+    nodes = split_amqp_urls(chosen_amqp)
+    if not nodes:
+        raise UsageError(f"{amqp_source}: expected an amqp:// or amqps:// URL, or several comma-separated")
+    for node in nodes:
+        try:
+            parts = urlsplit(node)
+            valid_node = parts.scheme in ("amqp", "amqps") and bool(parts.hostname)
+        except ValueError:
+            valid_node = False
+        if not valid_node:
+            where = f"node {nodes.index(node) + 1} of {len(nodes)}: " if len(nodes) > 1 else ""
+            raise UsageError(f"{amqp_source}: {where}expected an amqp:// or amqps:// URL with a host")
+
+    amqp_ca_file, amqp_ca_source = _pick(amqp_cacert, env, ENV_AMQP_CA_FILE, "--amqp-cacert")
+    if amqp_ca_file is not None:
+        try:
+            tls_context(amqp_ca_file)
+        except ValueError as exc:
+            raise UsageError(f"{amqp_ca_source}: {exc}") from None
 
     prefix, _ = _pick(amqp_prefix, env, ENV_AMQP_PREFIX)
     return Config(
@@ -126,4 +159,5 @@ def resolve(
         ca_file=ca_file,
         amqp_url=chosen_amqp,
         amqp_prefix=prefix or "",
+        amqp_ca_file=amqp_ca_file,
     )

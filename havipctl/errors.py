@@ -159,20 +159,29 @@ _NO_COMMON_VERSION = frozenset(
 )
 
 
-def trust_description(ca_file: str | None) -> str:
-    """What havipctl verifies the server against, as messages name it."""
+ALLOCATOR_CA = "give the allocator's CA with --cacert or HAVIP_CA_FILE"
+BROKER_CA = "give the broker's CA with --amqp-cacert or HAVIP_AMQP_CA_FILE"
+
+
+def trust_description(ca_file: str | None, give_ca: str = ALLOCATOR_CA) -> str:
+    """What havipctl verifies the server against, as messages name it; `give_ca`: how to name another CA."""
     if ca_file is None:
-        return "the system's CAs; give the allocator's CA with --cacert or HAVIP_CA_FILE"
+        return f"the system's CAs; {give_ca}"
     return f"CA file {ca_file}"
 
 
 def certificate_problem(
-    error: ssl.SSLCertVerificationError, *, host: str, ca_file: str | None, names: Sequence[str] | None = None
+    error: ssl.SSLCertVerificationError,
+    *,
+    host: str,
+    ca_file: str | None,
+    names: Sequence[str] | None = None,
+    give_ca: str = ALLOCATOR_CA,
 ) -> str:
     """What is wrong with the server's certificate, in words; `names`: those the certificate is for, when known
     (they are only looked up when the host name did not match)."""
     code = error.verify_code
-    trust = trust_description(ca_file)
+    trust = trust_description(ca_file, give_ca)
     if code in _UNTRUSTED_ISSUER:
         return f"the server's certificate is not signed by a CA havipctl trusts ({trust})"
     if code == _SELF_SIGNED:

@@ -32,7 +32,9 @@ environment (a flag wins over its variable):
   HAVIP_CONNECT_TIMEOUT   seconds to connect (default 5)
   HAVIP_REQUEST_TIMEOUT   seconds for a whole request (default 30)
   HAVIP_CA_FILE           CA certificates (PEM) an https:// allocator is verified against (default: the system's)
-  HAVIP_AMQP_URL          RabbitMQ URL for `watch` (default amqp://guest:guest@127.0.0.1:5672/)
+  HAVIP_AMQP_URL          RabbitMQ URL for `watch` (default amqp://guest:guest@127.0.0.1:5672/); a cluster's
+                          nodes comma-separated, tried in turn
+  HAVIP_AMQP_CA_FILE      CA certificates (PEM) an amqps:// node is verified against (default: the system's)
   HAVIP_AMQP_PREFIX       prefix of the exchange name, as the services use it (default empty)
 
 exit status:
@@ -124,7 +126,18 @@ def _global_options() -> _Parser:
         help="verify an https:// allocator against these CA certificates, PEM (env HAVIP_CA_FILE; default: the "
         "system's CAs)",
     )
-    group.add_argument("--amqp-url", default=argparse.SUPPRESS, help="RabbitMQ URL for watch (env HAVIP_AMQP_URL)")
+    group.add_argument(
+        "--amqp-url",
+        default=argparse.SUPPRESS,
+        help="RabbitMQ URL for watch, or a cluster's nodes comma-separated (env HAVIP_AMQP_URL)",
+    )
+    group.add_argument(
+        "--amqp-cacert",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="verify an amqps:// node against these CA certificates, PEM (env HAVIP_AMQP_CA_FILE; default: the "
+        "system's CAs)",
+    )
     group.add_argument(
         "--amqp-prefix", default=argparse.SUPPRESS, help="exchange name prefix for watch (env HAVIP_AMQP_PREFIX)"
     )
@@ -385,6 +398,7 @@ def run(
             cacert=getattr(args, "cacert", None),
             amqp_url=getattr(args, "amqp_url", None),
             amqp_prefix=getattr(args, "amqp_prefix", None),
+            amqp_cacert=getattr(args, "amqp_cacert", None),
         )
         ctx = commands.Context(config, as_json, out, err, transport)
         return handler(args, ctx)

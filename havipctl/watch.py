@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -28,9 +29,16 @@ from aio_pika.abc import AbstractConnection, AbstractQueue
 from aio_pika.exceptions import AMQPError, ProbableAuthenticationError
 from aiormq.exceptions import InvalidFrameError
 
-from havipctl.client import display_url
+from havipctl.client import display_url, tls_context
 from havipctl.config import DEFAULT_AMQP_URL
-from havipctl.errors import AuthenticationFailed, Unreachable, UsageError
+from havipctl.errors import (
+    BROKER_CA,
+    AuthenticationFailed,
+    Unreachable,
+    UsageError,
+    certificate_problem,
+    tls_problem,
+)
 
 ALL_EVENTS = "#"
 EXCHANGE = "havip.events"  # the one durable topic exchange of every event (docs/contract.md#events)
@@ -54,7 +62,8 @@ class Outcome(Enum):
 
 @dataclass(frozen=True, slots=True)
 class WatchOptions:
-    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_urls: Sequence[str] = (DEFAULT_AMQP_URL,)  # a cluster's nodes, tried in turn until one answers
+    amqp_ca_file: str | None = None  # amqps:// nodes verified against it, else against the system's CAs
     exchange: str = EXCHANGE
     routing_keys: Sequence[str] = (ALL_EVENTS,)
     count: int | None = None
@@ -99,14 +108,38 @@ def _quiet_libraries() -> None:
         logger.propagate = False
 
 
-async def _connect(options: WatchOptions) -> AbstractConnection:
-    where = display_url(options.amqp_url)
+async def _connect(options: WatchOptions) -> tuple[AbstractConnection, str]:
+    """The first node of `amqp_urls` that accepts the connection, and its URL. A node that cannot be reached is
+    passed over for the next; a refused login, a wrong virtual host or a bad URL is said at once (the next node
+    would say the same). When no node answers, each node's reason is said."""
+    unreachable: list[str] = []
+    for url in options.amqp_urls:
+        try:
+            return await _connect_to(url, options), url
+        except Unreachable as exc:
+            if len(options.amqp_urls) == 1:
+                raise
+            unreachable.append(str(exc).removeprefix("cannot reach RabbitMQ at "))
+    raise Unreachable(f"cannot reach any of the {len(unreachable)} RabbitMQ nodes: {'; '.join(unreachable)}")
+
+
+async def _connect_to(url: str, options: WatchOptions) -> AbstractConnection:
+    where = display_url(url)
+    context = tls_context(options.amqp_ca_file) if urlsplit(url).scheme == "amqps" else None
     try:
         return await aio_pika.connect(
-            options.amqp_url,
+            url,
             timeout=options.connect_timeout,
+            ssl_context=context,
             client_properties={"connection_name": "havipctl watch"},
         )
+    except ssl.SSLCertVerificationError as exc:
+        problem = certificate_problem(
+            exc, host=urlsplit(url).hostname or "", ca_file=options.amqp_ca_file, give_ca=BROKER_CA
+        )
+        raise Unreachable(f"cannot reach RabbitMQ at {where}: {problem}") from None
+    except ssl.SSLError as exc:
+        raise Unreachable(f"cannot reach RabbitMQ at {where}: {tls_problem(exc)}") from None
     except ProbableAuthenticationError:
         raise AuthenticationFailed(
             f"RabbitMQ at {where} refused the login: check HAVIP_AMQP_URL / --amqp-url"
@@ -119,7 +152,7 @@ async def _connect(options: WatchOptions) -> AbstractConnection:
         # aiormq's answer when the broker closes the connection at Connection.Open: a vhost it refuses.
         reason = _reason(exc)
         if "Connection.Close" in reason:
-            vhost = unquote(urlsplit(options.amqp_url).path[1:]) or "/"
+            vhost = unquote(urlsplit(url).path[1:]) or "/"
             reason = f"the broker closed the connection: unknown virtual host {vhost!r}, or no permission on it"
         raise Unreachable(f"cannot reach RabbitMQ at {where}: {reason}") from None
     except (AMQPError, OSError) as exc:
@@ -139,8 +172,8 @@ async def _declare(connection: AbstractConnection, options: WatchOptions) -> Abs
 
 
 async def _session(options: WatchOptions, emit: Emit, ready: Callable[[str], None], progress: _Progress) -> None:
-    connection = await _connect(options)
-    where = display_url(options.amqp_url)
+    connection, url = await _connect(options)
+    where = display_url(url)
     try:
         try:
             queue = await _declare(connection, options)

@@ -260,3 +260,34 @@ def test_a_service_migrates_over_tls_to_both_engines(engines: Engines, certifica
     assert done.returncode == 0, done.stderr[-3000:]
     queues = json.loads(engines.rabbit.ctl("-q", "list_queues", "name", "--formatter", "json"))
     assert f"{env['HAVIP_AMQP_PREFIX']}allocator.events" in {row["name"] for row in queues}
+
+
+def havipctl_watch(engines: Engines, urls: Sequence[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`havipctl watch` for 3 s against `urls` (a cluster's nodes, comma-separated, as the services take them)."""
+    environment = {"PATH": "/usr/bin:/bin", "HAVIP_AMQP_URL": ",".join(urls), "HAVIP_AMQP_PREFIX": "w.", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "havipctl", "watch", "--timeout", "3"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_havipctl_watches_the_cluster_over_tls_with_the_broker_s_ca(
+    engines: Engines, certificates: Certificates
+) -> None:
+    trusted = havipctl_watch(engines, engines.rabbit.tls_urls, HAVIP_AMQP_CA_FILE=str(certificates.ca.cert))
+    assert trusted.returncode == 0, trusted.stderr
+    assert "watching w.havip.events on amqps://guest:***@127.0.0.1:" in trusted.stderr
+
+    # The system's CAs do not vouch for the throwaway CA: each node says so, and how to give the broker's CA.
+    untrusted = havipctl_watch(engines, engines.rabbit.tls_urls[:1])
+    assert untrusted.returncode == 3
+    assert untrusted.stderr.endswith(
+        ": the server's certificate is not signed by a CA havipctl trusts (the system's CAs; give the broker's CA "
+        "with --amqp-cacert or HAVIP_AMQP_CA_FILE)\n"
+    ), untrusted.stderr
+
+    by_name = havipctl_watch(
+        engines, [as_localhost(engines.rabbit.tls_urls[0])], HAVIP_AMQP_CA_FILE=str(certificates.ca.cert)
+    )
+    assert by_name.returncode == 3
+    assert by_name.stderr.endswith(": the server's certificate is not for localhost\n"), by_name.stderr

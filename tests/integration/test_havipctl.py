@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from havipctl.client import display_url
 from tests import service_logs
 from tests.lab.proc import terminate_group
 from tests.ports import free_port
@@ -474,6 +475,27 @@ def test_unreachable_broker(allocator: Allocator) -> None:
             "message": f"cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port}/: connection refused",
         }
     }
+
+
+def test_watch_passes_over_a_node_that_does_not_answer(allocator: Allocator) -> None:
+    """A cluster's nodes comma-separated, as the services take them: the first refuses connections, the watch goes
+    to the next and says which one it watches on."""
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    result = havipctl(allocator, "watch", "--amqp-url", f"{dead},{allocator.amqp_url}", "--timeout", "3")
+    assert result.code == 0, result.err
+    assert f"on {display_url(allocator.amqp_url)} for #" in result.err
+
+
+def test_watch_says_why_each_node_could_not_be_reached(allocator: Allocator) -> None:
+    ports = free_port(), free_port()
+    urls = [f"amqp://guest:guest@127.0.0.1:{port}/" for port in ports]
+    result = havipctl(allocator, "watch", "--amqp-url", ",".join(urls), "--timeout", "20")
+    assert result.code == 3
+    assert result.err == (
+        "havipctl: cannot reach any of the 2 RabbitMQ nodes: "
+        f"amqp://guest:***@127.0.0.1:{ports[0]}/: connection refused; "
+        f"amqp://guest:***@127.0.0.1:{ports[1]}/: connection refused\n"
+    )
 
 
 def test_api_errors_show_their_code(allocator: Allocator) -> None:

@@ -228,11 +228,25 @@ def test_configuration_flags_over_environment_over_defaults() -> None:
         ({}, {"connect_timeout": "0"}, "--connect-timeout"),
         ({"HAVIP_API_TOKEN": "two words"}, {}, "HAVIP_API_TOKEN"),
         ({}, {"amqp_url": "http://rabbit"}, "--amqp-url"),
+        ({"HAVIP_AMQP_URL": "amqp://a/,rabbit-2:5672"}, {}, "HAVIP_AMQP_URL: node 2 of 2"),
+        ({"HAVIP_AMQP_URL": " , "}, {}, "HAVIP_AMQP_URL"),
+        ({"HAVIP_AMQP_CA_FILE": "/nonexistent/ca.pem"}, {}, "HAVIP_AMQP_CA_FILE: /nonexistent/ca.pem does not"),
+        ({}, {"amqp_cacert": "/"}, "--amqp-cacert: / is a directory"),
     ],
 )
 def test_bad_configuration_is_a_usage_error(env: dict[str, str], flags: dict[str, str], named: str) -> None:
     with pytest.raises(UsageError, match=named):
         resolve(env, **flags)
+
+
+def test_a_cluster_s_nodes_are_read_as_the_services_read_them() -> None:
+    config = resolve({"HAVIP_AMQP_URL": "amqps://u:p@rabbit-1/havip, amqps://u:p@rabbit-2/havip,"})
+    assert config.amqp_urls == ("amqps://u:p@rabbit-1/havip", "amqps://u:p@rabbit-2/havip")
+    assert resolve({}, amqp_url="amqp://one/").amqp_urls == ("amqp://one/",)
+    assert resolve({}).amqp_urls == (DEFAULT_AMQP_URL,)
+    assert cli.build_parser().parse_args(["watch", "--amqp-url", "amqp://a/,amqp://b/"]).amqp_url == (
+        "amqp://a/,amqp://b/"
+    )
 
 
 def test_bad_environment_exits_2_in_one_line() -> None:

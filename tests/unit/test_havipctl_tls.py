@@ -78,6 +78,16 @@ def test_the_ca_file_comes_from_the_flag_else_the_variable_else_the_system(tmp_p
     assert resolve({"HAVIP_CA_FILE": str(ca_file)}).ca_file == str(ca_file)
     assert resolve({"HAVIP_CA_FILE": str(ca_file)}, cacert=str(other)).ca_file == str(other)
     assert cli.build_parser().parse_args(["vpc", "list", "--cacert", "x.pem"]).cacert == "x.pem"
+
+
+def test_the_broker_s_ca_file_comes_from_its_own_flag_else_its_variable(tmp_path: Path, ca_file: Path) -> None:
+    other = make_ca(tmp_path, "other").cert
+    assert resolve({}).amqp_ca_file is None
+    assert resolve({"HAVIP_AMQP_CA_FILE": str(ca_file)}).amqp_ca_file == str(ca_file)
+    assert resolve({"HAVIP_AMQP_CA_FILE": str(ca_file)}, amqp_cacert=str(other)).amqp_ca_file == str(other)
+    # The allocator's CA and the broker's are not the same setting.
+    assert resolve({"HAVIP_CA_FILE": str(ca_file)}).amqp_ca_file is None
+    assert cli.build_parser().parse_args(["watch", "--amqp-cacert", "x.pem"]).amqp_cacert == "x.pem"
     assert cli.build_parser().parse_args(["--cacert", "x.pem", "vpc", "list"]).cacert == "x.pem"
 
 
