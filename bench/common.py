@@ -35,10 +35,12 @@ from typing import IO, Any
 import httpx
 
 from shared.db import drop_database
+from shared.settings import CommonSettings
 from tests.clusters.postgres import PostgresHA
 from tests.clusters.rabbitmq import RabbitCluster
 from tests.ports import free_port
 from tests.sandbox import temporary_database, temporary_vhost
+from tests.tls import engine_files, make_ca
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,20 @@ def say(text: str) -> None:
 class Sandbox:
     database_url: str
     amqp_url: str
+    amqp_ca_file: Path | None = None  # the brokers' CA, when amqp_url is amqps:// (the database URL says its own)
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """What the services need beside the two URLs (System's `settings`)."""
+        return {"HAVIP_AMQP_CA_FILE": str(self.amqp_ca_file)} if self.amqp_ca_file is not None else {}
+
+    def common_settings(self, **values: Any) -> CommonSettings:
+        """The benchmark's own clients' settings (a Broker's), over TLS as the services'."""
+        return CommonSettings(amqp_url=self.amqp_url, amqp_ca_file=self.amqp_ca_file, **values)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """For the benchmark's own aio-pika connections to an amqps:// node: verified against the brokers' CA."""
+        return ssl.create_default_context(cafile=str(self.amqp_ca_file)) if self.amqp_ca_file is not None else None
 
 
 @asynccontextmanager
@@ -72,12 +88,13 @@ async def sandbox(label: str) -> AsyncIterator[Sandbox]:
 
 
 @asynccontextmanager
-async def clustered_sandbox(label: str) -> AsyncIterator[Sandbox]:
+async def clustered_sandbox(label: str, *, tls: bool = False) -> AsyncIterator[Sandbox]:
     """The engines clustered, for this run only: a three-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh; its
     default vhost, quorum queues) and a Postgres primary with a synchronous standby under pg_auto_failover
     (scripts/postgres-ha.sh), on port blocks of their own (HAVIP_BENCH_RABBIT_PORT_BASE, default 27700;
-    HAVIP_BENCH_PG_PORT_BASE, default 27800); the services' `migrate` creates the database. Everything is stopped
-    and removed on exit."""
+    HAVIP_BENCH_PG_PORT_BASE, default 27800); the services' `migrate` creates the database. With `tls` every link
+    is encrypted and verified: amqps:// to the nodes' TLS listeners, Postgres with sslmode=verify-full, against a
+    throwaway CA made for the run. Everything is stopped and removed on exit."""
     rabbit_base = os.environ.get("HAVIP_BENCH_RABBIT_PORT_BASE", "27700")
     pg_base = int(os.environ.get("HAVIP_BENCH_PG_PORT_BASE", "27800"))
     workdir = Path(tempfile.mkdtemp(prefix=f"havip-bench-{label}-engines-"))
@@ -85,16 +102,22 @@ async def clustered_sandbox(label: str) -> AsyncIterator[Sandbox]:
     previous = os.environ.get("HAVIP_RABBIT_CLUSTER_PORT_BASE")
     os.environ["HAVIP_RABBIT_CLUSTER_PORT_BASE"] = rabbit_base
     try:
+        tls_dir = engine_files(make_ca(workdir / "ca"), workdir / "engine-tls") if tls else None
         with (
-            RabbitCluster(workdir / "rabbit") as rabbit,
+            RabbitCluster(workdir / "rabbit", tls_dir=tls_dir) as rabbit,
             PostgresHA(
-                workdir / "pg", ports={"monitor": pg_base + 1, "node1": pg_base + 11, "node2": pg_base + 12}
+                workdir / "pg",
+                ports={"monitor": pg_base + 1, "node1": pg_base + 11, "node2": pg_base + 12},
+                tls_dir=tls_dir,
             ) as postgres,
         ):
             say(f"engines clustered: RabbitMQ in {rabbit.started_in_s:.1f} s, Postgres in {postgres.bring_up_s} s")
             dsn = postgres.dsn(f"havip_bench_{label.replace('-', '_')}_{uuid.uuid4().hex[:10]}")
             try:
-                yield Sandbox(dsn, ",".join(rabbit.urls))
+                if tls:
+                    yield Sandbox(dsn, ",".join(rabbit.tls_urls), rabbit.ca_file)
+                else:
+                    yield Sandbox(dsn, ",".join(rabbit.urls))
             finally:
                 with contextlib.suppress(Exception):
                     await drop_database(dsn)
@@ -106,10 +129,11 @@ async def clustered_sandbox(label: str) -> AsyncIterator[Sandbox]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def engines(clustered: bool) -> str:
+def engines(clustered: bool, tls: bool = False) -> str:
     """How the run's engines were set up, for its result."""
     if clustered:
-        return "RabbitMQ 3-node cluster (quorum queues), Postgres primary + synchronous standby (pg_auto_failover)"
+        how = "RabbitMQ 3-node cluster (quorum queues), Postgres primary + synchronous standby (pg_auto_failover)"
+        return how + (", TLS on every link (amqps://, sslmode=verify-full)" if tls else "")
     return "one RabbitMQ node (classic queues but the binding's), one Postgres"
 
 

@@ -78,7 +78,6 @@ from bench.common import (
 from shared import events
 from shared.db import fetch_one
 from shared.messaging import Broker, declare_topology
-from shared.settings import CommonSettings
 from tests.e2e.system import System
 from tests.lab import Lab
 from tests.lab.proc import LabCommandError
@@ -295,7 +294,7 @@ async def announce_inventory(
         )
         for address, havip_id in havips.items()
     ]
-    broker = Broker(CommonSettings(amqp_url=box.amqp_url, publish_timeout_s=60), "bench")
+    broker = Broker(box.common_settings(publish_timeout_s=60), "bench")
     await broker.connect()
     try:
         for start in range(0, len(envs), 1000):
@@ -392,16 +391,19 @@ async def run(
     *,
     confine_flood: bool = True,
     clustered: bool = False,
+    tls: bool = False,
 ) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
-    result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine(), "engines": engines(clustered)}
-    async with clustered_sandbox("failover") if clustered else sandbox("failover") as box:
+    result: dict[str, Any] = {"n": n, "burst": BURST, "machine": machine(), "engines": engines(clustered, tls)}
+    async with clustered_sandbox("failover", tls=tls) if clustered else sandbox("failover") as box:
         with Lab(SUBNET, workdir=workdir / "lab") as lab:
             a = lab.add_host("cvma", "198.18.0.11")
             b = lab.add_host("cvmb", "198.18.0.12")
             spoofer = lab.add_host("spoofer", "198.18.0.66")  # never registered: every claim of it is refused
             cap = lab.add_capture_port("cap")
-            with System(box.database_url, box.amqp_url, cap, workdir / "services") as system:
+            with System(
+                box.database_url, box.amqp_url, cap, workdir / "services", settings=box.settings
+            ) as system:
                 instances, havips = await announce_inventory(box, lab, [*addresses, PROBE])
                 conn = await asyncpg.connect(box.database_url)
                 send_a, send_b = RawSender(a.netns, a.mac), RawSender(b.netns, b.mac)
@@ -614,10 +616,10 @@ async def probe_events(box: Sandbox, probe_id: uuid.UUID) -> AsyncIterator[dict[
     """When a consumer of havip.binding.changed (a queue of the benchmark's own) receives each transition of the
     probe: sequence → wall-clock time in ns. Beside the view's figure it shows the binding service's own share."""
     received: dict[int, int] = {}
-    connection = await aio_pika.connect(first_node(box.amqp_url))
+    connection = await aio_pika.connect(first_node(box.amqp_url), ssl_context=box.tls_context())
     try:
         channel = await connection.channel()
-        exchange = await declare_topology(channel, CommonSettings(amqp_url=box.amqp_url))
+        exchange = await declare_topology(channel, box.common_settings())
         queue = await channel.declare_queue(exclusive=True)
         await queue.bind(exchange, "havip.binding.changed")
 
@@ -674,10 +676,15 @@ def main() -> int:
         action="store_true",
         help="on a three-node RabbitMQ cluster and a Postgres primary with a synchronous standby of the run's own",
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="with --clustered: every link over TLS (amqps://, sslmode=verify-full)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if not 1 <= args.n <= 60_000:
         parser.error("--n must be between 1 and 60000")
+    if args.tls and not args.clustered:
+        parser.error("--tls goes with --clustered")
     with tempfile.TemporaryDirectory(prefix="havip-bench-failover-") as tmp:
         result = asyncio.run(
             run(
@@ -689,6 +696,7 @@ def main() -> int:
                 args.flood,
                 confine_flood=not args.flood_everywhere,
                 clustered=args.clustered,
+                tls=args.tls,
             )
         )
     if args.json:

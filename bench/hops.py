@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import math
+import ssl
 import sys
 import tempfile
 import time
@@ -156,12 +157,14 @@ async def insert_s(conn: asyncpg.Connection) -> float:
 
 
 @asynccontextmanager
-async def round_trip(amqp_url: str) -> AsyncIterator[Callable[[], Awaitable[tuple[float, float]]]]:
+async def round_trip(
+    amqp_url: str, context: ssl.SSLContext | None = None
+) -> AsyncIterator[Callable[[], Awaitable[tuple[float, float]]]]:
     """A bare publish → consume round trip: a persistent message with a confirm on a durable classic queue of the
     benchmark's own, from one connection to another. Yields a function timing one: (to the consumer, to the
     confirm) in seconds."""
-    publishing = await aio_pika.connect(first_node(amqp_url))
-    consuming = await aio_pika.connect(first_node(amqp_url))
+    publishing = await aio_pika.connect(first_node(amqp_url), ssl_context=context)
+    consuming = await aio_pika.connect(first_node(amqp_url), ssl_context=context)
     try:
         channel = await publishing.channel(publisher_confirms=True)
         queue = await (await consuming.channel()).declare_queue("bench.round_trip", durable=True)
@@ -259,7 +262,14 @@ def hops_end(captured_ns: int, hops: dict[str, float | None], last: str) -> floa
 
 
 async def run(
-    probes: int, n: int, background: int, workdir: Path, quiet_wait_s: float, *, clustered: bool = False
+    probes: int,
+    n: int,
+    background: int,
+    workdir: Path,
+    quiet_wait_s: float,
+    *,
+    clustered: bool = False,
+    tls: bool = False,
 ) -> dict[str, Any]:
     addresses = [HAVIP_BASE + i for i in range(n)]
     result: dict[str, Any] = {
@@ -267,14 +277,16 @@ async def run(
         "n": n,
         "background": background,
         "machine": machine(),
-        "engines": engines(clustered),
+        "engines": engines(clustered, tls),
     }
-    async with clustered_sandbox("hops") if clustered else sandbox("hops") as box:
+    async with clustered_sandbox("hops", tls=tls) if clustered else sandbox("hops") as box:
         with Lab(SUBNET, workdir=workdir / "lab") as lab:
             a = lab.add_host("cvma", "198.18.0.11")
             b = lab.add_host("cvmb", "198.18.0.12")
             cap = lab.add_capture_port("cap")
-            with System(box.database_url, box.amqp_url, cap, workdir / "services") as system:
+            with System(
+                box.database_url, box.amqp_url, cap, workdir / "services", settings=box.settings
+            ) as system:
                 instances, havips = await announce_inventory(box, lab, [*addresses, PROBE])
                 conn = await asyncpg.connect(box.database_url)
                 send_a, send_b = RawSender(a.netns, a.mac), RawSender(b.netns, b.mac)
@@ -289,7 +301,7 @@ async def run(
                     result["busy_before"] = round(await wait_for_quiet(below=0.2, timeout_s=quiet_wait_s), 2)
                     async with (
                         probe_events(box, havips[PROBE]) as consumed,
-                        round_trip(box.amqp_url) as amqp_round_trip,
+                        round_trip(box.amqp_url, box.tls_context()) as amqp_round_trip,
                         httpx.AsyncClient(timeout=10) as client,
                     ):
                         result.update(
@@ -427,14 +439,27 @@ def main() -> int:
         action="store_true",
         help="on a three-node RabbitMQ cluster and a Postgres primary with a synchronous standby of the run's own",
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="with --clustered: every link over TLS (amqps://, sslmode=verify-full)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
+    if args.tls and not args.clustered:
+        parser.error("--tls goes with --clustered")
     if args.background and not args.n:
         parser.error("--background needs --n HAVIPs to refresh")
     with tempfile.TemporaryDirectory(prefix="havip-bench-hops-") as tmp:
         say("setting up the lab and the services")
         result = asyncio.run(
-            run(args.probes, args.n, args.background, Path(tmp), args.quiet_wait, clustered=args.clustered)
+            run(
+                args.probes,
+                args.n,
+                args.background,
+                Path(tmp),
+                args.quiet_wait,
+                clustered=args.clustered,
+                tls=args.tls,
+            )
         )
     if args.json:
         print(json.dumps(result, indent=2))

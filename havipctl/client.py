@@ -140,7 +140,8 @@ def _chain_of(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+def ssl_error_in(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a connection failure (httpx and aiormq wrap it), if one is."""
     return next((e for e in _chain_of(exc) if isinstance(e, ssl.SSLError)), None)
 
 
@@ -233,7 +234,7 @@ class AllocatorClient:
             raise Unreachable(f"cannot reach the allocator at {display_url(self.url)}: {reason}") from None
         except httpx.TransportError as exc:
             # A TLS error while connecting is the handshake's: the certificate, or the protocol.
-            tls_error = _ssl_error(exc) if isinstance(exc, httpx.ConnectError) else None
+            tls_error = ssl_error_in(exc) if isinstance(exc, httpx.ConnectError) else None
             if isinstance(tls_error, ssl.SSLCertVerificationError):
                 problem = self._certificate_problem(tls_error)
                 url = display_url(self.url)

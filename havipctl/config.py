@@ -92,6 +92,26 @@ def _seconds(flag: str | None, env: Mapping[str, str], variable: str, default: f
         raise UsageError(f"{source}: expected a positive number of seconds, got {text!r}") from None
 
 
+def _has_host(url: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in schemes and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
+def _ca_file(flag: str | None, env: Mapping[str, str], variable: str, flag_name: str) -> str | None:
+    """A CA file to verify a server against, checked now: one that cannot be read or holds no certificate is a
+    usage error."""
+    ca_file, source = _pick(flag, env, variable, flag_name)
+    if ca_file is not None:
+        try:
+            tls_context(ca_file)
+        except ValueError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+    return ca_file
+
+
 def resolve(
     env: Mapping[str, str],
     *,
@@ -107,12 +127,7 @@ def resolve(
     """Flags over environment over defaults; a value that cannot work is a UsageError (exit 2)."""
     chosen_url, url_source = _pick(url, env, ENV_URL)
     chosen_url = (chosen_url or DEFAULT_URL).strip()
-    try:
-        parts = urlsplit(chosen_url)
-        valid_url = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
-        valid_url = False
-    if not valid_url:
+    if not _has_host(chosen_url, ("http", "https")):
         raise UsageError(f"{url_source}: expected an http:// or https:// URL, got {chosen_url!r}")
 
     chosen_token, token_source = _pick(token, env, ENV_TOKEN)
@@ -121,34 +136,18 @@ def resolve(
         if not _TOKEN.match(chosen_token):
             raise UsageError(f"{token_source}: the token must be printable ASCII without spaces")
 
-    ca_file, ca_source = _pick(cacert, env, ENV_CA_FILE, "--cacert")
-    if ca_file is not None:
-        try:
-            tls_context(ca_file)
-        except ValueError as exc:
-            raise UsageError(f"{ca_source}: {exc}") from None
+    ca_file = _ca_file(cacert, env, ENV_CA_FILE, "--cacert")
 
     chosen_amqp, amqp_source = _pick(amqp_url, env, ENV_AMQP_URL)
     chosen_amqp = (chosen_amqp or DEFAULT_AMQP_URL).strip()
     nodes = split_amqp_urls(chosen_amqp)
     if not nodes:
         raise UsageError(f"{amqp_source}: expected an amqp:// or amqps:// URL, or several comma-separated")
-    for node in nodes:
-        try:
-            parts = urlsplit(node)
-            valid_node = parts.scheme in ("amqp", "amqps") and bool(parts.hostname)
-        except ValueError:
-            valid_node = False
-        if not valid_node:
-            where = f"node {nodes.index(node) + 1} of {len(nodes)}: " if len(nodes) > 1 else ""
+    for number, node in enumerate(nodes, 1):
+        if not _has_host(node, ("amqp", "amqps")):
+            where = f"node {number} of {len(nodes)}: " if len(nodes) > 1 else ""
             raise UsageError(f"{amqp_source}: {where}expected an amqp:// or amqps:// URL with a host")
-
-    amqp_ca_file, amqp_ca_source = _pick(amqp_cacert, env, ENV_AMQP_CA_FILE, "--amqp-cacert")
-    if amqp_ca_file is not None:
-        try:
-            tls_context(amqp_ca_file)
-        except ValueError as exc:
-            raise UsageError(f"{amqp_ca_source}: {exc}") from None
+    amqp_ca_file = _ca_file(amqp_cacert, env, ENV_AMQP_CA_FILE, "--amqp-cacert")
 
     prefix, _ = _pick(amqp_prefix, env, ENV_AMQP_PREFIX)
     return Config(

@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractConnection, AbstractQueue
 from aio_pika.exceptions import AMQPError, ProbableAuthenticationError
 from aiormq.exceptions import InvalidFrameError
 
-from havipctl.client import display_url, tls_context
+from havipctl.client import display_url, ssl_error_in, tls_context
 from havipctl.config import DEFAULT_AMQP_URL
 from havipctl.errors import (
     BROKER_CA,
@@ -133,13 +133,6 @@ async def _connect_to(url: str, options: WatchOptions) -> AbstractConnection:
             ssl_context=context,
             client_properties={"connection_name": "havipctl watch"},
         )
-    except ssl.SSLCertVerificationError as exc:
-        problem = certificate_problem(
-            exc, host=urlsplit(url).hostname or "", ca_file=options.amqp_ca_file, give_ca=BROKER_CA
-        )
-        raise Unreachable(f"cannot reach RabbitMQ at {where}: {problem}") from None
-    except ssl.SSLError as exc:
-        raise Unreachable(f"cannot reach RabbitMQ at {where}: {tls_problem(exc)}") from None
     except ProbableAuthenticationError:
         raise AuthenticationFailed(
             f"RabbitMQ at {where} refused the login: check HAVIP_AMQP_URL / --amqp-url"
@@ -156,7 +149,15 @@ async def _connect_to(url: str, options: WatchOptions) -> AbstractConnection:
             reason = f"the broker closed the connection: unknown virtual host {vhost!r}, or no permission on it"
         raise Unreachable(f"cannot reach RabbitMQ at {where}: {reason}") from None
     except (AMQPError, OSError) as exc:
-        raise Unreachable(f"cannot reach RabbitMQ at {where}: {_reason(exc)}") from None
+        tls_error = ssl_error_in(exc)  # aiormq wraps it in an AMQPConnectionError
+        if isinstance(tls_error, ssl.SSLCertVerificationError):
+            host = urlsplit(url).hostname or ""
+            reason = certificate_problem(tls_error, host=host, ca_file=options.amqp_ca_file, give_ca=BROKER_CA)
+        elif tls_error is not None:
+            reason = tls_problem(tls_error)
+        else:
+            reason = _reason(exc)
+        raise Unreachable(f"cannot reach RabbitMQ at {where}: {reason}") from None
     except ValueError as exc:  # a URL that is not amqp://
         raise UsageError(f"invalid RabbitMQ URL {where!r}: {_reason(exc)}") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,16 @@ def issue(
     request.unlink()
     extensions.unlink()
     return ServerCertificate(cert, key, ca.cert)
+
+
+def engine_files(ca: Authority, directory: Path) -> Path:
+    """`directory` holding what the clusters' scripts take (HAVIP_RABBIT_CLUSTER_TLS_DIR of rabbitmq-cluster.sh,
+    PGHA_TLS_DIR of postgres-ha.sh): ca.pem, and server.pem with server-key.pem, a certificate `ca` signs for
+    127.0.0.1 alone (the address every node of those clusters listens on)."""
+    server = issue(ca, directory / "issued", "server", ("127.0.0.1",))
+    for source, name in ((ca.cert, "ca.pem"), (server.cert, "server.pem"), (server.key, "server-key.pem")):
+        shutil.copy(source, directory / name)
+    return directory
 
 
 def encrypted_copy(key: Path, destination: Path, passphrase: str = "not-a-secret") -> Path:

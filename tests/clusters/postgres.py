@@ -26,6 +26,7 @@ import pytest
 
 from tests import service_logs
 from tests.lab.proc import StartedInContext
+from tests.tls import engine_files, make_ca
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "postgres-ha.sh"
 NODES = ("node1", "node2")
@@ -193,7 +194,9 @@ def postgres_ha_of_the_session() -> Iterator[PostgresHA]:
     base = os.environ.get("HAVIP_PG_HA_PORT_BASE")
     ports = None if base is None else {"monitor": int(base) + 1, "node1": int(base) + 11, "node2": int(base) + 12}
     try:
-        with PostgresHA(workdir, ports=ports) as cluster:
+        # Over TLS: the nodes' DSNs ask sslmode=verify-full against a throwaway CA (`ca_file`).
+        tls_dir = engine_files(make_ca(workdir / "ca"), workdir / "engine-tls")
+        with PostgresHA(workdir, ports=ports, tls_dir=tls_dir) as cluster:
             yield cluster
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Self
 import pytest
 
 from tests import service_logs
+from tests.tls import engine_files, make_ca
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "rabbitmq-cluster.sh"
 NODES = (1, 2, 3)
@@ -102,6 +103,11 @@ class RabbitCluster:
         self._frozen.clear()
         self._cut_off.clear()
         self._run("stop", timeout=WAITING_TIMEOUT_S)
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA the nodes' TLS certificate is verified against (None without TLS)."""
+        return self.tls_dir / "ca.pem" if self.tls_dir is not None else None
 
     def log(self, n: int) -> Path:
         return self.workdir / f"node{n}" / "log" / f"havip{n}@localhost.log"
@@ -244,10 +250,12 @@ class RabbitCluster:
 
 @pytest.fixture(scope="session")
 def rabbit_cluster_of_the_session() -> Iterator[RabbitCluster]:
-    """The three nodes for the whole session, in a temporary directory, stopped and removed at the end."""
+    """The three nodes for the whole session, in a temporary directory, stopped and removed at the end. Each node
+    listens over TLS too (`tls_urls`, verified against `ca_file`), with a certificate of a throwaway CA."""
     workdir = Path(tempfile.mkdtemp(prefix="havip-rabbit-cluster-"))
     try:
-        with RabbitCluster(workdir) as cluster:
+        tls_dir = engine_files(make_ca(workdir / "ca"), workdir / "engine-tls")
+        with RabbitCluster(workdir, tls_dir=tls_dir) as cluster:
             yield cluster
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -73,16 +73,19 @@ def database_of_its_own(postgres: PostgresHA, label: str) -> Iterator[str]:
 @contextlib.contextmanager
 def services_on_the_clusters(lab: Lab, database: str, rabbit: RabbitCluster, workdir: Path) -> Iterator[System]:
     """Three binding replicas, two watchers and an allocator, every process given the three broker nodes and both
-    Postgres nodes, on the cluster's default vhost under names of their own."""
+    Postgres nodes, on the cluster's default vhost under names of their own — over TLS where the cluster listens
+    for it (amqps://, each node verified against its CA; the database URL says the same of Postgres)."""
     settings = {
         "HAVIP_PARTITIONS": str(PARTITIONS),
         "HAVIP_LEASE_TIMEOUT_S": str(LEASE_TIMEOUT_S),
         "HAVIP_AMQP_HEARTBEAT_S": str(AMQP_HEARTBEAT_S),
         "HAVIP_AMQP_PREFIX": f"storm-{uuid.uuid4().hex[:6]}.",
     }
+    if rabbit.tls_urls and rabbit.ca_file is not None:
+        settings["HAVIP_AMQP_CA_FILE"] = str(rabbit.ca_file)
     with System(
         database,
-        ",".join(rabbit.urls),
+        ",".join(rabbit.tls_urls or rabbit.urls),
         lab.capture_ports["tap1"].iface,
         workdir,
         watcher_id=WATCHERS["arp_watcher"],
@@ -186,7 +189,13 @@ async def the_storm(lab: Lab, system: System, inventory: dict[str, Any], databas
     instances = {name: inventory["instances"][name]["id"] for name in HOSTS}
     havips = allocate_havips(system, inventory, instances, ALLOCATORS)
     prefix = system.settings["HAVIP_AMQP_PREFIX"]
-    settings = CommonSettings(amqp_url=system.amqp_url, amqp_prefix=prefix, partitions=PARTITIONS)
+    ca_file = system.settings.get("HAVIP_AMQP_CA_FILE")
+    settings = CommonSettings(
+        amqp_url=system.amqp_url,
+        amqp_ca_file=Path(ca_file) if ca_file else None,
+        amqp_prefix=prefix,
+        partitions=PARTITIONS,
+    )
     db = OnThePrimary(database)
     try:
         await eventually(lambda: known_to_the_binding(db, havips), timeout=STEP_TIMEOUT_S, what="the inventory")

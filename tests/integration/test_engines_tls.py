@@ -35,7 +35,7 @@ from shared.messaging import Broker, Delivery
 from shared.settings import CommonSettings
 from tests.clusters.postgres import PostgresHA
 from tests.clusters.rabbitmq import RabbitCluster
-from tests.tls import Authority, issue, make_ca
+from tests.tls import Authority, engine_files, make_ca
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,11 +64,7 @@ class Engines:
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     directory = tmp_path_factory.mktemp("tls")
     ca = make_ca(directory, "ca")
-    server = issue(ca, directory, "server", ("127.0.0.1",))
-    engines = directory / "engines"
-    engines.mkdir()
-    for source, name in ((ca.cert, "ca.pem"), (server.cert, "server.pem"), (server.key, "server-key.pem")):
-        shutil.copy(source, engines / name)
+    engines = engine_files(ca, directory / "engines")
     return Certificates(ca, make_ca(directory, "other-ca"), engines)
 
 
