@@ -1,7 +1,8 @@
 """Chaos on the clustered engines: a failover storm of real keepalived pairs (tests/e2e/storm.py) with the services
 on a three-node RabbitMQ cluster (quorum queues, every process given all three nodes) and a Postgres primary
 with a synchronous standby under pg_auto_failover (every process given both nodes, target_session_attrs=read-
-write), with three binding replicas and two watchers. One fault at a time, each followed at once by a failover
+write), every link over TLS (amqps://, sslmode=verify-full, a CA made for the session), with three binding
+replicas and two watchers. One fault at a time, each followed at once by a failover
 that must go through it, with failovers while it lasts and after it is mended: the broker node holding most of
 the binding's queue leaders killed (kill -9) and started again; a broker node frozen (SIGSTOP) and thawed; the
 Postgres primary's whole node killed and started again (the next database fault only once the pair is healthy
