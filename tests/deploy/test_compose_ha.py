@@ -186,14 +186,15 @@ def test_the_postgres_pair_is_a_primary_with_its_synchronous_standby(stack: Comp
     assert names.startswith("ANY 1 ("), names
 
 
-def prometheus(stack: ComposeStack, query: str) -> dict[str, str]:
-    """Instance -> value of QUERY's series in the Prometheus container; none while it does not answer."""
+def prometheus(stack: ComposeStack, query: str, by: str = "instance") -> dict[str, str]:
+    """Label `by` (the instance) -> value of QUERY's series in the Prometheus container; none while it does not
+    answer."""
     try:
         response = httpx.get(f"{stack.prometheus_url}/api/v1/query", params={"query": query}, timeout=10.0)
         result = response.json()["data"]["result"]
     except (httpx.HTTPError, KeyError, ValueError):
         return {}
-    return {series["metric"]["instance"]: series["value"][1] for series in result}
+    return {series["metric"][by]: series["value"][1] for series in result}
 
 
 async def test_prometheus_scrapes_the_broker_nodes_and_the_binding_sees_the_monitor(stack: ComposeStack) -> None:
@@ -211,7 +212,22 @@ async def test_prometheus_scrapes_the_broker_nodes_and_the_binding_sees_the_moni
         await until(alarm, dict.fromkeys(nodes, "0"))
     async with httpx.AsyncClient(timeout=10.0) as client:
         groups = (await client.get(f"{stack.prometheus_url}/api/v1/rules")).json()["data"]["groups"]
-    assert "HavipRabbitmqResourceAlarm" in {rule["name"] for group in groups for rule in group["rules"]}
+    rules = {rule["name"] for group in groups for rule in group["rules"]}
+    assert {"HavipRabbitmqResourceAlarm", "HavipRabbitmqQueueShortOfReplicas"} <= rules
+    # What HavipRabbitmqQueueShortOfReplicas counts: every node exports the quorum-queue replicas it holds, per
+    # queue — each of the binding's partition queues counted on all three nodes.
+    per_queue = (
+        'count by (queue) (rabbitmq_raft_term_total{job="rabbitmq_queues", queue=~"binding[.]partition.*"})'
+    )
+
+    def every_partition_queue_on_three() -> bool:
+        counts = prometheus(stack, per_queue, by="queue")
+        return bool(counts) and set(counts.values()) == {"3"}
+
+    try:
+        await eventually(every_partition_queue_on_three, timeout=90, interval=1.0, what=per_queue)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {prometheus(stack, per_queue, by='queue')}") from None
     # The binding replicas: two database hosts, a synchronous standby, the monitor answering with two nodes.
     replicas = {f"{name}:9103" for name in ("binding", "binding-2")}
     await until('havip_database_hosts{job="binding"}', dict.fromkeys(replicas, "2"))
