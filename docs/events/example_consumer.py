@@ -17,8 +17,9 @@ network namespace NETNS (`ip -n NETNS neigh replace ADDRESS lladdr MAC dev IFACE
 removed while the HAVIP is unbound), so that a client there sends to whoever the platform bound the address to —
 whatever ARP says. A failed `ip` call is work not done: the message is returned to the queue and retried.
 
-Each outcome is printed as one JSON line. Configuration: HAVIP_AMQP_URL, HAVIP_AMQP_PREFIX (prepended to every
-exchange and queue name, as the services do).
+Each outcome is printed as one JSON line. Configuration: HAVIP_AMQP_URL (one node), HAVIP_AMQP_CA_FILE (the CA an
+amqps:// node is verified against, chain and host name; without it the system's CAs), HAVIP_AMQP_PREFIX (prepended
+to every exchange and queue name, as the services do).
 
     python docs/events/example_consumer.py --queue consumer-my-app.bindings --count 10 --timeout 30
     python docs/events/example_consumer.py --queue consumer-lab.neighbours --program-neighbour client-ns eth0
@@ -32,6 +33,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -179,8 +181,11 @@ async def event_exchange(connection: AbstractRobustConnection, name: str) -> Abs
 
 async def consume(args: argparse.Namespace) -> int:
     prefix = os.environ.get("HAVIP_AMQP_PREFIX", "")
+    ca_file = os.environ.get("HAVIP_AMQP_CA_FILE")
     connection = await aio_pika.connect_robust(
         os.environ.get("HAVIP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        # Used for amqps:// only; verifies the chain against the CA and the node's host name.
+        ssl_context=ssl.create_default_context(cafile=ca_file) if ca_file else None,
         client_properties={"connection_name": f"{prefix}{args.queue}"},
     )
     work = NeighbourProgrammer(*args.program_neighbour) if args.program_neighbour else None

@@ -287,3 +287,25 @@ def test_havipctl_watches_the_cluster_over_tls_with_the_broker_s_ca(
     )
     assert by_name.returncode == 3
     assert by_name.stderr.endswith(": the server's certificate is not for localhost\n"), by_name.stderr
+
+
+def test_the_example_consumer_verifies_the_node_against_the_broker_s_ca(
+    engines: Engines, certificates: Certificates
+) -> None:
+    def consumer(ca: Path) -> subprocess.CompletedProcess[str]:
+        environment = {
+            "PATH": "/usr/bin:/bin",
+            "HAVIP_AMQP_URL": engines.rabbit.tls_urls[0],
+            "HAVIP_AMQP_CA_FILE": str(ca),
+            "HAVIP_AMQP_PREFIX": f"c{uuid.uuid4().hex[:8]}.",
+        }
+        return subprocess.run(
+            [sys.executable, "docs/events/example_consumer.py", "--queue", "consumer-tls.q", "--timeout", "2"],
+            cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    trusted = consumer(certificates.ca.cert)
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    untrusted = consumer(certificates.other_ca.cert)
+    assert untrusted.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr[-2000:]
