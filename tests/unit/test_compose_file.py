@@ -532,9 +532,13 @@ def test_in_the_ha_profile_prometheus_scrapes_the_broker_nodes_too(ha_config: di
     assert bind_mounts(prometheus)["/etc/prometheus/prometheus.yml"] == str(ha)
     scrape = yaml.safe_load(ha.read_text(encoding="utf-8"))
     single = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text(encoding="utf-8"))
+    # Each node twice: its aggregated metrics (alarms), and per object (the quorum-queue replicas it holds).
     assert set(targets_of(scrape)) == {
-        *targets_of(single), *(("rabbitmq", f"{name}:15692") for name in RABBITMQ_NODES)
+        *targets_of(single),
+        *((job, f"{name}:15692") for name in RABBITMQ_NODES for job in ("rabbitmq", "rabbitmq_queues")),
     }  # fmt: skip
+    paths = {job["job_name"]: job.get("metrics_path", "/metrics") for job in scrape["scrape_configs"]}
+    assert (paths["rabbitmq"], paths["rabbitmq_queues"]) == ("/metrics", "/metrics/per-object")
     assert {k: v for k, v in scrape.items() if k != "scrape_configs"} == {
         k: v for k, v in single.items() if k != "scrape_configs"
     }
