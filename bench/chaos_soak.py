@@ -25,7 +25,7 @@ What one run does — tests/e2e/test_chaos.py scaled up, on engines and a lab of
    - *broker node killed*: kill -9 the node leading most binding partition queues, started again at once,
      mended once the three run in one cluster;
    - *broker node frozen*: SIGSTOP that node for `--freeze-s` (longer than net_ticktime = 10 s), SIGCONT, and
-     restarted if it stays cut off (partition handling `ignore`), mended once the three run in one cluster;
+     restarted if it stays cut off (as it does under `pause_minority`), mended once the three run in one cluster;
    - *Postgres primary killed*: kill -9 the primary's whole node; once the standby is promoted the node is
      started again, mended once `wait_healthy` passes (primary, secondary, synchronous standby);
    - *binding replica*, *watcher*, *allocator killed*: kill -9 one (in turn), started again, mended when ready
@@ -268,7 +268,7 @@ class Chaos:
             await asyncio.sleep(self.freeze_s)
             await asyncio.to_thread(self.rabbit.thaw, node)
             fault.notes["thawed_after_s"] = round((now_ns() - fault.at_ns) / 1e9, 2)
-            try:  # with partition handling `ignore`, a node declared down while frozen stays cut off
+            try:  # a node declared down while frozen stays cut off once thawed (pause_minority does not heal it)
                 await eventually(
                     lambda: asyncio.to_thread(cluster_whole, self.rabbit),
                     timeout=8,

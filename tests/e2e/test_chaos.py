@@ -122,8 +122,8 @@ async def break_each_engine(
     node = busiest_leader(rabbit, system)
     await faults.then_failover(f"broker node {node} frozen", lambda: rabbit.freeze(node))
     await storm.fail_over(f"broker node {node} still frozen")
-    # Thawed after more than net_ticktime, a node stays cut off from the others (RabbitMQ's partition handling
-    # `ignore`): it is restarted, as an operator would.
+    # Thawed after more than net_ticktime, a node stays cut off from the others (pause_minority does not pause
+    # it: it reaches its peers at once and counts a majority): it is restarted, as an operator would.
     await asyncio.to_thread(rabbit.thaw, node)
     await asyncio.to_thread(rabbit.restart, node)
     await until_cluster_whole(rabbit, "the thawed node back in the cluster")
