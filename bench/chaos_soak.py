@@ -164,7 +164,7 @@ def cluster_whole(rabbit: RabbitCluster) -> bool:
 
 def busiest_leader(rabbit: RabbitCluster, prefix: str) -> int:
     """The broker node leading most of the binding's partition queues (one `rabbitmqctl list_queues`)."""
-    rows = json.loads(rabbit.ctl("-q", "list_queues", "-p", "/", "name", "leader", "--formatter", "json"))
+    rows = rabbit.queue_rows("name", "leader")
     wanted = {f"{prefix}binding.partition.{p}" for p in range(PARTITIONS)}
     leaders = [node_number(r["leader"]) for r in rows if r["name"] in wanted and r.get("leader")]
     if not leaders:

@@ -10,6 +10,7 @@ drop them by name with `psql -c 'DROP DATABASE "havip_bench_…" WITH (FORCE)'` 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -35,6 +36,7 @@ from typing import IO, Any
 import httpx
 
 from shared.db import drop_database
+from shared.messaging import broker_tls_context
 from shared.settings import CommonSettings
 from tests.clusters.postgres import PostgresHA
 from tests.clusters.rabbitmq import RabbitCluster
@@ -74,8 +76,8 @@ class Sandbox:
         return CommonSettings(amqp_url=self.amqp_url, amqp_ca_file=self.amqp_ca_file, **values)
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """For the benchmark's own aio-pika connections to an amqps:// node: verified against the brokers' CA."""
-        return ssl.create_default_context(cafile=str(self.amqp_ca_file)) if self.amqp_ca_file is not None else None
+        """For the benchmark's own aio-pika connections to an amqps:// node: verified as the services verify it."""
+        return broker_tls_context(self.common_settings())
 
 
 @asynccontextmanager
@@ -127,6 +129,23 @@ async def clustered_sandbox(label: str, *, tls: bool = False) -> AsyncIterator[S
         else:
             os.environ["HAVIP_RABBIT_CLUSTER_PORT_BASE"] = previous
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--clustered and --tls, as every benchmark that can run on the clustered engines takes them."""
+    parser.add_argument(
+        "--clustered",
+        action="store_true",
+        help="on a three-node RabbitMQ cluster and a Postgres primary with a synchronous standby of the run's own",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="with --clustered: every link over TLS (amqps://, sslmode=verify-full)"
+    )
+
+
+def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.tls and not args.clustered:
+        parser.error("--tls goes with --clustered")
 
 
 def engines(clustered: bool, tls: bool = False) -> str:

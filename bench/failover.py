@@ -65,6 +65,8 @@ import httpx
 
 from bench.common import (
     Sandbox,
+    add_engine_arguments,
+    check_engine_arguments,
     clustered_sandbox,
     engines,
     first_node,
@@ -671,20 +673,12 @@ def main() -> int:
         "the other servers' ARP processing)",
     )
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
-    parser.add_argument(
-        "--clustered",
-        action="store_true",
-        help="on a three-node RabbitMQ cluster and a Postgres primary with a synchronous standby of the run's own",
-    )
-    parser.add_argument(
-        "--tls", action="store_true", help="with --clustered: every link over TLS (amqps://, sslmode=verify-full)"
-    )
+    add_engine_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if not 1 <= args.n <= 60_000:
         parser.error("--n must be between 1 and 60000")
-    if args.tls and not args.clustered:
-        parser.error("--tls goes with --clustered")
+    check_engine_arguments(parser, args)
     with tempfile.TemporaryDirectory(prefix="havip-bench-failover-") as tmp:
         result = asyncio.run(
             run(

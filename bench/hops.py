@@ -44,7 +44,18 @@ import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import clustered_sandbox, engines, first_node, machine, percentile, sandbox, say, wait_for_quiet
+from bench.common import (
+    add_engine_arguments,
+    check_engine_arguments,
+    clustered_sandbox,
+    engines,
+    first_node,
+    machine,
+    percentile,
+    sandbox,
+    say,
+    wait_for_quiet,
+)
 from bench.failover import (
     HAVIP_BASE,
     PROBE,
@@ -434,18 +445,10 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=0, help="other HAVIPs (held by cvma)")
     parser.add_argument("--background", type=int, default=0, help="refreshes/s of the --n HAVIPs by their holder")
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for a machine < 20%% busy")
-    parser.add_argument(
-        "--clustered",
-        action="store_true",
-        help="on a three-node RabbitMQ cluster and a Postgres primary with a synchronous standby of the run's own",
-    )
-    parser.add_argument(
-        "--tls", action="store_true", help="with --clustered: every link over TLS (amqps://, sslmode=verify-full)"
-    )
+    add_engine_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
-    if args.tls and not args.clustered:
-        parser.error("--tls goes with --clustered")
+    check_engine_arguments(parser, args)
     if args.background and not args.n:
         parser.error("--background needs --n HAVIPs to refresh")
     with tempfile.TemporaryDirectory(prefix="havip-bench-hops-") as tmp:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
 
@@ -169,12 +169,15 @@ class RabbitCluster:
         status = json.loads(self.ctl("-q", "cluster_status", "--formatter", "json", via=via))
         return sorted(node_number(name) for name in status["running_nodes"])
 
+    def queue_rows(self, *columns: str, vhost: str = "/", via: int | None = None) -> list[dict[str, Any]]:
+        """`rabbitmqctl list_queues COLUMNS` in vhost, a dict per queue."""
+        rows: list[dict[str, Any]] = json.loads(
+            self.ctl("-q", "list_queues", "-p", vhost, *columns, "--formatter", "json", via=via)
+        )
+        return rows
+
     def replicas(self, queue: str, vhost: str = "/", via: int | None = None) -> QueueReplicas:
-        rows = json.loads(
-            self.ctl("-q", "list_queues", "-p", vhost, "name", "leader", "members", "online",
-                     "--formatter", "json", via=via)
-        )  # fmt: skip
-        for row in rows:
+        for row in self.queue_rows("name", "leader", "members", "online", vhost=vhost, via=via):
             if row["name"] == queue:
                 return QueueReplicas(
                     leader=node_number(row["leader"]) if row.get("leader") else None,
@@ -185,13 +188,9 @@ class RabbitCluster:
 
     def queues_short_of_replicas(self, vhost: str = "/", via: int | None = None) -> list[str]:
         """The quorum queues with a member not online (a restarted node's replicas still starting, say)."""
-        rows = json.loads(
-            self.ctl("-q", "list_queues", "-p", vhost, "name", "type", "members", "online",
-                     "--formatter", "json", via=via)
-        )  # fmt: skip
         return [
             row["name"]
-            for row in rows
+            for row in self.queue_rows("name", "type", "members", "online", vhost=vhost, via=via)
             if row.get("type") == "quorum" and len(row.get("online") or []) < len(row.get("members") or [])
         ]
 

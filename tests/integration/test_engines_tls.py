@@ -254,7 +254,7 @@ def test_a_service_migrates_over_tls_to_both_engines(engines: Engines, certifica
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    queues = json.loads(engines.rabbit.ctl("-q", "list_queues", "name", "--formatter", "json"))
+    queues = engines.rabbit.queue_rows("name")
     assert f"{env['HAVIP_AMQP_PREFIX']}allocator.events" in {row["name"] for row in queues}
 
 
