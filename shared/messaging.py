@@ -388,6 +388,7 @@ def cluster_connection(
         first,
         ssl_context=context or broker_tls_context(settings),
         client_properties={"connection_name": source},
+        silent_node_down_s=settings.silent_node_down_s,
     )
 
 
@@ -412,8 +413,13 @@ class ClusterConnection(aio_pika.RobustConnection):
     place every attempt goes through; tests/integration/test_broker_nodes.py pins that behaviour to the
     aio-pika version in requirements.lock."""
 
-    def __init__(self, urls: Sequence[str], first: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, urls: Sequence[str], first: int = 0, *, silent_node_down_s: float | None = None, **kwargs: Any
+    ) -> None:
+        """`silent_node_down_s`: how long after a node's last word the others must have declared it down (None:
+        reconnect at once)."""
         self._nodes = [make_url(url) for url in urls]
+        self._silent_node_down_s = silent_node_down_s
         self._next = first % len(self._nodes)
         if len(self._nodes) > 1 and "reconnect_interval" not in self._nodes[0].query:
             # aio-pika waits this long after a failed attempt (5 s by default) before the next: with other nodes
@@ -422,9 +428,31 @@ class ClusterConnection(aio_pika.RobustConnection):
         super().__init__(self._nodes[self._next], **kwargs)
 
     async def _RobustConnection__connect_transport(self) -> None:
+        await self._until_silent_node_down()
         self.url = self._nodes[self._next]
         self._next = (self._next + 1) % len(self._nodes)
         await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+
+    async def _until_silent_node_down(self) -> None:
+        """After a connection dropped because its node stopped answering (aiormq: no frame for three heartbeats):
+        wait until the other nodes must have declared that node down. A quorum queue it led holds a new
+        connection's publishes and consumers until then (RabbitMQ 3.10: its record still names the lost leader),
+        and for seconds after; one connected once the node is down is served at once."""
+        lost = self.transport
+        if lost is None or self._silent_node_down_s is None:
+            return
+        if not getattr(lost.connection, "is_connection_was_stuck", False):
+            return  # closed or reset: a node that died, or was stopped, is known down at once
+        heartbeat = getattr(lost.connection, "heartbeat_timeout", 0)
+        wait = self._silent_node_down_s - 3 * (heartbeat + 1)  # aiormq drops a connection silent that long
+        if wait > 0:
+            log.warning(
+                "RabbitMQ node %s stopped answering: connecting to another in %.1f s, once the cluster has "
+                "declared it down",
+                self.node,
+                wait,
+            )
+            await asyncio.sleep(wait)
 
     @property
     def node(self) -> str:
@@ -440,6 +468,14 @@ class NoBrokerNode(Exception):
         self.failures = list(failures)
 
 
+class PublishingChannelReplaced(ConnectionError):
+    """The publish waited for its confirm on a channel that the Broker replaced (another publish on it was nacked
+    or timed out): try it again."""
+
+    def __init__(self) -> None:
+        super().__init__("the publishing channel was replaced before RabbitMQ confirmed this publish")
+
+
 class _BrokerAway(Exception):
     """A consuming channel could not be opened: the broker is away, or the robust connection reconnecting."""
 
@@ -448,20 +484,32 @@ class _BrokerAway(Exception):
         self.cause = cause
 
 
+# RabbitMQ declares a silent node down within 1.25 × net_ticktime (60 s by default, 10 s in docs/operations.md).
+RETIRED_CHANNEL_CLOSE_AFTER_S = 90.0
+# Replaced publishing channels left open at most (Broker._retire).
+MAX_RETIRED_CHANNELS = 8
+
+
 class Broker:
     """The process's connection to RabbitMQ."""
 
-    def __init__(self, settings: CommonSettings, source: str) -> None:
+    # How long a replaced publishing channel is kept open (_retire): well past a cluster's net_ticktime.
+    retired_channel_close_after_s = RETIRED_CHANNEL_CLOSE_AFTER_S
+
+    def __init__(self, settings: CommonSettings, source: str, *, first_node: int | None = None) -> None:
+        """`first_node`: the index of the node in settings.amqp_urls tried first; by default one at random, so that
+        a deployment's processes spread over the nodes."""
         self.settings = settings
         self.source = source
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
         self.connect_attempts = 0
-        self._first_node = random.randrange(len(settings.amqp_urls))
+        self._first_node = random.randrange(len(settings.amqp_urls)) if first_node is None else first_node
         self._user = settings.amqp_user
         self._checks_topology = False  # its user may not declare the exchanges (said once)
         self._replacing = asyncio.Lock()
         self._publishing: AbstractChannel | None = None
+        self._retired: set[asyncio.Task[None]] = set()  # closing replaced publishing channels (_retire)
         self._tls = broker_tls_context(settings)  # one context for every connection (its CAs read once)
 
     async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = WAIT_MAX_S) -> bool:
@@ -555,7 +603,7 @@ class Broker:
         return self._connection
 
     async def publish(self, env: Envelope, *, routing_key: str | None = None, routine: bool = False) -> None:
-        """Publish one event and wait for the broker's confirm (bounded by publish_timeout_s). A claims event
+        """Publish one event and wait for the broker's confirm (bounded by the publish timeout). A claims event
         goes to its claims' partition (shared.partitions) unless a routing key is given; `routine`: as in
         publish_encoded."""
         if routing_key is None and env.type == CLAIMS_EVENT:
@@ -602,7 +650,7 @@ class Broker:
         try:
             # mandatory=False: an event nobody subscribes to is not an error for the publisher.
             await exchange.publish(
-                message, routing_key=key, mandatory=False, timeout=self.settings.publish_timeout_s
+                message, routing_key=key, mandatory=False, timeout=self.settings.publish_timeout
             )
         except aiormq.exceptions.ChannelAccessRefused as exc:
             raise BrokerAccessRefused(
@@ -614,7 +662,12 @@ class Broker:
         except aiormq.exceptions.DeliveryError as exc:
             if not isinstance(exc, aiormq.exceptions.PublishError):  # a nack, not a returned message
                 PUBLISHES_NACKED.labels(self.source).inc()
-                await self._replace_publishing_channel(exchange)
+                await self._replace_publishing_channel(exchange, "was refused (nack)")
+            raise
+        except TimeoutError:
+            await self._replace_publishing_channel(
+                exchange, f"was not confirmed within {self.settings.publish_timeout:g} s"
+            )
             raise
         except asyncio.CancelledError as exc:
             if _being_cancelled():
@@ -623,17 +676,19 @@ class Broker:
             # is a lost connection (retried), not a cancellation of its own task (which would end it).
             raise ConnectionError("the connection closed before RabbitMQ confirmed the publish") from exc
 
-    async def _replace_publishing_channel(self, nacked: AbstractExchange) -> None:
-        """RabbitMQ (3.10) nacks every publish of a channel whose first publish to a quorum queue came while the
-        queue elected a new leader (its node died), for as long as the channel lives: after a nack the channel is
-        replaced by a new one, so that the caller's next try can succeed. Once per channel, however many
-        publishes were nacked on it."""
+    async def _replace_publishing_channel(self, failed: AbstractExchange, why: str) -> None:
+        """RabbitMQ (3.10) nacks, or never confirms, every publish of a channel whose first publish to a quorum
+        queue came while the queue's leader was lost (its node dead, or frozen and not yet declared down), for as
+        long as the channel lives: after a nack or a publish timeout the channel is replaced by a new one, so that
+        the caller's next try can succeed. Once per channel, however many publishes failed on it."""
         async with self._replacing:
-            if self._exchange is not nacked:
+            if self._exchange is not failed:
                 return  # another publish replaced it already
+            if len(self._retired) >= MAX_RETIRED_CHANNELS:
+                return  # publishes keep failing on new channels too (a broker that blocks publishers): no more
             old = self._publishing
             try:
-                async with asyncio.timeout(self.settings.publish_timeout_s):
+                async with asyncio.timeout(self.settings.publish_timeout):
                     self._publishing, self._exchange = await self._topology(self.connection)
             except asyncio.CancelledError:
                 if _being_cancelled():
@@ -643,10 +698,30 @@ class Broker:
             except Exception as exc:  # the broker away again: the next nack or publish tries again
                 log.warning("no new publishing channel (%r): the next publish tries again", exc)
                 return
-            log.warning("a publish was refused (nack): publishing on a new channel")
+            log.warning("a publish %s: publishing on a new channel", why)
             if old is not None:
-                with contextlib.suppress(Exception):
-                    await old.close()
+                await self._retire(old)
+
+    async def _retire(self, channel: AbstractChannel) -> None:
+        """A replaced publishing channel: the publishes still waiting on it for a confirm are failed at once,
+        to be tried again on the new channel (the replaced one may never confirm them); the channel is closed
+        later, not now: RabbitMQ answers the Channel.Close of a channel that met a quorum queue's lost leader only
+        once the cluster has settled (the node declared down), and aiormq, given no answer within a heartbeat,
+        closes the whole connection, every consumer's channel with it."""
+        with contextlib.suppress(Exception):  # a channel closed meanwhile failed its publishes itself
+            pending: dict[int, object] = getattr(await channel.get_underlay_channel(), "confirmations", {})
+            for confirmation in list(pending.values()):
+                if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+                    confirmation.set_exception(PublishingChannelReplaced())
+
+        async def close_later() -> None:
+            await asyncio.sleep(self.retired_channel_close_after_s)
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+        closing = asyncio.create_task(close_later(), name="closing a replaced publishing channel")
+        self._retired.add(closing)
+        closing.add_done_callback(self._retired.discard)
 
     async def publish_many(self, envs: Sequence[Envelope]) -> None:
         """Publish with all confirms in flight at once; raises if any was not confirmed."""
@@ -736,6 +811,8 @@ class Broker:
         return consumer
 
     async def close(self) -> None:
+        for closing in list(self._retired):
+            closing.cancel()  # the connection's close closes them
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

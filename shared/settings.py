@@ -18,6 +18,15 @@ from shared.tls import check_ca_file
 # frozen node's clients leave it within about 15 s (60 s by RabbitMQ's own suggestion).
 CLUSTER_HEARTBEAT_S = 5
 
+# The net_ticktime assumed of a cluster unless configured (docs/operations.md's rabbitmq.conf), and the time
+# allowed beyond 1.25 × it for the nodes to act on a peer's silence.
+CLUSTER_NET_TICKTIME_S = 10
+NODE_DOWN_MARGIN_S = 0.5
+
+# How long a publish waits for its confirm unless configured: one node, several.
+PUBLISH_TIMEOUT_S = 5.0
+CLUSTER_PUBLISH_TIMEOUT_S = 2.0
+
 # aiormq's TLS options in a URL's query: the services take TLS from HAVIP_AMQP_CA_FILE instead, the same for every
 # node, and never switch verification off.
 URL_TLS_OPTIONS = ("cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl")
@@ -37,6 +46,12 @@ class CommonSettings(BaseSettings):
     # heartbeats). Unset: 5 s with several nodes, else the broker's own (RabbitMQ suggests 60 s). A heartbeat
     # given in the URL wins.
     amqp_heartbeat_s: int | None = Field(default=None, ge=1, le=600)
+    # The cluster's net_ticktime, in seconds (rabbitmq.conf; 10 in docs/operations.md, 60 by RabbitMQ's default):
+    # its nodes declare a silent peer down within 1.25 × it. A process whose node stops answering (frozen, cut off)
+    # connects to another only once that node must have been declared down, because until then a quorum queue it
+    # led holds the publishes and consumers of a new connection (for seconds after, too). Unset: 10 s with several
+    # nodes.
+    amqp_net_ticktime_s: int | None = Field(default=None, ge=1, le=3600)
     # The kind of every queue the services declare: quorum queues are replicated on a majority of a cluster's
     # nodes and survive the loss of one; classic ones live on one node. `auto`: quorum when HAVIP_AMQP_URL
     # names several nodes. (Queues with a single active consumer are quorum queues in every case.)
@@ -57,7 +72,10 @@ class CommonSettings(BaseSettings):
     # service's own, havip_<service>. `migrate` creates it when it is missing.
     database_role: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
-    publish_timeout_s: float = Field(default=5.0, gt=0)
+    # A publish not confirmed within this many seconds fails, to be tried again on a new channel
+    # (shared.messaging). Unset: 2 s with several nodes — a channel that met the lost leader of a frozen node's
+    # queue never confirms; one opened after the node is declared down does — else 5 s.
+    publish_timeout_s: float | None = Field(default=None, gt=0)
     # Claims are decided in this many partitions (shared.partitions): the watchers and every binding replica
     # must agree on it (an alert fires when they do not). Changing it moves HAVIPs between partitions: change it
     # on every process at once.
@@ -111,6 +129,21 @@ class CommonSettings(BaseSettings):
             return urls
         asked = {"heartbeat": heartbeat}
         return tuple(url if "heartbeat" in URL(url).query else str(URL(url) % asked) for url in urls)
+
+    @property
+    def silent_node_down_s(self) -> float | None:
+        """How long after a node's last word its peers must have declared it down (None with one node)."""
+        if len(broker_urls(self.amqp_url)) == 1:
+            return None
+        ticktime = self.amqp_net_ticktime_s or CLUSTER_NET_TICKTIME_S
+        return ticktime * 1.25 + NODE_DOWN_MARGIN_S
+
+    @property
+    def publish_timeout(self) -> float:
+        """publish_timeout_s, or its default for one node or for several."""
+        if self.publish_timeout_s is not None:
+            return self.publish_timeout_s
+        return CLUSTER_PUBLISH_TIMEOUT_S if len(broker_urls(self.amqp_url)) > 1 else PUBLISH_TIMEOUT_S
 
     @property
     def quorum_queues(self) -> bool:

@@ -116,10 +116,12 @@ async def test_no_usable_node_is_explained_once_naming_each_node(
 
 async def test_after_a_nack_the_next_publish_goes_out_on_a_new_channel(amqp_url: str) -> None:
     """RabbitMQ 3.10 may nack every publish of a channel that met a quorum queue's leader election (its node
-    killed): a nack makes the Broker publish on a new channel. A full queue that rejects publishes (reject-publish)
-    plays the nack here."""
+    killed): a nack makes the Broker publish on a new channel, and close the old one a while later (not at once:
+    RabbitMQ may not answer its close until the cluster has settled). A full queue that rejects publishes
+    (reject-publish) plays the nack here."""
     settings = CommonSettings(amqp_url=amqp_url, amqp_prefix=f"t{uuid.uuid4().hex[:8]}.")
     broker = Broker(settings, "test")
+    broker.retired_channel_close_after_s = 3.0
     nacked_before = nacked("test")
     assert await broker.connect()
     vhost = settings.amqp_vhost
@@ -147,6 +149,9 @@ async def test_after_a_nack_the_next_publish_goes_out_on_a_new_channel(amqp_url:
         with pytest.raises(aio_pika.exceptions.DeliveryError):
             await broker.publish(vpc("nacked"))
         assert nacked("test") == nacked_before + 1
+        both = publishing_channels()
+        assert len(both) == 2, (channels_before, both)  # the nacked one kept open a while
+        assert set(channels_before) < set(both), (channels_before, both)
         await eventually(
             lambda: len(now := publishing_channels()) == 1 and now != channels_before,
             timeout=30,

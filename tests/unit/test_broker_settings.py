@@ -1,4 +1,5 @@
-"""HAVIP_AMQP_URL as one broker or a cluster's nodes, and the heartbeat asked of them."""
+"""HAVIP_AMQP_URL as one broker or a cluster's nodes, and the heartbeat, the confirm timeout and the net_ticktime
+that go with them."""
 
 from __future__ import annotations
 
@@ -62,3 +63,19 @@ def test_a_cluster_asks_a_short_heartbeat_unless_told_otherwise() -> None:
     assert CommonSettings(amqp_url=two).amqp_urls[0] == f"{ONE}?heartbeat=5"
     assert CommonSettings(amqp_url=two, amqp_heartbeat_s=30).amqp_urls[0] == f"{ONE}?heartbeat=30"
     assert CommonSettings(amqp_url=ONE).amqp_urls == (ONE,)
+
+
+def test_a_cluster_waits_shorter_for_a_confirm_unless_told_otherwise() -> None:
+    two = f"{ONE},amqp://havip:secret@10.0.0.2:5672/havip"
+    assert CommonSettings(amqp_url=ONE).publish_timeout == 5.0
+    assert CommonSettings(amqp_url=two).publish_timeout == 2.0
+    assert CommonSettings(amqp_url=two, publish_timeout_s=7.5).publish_timeout == 7.5
+
+
+def test_a_silent_node_is_known_down_after_the_clusters_net_ticktime_and_a_quarter() -> None:
+    two = f"{ONE},amqp://havip:secret@10.0.0.2:5672/havip"
+    assert CommonSettings(amqp_url=ONE).silent_node_down_s is None  # one node: nobody to move to
+    assert CommonSettings(amqp_url=two).silent_node_down_s == 10 * 1.25 + 0.5
+    assert CommonSettings(amqp_url=two, amqp_net_ticktime_s=60).silent_node_down_s == 60 * 1.25 + 0.5
+    with pytest.raises(ValidationError, match="amqp_net_ticktime_s"):
+        CommonSettings(amqp_url=two, amqp_net_ticktime_s=0)
