@@ -466,11 +466,7 @@ def test_the_ha_profile_runs_a_broker_cluster_and_a_postgres_pair_in_place_of_on
         assert node["entrypoint"] == ["sh", "/usr/local/lib/havip/cluster-node.sh"]
     published = {services[name]["ports"][0].split(":")[1] for name in RABBITMQ_NODES}
     assert published == {"5672", "5673", "5674"}
-    conf = dict(
-        line.split(" = ", 1)
-        for line in (ROOT / "deploy/rabbitmq/cluster.conf").read_text(encoding="utf-8").splitlines()
-        if line and not line.startswith("#")
-    )
+    conf = rabbitmq_cluster_conf()
     assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
     listed = {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")}
     assert listed == {f"rabbit@{name}" for name in RABBITMQ_NODES}
@@ -492,6 +488,15 @@ def test_the_ha_profile_runs_a_broker_cluster_and_a_postgres_pair_in_place_of_on
         assert (test[0] == "CMD-SHELL" and len(test) == 2) or not any(" " in arg for arg in test[1:]), name
 
 
+def rabbitmq_cluster_conf() -> dict[str, str]:
+    """deploy/rabbitmq/cluster.conf, the ha profile's nodes' settings."""
+    return dict(
+        line.split(" = ", 1)
+        for line in (ROOT / "deploy/rabbitmq/cluster.conf").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    )
+
+
 def test_in_the_ha_profile_every_service_has_every_node(ha_config: dict[str, Any]) -> None:
     services = ha_config["services"]
     healthy = {"condition": "service_healthy"}
@@ -509,6 +514,7 @@ def test_in_the_ha_profile_every_service_has_every_node(ha_config: dict[str, Any
             assert database_address(database).hosts == ("pg-1:5432", "pg-2:5432"), name
             assert parse_qs(urlsplit(database).query)["target_session_attrs"] == ["read-write"], name
         assert environment["HAVIP_AMQP_HEARTBEAT_S"] == "5", name
+        assert environment["HAVIP_AMQP_NET_TICKTIME_S"] == rabbitmq_cluster_conf()["net_ticktime"], name
     for name in BINDINGS:
         assert URL(services[name]["environment"]["HAVIP_DATABASE_MONITOR_URL"]).host == "pg-monitor", name
     assert services[ALLOCATORS[0]] == services[ALLOCATORS[1]]
