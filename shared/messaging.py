@@ -435,16 +435,20 @@ class ClusterConnection(aio_pika.RobustConnection):
 
     async def _until_silent_node_down(self) -> None:
         """After a connection dropped because its node stopped answering (aiormq: no frame for three heartbeats):
-        wait until the other nodes must have declared that node down. A quorum queue it led holds a new
-        connection's publishes and consumers until then (RabbitMQ 3.10: its record still names the lost leader),
-        and for seconds after; one connected once the node is down is served at once."""
+        wait until the other nodes must have declared that node down, counted from its last frame. A quorum queue
+        it led holds a new connection's publishes and consumers until then (RabbitMQ 3.10: its record still names
+        the lost leader), and for seconds after; one connected once the node is down is served at once."""
         lost = self.transport
         if lost is None or self._silent_node_down_s is None:
             return
-        if not getattr(lost.connection, "is_connection_was_stuck", False):
+        connection = lost.connection
+        if not getattr(connection, "is_connection_was_stuck", False):
             return  # closed or reset: a node that died, or was stopped, is known down at once
-        heartbeat = getattr(lost.connection, "heartbeat_timeout", 0)
-        wait = self._silent_node_down_s - 3 * (heartbeat + 1)  # aiormq drops a connection silent that long
+        # aiormq's own record of the last frame (loop time), else its grace: three heartbeats and one.
+        last_frame = getattr(connection, "_Connection__last_frame_time", None)
+        if not isinstance(last_frame, float):
+            last_frame = asyncio.get_running_loop().time() - 3 * (getattr(connection, "heartbeat_timeout", 0) + 1)
+        wait = last_frame + self._silent_node_down_s - asyncio.get_running_loop().time()
         if wait > 0:
             log.warning(
                 "RabbitMQ node %s stopped answering: connecting to another in %.1f s, once the cluster has "

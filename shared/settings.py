@@ -21,7 +21,7 @@ CLUSTER_HEARTBEAT_S = 5
 # The net_ticktime assumed of a cluster unless configured (docs/operations.md's rabbitmq.conf), and the time
 # allowed beyond 1.25 × it for the nodes to act on a peer's silence.
 CLUSTER_NET_TICKTIME_S = 10
-NODE_DOWN_MARGIN_S = 0.5
+NODE_DOWN_MARGIN_S = 1.0
 
 # How long a publish waits for its confirm unless configured: one node, several.
 PUBLISH_TIMEOUT_S = 5.0

@@ -75,7 +75,7 @@ def test_a_cluster_waits_shorter_for_a_confirm_unless_told_otherwise() -> None:
 def test_a_silent_node_is_known_down_after_the_clusters_net_ticktime_and_a_quarter() -> None:
     two = f"{ONE},amqp://havip:secret@10.0.0.2:5672/havip"
     assert CommonSettings(amqp_url=ONE).silent_node_down_s is None  # one node: nobody to move to
-    assert CommonSettings(amqp_url=two).silent_node_down_s == 10 * 1.25 + 0.5
-    assert CommonSettings(amqp_url=two, amqp_net_ticktime_s=60).silent_node_down_s == 60 * 1.25 + 0.5
+    assert CommonSettings(amqp_url=two).silent_node_down_s == 10 * 1.25 + 1.0
+    assert CommonSettings(amqp_url=two, amqp_net_ticktime_s=60).silent_node_down_s == 60 * 1.25 + 1.0
     with pytest.raises(ValidationError, match="amqp_net_ticktime_s"):
         CommonSettings(amqp_url=two, amqp_net_ticktime_s=0)
