@@ -119,8 +119,10 @@ async def _replace_differing_dead_letter_queue(settings: CommonSettings, source:
     where quorum queues are configured now) would stop the connection itself, so it is replaced first, while it
     is empty and unused."""
     connection = cluster_connection(settings, source)
-    await connection.connect()
     try:
+        # Closed here even if it never connects: left to the collector, its close() may find no loop to run on
+        # ("coroutine 'RobustConnection.close' was never awaited").
+        await connection.connect()
         channel = await connection.channel()
         try:
             await declare_topology(channel, settings)  # BrokerAccessRefused, in words, for a user that may not
