@@ -600,6 +600,13 @@ class Broker:
         channel = await connection.channel(publisher_confirms=True)
         return channel, await check_topology(channel, self.settings)
 
+    async def _publishing_channel(self) -> tuple[AbstractChannel, AbstractExchange]:
+        """A new publishing channel on the connection, with the event exchange it publishes to — not declared
+        again: connect() did, and a declaration (the dead-letter queue's binding) waits on the cluster's metadata,
+        which a node frozen and not yet declared down holds up."""
+        channel = await self.connection.channel(publisher_confirms=True)
+        return channel, await channel.get_exchange(self.settings.exchange, ensure=False)
+
     @property
     def connection(self) -> AbstractRobustConnection:
         if self._connection is None:
@@ -693,7 +700,7 @@ class Broker:
             old = self._publishing
             try:
                 async with asyncio.timeout(self.settings.publish_timeout):
-                    self._publishing, self._exchange = await self._topology(self.connection)
+                    self._publishing, self._exchange = await self._publishing_channel()
             except asyncio.CancelledError:
                 if _being_cancelled():
                     raise
