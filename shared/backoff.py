@@ -9,7 +9,6 @@ a fleet restarted together does not come back in lockstep; a stop event ends the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -34,16 +33,21 @@ def jittered(initial_s: float, max_s: float) -> wait_base:
     return wait_random_exponential(multiplier=initial_s, max=max_s)
 
 
-def interruptible_sleep(stop: asyncio.Event | None) -> Callable[[float], Awaitable[None]]:
-    """A sleep that ends early when `stop` is set."""
+def interruptible_sleep(
+    stop: asyncio.Event | None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+) -> Callable[[float], Awaitable[None]]:
+    """`sleep`, ended early when `stop` is set."""
 
     async def pause(seconds: float) -> None:
         if stop is None:
-            await asyncio.sleep(seconds)
+            await sleep(seconds)
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(sleep(seconds))]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     return pause
 
@@ -103,15 +107,17 @@ def retrying_with_backoff(
     before_sleep: Callable[[RetryCallState], None],
     stop_on: Callable[[RetryCallState], bool] = lambda _state: False,
     stop: asyncio.Event | None = None,
+    pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> AsyncRetrying:
     """Retrying for work under way: failures for which `retry` is true are tried again after a jittered
-    back-off (cut short by `stop`, which also ends the retries), until `stop_on` says enough (then
+    back-off (cut short by `stop`, which also ends the retries; or by `pause`, a sleep that may end early — e.g.
+    shared.messaging.Broker.pause, when the broker is back), until `stop_on` says enough (then
     tenacity.RetryError); any other failure, and a cancellation, is raised at once."""
     return AsyncRetrying(
         retry=retry_if_exception(lambda exc: is_failure(exc) and retry(exc)),
         wait=jittered(initial_s, max_s),
         stop=lambda state: (stop is not None and stop.is_set()) or stop_on(state),
-        sleep=interruptible_sleep(stop),
+        sleep=interruptible_sleep(stop, pause),
         before_sleep=before_sleep,
     )
 

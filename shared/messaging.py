@@ -514,6 +514,7 @@ class Broker:
         self._replacing = asyncio.Lock()
         self._publishing: AbstractChannel | None = None
         self._retired: set[asyncio.Task[None]] = set()  # closing replaced publishing channels (_retire)
+        self._usable = asyncio.Event()  # connected, and its channels restored after a reconnection
         self._tls = broker_tls_context(settings)  # one context for every connection (its CAs read once)
 
     async def connect(self, stop: asyncio.Event | None = None, *, max_delay_s: float = WAIT_MAX_S) -> bool:
@@ -562,6 +563,9 @@ class Broker:
                 raise
             self._first_node = first + 1
             self._connection = connection
+            self._usable.set()
+            connection.close_callbacks.add(lambda *_: self._usable.clear())
+            connection.reconnect_callbacks.add(lambda *_: self._usable.set())
             BROKER_CONNECTED.labels(self.source).set_function(connection.connected.is_set)
             if len(urls) > 1:
                 log.info("connected to RabbitMQ node %s", connection.node)
@@ -606,6 +610,16 @@ class Broker:
         which a node frozen and not yet declared down holds up."""
         channel = await self.connection.channel(publisher_confirms=True)
         return channel, await channel.get_exchange(self.settings.exchange, ensure=False)
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less while the connection is away: until it is back, its channels restored — a
+        retry's wait (shared.backoff), so that what failed while the broker was away is tried again at once."""
+        if self._connection is None or self._usable.is_set():
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._usable.wait()
 
     @property
     def connection(self) -> AbstractRobustConnection:

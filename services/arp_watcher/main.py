@@ -89,6 +89,7 @@ async def run(settings: WatcherSettings, stop: asyncio.Event, *, registry: Colle
         batch_size=settings.batch_size,
         routine_linger_s=settings.routine_linger_s,
         partitions=settings.partitions,
+        pause=broker.pause,
     )
 
     heartbeat = Heartbeat(

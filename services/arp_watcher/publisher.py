@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
@@ -211,8 +211,12 @@ class ClaimPublisher:
         backoff_max_s: float = 5.0,
         routine_linger_s: float = 0.0,
         partitions: int = DEFAULT_PARTITIONS,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`pause`: the wait between two tries of a failed publish (Broker.pause: cut short when the broker is
+        back)."""
         self._broker = broker
+        self._pause = pause
         self._partitions = partitions
         self._buffer = buffer
         self._metrics = metrics
@@ -293,6 +297,7 @@ class ClaimPublisher:
                 initial_s=self._backoff_initial_s,
                 max_s=self._backoff_max_s,
                 before_sleep=tell,
+                pause=self._pause,
             )
 
         self.in_flight += len(claims)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -164,3 +165,31 @@ async def test_after_a_nack_the_next_publish_goes_out_on_a_new_channel(amqp_url:
         await channel.close()
     finally:
         await broker.close()
+
+
+async def test_a_retrys_pause_ends_once_the_broker_is_back(amqp_url: str) -> None:
+    """Broker.pause, the wait between two tries of a failed publish: the back-off while the connection is up, but
+    only until it is back (its channels restored) while it is away — a publish that failed then goes out at
+    once, not a back-off later."""
+    with CuttableProxy() as proxy:
+        settings = CommonSettings(amqp_url=proxy.url(amqp_url), amqp_prefix=f"t{uuid.uuid4().hex[:8]}.")
+        broker = Broker(settings, "test")
+        assert await broker.connect()
+        try:
+            began = time.monotonic()
+            await broker.pause(0.3)
+            assert time.monotonic() - began >= 0.3  # connected: the whole back-off
+
+            connection = broker.connection
+            proxy.cut()
+            await eventually(lambda: not connection.connected.is_set(), what="the connection lost")
+            pausing = asyncio.create_task(broker.pause(120))
+            await asyncio.sleep(0.5)
+            assert not pausing.done()  # away: waiting
+            proxy.start()
+            back_at = time.monotonic()
+            await asyncio.wait_for(pausing, 60)  # aio-pika tries a lone node again every 5 s
+            print(f"\nthe pause ended {time.monotonic() - back_at:.2f} s after the broker was back")
+            await broker.publish(vpc("at once"))  # the publishing channel restored with the connection
+        finally:
+            await broker.close()
