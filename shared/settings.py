@@ -14,9 +14,10 @@ from yarl import URL
 from shared.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from shared.tls import check_ca_file
 
-# The AMQP heartbeat asked of a cluster's nodes unless one is configured: with RabbitMQ's net_ticktime = 10 a
-# frozen node's clients leave it within about 15 s (60 s by RabbitMQ's own suggestion).
-CLUSTER_HEARTBEAT_S = 5
+# The AMQP heartbeat asked of a cluster's nodes unless one is configured (RabbitMQ suggests 60 s): aiormq drops a
+# connection silent for three heartbeats and one (12 s), so that a frozen node is noticed before the others have
+# declared it down (within 13.5 s with net_ticktime = 10), when its clients move (ClusterConnection).
+CLUSTER_HEARTBEAT_S = 3
 
 # The net_ticktime assumed of a cluster unless configured (docs/operations.md's rabbitmq.conf), and the time
 # allowed beyond 1.25 × it for the nodes to act on a peer's silence.
@@ -43,7 +44,7 @@ class CommonSettings(BaseSettings):
     # stops answering (amqp_heartbeat_s).
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     # The AMQP heartbeat asked of the broker, in seconds: how soon a frozen broker node is noticed (about three
-    # heartbeats). Unset: 5 s with several nodes, else the broker's own (RabbitMQ suggests 60 s). A heartbeat
+    # heartbeats). Unset: 3 s with several nodes, else the broker's own (RabbitMQ suggests 60 s). A heartbeat
     # given in the URL wins.
     amqp_heartbeat_s: int | None = Field(default=None, ge=1, le=600)
     # The cluster's net_ticktime, in seconds (rabbitmq.conf; 10 in docs/operations.md, 60 by RabbitMQ's default):

@@ -41,7 +41,6 @@ T = TypeVar("T")
 REPLICAS = {"binding": "binding-1", "binding-2": "binding-2", "binding-3": "binding-3"}  # name -> replica id
 WATCHERS = {"arp_watcher": "lab/tap1", "twin": "lab/tap2"}  # name -> HAVIP_WATCHER_ID
 ALLOCATORS = ("allocator",)
-AMQP_HEARTBEAT_S = 2  # a frozen broker node is left after about three
 LEASE_TIMEOUT_S = 3
 STEP_TIMEOUT_S = 30
 FAULT_TIMEOUT_S = 90  # a failover committed while an engine's node is away (a Postgres failover: ~10 s)
@@ -78,7 +77,6 @@ def services_on_the_clusters(lab: Lab, database: str, rabbit: RabbitCluster, wor
     settings = {
         "HAVIP_PARTITIONS": str(PARTITIONS),
         "HAVIP_LEASE_TIMEOUT_S": str(LEASE_TIMEOUT_S),
-        "HAVIP_AMQP_HEARTBEAT_S": str(AMQP_HEARTBEAT_S),
         "HAVIP_AMQP_PREFIX": f"storm-{uuid.uuid4().hex[:6]}.",
     }
     if rabbit.tls_urls and rabbit.ca_file is not None:

@@ -22,7 +22,7 @@ def test_one_url_is_one_node() -> None:
 def test_a_cluster_is_its_nodes_in_the_order_given() -> None:
     nodes = [ONE, "amqp://havip:secret@10.0.0.2:5672/havip", " amqp://havip:secret@10.0.0.3:5672/havip "]
     settings = CommonSettings(amqp_url=",".join(nodes))
-    assert settings.amqp_urls == tuple(f"{node.strip()}?heartbeat=5" for node in nodes)
+    assert settings.amqp_urls == tuple(f"{node.strip()}?heartbeat=3" for node in nodes)
 
 
 def test_the_heartbeat_asked_for_goes_to_every_node_unless_a_url_sets_its_own() -> None:
@@ -60,7 +60,7 @@ def test_a_list_that_cannot_be_one_cluster_is_refused_in_words_not_showing_the_p
 
 def test_a_cluster_asks_a_short_heartbeat_unless_told_otherwise() -> None:
     two = f"{ONE},amqp://havip:secret@10.0.0.2:5672/havip"
-    assert CommonSettings(amqp_url=two).amqp_urls[0] == f"{ONE}?heartbeat=5"
+    assert CommonSettings(amqp_url=two).amqp_urls[0] == f"{ONE}?heartbeat=3"
     assert CommonSettings(amqp_url=two, amqp_heartbeat_s=30).amqp_urls[0] == f"{ONE}?heartbeat=30"
     assert CommonSettings(amqp_url=ONE).amqp_urls == (ONE,)
 

@@ -513,7 +513,7 @@ def test_in_the_ha_profile_every_service_has_every_node(ha_config: dict[str, Any
             database = environment["HAVIP_DATABASE_URL"]
             assert database_address(database).hosts == ("pg-1:5432", "pg-2:5432"), name
             assert parse_qs(urlsplit(database).query)["target_session_attrs"] == ["read-write"], name
-        assert environment["HAVIP_AMQP_HEARTBEAT_S"] == "5", name
+        assert environment["HAVIP_AMQP_HEARTBEAT_S"] == "3", name
         assert environment["HAVIP_AMQP_NET_TICKTIME_S"] == rabbitmq_cluster_conf()["net_ticktime"], name
     for name in BINDINGS:
         assert URL(services[name]["environment"]["HAVIP_DATABASE_MONITOR_URL"]).host == "pg-monitor", name
