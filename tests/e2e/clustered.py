@@ -216,6 +216,8 @@ async def the_storm(lab: Lab, system: System, inventory: dict[str, Any], databas
                     watcher_ids=set(WATCHERS.values()),
                 )
             finally:
-                storm.close()
+                # keepalived's instances stopped one by one, seconds in all: off the loop, which keeps the
+                # listener's AMQP heartbeats going meanwhile (RabbitMQ drops a client silent for two of them).
+                await asyncio.to_thread(storm.close)
     finally:
         await db.close()
