@@ -42,6 +42,7 @@ from shared.backoff import (
     WAIT_MAX_S,
     at_once_then_retrying,
     failure_of,
+    interruptible_sleep,
     retrying_with_backoff,
     wait_until_available,
 )
@@ -617,9 +618,7 @@ class Broker:
         if self._connection is None or self._usable.is_set():
             await asyncio.sleep(seconds)
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._usable.wait()
+        await interruptible_sleep(self._usable)(seconds)
 
     @property
     def connection(self) -> AbstractRobustConnection:
